@@ -1,0 +1,39 @@
+// flowloop/config.hpp: the model's hyper-parameters, as stored in a checkpoint's
+// "config" metadata (model-spec.md).
+#pragma once
+
+#include <string>
+
+namespace flowloop {
+
+struct ModelConfig {
+  int vocab_size = 0;  // V
+  int context = 0;     // Tmax
+  int d_model = 0;     // C
+  int n_head = 0;      // NH
+  int d_ff = 0;        // F (0 when building means 4C)
+  int n_block = 1;     // L, blocks inside one field evaluation
+  int depth = 1;       // loop count the model was trained at (T1 of the ODE view)
+
+  int head_dim() const { return d_model / n_head; }  // D
+
+  // Fills d_ff = 4C when it is 0, then checks every field; throws Error naming
+  // the offending value.
+  void finalize();
+  void validate() const;
+
+  // JSON object with vocab_size, context, d_model, n_head, d_ff, n_block, depth.
+  std::string to_json() const;
+  // Parses the JSON written by to_json; `where` names the source in errors.
+  static ModelConfig from_json(const std::string& text, const std::string& where);
+
+  bool operator==(const ModelConfig& o) const;
+};
+
+// Sizes used by `bench` commands and performance claims (model-spec.md).
+struct BenchSize {
+  int B, T, C, NH, V, L;
+};
+BenchSize bench_size(const std::string& name);  // "S", "M" or "G"
+
+}  // namespace flowloop

@@ -1,0 +1,73 @@
+// flowloop/layers.hpp: the GPT-2 layers of model-spec.md, each forward followed
+// by its vector-Jacobian product (vjp).
+//
+// Argument order: outputs, then inputs, then sizes. All tensors are row-major
+// plain buffers; shapes in comments use B, T, C, NH, D, F, V and N = B*T rows.
+//
+// Gradient rule, for every *_backward here: ALL gradients ACCUMULATE (+=), both
+// parameter gradients (dw, db, dW, dwte, ...) and activation gradients (din,
+// dqkv, ...). Callers zero a gradient buffer before its first contribution.
+// A null pointer for an activation gradient skips that part of the work.
+//
+// Forward caches (LayerNorm's mean and 1/std, attention probabilities) are
+// written by the forward into caller-owned buffers and read by the backward:
+// layers hold no state.
+#pragma once
+
+#include <cstdint>
+
+namespace flowloop {
+
+// out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]. Tokens must be in [0, V).
+template <class S>
+void embedding_forward(S* out /*(B,T,C)*/, const int32_t* tokens /*(B,T)*/,
+                       const S* wte /*(V,C)*/, const S* wpe /*(Tmax,C)*/, int B, int T, int C);
+template <class S>
+void embedding_backward(S* dwte /*(V,C)*/, S* dwpe /*(Tmax,C)*/, const S* dout /*(B,T,C)*/,
+                        const int32_t* tokens /*(B,T)*/, int B, int T, int C);
+
+// LN(u) = (u - mean) / sqrt(var + 1e-5) * w + b, biased variance over C.
+template <class S>
+void layernorm_forward(S* out /*(N,C)*/, S* mean /*(N)*/, S* rstd /*(N)*/, const S* in /*(N,C)*/,
+                       const S* w /*(C)*/, const S* b /*(C)*/, int N, int C);
+template <class S>
+void layernorm_backward(S* din /*(N,C)*/, S* dw /*(C)*/, S* db /*(C)*/, const S* dout /*(N,C)*/,
+                        const S* in /*(N,C)*/, const S* w /*(C)*/, const S* mean /*(N)*/,
+                        const S* rstd /*(N)*/, int N, int C);
+
+// out = in W^T + b (torch.nn.Linear; W stored (OUT, IN)); b may be null.
+template <class S>
+void linear_forward(S* out /*(N,OUT)*/, const S* in /*(N,IN)*/, const S* W /*(OUT,IN)*/,
+                    const S* b /*(OUT)*/, int N, int IN, int OUT);
+template <class S>
+void linear_backward(S* din /*(N,IN)*/, S* dW /*(OUT,IN)*/, S* db /*(OUT)*/,
+                     const S* dout /*(N,OUT)*/, const S* in /*(N,IN)*/, const S* W /*(OUT,IN)*/,
+                     int N, int IN, int OUT);
+
+// Causal multi-head self-attention core (no projections):
+//   q, k, v = split(qkv) viewed (B,NH,T,D); att = softmax(q k^T / sqrt(D) + mask);
+//   out = att v viewed back to (B,T,C).
+// att receives the probabilities (upper triangle zero) and is the backward's cache.
+template <class S>
+void attention_forward(S* out /*(B,T,C)*/, S* att /*(B,NH,T,T)*/, const S* qkv /*(B,T,3C)*/,
+                       int B, int T, int C, int NH);
+// datt is scratch of the same shape as att (overwritten, not a gradient output).
+template <class S>
+void attention_backward(S* dqkv /*(B,T,3C)*/, S* datt /*(B,NH,T,T)*/, const S* dout /*(B,T,C)*/,
+                        const S* qkv /*(B,T,3C)*/, const S* att /*(B,NH,T,T)*/, int B, int T,
+                        int C, int NH);
+
+// gelu_tanh(z) = 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))), element-wise.
+template <class S>
+void gelu_forward(S* out /*(N)*/, const S* in /*(N)*/, int64_t N);
+template <class S>
+void gelu_backward(S* din /*(N)*/, const S* dout /*(N)*/, const S* in /*(N)*/, int64_t N);
+
+// Mean cross-entropy of softmax(logits) against targets over the rows whose
+// target is not -1 (targets must be -1 or in [0, V)). Returns the mean loss
+// (0 when no row counts) and, if dlogits is non-null, adds its gradient.
+template <class S>
+S crossentropy_forward_backward(S* dlogits /*(N,V)*/, const S* logits /*(N,V)*/,
+                                const int32_t* targets /*(N)*/, int N, int V);
+
+}  // namespace flowloop

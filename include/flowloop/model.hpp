@@ -1,0 +1,95 @@
+// flowloop/model.hpp: the looped GPT model of model-spec.md around the field.
+//
+//   h(0) = wte[tokens] + wpe          (embedding)
+//   h_{k+1} = h_k + f(h_k),  k < K    (`loop K`; Euler with dt = 1 on [0, K])
+//   logits = LN_f(h_K) wte^T          (tied readout)
+//   loss = mean cross-entropy over targets != -1
+//
+// Gradient rule: parameter gradients ACCUMULATE into the caller's buffer (same
+// layout as the parameters); callers zero it first.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "flowloop/config.hpp"
+#include "flowloop/field.hpp"
+#include "flowloop/params.hpp"
+
+namespace flowloop {
+
+// A batch of token rows of equal length: data is (B,T) row-major.
+struct TokenBatch {
+  int B = 0, T = 0;
+  std::vector<int32_t> data;
+  // Throws Error naming the row and column of the first token outside [0, V),
+  // or T larger than the context. `what` names the source ("tokens", a file).
+  void check(const ModelConfig& cfg, const std::string& what, bool allow_ignore = false) const;
+};
+
+// Forward activations of the readout, kept for its backward.
+template <class S>
+struct ReadoutCache {
+  std::vector<S> ln, mean, rstd;  // (N,C), (N), (N)
+  std::vector<S> logits;          // (N,V)
+  std::vector<S> dlogits, dln;    // (N,V), (N,C) scratch of the backward
+  void resize(const ModelConfig& cfg, int N);
+};
+
+// Everything a K-loop forward and backward needs, sized once per (B, T, K).
+template <class S>
+struct LoopWork {
+  int B = 0, T = 0, K = 0;
+  std::vector<S> h;                  // (K+1, B,T,C) states h_0..h_K
+  std::vector<S> f;                  // (B,T,C) field output
+  std::vector<S> dh;                 // (B,T,C) adjoint of the current state
+  std::vector<FieldCache<S>> cache;  // K
+  FieldGradWork<S> grad;
+  ReadoutCache<S> readout;
+  void resize(const ModelConfig& cfg, int B, int T, int K);
+};
+
+template <class S>
+class Model {
+ public:
+  explicit Model(const ModelConfig& cfg);  // zero parameters; see init()
+
+  void init(uint64_t seed) { init_gpt2(params.data(), layout, cfg, seed); }
+
+  // h0 = wte[tokens] + wpe. Tokens are checked against the vocabulary and context.
+  void embed(S* h0 /*(B,T,C)*/, const TokenBatch& tokens) const;
+
+  // logits = LN_f(h) wte^T, into rc.logits (N = B*T rows).
+  void readout(const S* h /*(N,C)*/, int N, ReadoutCache<S>& rc) const;
+
+  // Given dlogits in rc.dlogits: dparams += readout's parameter gradients,
+  // dh += dL/dh (N,C).
+  void readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCache<S>& rc) const;
+
+  // `loop K` forward: fills w.h with h_0..h_K and w.readout.logits (B*T, V).
+  // Returns the number of field evaluations (K).
+  int loop_forward(const TokenBatch& tokens, int K, LoopWork<S>& w) const;
+
+  // The same from a given h(0) (B,T,C) instead of tokens (used by checks and by
+  // callers that build h(0) themselves).
+  int loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w) const;
+
+  // Forward, mean cross-entropy against targets (B,T; -1 ignored) and the exact
+  // gradient through the K loops: grads (flat, model layout) += dL/dtheta.
+  // If dh0 is non-null it receives dL/dh(0) (B,T,C), overwritten.
+  S loop_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, int K, S* grads,
+                       LoopWork<S>& w, S* dh0 = nullptr) const;
+
+  // The same from a given h(0); embedding gradients are not formed, dh0
+  // (if non-null) receives dL/dh(0).
+  S loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int K, S* grads,
+                            LoopWork<S>& w, S* dh0) const;
+
+  ModelConfig cfg;
+  ParamLayout layout;
+  Field<S> field;
+  std::vector<S> params;
+};
+
+}  // namespace flowloop

@@ -1,0 +1,246 @@
+#include "flowloop/checkpoint.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "flowloop/tensor.hpp"
+
+namespace flowloop {
+
+namespace {
+
+constexpr uint64_t kMaxHeader = uint64_t{100} << 20;  // 100 MiB, the safetensors limit
+
+int dtype_size(const std::string& d) {
+  static const std::map<std::string, int> sizes = {
+      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E4M3", 1}, {"F8_E5M2", 1}, {"I16", 2},
+      {"U16", 2},  {"F16", 2}, {"BF16", 2}, {"I32", 4},    {"U32", 4},     {"F32", 4},
+      {"I64", 8},  {"U64", 8}, {"F64", 8}};
+  auto it = sizes.find(d);
+  return it == sizes.end() ? 0 : it->second;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+uint64_t read_u64le(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+}  // namespace
+
+SafetensorsFile SafetensorsFile::read(const std::string& path) {
+  auto fail = [&](const std::string& msg) { return Error("checkpoint '" + path + "': " + msg); };
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw fail(std::string("cannot open: ") + std::strerror(errno));
+  const auto size = static_cast<uint64_t>(in.tellg());
+  in.seekg(0);
+  if (size < 8)
+    throw fail("truncated: " + std::to_string(size) + " bytes, fewer than the 8-byte header length");
+  uint8_t lenbuf[8];
+  in.read(reinterpret_cast<char*>(lenbuf), 8);
+  const uint64_t hlen = read_u64le(lenbuf);
+  if (hlen > size - 8)
+    throw fail("header length " + std::to_string(hlen) + " runs past the end of the file (" +
+               std::to_string(size) + " bytes)");
+  if (hlen > kMaxHeader) throw fail("header length " + std::to_string(hlen) + " exceeds 100 MiB");
+  std::string header(hlen, '\0');
+  in.read(header.data(), static_cast<std::streamsize>(hlen));
+  SafetensorsFile f;
+  f.path_ = path;
+  f.data_.resize(size - 8 - hlen);
+  in.read(reinterpret_cast<char*>(f.data_.data()), static_cast<std::streamsize>(f.data_.size()));
+  if (!in) throw fail("read error");
+
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(header);
+  } catch (const nlohmann::json::exception& e) {
+    throw fail(std::string("header is not valid JSON: ") + e.what());
+  }
+  if (!j.is_object()) throw fail("header is not a JSON object");
+  const uint64_t dsize = f.data_.size();
+  std::vector<std::pair<std::string, SafeTensorEntry>> order;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& name = it.key();
+    const auto& v = it.value();
+    if (name == "__metadata__") {
+      if (!v.is_object()) throw fail("__metadata__ is not an object");
+      for (auto m = v.begin(); m != v.end(); ++m) {
+        if (!m.value().is_string()) throw fail("__metadata__ value '" + m.key() + "' is not a string");
+        f.metadata_[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    const std::string where = "tensor '" + name + "': ";
+    if (!v.is_object()) throw fail(where + "entry is not an object");
+    if (!v.contains("dtype") || !v["dtype"].is_string()) throw fail(where + "no dtype string");
+    if (!v.contains("shape") || !v["shape"].is_array()) throw fail(where + "no shape array");
+    if (!v.contains("data_offsets") || !v["data_offsets"].is_array() || v["data_offsets"].size() != 2)
+      throw fail(where + "data_offsets is not a pair");
+    SafeTensorEntry e;
+    e.dtype = v["dtype"].get<std::string>();
+    const int es = dtype_size(e.dtype);
+    if (es == 0) throw fail(where + "unknown dtype '" + e.dtype + "'");
+    uint64_t numel = 1;
+    for (const auto& d : v["shape"]) {
+      if (!d.is_number_unsigned()) throw fail(where + "shape entries must be non-negative integers");
+      const auto x = d.get<uint64_t>();
+      if (x > (uint64_t{1} << 40) || (x && numel > (uint64_t{1} << 40) / x))
+        throw fail(where + "shape " + v["shape"].dump() + " is too large");
+      numel *= x;
+      e.shape.push_back(static_cast<int64_t>(x));
+    }
+    for (const auto& d : v["data_offsets"])
+      if (!d.is_number_unsigned()) throw fail(where + "data_offsets must be non-negative integers");
+    e.begin = v["data_offsets"][0].get<uint64_t>();
+    e.end = v["data_offsets"][1].get<uint64_t>();
+    if (e.begin > e.end)
+      throw fail(where + "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) + "] are reversed");
+    if (e.end > dsize)
+      throw fail(where + "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
+                 "] run past the end of the data section (" + std::to_string(dsize) +
+                 " bytes; is the file truncated?)");
+    if (e.end - e.begin != numel * static_cast<uint64_t>(es))
+      throw fail(where + "data_offsets span " + std::to_string(e.end - e.begin) + " bytes but shape " +
+                 shape_str(e.shape) + " of " + e.dtype + " needs " + std::to_string(numel * es));
+    order.emplace_back(name, e);
+  }
+  std::sort(order.begin(), order.end(),
+            [](const auto& a, const auto& b) { return a.second.begin < b.second.begin; });
+  for (size_t i = 1; i < order.size(); ++i)
+    if (order[i].second.begin < order[i - 1].second.end)
+      throw fail("tensors '" + order[i - 1].first + "' and '" + order[i].first +
+                 "' overlap in the data section");
+  for (auto& kv : order) f.tensors_.emplace(kv.first, kv.second);
+  return f;
+}
+
+template <class S>
+void SafetensorsFile::copy_to(const std::string& name, const std::vector<int64_t>& shape,
+                              S* out) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw Error("checkpoint '" + path_ + "': missing tensor '" + name + "'");
+  const SafeTensorEntry& e = it->second;
+  if (e.shape != shape)
+    throw Error("checkpoint '" + path_ + "': tensor '" + name + "' has shape " + shape_str(e.shape) +
+                " but the config implies " + shape_str(shape));
+  const uint8_t* src = data_.data() + e.begin;
+  size_t numel = 1;
+  for (auto s : shape) numel *= static_cast<size_t>(s);
+  if (e.dtype == "F32") {
+    for (size_t i = 0; i < numel; ++i) {
+      float v;
+      std::memcpy(&v, src + 4 * i, 4);
+      out[i] = static_cast<S>(v);
+    }
+  } else if (e.dtype == "F64") {
+    for (size_t i = 0; i < numel; ++i) {
+      double v;
+      std::memcpy(&v, src + 8 * i, 8);
+      out[i] = static_cast<S>(v);
+    }
+  } else {
+    throw Error("checkpoint '" + path_ + "': tensor '" + name + "' has dtype " + e.dtype +
+                "; only F32 and F64 are supported");
+  }
+}
+
+template <class S>
+void write_safetensors(const std::string& path, const std::vector<TensorOut<S>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  const char* dtype = sizeof(S) == 4 ? "F32" : "F64";
+  nlohmann::ordered_json h;
+  if (!metadata.empty()) {
+    nlohmann::ordered_json m = nlohmann::ordered_json::object();
+    for (const auto& kv : metadata) m[kv.first] = kv.second;
+    h["__metadata__"] = m;
+  }
+  uint64_t off = 0;
+  for (const auto& t : tensors) {
+    uint64_t numel = 1;
+    for (auto s : t.shape) numel *= static_cast<uint64_t>(s);
+    h[t.name] = {{"dtype", dtype}, {"shape", t.shape}, {"data_offsets", {off, off + numel * sizeof(S)}}};
+    off += numel * sizeof(S);
+  }
+  std::string header = h.dump();
+  header.append((8 - header.size() % 8) % 8, ' ');  // align the data section to 8 bytes
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>((header.size() >> (8 * i)) & 0xff);
+
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    std::FILE* fp = std::fopen(tmp.c_str(), "wb");
+    if (!fp) throw Error("cannot write '" + path + "': " + std::strerror(errno));
+    bool ok = std::fwrite(len, 1, 8, fp) == 8 &&
+              std::fwrite(header.data(), 1, header.size(), fp) == header.size();
+    for (const auto& t : tensors) {
+      if (!ok) break;
+      size_t numel = 1;
+      for (auto s : t.shape) numel *= static_cast<size_t>(s);
+      ok = std::fwrite(t.data, sizeof(S), numel, fp) == numel;  // little-endian hosts only
+    }
+    ok = (std::fflush(fp) == 0) && ok;
+    ok = (::fsync(::fileno(fp)) == 0) && ok;
+    ok = (std::fclose(fp) == 0) && ok;
+    if (!ok) {
+      std::remove(tmp.c_str());
+      throw Error("cannot write '" + path + "': " + std::strerror(errno));
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    std::remove(tmp.c_str());
+    throw Error("cannot write '" + path + "': rename failed: " + why);
+  }
+}
+
+template <class S>
+void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamLayout& layout,
+                     const S* buffer, std::map<std::string, std::string> extra_metadata) {
+  std::vector<TensorOut<S>> ts;
+  for (const auto& t : layout.tensors()) ts.push_back({t.name, t.shape, buffer + t.offset});
+  extra_metadata["format"] = "flowloop";
+  extra_metadata["config"] = cfg.to_json();
+  write_safetensors(path, ts, extra_metadata);
+}
+
+template <class S>
+Model<S> load_model(const std::string& path) {
+  const SafetensorsFile f = SafetensorsFile::read(path);
+  auto fmt = f.metadata().find("format");
+  if (fmt != f.metadata().end() && fmt->second != "flowloop")
+    throw Error("checkpoint '" + path + "': metadata format is '" + fmt->second + "', expected 'flowloop'");
+  auto cfg_it = f.metadata().find("config");
+  if (cfg_it == f.metadata().end())
+    throw Error("checkpoint '" + path + "': __metadata__ has no \"config\"");
+  const ModelConfig cfg = ModelConfig::from_json(cfg_it->second, "checkpoint '" + path + "'");
+  Model<S> m(cfg);
+  for (const auto& t : m.layout.tensors()) f.copy_to(t.name, t.shape, m.params.data() + t.offset);
+  return m;
+}
+
+#define FLOWLOOP_CKPT(S)                                                                     \
+  template void SafetensorsFile::copy_to<S>(const std::string&, const std::vector<int64_t>&, \
+                                            S*) const;                                       \
+  template void write_safetensors<S>(const std::string&, const std::vector<TensorOut<S>>&,   \
+                                     const std::map<std::string, std::string>&);             \
+  template void save_checkpoint<S>(const std::string&, const ModelConfig&, const ParamLayout&, \
+                                   const S*, std::map<std::string, std::string>);            \
+  template Model<S> load_model<S>(const std::string&);
+
+FLOWLOOP_CKPT(float)
+FLOWLOOP_CKPT(double)
+
+}  // namespace flowloop

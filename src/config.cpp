@@ -1,0 +1,91 @@
+#include "flowloop/config.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include "flowloop/tensor.hpp"
+
+namespace flowloop {
+
+void ModelConfig::finalize() {
+  if (d_ff == 0) d_ff = 4 * d_model;
+  validate();
+}
+
+void ModelConfig::validate() const {
+  auto positive = [](int v, const char* name) {
+    if (v <= 0) throw Error(std::string("config: ") + name + " must be positive, got " + std::to_string(v));
+  };
+  positive(vocab_size, "vocab_size");
+  positive(context, "context");
+  positive(d_model, "d_model");
+  positive(n_head, "n_head");
+  positive(d_ff, "d_ff");
+  positive(n_block, "n_block");
+  positive(depth, "depth");
+  if (d_model % n_head != 0)
+    throw Error("config: d_model (" + std::to_string(d_model) + ") is not divisible by n_head (" +
+                std::to_string(n_head) + ")");
+}
+
+std::string ModelConfig::to_json() const {
+  nlohmann::ordered_json j;
+  j["vocab_size"] = vocab_size;
+  j["context"] = context;
+  j["d_model"] = d_model;
+  j["n_head"] = n_head;
+  j["d_ff"] = d_ff;
+  j["n_block"] = n_block;
+  j["depth"] = depth;
+  return j.dump();
+}
+
+ModelConfig ModelConfig::from_json(const std::string& text, const std::string& where) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(where + ": config is not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) throw Error(where + ": config is not a JSON object");
+  ModelConfig c;
+  auto get = [&](const char* key, int& dst, bool required) {
+    auto it = j.find(key);
+    if (it == j.end()) {
+      if (required) throw Error(where + ": config lacks \"" + key + "\"");
+      return;
+    }
+    if (!it->is_number_integer())
+      throw Error(where + ": config \"" + key + "\" is not an integer");
+    const auto v = it->get<int64_t>();
+    if (v <= 0 || v > (int64_t{1} << 30))
+      throw Error(where + ": config \"" + key + "\" out of range: " + std::to_string(v));
+    dst = static_cast<int>(v);
+  };
+  get("vocab_size", c.vocab_size, true);
+  get("context", c.context, true);
+  get("d_model", c.d_model, true);
+  get("n_head", c.n_head, true);
+  get("d_ff", c.d_ff, true);
+  get("n_block", c.n_block, true);
+  get("depth", c.depth, false);
+  try {
+    c.validate();
+  } catch (const Error& e) {
+    throw Error(where + ": " + e.what());
+  }
+  return c;
+}
+
+bool ModelConfig::operator==(const ModelConfig& o) const {
+  return vocab_size == o.vocab_size && context == o.context && d_model == o.d_model &&
+         n_head == o.n_head && d_ff == o.d_ff && n_block == o.n_block && depth == o.depth;
+}
+
+BenchSize bench_size(const std::string& name) {
+  if (name == "S") return {4, 64, 128, 4, 256, 1};
+  if (name == "M") return {8, 128, 256, 8, 256, 1};
+  if (name == "G") return {32, 512, 1024, 16, 512, 1};
+  throw Error("unknown benchmark size '" + name + "' (expected S, M or G)");
+}
+
+}  // namespace flowloop

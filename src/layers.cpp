@@ -1,0 +1,267 @@
+#include "flowloop/layers.hpp"
+
+#include <Eigen/Core>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "flowloop/tensor.hpp"
+
+namespace flowloop {
+
+namespace {
+template <class S>
+using RowMat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class S>
+using MapM = Eigen::Map<RowMat<S>>;
+template <class S>
+using CMapM = Eigen::Map<const RowMat<S>>;
+template <class S>
+using MapS = Eigen::Map<RowMat<S>, 0, Eigen::OuterStride<>>;  // strided rows
+template <class S>
+using CMapS = Eigen::Map<const RowMat<S>, 0, Eigen::OuterStride<>>;
+template <class S>
+using MapV = Eigen::Map<Eigen::Array<S, 1, Eigen::Dynamic>>;
+template <class S>
+using CMapV = Eigen::Map<const Eigen::Array<S, 1, Eigen::Dynamic>>;
+}  // namespace
+
+// ---------------------------------------------------------------- embedding
+
+template <class S>
+void embedding_forward(S* out, const int32_t* tokens, const S* wte, const S* wpe, int B, int T,
+                       int C) {
+#pragma omp parallel for schedule(static)
+  for (int bt = 0; bt < B * T; ++bt) {
+    const int t = bt % T;
+    MapV<S>(out + static_cast<int64_t>(bt) * C, C) =
+        CMapV<S>(wte + static_cast<int64_t>(tokens[bt]) * C, C) +
+        CMapV<S>(wpe + static_cast<int64_t>(t) * C, C);
+  }
+}
+
+template <class S>
+void embedding_backward(S* dwte, S* dwpe, const S* dout, const int32_t* tokens, int B, int T,
+                        int C) {
+  // Serial: several rows may share a token; the cost is tiny next to the field.
+  for (int bt = 0; bt < B * T; ++bt) {
+    const int t = bt % T;
+    CMapV<S> g(dout + static_cast<int64_t>(bt) * C, C);
+    MapV<S>(dwte + static_cast<int64_t>(tokens[bt]) * C, C) += g;
+    MapV<S>(dwpe + static_cast<int64_t>(t) * C, C) += g;
+  }
+}
+
+// ---------------------------------------------------------------- layernorm
+
+template <class S>
+void layernorm_forward(S* out, S* mean, S* rstd, const S* in, const S* w, const S* b, int N,
+                       int C) {
+  CMapV<S> wv(w, C), bv(b, C);
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; ++n) {
+    CMapV<S> x(in + static_cast<int64_t>(n) * C, C);
+    const S m = x.mean();
+    const S var = (x - m).square().mean();
+    const S rs = S(1) / std::sqrt(var + S(1e-5));
+    MapV<S>(out + static_cast<int64_t>(n) * C, C) = (x - m) * rs * wv + bv;
+    mean[n] = m;
+    rstd[n] = rs;
+  }
+}
+
+template <class S>
+void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const S* w,
+                        const S* mean, const S* rstd, int N, int C) {
+  CMapV<S> wv(w, C);
+  if (din) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      CMapV<S> x(in + static_cast<int64_t>(n) * C, C);
+      CMapV<S> g(dout + static_cast<int64_t>(n) * C, C);
+      const Eigen::Array<S, 1, Eigen::Dynamic> xhat = (x - mean[n]) * rstd[n];
+      const Eigen::Array<S, 1, Eigen::Dynamic> dnorm = g * wv;
+      const S mean_d = dnorm.mean();
+      const S mean_dx = (dnorm * xhat).mean();
+      MapV<S>(din + static_cast<int64_t>(n) * C, C) += (dnorm - mean_d - xhat * mean_dx) * rstd[n];
+    }
+  }
+  MapV<S> dwv(dw, C), dbv(db, C);
+  for (int n = 0; n < N; ++n) {
+    CMapV<S> x(in + static_cast<int64_t>(n) * C, C);
+    CMapV<S> g(dout + static_cast<int64_t>(n) * C, C);
+    dwv += g * (x - mean[n]) * rstd[n];
+    dbv += g;
+  }
+}
+
+// ---------------------------------------------------------------- linear
+
+template <class S>
+void linear_forward(S* out, const S* in, const S* W, const S* b, int N, int IN, int OUT) {
+  S beta = S(0);
+  if (b) {
+    CMapV<S> bv(b, OUT);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) MapV<S>(out + static_cast<int64_t>(n) * OUT, OUT) = bv;
+    beta = S(1);
+  }
+  gemm<S>(false, true, N, OUT, IN, S(1), in, IN, W, IN, beta, out, OUT);
+}
+
+template <class S>
+void linear_backward(S* din, S* dW, S* db, const S* dout, const S* in, const S* W, int N, int IN,
+                     int OUT) {
+  if (din) gemm<S>(false, false, N, IN, OUT, S(1), dout, OUT, W, IN, S(1), din, IN);
+  gemm<S>(true, false, OUT, IN, N, S(1), dout, OUT, in, IN, S(1), dW, IN);
+  if (db) MapV<S>(db, OUT) += CMapM<S>(dout, N, OUT).colwise().sum().array();
+}
+
+// ---------------------------------------------------------------- attention
+
+template <class S>
+void attention_forward(S* out, S* att, const S* qkv, int B, int T, int C, int NH) {
+  const int D = C / NH;
+  const S scale = S(1) / std::sqrt(static_cast<S>(D));
+  const int64_t C3 = 3 * static_cast<int64_t>(C);
+#pragma omp parallel for schedule(static)
+  for (int bh = 0; bh < B * NH; ++bh) {
+    const int b = bh / NH, h = bh % NH;
+    const S* base = qkv + static_cast<int64_t>(b) * T * C3 + static_cast<int64_t>(h) * D;
+    CMapS<S> q(base, T, D, Eigen::OuterStride<>(C3));
+    CMapS<S> k(base + C, T, D, Eigen::OuterStride<>(C3));
+    CMapS<S> v(base + 2 * C, T, D, Eigen::OuterStride<>(C3));
+    MapM<S> A(att + static_cast<int64_t>(bh) * T * T, T, T);
+    // Only the causal (lower) triangle of q k^T is computed.
+    A.template triangularView<Eigen::Lower>() = (q * k.transpose()) * scale;
+    for (int t = 0; t < T; ++t) {
+      auto row = A.row(t).head(t + 1).array();
+      const S mx = row.maxCoeff();
+      row = (row - mx).exp();
+      row /= row.sum();
+      A.row(t).tail(T - t - 1).setZero();
+    }
+    MapS<S> y(out + static_cast<int64_t>(b) * T * C + static_cast<int64_t>(h) * D, T, D,
+              Eigen::OuterStride<>(C));
+    y.noalias() = A.template triangularView<Eigen::Lower>() * v;
+  }
+}
+
+template <class S>
+void attention_backward(S* dqkv, S* datt, const S* dout, const S* qkv, const S* att, int B,
+                        int T, int C, int NH) {
+  const int D = C / NH;
+  const S scale = S(1) / std::sqrt(static_cast<S>(D));
+  const int64_t C3 = 3 * static_cast<int64_t>(C);
+#pragma omp parallel for schedule(static)
+  for (int bh = 0; bh < B * NH; ++bh) {
+    const int b = bh / NH, h = bh % NH;
+    const int64_t off = static_cast<int64_t>(b) * T * C3 + static_cast<int64_t>(h) * D;
+    CMapS<S> q(qkv + off, T, D, Eigen::OuterStride<>(C3));
+    CMapS<S> k(qkv + off + C, T, D, Eigen::OuterStride<>(C3));
+    CMapS<S> v(qkv + off + 2 * C, T, D, Eigen::OuterStride<>(C3));
+    MapS<S> dq(dqkv + off, T, D, Eigen::OuterStride<>(C3));
+    MapS<S> dk(dqkv + off + C, T, D, Eigen::OuterStride<>(C3));
+    MapS<S> dv(dqkv + off + 2 * C, T, D, Eigen::OuterStride<>(C3));
+    CMapS<S> dy(dout + static_cast<int64_t>(b) * T * C + static_cast<int64_t>(h) * D, T, D,
+                Eigen::OuterStride<>(C));
+    CMapM<S> A(att + static_cast<int64_t>(bh) * T * T, T, T);
+    MapM<S> dA(datt + static_cast<int64_t>(bh) * T * T, T, T);
+    // y = A v
+    dv.noalias() += A.transpose().template triangularView<Eigen::Upper>() * dy;
+    dA.template triangularView<Eigen::Lower>() = dy * v.transpose();
+    // softmax: dS = A .* (dA - rowsum(dA .* A)), then the 1/sqrt(D) scale
+    for (int t = 0; t < T; ++t) {
+      auto a = A.row(t).head(t + 1).array();
+      auto d = dA.row(t).head(t + 1).array();
+      const S dot = (a * d).sum();
+      d = a * (d - dot) * scale;
+      dA.row(t).tail(T - t - 1).setZero();
+    }
+    dq.noalias() += dA.template triangularView<Eigen::Lower>() * k;
+    dk.noalias() += dA.transpose().template triangularView<Eigen::Upper>() * q;
+  }
+}
+
+// ---------------------------------------------------------------- gelu
+
+namespace {
+template <class S>
+constexpr S kGeluC = static_cast<S>(0.7978845608028654);  // sqrt(2/pi)
+}
+
+template <class S>
+void gelu_forward(S* out, const S* in, int64_t N) {
+  const int64_t chunk = 4096;
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t lo = c * chunk, n = std::min(chunk, N - lo);
+    CMapV<S> z(in + lo, n);
+    MapV<S>(out + lo, n) = S(0.5) * z * (S(1) + (kGeluC<S> * (z + S(0.044715) * z.cube())).tanh());
+  }
+}
+
+template <class S>
+void gelu_backward(S* din, const S* dout, const S* in, int64_t N) {
+  const int64_t chunk = 4096;
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t lo = c * chunk, n = std::min(chunk, N - lo);
+    CMapV<S> z(in + lo, n);
+    CMapV<S> g(dout + lo, n);
+    const Eigen::Array<S, 1, Eigen::Dynamic> th =
+        (kGeluC<S> * (z + S(0.044715) * z.cube())).tanh();
+    MapV<S>(din + lo, n) +=
+        g * (S(0.5) * (S(1) + th) +
+             S(0.5) * z * (S(1) - th.square()) * kGeluC<S> * (S(1) + S(3 * 0.044715) * z.square()));
+  }
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+template <class S>
+S crossentropy_forward_backward(S* dlogits, const S* logits, const int32_t* targets, int N, int V) {
+  int count = 0;
+  for (int n = 0; n < N; ++n) count += targets[n] >= 0 ? 1 : 0;
+  if (count == 0) return S(0);
+  const S inv = S(1) / static_cast<S>(count);
+  double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+  for (int n = 0; n < N; ++n) {
+    const int tgt = targets[n];
+    if (tgt < 0) continue;
+    CMapV<S> x(logits + static_cast<int64_t>(n) * V, V);
+    const S mx = x.maxCoeff();
+    const S lse = mx + std::log((x - mx).exp().sum());
+    total += static_cast<double>(lse - x[tgt]);
+    if (dlogits) {
+      MapV<S> d(dlogits + static_cast<int64_t>(n) * V, V);
+      d += (x - lse).exp() * inv;
+      d[tgt] -= inv;
+    }
+  }
+  return static_cast<S>(total / count);
+}
+
+// ---------------------------------------------------------------- instantiations
+
+#define FLOWLOOP_LAYERS(S)                                                                      \
+  template void embedding_forward<S>(S*, const int32_t*, const S*, const S*, int, int, int);   \
+  template void embedding_backward<S>(S*, S*, const S*, const int32_t*, int, int, int);         \
+  template void layernorm_forward<S>(S*, S*, S*, const S*, const S*, const S*, int, int);       \
+  template void layernorm_backward<S>(S*, S*, S*, const S*, const S*, const S*, const S*,       \
+                                      const S*, int, int);                                      \
+  template void linear_forward<S>(S*, const S*, const S*, const S*, int, int, int);             \
+  template void linear_backward<S>(S*, S*, S*, const S*, const S*, const S*, int, int, int);    \
+  template void attention_forward<S>(S*, S*, const S*, int, int, int, int);                     \
+  template void attention_backward<S>(S*, S*, const S*, const S*, const S*, int, int, int, int); \
+  template void gelu_forward<S>(S*, const S*, int64_t);                                         \
+  template void gelu_backward<S>(S*, const S*, const S*, int64_t);                              \
+  template S crossentropy_forward_backward<S>(S*, const S*, const int32_t*, int, int);
+
+FLOWLOOP_LAYERS(float)
+FLOWLOOP_LAYERS(double)
+
+}  // namespace flowloop

@@ -1,0 +1,157 @@
+#include "flowloop/model.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "flowloop/layers.hpp"
+#include "flowloop/tensor.hpp"
+
+namespace flowloop {
+
+void TokenBatch::check(const ModelConfig& cfg, const std::string& what, bool allow_ignore) const {
+  if (B <= 0 || T <= 0) throw Error(what + ": empty batch (B=" + std::to_string(B) + ", T=" + std::to_string(T) + ")");
+  if (data.size() != static_cast<size_t>(B) * T)
+    throw Error(what + ": holds " + std::to_string(data.size()) + " values, expected B*T = " +
+                std::to_string(B) + "*" + std::to_string(T));
+  if (T > cfg.context)
+    throw Error(what + ": sequence length " + std::to_string(T) + " exceeds the model's context " +
+                std::to_string(cfg.context));
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t) {
+      const int32_t v = data[static_cast<size_t>(b) * T + t];
+      if ((v < 0 && !(allow_ignore && v == -1)) || v >= cfg.vocab_size)
+        throw Error(what + ": value " + std::to_string(v) + " at row " + std::to_string(b) +
+                    ", position " + std::to_string(t) + " is out of range [0, " +
+                    std::to_string(cfg.vocab_size) + ")" + (allow_ignore ? " (or -1)" : ""));
+    }
+}
+
+template <class S>
+void ReadoutCache<S>::resize(const ModelConfig& cfg, int N) {
+  const size_t n = static_cast<size_t>(N), C = cfg.d_model, V = cfg.vocab_size;
+  ln.resize(n * C);
+  mean.resize(n);
+  rstd.resize(n);
+  logits.resize(n * V);
+  dlogits.resize(n * V);
+  dln.resize(n * C);
+}
+
+template <class S>
+void LoopWork<S>::resize(const ModelConfig& cfg, int B_, int T_, int K_) {
+  const size_t NC = static_cast<size_t>(B_) * T_ * cfg.d_model;
+  h.resize(NC * (static_cast<size_t>(K_) + 1));
+  f.resize(NC);
+  dh.resize(NC);
+  if (cache.size() != static_cast<size_t>(K_) || B_ != B || T_ != T) {
+    cache.resize(static_cast<size_t>(K_));
+    for (auto& c : cache) c.resize(cfg, B_, T_);
+  }
+  grad.resize(cfg, B_, T_);
+  readout.resize(cfg, B_ * T_);
+  B = B_;
+  T = T_;
+  K = K_;
+}
+
+template <class S>
+Model<S>::Model(const ModelConfig& c) : cfg(c), layout(c), field(c, layout), params(layout.size(), S(0)) {}
+
+template <class S>
+void Model<S>::embed(S* h0, const TokenBatch& tokens) const {
+  tokens.check(cfg, "tokens");
+  embedding_forward(h0, tokens.data.data(), params.data() + layout.wte(),
+                    params.data() + layout.wpe(), tokens.B, tokens.T, cfg.d_model);
+}
+
+template <class S>
+void Model<S>::readout(const S* h, int N, ReadoutCache<S>& rc) const {
+  const S* P = params.data();
+  layernorm_forward(rc.ln.data(), rc.mean.data(), rc.rstd.data(), h, P + layout.lnf_w(),
+                    P + layout.lnf_b(), N, cfg.d_model);
+  linear_forward<S>(rc.logits.data(), rc.ln.data(), P + layout.wte(), nullptr, N, cfg.d_model,
+                    cfg.vocab_size);
+}
+
+template <class S>
+void Model<S>::readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCache<S>& rc) const {
+  const S* P = params.data();
+  std::fill(rc.dln.begin(), rc.dln.end(), S(0));
+  linear_backward<S>(rc.dln.data(), dparams + layout.wte(), nullptr, rc.dlogits.data(),
+                     rc.ln.data(), P + layout.wte(), N, cfg.d_model, cfg.vocab_size);
+  layernorm_backward(dh, dparams + layout.lnf_w(), dparams + layout.lnf_b(), rc.dln.data(), h,
+                     P + layout.lnf_w(), rc.mean.data(), rc.rstd.data(), N, cfg.d_model);
+}
+
+template <class S>
+int Model<S>::loop_forward(const TokenBatch& tokens, int K, LoopWork<S>& w) const {
+  tokens.check(cfg, "tokens");
+  w.resize(cfg, tokens.B, tokens.T, K < 0 ? 0 : K);
+  embed(w.h.data(), tokens);
+  return loop_forward_from(w.h.data(), tokens.B, tokens.T, K, w);
+}
+
+template <class S>
+int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w) const {
+  if (K < 0) throw Error("loop count K must be >= 0, got " + std::to_string(K));
+  if (T > cfg.context)
+    throw Error("sequence length " + std::to_string(T) + " exceeds the model's context " +
+                std::to_string(cfg.context));
+  w.resize(cfg, B, T, K);
+  const size_t NC = static_cast<size_t>(B) * T * cfg.d_model;
+  if (h0 != w.h.data()) std::memcpy(w.h.data(), h0, NC * sizeof(S));
+  for (int k = 0; k < K; ++k) {
+    const S* hk = w.h.data() + NC * k;
+    S* hn = w.h.data() + NC * (k + 1);
+    field.forward(w.f.data(), hk, static_cast<double>(k), params.data(), B, T, w.cache[k]);
+    for (size_t i = 0; i < NC; ++i) hn[i] = hk[i] + w.f[i];
+  }
+  readout(w.h.data() + NC * K, B * T, w.readout);
+  return K;
+}
+
+template <class S>
+S Model<S>::loop_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, int K,
+                               S* grads, LoopWork<S>& w, S* dh0) const {
+  tokens.check(cfg, "tokens");
+  if (targets.B != tokens.B || targets.T != tokens.T)
+    throw Error("targets have shape (" + std::to_string(targets.B) + ", " +
+                std::to_string(targets.T) + ") but tokens have (" + std::to_string(tokens.B) +
+                ", " + std::to_string(tokens.T) + ")");
+  w.resize(cfg, tokens.B, tokens.T, K < 0 ? 0 : K);
+  embed(w.h.data(), tokens);
+  const S loss = loop_loss_and_grad_from(w.h.data(), targets, K, grads, w, dh0);
+  embedding_backward(grads + layout.wte(), grads + layout.wpe(), w.dh.data(), tokens.data.data(),
+                     tokens.B, tokens.T, cfg.d_model);
+  return loss;
+}
+
+template <class S>
+S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int K, S* grads,
+                                    LoopWork<S>& w, S* dh0) const {
+  targets.check(cfg, "targets", /*allow_ignore=*/true);
+  const int B = targets.B, T = targets.T, N = B * T;
+  loop_forward_from(h0, B, T, K, w);
+  const size_t NC = static_cast<size_t>(N) * cfg.d_model;
+  std::fill(w.readout.dlogits.begin(), w.readout.dlogits.end(), S(0));
+  const S loss = crossentropy_forward_backward(w.readout.dlogits.data(), w.readout.logits.data(),
+                                               targets.data.data(), N, cfg.vocab_size);
+  std::fill(w.dh.begin(), w.dh.end(), S(0));
+  readout_backward(w.dh.data(), grads, w.h.data() + NC * K, N, w.readout);
+  // h_{k+1} = h_k + f(h_k):  dh_k = dh_{k+1} + J_f(h_k)^T dh_{k+1}
+  for (int k = K - 1; k >= 0; --k) {
+    std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));  // f holds dh_{k+1}
+    field.vjp(w.dh.data(), grads, w.f.data(), params.data(), w.cache[k], w.grad);
+  }
+  if (dh0) std::memcpy(dh0, w.dh.data(), NC * sizeof(S));
+  return loss;
+}
+
+template class Model<float>;
+template class Model<double>;
+template struct ReadoutCache<float>;
+template struct ReadoutCache<double>;
+template struct LoopWork<float>;
+template struct LoopWork<double>;
+
+}  // namespace flowloop

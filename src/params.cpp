@@ -1,0 +1,88 @@
+#include "flowloop/params.hpp"
+
+#include <cmath>
+
+#include "flowloop/tensor.hpp"
+
+namespace flowloop {
+
+size_t ParamLayout::add(const std::string& name, std::vector<int64_t> shape) {
+  TensorInfo t;
+  t.name = name;
+  t.numel = 1;
+  for (auto s : shape) t.numel *= static_cast<size_t>(s);
+  t.shape = std::move(shape);
+  t.offset = size_;
+  size_ += t.numel;
+  tensors_.push_back(std::move(t));
+  return tensors_.back().offset;
+}
+
+ParamLayout::ParamLayout(const ModelConfig& cfg) {
+  cfg.validate();
+  const int64_t V = cfg.vocab_size, Tm = cfg.context, C = cfg.d_model, F = cfg.d_ff;
+  wte_ = add("wte.weight", {V, C});
+  wpe_ = add("wpe.weight", {Tm, C});
+  field_begin_ = size_;
+  for (int i = 0; i < cfg.n_block; ++i) {
+    const std::string p = "field.h." + std::to_string(i) + ".";
+    BlockOffsets b{};
+    b.ln1_w = add(p + "ln_1.weight", {C});
+    b.ln1_b = add(p + "ln_1.bias", {C});
+    b.attn_w = add(p + "attn.c_attn.weight", {3 * C, C});
+    b.attn_b = add(p + "attn.c_attn.bias", {3 * C});
+    b.aproj_w = add(p + "attn.c_proj.weight", {C, C});
+    b.aproj_b = add(p + "attn.c_proj.bias", {C});
+    b.ln2_w = add(p + "ln_2.weight", {C});
+    b.ln2_b = add(p + "ln_2.bias", {C});
+    b.fc_w = add(p + "mlp.c_fc.weight", {F, C});
+    b.fc_b = add(p + "mlp.c_fc.bias", {F});
+    b.mproj_w = add(p + "mlp.c_proj.weight", {C, F});
+    b.mproj_b = add(p + "mlp.c_proj.bias", {C});
+    blocks_.push_back(b);
+  }
+  field_end_ = size_;
+  lnf_w_ = add("ln_f.weight", {C});
+  lnf_b_ = add("ln_f.bias", {C});
+}
+
+const TensorInfo* ParamLayout::find(const std::string& name) const {
+  for (const auto& t : tensors_)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+const TensorInfo& ParamLayout::at(const std::string& name) const {
+  const TensorInfo* t = find(name);
+  if (!t) throw Error("unknown parameter tensor '" + name + "'");
+  return *t;
+}
+
+namespace {
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+}  // namespace
+
+template <class S>
+void init_gpt2(S* params, const ParamLayout& layout, const ModelConfig& cfg, uint64_t seed) {
+  Rng rng(seed);
+  const double proj_std = 0.02 / std::sqrt(2.0 * cfg.n_block * cfg.depth);
+  for (const auto& t : layout.tensors()) {
+    S* p = params + t.offset;
+    const bool is_ln = t.name.find("ln_") != std::string::npos;
+    if (ends_with(t.name, ".bias")) {
+      for (size_t i = 0; i < t.numel; ++i) p[i] = S(0);
+    } else if (is_ln) {
+      for (size_t i = 0; i < t.numel; ++i) p[i] = S(1);
+    } else {
+      const double sd = ends_with(t.name, "c_proj.weight") ? proj_std : 0.02;
+      for (size_t i = 0; i < t.numel; ++i) p[i] = static_cast<S>(sd * rng.normal());
+    }
+  }
+}
+
+template void init_gpt2<float>(float*, const ParamLayout&, const ModelConfig&, uint64_t);
+template void init_gpt2<double>(double*, const ParamLayout&, const ModelConfig&, uint64_t);
+
+}  // namespace flowloop

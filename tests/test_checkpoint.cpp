@@ -1,0 +1,2 @@
+#include <catch2/catch.hpp>
+int dummy_ckpt;
