@@ -66,7 +66,7 @@ void write_text_atomic(const std::string& path, const std::string& text) {
 }
 
 template <class S>
-json logits_json(const std::vector<S>& logits, int B, int T, int V) {
+json logits_json(const Buffer<S>& logits, int B, int T, int V) {
   json out = json::array();
   for (int b = 0; b < B; ++b) {
     json rows = json::array();

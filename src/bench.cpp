@@ -45,7 +45,7 @@ std::string bench_field(const BenchOptions& opt) {
   tokens.T = T;
   Rng rng(42);
   for (int i = 0; i < B * T; ++i) tokens.data.push_back(static_cast<int32_t>(rng.next() % bs.V));
-  std::vector<float> h(NC), f(NC), dh(NC), gf(NC), dparams(model.params.size());
+  Buffer<float> h(NC), f(NC), dh(NC), gf(NC), dparams(model.params.size());
   model.embed(h.data(), tokens);
   for (auto& g : gf) g = static_cast<float>(rng.normal());
   FieldCache<float> cache;
@@ -54,7 +54,7 @@ std::string bench_field(const BenchOptions& opt) {
   work.resize(cfg, B, T);
 
   const int M = B * T;
-  std::vector<float> A(static_cast<size_t>(M) * C), W(static_cast<size_t>(F) * C),
+  Buffer<float> A(static_cast<size_t>(M) * C), W(static_cast<size_t>(F) * C),
       Out(static_cast<size_t>(M) * F);
   for (auto& x : A) x = static_cast<float>(rng.normal());
   for (auto& x : W) x = static_cast<float>(0.02 * rng.normal());

@@ -10,7 +10,7 @@ namespace flowloop {
 
 namespace {
 template <class S>
-void zero(std::vector<S>& v) {
+void zero(Buffer<S>& v) {
   std::fill(v.begin(), v.end(), S(0));
 }
 template <class S>

@@ -1,2 +1,212 @@
+// safetensors: exact round trips, and every malformed case of model-spec.md rejected
+// with an error that names the file and the fault.
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
-int dummy_ckpt;
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "flowloop/flowloop.hpp"
+
+using namespace flowloop;
+namespace fs = std::filesystem;
+
+namespace {
+
+ModelConfig tiny() {
+  ModelConfig c;
+  c.vocab_size = 7;
+  c.context = 5;
+  c.d_model = 4;
+  c.n_head = 2;
+  c.n_block = 2;
+  c.depth = 3;
+  c.finalize();
+  return c;
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    path = fs::temp_directory_path() / ("flowloop_ckpt_" + std::to_string(::getpid()));
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+std::string slurp(const std::string& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+void spit(const std::string& p, const std::string& bytes) {
+  std::ofstream(p, std::ios::binary) << bytes;
+}
+
+// A file with a given header text and data section.
+std::string with_header(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return out + header + data;
+}
+
+// Splits a valid file into (header JSON, data section).
+std::pair<nlohmann::json, std::string> split(const std::string& bytes) {
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(bytes[i]);
+  return {nlohmann::json::parse(bytes.substr(8, n)), bytes.substr(8 + n)};
+}
+
+}  // namespace
+
+TEST_CASE("checkpoint round trip is exact, in F32 and F64", "[checkpoint]") {
+  TempDir dir;
+  const ModelConfig cfg = tiny();
+  Model<float> mf(cfg);
+  mf.init(11);
+  mf.params[3] = 1.0f / 3.0f;
+  save_checkpoint(dir.file("f.safetensors"), cfg, mf.layout, mf.params.data());
+  Model<float> back = load_model<float>(dir.file("f.safetensors"));
+  CHECK(back.cfg == cfg);
+  REQUIRE(back.params.size() == mf.params.size());
+  CHECK(std::memcmp(back.params.data(), mf.params.data(), mf.params.size() * sizeof(float)) == 0);
+
+  Model<double> md(cfg);
+  md.init(12);
+  md.params[5] = 1.0 / 3.0;
+  save_checkpoint(dir.file("d.safetensors"), cfg, md.layout, md.params.data());
+  Model<double> backd = load_model<double>(dir.file("d.safetensors"));
+  CHECK(std::memcmp(backd.params.data(), md.params.data(), md.params.size() * sizeof(double)) == 0);
+
+  // header: names, shapes, dtype, metadata of the spec; data section 8-byte aligned
+  auto [h, data] = split(slurp(dir.file("f.safetensors")));
+  CHECK(h["__metadata__"]["format"] == "flowloop");
+  CHECK(ModelConfig::from_json(h["__metadata__"]["config"].get<std::string>(), "x") == cfg);
+  CHECK(h["wte.weight"]["dtype"] == "F32");
+  CHECK(h["wte.weight"]["shape"] == nlohmann::json::array({7, 4}));
+  CHECK(h["field.h.1.attn.c_attn.weight"]["shape"] == nlohmann::json::array({12, 4}));
+  CHECK(h["field.h.0.mlp.c_proj.weight"]["shape"] == nlohmann::json::array({4, 16}));
+  CHECK(h["ln_f.bias"]["shape"] == nlohmann::json::array({4}));
+  CHECK(h.size() == 1 + 2 + 2 * 12 + 2);
+  CHECK(data.size() == mf.params.size() * sizeof(float));
+  const std::string raw = slurp(dir.file("f.safetensors"));
+  CHECK((raw.size() - data.size()) % 8 == 0);
+
+  // extra tensors (another module's) do not stop the base model from loading
+  h["exit_gate.weight"] = {{"dtype", "F32"}, {"shape", {4}}, {"data_offsets", {data.size(), data.size() + 16}}};
+  spit(dir.file("extra.safetensors"), with_header(h.dump(), data + std::string(16, '\0')));
+  CHECK(load_model<float>(dir.file("extra.safetensors")).params == mf.params);
+
+  // an F64 file loads into a float model (values rounded)
+  Model<float> fromd = load_model<float>(dir.file("d.safetensors"));
+  CHECK(fromd.params[5] == static_cast<float>(1.0 / 3.0));
+}
+
+TEST_CASE("writing is atomic and failures are reported", "[checkpoint]") {
+  TempDir dir;
+  const ModelConfig cfg = tiny();
+  Model<float> m(cfg);
+  m.init(1);
+  const std::string p = dir.file("m.safetensors");
+  save_checkpoint(p, cfg, m.layout, m.params.data());
+  m.init(2);
+  save_checkpoint(p, cfg, m.layout, m.params.data());  // replaces the old file
+  CHECK(load_model<float>(p).params == m.params);
+  size_t files = 0;
+  for (auto& e : fs::directory_iterator(dir.path)) {
+    (void)e;
+    ++files;
+  }
+  CHECK(files == 1);  // no temporary left behind
+  CHECK_THROWS_WITH(save_checkpoint(dir.file("no/such/dir/m.safetensors"), cfg, m.layout, m.params.data()),
+                    Catch::Contains("cannot write") && Catch::Contains("no/such/dir/m.safetensors"));
+}
+
+TEST_CASE("malformed checkpoints are rejected with the file and the fault", "[checkpoint][errors]") {
+  TempDir dir;
+  const ModelConfig cfg = tiny();
+  Model<float> m(cfg);
+  m.init(3);
+  const std::string good = dir.file("good.safetensors");
+  save_checkpoint(good, cfg, m.layout, m.params.data());
+  const std::string bytes = slurp(good);
+  const auto [h, data] = split(bytes);
+  const std::string bad = dir.file("bad.safetensors");
+
+  auto expect = [&](const std::string& content, const std::string& fault) {
+    spit(bad, content);
+    INFO("expecting: " << fault);
+    CHECK_THROWS_WITH(load_model<float>(bad), Catch::Contains(bad) && Catch::Contains(fault));
+  };
+
+  expect(bytes.substr(0, 5), "truncated: 5 bytes");
+  expect(std::string(), "truncated: 0 bytes");
+  expect(with_header(h.dump(), data).substr(0, 8) + "{}", "runs past the end of the file");
+  expect(with_header("{\"wte.weight\": [", data), "header is not valid JSON");
+  expect(with_header("[1, 2]", data), "header is not a JSON object");
+  // a file cut inside the data section
+  expect(bytes.substr(0, bytes.size() - 10), "run past the end of the data section");
+  {
+    auto j = h;
+    j["ln_f.bias"]["data_offsets"] = {data.size() - 8, data.size() + 8};
+    expect(with_header(j.dump(), data), "tensor 'ln_f.bias': data_offsets");
+  }
+  {
+    auto j = h;  // ln_f.bias pointed at ln_f.weight's bytes
+    j["ln_f.bias"]["data_offsets"] = j["ln_f.weight"]["data_offsets"];
+    expect(with_header(j.dump(), data), "overlap in the data section");
+  }
+  {
+    auto j = h;
+    j["ln_f.bias"]["data_offsets"] = {8, 4};
+    expect(with_header(j.dump(), data), "reversed");
+  }
+  {
+    auto j = h;
+    j.erase("field.h.1.mlp.c_fc.bias");
+    expect(with_header(j.dump(), data), "missing tensor 'field.h.1.mlp.c_fc.bias'");
+  }
+  {
+    auto j = h;  // same bytes, another shape: (3C, C) read as (C, 3C)
+    j["field.h.0.attn.c_attn.weight"]["shape"] = {4, 12};
+    expect(with_header(j.dump(), data), "tensor 'field.h.0.attn.c_attn.weight' has shape [4, 12] but the config implies [12, 4]");
+  }
+  {
+    auto j = h;
+    j["wte.weight"]["dtype"] = "F33";
+    expect(with_header(j.dump(), data), "unknown dtype 'F33'");
+  }
+  {
+    auto j = h;  // a known dtype with the right byte count, but not one a model holds
+    j["ln_f.weight"]["dtype"] = "I32";
+    expect(with_header(j.dump(), data), "only F32 and F64 are supported");
+  }
+  {
+    auto j = h;
+    j["wte.weight"]["shape"] = {7, 5};
+    expect(with_header(j.dump(), data), "needs 140");
+  }
+  {
+    auto j = h;
+    j["__metadata__"].erase("config");
+    expect(with_header(j.dump(), data), "__metadata__ has no \"config\"");
+  }
+  {
+    auto j = h;
+    j["__metadata__"]["config"] = "{\"vocab_size\": 7}";
+    expect(with_header(j.dump(), data), "config lacks \"context\"");
+  }
+  {
+    auto j = h;
+    j["__metadata__"]["format"] = "other";
+    expect(with_header(j.dump(), data), "metadata format is 'other'");
+  }
+  CHECK_THROWS_WITH(load_model<float>(dir.file("absent.safetensors")),
+                    Catch::Contains("absent.safetensors") && Catch::Contains("cannot open"));
+  // the good file still loads after all that
+  CHECK(load_model<float>(good).params == m.params);
+}

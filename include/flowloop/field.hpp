@@ -16,23 +16,24 @@
 
 #include "flowloop/config.hpp"
 #include "flowloop/params.hpp"
+#include "flowloop/tensor.hpp"
 
 namespace flowloop {
 
 // Activations of one block, written by the forward and read by the vjp.
 template <class S>
 struct BlockCache {
-  std::vector<S> x;            // (B,T,C)  block input
-  std::vector<S> ln1;          // (B,T,C)
-  std::vector<S> mean1, rstd1; // (B,T)
-  std::vector<S> qkv;          // (B,T,3C)
-  std::vector<S> att;          // (B,NH,T,T) attention probabilities
-  std::vector<S> y;            // (B,T,C)  attention output before c_proj
-  std::vector<S> x2;           // (B,T,C)  x + a
-  std::vector<S> ln2;          // (B,T,C)
-  std::vector<S> mean2, rstd2; // (B,T)
-  std::vector<S> z;            // (B,T,F)  c_fc output (GELU input)
-  std::vector<S> g;            // (B,T,F)  GELU output
+  Buffer<S> x;            // (B,T,C)  block input
+  Buffer<S> ln1;          // (B,T,C)
+  Buffer<S> mean1, rstd1; // (B,T)
+  Buffer<S> qkv;          // (B,T,3C)
+  Buffer<S> att;          // (B,NH,T,T) attention probabilities
+  Buffer<S> y;            // (B,T,C)  attention output before c_proj
+  Buffer<S> x2;           // (B,T,C)  x + a
+  Buffer<S> ln2;          // (B,T,C)
+  Buffer<S> mean2, rstd2; // (B,T)
+  Buffer<S> z;            // (B,T,F)  c_fc output (GELU input)
+  Buffer<S> g;            // (B,T,F)  GELU output
 };
 
 // Everything one field evaluation leaves behind for its vjp.
@@ -48,7 +49,7 @@ struct FieldCache {
 template <class S>
 struct FieldGradWork {
   int B = 0, T = 0;
-  std::vector<S> dx, dx2, dtmp, dcarry, dqkv, datt, dz, dg;
+  Buffer<S> dx, dx2, dtmp, dcarry, dqkv, datt, dz, dg;
   void resize(const ModelConfig& cfg, int B, int T);
 };
 

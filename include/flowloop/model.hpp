@@ -31,9 +31,9 @@ struct TokenBatch {
 // Forward activations of the readout, kept for its backward.
 template <class S>
 struct ReadoutCache {
-  std::vector<S> ln, mean, rstd;  // (N,C), (N), (N)
-  std::vector<S> logits;          // (N,V)
-  std::vector<S> dlogits, dln;    // (N,V), (N,C) scratch of the backward
+  Buffer<S> ln, mean, rstd;  // (N,C), (N), (N)
+  Buffer<S> logits;          // (N,V)
+  Buffer<S> dlogits, dln;    // (N,V), (N,C) scratch of the backward
   void resize(const ModelConfig& cfg, int N);
 };
 
@@ -41,9 +41,9 @@ struct ReadoutCache {
 template <class S>
 struct LoopWork {
   int B = 0, T = 0, K = 0;
-  std::vector<S> h;                  // (K+1, B,T,C) states h_0..h_K
-  std::vector<S> f;                  // (B,T,C) field output
-  std::vector<S> dh;                 // (B,T,C) adjoint of the current state
+  Buffer<S> h;                  // (K+1, B,T,C) states h_0..h_K
+  Buffer<S> f;                  // (B,T,C) field output
+  Buffer<S> dh;                 // (B,T,C) adjoint of the current state
   std::vector<FieldCache<S>> cache;  // K
   FieldGradWork<S> grad;
   ReadoutCache<S> readout;
@@ -89,7 +89,7 @@ class Model {
   ModelConfig cfg;
   ParamLayout layout;
   Field<S> field;
-  std::vector<S> params;
+  Buffer<S> params;
 };
 
 }  // namespace flowloop

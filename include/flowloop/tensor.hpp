@@ -6,8 +6,11 @@
 // B, T, C, NH, D, F, V (see model-spec.md).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <random>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -18,6 +21,31 @@ class Error : public std::runtime_error {
  public:
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
+
+// Allocator for 64-byte aligned storage. Vectorised loops peel scalar iterations
+// until the first aligned element, so the rounding of a result can depend on
+// where a buffer starts; with every working buffer aligned the same way, results
+// are a function of (weights, inputs, options, seed) alone, bit for bit.
+template <class T>
+struct AlignedAllocator {
+  using value_type = T;
+  static constexpr std::size_t kAlign = 64;
+  AlignedAllocator() noexcept = default;
+  template <class U>
+  AlignedAllocator(const AlignedAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kAlign)));
+  }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(kAlign)); }
+  template <class U>
+  bool operator==(const AlignedAllocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const AlignedAllocator<U>&) const noexcept { return false; }
+};
+
+// The library's working buffer: a std::vector with 64-byte aligned storage.
+template <class S>
+using Buffer = std::vector<S, AlignedAllocator<S>>;
 
 // Row-major GEMM through OpenBLAS:
 //   Cm(M,N) = alpha * op(A) * op(B) + beta * Cm(M,N)

@@ -1,0 +1,58 @@
+// Helpers shared by the tests: random fills and central finite differences.
+#pragma once
+
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "flowloop/tensor.hpp"
+
+namespace flowloop::test {
+
+inline std::vector<double> randn(size_t n, flowloop::Rng& rng, double scale = 1.0) {
+  std::vector<double> v(n);
+  for (auto& x : v) x = scale * rng.normal();
+  return v;
+}
+
+// Norm-wise relative error ||a - b|| / max(||a||, ||b||, floor); NaN anywhere
+// gives +inf so that NaN never passes.
+inline double rel_error(const std::vector<double>& a, const std::vector<double>& b,
+                        double floor = 1e-300) {
+  if (a.size() != b.size()) return INFINITY;
+  double d = 0, na = 0, nb = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+    d += (a[i] - b[i]) * (a[i] - b[i]);
+    na += a[i] * a[i];
+    nb += b[i] * b[i];
+  }
+  return std::sqrt(d) / std::max({std::sqrt(na), std::sqrt(nb), floor});
+}
+
+// Central differences of loss() with respect to x[lo, lo + n): (L(x+e) - L(x-e)) / 2e,
+// with e scaled by max(1, |x_i|).
+inline std::vector<double> fd_grad(const std::function<double()>& loss, double* x, size_t n,
+                                   double eps = 1e-5) {
+  std::vector<double> g(n);
+  for (size_t i = 0; i < n; ++i) {
+    const double x0 = x[i];
+    const double e = eps * std::max(1.0, std::fabs(x0));
+    x[i] = x0 + e;
+    const double lp = loss();
+    x[i] = x0 - e;
+    const double lm = loss();
+    x[i] = x0;
+    g[i] = (lp - lm) / (2 * e);
+  }
+  return g;
+}
+
+inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace flowloop::test
