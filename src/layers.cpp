@@ -79,11 +79,11 @@ void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const 
     for (int n = 0; n < N; ++n) {
       CMapV<S> x(in + static_cast<int64_t>(n) * C, C);
       CMapV<S> g(dout + static_cast<int64_t>(n) * C, C);
-      const Eigen::Array<S, 1, Eigen::Dynamic> xhat = (x - mean[n]) * rstd[n];
-      const Eigen::Array<S, 1, Eigen::Dynamic> dnorm = g * wv;
-      const S mean_d = dnorm.mean();
-      const S mean_dx = (dnorm * xhat).mean();
-      MapV<S>(din + static_cast<int64_t>(n) * C, C) += (dnorm - mean_d - xhat * mean_dx) * rstd[n];
+      // expression templates only: nothing is allocated per row
+      const S m = mean[n], rs = rstd[n];
+      const S mean_d = (g * wv).mean();
+      const S mean_dx = (g * wv * (x - m)).mean() * rs;
+      MapV<S>(din + static_cast<int64_t>(n) * C, C) += (g * wv - mean_d - (x - m) * (rs * mean_dx)) * rs;
     }
   }
   MapV<S> dwv(dw, C), dbv(db, C);
@@ -133,11 +133,12 @@ void attention_forward(S* out, S* att, const S* qkv, int B, int T, int C, int NH
     CMapS<S> v(base + 2 * C, T, D, Eigen::OuterStride<>(C3));
     MapM<S> A(att + static_cast<int64_t>(bh) * T * T, T, T);
     // Only the causal (lower) triangle of q k^T is computed.
-    A.template triangularView<Eigen::Lower>() = (q * k.transpose()) * scale;
+    // (a pure product here: scaling it would make Eigen allocate a temporary)
+    A.template triangularView<Eigen::Lower>() = q * k.transpose();
     for (int t = 0; t < T; ++t) {
       auto row = A.row(t).head(t + 1).array();
       const S mx = row.maxCoeff();
-      row = (row - mx).exp();
+      row = ((row - mx) * scale).exp();  // softmax(s * x) = softmax(s * (x - max x)), s > 0
       row /= row.sum();
       A.row(t).tail(T - t - 1).setZero();
     }
@@ -204,15 +205,16 @@ void gelu_forward(S* out, const S* in, int64_t N) {
 
 template <class S>
 void gelu_backward(S* din, const S* dout, const S* in, int64_t N) {
-  const int64_t chunk = 4096;
+  constexpr int64_t chunk = 1024;
   const int64_t nchunks = (N + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t lo = c * chunk, n = std::min(chunk, N - lo);
     CMapV<S> z(in + lo, n);
     CMapV<S> g(dout + lo, n);
-    const Eigen::Array<S, 1, Eigen::Dynamic> th =
-        (kGeluC<S> * (z + S(0.044715) * z.cube())).tanh();
+    // bounded size: lives on the stack, no allocation per chunk
+    Eigen::Array<S, 1, Eigen::Dynamic, Eigen::RowMajor, 1, chunk> th(1, n);
+    th = (kGeluC<S> * (z + S(0.044715) * z.cube())).tanh();
     MapV<S>(din + lo, n) +=
         g * (S(0.5) * (S(1) + th) +
              S(0.5) * z * (S(1) - th.square()) * kGeluC<S> * (S(1) + S(3 * 0.044715) * z.square()));

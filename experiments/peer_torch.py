@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""PyTorch peer of flowloop, built from model-spec.md independently of the C++ code.
+
+  peer_torch.py bench  --flowloop BIN [--sizes S M] [--threads 1 2]
+      Times one field evaluation f(h) = Block(h) - h in PyTorch eager (float32,
+      inference mode) and `flowloop bench field` side by side, in interleaved
+      rounds, at every thread setting; prints one JSON line per measurement and a
+      summary with the ratio at the best thread setting of each.
+  peer_torch.py check  --flowloop BIN [--workdir DIR]
+      Checkpoint interchange: a flowloop checkpoint loaded here gives flowloop's
+      logits, and a checkpoint written here loads in flowloop and gives ours.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SIZES = {"S": (4, 64, 128, 4, 256, 1), "M": (8, 128, 256, 8, 256, 1)}
+
+
+# ---------------------------------------------------------------- safetensors
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", {})
+    data = raw[8 + n :]
+    dt = {"F32": np.float32, "F64": np.float64}
+    tensors = {}
+    for name, e in header.items():
+        b, en = e["data_offsets"]
+        tensors[name] = torch.from_numpy(
+            np.frombuffer(data[b:en], dtype=dt[e["dtype"]]).reshape(e["shape"]).copy())
+    return tensors, meta
+
+
+def write_safetensors(path, tensors, meta):
+    header, blobs, off = {"__metadata__": meta}, [], 0
+    for name, t in tensors.items():
+        b = t.detach().contiguous().numpy().astype(np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+# ---------------------------------------------------------------- the model (spec)
+def layernorm(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+
+
+def block(x, p, i, nh):
+    pre = f"field.h.{i}."
+    B, T, C = x.shape
+    D = C // nh
+    u = layernorm(x, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"])
+    qkv = F.linear(u, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_attn.bias"])
+    q, k, v = qkv.split(C, dim=2)
+    q, k, v = (z.view(B, T, nh, D).transpose(1, 2) for z in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+    a = F.linear(y, p[pre + "attn.c_proj.weight"], p[pre + "attn.c_proj.bias"])
+    x2 = x + a
+    u2 = layernorm(x2, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"])
+    m = F.linear(F.gelu(F.linear(u2, p[pre + "mlp.c_fc.weight"], p[pre + "mlp.c_fc.bias"]),
+                        approximate="tanh"),
+                 p[pre + "mlp.c_proj.weight"], p[pre + "mlp.c_proj.bias"])
+    return x2 + m
+
+
+def field(h, p, cfg):
+    x = h
+    for i in range(cfg["n_block"]):
+        x = block(x, p, i, cfg["n_head"])
+    return x - h
+
+
+def logits(tokens, p, cfg, loops):
+    T = tokens.shape[1]
+    h = p["wte.weight"][tokens] + p["wpe.weight"][:T]
+    for _ in range(loops):
+        h = h + field(h, p, cfg)
+    return layernorm(h, p["ln_f.weight"], p["ln_f.bias"]) @ p["wte.weight"].T
+
+
+def random_params(cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    V, Tm, C, Fd, L = cfg["vocab_size"], cfg["context"], cfg["d_model"], cfg["d_ff"], cfg["n_block"]
+    n = lambda *s, sd=0.02: torch.randn(*s, generator=g) * sd
+    p = {"wte.weight": n(V, C), "wpe.weight": n(Tm, C)}
+    for i in range(L):
+        pre = f"field.h.{i}."
+        p.update({pre + "ln_1.weight": 1 + n(C, sd=0.1), pre + "ln_1.bias": n(C, sd=0.1),
+                  pre + "attn.c_attn.weight": n(3 * C, C), pre + "attn.c_attn.bias": n(3 * C),
+                  pre + "attn.c_proj.weight": n(C, C), pre + "attn.c_proj.bias": n(C),
+                  pre + "ln_2.weight": 1 + n(C, sd=0.1), pre + "ln_2.bias": n(C, sd=0.1),
+                  pre + "mlp.c_fc.weight": n(Fd, C), pre + "mlp.c_fc.bias": n(Fd),
+                  pre + "mlp.c_proj.weight": n(C, Fd), pre + "mlp.c_proj.bias": n(C)})
+    p["ln_f.weight"] = 1 + n(C, sd=0.1)
+    p["ln_f.bias"] = n(C, sd=0.1)
+    return p
+
+
+def flops(B, T, C, L):
+    Fd = 4 * C
+    return L * (2 * B * T * (3 * C * C + C * C + 2 * C * Fd) + 4 * B * T * T * C)
+
+
+# ---------------------------------------------------------------- bench
+def time_torch(size, threads, seconds):
+    B, T, C, NH, V, L = SIZES[size]
+    torch.set_num_threads(threads)
+    cfg = {"vocab_size": V, "context": T, "d_model": C, "n_head": NH, "d_ff": 4 * C, "n_block": L}
+    p = random_params(cfg, 0)
+    h = torch.randn(B, T, C)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            field(h, p, cfg)
+        start = time.perf_counter()
+        while len(times) < 10 or time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            field(h, p, cfg)
+            times.append(time.perf_counter() - t0)
+    ms = 1e3 * float(np.median(times))
+    return {"impl": "pytorch", "size": size, "threads": threads, "ms_per_eval": ms,
+            "gflops": flops(B, T, C, L) / (ms * 1e6), "torch": torch.__version__}
+
+
+def time_flowloop(binary, size, threads, seconds):
+    out = subprocess.run([binary, "bench", "field", "--size", size, "--threads", str(threads),
+                          "--seconds", str(seconds)], check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout)
+    r["impl"] = "flowloop"
+    return r
+
+
+def bench(args):
+    summary = {}
+    for size in args.sizes:
+        best = {"pytorch": {}, "flowloop": {}}
+        for threads in args.threads:
+            runs = {"pytorch": [], "flowloop": []}
+            for _ in range(args.rounds):  # interleaved, so both see the same machine
+                runs["pytorch"].append(time_torch(size, threads, args.seconds))
+                runs["flowloop"].append(time_flowloop(args.flowloop, size, threads, args.seconds))
+            for impl, rs in runs.items():
+                ms = float(np.median([r["ms_per_eval"] for r in rs]))
+                rec = dict(rs[0], ms_per_eval=ms, gflops=flops(*SIZES[size][:3], SIZES[size][5]) / (ms * 1e6),
+                           rounds=len(rs))
+                print(json.dumps(rec), flush=True)
+                if not best[impl] or ms < best[impl]["ms_per_eval"]:
+                    best[impl] = rec
+        fl, pt = best["flowloop"], best["pytorch"]
+        summary[size] = {"flowloop_ms": fl["ms_per_eval"], "flowloop_threads": fl["threads"],
+                         "flowloop_gflops": fl["gflops"], "gemm_gflops": fl.get("gemm_gflops"),
+                         "pytorch_ms": pt["ms_per_eval"], "pytorch_threads": pt["threads"],
+                         "pytorch_gflops": pt["gflops"],
+                         "speedup": pt["ms_per_eval"] / fl["ms_per_eval"]}
+    print(json.dumps({"summary": summary}))
+
+
+# ---------------------------------------------------------------- check
+def check(args):
+    d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
+    os.makedirs(d, exist_ok=True)
+    fl = args.flowloop
+    tokens = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
+    with open(os.path.join(d, "tokens.json"), "w") as f:
+        json.dump({"tokens": tokens}, f)
+    worst = 0.0
+    # 1. flowloop writes, PyTorch reads
+    subprocess.run([fl, "init", "--vocab", "16", "--context", "8", "--d-model", "32", "--n-head", "4",
+                    "--n-block", "2", "--seed", "5", "-o", os.path.join(d, "a.safetensors")],
+                   check=True, capture_output=True)
+    # 2. PyTorch writes (O(1) weights, so that every part of the math shows), flowloop reads
+    cfg = {"vocab_size": 16, "context": 8, "d_model": 32, "n_head": 4, "d_ff": 128, "n_block": 2, "depth": 3}
+    p = random_params(cfg, 7)
+    p = {k: (v * 10 if v.dim() == 2 else v) for k, v in p.items()}
+    write_safetensors(os.path.join(d, "b.safetensors"), p, {"format": "flowloop", "config": json.dumps(cfg)})
+    for name in ("a", "b"):
+        path = os.path.join(d, name + ".safetensors")
+        out = os.path.join(d, name + ".json")
+        subprocess.run([fl, "forward", "-m", path, "--tokens", os.path.join(d, "tokens.json"),
+                        "--loops", "3", "--precision", "f64", "-o", out], check=True, capture_output=True)
+        with open(out) as f:
+            ours = torch.tensor(json.load(f)["logits"], dtype=torch.float64)
+        tensors, meta = read_safetensors(path)
+        c = json.loads(meta["config"])
+        ref = logits(torch.tensor(tokens), {k: v.double() for k, v in tensors.items()}, c, 3)
+        err = float((ours - ref).abs().max() / ref.abs().max())
+        worst = max(worst, err)
+        print(json.dumps({"check": name, "writer": "flowloop" if name == "a" else "pytorch",
+                          "max_rel_diff_f64": err, "max_logit": float(ref.abs().max())}))
+    ok = worst < 1e-10
+    print(json.dumps({"check": "interchange", "ok": ok, "worst": worst}))
+    return 0 if ok else 1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "check"])
+    ap.add_argument("--flowloop", default="build/flowloop")
+    ap.add_argument("--sizes", nargs="+", default=["S", "M"], choices=list(SIZES))
+    ap.add_argument("--threads", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--workdir")
+    args = ap.parse_args()
+    if args.mode == "check":
+        sys.exit(check(args))
+    bench(args)
+
+
+if __name__ == "__main__":
+    main()

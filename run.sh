@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# flowloop's one entry point for a fresh machine.
+#   ./run.sh          install what is missing, build (Release), run the default job
+#   ./run.sh test     install what is missing, build, run the test suite (ctest)
+#   ./run.sh peer     the PyTorch side-by-side benchmark (installs python3-torch)
+# Environment: BUILD_DIR (default build), JOBS (default: all cores).
+set -euo pipefail
+cd "$(dirname "$0")"
+BUILD_DIR=${BUILD_DIR:-build}
+JOBS=${JOBS:-$(nproc)}
+mode=${1:-demo}
+
+need_pkgs() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    echo "flowloop: installing ${missing[*]}" >&2
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+build() {
+  need_pkgs g++ cmake make libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev \
+    libopenblas-dev libopenblas-openmp-dev
+  cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+  cmake --build "$BUILD_DIR" -j "$JOBS" >/dev/null
+}
+
+case "$mode" in
+  demo)
+    build
+    out="$BUILD_DIR/demo"
+    mkdir -p "$out"
+    fl="$BUILD_DIR/flowloop"
+    echo "== init: a 2-block looped GPT (V=256, C=128, 4 heads), seed 1"
+    "$fl" init --vocab 256 --context 64 --d-model 128 --n-head 4 --n-block 2 --depth 4 --seed 1 \
+      -o "$out/model.safetensors"
+    echo "== forward: two rows of bytes, looped 4 times"
+    python3 - "$out/tokens.json" <<'PY'
+import json, sys
+rows = [list(b"flowloop: depth as an ODE"), list(b"h_{k+1} = h_k + f(h_k) ...")]
+json.dump({"tokens": rows}, open(sys.argv[1], "w"))
+PY
+    "$fl" forward -m "$out/model.safetensors" --tokens "$out/tokens.json" --loops 4 -o "$out/logits.json"
+    echo "== bench: one field evaluation at sizes S and M against sgemm in the same run"
+    "$fl" bench field --size S
+    "$fl" bench field --size M
+    ;;
+  test)
+    build
+    cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS"
+    ;;
+  peer)
+    build
+    need_pkgs python3 python3-torch python3-numpy
+    /usr/bin/python3 experiments/peer_torch.py check --flowloop "$BUILD_DIR/flowloop"
+    /usr/bin/python3 experiments/peer_torch.py bench --flowloop "$BUILD_DIR/flowloop" "${@:2}"
+    ;;
+  *)
+    echo "usage: ./run.sh [demo|test|peer]" >&2
+    exit 2
+    ;;
+esac
