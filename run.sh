@@ -41,11 +41,9 @@ case "$mode" in
     "$fl" init --vocab 256 --context 64 --d-model 128 --n-head 4 --n-block 2 --depth 4 --seed 1 \
       -o "$out/model.safetensors"
     echo "== forward: two rows of bytes, looped 4 times"
-    python3 - "$out/tokens.json" <<'PY'
-import json, sys
-rows = [list(b"flowloop: depth as an ODE"), list(b"h_{k+1} = h_k + f(h_k) ...")]
-json.dump({"tokens": rows}, open(sys.argv[1], "w"))
-PY
+    bytes() { printf '%s' "$1" | od -An -tu1 -v | tr -s ' \n' ',' | sed 's/^,//; s/,$//'; }
+    echo "{\"tokens\": [[$(bytes "flowloop: depth as an ODE.")], [$(bytes "h_{k+1} = h_k + f(h_k) ...")]]}" \
+      > "$out/tokens.json"
     "$fl" forward -m "$out/model.safetensors" --tokens "$out/tokens.json" --loops 4 -o "$out/logits.json"
     echo "== bench: one field evaluation at sizes S and M against sgemm in the same run"
     "$fl" bench field --size S
