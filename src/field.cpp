@@ -103,7 +103,7 @@ void Field<S>::block_forward(S* out, const S* x, const S* P, const BlockOffsets&
   std::memcpy(out, c.x2.data(), NC * sizeof(S));
   gemm<S>(false, true, N, C, F, S(1), c.g.data(), F, P + o.mproj_w, F, S(1), out, C);
   const S* bm = P + o.mproj_b;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * C >= kParallelMin)
   for (int n = 0; n < N; ++n)
     for (int i = 0; i < C; ++i) out[static_cast<size_t>(n) * C + i] += bm[i];
 }

@@ -26,12 +26,13 @@ template <class S>
 using CMapV = Eigen::Map<const Eigen::Array<S, 1, Eigen::Dynamic>>;
 }  // namespace
 
+
 // ---------------------------------------------------------------- embedding
 
 template <class S>
 void embedding_forward(S* out, const int32_t* tokens, const S* wte, const S* wpe, int B, int T,
                        int C) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * C >= kParallelMin)
   for (int bt = 0; bt < B * T; ++bt) {
     const int t = bt % T;
     MapV<S>(out + static_cast<int64_t>(bt) * C, C) =
@@ -58,7 +59,7 @@ template <class S>
 void layernorm_forward(S* out, S* mean, S* rstd, const S* in, const S* w, const S* b, int N,
                        int C) {
   CMapV<S> wv(w, C), bv(b, C);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(static_cast<int64_t>(N) * C >= kParallelMin)
   for (int n = 0; n < N; ++n) {
     CMapV<S> x(in + static_cast<int64_t>(n) * C, C);
     const S m = x.mean();
@@ -75,7 +76,7 @@ void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const 
                         const S* mean, const S* rstd, int N, int C) {
   CMapV<S> wv(w, C);
   if (din) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(static_cast<int64_t>(N) * C >= kParallelMin)
     for (int n = 0; n < N; ++n) {
       CMapV<S> x(in + static_cast<int64_t>(n) * C, C);
       CMapV<S> g(dout + static_cast<int64_t>(n) * C, C);
@@ -102,7 +103,7 @@ void linear_forward(S* out, const S* in, const S* W, const S* b, int N, int IN, 
   S beta = S(0);
   if (b) {
     CMapV<S> bv(b, OUT);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(static_cast<int64_t>(N) * OUT >= kParallelMin)
     for (int n = 0; n < N; ++n) MapV<S>(out + static_cast<int64_t>(n) * OUT, OUT) = bv;
     beta = S(1);
   }
@@ -124,7 +125,7 @@ void attention_forward(S* out, S* att, const S* qkv, int B, int T, int C, int NH
   const int D = C / NH;
   const S scale = S(1) / std::sqrt(static_cast<S>(D));
   const int64_t C3 = 3 * static_cast<int64_t>(C);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * T * C >= kParallelMin)
   for (int bh = 0; bh < B * NH; ++bh) {
     const int b = bh / NH, h = bh % NH;
     const S* base = qkv + static_cast<int64_t>(b) * T * C3 + static_cast<int64_t>(h) * D;
@@ -154,7 +155,7 @@ void attention_backward(S* dqkv, S* datt, const S* dout, const S* qkv, const S* 
   const int D = C / NH;
   const S scale = S(1) / std::sqrt(static_cast<S>(D));
   const int64_t C3 = 3 * static_cast<int64_t>(C);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * T * C >= kParallelMin)
   for (int bh = 0; bh < B * NH; ++bh) {
     const int b = bh / NH, h = bh % NH;
     const int64_t off = static_cast<int64_t>(b) * T * C3 + static_cast<int64_t>(h) * D;
@@ -195,7 +196,7 @@ template <class S>
 void gelu_forward(S* out, const S* in, int64_t N) {
   const int64_t chunk = 4096;
   const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(N >= kParallelMin)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t lo = c * chunk, n = std::min(chunk, N - lo);
     CMapV<S> z(in + lo, n);
@@ -207,7 +208,7 @@ template <class S>
 void gelu_backward(S* din, const S* dout, const S* in, int64_t N) {
   constexpr int64_t chunk = 1024;
   const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(N >= kParallelMin)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t lo = c * chunk, n = std::min(chunk, N - lo);
     CMapV<S> z(in + lo, n);
@@ -229,21 +230,24 @@ S crossentropy_forward_backward(S* dlogits, const S* logits, const int32_t* targ
   for (int n = 0; n < N; ++n) count += targets[n] >= 0 ? 1 : 0;
   if (count == 0) return S(0);
   const S inv = S(1) / static_cast<S>(count);
-  double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
+  // per-row losses summed in row order: the result does not depend on the thread count
+  std::vector<double> row_loss(static_cast<size_t>(N), 0.0);
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * V >= kParallelMin)
   for (int n = 0; n < N; ++n) {
     const int tgt = targets[n];
     if (tgt < 0) continue;
     CMapV<S> x(logits + static_cast<int64_t>(n) * V, V);
     const S mx = x.maxCoeff();
     const S lse = mx + std::log((x - mx).exp().sum());
-    total += static_cast<double>(lse - x[tgt]);
+    row_loss[static_cast<size_t>(n)] = static_cast<double>(lse - x[tgt]);
     if (dlogits) {
       MapV<S> d(dlogits + static_cast<int64_t>(n) * V, V);
       d += (x - lse).exp() * inv;
       d[tgt] -= inv;
     }
   }
+  double total = 0.0;
+  for (double l : row_loss) total += l;
   return static_cast<S>(total / count);
 }
 

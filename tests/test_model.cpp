@@ -263,3 +263,34 @@ TEST_CASE("flowloop init, forward and bench from the command line", "[cli]") {
   CHECK(b["ratio"].get<double>() == Approx(b["gflops"].get<double>() / b["gemm_gflops"].get<double>()));
   fs::remove_all(dir);
 }
+
+TEST_CASE("same inputs give the same bits, whatever the thread count", "[model][determinism]") {
+  ModelConfig cfg = small_config(2);
+  cfg.d_model = 64;
+  cfg.n_head = 4;
+  cfg.d_ff = 0;
+  cfg.vocab_size = 64;
+  cfg.context = 64;
+  cfg.finalize();
+  Model<float> m(cfg);
+  m.init(9);
+  const TokenBatch tokens = make_batch(8, 64, cfg.vocab_size, 10);  // large enough to go parallel
+  const TokenBatch targets = make_batch(8, 64, cfg.vocab_size, 11);
+  std::vector<Buffer<float>> grads, logits;
+  std::vector<float> losses;
+  const int before = num_threads();
+  for (int threads : {1, 2, 1}) {
+    set_num_threads(threads);
+    LoopWork<float> w;
+    Buffer<float> g(m.params.size(), 0.0f);
+    losses.push_back(m.loop_loss_and_grad(tokens, targets, 3, g.data(), w));
+    grads.push_back(g);
+    logits.push_back(w.readout.logits);
+  }
+  set_num_threads(before);
+  for (size_t i = 1; i < losses.size(); ++i) {
+    CHECK(losses[i] == losses[0]);
+    CHECK(logits[i] == logits[0]);
+    CHECK(grads[i] == grads[0]);
+  }
+}

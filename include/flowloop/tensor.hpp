@@ -55,6 +55,10 @@ template <class S>
 void gemm(bool transA, bool transB, int M, int N, int K, S alpha, const S* A, int lda,
           const S* B, int ldb, S beta, S* Cm, int ldc);
 
+// Element-wise and attention loops over fewer elements than this run on one
+// thread: waking the team would cost more than the work.
+constexpr int64_t kParallelMin = int64_t{1} << 15;
+
 // Threads used by GEMM (OpenBLAS) and by the element-wise and attention loops
 // (OpenMP). n <= 0 means all hardware threads.
 void set_num_threads(int n);
