@@ -3,6 +3,7 @@
 #include <Eigen/Core>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "flowloop/tensor.hpp"
@@ -120,19 +121,37 @@ void linear_backward(S* din, S* dW, S* db, const S* dout, const S* in, const S* 
 
 // ---------------------------------------------------------------- attention
 
+namespace {
+// Where head h of batch row b lives: q, k and v are (T,D) blocks of qkv with row
+// stride 3C (k at +C, v at +2C); its output is a (T,D) block of y with row stride C;
+// its probabilities are the (T,T) block bh = b*NH + h of att.
+struct Heads {
+  int T, C, NH, D;
+  int64_t C3;
+  Heads(int T_, int C_, int NH_) : T(T_), C(C_), NH(NH_), D(C_ / NH_), C3(3 * int64_t{C_}) {}
+  int64_t qkv(int bh) const { return static_cast<int64_t>(bh / NH) * T * C3 + static_cast<int64_t>(bh % NH) * D; }
+  int64_t y(int bh) const { return static_cast<int64_t>(bh / NH) * T * C + static_cast<int64_t>(bh % NH) * D; }
+  int64_t att(int bh) const { return static_cast<int64_t>(bh) * T * T; }
+  template <class S>
+  S scale() const { return S(1) / std::sqrt(static_cast<S>(D)); }
+  template <class P>  // P is S or const S
+  auto block(P* p, int64_t stride) const {
+    using Map = Eigen::Map<std::conditional_t<std::is_const_v<P>, const RowMat<std::remove_const_t<P>>,
+                                              RowMat<P>>, 0, Eigen::OuterStride<>>;
+    return Map(p, T, D, Eigen::OuterStride<>(stride));
+  }
+};
+}  // namespace
+
 template <class S>
 void attention_forward(S* out, S* att, const S* qkv, int B, int T, int C, int NH) {
-  const int D = C / NH;
-  const S scale = S(1) / std::sqrt(static_cast<S>(D));
-  const int64_t C3 = 3 * static_cast<int64_t>(C);
+  const Heads hd(T, C, NH);
+  const S scale = hd.scale<S>();
 #pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * T * C >= kParallelMin)
   for (int bh = 0; bh < B * NH; ++bh) {
-    const int b = bh / NH, h = bh % NH;
-    const S* base = qkv + static_cast<int64_t>(b) * T * C3 + static_cast<int64_t>(h) * D;
-    CMapS<S> q(base, T, D, Eigen::OuterStride<>(C3));
-    CMapS<S> k(base + C, T, D, Eigen::OuterStride<>(C3));
-    CMapS<S> v(base + 2 * C, T, D, Eigen::OuterStride<>(C3));
-    MapM<S> A(att + static_cast<int64_t>(bh) * T * T, T, T);
+    const S* base = qkv + hd.qkv(bh);
+    const auto q = hd.block(base, hd.C3), k = hd.block(base + C, hd.C3), v = hd.block(base + 2 * C, hd.C3);
+    MapM<S> A(att + hd.att(bh), T, T);
     // Only the causal (lower) triangle of q k^T is computed.
     // (a pure product here: scaling it would make Eigen allocate a temporary)
     A.template triangularView<Eigen::Lower>() = q * k.transpose();
@@ -143,8 +162,7 @@ void attention_forward(S* out, S* att, const S* qkv, int B, int T, int C, int NH
       row /= row.sum();
       A.row(t).tail(T - t - 1).setZero();
     }
-    MapS<S> y(out + static_cast<int64_t>(b) * T * C + static_cast<int64_t>(h) * D, T, D,
-              Eigen::OuterStride<>(C));
+    auto y = hd.block(out + hd.y(bh), C);
     y.noalias() = A.template triangularView<Eigen::Lower>() * v;
   }
 }
@@ -152,23 +170,17 @@ void attention_forward(S* out, S* att, const S* qkv, int B, int T, int C, int NH
 template <class S>
 void attention_backward(S* dqkv, S* datt, const S* dout, const S* qkv, const S* att, int B,
                         int T, int C, int NH) {
-  const int D = C / NH;
-  const S scale = S(1) / std::sqrt(static_cast<S>(D));
-  const int64_t C3 = 3 * static_cast<int64_t>(C);
+  const Heads hd(T, C, NH);
+  const S scale = hd.scale<S>();
 #pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * T * C >= kParallelMin)
   for (int bh = 0; bh < B * NH; ++bh) {
-    const int b = bh / NH, h = bh % NH;
-    const int64_t off = static_cast<int64_t>(b) * T * C3 + static_cast<int64_t>(h) * D;
-    CMapS<S> q(qkv + off, T, D, Eigen::OuterStride<>(C3));
-    CMapS<S> k(qkv + off + C, T, D, Eigen::OuterStride<>(C3));
-    CMapS<S> v(qkv + off + 2 * C, T, D, Eigen::OuterStride<>(C3));
-    MapS<S> dq(dqkv + off, T, D, Eigen::OuterStride<>(C3));
-    MapS<S> dk(dqkv + off + C, T, D, Eigen::OuterStride<>(C3));
-    MapS<S> dv(dqkv + off + 2 * C, T, D, Eigen::OuterStride<>(C3));
-    CMapS<S> dy(dout + static_cast<int64_t>(b) * T * C + static_cast<int64_t>(h) * D, T, D,
-                Eigen::OuterStride<>(C));
-    CMapM<S> A(att + static_cast<int64_t>(bh) * T * T, T, T);
-    MapM<S> dA(datt + static_cast<int64_t>(bh) * T * T, T, T);
+    const S* base = qkv + hd.qkv(bh);
+    S* dbase = dqkv + hd.qkv(bh);
+    const auto q = hd.block(base, hd.C3), k = hd.block(base + C, hd.C3), v = hd.block(base + 2 * C, hd.C3);
+    auto dq = hd.block(dbase, hd.C3), dk = hd.block(dbase + C, hd.C3), dv = hd.block(dbase + 2 * C, hd.C3);
+    const auto dy = hd.block(dout + hd.y(bh), C);
+    CMapM<S> A(att + hd.att(bh), T, T);
+    MapM<S> dA(datt + hd.att(bh), T, T);
     // y = A v
     dv.noalias() += A.transpose().template triangularView<Eigen::Upper>() * dy;
     dA.template triangularView<Eigen::Lower>() = dy * v.transpose();
@@ -190,36 +202,37 @@ void attention_backward(S* dqkv, S* datt, const S* dout, const S* qkv, const S* 
 namespace {
 template <class S>
 constexpr S kGeluC = static_cast<S>(0.7978845608028654);  // sqrt(2/pi)
+constexpr int64_t kChunk = 1024;
+
+// fn(lo, n) over [0, N) in chunks of kChunk, in parallel when N is large.
+template <class Fn>
+void for_chunks(int64_t N, Fn fn) {
+  const int64_t nchunks = (N + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (N >= kParallelMin)
+  for (int64_t c = 0; c < nchunks; ++c) fn(c * kChunk, std::min(kChunk, N - c * kChunk));
 }
+}  // namespace
 
 template <class S>
 void gelu_forward(S* out, const S* in, int64_t N) {
-  const int64_t chunk = 4096;
-  const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if(N >= kParallelMin)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t lo = c * chunk, n = std::min(chunk, N - lo);
+  for_chunks(N, [&](int64_t lo, int64_t n) {
     CMapV<S> z(in + lo, n);
     MapV<S>(out + lo, n) = S(0.5) * z * (S(1) + (kGeluC<S> * (z + S(0.044715) * z.cube())).tanh());
-  }
+  });
 }
 
 template <class S>
 void gelu_backward(S* din, const S* dout, const S* in, int64_t N) {
-  constexpr int64_t chunk = 1024;
-  const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if(N >= kParallelMin)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t lo = c * chunk, n = std::min(chunk, N - lo);
+  for_chunks(N, [&](int64_t lo, int64_t n) {
     CMapV<S> z(in + lo, n);
     CMapV<S> g(dout + lo, n);
     // bounded size: lives on the stack, no allocation per chunk
-    Eigen::Array<S, 1, Eigen::Dynamic, Eigen::RowMajor, 1, chunk> th(1, n);
+    Eigen::Array<S, 1, Eigen::Dynamic, Eigen::RowMajor, 1, kChunk> th(1, n);
     th = (kGeluC<S> * (z + S(0.044715) * z.cube())).tanh();
     MapV<S>(din + lo, n) +=
         g * (S(0.5) * (S(1) + th) +
              S(0.5) * z * (S(1) - th.square()) * kGeluC<S> * (S(1) + S(3 * 0.044715) * z.square()));
-  }
+  });
 }
 
 // ---------------------------------------------------------------- cross-entropy

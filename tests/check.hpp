@@ -6,9 +6,24 @@
 #include <string>
 #include <vector>
 
+#include "flowloop/config.hpp"
 #include "flowloop/tensor.hpp"
 
 namespace flowloop::test {
+
+// A finalized config (F = 0 means 4C).
+inline ModelConfig make_config(int V, int Tmax, int C, int NH, int F, int L, int depth = 3) {
+  ModelConfig c;
+  c.vocab_size = V;
+  c.context = Tmax;
+  c.d_model = C;
+  c.n_head = NH;
+  c.d_ff = F;
+  c.n_block = L;
+  c.depth = depth;
+  c.finalize();
+  return c;
+}
 
 inline std::vector<double> randn(size_t n, flowloop::Rng& rng, double scale = 1.0) {
   std::vector<double> v(n);

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "check.hpp"
 #include "flowloop/flowloop.hpp"
 
 using namespace flowloop;
@@ -15,17 +16,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-ModelConfig tiny() {
-  ModelConfig c;
-  c.vocab_size = 7;
-  c.context = 5;
-  c.d_model = 4;
-  c.n_head = 2;
-  c.n_block = 2;
-  c.depth = 3;
-  c.finalize();
-  return c;
-}
+ModelConfig tiny() { return test::make_config(7, 5, 4, 2, 0, 2); }
 
 struct TempDir {
   fs::path path;
@@ -110,8 +101,8 @@ TEST_CASE("writing is atomic and failures are reported", "[checkpoint]") {
   TempDir dir;
   const ModelConfig cfg = tiny();
   Model<float> m(cfg);
-  m.init(1);
   const std::string p = dir.file("m.safetensors");
+  m.init(1);
   save_checkpoint(p, cfg, m.layout, m.params.data());
   m.init(2);
   save_checkpoint(p, cfg, m.layout, m.params.data());  // replaces the old file

@@ -16,18 +16,7 @@ using namespace flowloop::test;
 namespace {
 constexpr double kTol = 1e-6;
 
-ModelConfig small_config(int n_block) {
-  ModelConfig c;
-  c.vocab_size = 11;
-  c.context = 6;
-  c.d_model = 8;
-  c.n_head = 2;
-  c.d_ff = 12;
-  c.n_block = n_block;
-  c.depth = 3;
-  c.finalize();
-  return c;
-}
+ModelConfig small_config(int n_block) { return make_config(11, 6, 8, 2, 12, n_block); }
 
 // Parameters at O(1) scale, so that every path of the gradient matters.
 void randomize(Model<double>& m, uint64_t seed) {
@@ -156,13 +145,7 @@ TEST_CASE("loop K applies h + f(h) K times", "[model]") {
 }
 
 TEST_CASE("float and double forward agree to float precision", "[model]") {
-  ModelConfig cfg = small_config(2);
-  cfg.d_model = 32;
-  cfg.n_head = 4;
-  cfg.d_ff = 0;
-  cfg.vocab_size = 50;
-  cfg.context = 16;
-  cfg.finalize();
+  const ModelConfig cfg = make_config(50, 16, 32, 4, 0, 2);
   Model<double> md(cfg);
   md.init(7);
   Model<float> mf(cfg);
@@ -265,13 +248,7 @@ TEST_CASE("flowloop init, forward and bench from the command line", "[cli]") {
 }
 
 TEST_CASE("same inputs give the same bits, whatever the thread count", "[model][determinism]") {
-  ModelConfig cfg = small_config(2);
-  cfg.d_model = 64;
-  cfg.n_head = 4;
-  cfg.d_ff = 0;
-  cfg.vocab_size = 64;
-  cfg.context = 64;
-  cfg.finalize();
+  const ModelConfig cfg = make_config(64, 64, 64, 4, 0, 2);
   Model<float> m(cfg);
   m.init(9);
   const TokenBatch tokens = make_batch(8, 64, cfg.vocab_size, 10);  // large enough to go parallel
