@@ -1,12 +1,16 @@
 // The `flowloop` command: init, forward, bench field.
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "flowloop/flowloop.hpp"
+#include "flowloop/problems.hpp"
+#include "flowloop/solver.hpp"
 
 using namespace flowloop;
 using nlohmann::json;
@@ -144,6 +148,22 @@ int main(int argc, char** argv) {
   bfield->add_option("--reps", bopt.min_reps, "minimum timed repetitions")->capture_default_str();
   bfield->add_option("--seconds", bopt.min_seconds, "minimum timed seconds")->capture_default_str();
 
+  // ---- ode-bench
+  std::string ob_problem = "arenstorf", ob_solver = "dopri5", ob_controller = "pi";
+  double ob_rtol = std::numeric_limits<double>::quiet_NaN(), ob_atol = std::numeric_limits<double>::quiet_NaN();
+  int ob_steps = 0;
+  bool ob_json = false;
+  auto* ob = app.add_subcommand("ode-bench", "a solver on a classical non-stiff problem");
+  ob->add_option("--problem", ob_problem, "arenstorf, lorenz, vdp or brusselator")
+      ->check(CLI::IsMember(ode_problem_names()))->capture_default_str();
+  ob->add_option("--solver", ob_solver, "method")->capture_default_str();
+  ob->add_option("--rtol", ob_rtol, "relative tolerance (adaptive)");
+  ob->add_option("--atol", ob_atol, "absolute tolerance (adaptive)");
+  ob->add_option("--steps", ob_steps, "fixed step count (instead of tolerances)");
+  ob->add_option("--controller", ob_controller, "pi (Hairer) or i (torchdiffeq)")
+      ->check(CLI::IsMember({"pi", "i"}))->capture_default_str();
+  ob->add_flag("--json", ob_json, "one JSON line instead of text");
+
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -167,6 +187,39 @@ int main(int argc, char** argv) {
         run_forward<float>(fwd_model, fwd_tokens, fwd_loops, fwd_out);
       else
         run_forward<double>(fwd_model, fwd_tokens, fwd_loops, fwd_out);
+    } else if (*ob) {
+      const OdeProblem p = ode_problem(ob_problem);
+      SolveOptions o;
+      o.method = ob_solver;
+      o.t0 = p.t0;
+      o.t1 = p.t1;
+      o.controller = ob_controller == "pi" ? Controller::PI : Controller::I;
+      if (ob_steps > 0) {
+        o.steps = ob_steps;
+      } else {
+        if (std::isnan(ob_rtol) || std::isnan(ob_atol))
+          throw Error("ode-bench: give --rtol and --atol (adaptive) or --steps (fixed)");
+        o.adaptive = true;
+        o.rtol = ob_rtol;
+        o.atol = ob_atol;
+      }
+      FunctionSystem sys(p.f, p.y0.size());
+      std::vector<double> y = p.y0;
+      const auto r = integrate(sys, y.data(), o);
+      json j = {{"problem", ob_problem}, {"solver", ob_solver}, {"rtol", ob_rtol}, {"atol", ob_atol},
+                {"nfe", r.nfe}, {"steps", r.steps}, {"accepted", r.accepted}, {"rejected", r.rejected},
+                {"y_end", y}, {"status", status_name(r.status)}};
+      if (ob_steps > 0) j["fixed_steps"] = ob_steps;
+      if (!r.message.empty()) j["message"] = r.message;
+      if (ob_json) {
+        std::cout << j.dump() << std::endl;
+      } else {
+        std::cout << ob_problem << " with " << ob_solver << ": status " << status_name(r.status) << ", nfe "
+                  << r.nfe << ", steps " << r.steps << " (" << r.accepted << " accepted, " << r.rejected
+                  << " rejected)\n  y_end = " << json(y).dump() << std::endl;
+        if (!r.message.empty()) std::cout << "  " << r.message << std::endl;
+      }
+      if (!r.ok()) return 3;
     } else if (*bfield) {
       std::cout << bench_field(bopt) << std::endl;
     }

@@ -1,0 +1,39 @@
+// flowloop/algebra.hpp: the state arithmetic of the solvers on plain buffers.
+//
+// Steppers never loop over elements themselves; they call these. The CPU
+// implementation is here; a CUDA backend provides the same operations over
+// device buffers (Thrust). Every operation fixes its order of floating-point
+// operations, so results do not depend on thread count or alignment.
+#pragma once
+
+#include <cstddef>
+
+namespace flowloop::algebra {
+
+// out = y + h * (c[0] * k[0] + c[1] * k[1] + ... + c[m-1] * k[m-1]), n values.
+// The sum starts from its first term (so one term with c = 1 and h = 1 gives
+// exactly y + k). out may alias y.
+template <class S>
+void rk_combine(S* out, const S* y, double h, const double* c, const S* const* k, int m, size_t n);
+
+// Scaled RMS norm of an error estimate err = h * sum_j e_j k_j:
+//   sqrt(mean_i (err_i / (atol + rtol * max(|y0_i|, |y1_i|)))^2)
+// Accumulated in double; NaN or Inf anywhere gives NaN.
+template <class S>
+double error_norm(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
+                  double rtol, double atol, size_t n);
+
+// sum_i x_i^2 in double.
+template <class S>
+double sum_squares(const S* x, size_t n);
+
+// sum_i (x_i / (atol + rtol * |y_i|))^2 in double.
+template <class S>
+double scaled_sum_squares(const S* x, const S* y, double rtol, double atol, size_t n);
+
+// sum_i ((a_i - b_i) / (atol + rtol * |y_i|))^2 in double.
+template <class S>
+double scaled_diff_sum_squares(const S* a, const S* b, const S* y, double rtol, double atol,
+                               size_t n);
+
+}  // namespace flowloop::algebra

@@ -1,0 +1,133 @@
+// flowloop/solver.hpp: explicit Runge-Kutta integration of dy/dt = f(t, y) for a
+// batch of independent sequences, fixed-step or adaptive.
+//
+// Four small pieces joined by integrate():
+//   - the method: a ButcherTableau (data, validated when built);
+//   - the step-size controller: Hairer's PI controller or the plain I controller;
+//   - what to save: the final state, every accepted step, or requested times
+//     (dense output: Dormand-Prince's continuous extension, cubic Hermite else);
+//   - the system: OdeSystem, which evaluates f for any subset of sequences.
+// The solver carries no state between calls. Nothing has a hidden default
+// tolerance: adaptive solves must give rtol and atol.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "flowloop/tensor.hpp"
+
+namespace flowloop {
+
+// ---------------------------------------------------------------- methods
+
+struct ButcherTableau {
+  std::string name;
+  int order = 0;          // order of the propagated solution
+  int error_order = 0;    // order of the embedded solution (0: no error estimate)
+  std::vector<double> c;  // (s) nodes
+  std::vector<double> a;  // (s, s) row-major, strictly lower triangular
+  std::vector<double> b;  // (s) weights
+  std::vector<double> e;  // (s) error weights, b - b_hat (empty: no estimate)
+  std::vector<double> dense;  // Dormand-Prince continuous extension d_j (s), or empty
+  bool fsal = false;      // derived: last stage is f(t + h, y1)
+  std::string doc;
+
+  int stages() const { return static_cast<int>(c.size()); }
+  double A(int i, int j) const { return a[static_cast<size_t>(i) * c.size() + j]; }
+  bool adaptive() const { return !e.empty(); }
+  // Checks shapes, explicitness, row sums == c, sum b == 1, sum e == 0 (to 1e-12)
+  // and derives fsal. Throws Error naming the tableau and the broken condition.
+  void validate();
+};
+
+// Built-in methods: euler, midpoint, heun, rk4, rk38, bosh3, dopri5 (Hairer's
+// error weights), dopri5-shampine (torchdiffeq's and diffrax's), tsit5.
+const ButcherTableau& tableau(const std::string& name);
+std::vector<std::string> tableau_names();
+
+// ---------------------------------------------------------------- systems
+
+// G independent sequences of n values each. eval() computes f for `count` of
+// them whose states lie contiguously in y (count, n); ids[i] says which sequence
+// row i is and t[i] its time.
+template <class S>
+class OdeSystem {
+ public:
+  virtual ~OdeSystem() = default;
+  virtual int groups() const = 0;
+  virtual size_t dim() const = 0;
+  virtual void eval(S* dydt, const S* y, const double* t, const int* ids, int count) = 0;
+};
+
+// ---------------------------------------------------------------- options and results
+
+enum class Controller { PI, I };
+enum class InitialStepNorm { Sum, RMS };  // Hairer's hinit (sums) or torchdiffeq's (RMS)
+enum class SaveKind { Final, Steps, Times };
+
+enum class SolveStatus { Success = 0, Terminal = 1, MaxSteps = 2, StepTooSmall = 3, NonFinite = 4 };
+const char* status_name(SolveStatus s);
+
+struct SolveOptions {
+  std::string method = "dopri5";
+  double t0 = 0.0, t1 = 1.0;
+  bool adaptive = false;
+  // fixed steps: a count, or a step size dt (the last step is shortened to land on t1)
+  int steps = 0;
+  double dt = 0.0;
+  // adaptive: tolerances are required (NaN until set)
+  double rtol = std::numeric_limits<double>::quiet_NaN();
+  double atol = std::numeric_limits<double>::quiet_NaN();
+  Controller controller = Controller::PI;
+  InitialStepNorm initial_norm = InitialStepNorm::Sum;
+  double h0 = 0.0;    // first step; 0: automatic (Hairer's hinit)
+  double hmax = 0.0;  // 0: |t1 - t0|
+  double safety = 0.9, fac_min = 0.2, fac_max = 10.0, beta = 0.04;
+  int64_t max_steps = 100000;
+  int max_nonfinite = 10;   // consecutive non-finite rejections before failing
+  bool batch_coupled = false;  // one shared step for all sequences (as torchdiffeq)
+  // Terminal condition per sequence: stop when ||f(y)|| / ||y|| < threshold (0: off).
+  double terminal_threshold = 0.0;
+  SaveKind save = SaveKind::Final;
+  std::vector<double> save_times;  // for SaveKind::Times, sorted in the direction of t0 -> t1
+
+  void validate() const;  // throws Error naming the bad option
+};
+
+struct SequenceStats {
+  int64_t nfe = 0;        // evaluations of f this sequence took part in
+  int64_t steps = 0;      // attempted steps (Hairer's nstep)
+  int64_t accepted = 0;
+  int64_t rejected = 0;   // rejections after the first accepted step (Hairer's nrejct)
+  SolveStatus status = SolveStatus::Success;
+  double t = 0.0;         // where the sequence ended (t1, its stopping depth, or the failure)
+  double h = 0.0;         // the last step size attempted
+  std::string message;    // for failures: what happened, where
+};
+
+template <class S>
+struct SolveResult {
+  SolveStatus status = SolveStatus::Success;  // the worst over sequences
+  std::string message;                        // first failure's message, if any
+  int64_t calls = 0;        // calls of OdeSystem::eval (batched field evaluations)
+  int64_t nfe = 0;          // max over sequences of their nfe (the depth in evaluations)
+  int64_t seq_evals = 0;    // sum over sequences of their nfe (work)
+  int64_t steps = 0, accepted = 0, rejected = 0;  // totals over sequences
+  std::vector<SequenceStats> seq;
+  // SaveKind::Times: (ntimes, G, n); SaveKind::Steps: per sequence, its accepted times
+  // (starting with t0) and states.
+  Buffer<S> saved;
+  std::vector<std::vector<double>> step_times;
+  std::vector<Buffer<S>> step_states;
+  bool ok() const { return status == SolveStatus::Success || status == SolveStatus::Terminal; }
+};
+
+// Integrates every sequence of y (G, n) from t0 to t1 in place. Never throws
+// for numerical failures: they are reported in the result's status (and the
+// failed sequence keeps its last accepted state). Throws Error for bad options.
+template <class S>
+SolveResult<S> integrate(OdeSystem<S>& sys, S* y, const SolveOptions& opt);
+
+}  // namespace flowloop
