@@ -83,25 +83,121 @@ json logits_json(const Buffer<S>& logits, int B, int T, int V) {
   return out;
 }
 
+// How deep to run a model: `loop K`, or an ODE solve (forward, and later grad and eval).
+struct DepthArgs {
+  int loops = -1;
+  std::string solver;
+  int steps = 0;
+  double rtol = std::numeric_limits<double>::quiet_NaN();
+  double atol = std::numeric_limits<double>::quiet_NaN();
+  double t1 = std::numeric_limits<double>::quiet_NaN();
+  std::string controller = "pi";
+  bool coupled = false;
+  double h0 = 0.0;
+  int64_t max_steps = 100000;
+  double exit_threshold = 0.0;
+
+  void add(CLI::App* app) {
+    app->add_option("--loops", loops, "loop count K (default: the model's depth); without --solver: loop K");
+    app->add_option("--solver", solver, "integrate the field: euler, midpoint, heun, rk4, rk38, bosh3, dopri5, "
+                                        "dopri5-shampine, tsit5, odeint-rk4, odeint-dopri5");
+    app->add_option("--steps", steps, "fixed step count on [0, t1] (default for fixed-step methods: t1 steps)");
+    app->add_option("--rtol", rtol, "relative tolerance (adaptive methods; default 1e-3)");
+    app->add_option("--atol", atol, "absolute tolerance (adaptive methods; default 1e-4)");
+    app->add_option("--t1", t1, "end of the depth interval (default: --loops, else the model's depth)");
+    app->add_option("--controller", controller, "step-size controller: pi (Hairer's DOPRI5) or i (torchdiffeq)")
+        ->check(CLI::IsMember({"pi", "i"}))->capture_default_str();
+    app->add_flag("--batch-coupled", coupled, "one shared step for the whole batch (default: per sequence)");
+    app->add_option("--h0", h0, "first step (default: Hairer's automatic choice)");
+    app->add_option("--max-steps", max_steps, "step limit per sequence")->capture_default_str();
+    app->add_option("--exit-threshold", exit_threshold,
+                    "stop a sequence when ||f(h)|| / ||h|| falls below this (0: off)")->capture_default_str();
+  }
+  bool ode() const { return !solver.empty(); }
+  SolveOptions options(const ModelConfig& cfg) const {
+    SolveOptions o;
+    o.method = solver;
+    o.t0 = 0.0;
+    o.t1 = !std::isnan(t1) ? t1 : (loops >= 0 ? loops : cfg.depth);
+    const bool odeint = solver.rfind("odeint-", 0) == 0;
+    const bool embedded = odeint ? solver == "odeint-dopri5" : tableau(solver).adaptive();
+    const bool tol_given = !std::isnan(rtol) || !std::isnan(atol);
+    if (steps > 0 && tol_given) throw Error("give --steps or --rtol/--atol, not both");
+    if (steps > 0 || !embedded) {
+      if (tol_given) throw Error("solver '" + solver + "' has no error estimate: give --steps, not tolerances");
+      o.steps = steps > 0 ? steps : std::max(1, static_cast<int>(std::lround(o.t1 - o.t0)));
+    } else {
+      o.adaptive = true;
+      o.rtol = std::isnan(rtol) ? 1e-3 : rtol;
+      o.atol = std::isnan(atol) ? 1e-4 : atol;
+    }
+    o.controller = controller == "pi" ? Controller::PI : Controller::I;
+    o.batch_coupled = coupled;
+    o.h0 = h0;
+    o.max_steps = max_steps;
+    o.terminal_threshold = exit_threshold;
+    return o;
+  }
+};
+
 template <class S>
-void run_forward(const std::string& model_path, const std::string& tokens_path, int loops,
-                 const std::string& out_path) {
+json solve_json(const SolveResult<S>& r, const SolveOptions& o) {
+  json seq = json::array();
+  for (const auto& q : r.seq) {
+    json e = {{"nfe", q.nfe}, {"steps", q.steps}, {"accepted", q.accepted}, {"rejected", q.rejected},
+              {"status", status_name(q.status)}, {"t", q.t}};
+    if (!q.message.empty()) e["message"] = q.message;
+    seq.push_back(e);
+  }
+  json j = {{"solver", o.method}, {"t1", o.t1}, {"adaptive", o.adaptive}, {"nfe", r.nfe}, {"calls", r.calls},
+            {"seq_evals", r.seq_evals}, {"steps_total", r.steps_total}, {"steps", r.steps}, {"accepted", r.accepted}, {"rejected", r.rejected},
+            {"status", status_name(r.status)}, {"per_sequence", seq}};
+  if (o.adaptive) {
+    j["rtol"] = o.rtol;
+    j["atol"] = o.atol;
+    j["controller"] = o.controller == Controller::PI ? "pi" : "i";
+    j["batch_coupled"] = o.batch_coupled;
+  } else {
+    j["fixed_steps"] = o.steps;
+  }
+  if (!r.message.empty()) j["message"] = r.message;
+  return j;
+}
+
+template <class S>
+int run_forward(const std::string& model_path, const std::string& tokens_path, const DepthArgs& depth,
+                const std::string& out_path) {
   Model<S> model = load_model<S>(model_path);
   const TokenBatch tokens = parse_rows(read_json_file(tokens_path), "tokens", tokens_path);
   tokens.check(model.cfg, "'" + tokens_path + "' tokens");
-  const int K = loops >= 0 ? loops : model.cfg.depth;
-  LoopWork<S> w;
-  const int nfe = model.loop_forward(tokens, K, w);
-  json out;
-  out["logits"] = logits_json(w.readout.logits, tokens.B, tokens.T, model.cfg.vocab_size);
-  out["nfe"] = nfe;
-  out["loops"] = K;
+  json out, summary = {{"written", out_path}, {"B", tokens.B}, {"T", tokens.T}};
+  bool ok = true;
+  if (!depth.ode()) {
+    const int K = depth.loops >= 0 ? depth.loops : model.cfg.depth;
+    LoopWork<S> w;
+    const int nfe = model.loop_forward(tokens, K, w);
+    out["logits"] = logits_json(w.readout.logits, tokens.B, tokens.T, model.cfg.vocab_size);
+    out["nfe"] = nfe;
+    out["loops"] = K;
+    summary["loops"] = K;
+    summary["nfe"] = nfe;
+  } else {
+    const SolveOptions o = depth.options(model.cfg);
+    Buffer<S> h;
+    ReadoutCache<S> rc;
+    const SolveResult<S> r = model.ode_forward(tokens, o, h, rc);
+    out = solve_json(r, o);
+    out["logits"] = logits_json(rc.logits, tokens.B, tokens.T, model.cfg.vocab_size);
+    for (const char* k : {"solver", "nfe", "steps", "accepted", "rejected", "status"}) summary[k] = out[k];
+    ok = r.ok();
+    if (!ok) std::cerr << "flowloop: solve failed: " << r.message << std::endl;
+  }
   out["B"] = tokens.B;
   out["T"] = tokens.T;
   out["V"] = model.cfg.vocab_size;
   write_text_atomic(out_path, out.dump());
-  json summary = {{"written", out_path}, {"B", tokens.B}, {"T", tokens.T}, {"loops", K}, {"nfe", nfe}};
   std::cout << summary.dump() << std::endl;
+  return ok ? 0 : 3;
 }
 
 }  // namespace
@@ -130,11 +226,11 @@ int main(int argc, char** argv) {
 
   // ---- forward
   std::string fwd_model, fwd_tokens, fwd_out, fwd_precision = "f32";
-  int fwd_loops = -1;
+  DepthArgs fwd_depth;
   auto* fwd = app.add_subcommand("forward", "logits of a looped model on token rows");
   fwd->add_option("-m,--model", fwd_model, "model .safetensors")->required()->check(CLI::ExistingFile);
   fwd->add_option("--tokens", fwd_tokens, "JSON file {\"tokens\": [[...], ...]}")->required()->check(CLI::ExistingFile);
-  fwd->add_option("--loops", fwd_loops, "loop count K (default: the model's depth)");
+  fwd_depth.add(fwd);
   fwd->add_option("--precision", fwd_precision, "arithmetic")->check(CLI::IsMember({"f32", "f64"}))->capture_default_str();
   fwd->add_option("-o,--output", fwd_out, "output JSON {logits, nfe}")->required();
 
@@ -183,10 +279,8 @@ int main(int argc, char** argv) {
                 {"parameters", ParamLayout(cfg).size()}};
       std::cout << s.dump() << std::endl;
     } else if (*fwd) {
-      if (fwd_precision == "f32")
-        run_forward<float>(fwd_model, fwd_tokens, fwd_loops, fwd_out);
-      else
-        run_forward<double>(fwd_model, fwd_tokens, fwd_loops, fwd_out);
+      return fwd_precision == "f32" ? run_forward<float>(fwd_model, fwd_tokens, fwd_depth, fwd_out)
+                                    : run_forward<double>(fwd_model, fwd_tokens, fwd_depth, fwd_out);
     } else if (*ob) {
       const OdeProblem p = ode_problem(ob_problem);
       SolveOptions o;

@@ -487,9 +487,10 @@ SolveResult<S> Driver<S>::run(S* y) {
   for (const auto& q : r_.seq) {
     r_.nfe = std::max(r_.nfe, q.nfe);
     r_.seq_evals += q.nfe;
-    r_.steps += q.steps;
-    r_.accepted += q.accepted;
-    r_.rejected += q.rejected;
+    r_.steps = std::max(r_.steps, q.steps);
+    r_.accepted = std::max(r_.accepted, q.accepted);
+    r_.rejected = std::max(r_.rejected, q.rejected);
+    r_.steps_total += q.steps;
     if (static_cast<int>(q.status) > static_cast<int>(r_.status)) {
       r_.status = q.status;
       if (!q.message.empty()) r_.message = q.message;
@@ -516,9 +517,7 @@ SolveResult<S> integrate(OdeSystem<S>& sys, S* y, const SolveOptions& opt) {
   SolveResult<S> r = one;
   r.seq.assign(static_cast<size_t>(G), one.seq[0]);
   r.seq_evals = one.seq[0].nfe * G;
-  r.steps = one.steps * G;
-  r.accepted = one.accepted * G;
-  r.rejected = one.rejected * G;
+  r.steps_total = one.steps * G;
   if (opt.save == SaveKind::Steps) {
     r.step_times.assign(static_cast<size_t>(G), one.step_times[0]);
     r.step_states.assign(static_cast<size_t>(G), Buffer<S>());

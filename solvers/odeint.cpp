@@ -82,7 +82,8 @@ SolveResult<S> integrate_odeint(OdeSystem<S>& sys, S* y, const SolveOptions& opt
   if (!finite) r.message = "odeint: non-finite state at t1";
   r.calls = r.nfe = calls;
   r.seq_evals = calls * G;
-  r.steps = r.accepted = steps * G;
+  r.steps = r.accepted = steps;
+  r.steps_total = steps * G;
   return r;
 }
 

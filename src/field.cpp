@@ -20,11 +20,12 @@ void axpy_into(S* y, const S* x, size_t n) {  // y += x
 }  // namespace
 
 template <class S>
-void FieldCache<S>::resize(const ModelConfig& cfg, int B_, int T_) {
-  if (B_ == B && T_ == T && blocks.size() == static_cast<size_t>(cfg.n_block)) return;
-  B = B_;
+void FieldCache<S>::resize(const ModelConfig& cfg, int capacity_, int T_) {
+  if (capacity_ == capacity && T_ == T && blocks.size() == static_cast<size_t>(cfg.n_block)) return;
+  capacity = capacity_;
+  B = capacity_;
   T = T_;
-  const size_t N = static_cast<size_t>(B) * T, C = cfg.d_model, F = cfg.d_ff;
+  const size_t N = static_cast<size_t>(capacity) * T, C = cfg.d_model, F = cfg.d_ff;
   blocks.resize(static_cast<size_t>(cfg.n_block));
   for (auto& c : blocks) {
     c.x.resize(N * C);
@@ -32,7 +33,7 @@ void FieldCache<S>::resize(const ModelConfig& cfg, int B_, int T_) {
     c.mean1.resize(N);
     c.rstd1.resize(N);
     c.qkv.resize(N * 3 * C);
-    c.att.resize(static_cast<size_t>(B) * cfg.n_head * T * T);
+    c.att.resize(static_cast<size_t>(capacity) * cfg.n_head * T * T);
     c.y.resize(N * C);
     c.x2.resize(N * C);
     c.ln2.resize(N * C);
@@ -55,7 +56,7 @@ size_t FieldCache<S>::bytes() const {
 
 template <class S>
 void FieldGradWork<S>::resize(const ModelConfig& cfg, int B_, int T_) {
-  if (B_ == B && T_ == T) return;
+  if (B_ <= B && T_ == T) return;
   B = B_;
   T = T_;
   const size_t N = static_cast<size_t>(B) * T, C = cfg.d_model, F = cfg.d_ff;
@@ -143,8 +144,8 @@ void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
 template <class S>
 void Field<S>::forward(S* f, const S* h, double /*t*/, const S* params, int B, int T,
                        FieldCache<S>& cache) const {
-  if (cache.B != B || cache.T != T || cache.blocks.size() != blocks_.size())
-    throw Error("Field::forward: cache sized for (B=" + std::to_string(cache.B) +
+  if (B > cache.capacity || cache.T != T || cache.blocks.size() != blocks_.size())
+    throw Error("Field::forward: cache sized for (B=" + std::to_string(cache.capacity) +
                 ", T=" + std::to_string(cache.T) + ") but called with (B=" + std::to_string(B) +
                 ", T=" + std::to_string(T) + ")");
   if (T > cfg_.context)

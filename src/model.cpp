@@ -147,6 +147,34 @@ S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int 
   return loss;
 }
 
+template <class S>
+FieldSystem<S>::FieldSystem(const Field<S>& field, const S* params, int B, int T)
+    : field_(field), params_(params), B_(B), T_(T) {
+  cache_.resize(field.config(), B, T);
+}
+
+template <class S>
+void FieldSystem<S>::eval(S* dydt, const S* y, const double* t, const int*, int count) {
+  // The default field is autonomous; a time-conditioned field reads t per sequence.
+  field_.forward(dydt, y, t[0], params_, count, T_, cache_);
+}
+
+template <class S>
+SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOptions& opt, Buffer<S>& h,
+                                     ReadoutCache<S>& rc) const {
+  tokens.check(cfg, "tokens");
+  const int B = tokens.B, T = tokens.T;
+  h.resize(static_cast<size_t>(B) * T * cfg.d_model);
+  embed(h.data(), tokens);
+  FieldSystem<S> sys(field, params.data(), B, T);
+  SolveResult<S> r = integrate(sys, h.data(), opt);
+  rc.resize(cfg, B * T);
+  readout(h.data(), B * T, rc);
+  return r;
+}
+
+template class FieldSystem<float>;
+template class FieldSystem<double>;
 template class Model<float>;
 template class Model<double>;
 template struct ReadoutCache<float>;

@@ -37,11 +37,14 @@ struct BlockCache {
 };
 
 // Everything one field evaluation leaves behind for its vjp.
+// Sized for up to `capacity` sequences of length T; a forward on fewer
+// sequences (the active ones of a per-sequence adaptive solve) uses a prefix.
 template <class S>
 struct FieldCache {
-  int B = 0, T = 0;
+  int capacity = 0, T = 0;
+  int B = 0;                          // sequences in the last forward
   std::vector<BlockCache<S>> blocks;  // L
-  void resize(const ModelConfig& cfg, int B, int T);
+  void resize(const ModelConfig& cfg, int capacity, int T);
   size_t bytes() const;
 };
 
@@ -59,7 +62,7 @@ class Field {
   Field(const ModelConfig& cfg, const ParamLayout& layout);
 
   // f = S(h) - h at time t (the default field is autonomous and ignores t).
-  // h and f may not alias. cache must be resized for (B, T); T <= context.
+  // h and f may not alias. cache must be sized for T and at least B sequences.
   void forward(S* f /*(B,T,C)*/, const S* h /*(B,T,C)*/, double t, const S* params, int B, int T,
                FieldCache<S>& cache) const;
 

@@ -16,6 +16,7 @@
 #include "flowloop/config.hpp"
 #include "flowloop/field.hpp"
 #include "flowloop/params.hpp"
+#include "flowloop/solver.hpp"
 
 namespace flowloop {
 
@@ -48,6 +49,22 @@ struct LoopWork {
   FieldGradWork<S> grad;
   ReadoutCache<S> readout;
   void resize(const ModelConfig& cfg, int B, int T, int K);
+};
+
+// The field of a model as an ODE system: B sequences of T*C values each.
+template <class S>
+class FieldSystem : public OdeSystem<S> {
+ public:
+  FieldSystem(const Field<S>& field, const S* params, int B, int T);
+  int groups() const override { return B_; }
+  size_t dim() const override { return static_cast<size_t>(T_) * field_.config().d_model; }
+  void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override;
+
+ private:
+  const Field<S>& field_;
+  const S* params_;
+  int B_, T_;
+  FieldCache<S> cache_;
 };
 
 template <class S>
@@ -85,6 +102,11 @@ class Model {
   // (if non-null) receives dL/dh(0).
   S loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int K, S* grads,
                             LoopWork<S>& w, S* dh0) const;
+
+  // Depth as an ODE: h(0) = embedding, dh/dt = f(h, t) on [opt.t0, opt.t1],
+  // logits = readout(h(t1)) into rc.logits. h receives h(t1) (B,T,C).
+  SolveResult<S> ode_forward(const TokenBatch& tokens, const SolveOptions& opt, Buffer<S>& h,
+                             ReadoutCache<S>& rc) const;
 
   ModelConfig cfg;
   ParamLayout layout;

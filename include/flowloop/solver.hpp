@@ -114,7 +114,8 @@ struct SolveResult {
   int64_t calls = 0;        // calls of OdeSystem::eval (batched field evaluations)
   int64_t nfe = 0;          // max over sequences of their nfe (the depth in evaluations)
   int64_t seq_evals = 0;    // sum over sequences of their nfe (work)
-  int64_t steps = 0, accepted = 0, rejected = 0;  // totals over sequences
+  int64_t steps = 0, accepted = 0, rejected = 0;  // max over sequences (equal when coupled)
+  int64_t steps_total = 0;  // sum over sequences of their attempted steps
   std::vector<SequenceStats> seq;
   // SaveKind::Times: (ntimes, G, n); SaveKind::Steps: per sequence, its accepted times
   // (starting with t0) and states.
