@@ -180,7 +180,8 @@ void Driver<S>::initial_steps(const std::vector<int>& ids) {
     const double der12 = std::max(std::fabs(der2), std::sqrt(dnf[g]));
     const double h1 = der12 <= 1e-15 ? std::max(1e-6, std::fabs(hh[g]) * 1e-3)
                                      : std::pow(0.01 / der12, 1.0 / tab_.order);
-    h_[g] = dir_ * std::min({100 * std::fabs(hh[g]), h1, hmax});
+    const double h = std::min({100 * std::fabs(hh[g]), h1, hmax});
+    h_[g] = dir_ * (std::isfinite(h) ? h : 1e-6);  // a NaN field is rejected by the first step
   }
 }
 
@@ -326,7 +327,10 @@ SolveResult<S> Driver<S>::run(S* y) {
           continue;
         }
         if (0.1 * std::fabs(h_[g]) <= std::fabs(t_[g]) * kUround || h_[g] == 0.0) {
-          fail(g, SolveStatus::StepTooSmall, "step size too small");
+          if (nonfinite_[g] > 0)  // the field is NaN or Inf just ahead: that is the cause
+            fail(g, SolveStatus::NonFinite, "non-finite (NaN or Inf) evaluations ahead made the step size collapse");
+          else
+            fail(g, SolveStatus::StepTooSmall, "step size too small");
           continue;
         }
         last_[g] = false;
