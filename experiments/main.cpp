@@ -17,46 +17,6 @@ using nlohmann::json;
 
 namespace {
 
-json read_json_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw Error("cannot open '" + path + "'");
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    throw Error("'" + path + "' is not valid JSON: " + e.what());
-  }
-}
-
-// {"tokens": [[...], ...]} -> (B, T) batch; `key` may also be "targets".
-TokenBatch parse_rows(const json& j, const std::string& key, const std::string& path) {
-  const std::string where = "'" + path + "' \"" + key + "\"";
-  if (!j.is_object() || !j.contains(key)) throw Error("'" + path + "' has no \"" + key + "\" field");
-  const json& rows = j[key];
-  if (!rows.is_array() || rows.empty()) throw Error(where + " must be a non-empty list of rows");
-  TokenBatch tb;
-  tb.B = static_cast<int>(rows.size());
-  for (size_t b = 0; b < rows.size(); ++b) {
-    const json& r = rows[b];
-    if (!r.is_array() || r.empty())
-      throw Error(where + ": row " + std::to_string(b) + " is not a non-empty list");
-    if (b == 0) tb.T = static_cast<int>(r.size());
-    if (static_cast<int>(r.size()) != tb.T)
-      throw Error(where + ": row " + std::to_string(b) + " has length " + std::to_string(r.size()) +
-                  " but row 0 has " + std::to_string(tb.T) + " (rows must be equally long)");
-    for (size_t t = 0; t < r.size(); ++t) {
-      if (!r[t].is_number_integer())
-        throw Error(where + ": row " + std::to_string(b) + ", position " + std::to_string(t) +
-                    " is not an integer");
-      const auto v = r[t].get<int64_t>();
-      if (v < INT32_MIN || v > INT32_MAX)
-        throw Error(where + ": row " + std::to_string(b) + ", position " + std::to_string(t) +
-                    " is out of range");
-      tb.data.push_back(static_cast<int32_t>(v));
-    }
-  }
-  return tb;
-}
-
 void write_text_atomic(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp";
   {
@@ -168,7 +128,7 @@ template <class S>
 int run_forward(const std::string& model_path, const std::string& tokens_path, const DepthArgs& depth,
                 const std::string& out_path) {
   Model<S> model = load_model<S>(model_path);
-  const TokenBatch tokens = parse_rows(read_json_file(tokens_path), "tokens", tokens_path);
+  const TokenBatch tokens = read_token_file(tokens_path, "tokens");
   tokens.check(model.cfg, "'" + tokens_path + "' tokens");
   json out, summary = {{"written", out_path}, {"B", tokens.B}, {"T", tokens.T}};
   bool ok = true;
@@ -260,6 +220,22 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"pi", "i"}))->capture_default_str();
   ob->add_flag("--json", ob_json, "one JSON line instead of text");
 
+  BenchSolveOptions bsopt;
+  auto* bsolve = bench->add_subcommand("solve", "time one whole solve of the field from the embedding");
+  bsolve->add_option("--size", bsopt.size, "benchmark size")->check(CLI::IsMember({"S", "M", "G"}))->capture_default_str();
+  bsolve->add_option("--solver", bsopt.solver, "method")->capture_default_str();
+  bsolve->add_option("--steps", bsopt.steps, "fixed step count");
+  bsolve->add_option("--rtol", bsopt.rtol, "relative tolerance (adaptive)");
+  bsolve->add_option("--atol", bsopt.atol, "absolute tolerance (adaptive)");
+  bsolve->add_option("--t1", bsopt.t1, "end of the depth interval")->capture_default_str();
+  bsolve->add_option("--controller", bsopt.controller, "pi or i")->check(CLI::IsMember({"pi", "i"}))->capture_default_str();
+  bsolve->add_flag("--batch-coupled", bsopt.batch_coupled, "one shared step for the batch");
+  bsolve->add_option("--threads", bsopt.threads, "threads (0 = all)")->capture_default_str();
+  bsolve->add_option("--reps", bsopt.min_reps, "minimum timed repetitions")->capture_default_str();
+  bsolve->add_option("--seconds", bsopt.min_seconds, "minimum timed seconds")->capture_default_str();
+  bsolve->add_option("-m,--model", bsopt.model_path, "weights (default: GPT-2 init, seed 1234)");
+  bsolve->add_option("--tokens", bsopt.tokens_path, "token rows (default: random, seed 42)");
+
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -314,6 +290,10 @@ int main(int argc, char** argv) {
         if (!r.message.empty()) std::cout << "  " << r.message << std::endl;
       }
       if (!r.ok()) return 3;
+    } else if (*bsolve) {
+      if (bsopt.steps <= 0 && !(bsopt.rtol > 0 || bsopt.atol > 0))
+        throw Error("bench solve: give --steps N or --rtol R --atol A");
+      std::cout << bench_solve(bsopt) << std::endl;
     } else if (*bfield) {
       std::cout << bench_field(bopt) << std::endl;
     }

@@ -103,11 +103,15 @@ class Driver {
   const int G_;
   const size_t n_;
   const int s_;
-  S* y_ = nullptr;
+  S* y_ = nullptr;       // the current states (G, n): Ys_, copied to user_y_ at the end
+  S* user_y_ = nullptr;
+  Buffer<S> Ys_;
   double dir_ = 1.0;
   std::vector<Buffer<S>> K_;  // s stages, each (G, n)
   Buffer<S> Y_, Y1_, Kn_, gin_, gout_;
-  std::vector<double> t_, h_, hnext_, facold_, tstage_;
+  std::vector<double> t_, h_, hnext_, facold_, tstage_, err_;
+  std::vector<char> finite_;
+  std::vector<double> tgather_;
   std::vector<bool> done_, last_rejected_, last_;
   std::vector<int> nonfinite_, next_save_;
   SolveResult<S> r_;
@@ -120,7 +124,7 @@ void Driver<S>::eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out,
   if (count == 0) return;
   bool consecutive = true;
   for (int i = 1; i < count && consecutive; ++i) consecutive = ids[i] == ids[i - 1] + 1;
-  std::vector<double> tt(static_cast<size_t>(count));
+  std::vector<double>& tt = tgather_;  // sized G once
   for (int i = 0; i < count; ++i) tt[i] = t[ids[i]];
   if (consecutive) {
     sys_.eval(row(out, ids[0]), row(in, ids[0]), tt.data(), ids.data(), count);
@@ -234,14 +238,19 @@ void Driver<S>::save_times_upto(int g, double t_end, bool has_f1, const S* f1, d
 
 template <class S>
 SolveResult<S> Driver<S>::run(S* y) {
-  y_ = y;
-  dir_ = o_.t1 >= o_.t0 ? 1.0 : -1.0;
+  user_y_ = y;
   const size_t total = static_cast<size_t>(G_) * n_;
+  Ys_.assign(y, y + total);
+  y_ = Ys_.data();
+  dir_ = o_.t1 >= o_.t0 ? 1.0 : -1.0;
   r_.seq.assign(static_cast<size_t>(G_), SequenceStats{});
   for (auto& q : r_.seq) q.t = o_.t0;
   t_.assign(G_, o_.t0);
   h_.assign(G_, 0.0);
   hnext_.assign(G_, 0.0);
+  err_.assign(G_, 0.0);
+  finite_.assign(G_, 1);
+  tgather_.assign(G_, 0.0);
   facold_.assign(G_, 1e-4);
   tstage_.assign(G_, o_.t0);
   done_.assign(G_, false);
@@ -273,9 +282,7 @@ SolveResult<S> Driver<S>::run(S* y) {
 
   std::vector<int> all(G_);
   for (int g = 0; g < G_; ++g) all[g] = g;
-  // the state as it comes in: Y_ mirrors y for the first evaluation
-  std::memcpy(Y_.data(), y_, total * sizeof(S));
-  eval(all, Y_, K_[0], t_);
+  eval(all, Ys_, K_[0], t_);
 
   // fixed steps: H, and the number of steps N
   double H = 0.0;
@@ -315,7 +322,8 @@ SolveResult<S> Driver<S>::run(S* y) {
     }
   std::vector<const S*> kp(static_cast<size_t>(s_));
 
-  std::vector<int> active, accepted_ids;
+  std::vector<int> active, accepted_ids, need_f1;
+  std::vector<char> has_f1(G_, 0);
   for (;;) {
     active.clear();
     for (int g = 0; g < G_; ++g) {
@@ -354,23 +362,32 @@ SolveResult<S> Driver<S>::run(S* y) {
 
     // stages 1..s-1 (stage 0 is f(t, y), kept from the previous step)
     for (int j = 1; j < s_; ++j) {
-      for (size_t m = 0; m < idx[j].size(); ++m) kp[m] = nullptr;
-      for (int g : active) {
-        for (size_t m = 0; m < idx[j].size(); ++m) kp[m] = row(K_[idx[j][m]], g);
-        algebra::rk_combine(row(Y_, g), yrow(g), h_[g], coef[j].data(), kp.data(),
-                            static_cast<int>(idx[j].size()), n_);
-        tstage_[g] = t_[g] + tab_.c[j] * h_[g];
-      }
+      for (size_t m = 0; m < idx[j].size(); ++m) kp[m] = K_[idx[j][m]].data();
+      algebra::rk_combine_rows(Y_.data(), y_, h_.data(), coef[j].data(), kp.data(),
+                               static_cast<int>(idx[j].size()), active.data(),
+                               static_cast<int>(active.size()), n_);
+      for (int g : active) tstage_[g] = t_[g] + tab_.c[j] * h_[g];
       eval(active, Y_, K_[j], tstage_);
     }
     // the propagated solution: for FSAL methods it is the last stage's state
-    for (int g : active) {
-      if (tab_.fsal) {
-        std::memcpy(row(Y1_, g), row(Y_, g), n_ * sizeof(S));
-      } else {
-        for (size_t m = 0; m < bidx.size(); ++m) kp[m] = row(K_[bidx[m]], g);
-        algebra::rk_combine(row(Y1_, g), yrow(g), h_[g], bcoef.data(), kp.data(),
-                            static_cast<int>(bidx.size()), n_);
+    if (tab_.fsal) {
+      std::swap(Y_, Y1_);
+    } else {
+      for (size_t m = 0; m < bidx.size(); ++m) kp[m] = K_[bidx[m]].data();
+      algebra::rk_combine_rows(Y1_.data(), y_, h_.data(), bcoef.data(), kp.data(), static_cast<int>(bidx.size()),
+                               active.data(), static_cast<int>(active.size()), n_);
+    }
+    // error estimates and finiteness, the sequences in parallel
+    const int na = static_cast<int>(active.size());
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(n_) * na * s_ >= kParallelMin)
+    for (int i = 0; i < na; ++i) {
+      const int g = active[i];
+      // (the error norm is NaN when the state is not finite)
+      if (!o_.adaptive) finite_[g] = std::isfinite(algebra::sum_squares(row(Y1_, g), n_));
+      if (o_.adaptive) {
+        const S* kr[32];
+        for (int l = 0; l < s_; ++l) kr[l] = row(K_[l], g);
+        err_[g] = algebra::error_norm(h_[g], tab_.e.data(), kr, s_, yrow(g), row(Y1_, g), o_.rtol, o_.atol, n_);
       }
     }
     // accept or reject, per sequence
@@ -378,7 +395,7 @@ SolveResult<S> Driver<S>::run(S* y) {
     for (int g : active) {
       auto& q = r_.seq[g];
       ++q.steps;
-      const bool finite_state = std::isfinite(algebra::sum_squares(row(Y1_, g), n_));
+      const bool finite_state = finite_[g];
       if (!o_.adaptive) {
         if (!finite_state) {
           fail(g, SolveStatus::NonFinite, "non-finite state (NaN or Inf) after the step");
@@ -387,9 +404,7 @@ SolveResult<S> Driver<S>::run(S* y) {
         accepted_ids.push_back(g);
         continue;
       }
-      for (int l = 0; l < s_; ++l) kp[l] = row(K_[l], g);
-      const double err = algebra::error_norm(h_[g], tab_.e.data(), kp.data(), s_, yrow(g),
-                                             row(Y1_, g), o_.rtol, o_.atol, n_);
+      const double err = err_[g];
       const double h = h_[g];
       if (!std::isfinite(err) || !finite_state) {
         // NaN is never a small error: a rejection with the largest decrease; repeated, a failure
@@ -439,7 +454,7 @@ SolveResult<S> Driver<S>::run(S* y) {
     // f(t + h, y1) for methods without FSAL: the next step's first stage, and what
     // the terminal condition and Hermite output read. Skipped after the last step
     // unless a save time inside it needs it.
-    std::vector<int> need_f1;
+    need_f1.clear();
     if (!tab_.fsal) {
       for (int g : accepted_ids) {
         bool need = !last_[g];
@@ -452,8 +467,8 @@ SolveResult<S> Driver<S>::run(S* y) {
       }
       eval(need_f1, Y1_, Kn_, tstage_);
     }
-    std::vector<bool> has_f1(G_, tab_.fsal);
-    for (int g : need_f1) has_f1[g] = true;
+    std::fill(has_f1.begin(), has_f1.end(), static_cast<char>(tab_.fsal));
+    for (int g : need_f1) has_f1[g] = 1;
 
     for (int g : accepted_ids) {
       auto& q = r_.seq[g];
@@ -469,23 +484,37 @@ SolveResult<S> Driver<S>::run(S* y) {
           q.status = SolveStatus::Terminal;
         }
       }
-      std::memcpy(yrow(g), row(Y1_, g), n_ * sizeof(S));
-      if (has_f1[g]) std::memcpy(row(K_[0], g), f1, n_ * sizeof(S));
       ++q.accepted;
       q.h = h_[g];
       t_[g] = t_end;
       q.t = t_end;
       if (o_.save == SaveKind::Steps) {
         r_.step_times[g].push_back(t_end);
-        r_.step_states[g].insert(r_.step_states[g].end(), yrow(g), yrow(g) + n_);
+        r_.step_states[g].insert(r_.step_states[g].end(), row(Y1_, g), row(Y1_, g) + n_);
       }
       if (o_.adaptive) h_[g] = hnext_[g];
       if (stop) {
         done_[g] = true;
-        if (o_.save == SaveKind::Times) fill_remaining_saves(g, yrow(g));
+        if (o_.save == SaveKind::Times) fill_remaining_saves(g, row(Y1_, g));
+      }
+    }
+    // commit: y <- y1 and f(t, y) <- f(t + h, y1); whole buffers trade places when every
+    // sequence stepped and was accepted, rows are copied otherwise
+    Buffer<S>& F1 = tab_.fsal ? K_[s_ - 1] : Kn_;
+    if (static_cast<int>(accepted_ids.size()) == G_) {
+      std::swap(Ys_, Y1_);
+      y_ = Ys_.data();
+      if (tab_.fsal || static_cast<int>(need_f1.size()) == G_) std::swap(K_[0], F1);
+      else
+        for (int g : need_f1) std::memcpy(row(K_[0], g), row(F1, g), n_ * sizeof(S));
+    } else {
+      for (int g : accepted_ids) {
+        std::memcpy(yrow(g), row(Y1_, g), n_ * sizeof(S));
+        if (has_f1[g]) std::memcpy(row(K_[0], g), row(F1, g), n_ * sizeof(S));
       }
     }
   }
+  std::memcpy(user_y_, Ys_.data(), total * sizeof(S));
 
   // totals
   for (const auto& q : r_.seq) {

@@ -1,10 +1,12 @@
 #include "flowloop/bench.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "flowloop/checkpoint.hpp"
 #include "flowloop/model.hpp"
 #include "flowloop/tensor.hpp"
 
@@ -104,6 +106,122 @@ std::string bench_field(const BenchOptions& opt) {
   j["ratio"] = (fl / ms) / (gfl / gms);
   j["vjp_ms"] = vms;
   j["vjp_gflops"] = 2.0 * fl / (vms * 1e6);
+  return j.dump();
+}
+
+namespace {
+// Adds the wall time of every evaluation to a counter.
+template <class S>
+class TimedSystem : public OdeSystem<S> {
+ public:
+  TimedSystem(OdeSystem<S>& inner, double& ms) : inner_(inner), ms_(ms) {}
+  int groups() const override { return inner_.groups(); }
+  size_t dim() const override { return inner_.dim(); }
+  void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override {
+    const double t0 = now_ms();
+    inner_.eval(dydt, y, t, ids, count);
+    ms_ += now_ms() - t0;
+  }
+
+ private:
+  OdeSystem<S>& inner_;
+  double& ms_;
+};
+}  // namespace
+
+std::string bench_solve(const BenchSolveOptions& opt) {
+  const BenchSize bs = bench_size(opt.size);
+  set_num_threads(opt.threads);
+  ModelConfig cfg;
+  cfg.vocab_size = bs.V;
+  cfg.context = bs.T;
+  cfg.d_model = bs.C;
+  cfg.n_head = bs.NH;
+  cfg.n_block = bs.L;
+  cfg.finalize();
+  Model<float> model = opt.model_path.empty() ? Model<float>(cfg) : load_model<float>(opt.model_path);
+  if (opt.model_path.empty()) model.init(1234);
+  TokenBatch tokens;
+  if (opt.tokens_path.empty()) {
+    tokens.B = bs.B;
+    tokens.T = bs.T;
+    Rng rng(42);
+    for (int i = 0; i < bs.B * bs.T; ++i)
+      tokens.data.push_back(static_cast<int32_t>(rng.next() % model.cfg.vocab_size));
+  } else {
+    tokens = read_token_file(opt.tokens_path, "tokens");
+  }
+  tokens.check(model.cfg, "tokens");
+  SolveOptions so;
+  so.method = opt.solver;
+  so.t1 = opt.t1;
+  so.batch_coupled = opt.batch_coupled;
+  so.controller = opt.controller == "i" ? Controller::I : Controller::PI;
+  if (opt.steps > 0) {
+    so.steps = opt.steps;
+  } else {
+    so.adaptive = true;
+    so.rtol = opt.rtol;
+    so.atol = opt.atol;
+  }
+  const size_t NC = static_cast<size_t>(tokens.B) * tokens.T * model.cfg.d_model;
+  Buffer<float> h0(NC), h(NC);
+  model.embed(h0.data(), tokens);
+  FieldSystem<float> fs(model.field, model.params.data(), tokens.B, tokens.T);
+  double field_ms = 0.0;
+  TimedSystem<float> sys(fs, field_ms);
+  SolveResult<float> r;
+  std::vector<double> total, inside;
+  auto once = [&] {
+    h = h0;
+    field_ms = 0.0;
+    const double t0 = now_ms();
+    r = integrate(sys, h.data(), so);
+    total.push_back(now_ms() - t0);
+    inside.push_back(field_ms);
+  };
+  once();  // warm-up
+  total.clear();
+  inside.clear();
+  const double start = now_ms();
+  while (static_cast<int>(total.size()) < opt.min_reps || now_ms() - start < 1000.0 * opt.min_seconds) {
+    once();
+    if (total.size() >= 1000) break;
+  }
+  std::vector<double> over(total.size());
+  for (size_t i = 0; i < total.size(); ++i) over[i] = (total[i] - inside[i]) / total[i];
+  const double ms = median(total);
+  nlohmann::ordered_json j;
+  j["bench"] = "solve";
+  j["size"] = opt.size;
+  j["solver"] = opt.solver;
+  j["B"] = tokens.B;
+  j["T"] = tokens.T;
+  j["t1"] = opt.t1;
+  if (so.adaptive) {
+    j["rtol"] = so.rtol;
+    j["atol"] = so.atol;
+    j["controller"] = opt.controller;
+    j["batch_coupled"] = opt.batch_coupled;
+  } else {
+    j["fixed_steps"] = so.steps;
+  }
+  j["threads"] = num_threads();
+  j["reps"] = total.size();
+  j["status"] = status_name(r.status);
+  j["nfe"] = r.nfe;
+  j["calls"] = r.calls;
+  j["seq_evals"] = r.seq_evals;
+  j["steps"] = r.steps;
+  j["accepted"] = r.accepted;
+  j["rejected"] = r.rejected;
+  j["ms"] = ms;
+  j["field_ms"] = median(inside);
+  j["overhead"] = median(over);
+  j["gflops"] = model.field.flops(tokens.B, tokens.T) * static_cast<double>(r.seq_evals) / tokens.B / (ms * 1e6);
+  double norm = 0;
+  for (float x : h) norm += static_cast<double>(x) * x;
+  j["h_norm"] = std::sqrt(norm);
   return j.dump();
 }
 

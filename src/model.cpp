@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "flowloop/layers.hpp"
 #include "flowloop/tensor.hpp"
@@ -24,6 +26,52 @@ void TokenBatch::check(const ModelConfig& cfg, const std::string& what, bool all
                     ", position " + std::to_string(t) + " is out of range [0, " +
                     std::to_string(cfg.vocab_size) + ")" + (allow_ignore ? " (or -1)" : ""));
     }
+}
+
+namespace {
+nlohmann::json read_json_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error("cannot open '" + path + "'");
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error("'" + path + "' is not valid JSON: " + e.what());
+  }
+}
+
+TokenBatch parse_rows(const nlohmann::json& j, const std::string& key, const std::string& path) {
+  const std::string where = "'" + path + "' \"" + key + "\"";
+  if (!j.is_object() || !j.contains(key)) throw Error("'" + path + "' has no \"" + key + "\" field");
+  const nlohmann::json& rows = j[key];
+  if (!rows.is_array() || rows.empty()) throw Error(where + " must be a non-empty list of rows");
+  TokenBatch tb;
+  tb.B = static_cast<int>(rows.size());
+  for (size_t b = 0; b < rows.size(); ++b) {
+    const nlohmann::json& r = rows[b];
+    if (!r.is_array() || r.empty())
+      throw Error(where + ": row " + std::to_string(b) + " is not a non-empty list");
+    if (b == 0) tb.T = static_cast<int>(r.size());
+    if (static_cast<int>(r.size()) != tb.T)
+      throw Error(where + ": row " + std::to_string(b) + " has length " + std::to_string(r.size()) +
+                  " but row 0 has " + std::to_string(tb.T) + " (rows must be equally long)");
+    for (size_t t = 0; t < r.size(); ++t) {
+      if (!r[t].is_number_integer())
+        throw Error(where + ": row " + std::to_string(b) + ", position " + std::to_string(t) +
+                    " is not an integer");
+      const auto v = r[t].get<int64_t>();
+      if (v < INT32_MIN || v > INT32_MAX)
+        throw Error(where + ": row " + std::to_string(b) + ", position " + std::to_string(t) +
+                    " is out of range");
+      tb.data.push_back(static_cast<int32_t>(v));
+    }
+  }
+  return tb;
+}
+
+}  // namespace
+
+TokenBatch read_token_file(const std::string& path, const std::string& key) {
+  return parse_rows(read_json_file(path), key, path);
 }
 
 template <class S>

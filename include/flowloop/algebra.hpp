@@ -16,9 +16,17 @@ namespace flowloop::algebra {
 template <class S>
 void rk_combine(S* out, const S* y, double h, const double* c, const S* const* k, int m, size_t n);
 
+// The same for several rows of a (G, n) batch at once, each with its own h:
+// for each i < nrows, r = rows[i]:
+//   out[r] = y[r] + h[r] * sum_j c[j] * k[j][r]   (rows of n values)
+// One parallel pass over all the rows' blocks.
+template <class S>
+void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
+                     const int* rows, int nrows, size_t n);
+
 // Scaled RMS norm of an error estimate err = h * sum_j e_j k_j:
 //   sqrt(mean_i (err_i / (atol + rtol * max(|y0_i|, |y1_i|)))^2)
-// Accumulated in double; NaN or Inf anywhere gives NaN.
+// Element-wise in S, summed in double; NaN or Inf anywhere (y1 included) gives NaN.
 template <class S>
 double error_norm(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
                   double rtol, double atol, size_t n);

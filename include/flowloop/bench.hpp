@@ -20,6 +20,26 @@ struct BenchOptions {
 // (median), gflops, gemm_gflops, ratio, vjp_ms, vjp_gflops and the shape.
 std::string bench_field(const BenchOptions& opt);
 
+struct BenchSolveOptions {
+  std::string size = "S";
+  int threads = 0;
+  int min_reps = 5;
+  double min_seconds = 1.0;
+  std::string model_path;   // weights to use (default: GPT-2 init with seed 1234 at the size)
+  std::string tokens_path;  // {"tokens": [[...]]} (default: random tokens, seed 42, B x T of the size)
+  std::string solver = "dopri5";
+  int steps = 0;            // fixed steps, or
+  double rtol = 0, atol = 0;  // tolerances (adaptive)
+  double t1 = 4.0;
+  bool batch_coupled = false;
+  std::string controller = "pi";
+};
+
+// Times one whole solve of the field from the embedding of the tokens; one JSON
+// object with size, solver, nfe, steps, ms (median), field_ms (time inside field
+// evaluations), overhead (the rest, as a fraction of ms) and the final state's norm.
+std::string bench_solve(const BenchSolveOptions& opt);
+
 // Median of a sample (by copy).
 double median(std::vector<double> v);
 

@@ -29,6 +29,10 @@ struct TokenBatch {
   void check(const ModelConfig& cfg, const std::string& what, bool allow_ignore = false) const;
 };
 
+// Reads {"tokens": [[...], ...]} (or another key, e.g. "targets") from a JSON
+// file: B rows of equal length. Errors name the file, row and position.
+TokenBatch read_token_file(const std::string& path, const std::string& key);
+
 // Forward activations of the readout, kept for its backward.
 template <class S>
 struct ReadoutCache {
