@@ -55,9 +55,12 @@ case "$mode" in
     ;;
   peer)
     build
-    need_pkgs python3 python3-torch python3-numpy
+    need_pkgs python3 python3-torch python3-numpy python3-scipy python3-pip
+    /usr/bin/python3 -c "import torchdiffeq" 2>/dev/null || \
+      /usr/bin/python3 -m pip install -q --break-system-packages --no-deps torchdiffeq==0.2.5
     /usr/bin/python3 experiments/peer_torch.py check --flowloop "$BUILD_DIR/flowloop"
     /usr/bin/python3 experiments/peer_torch.py bench --flowloop "$BUILD_DIR/flowloop" "${@:2}"
+    /usr/bin/python3 experiments/peer_torch.py solve --flowloop "$BUILD_DIR/flowloop" "${@:2}"
     ;;
   *)
     echo "usage: ./run.sh [demo|test|peer]" >&2

@@ -6,6 +6,12 @@
       inference mode) and `flowloop bench field` side by side, in interleaved
       rounds, at every thread setting; prints one JSON line per measurement and a
       summary with the ratio at the best thread setting of each.
+  peer_torch.py solve  --flowloop BIN [--sizes S M] [--threads 1 2]
+      A dopri5 solve of the field on t in [0, 4] (rtol 1e-3, atol 1e-4) from the
+      embedding of the same tokens with the same weights: torchdiffeq's odeint
+      against `flowloop bench solve`, flowloop both in its default mode (Hairer's
+      PI controller, per-sequence steps) and in torchdiffeq's (Shampine's error
+      weights, I controller, one shared step).
   peer_torch.py check  --flowloop BIN [--workdir DIR]
       Checkpoint interchange: a flowloop checkpoint loaded here gives flowloop's
       logits, and a checkpoint written here loads in flowloop and gives ours.
@@ -175,6 +181,71 @@ def bench(args):
     print(json.dumps({"summary": summary}))
 
 
+# ---------------------------------------------------------------- solve
+def solve(args):
+    from torchdiffeq import odeint
+
+    d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
+    os.makedirs(d, exist_ok=True)
+    summary = {}
+    for size in args.sizes:
+        B, T, C, NH, V, L = SIZES[size]
+        model = os.path.join(d, f"model_{size}.safetensors")
+        toks = os.path.join(d, f"tokens_{size}.json")
+        subprocess.run([args.flowloop, "init", "--vocab", str(V), "--context", str(T), "--d-model", str(C),
+                        "--n-head", str(NH), "--n-block", str(L), "--depth", "4", "--seed", "1", "-o", model],
+                       check=True, capture_output=True)
+        g = torch.Generator().manual_seed(2)
+        tokens = torch.randint(0, V, (B, T), generator=g)
+        with open(toks, "w") as f:
+            json.dump({"tokens": tokens.tolist()}, f)
+        p, meta = read_safetensors(model)
+        cfg = json.loads(meta["config"])
+        h0 = p["wte.weight"][tokens] + p["wpe.weight"][:T]
+        modes = {"flowloop": [], "flowloop_torchdiffeq_mode": ["--solver", "dopri5-shampine", "--controller", "i",
+                                                               "--batch-coupled"]}
+        results = {}
+        for threads in args.threads:
+            for _ in range(args.rounds):
+                torch.set_num_threads(threads)
+                nfe = [0]
+
+                def func(t, h):
+                    nfe[0] += 1
+                    return field(h, p, cfg)
+
+                times = []
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    while len(times) < 3 or time.perf_counter() - start < args.seconds:
+                        nfe[0] = 0
+                        t0 = time.perf_counter()
+                        hs = odeint(func, h0, torch.tensor([0.0, 4.0]), rtol=1e-3, atol=1e-4, method="dopri5")
+                        times.append(time.perf_counter() - t0)
+                rec = {"impl": "torchdiffeq", "size": size, "threads": threads, "ms": 1e3 * float(np.median(times)),
+                       "nfe": nfe[0], "h_norm": float(hs[-1].double().norm())}
+                results.setdefault("torchdiffeq", []).append(rec)
+                print(json.dumps(rec), flush=True)
+                for name, extra in modes.items():
+                    cmd = [args.flowloop, "bench", "solve", "--size", size, "-m", model, "--tokens", toks,
+                           "--solver", "dopri5", "--rtol", "1e-3", "--atol", "1e-4", "--t1", "4",
+                           "--threads", str(threads), "--seconds", str(args.seconds)] + extra
+                    if "--solver" in extra:
+                        i = cmd.index("--solver")
+                        del cmd[i:i + 2]
+                    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                    r["impl"] = name
+                    results.setdefault(name, []).append(r)
+                    print(json.dumps(r), flush=True)
+        best = {k: min(v, key=lambda r: r["ms"]) for k, v in results.items()}
+        td = best["torchdiffeq"]
+        summary[size] = {k: {"ms": v["ms"], "nfe": v["nfe"], "threads": v["threads"], "h_norm": v["h_norm"],
+                             "speedup_vs_torchdiffeq": td["ms"] / v["ms"],
+                             **({"overhead": v["overhead"]} if "overhead" in v else {})}
+                         for k, v in best.items()}
+    print(json.dumps({"summary": summary}))
+
+
 # ---------------------------------------------------------------- check
 def check(args):
     d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
@@ -214,7 +285,7 @@ def check(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "check"])
+    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "solve", "check"])
     ap.add_argument("--flowloop", default="build/flowloop")
     ap.add_argument("--sizes", nargs="+", default=["S", "M"], choices=list(SIZES))
     ap.add_argument("--threads", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}))
@@ -224,6 +295,9 @@ def main():
     args = ap.parse_args()
     if args.mode == "check":
         sys.exit(check(args))
+    if args.mode == "solve":
+        solve(args)
+        return
     bench(args)
 
 
