@@ -3,6 +3,10 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
 #include <unsupported/Eigen/MatrixFunctions>
 
 #include "check.hpp"
@@ -412,4 +416,76 @@ TEST_CASE("the terminal condition stops each sequence where its latent settles",
   CHECK(r.seq[0].t < t0_exact + 1.5);
   CHECK(r.seq[1].t < r.seq[0].t);
   CHECK(std::fabs(y[0] - 1.0) < 1.01e-3 * y[0]);
+}
+
+namespace {
+std::string run_cli(const std::string& args, int* rc) {
+  std::string out;
+  FILE* p = popen((std::string(FLOWLOOP_CLI) + " " + args + " 2>&1").c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  *rc = pclose(p);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("solver options on the command line", "[solvers][cli]") {
+  int rc = 0;
+  std::string out = run_cli("ode-bench --problem arenstorf --rtol 1e-7 --atol 1e-7 --json", &rc);
+  REQUIRE(rc == 0);
+  auto j = nlohmann::json::parse(out);
+  CHECK(j["nfe"] == 1442);
+  CHECK(j["accepted"] == 216);
+  CHECK(j["rejected"] == 22);
+  CHECK(j["status"] == "success");
+  CHECK(j["y_end"].size() == 4);
+  out = run_cli("ode-bench --problem vdp", &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("give --rtol and --atol") != std::string::npos);
+
+  const std::string dir = (std::filesystem::temp_directory_path() / ("flowloop_cli_solver_" + std::to_string(::getpid()))).string();
+  std::filesystem::create_directories(dir);
+  const std::string model = dir + "/m.safetensors", tok = dir + "/t.json", o = dir + "/o.json";
+  run_cli("init --vocab 13 --context 8 --d-model 16 --n-head 2 --n-block 1 --depth 3 --seed 4 -o " + model, &rc);
+  REQUIRE(rc == 0);
+  std::ofstream(tok) << R"({"tokens": [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]})";
+  out = run_cli("forward -m " + model + " --tokens " + tok + " --solver dopri5 --rtol 1e-6 --atol 1e-6 -o " + o, &rc);
+  REQUIRE(rc == 0);
+  std::ifstream(o) >> j;
+  CHECK(j["status"] == "success");
+  CHECK(j["t1"] == 3.0);  // the model's depth
+  CHECK(j["per_sequence"].size() == 3);
+  CHECK(j["nfe"].get<int>() == 6 * j["steps"].get<int>() + 2);
+  CHECK(j["logits"].size() == 3);
+  CHECK(j.contains("accepted"));
+  CHECK(j.contains("rejected"));
+  // fixed steps default to t1 steps; euler with 3 steps is loop 3, bit for bit
+  out = run_cli("forward -m " + model + " --tokens " + tok + " --solver euler -o " + o, &rc);
+  REQUIRE(rc == 0);
+  nlohmann::json e;
+  std::ifstream(o) >> e;
+  CHECK(e["fixed_steps"] == 3);
+  CHECK(e["nfe"] == 3);
+  out = run_cli("forward -m " + model + " --tokens " + tok + " --loops 3 -o " + o, &rc);
+  REQUIRE(rc == 0);
+  nlohmann::json l;
+  std::ifstream(o) >> l;
+  CHECK(l["logits"] == e["logits"]);
+  out = run_cli("forward -m " + model + " --tokens " + tok + " --solver rk4 --rtol 1e-3 -o " + o, &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("has no error estimate") != std::string::npos);
+  out = run_cli("forward -m " + model + " --tokens " + tok + " --solver rk99 -o " + o, &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("unknown solver 'rk99'") != std::string::npos);
+  out = run_cli("forward -m " + model + " --tokens " + tok + " --solver dopri5 --max-steps 1 --rtol 1e-9 --atol 1e-9 -o " + o, &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("more than 1 steps") != std::string::npos);
+  out = run_cli("bench solve --size S --solver rk4 --steps 2 --reps 1 --seconds 0", &rc);
+  REQUIRE(rc == 0);
+  j = nlohmann::json::parse(out);
+  CHECK(j["nfe"] == 8);
+  CHECK(j["ms"].get<double>() > 0);
+  CHECK(j["solver"] == "rk4");
+  std::filesystem::remove_all(dir);
 }
