@@ -12,6 +12,17 @@
 
 namespace flowloop {
 
+ModelConfig bench_config(const BenchSize& bs) {
+  ModelConfig cfg;
+  cfg.vocab_size = bs.V;
+  cfg.context = bs.T;
+  cfg.d_model = bs.C;
+  cfg.n_head = bs.NH;
+  cfg.n_block = bs.L;
+  cfg.finalize();
+  return cfg;
+}
+
 double median(std::vector<double> v) {
   if (v.empty()) return 0.0;
   std::sort(v.begin(), v.end());
@@ -30,13 +41,7 @@ double now_ms() {
 std::string bench_field(const BenchOptions& opt) {
   const BenchSize bs = bench_size(opt.size);
   set_num_threads(opt.threads);
-  ModelConfig cfg;
-  cfg.vocab_size = bs.V;
-  cfg.context = bs.T;
-  cfg.d_model = bs.C;
-  cfg.n_head = bs.NH;
-  cfg.n_block = bs.L;
-  cfg.finalize();
+  const ModelConfig cfg = bench_config(bs);
   Model<float> model(cfg);
   model.init(1234);
 
@@ -132,13 +137,7 @@ class TimedSystem : public OdeSystem<S> {
 std::string bench_solve(const BenchSolveOptions& opt) {
   const BenchSize bs = bench_size(opt.size);
   set_num_threads(opt.threads);
-  ModelConfig cfg;
-  cfg.vocab_size = bs.V;
-  cfg.context = bs.T;
-  cfg.d_model = bs.C;
-  cfg.n_head = bs.NH;
-  cfg.n_block = bs.L;
-  cfg.finalize();
+  const ModelConfig cfg = bench_config(bs);
   Model<float> model = opt.model_path.empty() ? Model<float>(cfg) : load_model<float>(opt.model_path);
   if (opt.model_path.empty()) model.init(1234);
   TokenBatch tokens;

@@ -42,15 +42,6 @@ std::vector<double> slice(const std::vector<double>& v, const TensorInfo& t) {
   return {v.begin() + static_cast<long>(t.offset), v.begin() + static_cast<long>(t.offset + t.numel)};
 }
 
-std::string run(const std::string& cmd, int* rc) {
-  std::string out;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  *rc = pclose(p);
-  return out;
-}
 }  // namespace
 
 TEST_CASE("field vjp matches finite differences for h and every parameter tensor", "[field][fd]") {
@@ -198,7 +189,7 @@ TEST_CASE("flowloop init, forward and bench from the command line", "[cli]") {
   const std::string cli = FLOWLOOP_CLI;
   const std::string model = (dir / "m.safetensors").string();
   int rc = 0;
-  std::string out = run(cli + " init --vocab 13 --context 8 --d-model 16 --n-head 2 --n-block 2 --seed 3 -o " + model, &rc);
+  std::string out = run_command(cli + " init --vocab 13 --context 8 --d-model 16 --n-head 2 --n-block 2 --seed 3 -o " + model, &rc);
   REQUIRE(rc == 0);
   CHECK(out.find("\"parameters\"") != std::string::npos);
   {
@@ -207,7 +198,7 @@ TEST_CASE("flowloop init, forward and bench from the command line", "[cli]") {
     std::ofstream(dir / "ragged.json") << R"({"tokens": [[1, 2, 3], [1, 2]]})";
   }
   const std::string outp = (dir / "out.json").string();
-  out = run(cli + " forward -m " + model + " --tokens " + (dir / "tok.json").string() + " --loops 3 -o " + outp, &rc);
+  out = run_command(cli + " forward -m " + model + " --tokens " + (dir / "tok.json").string() + " --loops 3 -o " + outp, &rc);
   REQUIRE(rc == 0);
   nlohmann::json j;
   std::ifstream(outp) >> j;
@@ -226,17 +217,17 @@ TEST_CASE("flowloop init, forward and bench from the command line", "[cli]") {
   CHECK(j["logits"][1][3][12].get<float>() == w.readout.logits[(1 * 4 + 3) * 13 + 12]);
   CHECK(j["logits"][0][2][5].get<float>() == w.readout.logits[(0 * 4 + 2) * 13 + 5]);
 
-  out = run(cli + " forward -m " + model + " --tokens " + (dir / "bad.json").string() + " --loops 3 -o " + outp, &rc);
+  out = run_command(cli + " forward -m " + model + " --tokens " + (dir / "bad.json").string() + " --loops 3 -o " + outp, &rc);
   CHECK(rc != 0);
   CHECK(out.find("value 13 at row 0, position 3 is out of range [0, 13)") != std::string::npos);
-  out = run(cli + " forward -m " + model + " --tokens " + (dir / "ragged.json").string() + " -o " + outp, &rc);
+  out = run_command(cli + " forward -m " + model + " --tokens " + (dir / "ragged.json").string() + " -o " + outp, &rc);
   CHECK(rc != 0);
   CHECK(out.find("row 1 has length 2 but row 0 has 3") != std::string::npos);
-  out = run(cli + " forward -m " + model + " --tokens " + (dir / "tok.json").string() + " --bogus 1 -o " + outp, &rc);
+  out = run_command(cli + " forward -m " + model + " --tokens " + (dir / "tok.json").string() + " --bogus 1 -o " + outp, &rc);
   CHECK(rc != 0);
   CHECK(out.find("bogus") != std::string::npos);
 
-  out = run(cli + " bench field --size S --reps 2 --seconds 0", &rc);
+  out = run_command(cli + " bench field --size S --reps 2 --seconds 0", &rc);
   REQUIRE(rc == 0);
   const auto b = nlohmann::json::parse(out);
   CHECK(b["size"] == "S");

@@ -419,15 +419,7 @@ TEST_CASE("the terminal condition stops each sequence where its latent settles",
 }
 
 namespace {
-std::string run_cli(const std::string& args, int* rc) {
-  std::string out;
-  FILE* p = popen((std::string(FLOWLOOP_CLI) + " " + args + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  *rc = pclose(p);
-  return out;
-}
+std::string run_cli(const std::string& args, int* rc) { return run_command(std::string(FLOWLOOP_CLI) + " " + args, rc); }
 }  // namespace
 
 TEST_CASE("solver options on the command line", "[solvers][cli]") {

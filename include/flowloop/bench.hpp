@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "flowloop/config.hpp"
+
 namespace flowloop {
 
 struct BenchOptions {
@@ -39,6 +41,9 @@ struct BenchSolveOptions {
 // object with size, solver, nfe, steps, ms (median), field_ms (time inside field
 // evaluations), overhead (the rest, as a fraction of ms) and the final state's norm.
 std::string bench_solve(const BenchSolveOptions& opt);
+
+// The model config of a benchmark size (F = 4C, depth 1).
+ModelConfig bench_config(const BenchSize& bs);
 
 // Median of a sample (by copy).
 double median(std::vector<double> v);
