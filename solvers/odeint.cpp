@@ -48,7 +48,7 @@ SolveResult<S> integrate_odeint(OdeSystem<S>& sys, S* y, const SolveOptions& opt
     if (!opt.adaptive) throw Error("solver options: odeint-dopri5 is adaptive: give rtol and atol");
     const double h0 = opt.h0 != 0.0 ? opt.h0 : 1e-3 * (opt.t1 - opt.t0);
     if (opt.save == SaveKind::Times) {
-      auto stepper = ode::make_dense_output(opt.atol, opt.rtol, ode::runge_kutta_dopri5<State, S, State, double>());
+      auto stepper = ode::make_dense_output(static_cast<S>(opt.atol), static_cast<S>(opt.rtol), ode::runge_kutta_dopri5<State, S, State, double>());
       std::vector<double> times = opt.save_times;
       if (times.empty() || times.back() != opt.t1) times.push_back(opt.t1);
       times.insert(times.begin(), opt.t0);
@@ -61,7 +61,7 @@ SolveResult<S> integrate_odeint(OdeSystem<S>& sys, S* y, const SolveOptions& opt
                                                           ++k;
                                                         }));
     } else {
-      auto stepper = ode::make_controlled(opt.atol, opt.rtol, ode::runge_kutta_dopri5<State, S, State, double>());
+      auto stepper = ode::make_controlled(static_cast<S>(opt.atol), static_cast<S>(opt.rtol), ode::runge_kutta_dopri5<State, S, State, double>());
       steps = static_cast<int64_t>(ode::integrate_adaptive(stepper, rhs, x, opt.t0, opt.t1, h0));
     }
   } else {

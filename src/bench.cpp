@@ -66,8 +66,8 @@ std::string bench_field(const BenchOptions& opt) {
   for (auto& x : A) x = static_cast<float>(rng.normal());
   for (auto& x : W) x = static_cast<float>(0.02 * rng.normal());
 
-  auto run_field = [&] { model.field.forward(f.data(), h.data(), 0.0, model.params.data(), B, T, cache); };
-  auto run_vjp = [&] { model.field.vjp(dh.data(), dparams.data(), gf.data(), model.params.data(), cache, work); };
+  auto run_field = [&] { model.field.forward(f.data(), h.data(), 0.0, model.field_params(), B, T, cache); };
+  auto run_vjp = [&] { model.field.vjp(dh.data(), dparams.data(), gf.data(), model.field_params(), cache, work); };
   auto run_gemm = [&] { gemm<float>(false, true, M, F, C, 1.0f, A.data(), C, W.data(), C, 0.0f, Out.data(), F); };
   for (int i = 0; i < 3; ++i) {
     run_field();
@@ -166,7 +166,7 @@ std::string bench_solve(const BenchSolveOptions& opt) {
   const size_t NC = static_cast<size_t>(tokens.B) * tokens.T * model.cfg.d_model;
   Buffer<float> h0(NC), h(NC);
   model.embed(h0.data(), tokens);
-  FieldSystem<float> fs(model.field, model.params.data(), tokens.B, tokens.T);
+  FieldSystem<float> fs(model.field, model.field_params(), tokens.B, tokens.T);
   double field_ms = 0.0;
   TimedSystem<float> sys(fs, field_ms);
   SolveResult<float> r;

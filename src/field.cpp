@@ -71,9 +71,53 @@ void FieldGradWork<S>::resize(const ModelConfig& cfg, int B_, int T_) {
 }
 
 template <class S>
-Field<S>::Field(const ModelConfig& cfg, const ParamLayout& layout) : cfg_(cfg) {
-  for (int i = 0; i < cfg.n_block; ++i) blocks_.push_back(layout.block(i));
+Field<S>::Field(const ModelConfig& cfg, const ParamLayout& layout)
+    : cfg_(cfg), num_params_(layout.field_end() - layout.field_begin()) {
+  const size_t f0 = layout.field_begin();
+  for (int i = 0; i < cfg.n_block; ++i) {
+    BlockOffsets b = layout.block(i);
+    for (size_t* p : {&b.ln1_w, &b.ln1_b, &b.attn_w, &b.attn_b, &b.aproj_w, &b.aproj_b, &b.ln2_w,
+                      &b.ln2_b, &b.fc_w, &b.fc_b, &b.mproj_w, &b.mproj_b})
+      *p -= f0;
+    blocks_.push_back(b);
+  }
 }
+
+namespace {
+// Parameter gradients of a Linear (and the input gradient, once for all rows):
+// summed over the batch, or per sequence at dP + b * stride.
+template <class S>
+void linear_bwd(S* din, S* dP, size_t oW, size_t ob, const S* dout, const S* in, const S* W, int B,
+                int T, int IN, int OUT, size_t stride) {
+  const int N = B * T;
+  if (stride == 0) {
+    linear_backward(din, dP + oW, dP + ob, dout, in, W, N, IN, OUT);
+    return;
+  }
+  if (din) gemm<S>(false, false, N, IN, OUT, S(1), dout, OUT, W, IN, S(1), din, IN);
+  for (int b = 0; b < B; ++b) {
+    S* d = dP + static_cast<size_t>(b) * stride;
+    const size_t r = static_cast<size_t>(b) * T;
+    linear_backward<S>(nullptr, d + oW, d + ob, dout + r * OUT, in + r * IN, W, T, IN, OUT);
+  }
+}
+
+// The same for a LayerNorm.
+template <class S>
+void layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* in, const S* w,
+                   const S* mean, const S* rstd, int B, int T, int C, size_t stride) {
+  if (stride == 0) {
+    layernorm_backward(din, dP + ow, dP + ob, dout, in, w, mean, rstd, B * T, C);
+    return;
+  }
+  layernorm_backward<S>(din, nullptr, nullptr, dout, in, w, mean, rstd, B * T, C);
+  for (int b = 0; b < B; ++b) {
+    S* d = dP + static_cast<size_t>(b) * stride;
+    const size_t r = static_cast<size_t>(b) * T;
+    layernorm_backward<S>(nullptr, d + ow, d + ob, dout + r * C, in + r * C, w, mean + r, rstd + r, T, C);
+  }
+}
+}  // namespace
 
 template <class S>
 double Field<S>::flops(int B, int T) const {
@@ -111,34 +155,32 @@ void Field<S>::block_forward(S* out, const S* x, const S* P, const BlockOffsets&
 
 template <class S>
 void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOffsets& o, int B,
-                         int T, const BlockCache<S>& c, FieldGradWork<S>& w) const {
+                         int T, const BlockCache<S>& c, FieldGradWork<S>& w, size_t stride) const {
   const int N = B * T, C = cfg_.d_model, F = cfg_.d_ff, NH = cfg_.n_head;
   const size_t NC = static_cast<size_t>(N) * C;
   // out = x2 + MLP(LN2(x2)):  dx2 = dout + LN2^T(MLP^T(dout))
   std::memcpy(w.dx2.data(), dout, NC * sizeof(S));
   zero(w.dg);
-  linear_backward(w.dg.data(), dP + o.mproj_w, dP + o.mproj_b, dout, c.g.data(), P + o.mproj_w, N,
-                  F, C);
+  linear_bwd(w.dg.data(), dP, o.mproj_w, o.mproj_b, dout, c.g.data(), P + o.mproj_w, B, T, F, C, stride);
   zero(w.dz);
   gelu_backward(w.dz.data(), w.dg.data(), c.z.data(), static_cast<int64_t>(N) * F);
   zero(w.dtmp);
-  linear_backward(w.dtmp.data(), dP + o.fc_w, dP + o.fc_b, w.dz.data(), c.ln2.data(), P + o.fc_w,
-                  N, C, F);
-  layernorm_backward(w.dx2.data(), dP + o.ln2_w, dP + o.ln2_b, w.dtmp.data(), c.x2.data(),
-                     P + o.ln2_w, c.mean2.data(), c.rstd2.data(), N, C);
+  linear_bwd(w.dtmp.data(), dP, o.fc_w, o.fc_b, w.dz.data(), c.ln2.data(), P + o.fc_w, B, T, C, F, stride);
+  layernorm_bwd(w.dx2.data(), dP, o.ln2_w, o.ln2_b, w.dtmp.data(), c.x2.data(), P + o.ln2_w,
+                c.mean2.data(), c.rstd2.data(), B, T, C, stride);
   // x2 = x + Attn(LN1(x)):  dx += dx2 + LN1^T(Attn^T(dx2))
   axpy_into(dx, w.dx2.data(), NC);
   zero(w.dtmp);
-  linear_backward(w.dtmp.data(), dP + o.aproj_w, dP + o.aproj_b, w.dx2.data(), c.y.data(),
-                  P + o.aproj_w, N, C, C);
+  linear_bwd(w.dtmp.data(), dP, o.aproj_w, o.aproj_b, w.dx2.data(), c.y.data(), P + o.aproj_w, B, T,
+             C, C, stride);
   zero(w.dqkv);
   attention_backward(w.dqkv.data(), w.datt.data(), w.dtmp.data(), c.qkv.data(), c.att.data(), B,
                      T, C, NH);
   zero(w.dtmp);
-  linear_backward(w.dtmp.data(), dP + o.attn_w, dP + o.attn_b, w.dqkv.data(), c.ln1.data(),
-                  P + o.attn_w, N, C, 3 * C);
-  layernorm_backward(dx, dP + o.ln1_w, dP + o.ln1_b, w.dtmp.data(), c.x.data(), P + o.ln1_w,
-                     c.mean1.data(), c.rstd1.data(), N, C);
+  linear_bwd(w.dtmp.data(), dP, o.attn_w, o.attn_b, w.dqkv.data(), c.ln1.data(), P + o.attn_w, B,
+             T, C, 3 * C, stride);
+  layernorm_bwd(dx, dP, o.ln1_w, o.ln1_b, w.dtmp.data(), c.x.data(), P + o.ln1_w, c.mean1.data(),
+                c.rstd1.data(), B, T, C, stride);
 }
 
 template <class S>
@@ -163,7 +205,7 @@ void Field<S>::forward(S* f, const S* h, double /*t*/, const S* params, int B, i
 
 template <class S>
 void Field<S>::vjp(S* dh, S* dparams, const S* gf, const S* params, const FieldCache<S>& cache,
-                   FieldGradWork<S>& work) const {
+                   FieldGradWork<S>& work, size_t param_stride) const {
   const int B = cache.B, T = cache.T;
   work.resize(cfg_, B, T);
   const size_t NC = static_cast<size_t>(B) * T * cfg_.d_model;
@@ -174,10 +216,10 @@ void Field<S>::vjp(S* dh, S* dparams, const S* gf, const S* params, const FieldC
   const S* g = gf;
   for (size_t i = blocks_.size(); i-- > 0;) {
     if (i == 0) {
-      block_vjp(dh, dparams, g, params, blocks_[i], B, T, cache.blocks[i], work);
+      block_vjp(dh, dparams, g, params, blocks_[i], B, T, cache.blocks[i], work, param_stride);
     } else {
       zero(work.dx);
-      block_vjp(work.dx.data(), dparams, g, params, blocks_[i], B, T, cache.blocks[i], work);
+      block_vjp(work.dx.data(), dparams, g, params, blocks_[i], B, T, cache.blocks[i], work, param_stride);
       std::swap(work.dx, work.dcarry);
       g = work.dcarry.data();
     }

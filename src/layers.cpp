@@ -88,6 +88,7 @@ void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const 
       MapV<S>(din + static_cast<int64_t>(n) * C, C) += (g * wv - mean_d - (x - m) * (rs * mean_dx)) * rs;
     }
   }
+  if (!dw) return;
   MapV<S> dwv(dw, C), dbv(db, C);
   for (int n = 0; n < N; ++n) {
     CMapV<S> x(in + static_cast<int64_t>(n) * C, C);

@@ -151,7 +151,7 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
   for (int k = 0; k < K; ++k) {
     const S* hk = w.h.data() + NC * k;
     S* hn = w.h.data() + NC * (k + 1);
-    field.forward(w.f.data(), hk, static_cast<double>(k), params.data(), B, T, w.cache[k]);
+    field.forward(w.f.data(), hk, static_cast<double>(k), field_params(), B, T, w.cache[k]);
     for (size_t i = 0; i < NC; ++i) hn[i] = hk[i] + w.f[i];
   }
   readout(w.h.data() + NC * K, B * T, w.readout);
@@ -189,7 +189,7 @@ S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int 
   // h_{k+1} = h_k + f(h_k):  dh_k = dh_{k+1} + J_f(h_k)^T dh_{k+1}
   for (int k = K - 1; k >= 0; --k) {
     std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));  // f holds dh_{k+1}
-    field.vjp(w.dh.data(), grads, w.f.data(), params.data(), w.cache[k], w.grad);
+    field.vjp(w.dh.data(), grads + layout.field_begin(), w.f.data(), field_params(), w.cache[k], w.grad);
   }
   if (dh0) std::memcpy(dh0, w.dh.data(), NC * sizeof(S));
   return loss;
@@ -214,7 +214,7 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
   const int B = tokens.B, T = tokens.T;
   h.resize(static_cast<size_t>(B) * T * cfg.d_model);
   embed(h.data(), tokens);
-  FieldSystem<S> sys(field, params.data(), B, T);
+  FieldSystem<S> sys(field, field_params(), B, T);
   SolveResult<S> r = integrate(sys, h.data(), opt);
   rc.resize(cfg, B * T);
   readout(h.data(), B * T, rc);

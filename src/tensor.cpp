@@ -3,6 +3,7 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <atomic>
 #include <cmath>
 #include <thread>
 
@@ -25,6 +26,21 @@ void gemm<double>(bool transA, bool transB, int M, int N, int K, double alpha, c
   cblas_dgemm(CblasRowMajor, tr(transA), tr(transB), M, N, K, alpha, A, lda, B, ldb, beta, Cm,
               ldc);
 }
+
+namespace {
+std::atomic<std::ptrdiff_t> g_current{0};
+std::atomic<std::ptrdiff_t> g_peak{0};
+}  // namespace
+
+void MemoryStats::add(std::ptrdiff_t bytes) {
+  const std::ptrdiff_t now = g_current.fetch_add(bytes) + bytes;
+  std::ptrdiff_t p = g_peak.load();
+  while (now > p && !g_peak.compare_exchange_weak(p, now)) {
+  }
+}
+size_t MemoryStats::current() { return static_cast<size_t>(g_current.load()); }
+size_t MemoryStats::peak() { return static_cast<size_t>(g_peak.load()); }
+void MemoryStats::reset_peak() { g_peak.store(g_current.load()); }
 
 void set_num_threads(int n) {
   if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());

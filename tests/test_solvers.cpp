@@ -169,10 +169,13 @@ TEST_CASE("dopri5 takes the classical code's steps on the non-stiff problems", "
     INFO(ref.problem << " tol " << ref.tol << ": nfe " << r.nfe << " steps " << r.steps << " accepted "
                      << r.accepted << " rejected " << r.rejected);
     REQUIRE(r.status == SolveStatus::Success);
-    CHECK(std::fabs(double(r.nfe - ref.nfe)) <= 0.02 * ref.nfe);
-    CHECK(std::fabs(double(r.steps - ref.steps)) <= 0.02 * ref.steps);
-    CHECK(std::fabs(double(r.accepted - ref.accepted)) <= 0.02 * ref.accepted);
-    CHECK(std::fabs(double(r.rejected - ref.rejected)) <= std::max(1.0, 0.02 * ref.rejected));
+    auto within = [](int64_t got, int64_t want, double slack) {
+      return std::fabs(static_cast<double>(got - want)) <= std::max(slack, 0.02 * static_cast<double>(want));
+    };
+    CHECK(within(r.nfe, ref.nfe, 0));
+    CHECK(within(r.steps, ref.steps, 0));
+    CHECK(within(r.accepted, ref.accepted, 0));
+    CHECK(within(r.rejected, ref.rejected, 1));
     CHECK(r.nfe == 6 * r.steps + 2);  // FSAL: 6 per attempt, plus f(t0) and the initial-step probe
   }
   // arenstorf returns to its start after one period: the solution is right, not only its cost
@@ -200,7 +203,7 @@ TEST_CASE("rk4 equals Boost.Odeint's runge_kutta4 on the same steps", "[solvers]
   Buffer<double> h1(2 * 6 * 16), h2(h1.size());
   m.embed(h1.data(), tb);
   h2 = h1;
-  FieldSystem<double> fs(m.field, m.params.data(), 2, 6);
+  FieldSystem<double> fs(m.field, m.field_params(), 2, 6);
   integrate(fs, h1.data(), fixed("rk4", 2.0, 8));
   integrate(fs, h2.data(), fixed("odeint-rk4", 2.0, 8));
   CHECK(rel_error(std::vector<double>(h1.begin(), h1.end()), std::vector<double>(h2.begin(), h2.end())) < 1e-12);

@@ -3,10 +3,13 @@
 // with its exact vjp with respect to h and to the parameters.
 //
 // The interface is backend-neutral: plain pointers and sizes. `params` and
-// `dparams` always point at the whole model's flat buffer (ParamLayout); the
-// field reads and writes only its range [field_begin, field_end).
+// `dparams` point at the field's own parameters: the range [field_begin,
+// field_end) of the model's flat buffer (ParamLayout), num_params() values.
 //
 // Gradient rule: vjp ACCUMULATES: dh += (df/dh)^T g, dparams += (df/dtheta)^T g.
+// With param_stride > 0 the parameter gradient of sequence b goes to
+// dparams + b * param_stride instead of the sum over the batch (the per-sequence
+// parameter adjoints of a per-sequence adaptive solve).
 //
 // Workspaces are sized once per (B, T) by resize() and reused: nothing is
 // allocated inside forward() or vjp().
@@ -69,7 +72,9 @@ class Field {
   // dh += (df/dh)^T gf;  dparams += (df/dtheta)^T gf, for the evaluation recorded
   // in `cache` (its forward must have used the same params).
   void vjp(S* dh /*(B,T,C)*/, S* dparams, const S* gf /*(B,T,C)*/, const S* params,
-           const FieldCache<S>& cache, FieldGradWork<S>& work) const;
+           const FieldCache<S>& cache, FieldGradWork<S>& work, size_t param_stride = 0) const;
+
+  size_t num_params() const { return num_params_; }
 
   // FLOPs of one evaluation, counted as model-spec.md says.
   double flops(int B, int T) const;
@@ -80,9 +85,10 @@ class Field {
   void block_forward(S* out, const S* x, const S* params, const BlockOffsets& o, int B, int T,
                      BlockCache<S>& c) const;
   void block_vjp(S* dx, S* dparams, const S* dout, const S* params, const BlockOffsets& o, int B,
-                 int T, const BlockCache<S>& c, FieldGradWork<S>& w) const;
+                 int T, const BlockCache<S>& c, FieldGradWork<S>& w, size_t stride) const;
   ModelConfig cfg_;
-  std::vector<BlockOffsets> blocks_;
+  std::vector<BlockOffsets> blocks_;  // relative to the field's first parameter
+  size_t num_params_ = 0;
 };
 
 }  // namespace flowloop

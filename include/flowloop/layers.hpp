@@ -7,7 +7,8 @@
 // Gradient rule, for every *_backward here: ALL gradients ACCUMULATE (+=), both
 // parameter gradients (dw, db, dW, dwte, ...) and activation gradients (din,
 // dqkv, ...). Callers zero a gradient buffer before its first contribution.
-// A null pointer for an activation gradient skips that part of the work.
+// A null pointer for an activation gradient skips that part of the work (and for
+// LayerNorm, null dw and db skip the parameter gradients).
 //
 // Forward caches (LayerNorm's mean and 1/std, attention probabilities) are
 // written by the forward into caller-owned buffers and read by the backward:

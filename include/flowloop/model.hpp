@@ -56,6 +56,7 @@ struct LoopWork {
 };
 
 // The field of a model as an ODE system: B sequences of T*C values each.
+// params points at the field's parameters (Model::field_params()).
 template <class S>
 class FieldSystem : public OdeSystem<S> {
  public:
@@ -77,6 +78,9 @@ class Model {
   explicit Model(const ModelConfig& cfg);  // zero parameters; see init()
 
   void init(uint64_t seed) { init_gpt2(params.data(), layout, cfg, seed); }
+
+  // The field's parameters: [field_begin, field_end) of the flat buffer.
+  const S* field_params() const { return params.data() + layout.field_begin(); }
 
   // h0 = wte[tokens] + wpe. Tokens are checked against the vocabulary and context.
   void embed(S* h0 /*(B,T,C)*/, const TokenBatch& tokens) const;

@@ -22,6 +22,14 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+// Bytes held in Buffers: now and the peak since the last reset (all threads).
+struct MemoryStats {
+  static void add(std::ptrdiff_t bytes);
+  static size_t current();
+  static size_t peak();
+  static void reset_peak();  // peak := current
+};
+
 // Allocator for 64-byte aligned storage. Vectorised loops peel scalar iterations
 // until the first aligned element, so the rounding of a result can depend on
 // where a buffer starts; with every working buffer aligned the same way, results
@@ -34,16 +42,21 @@ struct AlignedAllocator {
   template <class U>
   AlignedAllocator(const AlignedAllocator<U>&) noexcept {}
   T* allocate(std::size_t n) {
+    MemoryStats::add(static_cast<std::ptrdiff_t>(n * sizeof(T)));
     return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kAlign)));
   }
-  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(kAlign)); }
+  void deallocate(T* p, std::size_t n) noexcept {
+    MemoryStats::add(-static_cast<std::ptrdiff_t>(n * sizeof(T)));
+    ::operator delete(p, std::align_val_t(kAlign));
+  }
   template <class U>
   bool operator==(const AlignedAllocator<U>&) const noexcept { return true; }
   template <class U>
   bool operator!=(const AlignedAllocator<U>&) const noexcept { return false; }
 };
 
-// The library's working buffer: a std::vector with 64-byte aligned storage.
+// The library's working buffer: a std::vector with 64-byte aligned storage,
+// counted in MemoryStats.
 template <class S>
 using Buffer = std::vector<S, AlignedAllocator<S>>;
 
