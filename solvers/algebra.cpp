@@ -74,6 +74,28 @@ inline double sum8(const double* v, size_t len) {
 template <class S>
 double error_norm(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
                   double rtol, double atol, size_t n) {
+  return std::sqrt(error_sum_squares(h, e, k, m, y0, y1, rtol, atol, n) / static_cast<double>(n));
+}
+
+template <class S>
+void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n) {
+  const S hs = static_cast<S>(h);
+  for (size_t lo = 0; lo < n; lo += kBlock) {
+    const size_t len = std::min(kBlock, n - lo);
+    S acc[kBlock];
+    const S c0 = static_cast<S>(c[0]);
+    for (size_t i = 0; i < len; ++i) acc[i] = c0 * k[0][lo + i];
+    for (int j = 1; j < m; ++j) {
+      const S cj = static_cast<S>(c[j]);
+      for (size_t i = 0; i < len; ++i) acc[i] += cj * k[j][lo + i];
+    }
+    for (size_t i = 0; i < len; ++i) out[lo + i] = hs * acc[i];
+  }
+}
+
+template <class S>
+double error_sum_squares(double h, const double* e, const S* const* k, int m, const S* y0,
+                         const S* y1, double rtol, double atol, size_t n) {
   // per element in S (an error estimate needs a few digits), the sum in double
   double total = 0.0;
   S acc[kBlock];
@@ -96,7 +118,7 @@ double error_norm(double h, const double* e, const S* const* k, int m, const S* 
     }
     total += sum8(sq, len);
   }
-  return std::sqrt(total / static_cast<double>(n));
+  return total;
 }
 
 template <class S>
@@ -140,6 +162,9 @@ double scaled_diff_sum_squares(const S* a, const S* b, const S* y, double rtol, 
   template double error_norm<S>(double, const double*, const S* const*, int, const S*, const S*, \
                                 double, double, size_t);                                        \
   template double sum_squares<S>(const S*, size_t);                                             \
+  template double error_sum_squares<S>(double, const double*, const S* const*, int, const S*,    \
+                                       const S*, double, double, size_t);                       \
+  template void scaled_sum<S>(S*, double, const double*, const S* const*, int, size_t);        \
   template double scaled_sum_squares<S>(const S*, const S*, double, double, size_t);            \
   template double scaled_diff_sum_squares<S>(const S*, const S*, const S*, double, double, size_t);
 

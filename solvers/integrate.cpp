@@ -8,6 +8,7 @@
 
 #include "flowloop/algebra.hpp"
 #include "flowloop/solver.hpp"
+#include "tape.hpp"
 
 namespace flowloop {
 
@@ -42,6 +43,7 @@ void SolveOptions::validate() const {
     if (steps > 0 && dt > 0) throw fail("give either steps or dt, not both");
   }
   if (max_steps <= 0) throw fail("max_steps must be positive");
+  if (norm_dims > 0 && (norm_period < norm_dims)) throw fail("norm_period must be >= norm_dims");
   if (!(terminal_threshold >= 0)) throw fail("terminal_threshold must be >= 0");
   if (save == SaveKind::Times) {
     const double dir = t1 >= t0 ? 1.0 : -1.0;
@@ -82,16 +84,19 @@ class CoupledSystem : public OdeSystem<S> {
 template <class S>
 class Driver {
  public:
-  Driver(OdeSystem<S>& sys, const SolveOptions& opt)
+  Driver(OdeSystem<S>& sys, const SolveOptions& opt, DiffSystem<S>* dsys = nullptr,
+         detail::Tape* tape = nullptr)
       : sys_(sys), o_(opt), tab_(tableau(opt.method)), G_(sys.groups()), n_(sys.dim()),
-        s_(tab_.stages()) {}
+        s_(tab_.stages()), dsys_(dsys), tape_(tape) {}
 
   SolveResult<S> run(S* y);
 
  private:
   S* row(Buffer<S>& b, int g) { return b.data() + static_cast<size_t>(g) * n_; }
   S* yrow(int g) { return y_ + static_cast<size_t>(g) * n_; }
-  void eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out, const std::vector<double>& t);
+  // Returns the tape's call index when recording, else -1.
+  int eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out, const std::vector<double>& t,
+           bool record = true);
   void fail(int g, SolveStatus st, const std::string& what);
   void initial_steps(const std::vector<int>& ids);
   void save_times_upto(int g, double t_end, bool has_f1, const S* f1, double h);
@@ -103,6 +108,8 @@ class Driver {
   const int G_;
   const size_t n_;
   const int s_;
+  DiffSystem<S>* dsys_;
+  detail::Tape* tape_;
   S* y_ = nullptr;       // the current states (G, n): Ys_, copied to user_y_ at the end
   S* user_y_ = nullptr;
   Buffer<S> Ys_;
@@ -112,31 +119,45 @@ class Driver {
   std::vector<double> t_, h_, hnext_, facold_, tstage_, err_;
   std::vector<char> finite_;
   std::vector<double> tgather_;
+  std::vector<int> stage_call_;
   std::vector<bool> done_, last_rejected_, last_;
   std::vector<int> nonfinite_, next_save_;
   SolveResult<S> r_;
 };
 
 template <class S>
-void Driver<S>::eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out,
-                     const std::vector<double>& t) {
+int Driver<S>::eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out,
+                    const std::vector<double>& t, bool record) {
   const int count = static_cast<int>(ids.size());
-  if (count == 0) return;
+  if (count == 0) return -1;
   bool consecutive = true;
   for (int i = 1; i < count && consecutive; ++i) consecutive = ids[i] == ids[i - 1] + 1;
   std::vector<double>& tt = tgather_;  // sized G once
   for (int i = 0; i < count; ++i) tt[i] = t[ids[i]];
+  int call = -1;
+  auto f = [&](S* dst, const S* src) {
+    if (tape_ && record) {
+      call = static_cast<int>(tape_->calls.size());
+      // slots follow calls: dropped calls give their slots back
+      dsys_->reserve_slots(call + 1);
+      dsys_->eval_record(dst, src, tt.data(), ids.data(), count, call);
+      tape_->calls.push_back({call, ids});
+    } else {
+      sys_.eval(dst, src, tt.data(), ids.data(), count);
+    }
+  };
   if (consecutive) {
-    sys_.eval(row(out, ids[0]), row(in, ids[0]), tt.data(), ids.data(), count);
+    f(row(out, ids[0]), row(in, ids[0]));
   } else {  // gather the active rows, evaluate them together, scatter back
     for (int i = 0; i < count; ++i)
       std::memcpy(gin_.data() + static_cast<size_t>(i) * n_, row(in, ids[i]), n_ * sizeof(S));
-    sys_.eval(gout_.data(), gin_.data(), tt.data(), ids.data(), count);
+    f(gout_.data(), gin_.data());
     for (int i = 0; i < count; ++i)
       std::memcpy(row(out, ids[i]), gout_.data() + static_cast<size_t>(i) * n_, n_ * sizeof(S));
   }
   ++r_.calls;
   for (int g : ids) ++r_.seq[g].nfe;
+  return call;
 }
 
 template <class S>
@@ -176,7 +197,7 @@ void Driver<S>::initial_steps(const std::vector<int>& ids) {
     algebra::rk_combine(row(Y_, g), y0, hh[g], &one, &k0, 1, n_);
     tstage_[g] = o_.t0 + hh[g];
   }
-  eval(ids, Y_, K_[1], tstage_);
+  eval(ids, Y_, K_[1], tstage_, /*record=*/false);  // step sizes are constants: not differentiated
   for (int g : ids) {
     const double der2 =
         std::sqrt(algebra::scaled_diff_sum_squares(row(K_[1], g), row(K_[0], g), yrow(g), o_.rtol, o_.atol, n_) / norm) /
@@ -251,6 +272,7 @@ SolveResult<S> Driver<S>::run(S* y) {
   err_.assign(G_, 0.0);
   finite_.assign(G_, 1);
   tgather_.assign(G_, 0.0);
+  stage_call_.assign(static_cast<size_t>(s_), -1);
   facold_.assign(G_, 1e-4);
   tstage_.assign(G_, o_.t0);
   done_.assign(G_, false);
@@ -261,6 +283,7 @@ SolveResult<S> Driver<S>::run(S* y) {
   if (o_.save == SaveKind::Times) r_.saved.assign(o_.save_times.size() * total, S(0));
   if (o_.save == SaveKind::Steps) {
     r_.step_times.assign(G_, {o_.t0});
+    r_.step_h.assign(G_, {});
     r_.step_states.resize(G_);
     for (int g = 0; g < G_; ++g) r_.step_states[g].assign(yrow(g), yrow(g) + n_);
   }
@@ -282,7 +305,8 @@ SolveResult<S> Driver<S>::run(S* y) {
 
   std::vector<int> all(G_);
   for (int g = 0; g < G_; ++g) all[g] = g;
-  eval(all, Ys_, K_[0], t_);
+  const int call0 = eval(all, Ys_, K_[0], t_);
+  if (tape_) tape_->k0_call.assign(static_cast<size_t>(G_), call0);
 
   // fixed steps: H, and the number of steps N
   double H = 0.0;
@@ -361,13 +385,15 @@ SolveResult<S> Driver<S>::run(S* y) {
     if (active.empty()) break;
 
     // stages 1..s-1 (stage 0 is f(t, y), kept from the previous step)
+    const size_t calls_before = tape_ ? tape_->calls.size() : 0;
+    std::vector<int>& stage_call = stage_call_;
     for (int j = 1; j < s_; ++j) {
       for (size_t m = 0; m < idx[j].size(); ++m) kp[m] = K_[idx[j][m]].data();
       algebra::rk_combine_rows(Y_.data(), y_, h_.data(), coef[j].data(), kp.data(),
                                static_cast<int>(idx[j].size()), active.data(),
                                static_cast<int>(active.size()), n_);
       for (int g : active) tstage_[g] = t_[g] + tab_.c[j] * h_[g];
-      eval(active, Y_, K_[j], tstage_);
+      stage_call[j] = eval(active, Y_, K_[j], tstage_);
     }
     // the propagated solution: for FSAL methods it is the last stage's state
     if (tab_.fsal) {
@@ -387,7 +413,21 @@ SolveResult<S> Driver<S>::run(S* y) {
       if (o_.adaptive) {
         const S* kr[32];
         for (int l = 0; l < s_; ++l) kr[l] = row(K_[l], g);
-        err_[g] = algebra::error_norm(h_[g], tab_.e.data(), kr, s_, yrow(g), row(Y1_, g), o_.rtol, o_.atol, n_);
+        if (o_.norm_dims == 0) {
+          err_[g] = algebra::error_norm(h_[g], tab_.e.data(), kr, s_, yrow(g), row(Y1_, g), o_.rtol, o_.atol, n_);
+        } else {  // only the first norm_dims of every norm_period values
+          double sum = 0.0;
+          size_t counted = 0;
+          const S* kc[32];
+          for (size_t off = 0; off < n_; off += o_.norm_period) {
+            const size_t len = std::min(o_.norm_dims, n_ - off);
+            for (int l = 0; l < s_; ++l) kc[l] = kr[l] + off;
+            sum += algebra::error_sum_squares(h_[g], tab_.e.data(), kc, s_, yrow(g) + off, row(Y1_, g) + off,
+                                              o_.rtol, o_.atol, len);
+            counted += len;
+          }
+          err_[g] = std::sqrt(sum / static_cast<double>(counted));
+        }
       }
     }
     // accept or reject, per sequence
@@ -455,6 +495,7 @@ SolveResult<S> Driver<S>::run(S* y) {
     // the terminal condition and Hermite output read. Skipped after the last step
     // unless a save time inside it needs it.
     need_f1.clear();
+    int f1_call = -1;
     if (!tab_.fsal) {
       for (int g : accepted_ids) {
         bool need = !last_[g];
@@ -465,7 +506,24 @@ SolveResult<S> Driver<S>::run(S* y) {
           tstage_[g] = last_[g] ? o_.t1 : t_[g] + h_[g];
         }
       }
-      eval(need_f1, Y1_, Kn_, tstage_);
+      f1_call = eval(need_f1, Y1_, Kn_, tstage_);
+    }
+    if (tape_) {
+      if (accepted_ids.empty()) {
+        tape_->calls.resize(calls_before);  // nothing of this round is in the graph
+      } else {
+        detail::Tape::Round rd;
+        rd.groups = accepted_ids;
+        rd.stage_call = stage_call;
+        for (int g : accepted_ids) {
+          rd.t.push_back(t_[g]);
+          rd.h.push_back(h_[g]);
+          rd.k0_call.push_back(tape_->k0_call[g]);
+        }
+        tape_->rounds.push_back(std::move(rd));
+        for (int g : accepted_ids) tape_->k0_call[g] = tab_.fsal ? stage_call[s_ - 1] : -1;
+        for (int g : need_f1) tape_->k0_call[g] = f1_call;
+      }
     }
     std::fill(has_f1.begin(), has_f1.end(), static_cast<char>(tab_.fsal));
     for (int g : need_f1) has_f1[g] = 1;
@@ -490,6 +548,7 @@ SolveResult<S> Driver<S>::run(S* y) {
       q.t = t_end;
       if (o_.save == SaveKind::Steps) {
         r_.step_times[g].push_back(t_end);
+        r_.step_h[g].push_back(h_[g]);
         r_.step_states[g].insert(r_.step_states[g].end(), row(Y1_, g), row(Y1_, g) + n_);
       }
       if (o_.adaptive) h_[g] = hnext_[g];
@@ -563,6 +622,19 @@ SolveResult<S> integrate(OdeSystem<S>& sys, S* y, const SolveOptions& opt) {
   }
   return r;
 }
+
+namespace detail {
+template <class S>
+SolveResult<S> integrate_taped(DiffSystem<S>& sys, S* y, const SolveOptions& opt, Tape& tape) {
+  opt.validate();
+  if (opt.batch_coupled && sys.groups() > 1)
+    throw Error("integrate_taped: couple the system first (CoupledDiffSystem)");
+  tape = Tape{};
+  return Driver<S>(sys, opt, &sys, &tape).run(y);
+}
+template SolveResult<float> integrate_taped<float>(DiffSystem<float>&, float*, const SolveOptions&, Tape&);
+template SolveResult<double> integrate_taped<double>(DiffSystem<double>&, double*, const SolveOptions&, Tape&);
+}  // namespace detail
 
 template SolveResult<float> integrate<float>(OdeSystem<float>&, float*, const SolveOptions&);
 template SolveResult<double> integrate<double>(OdeSystem<double>&, double*, const SolveOptions&);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "flowloop/layers.hpp"
@@ -208,6 +209,24 @@ void FieldSystem<S>::eval(S* dydt, const S* y, const double* t, const int*, int 
 }
 
 template <class S>
+void FieldSystem<S>::reserve_slots(int n) {
+  const size_t before = slots_.size();
+  if (static_cast<size_t>(n) <= before) return;
+  slots_.resize(static_cast<size_t>(n));
+  for (size_t i = before; i < slots_.size(); ++i) slots_[i].resize(field_.config(), B_, T_);
+}
+
+template <class S>
+void FieldSystem<S>::eval_record(S* dydt, const S* y, const double* t, const int*, int count, int slot) {
+  field_.forward(dydt, y, t[0], params_, count, T_, slots_.at(static_cast<size_t>(slot)));
+}
+
+template <class S>
+void FieldSystem<S>::vjp(S* dy, S* dparams, size_t param_stride, const S* g, int slot) {
+  field_.vjp(dy, dparams, g, params_, slots_.at(static_cast<size_t>(slot)), work_, param_stride);
+}
+
+template <class S>
 SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOptions& opt, Buffer<S>& h,
                                      ReadoutCache<S>& rc) const {
   tokens.check(cfg, "tokens");
@@ -219,6 +238,51 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
   rc.resize(cfg, B * T);
   readout(h.data(), B * T, rc);
   return r;
+}
+
+template <class S>
+S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const SolveOptions& opt,
+                                   const GradOptions& gopt, S* grads, GradStats& stats, S* dh0) const {
+  targets.check(cfg, "targets", /*allow_ignore=*/true);
+  const int B = targets.B, T = targets.T, N = B * T;
+  const size_t NC = static_cast<size_t>(N) * cfg.d_model;
+  Buffer<S> h(h0, h0 + NC), gy1(NC, S(0)), gy0(NC);
+  FieldSystem<S> sys(field, field_params(), B, T);
+  OdeGradient<S> og(sys, opt, gopt);
+  const SolveResult<S>& fr = og.forward(h.data());
+  if (!fr.ok()) {
+    stats = og.stats();
+    return std::numeric_limits<S>::quiet_NaN();
+  }
+  ReadoutCache<S> rc;
+  rc.resize(cfg, N);
+  readout(h.data(), N, rc);
+  std::fill(rc.dlogits.begin(), rc.dlogits.end(), S(0));
+  const S loss = crossentropy_forward_backward(rc.dlogits.data(), rc.logits.data(), targets.data.data(), N,
+                                               cfg.vocab_size);
+  readout_backward(gy1.data(), grads, h.data(), N, rc);
+  og.backward(gy1.data(), gy0.data(), grads + layout.field_begin());
+  stats = og.stats();
+  if (dh0) std::memcpy(dh0, gy0.data(), NC * sizeof(S));
+  return stats.ok() ? loss : std::numeric_limits<S>::quiet_NaN();
+}
+
+template <class S>
+S Model<S>::ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, const SolveOptions& opt,
+                              const GradOptions& gopt, S* grads, GradStats& stats, S* dh0) const {
+  tokens.check(cfg, "tokens");
+  if (targets.B != tokens.B || targets.T != tokens.T)
+    throw Error("targets have shape (" + std::to_string(targets.B) + ", " + std::to_string(targets.T) +
+                ") but tokens have (" + std::to_string(tokens.B) + ", " + std::to_string(tokens.T) + ")");
+  const size_t NC = static_cast<size_t>(tokens.B) * tokens.T * cfg.d_model;
+  Buffer<S> h0(NC), g0(NC);
+  embed(h0.data(), tokens);
+  const S loss = ode_loss_and_grad_from(h0.data(), targets, opt, gopt, grads, stats, g0.data());
+  if (!stats.ok()) return loss;
+  embedding_backward(grads + layout.wte(), grads + layout.wpe(), g0.data(), tokens.data.data(), tokens.B,
+                     tokens.T, cfg.d_model);
+  if (dh0) std::memcpy(dh0, g0.data(), NC * sizeof(S));
+  return loss;
 }
 
 template class FieldSystem<float>;

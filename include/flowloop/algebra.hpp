@@ -31,6 +31,15 @@ template <class S>
 double error_norm(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
                   double rtol, double atol, size_t n);
 
+// The sum of squares under error_norm's square root (not divided by n).
+template <class S>
+double error_sum_squares(double h, const double* e, const S* const* k, int m, const S* y0,
+                         const S* y1, double rtol, double atol, size_t n);
+
+// out = h * (c[0] * k[0] + ... + c[m-1] * k[m-1]), n values (m >= 1).
+template <class S>
+void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n);
+
 // sum_i x_i^2 in double.
 template <class S>
 double sum_squares(const S* x, size_t n);

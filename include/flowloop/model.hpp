@@ -15,6 +15,7 @@
 
 #include "flowloop/config.hpp"
 #include "flowloop/field.hpp"
+#include "flowloop/grad.hpp"
 #include "flowloop/params.hpp"
 #include "flowloop/solver.hpp"
 
@@ -58,18 +59,24 @@ struct LoopWork {
 // The field of a model as an ODE system: B sequences of T*C values each.
 // params points at the field's parameters (Model::field_params()).
 template <class S>
-class FieldSystem : public OdeSystem<S> {
+class FieldSystem : public DiffSystem<S> {
  public:
   FieldSystem(const Field<S>& field, const S* params, int B, int T);
   int groups() const override { return B_; }
   size_t dim() const override { return static_cast<size_t>(T_) * field_.config().d_model; }
+  size_t num_params() const override { return field_.num_params(); }
   void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override;
+  void reserve_slots(int n) override;
+  void eval_record(S* dydt, const S* y, const double* t, const int* ids, int count, int slot) override;
+  void vjp(S* dy, S* dparams, size_t param_stride, const S* g, int slot) override;
 
  private:
   const Field<S>& field_;
   const S* params_;
   int B_, T_;
   FieldCache<S> cache_;
+  std::vector<FieldCache<S>> slots_;
+  FieldGradWork<S> work_;
 };
 
 template <class S>
@@ -115,6 +122,16 @@ class Model {
   // logits = readout(h(t1)) into rc.logits. h receives h(t1) (B,T,C).
   SolveResult<S> ode_forward(const TokenBatch& tokens, const SolveOptions& opt, Buffer<S>& h,
                              ReadoutCache<S>& rc) const;
+
+  // The same solve, differentiated: the mean cross-entropy of readout(h(t1))
+  // against targets, grads (model layout) += dL/dtheta by the chosen method.
+  // Returns the loss (NaN if the forward solve failed: see stats.status).
+  // dh0, if non-null, receives dL/dh(0) (B,T,C).
+  S ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, const SolveOptions& opt,
+                      const GradOptions& gopt, S* grads, GradStats& stats, S* dh0 = nullptr) const;
+  // From a given h(0); no embedding gradient.
+  S ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const SolveOptions& opt,
+                           const GradOptions& gopt, S* grads, GradStats& stats, S* dh0) const;
 
   ModelConfig cfg;
   ParamLayout layout;

@@ -90,6 +90,9 @@ struct SolveOptions {
   bool batch_coupled = false;  // one shared step for all sequences (as torchdiffeq)
   // Terminal condition per sequence: stop when ||f(y)|| / ||y|| < threshold (0: off).
   double terminal_threshold = 0.0;
+  // Error norm over part of each sequence's values only: element i counts when
+  // i % norm_period < norm_dims (0: all). The adjoint's seminorm uses it.
+  size_t norm_period = 0, norm_dims = 0;
   SaveKind save = SaveKind::Final;
   std::vector<double> save_times;  // for SaveKind::Times, sorted in the direction of t0 -> t1
 
@@ -122,6 +125,7 @@ struct SolveResult {
   Buffer<S> saved;
   std::vector<std::vector<double>> step_times;
   std::vector<Buffer<S>> step_states;
+  std::vector<std::vector<double>> step_h;  // the step sizes taken (exactly)
   bool ok() const { return status == SolveStatus::Success || status == SolveStatus::Terminal; }
 };
 

@@ -1,0 +1,432 @@
+// Gradients through an ODE solve: backprop, checkpoint and the continuous adjoint.
+#include "flowloop/grad.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <sstream>
+
+#include "flowloop/algebra.hpp"
+#include "tape.hpp"
+
+namespace flowloop {
+
+GradMethod grad_method(const std::string& name) {
+  if (name == "backprop") return GradMethod::Backprop;
+  if (name == "checkpoint") return GradMethod::Checkpoint;
+  if (name == "adjoint") return GradMethod::Adjoint;
+  throw Error("unknown gradient method '" + name + "' (known: backprop, checkpoint, adjoint)");
+}
+
+const char* grad_method_name(GradMethod m) {
+  switch (m) {
+    case GradMethod::Backprop: return "backprop";
+    case GradMethod::Checkpoint: return "checkpoint";
+    case GradMethod::Adjoint: return "adjoint";
+  }
+  return "unknown";
+}
+
+namespace {
+
+// The whole batch as one sequence (one shared step), differentiable.
+template <class S>
+class CoupledDiffSystem : public DiffSystem<S> {
+ public:
+  explicit CoupledDiffSystem(DiffSystem<S>& in) : in_(in), ids_(in.groups()), t_(in.groups()) {
+    for (int g = 0; g < in.groups(); ++g) ids_[g] = g;
+  }
+  int groups() const override { return 1; }
+  size_t dim() const override { return in_.dim() * static_cast<size_t>(in_.groups()); }
+  size_t num_params() const override { return in_.num_params(); }
+  void reserve_slots(int n) override { in_.reserve_slots(n); }
+  void eval(S* dydt, const S* y, const double* t, const int*, int) override {
+    std::fill(t_.begin(), t_.end(), t[0]);
+    in_.eval(dydt, y, t_.data(), ids_.data(), in_.groups());
+  }
+  void eval_record(S* dydt, const S* y, const double* t, const int*, int, int slot) override {
+    std::fill(t_.begin(), t_.end(), t[0]);
+    in_.eval_record(dydt, y, t_.data(), ids_.data(), in_.groups(), slot);
+  }
+  // One coupled row: its parameter gradient is the sum over the inner sequences.
+  void vjp(S* dy, S* dparams, size_t, const S* g, int slot) override { in_.vjp(dy, dparams, 0, g, slot); }
+
+ private:
+  DiffSystem<S>& in_;
+  std::vector<int> ids_;
+  std::vector<double> t_;
+};
+
+// The continuous adjoint's augmented system, integrated from t1 back to t0:
+//   y' = f(y),  a' = -J(y)^T a,  a_theta' = -(df/dtheta)^T a
+// Each sequence's state is [y (n), a (n), a_theta (P)].
+template <class S>
+class AdjointSystem : public OdeSystem<S> {
+ public:
+  explicit AdjointSystem(DiffSystem<S>& f)
+      : f_(f), n_(f.dim()), P_(f.num_params()), W_(2 * n_ + P_) {
+    const size_t cap = n_ * static_cast<size_t>(f.groups());
+    yc_.resize(cap);
+    ac_.resize(cap);
+    fc_.resize(cap);
+    dc_.resize(cap);
+    f_.reserve_slots(1);
+  }
+  int groups() const override { return f_.groups(); }
+  size_t dim() const override { return W_; }
+  void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override {
+    for (int i = 0; i < count; ++i) {
+      std::memcpy(yc_.data() + i * n_, y + i * W_, n_ * sizeof(S));
+      std::memcpy(ac_.data() + i * n_, y + i * W_ + n_, n_ * sizeof(S));
+      std::fill(dydt + i * W_ + 2 * n_, dydt + (i + 1) * W_, S(0));
+    }
+    f_.eval_record(fc_.data(), yc_.data(), t, ids, count, 0);
+    std::fill(dc_.begin(), dc_.begin() + static_cast<long>(count * n_), S(0));
+    f_.vjp(dc_.data(), dydt + 2 * n_, W_, ac_.data(), 0);
+    ++vjps;
+    for (int i = 0; i < count; ++i) {
+      S* row = dydt + i * W_;
+      std::memcpy(row, fc_.data() + i * n_, n_ * sizeof(S));
+      const S* d = dc_.data() + i * n_;
+      for (size_t k = 0; k < n_; ++k) row[n_ + k] = -d[k];
+      for (size_t k = 2 * n_; k < W_; ++k) row[k] = -row[k];
+    }
+  }
+  int64_t vjps = 0;
+
+ private:
+  DiffSystem<S>& f_;
+  size_t n_, P_, W_;
+  Buffer<S> yc_, ac_, fc_, dc_;
+};
+
+std::string where(int g, int groups, double t, int64_t step) {
+  std::ostringstream m;
+  m.precision(10);
+  if (groups > 1) m << "sequence " << g << ": ";
+  m << "non-finite (NaN or Inf) gradient in the backward pass at t = " << t << " (step " << step << ")";
+  return m.str();
+}
+
+}  // namespace
+
+template <class S>
+struct OdeGradient<S>::Impl {
+  DiffSystem<S>& user;
+  SolveOptions opt;
+  GradOptions gopt;
+  std::unique_ptr<CoupledDiffSystem<S>> coupled;
+  DiffSystem<S>* sys = nullptr;  // user, or the coupled view of it
+  int G = 0;
+  size_t n = 0, P = 0;
+  const ButcherTableau* tab = nullptr;
+  SolveResult<S> fwd;
+  detail::Tape tape;
+  Buffer<S> y1;  // y(t1), for the adjoint's backsolve
+  GradStats st;
+  size_t base_bytes = 0;
+  bool forward_done = false;
+
+  Impl(DiffSystem<S>& s, const SolveOptions& o, const GradOptions& g) : user(s), opt(o), gopt(g) {
+    opt.validate();
+    if (opt.method.rfind("odeint-", 0) == 0) throw Error("gradients: odeint solvers are not differentiable here; use a flowloop method");
+    tab = &tableau(opt.method);
+    if (opt.batch_coupled && user.groups() > 1) {
+      coupled = std::make_unique<CoupledDiffSystem<S>>(user);
+      sys = coupled.get();
+      opt.batch_coupled = false;
+    } else {
+      sys = &user;
+    }
+    G = sys->groups();
+    n = sys->dim();
+    P = sys->num_params();
+  }
+
+  void note_peak() { st.peak_bytes = std::max(st.peak_bytes, MemoryStats::peak() - base_bytes); }
+
+  // The reverse of one step for the sequences `gs` (all with the same stage
+  // layout): stage j of sequence gs[i] was evaluated in slot slot[j][i], row
+  // row[j][i], of a call with count[j][i] rows. gy (G, n) holds dL/dy_{n+1} of
+  // each sequence on entry and dL/dy_n on exit.
+  struct StageRef {
+    int slot, row, count;
+  };
+  Buffer<S> ybar, kbar, gbuf, dbuf;
+  std::vector<Buffer<S>> Ybar;
+
+  void reverse_step(const std::vector<int>& gs, const std::vector<double>& h,
+                    const std::vector<std::vector<StageRef>>& ref, S* gy, S* gparams) {
+    const int s = tab->stages();
+    const size_t rows = gs.size();
+    if (Ybar.size() != static_cast<size_t>(s)) Ybar.assign(static_cast<size_t>(s), Buffer<S>(static_cast<size_t>(G) * n));
+    if (kbar.size() != n) kbar.resize(n);
+    const int last = tab->fsal ? s - 2 : s - 1;  // FSAL: the last stage feeds only the next step
+    std::vector<double> c;
+    std::vector<const S*> k;
+    for (int j = last; j >= 0; --j) {
+      // kbar_j = h (b_j gy + sum_{l > j} a_lj Ybar_l), per sequence; then Ybar_j = J_j^T kbar_j
+      std::map<int, std::vector<size_t>> by_slot;  // slot -> indices into gs
+      for (size_t i = 0; i < rows; ++i) by_slot[ref[j][i].slot].push_back(i);
+      for (auto& [slot, idx] : by_slot) {
+        const int count = ref[j][idx[0]].count;
+        gbuf.assign(static_cast<size_t>(count) * n, S(0));
+        dbuf.assign(static_cast<size_t>(count) * n, S(0));
+        bool any = false;
+        for (size_t i : idx) {
+          const int g = gs[i];
+          c.clear();
+          k.clear();
+          if (tab->b[j] != 0.0) {
+            c.push_back(tab->b[j]);
+            k.push_back(gy + static_cast<size_t>(g) * n);
+          }
+          for (int l = j + 1; l <= last; ++l)
+            if (tab->A(l, j) != 0.0) {
+              c.push_back(tab->A(l, j));
+              k.push_back(Ybar[l].data() + static_cast<size_t>(g) * n);
+            }
+          if (c.empty()) continue;
+          any = true;
+          algebra::scaled_sum(gbuf.data() + static_cast<size_t>(ref[j][i].row) * n, h[i], c.data(), k.data(),
+                              static_cast<int>(c.size()), n);
+        }
+        if (any) {
+          sys->vjp(dbuf.data(), gparams, 0, gbuf.data(), slot);
+          ++st.vjp_calls;
+          st.nfe_backward += 1;
+        }
+        for (size_t i : idx)
+          std::memcpy(Ybar[j].data() + static_cast<size_t>(gs[i]) * n,
+                      dbuf.data() + static_cast<size_t>(ref[j][i].row) * n, n * sizeof(S));
+      }
+    }
+    // dL/dy_n = dL/dy_{n+1} + sum_j Ybar_j
+    for (size_t i = 0; i < rows; ++i) {
+      S* gyg = gy + static_cast<size_t>(gs[i]) * n;
+      for (int j = 0; j <= last; ++j) {
+        const S* yb = Ybar[j].data() + static_cast<size_t>(gs[i]) * n;
+        for (size_t q = 0; q < n; ++q) gyg[q] += yb[q];
+      }
+    }
+  }
+
+  bool check_finite(const std::vector<int>& gs, const std::vector<double>& t, const S* gy, int64_t step) {
+    for (size_t i = 0; i < gs.size(); ++i)
+      if (!std::isfinite(algebra::sum_squares(gy + static_cast<size_t>(gs[i]) * n, n))) {
+        st.status = SolveStatus::NonFinite;
+        st.message = where(gs[i], G, t[i], step);
+        return false;
+      }
+    return true;
+  }
+
+  void backprop(S* gy, S* gparams) {
+    int64_t step = static_cast<int64_t>(tape.rounds.size());
+    for (auto it = tape.rounds.rbegin(); it != tape.rounds.rend(); ++it) {
+      const auto& rd = *it;
+      const int s = tab->stages();
+      std::vector<std::vector<StageRef>> ref(static_cast<size_t>(s));
+      for (int j = 0; j < s; ++j)
+        for (size_t i = 0; i < rd.groups.size(); ++i) {
+          const int call = j == 0 ? rd.k0_call[i] : rd.stage_call[j];
+          if (call < 0) {  // the FSAL stage of a last step, never needed
+            ref[j].push_back({-1, 0, 0});
+            continue;
+          }
+          const auto& cl = tape.calls[static_cast<size_t>(call)];
+          ref[j].push_back({cl.slot, tape.row_of(call, rd.groups[i]), static_cast<int>(cl.ids.size())});
+        }
+      reverse_step(rd.groups, rd.h, ref, gy, gparams);
+      --step;
+      if (!check_finite(rd.groups, rd.t, gy, step)) return;
+    }
+  }
+
+  void checkpoint(S* gy, S* gparams) {
+    const int s = tab->stages();
+    std::vector<int64_t> nsteps(static_cast<size_t>(G));
+    int64_t most = 0;
+    for (int g = 0; g < G; ++g) {
+      nsteps[g] = static_cast<int64_t>(fwd.step_h[g].size());
+      most = std::max(most, nsteps[g]);
+    }
+    sys->reserve_slots(s);
+    Buffer<S> y0, Y, K;
+    std::vector<int> gs;
+    std::vector<double> h, t, tt;
+    for (int64_t back = 0; back < most; ++back) {
+      gs.clear();
+      h.clear();
+      t.clear();
+      for (int g = 0; g < G; ++g)
+        if (nsteps[g] > back) {
+          const int64_t k = nsteps[g] - 1 - back;
+          gs.push_back(g);
+          h.push_back(fwd.step_h[g][static_cast<size_t>(k)]);
+          t.push_back(fwd.step_times[g][static_cast<size_t>(k)]);
+        }
+      const int count = static_cast<int>(gs.size());
+      y0.resize(static_cast<size_t>(count) * n);
+      Y.resize(static_cast<size_t>(count) * n);
+      K.resize(static_cast<size_t>(s) * count * n);
+      for (int i = 0; i < count; ++i) {
+        const int g = gs[i];
+        const int64_t k = nsteps[g] - 1 - back;
+        std::memcpy(y0.data() + static_cast<size_t>(i) * n,
+                    fwd.step_states[g].data() + static_cast<size_t>(k) * n, n * sizeof(S));
+      }
+      // recompute the step's stages, recording each in its slot
+      const int last = tab->fsal ? s - 2 : s - 1;
+      tt.resize(static_cast<size_t>(count));
+      std::vector<const S*> kp;
+      std::vector<double> cf;
+      for (int j = 0; j <= last; ++j) {
+        cf.clear();
+        for (int l = 0; l < j; ++l)
+          if (tab->A(j, l) != 0.0) cf.push_back(tab->A(j, l));
+        for (int i = 0; i < count; ++i) {
+          kp.clear();
+          for (int l = 0; l < j; ++l)
+            if (tab->A(j, l) != 0.0) kp.push_back(K.data() + (static_cast<size_t>(l) * count + i) * n);
+          algebra::rk_combine(Y.data() + static_cast<size_t>(i) * n, y0.data() + static_cast<size_t>(i) * n, h[i],
+                              cf.data(), kp.data(), static_cast<int>(kp.size()), n);
+          tt[i] = t[i] + tab->c[j] * h[i];
+        }
+        sys->eval_record(K.data() + static_cast<size_t>(j) * count * n, Y.data(), tt.data(), gs.data(), count, j);
+        ++st.recompute_calls;
+        ++st.nfe_backward;
+      }
+      std::vector<std::vector<StageRef>> ref(static_cast<size_t>(s));
+      for (int j = 0; j < s; ++j)
+        for (int i = 0; i < count; ++i) ref[j].push_back({j, i, count});
+      reverse_step(gs, h, ref, gy, gparams);
+      note_peak();
+      if (!check_finite(gs, t, gy, 0)) {
+        st.message += " (" + std::to_string(back + 1) + " steps from the end)";
+        return;
+      }
+    }
+  }
+
+  void adjoint(S* gy, S* gparams) {
+    AdjointSystem<S> aug(*sys);
+    const size_t W = aug.dim();
+    Buffer<S> state(static_cast<size_t>(G) * W, S(0));
+    for (int g = 0; g < G; ++g) {
+      std::memcpy(state.data() + g * W, y1.data() + static_cast<size_t>(g) * n, n * sizeof(S));
+      std::memcpy(state.data() + g * W + n, gy + static_cast<size_t>(g) * n, n * sizeof(S));
+    }
+    SolveOptions b = opt;
+    b.t0 = opt.t1;
+    b.t1 = opt.t0;
+    b.save = SaveKind::Final;
+    b.save_times.clear();
+    b.terminal_threshold = 0.0;
+    if (!gopt.adjoint_method.empty()) b.method = gopt.adjoint_method;
+    if (!std::isnan(gopt.adjoint_rtol)) b.rtol = gopt.adjoint_rtol;
+    if (!std::isnan(gopt.adjoint_atol)) b.atol = gopt.adjoint_atol;
+    if (b.adaptive && !tableau(b.method).adaptive()) {
+      b.adaptive = false;
+      b.steps = static_cast<int>(std::max<int64_t>(1, fwd.steps));
+    }
+    if (gopt.seminorm) {
+      b.norm_period = W;
+      b.norm_dims = 2 * n;
+    }
+    const SolveResult<S> r = integrate(aug, state.data(), b);
+    st.nfe_backward += r.calls + aug.vjps;
+    st.recompute_calls += r.calls;
+    st.vjp_calls += aug.vjps;
+    note_peak();
+    if (!r.ok()) {
+      st.status = r.status;
+      st.message = "adjoint backsolve: " + r.message;
+      return;
+    }
+    for (int g = 0; g < G; ++g) {
+      std::memcpy(gy + static_cast<size_t>(g) * n, state.data() + g * W + n, n * sizeof(S));
+      const S* ath = state.data() + g * W + 2 * n;
+      for (size_t q = 0; q < P; ++q) gparams[q] += ath[q];
+    }
+    std::vector<int> all(static_cast<size_t>(G));
+    std::vector<double> t0(static_cast<size_t>(G), opt.t0);
+    for (int g = 0; g < G; ++g) all[g] = g;
+    check_finite(all, t0, gy, 0);
+  }
+};
+
+template <class S>
+OdeGradient<S>::OdeGradient(DiffSystem<S>& sys, const SolveOptions& opt, const GradOptions& gopt)
+    : impl_(new Impl(sys, opt, gopt)) {}
+
+template <class S>
+OdeGradient<S>::~OdeGradient() {
+  delete impl_;
+}
+
+template <class S>
+const SolveResult<S>& OdeGradient<S>::forward(S* y) {
+  Impl& I = *impl_;
+  I.base_bytes = MemoryStats::current();
+  MemoryStats::reset_peak();
+  SolveOptions o = I.opt;
+  switch (I.gopt.method) {
+    case GradMethod::Backprop:
+      I.fwd = detail::integrate_taped(*I.sys, y, o, I.tape);
+      break;
+    case GradMethod::Checkpoint:
+      o.save = SaveKind::Steps;
+      I.fwd = integrate(*I.sys, y, o);
+      break;
+    case GradMethod::Adjoint:
+      I.fwd = integrate(*I.sys, y, o);
+      I.y1.assign(y, y + static_cast<size_t>(I.G) * I.n);
+      break;
+  }
+  I.note_peak();
+  I.st.nfe_forward = I.fwd.nfe;
+  I.st.status = I.fwd.status;
+  I.st.message = I.fwd.message;
+  auto& fs = I.st.forward_stats;
+  fs.status = I.fwd.status;
+  fs.message = I.fwd.message;
+  fs.calls = I.fwd.calls;
+  fs.nfe = I.fwd.nfe;
+  fs.seq_evals = I.fwd.seq_evals;
+  fs.steps = I.fwd.steps;
+  fs.accepted = I.fwd.accepted;
+  fs.rejected = I.fwd.rejected;
+  fs.steps_total = I.fwd.steps_total;
+  fs.seq = I.fwd.seq;
+  I.forward_done = true;
+  return I.fwd;
+}
+
+template <class S>
+const GradStats& OdeGradient<S>::backward(const S* gy1, S* gy0, S* gparams) {
+  Impl& I = *impl_;
+  if (!I.forward_done) throw Error("OdeGradient::backward called before forward");
+  if (!I.fwd.ok()) throw Error("OdeGradient::backward: the forward solve failed: " + I.fwd.message);
+  const size_t total = static_cast<size_t>(I.G) * I.n;
+  std::memcpy(gy0, gy1, total * sizeof(S));
+  switch (I.gopt.method) {
+    case GradMethod::Backprop: I.backprop(gy0, gparams); break;
+    case GradMethod::Checkpoint: I.checkpoint(gy0, gparams); break;
+    case GradMethod::Adjoint: I.adjoint(gy0, gparams); break;
+  }
+  I.note_peak();
+  return I.st;
+}
+
+template <class S>
+const GradStats& OdeGradient<S>::stats() const {
+  return impl_->st;
+}
+
+template class OdeGradient<float>;
+template class OdeGradient<double>;
+
+}  // namespace flowloop
