@@ -193,6 +193,7 @@ void Field<S>::forward(S* f, const S* h, double /*t*/, const S* params, int B, i
   if (T > cfg_.context)
     throw Error("Field::forward: T = " + std::to_string(T) + " exceeds the context " +
                 std::to_string(cfg_.context));
+  cache.B = B;  // the vjp differentiates this many sequences
   const size_t NC = static_cast<size_t>(B) * T * cfg_.d_model;
   // Block i reads its input from its cache copy, so f serves as input and output.
   const S* x = h;
