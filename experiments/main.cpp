@@ -160,6 +160,56 @@ int run_forward(const std::string& model_path, const std::string& tokens_path, c
   return ok ? 0 : 3;
 }
 
+template <class S>
+int run_grad(const std::string& model_path, const std::string& tokens_path, const DepthArgs& depth,
+             const GradOptions& gopt, const std::string& out_path) {
+  Model<S> model = load_model<S>(model_path);
+  const TokenBatch tokens = read_token_file(tokens_path, "tokens");
+  const TokenBatch targets = read_token_file(tokens_path, "targets");
+  tokens.check(model.cfg, "'" + tokens_path + "' tokens");
+  Buffer<S> grads(model.params.size(), S(0));
+  json out = {{"model", model_path}, {"B", tokens.B}, {"T", tokens.T}};
+  S loss;
+  if (!depth.ode()) {
+    const int K = depth.loops >= 0 ? depth.loops : model.cfg.depth;
+    const size_t base = MemoryStats::current();
+    MemoryStats::reset_peak();
+    LoopWork<S> w;
+    loss = model.loop_loss_and_grad(tokens, targets, K, grads.data(), w);
+    out["loops"] = K;
+    out["nfe_forward"] = K;
+    out["nfe_backward"] = K;
+    out["peak_bytes"] = MemoryStats::peak() - base;
+    out["status"] = "success";
+  } else {
+    const SolveOptions o = depth.options(model.cfg);
+    GradStats st;
+    loss = model.ode_loss_and_grad(tokens, targets, o, gopt, grads.data(), st);
+    out["solver"] = o.method;
+    out["grad"] = grad_method_name(gopt.method);
+    out["t1"] = o.t1;
+    out["nfe_forward"] = st.nfe_forward;
+    out["nfe_backward"] = st.nfe_backward;
+    out["vjp_calls"] = st.vjp_calls;
+    out["recompute_calls"] = st.recompute_calls;
+    out["forward_steps"] = st.forward_stats.steps;
+    out["peak_bytes"] = st.peak_bytes;
+    out["status"] = status_name(st.status);
+    if (!st.ok()) {
+      out["message"] = st.message;
+      std::cout << out.dump() << std::endl;
+      std::cerr << "flowloop: gradient failed: " << st.message << std::endl;
+      return 3;
+    }
+  }
+  out["loss"] = loss;
+  save_checkpoint(out_path, model.cfg, model.layout, grads.data(),
+                  {{"kind", "gradients"}, {"loss", std::to_string(loss)}});
+  out["written"] = out_path;
+  std::cout << out.dump() << std::endl;
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -236,6 +286,45 @@ int main(int argc, char** argv) {
   bsolve->add_option("-m,--model", bsopt.model_path, "weights (default: GPT-2 init, seed 1234)");
   bsolve->add_option("--tokens", bsopt.tokens_path, "token rows (default: random, seed 42)");
 
+  BenchTrainOptions btopt;
+  btopt.min_reps = 3;
+  auto* btrain = bench->add_subcommand("train", "time one training step: forward, loss, gradient");
+  btrain->add_option("--size", btopt.size, "benchmark size")->check(CLI::IsMember({"S", "M", "G"}))->capture_default_str();
+  btrain->add_option("--solver", btopt.solver, "method")->capture_default_str();
+  btrain->add_option("--loops", btopt.loops, "loop K instead of a solve");
+  btrain->add_option("--steps", btopt.steps, "fixed step count");
+  btrain->add_option("--rtol", btopt.rtol, "relative tolerance (adaptive)");
+  btrain->add_option("--atol", btopt.atol, "absolute tolerance (adaptive)");
+  btrain->add_option("--t1", btopt.t1, "end of the depth interval")->capture_default_str();
+  btrain->add_option("--controller", btopt.controller, "pi or i")->check(CLI::IsMember({"pi", "i"}))->capture_default_str();
+  btrain->add_flag("--batch-coupled", btopt.batch_coupled, "one shared step for the batch");
+  btrain->add_option("--grad", btopt.grad, "backprop, checkpoint or adjoint")
+      ->check(CLI::IsMember({"backprop", "checkpoint", "adjoint"}))->capture_default_str();
+  btrain->add_flag("--seminorm", btopt.seminorm, "adjoint: leave the parameter adjoint out of the error norm");
+  btrain->add_option("--threads", btopt.threads, "threads (0 = all)")->capture_default_str();
+  btrain->add_option("--reps", btopt.min_reps, "minimum timed repetitions")->capture_default_str();
+  btrain->add_option("--seconds", btopt.min_seconds, "minimum timed seconds")->capture_default_str();
+  btrain->add_option("-m,--model", btopt.model_path, "weights (default: GPT-2 init, seed 1234)");
+  btrain->add_option("--tokens", btopt.tokens_path, "tokens and targets (default: random, seed 42)");
+
+  // ---- grad
+  std::string gr_model, gr_tokens, gr_out, gr_precision = "f32", gr_method = "backprop";
+  DepthArgs gr_depth;
+  GradOptions gr_opt;
+  auto* gr = app.add_subcommand("grad", "the loss's gradient through the loops or the solve");
+  gr->add_option("-m,--model", gr_model, "model .safetensors")->required()->check(CLI::ExistingFile);
+  gr->add_option("--tokens", gr_tokens, "JSON file {\"tokens\": [[...]], \"targets\": [[...]]} (-1: ignore)")
+      ->required()->check(CLI::ExistingFile);
+  gr_depth.add(gr);
+  gr->add_option("--grad", gr_method, "backprop, checkpoint or adjoint")
+      ->check(CLI::IsMember({"backprop", "checkpoint", "adjoint"}))->capture_default_str();
+  gr->add_option("--adjoint-solver", gr_opt.adjoint_method, "adjoint: backward method (default: the forward's)");
+  gr->add_option("--adjoint-rtol", gr_opt.adjoint_rtol, "adjoint: backward rtol (default: the forward's)");
+  gr->add_option("--adjoint-atol", gr_opt.adjoint_atol, "adjoint: backward atol (default: the forward's)");
+  gr->add_flag("--seminorm", gr_opt.seminorm, "adjoint: leave the parameter adjoint out of the error norm");
+  gr->add_option("--precision", gr_precision, "arithmetic")->check(CLI::IsMember({"f32", "f64"}))->capture_default_str();
+  gr->add_option("-o,--output", gr_out, "output .safetensors of the gradients")->required();
+
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -290,6 +379,14 @@ int main(int argc, char** argv) {
         if (!r.message.empty()) std::cout << "  " << r.message << std::endl;
       }
       if (!r.ok()) return 3;
+    } else if (*gr) {
+      gr_opt.method = grad_method(gr_method);
+      return gr_precision == "f32" ? run_grad<float>(gr_model, gr_tokens, gr_depth, gr_opt, gr_out)
+                                   : run_grad<double>(gr_model, gr_tokens, gr_depth, gr_opt, gr_out);
+    } else if (*btrain) {
+      if (btopt.loops <= 0 && btopt.steps <= 0 && !(btopt.rtol > 0 || btopt.atol > 0))
+        throw Error("bench train: give --loops K, --steps N or --rtol R --atol A");
+      std::cout << bench_train(btopt) << std::endl;
     } else if (*bsolve) {
       if (bsopt.steps <= 0 && !(bsopt.rtol > 0 || bsopt.atol > 0))
         throw Error("bench solve: give --steps N or --rtol R --atol A");

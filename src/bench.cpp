@@ -134,23 +134,37 @@ class TimedSystem : public OdeSystem<S> {
 };
 }  // namespace
 
-std::string bench_solve(const BenchSolveOptions& opt) {
-  const BenchSize bs = bench_size(opt.size);
-  set_num_threads(opt.threads);
-  const ModelConfig cfg = bench_config(bs);
-  Model<float> model = opt.model_path.empty() ? Model<float>(cfg) : load_model<float>(opt.model_path);
-  if (opt.model_path.empty()) model.init(1234);
-  TokenBatch tokens;
-  if (opt.tokens_path.empty()) {
-    tokens.B = bs.B;
-    tokens.T = bs.T;
-    Rng rng(42);
-    for (int i = 0; i < bs.B * bs.T; ++i)
-      tokens.data.push_back(static_cast<int32_t>(rng.next() % model.cfg.vocab_size));
+namespace {
+Model<float> bench_model(const BenchSolveOptions& opt, const ModelConfig& cfg) {
+  if (!opt.model_path.empty()) return load_model<float>(opt.model_path);
+  Model<float> m(cfg);
+  m.init(1234);
+  return m;
+}
+
+// Tokens (or targets: the next token, the last position ignored) of the benchmark.
+TokenBatch bench_tokens(const BenchSolveOptions& opt, const BenchSize& bs, const ModelConfig& cfg,
+                        const std::string& key) {
+  TokenBatch tb;
+  if (!opt.tokens_path.empty()) {
+    tb = read_token_file(opt.tokens_path, key);
   } else {
-    tokens = read_token_file(opt.tokens_path, "tokens");
+    TokenBatch tok;
+    tok.B = bs.B;
+    tok.T = bs.T;
+    Rng rng(42);
+    for (int i = 0; i < bs.B * bs.T; ++i) tok.data.push_back(static_cast<int32_t>(rng.next() % cfg.vocab_size));
+    tb = tok;
+    if (key == "targets")
+      for (int b = 0; b < tok.B; ++b)
+        for (int t = 0; t < tok.T; ++t)
+          tb.data[static_cast<size_t>(b) * tok.T + t] = t + 1 < tok.T ? tok.data[static_cast<size_t>(b) * tok.T + t + 1] : -1;
   }
-  tokens.check(model.cfg, "tokens");
+  tb.check(cfg, key, key == "targets");
+  return tb;
+}
+
+SolveOptions bench_solve_options(const BenchSolveOptions& opt) {
   SolveOptions so;
   so.method = opt.solver;
   so.t1 = opt.t1;
@@ -163,6 +177,17 @@ std::string bench_solve(const BenchSolveOptions& opt) {
     so.rtol = opt.rtol;
     so.atol = opt.atol;
   }
+  return so;
+}
+}  // namespace
+
+std::string bench_solve(const BenchSolveOptions& opt) {
+  const BenchSize bs = bench_size(opt.size);
+  set_num_threads(opt.threads);
+  const ModelConfig cfg = bench_config(bs);
+  Model<float> model = bench_model(opt, cfg);
+  const TokenBatch tokens = bench_tokens(opt, bs, model.cfg, "tokens");
+  const SolveOptions so = bench_solve_options(opt);
   const size_t NC = static_cast<size_t>(tokens.B) * tokens.T * model.cfg.d_model;
   Buffer<float> h0(NC), h(NC);
   model.embed(h0.data(), tokens);
@@ -221,6 +246,78 @@ std::string bench_solve(const BenchSolveOptions& opt) {
   double norm = 0;
   for (float x : h) norm += static_cast<double>(x) * x;
   j["h_norm"] = std::sqrt(norm);
+  return j.dump();
+}
+
+std::string bench_train(const BenchTrainOptions& opt) {
+  const BenchSize bs = bench_size(opt.size);
+  set_num_threads(opt.threads);
+  Model<float> model = bench_model(opt, bench_config(bs));
+  const TokenBatch tokens = bench_tokens(opt, bs, model.cfg, "tokens");
+  const TokenBatch targets = bench_tokens(opt, bs, model.cfg, "targets");
+  SolveOptions so;
+  GradOptions go;
+  if (opt.loops <= 0) {
+    so = bench_solve_options(opt);
+    go.method = grad_method(opt.grad);
+    go.seminorm = opt.seminorm;
+  }
+  Buffer<float> grads(model.params.size());
+  GradStats st;
+  float loss = 0;
+  size_t peak = 0;
+  std::vector<double> times;
+  auto once = [&] {
+    std::fill(grads.begin(), grads.end(), 0.0f);
+    const double t0 = now_ms();
+    if (opt.loops > 0) {
+      const size_t base = MemoryStats::current();
+      MemoryStats::reset_peak();
+      LoopWork<float> w;
+      loss = model.loop_loss_and_grad(tokens, targets, opt.loops, grads.data(), w);
+      peak = MemoryStats::peak() - base;
+      st.nfe_forward = st.nfe_backward = opt.loops;
+    } else {
+      loss = model.ode_loss_and_grad(tokens, targets, so, go, grads.data(), st);
+      peak = st.peak_bytes;
+      if (!st.ok()) throw Error("bench train: " + st.message);
+    }
+    times.push_back(now_ms() - t0);
+  };
+  once();  // warm-up
+  times.clear();
+  const double start = now_ms();
+  while (static_cast<int>(times.size()) < opt.min_reps || now_ms() - start < 1000.0 * opt.min_seconds) {
+    once();
+    if (times.size() >= 1000) break;
+  }
+  nlohmann::ordered_json j;
+  j["bench"] = "train";
+  j["size"] = opt.size;
+  j["B"] = tokens.B;
+  j["T"] = tokens.T;
+  if (opt.loops > 0) {
+    j["loops"] = opt.loops;
+  } else {
+    j["solver"] = opt.solver;
+    j["grad"] = opt.grad;
+    j["t1"] = opt.t1;
+    if (so.adaptive) {
+      j["rtol"] = so.rtol;
+      j["atol"] = so.atol;
+      j["batch_coupled"] = opt.batch_coupled;
+    } else {
+      j["fixed_steps"] = so.steps;
+    }
+  }
+  j["threads"] = num_threads();
+  j["reps"] = times.size();
+  j["ms"] = median(times);
+  j["loss"] = loss;
+  j["nfe_forward"] = st.nfe_forward;
+  j["nfe_backward"] = st.nfe_backward;
+  j["vjp_calls"] = opt.loops > 0 ? opt.loops : st.vjp_calls;
+  j["peak_bytes"] = peak;
   return j.dump();
 }
 

@@ -42,6 +42,16 @@ struct BenchSolveOptions {
 // evaluations), overhead (the rest, as a fraction of ms) and the final state's norm.
 std::string bench_solve(const BenchSolveOptions& opt);
 
+struct BenchTrainOptions : BenchSolveOptions {
+  std::string grad = "backprop";  // backprop, checkpoint, adjoint
+  int loops = 0;                  // > 0: `loop K` instead of a solver
+  bool seminorm = false;
+};
+
+// Times one training step: forward solve, loss, gradient. One JSON object with
+// ms (median), nfe_forward, nfe_backward, peak_bytes, loss.
+std::string bench_train(const BenchTrainOptions& opt);
+
 // The model config of a benchmark size (F = 4C, depth 1).
 ModelConfig bench_config(const BenchSize& bs);
 
