@@ -61,6 +61,7 @@ case "$mode" in
     /usr/bin/python3 experiments/peer_torch.py check --flowloop "$BUILD_DIR/flowloop"
     /usr/bin/python3 experiments/peer_torch.py bench --flowloop "$BUILD_DIR/flowloop" "${@:2}"
     /usr/bin/python3 experiments/peer_torch.py solve --flowloop "$BUILD_DIR/flowloop" "${@:2}"
+    /usr/bin/python3 experiments/peer_torch.py train --flowloop "$BUILD_DIR/flowloop" --sizes S M "${@:2}"
     ;;
   *)
     echo "usage: ./run.sh [demo|test|peer]" >&2

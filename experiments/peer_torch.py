@@ -12,6 +12,11 @@
       against `flowloop bench solve`, flowloop both in its default mode (Hairer's
       PI controller, per-sequence steps) and in torchdiffeq's (Shampine's error
       weights, I controller, one shared step).
+  peer_torch.py train  --flowloop BIN [--sizes M] [--threads 1 2]
+      One training step (dopri5 solve on [0, 4], rtol 1e-3, atol 1e-4, mean
+      cross-entropy of the tied readout, gradient of every parameter): PyTorch +
+      torchdiffeq with backprop through odeint and with odeint_adjoint, against
+      `flowloop bench train --grad backprop` and `--grad adjoint`.
   peer_torch.py check  --flowloop BIN [--workdir DIR]
       Checkpoint interchange: a flowloop checkpoint loaded here gives flowloop's
       logits, and a checkpoint written here loads in flowloop and gives ours.
@@ -246,6 +251,82 @@ def solve(args):
     print(json.dumps({"summary": summary}))
 
 
+# ---------------------------------------------------------------- train
+def train(args):
+    from torchdiffeq import odeint, odeint_adjoint
+
+    d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
+    os.makedirs(d, exist_ok=True)
+    summary = {}
+    for size in args.sizes:
+        B, T, C, NH, V, L = SIZES[size]
+        model = os.path.join(d, f"model_{size}.safetensors")
+        toks = os.path.join(d, f"train_{size}.json")
+        subprocess.run([args.flowloop, "init", "--vocab", str(V), "--context", str(T), "--d-model", str(C),
+                        "--n-head", str(NH), "--n-block", str(L), "--depth", "4", "--seed", "1", "-o", model],
+                       check=True, capture_output=True)
+        g = torch.Generator().manual_seed(3)
+        tokens = torch.randint(0, V, (B, T), generator=g)
+        targets = torch.cat([tokens[:, 1:], torch.full((B, 1), -1)], dim=1)
+        with open(toks, "w") as f:
+            json.dump({"tokens": tokens.tolist(), "targets": targets.tolist()}, f)
+        raw, meta = read_safetensors(model)
+        cfg = json.loads(meta["config"])
+
+        class Field(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.p = torch.nn.ParameterDict({k.replace(".", "_"): torch.nn.Parameter(v.clone())
+                                                 for k, v in raw.items()})
+                self.nfe = 0
+
+            def params(self):
+                return {k: self.p[k.replace(".", "_")] for k in raw}
+
+            def forward(self, t, h):
+                self.nfe += 1
+                return field(h, self.params(), cfg)
+
+        results = {}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for impl, solve in (("torchdiffeq_backprop", odeint), ("torchdiffeq_adjoint", odeint_adjoint)):
+                f = Field()
+                times, nfe_f, nfe_b = [], 0, 0
+                start = time.perf_counter()
+                while len(times) < 2 or time.perf_counter() - start < args.seconds:
+                    f.zero_grad()
+                    t0 = time.perf_counter()
+                    pr = f.params()
+                    h0 = pr["wte.weight"][tokens] + pr["wpe.weight"][:T]
+                    f.nfe = 0
+                    hs = solve(f, h0, torch.tensor([0.0, 4.0]), rtol=1e-3, atol=1e-4, method="dopri5")
+                    nfe_f = f.nfe
+                    logits = layernorm(hs[-1], pr["ln_f.weight"], pr["ln_f.bias"]) @ pr["wte.weight"].T
+                    loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+                    loss.backward()
+                    nfe_b = f.nfe - nfe_f
+                    times.append(time.perf_counter() - t0)
+                rec = {"impl": impl, "size": size, "threads": threads, "ms": 1e3 * float(np.median(times)),
+                       "nfe_forward": nfe_f, "nfe_backward": nfe_b, "loss": float(loss)}
+                results.setdefault(impl, []).append(rec)
+                print(json.dumps(rec), flush=True)
+            for grad in ("backprop", "adjoint"):
+                cmd = [args.flowloop, "bench", "train", "--size", size, "-m", model, "--tokens", toks,
+                       "--solver", "dopri5", "--rtol", "1e-3", "--atol", "1e-4", "--t1", "4", "--grad", grad,
+                       "--threads", str(threads), "--reps", "2", "--seconds", str(args.seconds)]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                r["impl"] = "flowloop_" + grad
+                results.setdefault(r["impl"], []).append(r)
+                print(json.dumps(r), flush=True)
+        best = {k: min(v, key=lambda r: r["ms"]) for k, v in results.items()}
+        summary[size] = {k: {kk: v[kk] for kk in ("ms", "threads", "nfe_forward", "nfe_backward", "loss")}
+                         for k, v in best.items()}
+        summary[size]["speedup_backprop"] = best["torchdiffeq_backprop"]["ms"] / best["flowloop_backprop"]["ms"]
+        summary[size]["speedup_adjoint"] = best["torchdiffeq_adjoint"]["ms"] / best["flowloop_adjoint"]["ms"]
+    print(json.dumps({"summary": summary}))
+
+
 # ---------------------------------------------------------------- check
 def check(args):
     d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
@@ -285,7 +366,7 @@ def check(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "solve", "check"])
+    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "solve", "train", "check"])
     ap.add_argument("--flowloop", default="build/flowloop")
     ap.add_argument("--sizes", nargs="+", default=["S", "M"], choices=list(SIZES))
     ap.add_argument("--threads", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}))
@@ -297,6 +378,9 @@ def main():
         sys.exit(check(args))
     if args.mode == "solve":
         solve(args)
+        return
+    if args.mode == "train":
+        train(args)
         return
     bench(args)
 
