@@ -3,7 +3,11 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include "check.hpp"
 #include "flowloop/flowloop.hpp"
@@ -308,4 +312,48 @@ TEST_CASE("memory: adjoint flat in the steps, checkpoint under backprop", "[grad
   CHECK(c[1] > c[0]);
   CHECK(c[1] < b[1] / 2);
   CHECK(b[1] > 5 * b[0]);
+}
+
+TEST_CASE("flowloop grad writes the gradients under the checkpoint's names", "[grad][cli]") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("flowloop_cli_grad_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string cli = FLOWLOOP_CLI, model = (dir / "m.safetensors").string(), tok = (dir / "t.json").string(),
+                    out = (dir / "g.safetensors").string();
+  int rc = 0;
+  run_command(cli + " init --vocab 11 --context 6 --d-model 8 --n-head 2 --n-block 1 --depth 2 --seed 5 --dtype f64 -o " + model, &rc);
+  REQUIRE(rc == 0);
+  std::ofstream(tok) << R"({"tokens": [[1, 2, 3, 4], [5, 6, 7, 8]], "targets": [[2, 3, 4, -1], [6, 7, 8, 9]]})";
+  for (const char* method : {"backprop", "checkpoint", "adjoint"}) {
+    std::string o = run_command(cli + " grad -m " + model + " --tokens " + tok + " --solver dopri5 --rtol 1e-8 --atol 1e-8 --grad " +
+                                    method + " --precision f64 -o " + out, &rc);
+    REQUIRE(rc == 0);
+    const auto j = nlohmann::json::parse(o);
+    CHECK(j["status"] == "success");
+    CHECK(j["nfe_forward"].get<int>() > 0);
+    CHECK(j["nfe_backward"].get<int>() > 0);
+    CHECK(j["peak_bytes"].get<int64_t>() > 0);
+    // the file holds the library's gradient
+    Model<double> m = load_model<double>(model);
+    Model<double> g = load_model<double>(out);
+    TokenBatch tb = read_token_file(tok, "tokens"), tg = read_token_file(tok, "targets");
+    std::vector<double> ref(m.params.size(), 0.0);
+    GradStats st;
+    SolveOptions so;
+    so.method = "dopri5";
+    so.adaptive = true;
+    so.rtol = so.atol = 1e-8;
+    so.t1 = 2.0;
+    const double loss = m.ode_loss_and_grad(tb, tg, so, GradOptions{grad_method(method)}, ref.data(), st);
+    CHECK(j["loss"].get<double>() == Approx(loss).epsilon(1e-12));
+    CHECK(rel_error(std::vector<double>(g.params.begin(), g.params.end()), ref) < 1e-12);
+  }
+  std::string o = run_command(cli + " grad -m " + model + " --tokens " + tok + " --loops 2 -o " + out, &rc);
+  REQUIRE(rc == 0);
+  CHECK(nlohmann::json::parse(o)["nfe_forward"] == 2);
+  std::ofstream(tok) << R"({"tokens": [[1, 2, 3, 4]]})";
+  o = run_command(cli + " grad -m " + model + " --tokens " + tok + " -o " + out, &rc);
+  CHECK(rc != 0);
+  CHECK(o.find("has no \"targets\" field") != std::string::npos);
+  fs::remove_all(dir);
 }
