@@ -186,6 +186,27 @@ def bench(args):
     print(json.dumps({"summary": summary}))
 
 
+# ---------------------------------------------------------------- shared set-up
+def size_setup(args, size, d, seed, with_targets):
+    """flowloop init at the size (seed 1), and B x T random tokens (and next-token targets)."""
+    B, T, C, NH, V, L = SIZES[size]
+    model = os.path.join(d, f"model_{size}.safetensors")
+    toks = os.path.join(d, f"tokens_{size}_{seed}.json")
+    subprocess.run([args.flowloop, "init", "--vocab", str(V), "--context", str(T), "--d-model", str(C),
+                    "--n-head", str(NH), "--n-block", str(L), "--depth", "4", "--seed", "1", "-o", model],
+                   check=True, capture_output=True)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.cat([tokens[:, 1:], torch.full((B, 1), -1)], dim=1)
+    data = {"tokens": tokens.tolist()}
+    if with_targets:
+        data["targets"] = targets.tolist()
+    with open(toks, "w") as f:
+        json.dump(data, f)
+    p, meta = read_safetensors(model)
+    return model, toks, tokens, targets, p, json.loads(meta["config"])
+
+
 # ---------------------------------------------------------------- solve
 def solve(args):
     from torchdiffeq import odeint
@@ -195,17 +216,7 @@ def solve(args):
     summary = {}
     for size in args.sizes:
         B, T, C, NH, V, L = SIZES[size]
-        model = os.path.join(d, f"model_{size}.safetensors")
-        toks = os.path.join(d, f"tokens_{size}.json")
-        subprocess.run([args.flowloop, "init", "--vocab", str(V), "--context", str(T), "--d-model", str(C),
-                        "--n-head", str(NH), "--n-block", str(L), "--depth", "4", "--seed", "1", "-o", model],
-                       check=True, capture_output=True)
-        g = torch.Generator().manual_seed(2)
-        tokens = torch.randint(0, V, (B, T), generator=g)
-        with open(toks, "w") as f:
-            json.dump({"tokens": tokens.tolist()}, f)
-        p, meta = read_safetensors(model)
-        cfg = json.loads(meta["config"])
+        model, toks, tokens, _, p, cfg = size_setup(args, size, d, 2, False)
         h0 = p["wte.weight"][tokens] + p["wpe.weight"][:T]
         modes = {"flowloop": [], "flowloop_torchdiffeq_mode": ["--solver", "dopri5-shampine", "--controller", "i",
                                                                "--batch-coupled"]}
@@ -260,18 +271,7 @@ def train(args):
     summary = {}
     for size in args.sizes:
         B, T, C, NH, V, L = SIZES[size]
-        model = os.path.join(d, f"model_{size}.safetensors")
-        toks = os.path.join(d, f"train_{size}.json")
-        subprocess.run([args.flowloop, "init", "--vocab", str(V), "--context", str(T), "--d-model", str(C),
-                        "--n-head", str(NH), "--n-block", str(L), "--depth", "4", "--seed", "1", "-o", model],
-                       check=True, capture_output=True)
-        g = torch.Generator().manual_seed(3)
-        tokens = torch.randint(0, V, (B, T), generator=g)
-        targets = torch.cat([tokens[:, 1:], torch.full((B, 1), -1)], dim=1)
-        with open(toks, "w") as f:
-            json.dump({"tokens": tokens.tolist(), "targets": targets.tolist()}, f)
-        raw, meta = read_safetensors(model)
-        cfg = json.loads(meta["config"])
+        model, toks, tokens, targets, raw, cfg = size_setup(args, size, d, 3, True)
 
         class Field(torch.nn.Module):
             def __init__(self):

@@ -135,6 +135,20 @@ class TimedSystem : public OdeSystem<S> {
 }  // namespace
 
 namespace {
+// The fields every solve and train benchmark line starts with.
+void describe_solve(nlohmann::ordered_json& j, const BenchSolveOptions& opt, const SolveOptions& so) {
+  j["solver"] = opt.solver;
+  j["t1"] = opt.t1;
+  if (so.adaptive) {
+    j["rtol"] = so.rtol;
+    j["atol"] = so.atol;
+    j["controller"] = opt.controller;
+    j["batch_coupled"] = opt.batch_coupled;
+  } else {
+    j["fixed_steps"] = so.steps;
+  }
+}
+
 Model<float> bench_model(const BenchSolveOptions& opt, const ModelConfig& cfg) {
   if (!opt.model_path.empty()) return load_model<float>(opt.model_path);
   Model<float> m(cfg);
@@ -218,18 +232,9 @@ std::string bench_solve(const BenchSolveOptions& opt) {
   nlohmann::ordered_json j;
   j["bench"] = "solve";
   j["size"] = opt.size;
-  j["solver"] = opt.solver;
   j["B"] = tokens.B;
   j["T"] = tokens.T;
-  j["t1"] = opt.t1;
-  if (so.adaptive) {
-    j["rtol"] = so.rtol;
-    j["atol"] = so.atol;
-    j["controller"] = opt.controller;
-    j["batch_coupled"] = opt.batch_coupled;
-  } else {
-    j["fixed_steps"] = so.steps;
-  }
+  describe_solve(j, opt, so);
   j["threads"] = num_threads();
   j["reps"] = total.size();
   j["status"] = status_name(r.status);
@@ -299,16 +304,8 @@ std::string bench_train(const BenchTrainOptions& opt) {
   if (opt.loops > 0) {
     j["loops"] = opt.loops;
   } else {
-    j["solver"] = opt.solver;
+    describe_solve(j, opt, so);
     j["grad"] = opt.grad;
-    j["t1"] = opt.t1;
-    if (so.adaptive) {
-      j["rtol"] = so.rtol;
-      j["atol"] = so.atol;
-      j["batch_coupled"] = opt.batch_coupled;
-    } else {
-      j["fixed_steps"] = so.steps;
-    }
   }
   j["threads"] = num_threads();
   j["reps"] = times.size();

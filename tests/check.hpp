@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "flowloop/config.hpp"
+#include "flowloop/solver.hpp"
 #include "flowloop/tensor.hpp"
 
 namespace flowloop::test {
@@ -69,6 +70,24 @@ inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
   double s = 0;
   for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
   return s;
+}
+
+inline SolveOptions fixed_opts(const std::string& method, double t1, int steps) {
+  SolveOptions o;
+  o.method = method;
+  o.t1 = t1;
+  o.steps = steps;
+  return o;
+}
+
+inline SolveOptions adaptive_opts(const std::string& method, double t1, double rtol, double atol) {
+  SolveOptions o;
+  o.method = method;
+  o.t1 = t1;
+  o.adaptive = true;
+  o.rtol = rtol;
+  o.atol = atol;
+  return o;
 }
 
 // Runs a shell command, returns its stdout and stderr together; *rc gets the status.

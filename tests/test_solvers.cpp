@@ -77,23 +77,7 @@ TokenBatch tokens_of(std::vector<std::vector<int>> rows) {
   return tb;
 }
 
-SolveOptions adaptive(const std::string& method, double t1, double rtol, double atol) {
-  SolveOptions o;
-  o.method = method;
-  o.t1 = t1;
-  o.adaptive = true;
-  o.rtol = rtol;
-  o.atol = atol;
-  return o;
-}
 
-SolveOptions fixed(const std::string& method, double t1, int steps) {
-  SolveOptions o;
-  o.method = method;
-  o.t1 = t1;
-  o.steps = steps;
-  return o;
-}
 
 }  // namespace
 
@@ -132,7 +116,7 @@ TEST_CASE("every method converges at its order", "[solvers][order]") {
     for (int N : Ns) {
       FunctionSystem sys = linear_system();
       std::vector<double> y = kY0;
-      const auto r = integrate(sys, y.data(), fixed(name, 2.0, N));
+      const auto r = integrate(sys, y.data(), fixed_opts(name, 2.0, N));
       REQUIRE(r.ok());
       CHECK(r.accepted == N);
       const double err = (Eigen::Map<Eigen::Vector4d>(y.data()) - exact(2.0)).norm();
@@ -164,7 +148,7 @@ TEST_CASE("dopri5 takes the classical code's steps on the non-stiff problems", "
     const OdeProblem p = ode_problem(ref.problem);
     FunctionSystem sys(p.f, p.y0.size());
     std::vector<double> y = p.y0;
-    SolveOptions o = adaptive("dopri5", p.t1, ref.tol, ref.tol);
+    SolveOptions o = adaptive_opts("dopri5", p.t1, ref.tol, ref.tol);
     const auto r = integrate(sys, y.data(), o);
     INFO(ref.problem << " tol " << ref.tol << ": nfe " << r.nfe << " steps " << r.steps << " accepted "
                      << r.accepted << " rejected " << r.rejected);
@@ -182,7 +166,7 @@ TEST_CASE("dopri5 takes the classical code's steps on the non-stiff problems", "
   const OdeProblem p = ode_problem("arenstorf");
   FunctionSystem sys(p.f, 4);
   std::vector<double> y = p.y0;
-  integrate(sys, y.data(), adaptive("dopri5", p.t1, 1e-10, 1e-10));
+  integrate(sys, y.data(), adaptive_opts("dopri5", p.t1, 1e-10, 1e-10));
   CHECK(std::fabs(y[0] - p.y0[0]) < 1e-5);
   CHECK(std::fabs(y[3] - p.y0[3]) < 1e-4);
 }
@@ -191,8 +175,8 @@ TEST_CASE("rk4 equals Boost.Odeint's runge_kutta4 on the same steps", "[solvers]
   const OdeProblem p = ode_problem("vdp");
   FunctionSystem sys(p.f, 2);
   std::vector<double> a = p.y0, b = p.y0;
-  const auto ra = integrate(sys, a.data(), fixed("rk4", 5.0, 200));
-  const auto rb = integrate(sys, b.data(), fixed("odeint-rk4", 5.0, 200));
+  const auto ra = integrate(sys, a.data(), fixed_opts("rk4", 5.0, 200));
+  const auto rb = integrate(sys, b.data(), fixed_opts("odeint-rk4", 5.0, 200));
   REQUIRE(ra.ok());
   REQUIRE(rb.ok());
   CHECK(ra.nfe == rb.nfe);
@@ -204,13 +188,13 @@ TEST_CASE("rk4 equals Boost.Odeint's runge_kutta4 on the same steps", "[solvers]
   m.embed(h1.data(), tb);
   h2 = h1;
   FieldSystem<double> fs(m.field, m.field_params(), 2, 6);
-  integrate(fs, h1.data(), fixed("rk4", 2.0, 8));
-  integrate(fs, h2.data(), fixed("odeint-rk4", 2.0, 8));
+  integrate(fs, h1.data(), fixed_opts("rk4", 2.0, 8));
+  integrate(fs, h2.data(), fixed_opts("odeint-rk4", 2.0, 8));
   CHECK(rel_error(std::vector<double>(h1.begin(), h1.end()), std::vector<double>(h2.begin(), h2.end())) < 1e-12);
   // odeint's dopri5 agrees with ours to the tolerance
   std::vector<double> c = p.y0, d = p.y0;
-  integrate(sys, c.data(), adaptive("dopri5", 5.0, 1e-9, 1e-9));
-  integrate(sys, d.data(), adaptive("odeint-dopri5", 5.0, 1e-9, 1e-9));
+  integrate(sys, c.data(), adaptive_opts("dopri5", 5.0, 1e-9, 1e-9));
+  integrate(sys, d.data(), adaptive_opts("odeint-dopri5", 5.0, 1e-9, 1e-9));
   for (int i = 0; i < 2; ++i) CHECK(std::fabs(c[i] - d[i]) < 1e-6);
 }
 
@@ -220,7 +204,7 @@ TEST_CASE("dense output is accurate between steps", "[solvers][dense]") {
   for (const char* method : {"dopri5", "tsit5", "bosh3"}) {
     FunctionSystem sys = linear_system();
     std::vector<double> y = kY0;
-    SolveOptions o = adaptive(method, 2.0, 1e-8, 1e-8);
+    SolveOptions o = adaptive_opts(method, 2.0, 1e-8, 1e-8);
     o.save = SaveKind::Times;
     o.save_times = times;
     const auto r = integrate(sys, y.data(), o);
@@ -242,7 +226,7 @@ TEST_CASE("dense output is accurate between steps", "[solvers][dense]") {
   for (int N : {10, 20, 40}) {
     FunctionSystem sys = linear_system();
     std::vector<double> y = kY0;
-    SolveOptions o = fixed("rk4", 2.0, N);
+    SolveOptions o = fixed_opts("rk4", 2.0, N);
     o.save = SaveKind::Times;
     o.save_times = {0.37, 1.01, 1.73};
     const auto r = integrate(sys, y.data(), o);
@@ -256,7 +240,7 @@ TEST_CASE("dense output is accurate between steps", "[solvers][dense]") {
   // every step saved: times and states
   FunctionSystem sys = linear_system();
   std::vector<double> y = kY0;
-  SolveOptions o = fixed("midpoint", 1.0, 5);
+  SolveOptions o = fixed_opts("midpoint", 1.0, 5);
   o.save = SaveKind::Steps;
   const auto r = integrate(sys, y.data(), o);
   REQUIRE(r.step_times[0].size() == 6);
@@ -273,7 +257,7 @@ TEST_CASE("failures are reported with where they happened", "[solvers][errors]")
       },
       2);
   std::vector<double> y = {1.0, 2.0};
-  auto r = integrate(nan_sys, y.data(), adaptive("dopri5", 1.0, 1e-6, 1e-6));
+  auto r = integrate(nan_sys, y.data(), adaptive_opts("dopri5", 1.0, 1e-6, 1e-6));
   CHECK(r.status == SolveStatus::NonFinite);
   CHECK_THAT(r.message, Catch::Contains("non-finite") && Catch::Contains("at t = 0.5") && Catch::Contains("step "));
   CHECK(r.seq[0].t <= 0.5);
@@ -283,20 +267,20 @@ TEST_CASE("failures are reported with where they happened", "[solvers][errors]")
   // NaN everywhere: rejected max_nonfinite times, then a failure at t0
   FunctionSystem all_nan([](double, const double*, double* d) { d[0] = std::nan(""); }, 1);
   std::vector<double> yn = {1.0};
-  r = integrate(all_nan, yn.data(), adaptive("dopri5", 1.0, 1e-6, 1e-6));
+  r = integrate(all_nan, yn.data(), adaptive_opts("dopri5", 1.0, 1e-6, 1e-6));
   CHECK(r.status == SolveStatus::NonFinite);
   CHECK(r.seq[0].t == 0.0);
   CHECK_THAT(r.message, Catch::Contains("in 11 consecutive attempts") && Catch::Contains("at t = 0 "));
   CHECK(yn[0] == 1.0);
   y = {1.0, 2.0};
-  r = integrate(nan_sys, y.data(), fixed("rk4", 1.0, 10));
+  r = integrate(nan_sys, y.data(), fixed_opts("rk4", 1.0, 10));
   CHECK(r.status == SolveStatus::NonFinite);
   CHECK_THAT(r.message, Catch::Contains("at t = 0.5"));
   // the step limit
   const OdeProblem p = ode_problem("arenstorf");
   FunctionSystem sys(p.f, 4);
   std::vector<double> ya = p.y0;
-  SolveOptions o = adaptive("dopri5", p.t1, 1e-10, 1e-10);
+  SolveOptions o = adaptive_opts("dopri5", p.t1, 1e-10, 1e-10);
   o.max_steps = 100;
   r = integrate(sys, ya.data(), o);
   CHECK(r.status == SolveStatus::MaxSteps);
@@ -305,18 +289,18 @@ TEST_CASE("failures are reported with where they happened", "[solvers][errors]")
   // y' = y^2 blows up at t = 1: the step size collapses there
   FunctionSystem blow([](double, const double* v, double* d) { d[0] = v[0] * v[0]; }, 1);
   std::vector<double> yb = {1.0};
-  r = integrate(blow, yb.data(), adaptive("dopri5", 2.0, 1e-6, 1e-6));
+  r = integrate(blow, yb.data(), adaptive_opts("dopri5", 2.0, 1e-6, 1e-6));
   CHECK((r.status == SolveStatus::StepTooSmall || r.status == SolveStatus::NonFinite));
   CHECK(r.seq[0].t == Approx(1.0).epsilon(1e-3));
   // bad options
   std::vector<double> yo = kY0;
   FunctionSystem lin = linear_system();
-  SolveOptions bad = adaptive("dopri5", 1.0, 1e-3, 1e-3);
+  SolveOptions bad = adaptive_opts("dopri5", 1.0, 1e-3, 1e-3);
   bad.rtol = std::nan("");
   CHECK_THROWS_WITH(integrate(lin, yo.data(), bad), Catch::Contains("need finite rtol"));
-  CHECK_THROWS_WITH(integrate(lin, yo.data(), adaptive("rk4", 1.0, 1e-3, 1e-3)), Catch::Contains("has no error estimate"));
-  CHECK_THROWS_WITH(integrate(lin, yo.data(), fixed("rk4", 1.0, 0)), Catch::Contains("need steps > 0 or dt > 0"));
-  SolveOptions st = fixed("rk4", 1.0, 4);
+  CHECK_THROWS_WITH(integrate(lin, yo.data(), adaptive_opts("rk4", 1.0, 1e-3, 1e-3)), Catch::Contains("has no error estimate"));
+  CHECK_THROWS_WITH(integrate(lin, yo.data(), fixed_opts("rk4", 1.0, 0)), Catch::Contains("need steps > 0 or dt > 0"));
+  SolveOptions st = fixed_opts("rk4", 1.0, 4);
   st.save = SaveKind::Times;
   st.save_times = {0.5, 0.2};
   CHECK_THROWS_WITH(integrate(lin, yo.data(), st), Catch::Contains("ordered"));
@@ -325,8 +309,8 @@ TEST_CASE("failures are reported with where they happened", "[solvers][errors]")
 TEST_CASE("integration runs backward in time", "[solvers]") {
   FunctionSystem sys = linear_system();
   std::vector<double> y = kY0;
-  integrate(sys, y.data(), adaptive("dopri5", 1.5, 1e-10, 1e-10));
-  SolveOptions back = adaptive("dopri5", 0.0, 1e-10, 1e-10);
+  integrate(sys, y.data(), adaptive_opts("dopri5", 1.5, 1e-10, 1e-10));
+  SolveOptions back = adaptive_opts("dopri5", 0.0, 1e-10, 1e-10);
   back.t0 = 1.5;
   const auto r = integrate(sys, y.data(), back);
   REQUIRE(r.ok());
@@ -339,7 +323,7 @@ TEST_CASE("per-sequence adaptivity equals solving each sequence alone", "[solver
   const TokenBatch batch = tokens_of(rows);
   const size_t n = 6 * 16;
   for (const char* method : {"dopri5", "bosh3"}) {
-    SolveOptions o = adaptive(method, 3.0, 1e-7, 1e-7);
+    SolveOptions o = adaptive_opts(method, 3.0, 1e-7, 1e-7);
     Buffer<double> hb;
     ReadoutCache<double> rc;
     const auto rb = m.ode_forward(batch, o, hb, rc);
@@ -386,7 +370,7 @@ TEST_CASE("loop K and Euler with K steps on [0, K] are bit-identical", "[solvers
     m.loop_forward(tb, K, w);
     Buffer<float> h;
     ReadoutCache<float> rc;
-    const auto r = m.ode_forward(tb, fixed("euler", K, K), h, rc);
+    const auto r = m.ode_forward(tb, fixed_opts("euler", K, K), h, rc);
     REQUIRE(r.ok());
     CHECK(r.nfe == K);
     const size_t NC = h.size();
@@ -405,7 +389,7 @@ TEST_CASE("the terminal condition stops each sequence where its latent settles",
       },
       2, 2);
   std::vector<double> y = {2.0, 2.0, 1.1, 1.1};  // sequence 1 starts closer to rest
-  SolveOptions o = adaptive("dopri5", 20.0, 1e-8, 1e-8);
+  SolveOptions o = adaptive_opts("dopri5", 20.0, 1e-8, 1e-8);
   o.terminal_threshold = 1e-3;
   const auto r = integrate(sys, y.data(), o);
   REQUIRE(r.ok());
