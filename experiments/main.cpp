@@ -11,6 +11,7 @@
 #include "flowloop/flowloop.hpp"
 #include "flowloop/problems.hpp"
 #include "flowloop/solver.hpp"
+#include "flowloop/train.hpp"
 
 using namespace flowloop;
 using nlohmann::json;
@@ -325,6 +326,62 @@ int main(int argc, char** argv) {
   gr->add_option("--precision", gr_precision, "arithmetic")->check(CLI::IsMember({"f32", "f64"}))->capture_default_str();
   gr->add_option("-o,--output", gr_out, "output .safetensors of the gradients")->required();
 
+  // ---- train
+  TrainConfig tc;
+  std::string tc_file;
+  bool tc_resume = false;
+  auto* tr = app.add_subcommand("train", "train a looped or ODE-depth model on a task or on text");
+  std::vector<std::pair<std::string, CLI::Option*>> tr_opts;
+  auto topt = [&](const char* flag, const char* key, auto& dst, const char* help) {
+    tr_opts.push_back({key, tr->add_option(flag, dst, help)});
+  };
+  topt("--task", "task", tc.task, "built-in task: parity, phop, modarith, addition");
+  topt("--task-n", "task_n", tc.task_n, "task difficulty (bits, length, operators, digits)");
+  topt("--hops", "task_hops", tc.task_hops, "phop: hops p");
+  topt("--prime", "task_prime", tc.task_prime, "modarith: the prime");
+  topt("--text", "text", tc.text, "text file for byte-level modelling ('fortunes': the installed collection)");
+  topt("--context", "context", tc.context, "text: sequence length");
+  topt("--d-model", "d_model", tc.d_model, "model width C");
+  topt("--n-head", "n_head", tc.n_head, "heads");
+  topt("--n-block", "n_block", tc.n_block, "blocks L in the field");
+  topt("--d-ff", "d_ff", tc.d_ff, "MLP width (default 4C)");
+  topt("--loops", "loops", tc.loops, "depth: loop K times");
+  topt("--solver", "solver", tc.solver, "depth: integrate with this method");
+  topt("--solver-steps", "solver_steps", tc.solver_steps, "fixed steps of the solver");
+  topt("--rtol", "rtol", tc.rtol, "adaptive solver rtol");
+  topt("--atol", "atol", tc.atol, "adaptive solver atol");
+  topt("--t1", "t1", tc.t1, "depth interval [0, t1] (default 4)");
+  topt("--controller", "controller", tc.controller, "pi or i");
+  tr_opts.push_back({"batch_coupled", tr->add_flag("--batch-coupled", tc.batch_coupled, "one shared step")});
+  topt("--grad", "grad", tc.grad, "backprop, checkpoint or adjoint");
+  topt("--steps", "steps", tc.steps, "training steps");
+  topt("--batch", "batch", tc.batch, "batch size");
+  topt("--lr", "lr", tc.lr, "peak learning rate");
+  topt("--min-lr", "min_lr", tc.min_lr, "final learning rate of the cosine");
+  topt("--warmup", "warmup", tc.warmup, "warm-up steps");
+  topt("--weight-decay", "weight_decay", tc.weight_decay, "AdamW decay (matrices only)");
+  topt("--clip", "clip", tc.clip, "gradient clipping by global norm (0: off)");
+  topt("--eval-every", "eval_every", tc.eval_every, "evaluate every N steps");
+  topt("--eval-batches", "eval_batches", tc.eval_batches, "test batches per evaluation");
+  topt("--checkpoint-every", "checkpoint_every", tc.checkpoint_every, "checkpoint every N steps");
+  topt("--seed", "seed", tc.seed, "seed of the weights and the data");
+  topt("--out", "out", tc.out, "output directory");
+  tr->add_option("--config", tc_file, "JSON configuration (flags given override it)");
+  tr->add_flag("--resume", tc_resume, "continue from OUT/checkpoint.safetensors");
+
+  // ---- eval
+  std::string ev_model, ev_task;
+  DepthArgs ev_depth;
+  int ev_batches = 16, ev_batch = 32;
+  bool ev_json = false;
+  auto* ev = app.add_subcommand("eval", "test loss and accuracy of a trained model");
+  ev->add_option("-m,--model", ev_model, "model .safetensors written by train")->required()->check(CLI::ExistingFile);
+  ev->add_option("--task", ev_task, "task (default: the one it was trained on)");
+  ev_depth.add(ev);
+  ev->add_option("--batches", ev_batches, "test batches")->capture_default_str();
+  ev->add_option("--batch", ev_batch, "batch size")->capture_default_str();
+  ev->add_flag("--json", ev_json, "one JSON line");
+
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -379,6 +436,60 @@ int main(int argc, char** argv) {
         if (!r.message.empty()) std::cout << "  " << r.message << std::endl;
       }
       if (!r.ok()) return 3;
+    } else if (*tr) {
+      json merged = json::object();
+      if (!tc_file.empty()) {
+        std::ifstream in(tc_file);
+        if (!in) throw Error("config '" + tc_file + "': cannot open");
+        std::stringstream ss;
+        ss << in.rdbuf();
+        TrainConfig::from_json(ss.str(), "config '" + tc_file + "'");  // names unknown keys, wrong types
+        merged = json::parse(ss.str());
+      }
+      const json defaults = json::parse(TrainConfig{}.to_json()), flags = json::parse(tc.to_json());
+      for (const auto& [key, o] : tr_opts)
+        if (o->count() > 0) merged[key] = flags[key];
+      for (auto it = defaults.begin(); it != defaults.end(); ++it)
+        if (!merged.contains(it.key())) merged[it.key()] = it.value();
+      const TrainConfig c = TrainConfig::from_json(merged.dump(), "train options");
+      Trainer trainer(c);
+      trainer.run(tc_resume, std::cerr);
+      const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"}, {"metrics", c.out + "/metrics.jsonl"}};
+      std::cout << last.dump() << std::endl;
+    } else if (*ev) {
+      const SafetensorsFile f = SafetensorsFile::read(ev_model);
+      auto it = f.metadata().find("train_config");
+      if (it == f.metadata().end()) throw Error("'" + ev_model + "' has no train_config: was it written by flowloop train?");
+      TrainConfig c = TrainConfig::from_json(it->second, ev_model);
+      if (!ev_task.empty()) {
+        if (c.task.empty()) throw Error("'" + ev_model + "' was trained on text, not on a task");
+        c.task = ev_task;
+      }
+      if (ev_depth.ode()) {
+        c.loops = 0;
+        c.solver = ev_depth.solver;
+        c.solver_steps = ev_depth.steps;
+        c.rtol = std::isnan(ev_depth.rtol) ? 0 : ev_depth.rtol;
+        c.atol = std::isnan(ev_depth.atol) ? 0 : ev_depth.atol;
+        if (!std::isnan(ev_depth.t1)) c.t1 = ev_depth.t1;
+        c.controller = ev_depth.controller;
+        c.batch_coupled = ev_depth.coupled;
+      } else if (ev_depth.loops > 0) {
+        c.loops = ev_depth.loops;
+        c.solver.clear();
+      }
+      const auto data = make_source(c);
+      Model<float> model = load_model<float>(ev_model);
+      if (model.cfg.vocab_size != data->vocab_size() || model.cfg.context < data->seq_len())
+        throw Error("task '" + c.task + "' does not fit the model (vocabulary " + std::to_string(data->vocab_size()) +
+                    ", length " + std::to_string(data->seq_len()) + ")");
+      const EvalResult r = evaluate(model, *data, c, ev_batches, ev_batch);
+      json j = {{"model", ev_model}, {"data", json::parse(data->describe())}, {"loss", r.loss}, {"accuracy", r.accuracy},
+                {"examples", r.examples}, {"nfe", r.nfe}};
+      if (c.loops > 0) j["loops"] = c.loops;
+      else j["solver"] = c.solver;
+      if (ev_json) std::cout << j.dump() << std::endl;
+      else std::cout << "loss " << r.loss << "  accuracy " << r.accuracy << " on " << r.examples << " examples  nfe " << r.nfe << std::endl;
     } else if (*gr) {
       gr_opt.method = grad_method(gr_method);
       return gr_precision == "f32" ? run_grad<float>(gr_model, gr_tokens, gr_depth, gr_opt, gr_out)

@@ -242,7 +242,8 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
 
 template <class S>
 S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const SolveOptions& opt,
-                                   const GradOptions& gopt, S* grads, GradStats& stats, S* dh0) const {
+                                   const GradOptions& gopt, S* grads, GradStats& stats, S* dh0,
+                                   Buffer<S>* logits) const {
   targets.check(cfg, "targets", /*allow_ignore=*/true);
   const int B = targets.B, T = targets.T, N = B * T;
   const size_t NC = static_cast<size_t>(N) * cfg.d_model;
@@ -260,6 +261,7 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   std::fill(rc.dlogits.begin(), rc.dlogits.end(), S(0));
   const S loss = crossentropy_forward_backward(rc.dlogits.data(), rc.logits.data(), targets.data.data(), N,
                                                cfg.vocab_size);
+  if (logits) *logits = rc.logits;
   readout_backward(gy1.data(), grads, h.data(), N, rc);
   og.backward(gy1.data(), gy0.data(), grads + layout.field_begin());
   stats = og.stats();
@@ -269,7 +271,8 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
 
 template <class S>
 S Model<S>::ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, const SolveOptions& opt,
-                              const GradOptions& gopt, S* grads, GradStats& stats, S* dh0) const {
+                              const GradOptions& gopt, S* grads, GradStats& stats, S* dh0,
+                              Buffer<S>* logits) const {
   tokens.check(cfg, "tokens");
   if (targets.B != tokens.B || targets.T != tokens.T)
     throw Error("targets have shape (" + std::to_string(targets.B) + ", " + std::to_string(targets.T) +
@@ -277,7 +280,7 @@ S Model<S>::ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& target
   const size_t NC = static_cast<size_t>(tokens.B) * tokens.T * cfg.d_model;
   Buffer<S> h0(NC), g0(NC);
   embed(h0.data(), tokens);
-  const S loss = ode_loss_and_grad_from(h0.data(), targets, opt, gopt, grads, stats, g0.data());
+  const S loss = ode_loss_and_grad_from(h0.data(), targets, opt, gopt, grads, stats, g0.data(), logits);
   if (!stats.ok()) return loss;
   embedding_backward(grads + layout.wte(), grads + layout.wpe(), g0.data(), tokens.data.data(), tokens.B,
                      tokens.T, cfg.d_model);

@@ -127,11 +127,14 @@ class Model {
   // against targets, grads (model layout) += dL/dtheta by the chosen method.
   // Returns the loss (NaN if the forward solve failed: see stats.status).
   // dh0, if non-null, receives dL/dh(0) (B,T,C).
+  // logits, if non-null, receives the logits (B*T, V).
   S ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, const SolveOptions& opt,
-                      const GradOptions& gopt, S* grads, GradStats& stats, S* dh0 = nullptr) const;
+                      const GradOptions& gopt, S* grads, GradStats& stats, S* dh0 = nullptr,
+                      Buffer<S>* logits = nullptr) const;
   // From a given h(0); no embedding gradient.
   S ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const SolveOptions& opt,
-                           const GradOptions& gopt, S* grads, GradStats& stats, S* dh0) const;
+                           const GradOptions& gopt, S* grads, GradStats& stats, S* dh0,
+                           Buffer<S>* logits = nullptr) const;
 
   ModelConfig cfg;
   ParamLayout layout;

@@ -1,0 +1,93 @@
+// flowloop/train.hpp: training looped and ODE-depth language models.
+//
+// AdamW with warm-up then cosine learning rate, gradient clipping, evaluation
+// every N steps, atomic checkpoints holding model, optimiser state and step;
+// `resume` continues with exactly the losses of an uninterrupted run (every
+// batch is a function of (data, seed, step)). Metrics go to DIR/metrics.jsonl.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "flowloop/data.hpp"
+#include "flowloop/grad.hpp"
+#include "flowloop/model.hpp"
+
+namespace flowloop {
+
+struct TrainConfig {
+  // data: a built-in task, or a text file ("fortunes": the installed collection)
+  std::string task;
+  int task_n = 0, task_hops = 0, task_prime = 0;
+  std::string text;
+  int context = 64;  // text only: sequence length
+  // model
+  int d_model = 64, n_head = 4, n_block = 1, d_ff = 0;
+  // depth: loops > 0, or an ODE solve
+  int loops = 0;
+  std::string solver;
+  int solver_steps = 0;
+  double rtol = 0, atol = 0, t1 = 0;  // t1 0: the loop count's equivalent, 4
+  std::string controller = "pi";
+  bool batch_coupled = false;
+  std::string grad = "backprop";
+  // optimisation
+  int steps = 1000, batch = 32, warmup = 100;
+  double lr = 1e-3, min_lr = 1e-4, weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, clip = 1.0;
+  int eval_every = 100, eval_batches = 8, checkpoint_every = 100;
+  uint64_t seed = 0;
+  std::string out;
+
+  // JSON object with any of the fields above; unknown keys and wrong types are
+  // errors that name the key. Missing keys keep their defaults.
+  static TrainConfig from_json(const std::string& text, const std::string& where);
+  std::string to_json() const;
+  void validate() const;  // names the first bad field
+  SolveOptions solve_options() const;
+};
+
+// Learning rate at step s: linear warm-up to lr, then cosine down to min_lr.
+double learning_rate(const TrainConfig& c, int64_t step);
+
+// AdamW over a flat parameter buffer; decay applies to matrices (2-D tensors) only.
+class AdamW {
+ public:
+  AdamW(const ParamLayout& layout, const TrainConfig& c);
+  // grads are clipped in place to global norm c.clip (if > 0); returns the norm before.
+  double step(float* params, float* grads, double lr);
+  Buffer<float> m, v;
+  int64_t t = 0;
+
+ private:
+  std::vector<char> decay_;  // per parameter
+  double b1_, b2_, eps_, wd_, clip_;
+};
+
+std::unique_ptr<DataSource> make_source(const TrainConfig& c);
+
+// Loss, accuracy and nfe over `batches` test batches.
+EvalResult evaluate(const Model<float>& model, const DataSource& data, const TrainConfig& depth, int batches,
+                    int batch_size);
+
+// Accuracy of logits (B*T, V) against targets: exact match of every scored
+// position of a row, or the fraction of scored positions right.
+double accuracy(const float* logits, const TokenBatch& targets, int V, bool exact_match, int64_t* count);
+
+class Trainer {
+ public:
+  // Checks everything (config, data, output directory) before any work.
+  explicit Trainer(const TrainConfig& c);
+  ~Trainer();
+  // Trains to c.steps; with resume, continues from DIR/checkpoint.safetensors.
+  void run(bool resume, std::ostream& progress);
+  const Model<float>& model() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace flowloop

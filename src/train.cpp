@@ -1,0 +1,406 @@
+#include "flowloop/train.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "flowloop/checkpoint.hpp"
+#include "flowloop/layers.hpp"
+
+namespace flowloop {
+
+using nlohmann::json;
+
+// ---------------------------------------------------------------- config
+
+namespace {
+template <class T>
+void field(const json& j, const char* key, T& dst, const std::string& where) {
+  auto it = j.find(key);
+  if (it == j.end()) return;
+  bool ok;
+  if constexpr (std::is_same_v<T, bool>) ok = it->is_boolean();
+  else if constexpr (std::is_integral_v<T>) ok = it->is_number_integer();
+  else if constexpr (std::is_floating_point_v<T>) ok = it->is_number();
+  else ok = it->is_string();
+  if (!ok) throw Error(where + ": \"" + key + "\" has the wrong type (" + it->type_name() + ")");
+  dst = it->get<T>();
+}
+}  // namespace
+
+#define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
+  X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) \
+  X(loops) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(batch_coupled) X(grad) X(steps) \
+  X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
+  X(eval_batches) X(checkpoint_every) X(seed) X(out)
+
+TrainConfig TrainConfig::from_json(const std::string& text, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(where + ": not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) throw Error(where + ": not a JSON object");
+  static const std::vector<std::string> known = {
+#define X(name) #name,
+      FLOWLOOP_TRAIN_FIELDS(X)
+#undef X
+  };
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (std::find(known.begin(), known.end(), it.key()) == known.end())
+      throw Error(where + ": unknown key \"" + it.key() + "\"");
+  TrainConfig c;
+#define X(name) field(j, #name, c.name, where);
+  FLOWLOOP_TRAIN_FIELDS(X)
+#undef X
+  return c;
+}
+
+std::string TrainConfig::to_json() const {
+  nlohmann::ordered_json j;
+#define X(name) j[#name] = name;
+  FLOWLOOP_TRAIN_FIELDS(X)
+#undef X
+  return j.dump(2);
+}
+
+void TrainConfig::validate() const {
+  auto fail = [](const std::string& m) { return Error("train config: " + m); };
+  if (task.empty() == text.empty()) throw fail("give exactly one of task and text");
+  if (!task.empty()) make_task({task, seed, task_n, task_hops, task_prime});
+  if (loops <= 0 && solver.empty()) throw fail("give loops > 0 or a solver");
+  if (loops > 0 && !solver.empty()) throw fail("give loops or a solver, not both");
+  if (!solver.empty()) {
+    solve_options().validate();
+    grad_method(grad);
+  }
+  if (d_model <= 0 || n_head <= 0 || n_block <= 0 || d_model % n_head) throw fail("d_model must be a positive multiple of n_head");
+  if (steps <= 0 || batch <= 0) throw fail("steps and batch must be positive");
+  if (warmup < 0 || !(lr > 0) || !(min_lr >= 0) || min_lr > lr) throw fail("need lr > 0, 0 <= min_lr <= lr, warmup >= 0");
+  if (!(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps > 0 && weight_decay >= 0 && clip >= 0))
+    throw fail("AdamW settings out of range");
+  if (eval_every <= 0 || eval_batches <= 0 || checkpoint_every <= 0) throw fail("eval_every, eval_batches and checkpoint_every must be positive");
+  if (out.empty()) throw fail("no output directory (out)");
+  if (controller != "pi" && controller != "i") throw fail("controller must be pi or i");
+}
+
+SolveOptions TrainConfig::solve_options() const {
+  SolveOptions o;
+  o.method = solver;
+  o.t1 = t1 > 0 ? t1 : 4.0;
+  o.controller = controller == "i" ? Controller::I : Controller::PI;
+  o.batch_coupled = batch_coupled;
+  if (solver_steps > 0) {
+    o.steps = solver_steps;
+  } else if (rtol > 0 || atol > 0) {
+    o.adaptive = true;
+    o.rtol = rtol;
+    o.atol = atol;
+  } else {
+    o.steps = std::max(1, static_cast<int>(std::lround(o.t1)));
+  }
+  return o;
+}
+
+double learning_rate(const TrainConfig& c, int64_t step) {
+  if (step < c.warmup) return c.lr * static_cast<double>(step + 1) / c.warmup;
+  const double span = static_cast<double>(std::max(1, c.steps - c.warmup));
+  const double prog = std::min(1.0, static_cast<double>(step - c.warmup) / span);
+  return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + std::cos(M_PI * prog));
+}
+
+// ---------------------------------------------------------------- AdamW
+
+AdamW::AdamW(const ParamLayout& layout, const TrainConfig& c)
+    : m(layout.size(), 0.0f), v(layout.size(), 0.0f), decay_(layout.size(), 0),
+      b1_(c.beta1), b2_(c.beta2), eps_(c.eps), wd_(c.weight_decay), clip_(c.clip) {
+  for (const auto& ti : layout.tensors())
+    if (ti.shape.size() == 2)
+      std::fill(decay_.begin() + static_cast<long>(ti.offset), decay_.begin() + static_cast<long>(ti.offset + ti.numel), 1);
+}
+
+double AdamW::step(float* p, float* g, double lr) {
+  const size_t n = m.size();
+  double ss = 0;
+  for (size_t i = 0; i < n; ++i) ss += static_cast<double>(g[i]) * g[i];
+  const double norm = std::sqrt(ss);
+  if (clip_ > 0 && norm > clip_) {
+    const float s = static_cast<float>(clip_ / norm);
+    for (size_t i = 0; i < n; ++i) g[i] *= s;
+  }
+  ++t;
+  const double c1 = 1 - std::pow(b1_, static_cast<double>(t)), c2 = 1 - std::pow(b2_, static_cast<double>(t));
+  const float b1 = static_cast<float>(b1_), b2 = static_cast<float>(b2_);
+  for (size_t i = 0; i < n; ++i) {
+    m[i] = b1 * m[i] + (1 - b1) * g[i];
+    v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
+    const double mh = m[i] / c1, vh = v[i] / c2;
+    double upd = mh / (std::sqrt(vh) + eps_);
+    if (decay_[i]) upd += wd_ * p[i];
+    p[i] = static_cast<float>(p[i] - lr * upd);
+  }
+  return norm;
+}
+
+// ---------------------------------------------------------------- data, evaluation
+
+std::unique_ptr<DataSource> make_source(const TrainConfig& c) {
+  if (!c.task.empty()) return make_task({c.task, c.seed, c.task_n, c.task_hops, c.task_prime});
+  return make_text_source(c.text, c.context, c.seed);
+}
+
+double accuracy(const float* logits, const TokenBatch& targets, int V, bool exact_match, int64_t* count) {
+  int64_t right = 0, total = 0;
+  for (int b = 0; b < targets.B; ++b) {
+    bool row_ok = true, any = false;
+    for (int t = 0; t < targets.T; ++t) {
+      const int32_t tgt = targets.data[static_cast<size_t>(b) * targets.T + t];
+      if (tgt < 0) continue;
+      const float* l = logits + (static_cast<size_t>(b) * targets.T + t) * V;
+      const bool ok = std::max_element(l, l + V) - l == tgt;
+      any = true;
+      row_ok = row_ok && ok;
+      if (!exact_match) {
+        right += ok;
+        ++total;
+      }
+    }
+    if (exact_match && any) {
+      right += row_ok;
+      ++total;
+    }
+  }
+  if (count) *count = total;
+  return total ? static_cast<double>(right) / static_cast<double>(total) : 0.0;
+}
+
+EvalResult evaluate(const Model<float>& model, const DataSource& data, const TrainConfig& c, int batches,
+                    int batch_size) {
+  EvalResult r;
+  double loss = 0, right = 0;
+  TokenBatch tok, tgt;
+  for (int i = 0; i < batches; ++i) {
+    data.batch(Split::Test, static_cast<uint64_t>(i), batch_size, tok, tgt);
+    const Buffer<float>* logits;
+    LoopWork<float> w;
+    Buffer<float> h;
+    ReadoutCache<float> rc;
+    if (c.loops > 0) {
+      r.nfe += model.loop_forward(tok, c.loops, w);
+      logits = &w.readout.logits;
+    } else {
+      const auto sr = model.ode_forward(tok, c.solve_options(), h, rc);
+      if (!sr.ok()) throw Error("evaluation solve failed: " + sr.message);
+      r.nfe += static_cast<double>(sr.nfe);
+      logits = &rc.logits;
+    }
+    loss += crossentropy_forward_backward<float>(nullptr, logits->data(), tgt.data.data(), tok.B * tok.T,
+                                                 model.cfg.vocab_size);
+    int64_t n = 0;
+    const double acc = accuracy(logits->data(), tgt, model.cfg.vocab_size, data.exact_match(), &n);
+    right += acc * static_cast<double>(n);
+    r.examples += n;
+  }
+  r.loss = loss / batches;
+  r.accuracy = r.examples ? right / static_cast<double>(r.examples) : 0.0;
+  r.nfe /= batches;
+  return r;
+}
+
+// ---------------------------------------------------------------- trainer
+
+struct Trainer::Impl {
+  TrainConfig c;
+  std::unique_ptr<DataSource> data;
+  std::unique_ptr<Model<float>> model;
+  std::unique_ptr<AdamW> opt;
+  int64_t step = 0;
+  std::filesystem::path dir;
+
+  std::string ckpt() const { return (dir / "checkpoint.safetensors").string(); }
+  std::string final_model() const { return (dir / "model.safetensors").string(); }
+  std::string metrics() const { return (dir / "metrics.jsonl").string(); }
+
+  std::map<std::string, std::string> meta() const {
+    return {{"train_config", c.to_json()}, {"data", data->describe()}, {"step", std::to_string(step)}};
+  }
+
+  void save_checkpoint_file() {
+    std::vector<TensorOut<float>> ts;
+    for (const auto& t : model->layout.tensors()) {
+      ts.push_back({t.name, t.shape, model->params.data() + t.offset});
+      ts.push_back({"optim.m." + t.name, t.shape, opt->m.data() + t.offset});
+      ts.push_back({"optim.v." + t.name, t.shape, opt->v.data() + t.offset});
+    }
+    auto md = meta();
+    md["format"] = "flowloop";
+    md["config"] = model->cfg.to_json();
+    md["adam_t"] = std::to_string(opt->t);
+    write_safetensors(ckpt(), ts, md);
+    save_checkpoint(final_model(), model->cfg, model->layout, model->params.data(), meta());
+  }
+
+  void load_checkpoint_file() {
+    const SafetensorsFile f = SafetensorsFile::read(ckpt());
+    auto get = [&](const std::string& k) {
+      auto it = f.metadata().find(k);
+      if (it == f.metadata().end()) throw Error("checkpoint '" + ckpt() + "': metadata lacks \"" + k + "\"");
+      return it->second;
+    };
+    const TrainConfig saved = TrainConfig::from_json(get("train_config"), ckpt());
+    TrainConfig a = saved, b = c;
+    a.steps = b.steps = 0;  // a resumed run may go further
+    if (a.to_json() != b.to_json())
+      throw Error("checkpoint '" + ckpt() + "' was written with another configuration; resume with the same one");
+    for (const auto& t : model->layout.tensors()) {
+      f.copy_to(t.name, t.shape, model->params.data() + t.offset);
+      f.copy_to("optim.m." + t.name, t.shape, opt->m.data() + t.offset);
+      f.copy_to("optim.v." + t.name, t.shape, opt->v.data() + t.offset);
+    }
+    step = std::stoll(get("step"));
+    opt->t = std::stoll(get("adam_t"));
+  }
+};
+
+Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
+  Impl& I = *impl_;
+  I.c = cfg;
+  I.c.validate();
+  I.data = make_source(I.c);
+  ModelConfig mc;
+  mc.vocab_size = I.data->vocab_size();
+  mc.context = I.data->seq_len();
+  mc.d_model = I.c.d_model;
+  mc.n_head = I.c.n_head;
+  mc.d_ff = I.c.d_ff;
+  mc.n_block = I.c.n_block;
+  mc.depth = I.c.loops > 0 ? I.c.loops : static_cast<int>(std::lround(I.c.solve_options().t1));
+  mc.finalize();
+  I.model = std::make_unique<Model<float>>(mc);
+  I.model->init(I.c.seed);
+  I.opt = std::make_unique<AdamW>(I.model->layout, I.c);
+  // the output directory must be writable before any work is done
+  I.dir = I.c.out;
+  std::error_code ec;
+  std::filesystem::create_directories(I.dir, ec);
+  const std::string probe = (I.dir / ".write-test").string();
+  std::ofstream t(probe);
+  if (!t) throw Error("output directory '" + I.c.out + "' is not writable");
+  t.close();
+  std::filesystem::remove(probe, ec);
+}
+
+Trainer::~Trainer() = default;
+
+const Model<float>& Trainer::model() const { return *impl_->model; }
+
+void Trainer::run(bool resume, std::ostream& progress) {
+  Impl& I = *impl_;
+  const TrainConfig& c = I.c;
+  I.step = 0;
+  if (resume) {
+    if (!std::filesystem::exists(I.ckpt())) throw Error("--resume: no checkpoint at '" + I.ckpt() + "'");
+    I.load_checkpoint_file();
+    // keep the metrics of the steps the checkpoint covers, drop the rest
+    std::ifstream in(I.metrics());
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      if (line.empty()) continue;
+      const auto j = json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.value("step", int64_t{0}) <= I.step) kept += line + "\n";
+    }
+    in.close();
+    std::ofstream(I.metrics(), std::ios::trunc) << kept;
+  } else {
+    std::ofstream(I.metrics(), std::ios::trunc);
+  }
+  {
+    const std::string cfg_path = (I.dir / "config.json").string();
+    std::ofstream(cfg_path + ".tmp") << c.to_json() << "\n";
+    std::filesystem::rename(cfg_path + ".tmp", cfg_path);
+  }
+  std::ofstream log(I.metrics(), std::ios::app);
+  const bool tty = isatty(fileno(stderr));
+  Model<float>& m = *I.model;
+  Buffer<float> grads(m.params.size());
+  TokenBatch tok, tgt;
+  const auto t_start = std::chrono::steady_clock::now();
+  const int64_t first = I.step;
+  const SolveOptions so = c.loops > 0 ? SolveOptions{} : c.solve_options();
+  GradOptions go;
+  if (c.loops <= 0) go.method = grad_method(c.grad);
+  LoopWork<float> w;
+  Buffer<float> logits;
+  while (I.step < c.steps) {
+    const auto t0 = std::chrono::steady_clock::now();
+    I.data->batch(Split::Train, static_cast<uint64_t>(I.step), c.batch, tok, tgt);
+    std::fill(grads.begin(), grads.end(), 0.0f);
+    float loss;
+    int64_t nfe_f, nfe_b;
+    const float* lg;
+    if (c.loops > 0) {
+      loss = m.loop_loss_and_grad(tok, tgt, c.loops, grads.data(), w);
+      nfe_f = nfe_b = c.loops;
+      lg = w.readout.logits.data();
+    } else {
+      GradStats st;
+      loss = m.ode_loss_and_grad(tok, tgt, so, go, grads.data(), st, nullptr, &logits);
+      if (!st.ok()) throw Error("step " + std::to_string(I.step) + ": " + st.message);
+      nfe_f = st.nfe_forward;
+      nfe_b = st.nfe_backward;
+      lg = logits.data();
+    }
+    if (!std::isfinite(loss)) throw Error("step " + std::to_string(I.step) + ": the loss is not finite");
+    const double lr = learning_rate(c, I.step);
+    const double gnorm = I.opt->step(m.params.data(), grads.data(), lr);
+    const double acc = accuracy(lg, tgt, m.cfg.vocab_size, I.data->exact_match(), nullptr);
+    ++I.step;
+    const auto t1 = std::chrono::steady_clock::now();
+    const double dt = std::chrono::duration<double>(t1 - t0).count();
+    const double wall = std::chrono::duration<double>(t1 - t_start).count();
+    nlohmann::ordered_json line;
+    line["step"] = I.step;
+    line["loss"] = loss;
+    line["accuracy"] = acc;
+    line["lr"] = lr;
+    line["grad_norm"] = gnorm;
+    line["nfe_forward"] = nfe_f;
+    line["nfe_backward"] = nfe_b;
+    line["tokens_per_s"] = static_cast<double>(tok.B) * tok.T / dt;
+    line["wall_s"] = wall;
+    if (I.step % c.eval_every == 0 || I.step == c.steps) {
+      const EvalResult ev = evaluate(m, *I.data, c, c.eval_batches, c.batch);
+      line["test_loss"] = ev.loss;
+      line["test_accuracy"] = ev.accuracy;
+      line["test_nfe"] = ev.nfe;
+      if (!tty)
+        progress << "step " << I.step << "/" << c.steps << "  loss " << loss << "  test loss " << ev.loss
+                 << "  test accuracy " << ev.accuracy << "  " << wall << " s" << std::endl;
+    }
+    log << line.dump() << "\n";
+    log.flush();
+    if (I.step % c.checkpoint_every == 0 || I.step == c.steps) I.save_checkpoint_file();
+    if (tty) {
+      const double per = wall / static_cast<double>(I.step - first);
+      const double eta = per * static_cast<double>(c.steps - I.step);
+      const int width = 30, done = static_cast<int>(width * I.step / c.steps);
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "\r[%.*s%.*s] %lld/%d loss %.4f acc %.3f ETA %dm%02ds ", done,
+                    "##############################", width - done, "..............................",
+                    static_cast<long long>(I.step), c.steps, static_cast<double>(loss), acc,
+                    static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+      progress << buf << std::flush;
+    }
+  }
+  if (tty) progress << std::endl;
+}
+
+}  // namespace flowloop
