@@ -256,9 +256,8 @@ struct Trainer::Impl {
       return it->second;
     };
     const TrainConfig saved = TrainConfig::from_json(get("train_config"), ckpt());
-    TrainConfig a = saved, b = c;
-    a.steps = b.steps = 0;  // a resumed run may go further
-    if (a.to_json() != b.to_json())
+    // the schedule depends on every setting, steps included
+    if (saved.to_json() != c.to_json())
       throw Error("checkpoint '" + ckpt() + "' was written with another configuration; resume with the same one");
     for (const auto& t : model->layout.tensors()) {
       f.copy_to(t.name, t.shape, model->params.data() + t.offset);
@@ -302,7 +301,7 @@ Trainer::~Trainer() = default;
 
 const Model<float>& Trainer::model() const { return *impl_->model; }
 
-void Trainer::run(bool resume, std::ostream& progress) {
+void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   Impl& I = *impl_;
   const TrainConfig& c = I.c;
   I.step = 0;
@@ -339,7 +338,7 @@ void Trainer::run(bool resume, std::ostream& progress) {
   if (c.loops <= 0) go.method = grad_method(c.grad);
   LoopWork<float> w;
   Buffer<float> logits;
-  while (I.step < c.steps) {
+  while (I.step < c.steps && (stop_at < 0 || I.step < stop_at)) {
     const auto t0 = std::chrono::steady_clock::now();
     I.data->batch(Split::Train, static_cast<uint64_t>(I.step), c.batch, tok, tgt);
     std::fill(grads.begin(), grads.end(), 0.0f);

@@ -82,7 +82,8 @@ class Trainer {
   explicit Trainer(const TrainConfig& c);
   ~Trainer();
   // Trains to c.steps; with resume, continues from DIR/checkpoint.safetensors.
-  void run(bool resume, std::ostream& progress);
+  // stop_at >= 0 stops after that many steps in all (as if the run were killed).
+  void run(bool resume, std::ostream& progress, int64_t stop_at = -1);
   const Model<float>& model() const;
 
  private:

@@ -1,0 +1,336 @@
+// Training: data generators against brute force, disjoint splits, AdamW and the
+// schedule by hand, exact resume, bad configurations rejected before any work.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <unistd.h>
+
+#include "check.hpp"
+#include "flowloop/checkpoint.hpp"
+#include "flowloop/train.hpp"
+
+using namespace flowloop;
+using namespace flowloop::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::vector<int32_t> question_of(const Example& e) {
+  std::vector<int32_t> q;
+  for (size_t i = 0; i + 1 < e.seq.size() && !e.is_answer[i + 1]; ++i) q.push_back(e.seq[i]);
+  return q;  // everything before the separator
+}
+
+std::vector<int32_t> answer_of(const Example& e) {
+  std::vector<int32_t> a;
+  for (size_t i = 0; i < e.seq.size(); ++i)
+    if (e.is_answer[i]) a.push_back(e.seq[i]);
+  return a;
+}
+
+// Independent brute-force answers.
+int32_t parity_bf(const std::vector<int32_t>& q) {
+  int32_t x = 0;
+  for (int32_t b : q) x ^= b;
+  return x;
+}
+
+int32_t phop_bf(const std::vector<int32_t>& q, int p) {
+  size_t cur = q.size() - 1;
+  for (int h = 0; h < p; ++h) {
+    size_t best = SIZE_MAX;
+    for (size_t j = 0; j < cur; ++j)
+      if (q[j] == q[cur]) best = j;  // the last match before cur
+    REQUIRE(best != SIZE_MAX);
+    cur = best + 1;
+  }
+  return q[cur];
+}
+
+int32_t modarith_bf(const std::vector<int32_t>& q, int p) {
+  std::vector<long> stack;  // prefix notation, evaluated right to left
+  for (size_t i = q.size(); i-- > 0;) {
+    if (q[i] < p) {
+      stack.push_back(q[i]);
+      continue;
+    }
+    const long a = stack.back();
+    stack.pop_back();
+    const long b = stack.back();
+    stack.pop_back();
+    long r = q[i] == p ? a + b : q[i] == p + 1 ? a - b : a * b;
+    stack.push_back(((r % p) + p) % p);
+  }
+  REQUIRE(stack.size() == 1);
+  return static_cast<int32_t>(stack[0]);
+}
+
+std::vector<int32_t> addition_bf(const std::vector<int32_t>& q, int d) {
+  long a = 0, b = 0;
+  for (int i = 0; i < d; ++i) a = a * 10 + q[static_cast<size_t>(i)];
+  for (int i = 0; i < d; ++i) b = b * 10 + q[static_cast<size_t>(d + 1 + i)];
+  long s = a + b;
+  std::vector<int32_t> out(static_cast<size_t>(d + 1));
+  for (int i = d; i >= 0; --i) {
+    out[static_cast<size_t>(i)] = static_cast<int32_t>(s % 10);
+    s /= 10;
+  }
+  return out;
+}
+
+TrainConfig tiny_config(const std::string& out) {
+  TrainConfig c;
+  c.task = "phop";
+  c.task_n = 10;
+  c.task_hops = 2;
+  c.d_model = 16;
+  c.n_head = 2;
+  c.loops = 2;
+  c.steps = 24;
+  c.batch = 8;
+  c.warmup = 4;
+  c.eval_every = 8;
+  c.eval_batches = 2;
+  c.checkpoint_every = 8;
+  c.seed = 3;
+  c.out = out;
+  return c;
+}
+
+std::vector<nlohmann::json> read_metrics(const fs::path& dir) {
+  std::vector<nlohmann::json> v;
+  std::ifstream in(dir / "metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) v.push_back(nlohmann::json::parse(line));
+  return v;
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() : path(fs::temp_directory_path() / ("flowloop_train_" + std::to_string(::getpid()))) {
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+}  // namespace
+
+TEST_CASE("task generators agree with brute force; splits are disjoint and seeded", "[train][data]") {
+  for (const std::string name : {"parity", "phop", "modarith", "addition"}) {
+    TaskOptions o;
+    o.name = name;
+    o.seed = 11;
+    const auto task = make_task(o);
+    std::set<std::vector<int32_t>> train, test;
+    for (uint64_t i = 0; i < 300; ++i) {
+      const Example e = task->example(Split::Train, i);
+      const Example f = task->example(Split::Test, i);
+      REQUIRE(static_cast<int>(e.seq.size()) == task->seq_len() + 1);
+      for (const Example* x : {&e, &f}) {
+        const auto q = question_of(*x);
+        const auto a = answer_of(*x);
+        INFO(name);
+        if (name == "parity") CHECK(a == std::vector<int32_t>{parity_bf(q)});
+        if (name == "phop") CHECK(a == std::vector<int32_t>{phop_bf(q, 4)});
+        if (name == "modarith") CHECK(a == std::vector<int32_t>{modarith_bf(q, 7)});
+        if (name == "addition") CHECK(a == addition_bf(q, 3));
+        for (int32_t v : x->seq) CHECK((v >= 0 && v < task->vocab_size()));
+      }
+      train.insert(e.seq);
+      test.insert(f.seq);
+    }
+    for (const auto& s : test) CHECK(train.count(s) == 0);
+    // the same seed gives the same stream; another seed another one
+    const auto again = make_task(o);
+    CHECK(again->example(Split::Train, 5).seq == task->example(Split::Train, 5).seq);
+    o.seed = 12;
+    const auto other = make_task(o);
+    int same = 0;
+    for (uint64_t i = 0; i < 20; ++i) same += other->example(Split::Train, i).seq == task->example(Split::Train, i).seq;
+    CHECK(same < 20);
+  }
+  // batches: targets only at answer positions, next-token aligned
+  TaskOptions o;
+  o.name = "addition";
+  const auto task = make_task(o);
+  TokenBatch tok, tgt;
+  task->batch(Split::Train, 2, 4, tok, tgt);
+  const Example e = task->example(Split::Train, 2 * 4 + 1);
+  for (int t = 0; t < tok.T; ++t) {
+    CHECK(tok.data[static_cast<size_t>(tok.T + t)] == e.seq[static_cast<size_t>(t)]);
+    CHECK(tgt.data[static_cast<size_t>(tok.T + t)] == (e.is_answer[static_cast<size_t>(t) + 1] ? e.seq[static_cast<size_t>(t) + 1] : -1));
+  }
+  CHECK_THROWS_WITH(make_task({"sorting", 0, 0, 0, 0}), Catch::Contains("unknown task 'sorting'"));
+  CHECK_THROWS_WITH(make_task({"modarith", 0, 2, 0, 9}), Catch::Contains("prime = 9"));
+}
+
+TEST_CASE("text batches are deterministic windows of the right split", "[train][data]") {
+  TempDir dir;
+  const fs::path p = dir.path / "corpus.txt";
+  std::string text;
+  for (int i = 0; i < 400; ++i) text += "line " + std::to_string(i) + " of the corpus\n";
+  std::ofstream(p) << text;
+  const auto src = make_text_source(p.string(), 16, 1);
+  TokenBatch a, b, ta, tb;
+  src->batch(Split::Train, 3, 4, a, ta);
+  src->batch(Split::Train, 3, 4, b, tb);
+  CHECK(a.data == b.data);
+  CHECK(src->vocab_size() == 256);
+  for (int t = 0; t + 1 < 16; ++t) CHECK(ta.data[static_cast<size_t>(t)] == a.data[static_cast<size_t>(t) + 1]);
+  src->batch(Split::Test, 0, 4, b, tb);
+  // a test window lies in the last 10% of the bytes
+  const std::string win(b.data.begin(), b.data.begin() + 16);
+  CHECK(text.find(win) >= text.size() * 9 / 10 - 16);
+  CHECK_THROWS_WITH(make_text_source((dir.path / "nope.txt").string(), 16, 1), Catch::Contains("nope.txt") && Catch::Contains("cannot open"));
+}
+
+TEST_CASE("AdamW, the schedule and accuracy by hand", "[train]") {
+  TrainConfig c;
+  c.lr = 0.1;
+  c.min_lr = 0.01;
+  c.warmup = 10;
+  c.steps = 110;
+  CHECK(learning_rate(c, 0) == Approx(0.01));
+  CHECK(learning_rate(c, 9) == Approx(0.1));
+  CHECK(learning_rate(c, 10) == Approx(0.1));
+  CHECK(learning_rate(c, 60) == Approx(0.055));
+  CHECK(learning_rate(c, 110) == Approx(0.01));
+  // one AdamW step on a tiny model: p - lr (m_hat / (sqrt(v_hat) + eps) + wd p) for matrices
+  const ModelConfig mc = make_config(3, 2, 2, 1, 2, 1, 1);
+  ParamLayout layout(mc);
+  c.weight_decay = 0.5;
+  c.clip = 0;
+  AdamW opt(layout, c);
+  Buffer<float> p(layout.size(), 1.0f), g(layout.size(), 0.5f);
+  opt.step(p.data(), g.data(), 0.1);
+  // first step: m_hat = g, v_hat = g^2 -> update = sign(g) (up to eps)
+  const size_t w = layout.at("wte.weight").offset, b = layout.at("ln_f.bias").offset;
+  CHECK(p[w] == Approx(1.0 - 0.1 * (1.0 + 0.5 * 1.0)).epsilon(1e-6));
+  CHECK(p[b] == Approx(1.0 - 0.1 * 1.0).epsilon(1e-6));  // no decay on vectors
+  // clipping by global norm
+  c.clip = 1.0;
+  AdamW clipped(layout, c);
+  Buffer<float> g2(layout.size(), 1.0f), p2(layout.size(), 0.0f);
+  const double norm = clipped.step(p2.data(), g2.data(), 0.1);
+  CHECK(norm == Approx(std::sqrt(static_cast<double>(layout.size()))));
+  double after = 0;
+  for (float x : g2) after += double(x) * x;
+  CHECK(std::sqrt(after) == Approx(1.0).epsilon(1e-5));
+  // exact-match accuracy: a row counts only if every answer position is right
+  TokenBatch tgt;
+  tgt.B = 2;
+  tgt.T = 2;
+  tgt.data = {-1, 1, 0, 2};
+  const float logits[] = {0, 0, 0, /**/ 0, 5, 0, /**/ 5, 0, 0, /**/ 0, 5, 0};
+  int64_t n = 0;
+  CHECK(accuracy(logits, tgt, 3, true, &n) == 0.5);
+  CHECK(n == 2);
+  CHECK(accuracy(logits, tgt, 3, false, &n) == Approx(2.0 / 3));
+}
+
+TEST_CASE("a resumed run has exactly the losses of an uninterrupted one", "[train][resume]") {
+  TempDir dir;
+  std::ostringstream quiet;
+  const TrainConfig full = tiny_config((dir.path / "full").string());
+  Trainer(full).run(false, quiet);
+  // killed after step 11 (its last checkpoint: step 8), then resumed
+  const TrainConfig part = tiny_config((dir.path / "part").string());
+  Trainer(part).run(false, quiet, 11);
+  CHECK(read_metrics(dir.path / "part").size() == 11);
+  Trainer t2(part);
+  t2.run(true, quiet);
+  const auto a = read_metrics(dir.path / "full"), b = read_metrics(dir.path / "part");
+  REQUIRE(a.size() == 24);
+  REQUIRE(b.size() == 24);
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO("step " << i + 1);
+    CHECK(a[i]["step"] == b[i]["step"]);
+    CHECK(a[i]["loss"] == b[i]["loss"]);
+    CHECK(a[i]["grad_norm"] == b[i]["grad_norm"]);
+  }
+  CHECK(a.back().contains("test_accuracy"));
+  const Model<float> ma = load_model<float>((dir.path / "full" / "model.safetensors").string());
+  CHECK(ma.params == t2.model().params);
+  CHECK(a.front()["loss"] != a.back()["loss"]);
+  // a checkpoint resumed with another configuration is refused
+  TrainConfig other = part;
+  other.lr = 0.5;
+  CHECK_THROWS_WITH(Trainer(other).run(true, quiet), Catch::Contains("another configuration"));
+  // ODE depth trains too
+  TrainConfig ode = tiny_config((dir.path / "ode").string());
+  ode.loops = 0;
+  ode.solver = "rk4";
+  ode.solver_steps = 2;
+  ode.t1 = 2;
+  ode.steps = 4;
+  Trainer(ode).run(false, quiet);
+  const auto mo = read_metrics(dir.path / "ode");
+  REQUIRE(mo.size() == 4);
+  CHECK(mo[0]["nfe_forward"] == 8);
+}
+
+TEST_CASE("bad configurations are rejected before any work", "[train][errors]") {
+  TempDir dir;
+  CHECK_THROWS_WITH(TrainConfig::from_json(R"({"task": "phop", "learning_rate": 0.1})", "cfg.json"),
+                    Catch::Contains("cfg.json: unknown key \"learning_rate\""));
+  CHECK_THROWS_WITH(TrainConfig::from_json(R"({"task": "phop", "steps": "many"})", "cfg.json"),
+                    Catch::Contains("\"steps\" has the wrong type"));
+  CHECK_THROWS_WITH(TrainConfig::from_json("{oops", "cfg.json"), Catch::Contains("not valid JSON"));
+  TrainConfig c = tiny_config((dir.path / "x").string());
+  c.task = "";
+  c.text = (dir.path / "missing.txt").string();
+  CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("missing.txt") && Catch::Contains("cannot open"));
+  c = tiny_config("/proc/flowloop-not-writable");
+  CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("is not writable"));
+  c = tiny_config((dir.path / "y").string());
+  c.loops = 0;
+  CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("give loops > 0 or a solver"));
+  c = tiny_config((dir.path / "y").string());
+  c.solver = "rk4";
+  CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("not both"));
+  CHECK_FALSE(fs::exists(dir.path / "y"));  // nothing written
+  // the command line: a config file with an unknown key, a missing config file
+  std::ofstream(dir.path / "bad.json") << R"({"task": "phop", "loops": 2, "colour": "red"})";
+  int rc = 0;
+  std::string out = run_command(std::string(FLOWLOOP_CLI) + " train --config " + (dir.path / "bad.json").string() +
+                                    " --out " + (dir.path / "z").string(), &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("unknown key \"colour\"") != std::string::npos);
+  out = run_command(std::string(FLOWLOOP_CLI) + " train --config " + (dir.path / "none.json").string() + " --out " +
+                        (dir.path / "z").string(), &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("cannot open") != std::string::npos);
+}
+
+TEST_CASE("flowloop train and eval from the command line", "[train][cli]") {
+  TempDir dir;
+  const std::string out = (dir.path / "run").string();
+  int rc = 0;
+  std::string o = run_command(std::string(FLOWLOOP_CLI) +
+                                  " train --task modarith --task-n 2 --loops 2 --n-block 1 --d-model 16 --n-head 2 "
+                                  "--steps 6 --batch 4 --eval-every 3 --eval-batches 1 --checkpoint-every 3 --out " + out, &rc);
+  REQUIRE(rc == 0);
+  CHECK(fs::exists(dir.path / "run" / "model.safetensors"));
+  CHECK(fs::exists(dir.path / "run" / "config.json"));
+  CHECK(read_metrics(dir.path / "run").size() == 6);
+  // the saved config reproduces the run
+  std::ifstream in(dir.path / "run" / "config.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  CHECK(TrainConfig::from_json(ss.str(), "config.json").task == "modarith");
+  o = run_command(std::string(FLOWLOOP_CLI) + " eval -m " + out + "/model.safetensors --batches 2 --batch 8 --json", &rc);
+  REQUIRE(rc == 0);
+  const auto j = nlohmann::json::parse(o);
+  CHECK(j["examples"] == 16);
+  CHECK(j["nfe"] == 2.0);
+  CHECK(j["accuracy"].get<double>() >= 0.0);
+  o = run_command(std::string(FLOWLOOP_CLI) + " eval -m " + out + "/model.safetensors --loops 5 --json", &rc);
+  REQUIRE(rc == 0);
+  CHECK(nlohmann::json::parse(o)["nfe"] == 5.0);
+}
