@@ -26,7 +26,7 @@ need_pkgs() {
 
 build() {
   need_pkgs g++ cmake make libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev \
-    libopenblas-dev libopenblas-openmp-dev
+    libopenblas-dev libopenblas-openmp-dev fortunes
   cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
   cmake --build "$BUILD_DIR" -j "$JOBS" >/dev/null
 }
