@@ -36,6 +36,7 @@ std::string ModelConfig::to_json() const {
   j["d_ff"] = d_ff;
   j["n_block"] = n_block;
   j["depth"] = depth;
+  if (exit_gate) j["exit_gate"] = true;
   return j.dump();
 }
 
@@ -68,6 +69,10 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
   get("d_ff", c.d_ff, true);
   get("n_block", c.n_block, true);
   get("depth", c.depth, false);
+  if (auto it = j.find("exit_gate"); it != j.end()) {
+    if (!it->is_boolean()) throw Error(where + ": config \"exit_gate\" is not a boolean");
+    c.exit_gate = it->get<bool>();
+  }
   try {
     c.validate();
   } catch (const Error& e) {
@@ -78,7 +83,8 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
 
 bool ModelConfig::operator==(const ModelConfig& o) const {
   return vocab_size == o.vocab_size && context == o.context && d_model == o.d_model &&
-         n_head == o.n_head && d_ff == o.d_ff && n_block == o.n_block && depth == o.depth;
+         n_head == o.n_head && d_ff == o.d_ff && n_block == o.n_block && depth == o.depth &&
+         exit_gate == o.exit_gate;
 }
 
 BenchSize bench_size(const std::string& name) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <cmath>
 #include <limits>
 #include <nlohmann/json.hpp>
 
@@ -194,6 +195,181 @@ S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int 
   }
   if (dh0) std::memcpy(dh0, w.dh.data(), NC * sizeof(S));
   return loss;
+}
+
+namespace {
+// Gate probabilities of one token from its lambdas (K-1 used): p (K).
+template <class S>
+void exit_distribution(const S* lam, int K, double* p) {
+  double surv = 1.0;
+  for (int t = 0; t < K - 1; ++t) {
+    p[t] = static_cast<double>(lam[t]) * surv;
+    surv *= 1.0 - static_cast<double>(lam[t]);
+  }
+  p[K - 1] = surv;
+}
+}  // namespace
+
+template <class S>
+S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, int K, double beta,
+                                    S* grads, LoopWork<S>& w, double* mean_depth) const {
+  if (!cfg.exit_gate) throw Error("loop_gate_loss_and_grad: the model has no exit gate (config exit_gate)");
+  if (K < 1) throw Error("the exit gate needs K >= 1 loops");
+  if (targets.B != tokens.B || targets.T != tokens.T) throw Error("targets and tokens differ in shape");
+  targets.check(cfg, "targets", true);
+  loop_forward(tokens, K, w);
+  const int N = tokens.B * tokens.T, C = cfg.d_model, V = cfg.vocab_size;
+  const size_t NC = static_cast<size_t>(N) * C;
+  const S* P = params.data();
+  w.per_loop.resize(static_cast<size_t>(K));
+  w.gate.assign(static_cast<size_t>(K) * N, S(0));  // lambda_t, later dz_t
+  // readout and gate at every loop t = 1..K
+  for (int t = 1; t <= K; ++t) {
+    ReadoutCache<S>& rc = w.per_loop[static_cast<size_t>(t - 1)];
+    rc.resize(cfg, N);
+    readout(w.h.data() + NC * t, N, rc);
+    for (int n = 0; n < N; ++n) {
+      double z = P[layout.gate_b()];
+      const S* u = rc.ln.data() + static_cast<size_t>(n) * C;
+      for (int c = 0; c < C; ++c) z += static_cast<double>(u[c]) * P[layout.gate_w() + c];
+      w.gate[static_cast<size_t>(t - 1) * N + n] = static_cast<S>(1.0 / (1.0 + std::exp(-z)));
+    }
+  }
+  int count = 0;
+  for (int32_t v : targets.data) count += v >= 0;
+  std::vector<double> p(static_cast<size_t>(K)), L(static_cast<size_t>(K)), g(static_cast<size_t>(K)), lam(static_cast<size_t>(K));
+  Buffer<S> dz(static_cast<size_t>(K) * N, S(0));
+  double total = 0, depth = 0;
+  for (auto& rc : w.per_loop) std::fill(rc.dlogits.begin(), rc.dlogits.end(), S(0));
+  for (int n = 0; n < N && count > 0; ++n) {
+    const int32_t tgt = targets.data[static_cast<size_t>(n)];
+    if (tgt < 0) continue;
+    for (int t = 0; t < K; ++t) lam[t] = w.gate[static_cast<size_t>(t) * N + n];
+    std::vector<S> lam_s(lam.begin(), lam.end());
+    exit_distribution(lam_s.data(), K, p.data());
+    for (int t = 0; t < K; ++t) {
+      const S* x = w.per_loop[static_cast<size_t>(t)].logits.data() + static_cast<size_t>(n) * V;
+      double mx = x[0];
+      for (int v = 1; v < V; ++v) mx = std::max(mx, static_cast<double>(x[v]));
+      double se = 0;
+      for (int v = 0; v < V; ++v) se += std::exp(static_cast<double>(x[v]) - mx);
+      const double lse = mx + std::log(se);
+      L[t] = lse - x[tgt];
+      // dL/dlogits at loop t, weighted by p(t)
+      S* d = w.per_loop[static_cast<size_t>(t)].dlogits.data() + static_cast<size_t>(n) * V;
+      const double coef = p[t] / count;
+      for (int v = 0; v < V; ++v) d[v] = static_cast<S>(coef * std::exp(static_cast<double>(x[v]) - lse));
+      d[tgt] -= static_cast<S>(coef);
+    }
+    double ent = 0;
+    for (int t = 0; t < K; ++t) {
+      const double lp = std::log(std::max(p[t], 1e-30));
+      total += p[t] * L[t];
+      ent -= p[t] * lp;
+      g[t] = (L[t] + beta * (lp + 1.0)) / count;
+      depth += (t + 1) * p[t];
+    }
+    total -= beta * ent;
+    // dloss/dlambda_j = sum_t g_t dp(t)/dlambda_j, products without division
+    for (int j = 0; j < K - 1; ++j) {
+      double dl = 0;
+      for (int t = j; t < K; ++t) {
+        double prod = t < K - 1 ? (t == j ? 1.0 : lam[t]) : 1.0;
+        for (int i = 0; i < t; ++i)
+          if (i != j) prod *= 1.0 - lam[i];
+        dl += g[t] * (t == j ? prod : -prod);
+      }
+      dz[static_cast<size_t>(j) * N + n] = static_cast<S>(dl * lam[j] * (1.0 - lam[j]));
+    }
+  }
+  // the readout and gate gradients at every loop, into D (K+1, N, C)
+  Buffer<S> D((static_cast<size_t>(K) + 1) * NC, S(0));
+  for (int t = 1; t <= K; ++t) {
+    ReadoutCache<S>& rc = w.per_loop[static_cast<size_t>(t - 1)];
+    std::fill(rc.dln.begin(), rc.dln.end(), S(0));
+    linear_backward<S>(rc.dln.data(), grads + layout.wte(), nullptr, rc.dlogits.data(), rc.ln.data(), P + layout.wte(),
+                       N, C, V);
+    for (int n = 0; n < N; ++n) {
+      const S dzn = dz[static_cast<size_t>(t - 1) * N + n];
+      if (dzn == S(0)) continue;
+      const S* u = rc.ln.data() + static_cast<size_t>(n) * C;
+      S* du = rc.dln.data() + static_cast<size_t>(n) * C;
+      for (int c = 0; c < C; ++c) {
+        grads[layout.gate_w() + c] += dzn * u[c];
+        du[c] += dzn * P[layout.gate_w() + c];
+      }
+      grads[layout.gate_b()] += dzn;
+    }
+    layernorm_backward(D.data() + NC * t, grads + layout.lnf_w(), grads + layout.lnf_b(), rc.dln.data(),
+                       w.h.data() + NC * t, P + layout.lnf_w(), rc.mean.data(), rc.rstd.data(), N, C);
+  }
+  // back through the loops: dh_k = dh_{k+1} + J^T dh_{k+1} (+ the readout/gate terms at h_k)
+  std::memcpy(w.dh.data(), D.data() + NC * K, NC * sizeof(S));
+  for (int k = K - 1; k >= 0; --k) {
+    std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));
+    field.vjp(w.dh.data(), grads + layout.field_begin(), w.f.data(), field_params(), w.cache[k], w.grad);
+    if (k >= 1)
+      for (size_t i = 0; i < NC; ++i) w.dh[i] += D[NC * k + i];
+  }
+  embedding_backward(grads + layout.wte(), grads + layout.wpe(), w.dh.data(), tokens.data.data(), tokens.B,
+                     tokens.T, C);
+  if (mean_depth) *mean_depth = count ? depth / count : 0.0;
+  return static_cast<S>(count ? total / count : 0.0);
+}
+
+template <class S>
+void Model<S>::loop_exit(const TokenBatch& tokens, int K, const std::string& rule, double threshold,
+                         Buffer<S>& logits, std::vector<int>& depth, LoopWork<S>& w) const {
+  if (K < 1) throw Error("early exit needs K >= 1 loops");
+  if (rule == "q" && !cfg.exit_gate) throw Error("exit rule q needs a model with an exit gate");
+  if (rule != "q" && rule != "delta") throw Error("unknown exit rule '" + rule + "' (q or delta)");
+  loop_forward(tokens, K, w);
+  const int N = tokens.B * tokens.T, C = cfg.d_model, V = cfg.vocab_size;
+  const size_t NC = static_cast<size_t>(N) * C;
+  const S* P = params.data();
+  w.per_loop.resize(static_cast<size_t>(K));
+  for (int t = 1; t <= K; ++t) {
+    w.per_loop[static_cast<size_t>(t - 1)].resize(cfg, N);
+    readout(w.h.data() + NC * t, N, w.per_loop[static_cast<size_t>(t - 1)]);
+  }
+  logits.resize(static_cast<size_t>(N) * V);
+  depth.assign(static_cast<size_t>(N), K);
+  std::vector<S> lam(static_cast<size_t>(K));
+  std::vector<double> p(static_cast<size_t>(K));
+  for (int n = 0; n < N; ++n) {
+    int exit_at = K;
+    if (rule == "q") {
+      for (int t = 0; t < K; ++t) {
+        double z = P[layout.gate_b()];
+        const S* u = w.per_loop[static_cast<size_t>(t)].ln.data() + static_cast<size_t>(n) * C;
+        for (int c = 0; c < C; ++c) z += static_cast<double>(u[c]) * P[layout.gate_w() + c];
+        lam[t] = static_cast<S>(1.0 / (1.0 + std::exp(-z)));
+      }
+      exit_distribution(lam.data(), K, p.data());
+      double cdf = 0;
+      for (int t = 0; t < K; ++t) {
+        cdf += p[t];
+        if (cdf >= threshold) {
+          exit_at = t + 1;
+          break;
+        }
+      }
+    } else {
+      for (int t = 1; t <= K; ++t) {
+        const S* a = w.h.data() + NC * t + static_cast<size_t>(n) * C;
+        const S* b = w.h.data() + NC * (t - 1) + static_cast<size_t>(n) * C;
+        double d = 0;
+        for (int c = 0; c < C; ++c) d += static_cast<double>(a[c] - b[c]) * (a[c] - b[c]);
+        if (std::sqrt(d) < threshold) {
+          exit_at = t;
+          break;
+        }
+      }
+    }
+    depth[static_cast<size_t>(n)] = exit_at;
+    std::memcpy(logits.data() + static_cast<size_t>(n) * V,
+                w.per_loop[static_cast<size_t>(exit_at - 1)].logits.data() + static_cast<size_t>(n) * V, V * sizeof(S));
+  }
 }
 
 template <class S>

@@ -44,6 +44,10 @@ ParamLayout::ParamLayout(const ModelConfig& cfg) {
   field_end_ = size_;
   lnf_w_ = add("ln_f.weight", {C});
   lnf_b_ = add("ln_f.bias", {C});
+  if (cfg.exit_gate) {
+    gate_w_ = add("exit_gate.weight", {C});
+    gate_b_ = add("exit_gate.bias", {1});
+  }
 }
 
 const TensorInfo* ParamLayout::find(const std::string& name) const {

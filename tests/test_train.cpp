@@ -334,3 +334,88 @@ TEST_CASE("flowloop train and eval from the command line", "[train][cli]") {
   REQUIRE(rc == 0);
   CHECK(nlohmann::json::parse(o)["nfe"] == 5.0);
 }
+
+namespace {
+Model<double> gate_model(uint64_t seed) {
+  ModelConfig c = make_config(7, 5, 8, 2, 12, 1, 3);
+  c.exit_gate = true;
+  Model<double> m(c);
+  Rng rng(seed);
+  for (const auto& t : m.layout.tensors()) {
+    const bool ln_w = t.name.find("ln_") != std::string::npos && t.name.find(".weight") != std::string::npos;
+    for (size_t i = 0; i < t.numel; ++i) m.params[t.offset + i] = (ln_w ? 1.0 : 0.0) + 0.3 * rng.normal();
+  }
+  return m;
+}
+TokenBatch rows(int B, int T, int V, uint64_t seed, bool ignore) {
+  TokenBatch tb;
+  tb.B = B;
+  tb.T = T;
+  Rng rng(seed);
+  for (int i = 0; i < B * T; ++i) tb.data.push_back(static_cast<int32_t>(rng.next() % static_cast<uint64_t>(V)));
+  if (ignore) tb.data[2] = -1;
+  return tb;
+}
+}  // namespace
+
+TEST_CASE("exit gate: the loss against a hand-computed case and finite differences", "[train][gate]") {
+  Model<double> m = gate_model(1);
+  const TokenBatch tok = rows(2, 4, 7, 2, false), tgt = rows(2, 4, 7, 3, true);
+  const int K = 3;
+  const double beta = 0.1;
+  // a constant gate: w = 0, b = 0 -> lambda = 1/2, p = (1/2, 1/4, 1/4)
+  Model<double> h = m;
+  for (int c = 0; c < 8; ++c) h.params[h.layout.gate_w() + c] = 0.0;
+  h.params[h.layout.gate_b()] = 0.0;
+  double Lt[K];
+  for (int t = 1; t <= K; ++t) {
+    LoopWork<double> w;
+    std::vector<double> scratch(h.params.size(), 0.0);
+    Lt[t - 1] = h.loop_loss_and_grad(tok, tgt, t, scratch.data(), w);
+  }
+  const double p[K] = {0.5, 0.25, 0.25};
+  double expect = 0, H = 0;
+  for (int t = 0; t < K; ++t) {
+    expect += p[t] * Lt[t];
+    H -= p[t] * std::log(p[t]);
+  }
+  expect -= beta * H;
+  std::vector<double> g(h.params.size(), 0.0);
+  LoopWork<double> w;
+  double depth = 0;
+  CHECK(h.loop_gate_loss_and_grad(tok, tgt, K, beta, g.data(), w, &depth) == Approx(expect).epsilon(1e-12));
+  CHECK(depth == Approx(0.5 * 1 + 0.25 * 2 + 0.25 * 3));
+  // the exact gradient, every parameter tensor, against central differences
+  std::vector<double> grads(m.params.size(), 0.0);
+  LoopWork<double> w2;
+  m.loop_gate_loss_and_grad(tok, tgt, K, beta, grads.data(), w2);
+  auto loss = [&] {
+    std::vector<double> d(m.params.size(), 0.0);
+    LoopWork<double> w3;
+    return m.loop_gate_loss_and_grad(tok, tgt, K, beta, d.data(), w3);
+  };
+  for (const auto& t : m.layout.tensors()) {
+    INFO(t.name);
+    std::vector<double> an(grads.begin() + static_cast<long>(t.offset), grads.begin() + static_cast<long>(t.offset + t.numel));
+    CHECK(rel_error(an, fd_grad(loss, m.params.data() + t.offset, t.numel)) < 1e-6);
+  }
+  // early exit: q = 1 waits for the last loop; a tiny q exits at the first
+  Buffer<double> lg;
+  std::vector<int> dep;
+  LoopWork<double> w4;
+  m.loop_exit(tok, K, "q", 1.0 + 1e-9, lg, dep, w4);
+  for (int d : dep) CHECK(d == K);
+  m.loop_exit(tok, K, "q", 1e-9, lg, dep, w4);
+  for (int d : dep) CHECK(d == 1);
+  m.loop_exit(tok, K, "delta", 1e9, lg, dep, w4);
+  for (int d : dep) CHECK(d == 1);
+  CHECK(lg[0] == w4.per_loop[0].logits[0]);
+  CHECK_THROWS_WITH(m.loop_exit(tok, K, "kl", 0.1, lg, dep, w4), Catch::Contains("unknown exit rule 'kl'"));
+  // a file without the gate still loads the base model; with it, the gate comes back
+  TempDir dir;
+  const std::string path = (dir.path / "g.safetensors").string();
+  save_checkpoint(path, m.cfg, m.layout, m.params.data());
+  const Model<double> back = load_model<double>(path);
+  CHECK(back.cfg.exit_gate);
+  CHECK(back.params == m.params);
+}

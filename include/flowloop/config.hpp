@@ -14,6 +14,7 @@ struct ModelConfig {
   int d_ff = 0;        // F (0 when building means 4C)
   int n_block = 1;     // L, blocks inside one field evaluation
   int depth = 1;       // loop count the model was trained at (T1 of the ODE view)
+  bool exit_gate = false;  // Ouro's learned exit gate (tensors exit_gate.weight (C), exit_gate.bias (1))
 
   int head_dim() const { return d_model / n_head; }  // D
 

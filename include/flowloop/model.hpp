@@ -53,6 +53,8 @@ struct LoopWork {
   std::vector<FieldCache<S>> cache;  // K
   FieldGradWork<S> grad;
   ReadoutCache<S> readout;
+  std::vector<ReadoutCache<S>> per_loop;  // exit gate: the readout at every loop
+  Buffer<S> gate;                         // exit gate: (K+1, N) lambda, then scratch
   void resize(const ModelConfig& cfg, int B, int T, int K);
 };
 
@@ -135,6 +137,22 @@ class Model {
   S ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const SolveOptions& opt,
                            const GradOptions& gopt, S* grads, GradStats& stats, S* dh0,
                            Buffer<S>* logits = nullptr) const;
+
+  // Ouro's learned exit gate on `loop K` (the config must have exit_gate):
+  // lambda_t = sigmoid(w . LN_f(h_t) + b) per token for t < K;
+  // p(t) = lambda_t prod_{j<t} (1 - lambda_j), p(K) = prod_{j<K} (1 - lambda_j);
+  // loss = mean over scored tokens of sum_t p(t) L_t - beta H(p), L_t the token's
+  // cross-entropy at loop t. grads += its exact gradient. Also returns, per call,
+  // the mean expected exit depth sum_t t p(t) in *mean_depth if non-null.
+  S loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, int K, double beta, S* grads,
+                            LoopWork<S>& w, double* mean_depth = nullptr) const;
+
+  // Per-token early exit on `loop K`: each token takes its logits at its exit loop.
+  // rule "q": the first t where the gate's cumulative exit probability reaches
+  // threshold; rule "delta": the first t where ||h_t - h_{t-1}|| < threshold
+  // (K if never). logits (B*T, V), depth (B*T) in 1..K.
+  void loop_exit(const TokenBatch& tokens, int K, const std::string& rule, double threshold, Buffer<S>& logits,
+                 std::vector<int>& depth, LoopWork<S>& w) const;
 
   ModelConfig cfg;
   ParamLayout layout;

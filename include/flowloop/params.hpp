@@ -2,7 +2,8 @@
 // named views; gradients use the same layout (same offsets), so optimizers,
 // finite-difference checks and the ODE's parameter adjoint loop over one vector.
 //
-// Order in the buffer: wte, wpe, field.h.0.* ... field.h.{L-1}.*, ln_f.*.
+// Order in the buffer: wte, wpe, field.h.0.* ... field.h.{L-1}.*, ln_f.*, then the
+// exit gate (exit_gate.weight, exit_gate.bias) when the config has one.
 // The field's parameters form one contiguous range [field_begin, field_end).
 #pragma once
 
@@ -46,6 +47,8 @@ class ParamLayout {
   size_t wpe() const { return wpe_; }
   size_t lnf_w() const { return lnf_w_; }
   size_t lnf_b() const { return lnf_b_; }
+  size_t gate_w() const { return gate_w_; }  // exit gate (when the config has one)
+  size_t gate_b() const { return gate_b_; }
   size_t field_begin() const { return field_begin_; }
   size_t field_end() const { return field_end_; }
 
@@ -53,6 +56,7 @@ class ParamLayout {
   size_t add(const std::string& name, std::vector<int64_t> shape);
   std::vector<TensorInfo> tensors_;
   std::vector<BlockOffsets> blocks_;
+  size_t gate_w_ = 0, gate_b_ = 0;
   size_t size_ = 0, wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0, field_begin_ = 0, field_end_ = 0;
 };
 
