@@ -346,6 +346,8 @@ int main(int argc, char** argv) {
   topt("--n-block", "n_block", tc.n_block, "blocks L in the field");
   topt("--d-ff", "d_ff", tc.d_ff, "MLP width (default 4C)");
   topt("--loops", "loops", tc.loops, "depth: loop K times");
+  tr_opts.push_back({"exit_gate", tr->add_flag("--exit-gate", tc.exit_gate, "loops: train Ouro's exit gate")});
+  topt("--gate-beta", "gate_beta", tc.gate_beta, "exit gate: entropy weight beta");
   topt("--solver", "solver", tc.solver, "depth: integrate with this method");
   topt("--solver-steps", "solver_steps", tc.solver_steps, "fixed steps of the solver");
   topt("--rtol", "rtol", tc.rtol, "adaptive solver rtol");
@@ -374,6 +376,7 @@ int main(int argc, char** argv) {
   DepthArgs ev_depth;
   int ev_batches = 16, ev_batch = 32;
   bool ev_json = false;
+  double ev_exit_q = -1, ev_exit_delta = -1;
   auto* ev = app.add_subcommand("eval", "test loss and accuracy of a trained model");
   ev->add_option("-m,--model", ev_model, "model .safetensors written by train")->required()->check(CLI::ExistingFile);
   ev->add_option("--task", ev_task, "task (default: the one it was trained on)");
@@ -381,6 +384,8 @@ int main(int argc, char** argv) {
   ev->add_option("--batches", ev_batches, "test batches")->capture_default_str();
   ev->add_option("--batch", ev_batch, "batch size")->capture_default_str();
   ev->add_flag("--json", ev_json, "one JSON line");
+  ev->add_option("--exit-q", ev_exit_q, "loops + exit gate: each token exits where the cumulative exit probability reaches Q");
+  ev->add_option("--exit-delta", ev_exit_delta, "loops: each token exits where ||h_t - h_{t-1}|| < D");
 
   CLI11_PARSE(app, argc, argv);
 
@@ -483,9 +488,16 @@ int main(int argc, char** argv) {
       if (model.cfg.vocab_size != data->vocab_size() || model.cfg.context < data->seq_len())
         throw Error("task '" + c.task + "' does not fit the model (vocabulary " + std::to_string(data->vocab_size()) +
                     ", length " + std::to_string(data->seq_len()) + ")");
-      const EvalResult r = evaluate(model, *data, c, ev_batches, ev_batch);
+      if (ev_exit_q >= 0 && ev_exit_delta >= 0) throw Error("give --exit-q or --exit-delta, not both");
+      const std::string rule = ev_exit_q >= 0 ? "q" : ev_exit_delta >= 0 ? "delta" : "";
+      const EvalResult r = evaluate(model, *data, c, ev_batches, ev_batch, rule, ev_exit_q >= 0 ? ev_exit_q : ev_exit_delta);
       json j = {{"model", ev_model}, {"data", json::parse(data->describe())}, {"loss", r.loss}, {"accuracy", r.accuracy},
                 {"examples", r.examples}, {"nfe", r.nfe}};
+      if (!rule.empty()) {
+        j["exit_rule"] = rule;
+        j["exit_threshold"] = ev_exit_q >= 0 ? ev_exit_q : ev_exit_delta;
+        j["exit_depth"] = r.exit_depth;
+      }
       if (c.loops > 0) j["loops"] = c.loops;
       else j["solver"] = c.solver;
       if (ev_json) std::cout << j.dump() << std::endl;

@@ -37,7 +37,7 @@ void field(const json& j, const char* key, T& dst, const std::string& where) {
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
   X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) \
-  X(loops) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(batch_coupled) X(grad) X(steps) \
+  X(loops) X(exit_gate) X(gate_beta) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(batch_coupled) X(grad) X(steps) \
   X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
   X(eval_batches) X(checkpoint_every) X(seed) X(out)
 
@@ -78,6 +78,8 @@ void TrainConfig::validate() const {
   if (!task.empty()) make_task({task, seed, task_n, task_hops, task_prime});
   if (loops <= 0 && solver.empty()) throw fail("give loops > 0 or a solver");
   if (loops > 0 && !solver.empty()) throw fail("give loops or a solver, not both");
+  if (exit_gate && loops <= 0) throw fail("exit_gate needs loops > 0");
+  if (!(gate_beta >= 0)) throw fail("gate_beta must be >= 0");
   if (!solver.empty()) {
     solve_options().validate();
     grad_method(grad);
@@ -183,7 +185,7 @@ double accuracy(const float* logits, const TokenBatch& targets, int V, bool exac
 }
 
 EvalResult evaluate(const Model<float>& model, const DataSource& data, const TrainConfig& c, int batches,
-                    int batch_size) {
+                    int batch_size, const std::string& exit_rule, double exit_threshold) {
   EvalResult r;
   double loss = 0, right = 0;
   TokenBatch tok, tgt;
@@ -193,7 +195,16 @@ EvalResult evaluate(const Model<float>& model, const DataSource& data, const Tra
     LoopWork<float> w;
     Buffer<float> h;
     ReadoutCache<float> rc;
-    if (c.loops > 0) {
+    Buffer<float> exit_logits;
+    std::vector<int> depth;
+    if (c.loops > 0 && !exit_rule.empty()) {
+      model.loop_exit(tok, c.loops, exit_rule, exit_threshold, exit_logits, depth, w);
+      r.nfe += c.loops;
+      double sum = 0;
+      for (int d : depth) sum += d;
+      r.exit_depth += sum / static_cast<double>(depth.size());
+      logits = &exit_logits;
+    } else if (c.loops > 0) {
       r.nfe += model.loop_forward(tok, c.loops, w);
       logits = &w.readout.logits;
     } else {
@@ -212,6 +223,7 @@ EvalResult evaluate(const Model<float>& model, const DataSource& data, const Tra
   r.loss = loss / batches;
   r.accuracy = r.examples ? right / static_cast<double>(r.examples) : 0.0;
   r.nfe /= batches;
+  r.exit_depth /= batches;
   return r;
 }
 
@@ -282,6 +294,7 @@ Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
   mc.d_ff = I.c.d_ff;
   mc.n_block = I.c.n_block;
   mc.depth = I.c.loops > 0 ? I.c.loops : static_cast<int>(std::lround(I.c.solve_options().t1));
+  mc.exit_gate = I.c.exit_gate;
   mc.finalize();
   I.model = std::make_unique<Model<float>>(mc);
   I.model->init(I.c.seed);
@@ -345,7 +358,12 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     float loss;
     int64_t nfe_f, nfe_b;
     const float* lg;
-    if (c.loops > 0) {
+    double exit_depth = 0;
+    if (c.loops > 0 && c.exit_gate) {
+      loss = m.loop_gate_loss_and_grad(tok, tgt, c.loops, c.gate_beta, grads.data(), w, &exit_depth);
+      nfe_f = nfe_b = c.loops;
+      lg = w.per_loop.back().logits.data();
+    } else if (c.loops > 0) {
       loss = m.loop_loss_and_grad(tok, tgt, c.loops, grads.data(), w);
       nfe_f = nfe_b = c.loops;
       lg = w.readout.logits.data();
@@ -374,6 +392,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     line["nfe_forward"] = nfe_f;
     line["nfe_backward"] = nfe_b;
     line["tokens_per_s"] = static_cast<double>(tok.B) * tok.T / dt;
+    if (c.exit_gate) line["exit_depth"] = exit_depth;
     line["wall_s"] = wall;
     if (I.step % c.eval_every == 0 || I.step == c.steps) {
       const EvalResult ev = evaluate(m, *I.data, c, c.eval_batches, c.batch);

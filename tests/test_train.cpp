@@ -333,6 +333,28 @@ TEST_CASE("flowloop train and eval from the command line", "[train][cli]") {
   o = run_command(std::string(FLOWLOOP_CLI) + " eval -m " + out + "/model.safetensors --loops 5 --json", &rc);
   REQUIRE(rc == 0);
   CHECK(nlohmann::json::parse(o)["nfe"] == 5.0);
+  // with the exit gate: the expected exit depth is logged, and evaluation exits early
+  const std::string gated = (dir.path / "gated").string();
+  o = run_command(std::string(FLOWLOOP_CLI) +
+                      " train --task modarith --task-n 2 --loops 3 --exit-gate --gate-beta 0.05 --d-model 16 --n-head 2 "
+                      "--steps 4 --batch 4 --eval-every 2 --eval-batches 1 --out " + gated, &rc);
+  REQUIRE(rc == 0);
+  const auto lines = read_metrics(dir.path / "gated");
+  REQUIRE(lines.size() == 4);
+  CHECK(lines[0]["exit_depth"].get<double>() > 1.0);
+  CHECK(lines[0]["exit_depth"].get<double>() < 3.0);
+  double last = 0;
+  for (const char* q : {"0.01", "0.5", "1.01"}) {
+    o = run_command(std::string(FLOWLOOP_CLI) + " eval -m " + gated + "/model.safetensors --exit-q " + q + " --json", &rc);
+    REQUIRE(rc == 0);
+    const double d = nlohmann::json::parse(o)["exit_depth"].get<double>();
+    CHECK(d >= last);
+    last = d;
+  }
+  CHECK(last == 3.0);
+  o = run_command(std::string(FLOWLOOP_CLI) + " eval -m " + out + "/model.safetensors --exit-q 0.5 --json", &rc);
+  CHECK(rc != 0);
+  CHECK(o.find("needs a model with an exit gate") != std::string::npos);
 }
 
 namespace {

@@ -68,6 +68,7 @@ struct EvalResult {
   double loss = 0, accuracy = 0;
   int64_t examples = 0;
   double nfe = 0;  // mean field evaluations per batch
+  double exit_depth = 0;  // mean exit loop per token (early-exit evaluation), else 0
 };
 
 }  // namespace flowloop

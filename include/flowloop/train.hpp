@@ -28,6 +28,8 @@ struct TrainConfig {
   int d_model = 64, n_head = 4, n_block = 1, d_ff = 0;
   // depth: loops > 0, or an ODE solve
   int loops = 0;
+  bool exit_gate = false;  // loops only: train Ouro's exit gate with entropy weight gate_beta
+  double gate_beta = 0.1;
   std::string solver;
   int solver_steps = 0;
   double rtol = 0, atol = 0, t1 = 0;  // t1 0: the loop count's equivalent, 4
@@ -68,9 +70,11 @@ class AdamW {
 
 std::unique_ptr<DataSource> make_source(const TrainConfig& c);
 
-// Loss, accuracy and nfe over `batches` test batches.
+// Loss, accuracy and nfe over `batches` test batches. With an exit rule ("q":
+// the gate's cumulative exit probability reaches the threshold; "delta":
+// ||h_t - h_{t-1}|| falls below it) each token answers at its exit loop.
 EvalResult evaluate(const Model<float>& model, const DataSource& data, const TrainConfig& depth, int batches,
-                    int batch_size);
+                    int batch_size, const std::string& exit_rule = "", double exit_threshold = 0.0);
 
 // Accuracy of logits (B*T, V) against targets: exact match of every scored
 // position of a row, or the fraction of scored positions right.
