@@ -348,6 +348,8 @@ int main(int argc, char** argv) {
   topt("--loops", "loops", tc.loops, "depth: loop K times");
   tr_opts.push_back({"exit_gate", tr->add_flag("--exit-gate", tc.exit_gate, "loops: train Ouro's exit gate")});
   topt("--gate-beta", "gate_beta", tc.gate_beta, "exit gate: entropy weight beta");
+  topt("--random-depth", "random_depth_mean", tc.random_depth_mean, "loops: Huginn's random depth around this mean");
+  topt("--backprop-loops", "backprop_loops", tc.backprop_loops, "random depth: backpropagate through the last k loops");
   topt("--solver", "solver", tc.solver, "depth: integrate with this method");
   topt("--solver-steps", "solver_steps", tc.solver_steps, "fixed steps of the solver");
   topt("--rtol", "rtol", tc.rtol, "adaptive solver rtol");

@@ -162,7 +162,7 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
 
 template <class S>
 S Model<S>::loop_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, int K,
-                               S* grads, LoopWork<S>& w, S* dh0) const {
+                               S* grads, LoopWork<S>& w, S* dh0, int truncate) const {
   tokens.check(cfg, "tokens");
   if (targets.B != tokens.B || targets.T != tokens.T)
     throw Error("targets have shape (" + std::to_string(targets.B) + ", " +
@@ -170,7 +170,7 @@ S Model<S>::loop_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targe
                 ", " + std::to_string(tokens.T) + ")");
   w.resize(cfg, tokens.B, tokens.T, K < 0 ? 0 : K);
   embed(w.h.data(), tokens);
-  const S loss = loop_loss_and_grad_from(w.h.data(), targets, K, grads, w, dh0);
+  const S loss = loop_loss_and_grad_from(w.h.data(), targets, K, grads, w, dh0, truncate);
   embedding_backward(grads + layout.wte(), grads + layout.wpe(), w.dh.data(), tokens.data.data(),
                      tokens.B, tokens.T, cfg.d_model);
   return loss;
@@ -178,7 +178,7 @@ S Model<S>::loop_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targe
 
 template <class S>
 S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int K, S* grads,
-                                    LoopWork<S>& w, S* dh0) const {
+                                    LoopWork<S>& w, S* dh0, int truncate) const {
   targets.check(cfg, "targets", /*allow_ignore=*/true);
   const int B = targets.B, T = targets.T, N = B * T;
   loop_forward_from(h0, B, T, K, w);
@@ -189,10 +189,12 @@ S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int 
   std::fill(w.dh.begin(), w.dh.end(), S(0));
   readout_backward(w.dh.data(), grads, w.h.data() + NC * K, N, w.readout);
   // h_{k+1} = h_k + f(h_k):  dh_k = dh_{k+1} + J_f(h_k)^T dh_{k+1}
-  for (int k = K - 1; k >= 0; --k) {
+  const int stop = truncate > 0 ? std::max(0, K - truncate) : 0;
+  for (int k = K - 1; k >= stop; --k) {
     std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));  // f holds dh_{k+1}
     field.vjp(w.dh.data(), grads + layout.field_begin(), w.f.data(), field_params(), w.cache[k], w.grad);
   }
+  if (stop > 0) std::fill(w.dh.begin(), w.dh.end(), S(0));  // the earlier loops ran without gradient
   if (dh0) std::memcpy(dh0, w.dh.data(), NC * sizeof(S));
   return loss;
 }

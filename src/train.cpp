@@ -37,7 +37,7 @@ void field(const json& j, const char* key, T& dst, const std::string& where) {
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
   X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) \
-  X(loops) X(exit_gate) X(gate_beta) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(batch_coupled) X(grad) X(steps) \
+  X(loops) X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(batch_coupled) X(grad) X(steps) \
   X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
   X(eval_batches) X(checkpoint_every) X(seed) X(out)
 
@@ -80,6 +80,9 @@ void TrainConfig::validate() const {
   if (loops > 0 && !solver.empty()) throw fail("give loops or a solver, not both");
   if (exit_gate && loops <= 0) throw fail("exit_gate needs loops > 0");
   if (!(gate_beta >= 0)) throw fail("gate_beta must be >= 0");
+  if (!(random_depth_mean >= 0) || random_depth_mean > 64) throw fail("random_depth_mean must be in [0, 64]");
+  if (random_depth_mean > 0 && (loops <= 0 || exit_gate)) throw fail("random depth needs loops (for evaluation) and no exit gate");
+  if (backprop_loops <= 0) throw fail("backprop_loops must be positive");
   if (!solver.empty()) {
     solve_options().validate();
     grad_method(grad);
@@ -110,6 +113,21 @@ SolveOptions TrainConfig::solve_options() const {
     o.steps = std::max(1, static_cast<int>(std::lround(o.t1)));
   }
   return o;
+}
+
+int random_depth(double mean, uint64_t seed, int64_t step) {
+  Rng rng(seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(step) * 0xd1b54a32d192ed03ULL + 0x68756769);
+  const double s = 0.5;
+  const double tau = std::exp(std::log(mean) - 0.5 * s * s + s * rng.normal());
+  // Poisson(tau) by Knuth's product of uniforms (tau is small)
+  const double limit = std::exp(-tau);
+  int k = 0;
+  double prod = rng.uniform();
+  while (prod > limit && k < 1000) {
+    ++k;
+    prod *= rng.uniform();
+  }
+  return k + 1;
 }
 
 double learning_rate(const TrainConfig& c, int64_t step) {
@@ -364,8 +382,11 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
       nfe_f = nfe_b = c.loops;
       lg = w.per_loop.back().logits.data();
     } else if (c.loops > 0) {
-      loss = m.loop_loss_and_grad(tok, tgt, c.loops, grads.data(), w);
-      nfe_f = nfe_b = c.loops;
+      const int K = c.random_depth_mean > 0 ? random_depth(c.random_depth_mean, c.seed, I.step) : c.loops;
+      const int k = c.random_depth_mean > 0 ? c.backprop_loops : 0;
+      loss = m.loop_loss_and_grad(tok, tgt, K, grads.data(), w, nullptr, k);
+      nfe_f = K;
+      nfe_b = k > 0 ? std::min(K, k) : K;
       lg = w.readout.logits.data();
     } else {
       GradStats st;

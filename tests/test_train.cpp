@@ -441,3 +441,37 @@ TEST_CASE("exit gate: the loss against a hand-computed case and finite differenc
   CHECK(back.cfg.exit_gate);
   CHECK(back.params == m.params);
 }
+
+TEST_CASE("random depth: Poisson-lognormal loops and truncated backprop", "[train][depth]") {
+  double sum = 0;
+  int lo = 1000, hi = 0;
+  for (int64_t s = 0; s < 4000; ++s) {
+    const int k = random_depth(4.0, 7, s);
+    sum += k;
+    lo = std::min(lo, k);
+    hi = std::max(hi, k);
+  }
+  CHECK(sum / 4000 == Approx(5.0).epsilon(0.05));  // E[K] = mean + 1
+  CHECK(lo == 1);
+  CHECK(hi > 10);
+  CHECK(random_depth(4.0, 7, 3) == random_depth(4.0, 7, 3));
+  // truncated backprop: the gradient of the last k loops only, equal to the full
+  // gradient of a model that starts from h_{K-k} without a gradient path behind it
+  Model<double> m = gate_model(5);
+  const TokenBatch tok = rows(2, 4, 7, 6, false), tgt = rows(2, 4, 7, 8, true);
+  const int K = 5, k = 2;
+  std::vector<double> gt(m.params.size(), 0.0);
+  LoopWork<double> w;
+  const double lt = m.loop_loss_and_grad(tok, tgt, K, gt.data(), w, nullptr, k);
+  const size_t NC = 2 * 4 * 8;
+  std::vector<double> hmid(w.h.begin() + static_cast<long>(NC * (K - k)), w.h.begin() + static_cast<long>(NC * (K - k + 1)));
+  std::vector<double> gf(m.params.size(), 0.0), dh0(NC);
+  LoopWork<double> w2;
+  const double lf = m.loop_loss_and_grad_from(hmid.data(), tgt, k, gf.data(), w2, dh0.data());
+  CHECK(lt == lf);
+  CHECK(rel_error(gt, gf) < 1e-12);
+  std::vector<double> full(m.params.size(), 0.0);
+  LoopWork<double> w3;
+  m.loop_loss_and_grad(tok, tgt, K, full.data(), w3);
+  CHECK(rel_error(full, gt) > 1e-6);  // the truncation changes the gradient
+}

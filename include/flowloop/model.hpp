@@ -112,13 +112,15 @@ class Model {
   // Forward, mean cross-entropy against targets (B,T; -1 ignored) and the exact
   // gradient through the K loops: grads (flat, model layout) += dL/dtheta.
   // If dh0 is non-null it receives dL/dh(0) (B,T,C), overwritten.
+  // truncate > 0: backpropagate through the last `truncate` loops only (Huginn's
+  // truncated backprop); the earlier loops and the embedding's path get no gradient.
   S loop_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, int K, S* grads,
-                       LoopWork<S>& w, S* dh0 = nullptr) const;
+                       LoopWork<S>& w, S* dh0 = nullptr, int truncate = 0) const;
 
   // The same from a given h(0); embedding gradients are not formed, dh0
   // (if non-null) receives dL/dh(0).
   S loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int K, S* grads,
-                            LoopWork<S>& w, S* dh0) const;
+                            LoopWork<S>& w, S* dh0, int truncate = 0) const;
 
   // Depth as an ODE: h(0) = embedding, dh/dt = f(h, t) on [opt.t0, opt.t1],
   // logits = readout(h(t1)) into rc.logits. h receives h(t1) (B,T,C).

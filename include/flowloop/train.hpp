@@ -30,6 +30,11 @@ struct TrainConfig {
   int loops = 0;
   bool exit_gate = false;  // loops only: train Ouro's exit gate with entropy weight gate_beta
   double gate_beta = 0.1;
+  // loops only: Huginn's random depth. Each batch loops K = Poisson(tau) + 1 times,
+  // tau ~ LogNormal(log(mean) - s^2/2, s = 0.5), backpropagating through the last
+  // backprop_loops loops only. 0: off (evaluation then uses `loops`).
+  double random_depth_mean = 0;
+  int backprop_loops = 8;
   std::string solver;
   int solver_steps = 0;
   double rtol = 0, atol = 0, t1 = 0;  // t1 0: the loop count's equivalent, 4
@@ -50,6 +55,9 @@ struct TrainConfig {
   void validate() const;  // names the first bad field
   SolveOptions solve_options() const;
 };
+
+// Huginn's depth for training step `step` (a function of seed and step).
+int random_depth(double mean, uint64_t seed, int64_t step);
 
 // Learning rate at step s: linear warm-up to lr, then cosine down to min_lr.
 double learning_rate(const TrainConfig& c, int64_t step);
