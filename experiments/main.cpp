@@ -302,6 +302,7 @@ int main(int argc, char** argv) {
   btrain->add_option("--grad", btopt.grad, "backprop, checkpoint or adjoint")
       ->check(CLI::IsMember({"backprop", "checkpoint", "adjoint"}))->capture_default_str();
   btrain->add_flag("--seminorm", btopt.seminorm, "adjoint: leave the parameter adjoint out of the error norm");
+  btrain->add_flag("--adamw", btopt.adamw, "include an AdamW update in the step");
   btrain->add_option("--threads", btopt.threads, "threads (0 = all)")->capture_default_str();
   btrain->add_option("--reps", btopt.min_reps, "minimum timed repetitions")->capture_default_str();
   btrain->add_option("--seconds", btopt.min_seconds, "minimum timed seconds")->capture_default_str();

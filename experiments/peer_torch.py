@@ -17,6 +17,11 @@
       cross-entropy of the tied readout, gradient of every parameter): PyTorch +
       torchdiffeq with backprop through odeint and with odeint_adjoint, against
       `flowloop bench train --grad backprop` and `--grad adjoint`.
+  peer_torch.py loops  --flowloop BIN [--sizes S] [--threads 1 2]
+      Training throughput of the 4-loop model (loop 4, mean cross-entropy, full
+      backward, AdamW step): tokens per second of PyTorch eager against
+      `flowloop bench train --loops 4 --adamw`: both time forward, backward and
+      the update.
   peer_torch.py check  --flowloop BIN [--workdir DIR]
       Checkpoint interchange: a flowloop checkpoint loaded here gives flowloop's
       logits, and a checkpoint written here loads in flowloop and gives ours.
@@ -327,6 +332,47 @@ def train(args):
     print(json.dumps({"summary": summary}))
 
 
+# ---------------------------------------------------------------- loops
+def loops(args):
+    d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
+    os.makedirs(d, exist_ok=True)
+    summary = {}
+    for size in args.sizes:
+        B, T, C, NH, V, L = SIZES[size]
+        model, toks, tokens, targets, raw, cfg = size_setup(args, size, d, 4, True)
+        results = {}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            p = {k: torch.nn.Parameter(v.clone()) for k, v in raw.items()}
+            opt = torch.optim.AdamW(p.values(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+            times = []
+            start = time.perf_counter()
+            while len(times) < 3 or time.perf_counter() - start < args.seconds:
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                lg = logits(tokens, p, cfg, 4)
+                loss = F.cross_entropy(lg.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+                loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+            ms = 1e3 * float(np.median(times))
+            rec = {"impl": "pytorch", "size": size, "threads": threads, "ms": ms, "tokens_per_s": B * T / (ms / 1e3)}
+            results.setdefault("pytorch", []).append(rec)
+            print(json.dumps(rec), flush=True)
+            cmd = [args.flowloop, "bench", "train", "--size", size, "-m", model, "--tokens", toks, "--loops", "4",
+                   "--adamw", "--threads", str(threads), "--seconds", str(args.seconds)]
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            r["impl"] = "flowloop"
+            r["tokens_per_s"] = B * T / (r["ms"] / 1e3)
+            results.setdefault("flowloop", []).append(r)
+            print(json.dumps(r), flush=True)
+        best = {k: min(v, key=lambda r: r["ms"]) for k, v in results.items()}
+        summary[size] = {k: {"ms": v["ms"], "tokens_per_s": v["tokens_per_s"], "threads": v["threads"]}
+                         for k, v in best.items()}
+        summary[size]["throughput_ratio"] = best["flowloop"]["tokens_per_s"] / best["pytorch"]["tokens_per_s"]
+    print(json.dumps({"summary": summary}))
+
+
 # ---------------------------------------------------------------- check
 def check(args):
     d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
@@ -366,7 +412,7 @@ def check(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "solve", "train", "check"])
+    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "solve", "train", "loops", "check"])
     ap.add_argument("--flowloop", default="build/flowloop")
     ap.add_argument("--sizes", nargs="+", default=["S", "M"], choices=list(SIZES))
     ap.add_argument("--threads", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}))
@@ -381,6 +427,9 @@ def main():
         return
     if args.mode == "train":
         train(args)
+        return
+    if args.mode == "loops":
+        loops(args)
         return
     bench(args)
 

@@ -8,6 +8,7 @@
 
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/model.hpp"
+#include "flowloop/train.hpp"
 #include "flowloop/tensor.hpp"
 
 namespace flowloop {
@@ -268,6 +269,8 @@ std::string bench_train(const BenchTrainOptions& opt) {
     go.seminorm = opt.seminorm;
   }
   Buffer<float> grads(model.params.size());
+  TrainConfig tc;  // AdamW's defaults
+  AdamW adamw(model.layout, tc);
   GradStats st;
   float loss = 0;
   size_t peak = 0;
@@ -287,6 +290,7 @@ std::string bench_train(const BenchTrainOptions& opt) {
       peak = st.peak_bytes;
       if (!st.ok()) throw Error("bench train: " + st.message);
     }
+    if (opt.adamw) adamw.step(model.params.data(), grads.data(), 1e-6);
     times.push_back(now_ms() - t0);
   };
   once();  // warm-up
@@ -308,8 +312,10 @@ std::string bench_train(const BenchTrainOptions& opt) {
     j["grad"] = opt.grad;
   }
   j["threads"] = num_threads();
+  j["adamw"] = opt.adamw;
   j["reps"] = times.size();
   j["ms"] = median(times);
+  j["tokens_per_s"] = static_cast<double>(tokens.B) * tokens.T / (median(times) / 1000.0);
   j["loss"] = loss;
   j["nfe_forward"] = st.nfe_forward;
   j["nfe_backward"] = st.nfe_backward;

@@ -46,6 +46,7 @@ struct BenchTrainOptions : BenchSolveOptions {
   std::string grad = "backprop";  // backprop, checkpoint, adjoint
   int loops = 0;                  // > 0: `loop K` instead of a solver
   bool seminorm = false;
+  bool adamw = false;  // include an AdamW update in the step
 };
 
 // Times one training step: forward solve, loss, gradient. One JSON object with
