@@ -275,15 +275,17 @@ std::string bench_train(const BenchTrainOptions& opt) {
   float loss = 0;
   size_t peak = 0;
   std::vector<double> times;
+  LoopWork<float> lw;  // sized once, reused by every step (as the trainer does)
+  size_t lw_bytes = 0;
   auto once = [&] {
     std::fill(grads.begin(), grads.end(), 0.0f);
     const double t0 = now_ms();
     if (opt.loops > 0) {
-      const size_t base = MemoryStats::current();
+      const size_t base = MemoryStats::current() - (lw.h.capacity() ? lw_bytes : 0);
       MemoryStats::reset_peak();
-      LoopWork<float> w;
-      loss = model.loop_loss_and_grad(tokens, targets, opt.loops, grads.data(), w);
-      peak = MemoryStats::peak() - base;
+      loss = model.loop_loss_and_grad(tokens, targets, opt.loops, grads.data(), lw);
+      peak = std::max(peak, MemoryStats::peak() - base);
+      if (!lw_bytes) lw_bytes = MemoryStats::current() - base;  // what the warm-up step left allocated
       st.nfe_forward = st.nfe_backward = opt.loops;
     } else {
       loss = model.ode_loss_and_grad(tokens, targets, so, go, grads.data(), st);

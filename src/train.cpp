@@ -140,11 +140,12 @@ double learning_rate(const TrainConfig& c, int64_t step) {
 // ---------------------------------------------------------------- AdamW
 
 AdamW::AdamW(const ParamLayout& layout, const TrainConfig& c)
-    : m(layout.size(), 0.0f), v(layout.size(), 0.0f), decay_(layout.size(), 0),
-      b1_(c.beta1), b2_(c.beta2), eps_(c.eps), wd_(c.weight_decay), clip_(c.clip) {
+    : m(layout.size(), 0.0f), v(layout.size(), 0.0f), wd_(layout.size(), 0.0f),
+      b1_(c.beta1), b2_(c.beta2), eps_(c.eps), clip_(c.clip) {
   for (const auto& ti : layout.tensors())
     if (ti.shape.size() == 2)
-      std::fill(decay_.begin() + static_cast<long>(ti.offset), decay_.begin() + static_cast<long>(ti.offset + ti.numel), 1);
+      std::fill(wd_.begin() + static_cast<long>(ti.offset), wd_.begin() + static_cast<long>(ti.offset + ti.numel),
+                static_cast<float>(c.weight_decay));
 }
 
 double AdamW::step(float* p, float* g, double lr) {
@@ -157,15 +158,20 @@ double AdamW::step(float* p, float* g, double lr) {
     for (size_t i = 0; i < n; ++i) g[i] *= s;
   }
   ++t;
+  // p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p), with the bias corrections folded into constants
   const double c1 = 1 - std::pow(b1_, static_cast<double>(t)), c2 = 1 - std::pow(b2_, static_cast<double>(t));
-  const float b1 = static_cast<float>(b1_), b2 = static_cast<float>(b2_);
+  const float b1 = static_cast<float>(b1_), b2 = static_cast<float>(b2_), ob1 = 1 - b1, ob2 = 1 - b2;
+  const float ic1 = static_cast<float>(1 / c1), isc2 = static_cast<float>(1 / std::sqrt(c2));
+  const float lrf = static_cast<float>(lr), epsf = static_cast<float>(eps_);
+  float* mm = m.data();
+  float* vv = v.data();
+  const float* wd = wd_.data();
+#pragma omp parallel for schedule(static) if (n >= static_cast<size_t>(kParallelMin) * 4)
   for (size_t i = 0; i < n; ++i) {
-    m[i] = b1 * m[i] + (1 - b1) * g[i];
-    v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
-    const double mh = m[i] / c1, vh = v[i] / c2;
-    double upd = mh / (std::sqrt(vh) + eps_);
-    if (decay_[i]) upd += wd_ * p[i];
-    p[i] = static_cast<float>(p[i] - lr * upd);
+    const float gi = g[i];
+    mm[i] = b1 * mm[i] + ob1 * gi;
+    vv[i] = b2 * vv[i] + ob2 * gi * gi;
+    p[i] -= lrf * ((mm[i] * ic1) / (std::sqrt(vv[i]) * isc2 + epsf) + wd[i] * p[i]);
   }
   return norm;
 }

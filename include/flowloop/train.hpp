@@ -72,8 +72,8 @@ class AdamW {
   int64_t t = 0;
 
  private:
-  std::vector<char> decay_;  // per parameter
-  double b1_, b2_, eps_, wd_, clip_;
+  Buffer<float> wd_;  // decay per parameter: weight_decay on matrices, 0 elsewhere
+  double b1_, b2_, eps_, clip_;
 };
 
 std::unique_ptr<DataSource> make_source(const TrainConfig& c);
