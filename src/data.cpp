@@ -107,11 +107,20 @@ class PHop : public GeneratedTask {
 
  protected:
   bool draw(Rng& rng, Example& e) const override {
-    std::vector<int32_t> q(static_cast<size_t>(n_));
-    for (auto& s : q) s = static_cast<int32_t>(rng.next() % 4);
-    if (solve(q).empty()) return false;
-    assemble(e, q, 4);
-    return true;
+    // Random sequences end on their own last symbol far more often than 1 in 4 (the
+    // hops tend to return to it), which would let a model skip the hops. One draw in
+    // four asks for that answer, the others for any other: the answer is the last
+    // symbol exactly 1 time in 4.
+    const bool want_last = rng.next() % 4 == 0;
+    for (int tries = 0; tries < 1000; ++tries) {
+      std::vector<int32_t> q(static_cast<size_t>(n_));
+      for (auto& s : q) s = static_cast<int32_t>(rng.next() % 4);
+      const std::vector<int32_t> a = solve(q);
+      if (a.empty() || (a[0] == q.back()) != want_last) continue;
+      assemble(e, q, 4);
+      return true;
+    }
+    return false;
   }
   int n_, p_;
 };

@@ -155,6 +155,21 @@ TEST_CASE("task generators agree with brute force; splits are disjoint and seede
     for (uint64_t i = 0; i < 20; ++i) same += other->example(Split::Train, i).seq == task->example(Split::Train, i).seq;
     CHECK(same < 20);
   }
+  // phop: the answer is the last symbol 1 time in 4, not the shortcut it is in random sequences
+  {
+    TaskOptions po;
+    po.name = "phop";
+    po.n = 16;
+    po.hops = 2;
+    const auto ph = make_task(po);
+    int last = 0;
+    for (uint64_t i = 0; i < 2000; ++i) {
+      const Example e = ph->example(Split::Train, i);
+      last += e.seq.back() == e.seq[e.seq.size() - 3];
+    }
+    CHECK(last > 400);
+    CHECK(last < 600);
+  }
   // batches: targets only at answer positions, next-token aligned
   TaskOptions o;
   o.name = "addition";
