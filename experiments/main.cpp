@@ -12,6 +12,7 @@
 #include "flowloop/problems.hpp"
 #include "flowloop/solver.hpp"
 #include "flowloop/train.hpp"
+#include "study.hpp"
 
 using namespace flowloop;
 using nlohmann::json;
@@ -390,6 +391,24 @@ int main(int argc, char** argv) {
   ev->add_option("--exit-q", ev_exit_q, "loops + exit gate: each token exits where the cumulative exit probability reaches Q");
   ev->add_option("--exit-delta", ev_exit_delta, "loops: each token exits where ||h_t - h_{t-1}|| < D");
 
+  // ---- study
+  StudyOptions so;
+  auto* st = app.add_subcommand("study", "looped vs deep vs shallow (and ODE) at equal training budget");
+  st->add_option("--task", so.task, "task")->check(CLI::IsMember(task_names()))->capture_default_str();
+  st->add_option("--task-n", so.task_n, "task difficulty")->capture_default_str();
+  st->add_option("--hops", so.hops, "phop: hops")->capture_default_str();
+  st->add_option("--depth", so.depth, "loops of the looped model = blocks of the deep one")->capture_default_str();
+  st->add_option("--d-model", so.d_model, "width")->capture_default_str();
+  st->add_option("--n-head", so.n_head, "heads")->capture_default_str();
+  st->add_option("--steps", so.steps, "training steps of each model")->capture_default_str();
+  st->add_option("--batch", so.batch, "batch size")->capture_default_str();
+  st->add_option("--lr", so.lr, "peak learning rate")->capture_default_str();
+  st->add_option("--warmup", so.warmup, "warm-up steps")->capture_default_str();
+  st->add_option("--eval-batches", so.eval_batches, "test batches of the final evaluation")->capture_default_str();
+  st->add_option("--ode", so.ode, "also train an ODE-depth model (dopri5)")->capture_default_str();
+  st->add_option("--seed", so.seed, "seed")->capture_default_str();
+  st->add_option("--out", so.out, "output directory")->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -444,6 +463,8 @@ int main(int argc, char** argv) {
         if (!r.message.empty()) std::cout << "  " << r.message << std::endl;
       }
       if (!r.ok()) return 3;
+    } else if (*st) {
+      return run_study(so);
     } else if (*tr) {
       json merged = json::object();
       if (!tc_file.empty()) {

@@ -490,3 +490,25 @@ TEST_CASE("random depth: Poisson-lognormal loops and truncated backprop", "[trai
   m.loop_loss_and_grad(tok, tgt, K, full.data(), w3);
   CHECK(rel_error(full, gt) > 1e-6);  // the truncation changes the gradient
 }
+
+TEST_CASE("flowloop study trains every arm at the same budget and writes the table", "[train][cli][study]") {
+  TempDir dir;
+  const std::string out = (dir.path / "study").string();
+  int rc = 0;
+  const std::string o = run_command(std::string(FLOWLOOP_CLI) +
+                                        " study --task modarith --task-n 2 --depth 2 --d-model 16 --n-head 2 --steps 3 "
+                                        "--batch 4 --warmup 1 --eval-batches 1 --out " + out + " 2>/dev/null", &rc);
+  REQUIRE(rc == 0);
+  CHECK(o.find("| 1 block looped 2x |") != std::string::npos);
+  CHECK(o.find("| 2 blocks once |") != std::string::npos);
+  CHECK(o.find("dopri5") != std::string::npos);
+  std::ifstream in(dir.path / "study" / "results.json");
+  nlohmann::json j;
+  in >> j;
+  REQUIRE(j["results"].size() == 4);
+  CHECK(j["results"][0]["parameters"] == j["results"][2]["parameters"]);        // looped and shallow share weights' size
+  CHECK(j["results"][1]["parameters"].get<int>() > j["results"][0]["parameters"].get<int>());
+  CHECK(j["results"][0]["nfe"] == 2.0);
+  CHECK(j["results"][3]["nfe"].get<double>() > 2.0);
+  CHECK(fs::exists(dir.path / "study" / "deep" / "model.safetensors"));
+}

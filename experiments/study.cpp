@@ -1,0 +1,82 @@
+#include "study.hpp"
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "flowloop/train.hpp"
+
+namespace flowloop {
+
+int run_study(const StudyOptions& o) {
+  struct Arm {
+    std::string name, label;
+    int n_block, loops;
+    bool ode;
+  };
+  const int K = o.depth;
+  std::vector<Arm> arms = {
+      {"looped", "1 block looped " + std::to_string(K) + "x", 1, K, false},
+      {"deep", std::to_string(K) + " blocks once", K, 1, false},
+      {"shallow", "1 block once", 1, 1, false},
+  };
+  if (o.ode) arms.push_back({"ode", "1 block, dopri5 on [0, " + std::to_string(K) + "]", 1, 0, true});
+  std::filesystem::create_directories(o.out);
+  nlohmann::ordered_json results = nlohmann::ordered_json::array();
+  std::ostringstream md;
+  md << "| model | parameters | test accuracy | test loss | nfe (eval) | train s |\n|---|---|---|---|---|---|\n";
+  for (const Arm& a : arms) {
+    TrainConfig c;
+    c.task = o.task;
+    c.task_n = o.task_n;
+    c.task_hops = o.task == "phop" ? o.hops : 0;
+    c.d_model = o.d_model;
+    c.n_head = o.n_head;
+    c.n_block = a.n_block;
+    c.steps = o.steps;
+    c.batch = o.batch;
+    c.warmup = o.warmup;
+    c.lr = o.lr;
+    c.min_lr = o.lr / 10;
+    c.eval_every = std::max(1, o.steps / 4);
+    c.eval_batches = 4;
+    c.checkpoint_every = o.steps;
+    c.seed = o.seed;
+    c.out = (std::filesystem::path(o.out) / a.name).string();
+    if (a.ode) {
+      c.solver = "dopri5";
+      c.rtol = o.rtol;
+      c.atol = o.atol;
+      c.t1 = K;
+    } else {
+      c.loops = a.loops;
+    }
+    std::cerr << "== " << a.label << std::endl;
+    const auto t0 = std::chrono::steady_clock::now();
+    Trainer tr(c);
+    tr.run(false, std::cerr);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const auto data = make_source(c);
+    const EvalResult r = evaluate(tr.model(), *data, c, o.eval_batches, o.batch);
+    const size_t params = tr.model().layout.size();
+    results.push_back({{"model", a.name}, {"label", a.label}, {"n_block", a.n_block}, {"loops", a.loops},
+                       {"solver", a.ode ? "dopri5" : ""}, {"parameters", params}, {"test_accuracy", r.accuracy},
+                       {"test_loss", r.loss}, {"examples", r.examples}, {"nfe", r.nfe}, {"train_seconds", secs}});
+    md << "| " << a.label << " | " << params << " | " << std::fixed << std::setprecision(3) << r.accuracy << " | "
+       << r.loss << " | " << std::setprecision(1) << r.nfe << " | " << std::setprecision(0) << secs << " |\n";
+  }
+  const nlohmann::ordered_json setup = {{"task", o.task}, {"task_n", o.task_n}, {"hops", o.hops}, {"d_model", o.d_model},
+                                        {"n_head", o.n_head}, {"steps", o.steps}, {"batch", o.batch}, {"lr", o.lr},
+                                        {"seed", o.seed}};
+  std::ofstream(std::filesystem::path(o.out) / "results.json") << nlohmann::ordered_json({{"setup", setup}, {"results", results}}).dump(2) << "\n";
+  std::ofstream(std::filesystem::path(o.out) / "results.md") << md.str();
+  std::cout << "study on " << o.task << " (n " << o.task_n << (o.task == "phop" ? ", hops " + std::to_string(o.hops) : "")
+            << "), " << o.steps << " steps of batch " << o.batch << " each:\n" << md.str();
+  return 0;
+}
+
+}  // namespace flowloop

@@ -1,0 +1,27 @@
+// `flowloop study`: the looped-versus-deep comparison at equal training budget.
+#pragma once
+
+#include <string>
+
+namespace flowloop {
+
+struct StudyOptions {
+  std::string task = "phop";
+  int task_n = 16, hops = 4;
+  int d_model = 64, n_head = 4, depth = 4;
+  int steps = 2000, batch = 64, warmup = 100;
+  double lr = 1e-3;
+  int eval_batches = 16;
+  bool ode = true;            // also an ODE-depth model (dopri5 on [0, depth])
+  double rtol = 1e-3, atol = 1e-4;
+  uint64_t seed = 0;
+  std::string out = "study";
+};
+
+// Trains, at the same steps, batch and learning rate: one block looped `depth`
+// times, `depth` distinct blocks run once, one block run once, and (with ode) one
+// block integrated by dopri5 on [0, depth]. Writes OUT/<model>/ for each, and
+// OUT/results.json and OUT/results.md; prints the table. Returns 0.
+int run_study(const StudyOptions& opt);
+
+}  // namespace flowloop
