@@ -192,6 +192,12 @@ def bench(args):
 
 
 # ---------------------------------------------------------------- shared set-up
+def workdir(args):
+    d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
 def size_setup(args, size, d, seed, with_targets):
     """flowloop init at the size (seed 1), and B x T random tokens (and next-token targets)."""
     B, T, C, NH, V, L = SIZES[size]
@@ -216,8 +222,7 @@ def size_setup(args, size, d, seed, with_targets):
 def solve(args):
     from torchdiffeq import odeint
 
-    d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
-    os.makedirs(d, exist_ok=True)
+    d = workdir(args)
     summary = {}
     for size in args.sizes:
         B, T, C, NH, V, L = SIZES[size]
@@ -271,8 +276,7 @@ def solve(args):
 def train(args):
     from torchdiffeq import odeint, odeint_adjoint
 
-    d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
-    os.makedirs(d, exist_ok=True)
+    d = workdir(args)
     summary = {}
     for size in args.sizes:
         B, T, C, NH, V, L = SIZES[size]
@@ -334,8 +338,7 @@ def train(args):
 
 # ---------------------------------------------------------------- loops
 def loops(args):
-    d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
-    os.makedirs(d, exist_ok=True)
+    d = workdir(args)
     summary = {}
     for size in args.sizes:
         B, T, C, NH, V, L = SIZES[size]
@@ -375,8 +378,7 @@ def loops(args):
 
 # ---------------------------------------------------------------- check
 def check(args):
-    d = args.workdir or tempfile.mkdtemp(prefix="flowloop_peer_")
-    os.makedirs(d, exist_ok=True)
+    d = workdir(args)
     fl = args.flowloop
     tokens = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
     with open(os.path.join(d, "tokens.json"), "w") as f:
