@@ -406,6 +406,7 @@ int main(int argc, char** argv) {
   st->add_option("--warmup", so.warmup, "warm-up steps")->capture_default_str();
   st->add_option("--eval-batches", so.eval_batches, "test batches of the final evaluation")->capture_default_str();
   st->add_option("--ode", so.ode, "also train an ODE-depth model (dopri5)")->capture_default_str();
+  st->add_option("--ode-steps", so.ode_steps, "its training steps (default: --steps)")->capture_default_str();
   st->add_option("--seed", so.seed, "seed")->capture_default_str();
   st->add_option("--out", so.out, "output directory")->capture_default_str();
 

@@ -28,7 +28,7 @@ int run_study(const StudyOptions& o) {
   std::filesystem::create_directories(o.out);
   nlohmann::ordered_json results = nlohmann::ordered_json::array();
   std::ostringstream md;
-  md << "| model | parameters | test accuracy | test loss | nfe (eval) | train s |\n|---|---|---|---|---|---|\n";
+  md << "| model | parameters | steps | test accuracy | test loss | nfe (eval) | train s |\n|---|---|---|---|---|---|---|\n";
   for (const Arm& a : arms) {
     TrainConfig c;
     c.task = o.task;
@@ -37,14 +37,14 @@ int run_study(const StudyOptions& o) {
     c.d_model = o.d_model;
     c.n_head = o.n_head;
     c.n_block = a.n_block;
-    c.steps = o.steps;
+    c.steps = a.ode && o.ode_steps > 0 ? o.ode_steps : o.steps;
     c.batch = o.batch;
     c.warmup = o.warmup;
     c.lr = o.lr;
     c.min_lr = o.lr / 10;
-    c.eval_every = std::max(1, o.steps / 4);
+    c.eval_every = std::max(1, c.steps / 4);
     c.eval_batches = 4;
-    c.checkpoint_every = o.steps;
+    c.checkpoint_every = c.steps;
     c.seed = o.seed;
     c.out = (std::filesystem::path(o.out) / a.name).string();
     if (a.ode) {
@@ -64,9 +64,9 @@ int run_study(const StudyOptions& o) {
     const EvalResult r = evaluate(tr.model(), *data, c, o.eval_batches, o.batch);
     const size_t params = tr.model().layout.size();
     results.push_back({{"model", a.name}, {"label", a.label}, {"n_block", a.n_block}, {"loops", a.loops},
-                       {"solver", a.ode ? "dopri5" : ""}, {"parameters", params}, {"test_accuracy", r.accuracy},
+                       {"solver", a.ode ? "dopri5" : ""}, {"steps", c.steps}, {"parameters", params}, {"test_accuracy", r.accuracy},
                        {"test_loss", r.loss}, {"examples", r.examples}, {"nfe", r.nfe}, {"train_seconds", secs}});
-    md << "| " << a.label << " | " << params << " | " << std::fixed << std::setprecision(3) << r.accuracy << " | "
+    md << "| " << a.label << " | " << params << " | " << c.steps << " | " << std::fixed << std::setprecision(3) << r.accuracy << " | "
        << r.loss << " | " << std::setprecision(1) << r.nfe << " | " << std::setprecision(0) << secs << " |\n";
   }
   const nlohmann::ordered_json setup = {{"task", o.task}, {"task_n", o.task_n}, {"hops", o.hops}, {"d_model", o.d_model},

@@ -13,6 +13,7 @@ struct StudyOptions {
   double lr = 1e-3;
   int eval_batches = 16;
   bool ode = true;            // also an ODE-depth model (dopri5 on [0, depth])
+  int ode_steps = 0;          // its training steps (0: the same as the others)
   double rtol = 1e-3, atol = 1e-4;
   uint64_t seed = 0;
   std::string out = "study";
