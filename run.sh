@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # flowloop's one entry point for a fresh machine.
-#   ./run.sh          install what is missing, build (Release), run the default job
+#   ./run.sh          install what is missing, build (Release), run the default job: a small
+#                     looped-vs-deep study on p-hop induction (a few minutes)
 #   ./run.sh test     install what is missing, build, run the test suite (ctest)
+#   ./run.sh tour     init a model, run it looped and as an ODE, benchmark the field
 #   ./run.sh peer     the PyTorch side-by-side benchmark (installs python3-torch)
 # Environment: BUILD_DIR (default build), JOBS (default: all cores).
 set -euo pipefail
 cd "$(dirname "$0")"
 BUILD_DIR=${BUILD_DIR:-build}
 JOBS=${JOBS:-$(nproc)}
-mode=${1:-demo}
+mode=${1:-study}
 
 need_pkgs() {
   local missing=()
@@ -32,7 +34,12 @@ build() {
 }
 
 case "$mode" in
-  demo)
+  study)
+    build
+    "$BUILD_DIR/flowloop" study --task phop --task-n 16 --hops 4 --depth 4 --steps 3000 --ode-steps 300 \
+      --batch 64 --lr 1e-3 --warmup 200 --out "$BUILD_DIR/study"
+    ;;
+  tour)
     build
     out="$BUILD_DIR/demo"
     mkdir -p "$out"
@@ -45,6 +52,8 @@ case "$mode" in
     echo "{\"tokens\": [[$(bytes "flowloop: depth as an ODE.")], [$(bytes "h_{k+1} = h_k + f(h_k) ...")]]}" \
       > "$out/tokens.json"
     "$fl" forward -m "$out/model.safetensors" --tokens "$out/tokens.json" --loops 4 -o "$out/logits.json"
+    echo "== forward: the same depth as an ODE, dopri5 on [0, 4]"
+    "$fl" forward -m "$out/model.safetensors" --tokens "$out/tokens.json" --solver dopri5 -o "$out/ode.json"
     echo "== bench: one field evaluation at sizes S and M against sgemm in the same run"
     "$fl" bench field --size S
     "$fl" bench field --size M
@@ -65,7 +74,7 @@ case "$mode" in
     /usr/bin/python3 experiments/peer_torch.py loops --flowloop "$BUILD_DIR/flowloop" --sizes S "${@:2}"
     ;;
   *)
-    echo "usage: ./run.sh [demo|test|peer]" >&2
+    echo "usage: ./run.sh [study|test|tour|peer]" >&2
     exit 2
     ;;
 esac
