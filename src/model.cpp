@@ -201,8 +201,8 @@ S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int 
 
 namespace {
 // Gate probabilities of one token from its lambdas (K-1 used): p (K).
-template <class S>
-void exit_distribution(const S* lam, int K, double* p) {
+template <class L>
+void exit_distribution(const L* lam, int K, double* p) {
   double surv = 1.0;
   for (int t = 0; t < K - 1; ++t) {
     p[t] = static_cast<double>(lam[t]) * surv;
@@ -247,8 +247,7 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
     const int32_t tgt = targets.data[static_cast<size_t>(n)];
     if (tgt < 0) continue;
     for (int t = 0; t < K; ++t) lam[t] = w.gate[static_cast<size_t>(t) * N + n];
-    std::vector<S> lam_s(lam.begin(), lam.end());
-    exit_distribution(lam_s.data(), K, p.data());
+    exit_distribution(lam.data(), K, p.data());
     for (int t = 0; t < K; ++t) {
       const S* x = w.per_loop[static_cast<size_t>(t)].logits.data() + static_cast<size_t>(n) * V;
       double mx = x[0];

@@ -213,14 +213,14 @@ EvalResult evaluate(const Model<float>& model, const DataSource& data, const Tra
   EvalResult r;
   double loss = 0, right = 0;
   TokenBatch tok, tgt;
+  // workspaces sized by the first batch and reused by the others
+  LoopWork<float> w;
+  Buffer<float> h, exit_logits;
+  ReadoutCache<float> rc;
+  std::vector<int> depth;
   for (int i = 0; i < batches; ++i) {
     data.batch(Split::Test, static_cast<uint64_t>(i), batch_size, tok, tgt);
     const Buffer<float>* logits;
-    LoopWork<float> w;
-    Buffer<float> h;
-    ReadoutCache<float> rc;
-    Buffer<float> exit_logits;
-    std::vector<int> depth;
     if (c.loops > 0 && !exit_rule.empty()) {
       model.loop_exit(tok, c.loops, exit_rule, exit_threshold, exit_logits, depth, w);
       r.nfe += c.loops;
