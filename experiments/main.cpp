@@ -186,7 +186,8 @@ int run_grad(const std::string& model_path, const std::string& tokens_path, cons
   } else {
     const SolveOptions o = depth.options(model.cfg);
     GradStats st;
-    loss = model.ode_loss_and_grad(tokens, targets, o, gopt, grads.data(), st);
+    OdeWork<S> ow;
+    loss = model.ode_loss_and_grad(tokens, targets, o, gopt, grads.data(), st, ow);
     out["solver"] = o.method;
     out["grad"] = grad_method_name(gopt.method);
     out["t1"] = o.t1;

@@ -59,6 +59,121 @@ class CoupledDiffSystem : public DiffSystem<S> {
   std::vector<double> t_;
 };
 
+// A system with its regularisers' integrands riding along: each sequence's
+// state is [y (n), E, Q] with
+//   E' = ||f(y)||^2 / n,   Q' = ||u||^2 / n,   u = (f(y + d e) - f(y)) / d,
+// e the sequence's Rademacher vector (drawn once, from the seed). Recording slot k
+// of this system uses the inner slots 2k (at y) and 2k+1 (at y + d e).
+template <class S>
+class RegularizedSystem : public DiffSystem<S> {
+ public:
+  RegularizedSystem(DiffSystem<S>& in, bool jacobian, double fd, uint64_t seed)
+      : in_(in), n_(in.dim()), W_(n_ + 2), jac_(jacobian), d_(static_cast<S>(fd)) {
+    if (jac_) {
+      if (!(fd > 0.0) || !std::isfinite(fd)) throw Error("jacobian regulariser: the difference step must be > 0");
+      e_.resize(static_cast<size_t>(in.groups()) * n_);
+      Rng rng(seed);
+      for (auto& v : e_) v = (rng.next() >> 63) ? S(1) : S(-1);
+    }
+  }
+  int groups() const override { return in_.groups(); }
+  size_t dim() const override { return W_; }
+  size_t num_params() const override { return in_.num_params(); }
+  int evals_per_call() const { return jac_ ? 2 : 1; }
+  void reserve_slots(int k) override {
+    in_.reserve_slots(2 * k);
+    if (rec_.size() < static_cast<size_t>(k)) rec_.resize(static_cast<size_t>(k));
+  }
+  void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override {
+    run(dydt, y, t, ids, count, -1, scratch_);
+  }
+  void eval_record(S* dydt, const S* y, const double* t, const int* ids, int count, int slot) override {
+    run(dydt, y, t, ids, count, slot, rec_.at(static_cast<size_t>(slot)));
+  }
+  void vjp(S* dy, S* dparams, size_t param_stride, const S* g, int slot) override {
+    const Record& r = rec_.at(static_cast<size_t>(slot));
+    const size_t rows = static_cast<size_t>(r.count) * n_;
+    gc_.resize(rows);
+    dc_.assign(rows, S(0));
+    const S inv_n = S(1) / static_cast<S>(n_);
+    for (int i = 0; i < r.count; ++i) {
+      const S* gi = g + static_cast<size_t>(i) * W_;
+      const S* f = r.f.data() + static_cast<size_t>(i) * n_;
+      S* o = gc_.data() + static_cast<size_t>(i) * n_;
+      const S ck = 2 * gi[n_] * inv_n;
+      for (size_t k = 0; k < n_; ++k) o[k] = gi[k] + ck * f[k];
+      if (jac_) {
+        const S cj = 2 * gi[n_ + 1] * inv_n / d_;
+        const S* u = r.u.data() + static_cast<size_t>(i) * n_;
+        for (size_t k = 0; k < n_; ++k) o[k] -= cj * u[k];
+      }
+    }
+    in_.vjp(dc_.data(), dparams, param_stride, gc_.data(), 2 * slot);
+    if (jac_) {
+      for (int i = 0; i < r.count; ++i) {
+        const S cj = 2 * g[static_cast<size_t>(i) * W_ + n_ + 1] * inv_n / d_;
+        const S* u = r.u.data() + static_cast<size_t>(i) * n_;
+        S* o = gc_.data() + static_cast<size_t>(i) * n_;
+        for (size_t k = 0; k < n_; ++k) o[k] = cj * u[k];
+      }
+      in_.vjp(dc_.data(), dparams, param_stride, gc_.data(), 2 * slot + 1);
+    }
+    for (int i = 0; i < r.count; ++i) {
+      S* o = dy + static_cast<size_t>(i) * W_;
+      const S* d = dc_.data() + static_cast<size_t>(i) * n_;
+      for (size_t k = 0; k < n_; ++k) o[k] += d[k];
+    }
+  }
+
+ private:
+  struct Record {
+    int count = 0;
+    Buffer<S> f, u;  // (count, n): f(y) and the difference quotient
+  };
+  void run(S* dydt, const S* y, const double* t, const int* ids, int count, int slot, Record& r) {
+    const size_t rows = static_cast<size_t>(count) * n_;
+    yc_.resize(rows);
+    r.count = count;
+    r.f.resize(rows);
+    for (int i = 0; i < count; ++i)
+      std::memcpy(yc_.data() + static_cast<size_t>(i) * n_, y + static_cast<size_t>(i) * W_, n_ * sizeof(S));
+    if (slot >= 0)
+      in_.eval_record(r.f.data(), yc_.data(), t, ids, count, 2 * slot);
+    else
+      in_.eval(r.f.data(), yc_.data(), t, ids, count);
+    if (jac_) {
+      r.u.resize(rows);
+      for (int i = 0; i < count; ++i) {
+        const S* e = e_.data() + static_cast<size_t>(ids ? ids[i] : i) * n_;
+        S* yp = yc_.data() + static_cast<size_t>(i) * n_;
+        for (size_t k = 0; k < n_; ++k) yp[k] += d_ * e[k];
+      }
+      if (slot >= 0)
+        in_.eval_record(r.u.data(), yc_.data(), t, ids, count, 2 * slot + 1);
+      else
+        in_.eval(r.u.data(), yc_.data(), t, ids, count);
+      const S inv_d = S(1) / d_;
+      for (size_t k = 0; k < rows; ++k) r.u[k] = (r.u[k] - r.f[k]) * inv_d;
+    }
+    const double inv_n = 1.0 / static_cast<double>(n_);
+    for (int i = 0; i < count; ++i) {
+      S* o = dydt + static_cast<size_t>(i) * W_;
+      const S* f = r.f.data() + static_cast<size_t>(i) * n_;
+      std::memcpy(o, f, n_ * sizeof(S));
+      o[n_] = static_cast<S>(algebra::sum_squares(f, n_) * inv_n);
+      o[n_ + 1] = jac_ ? static_cast<S>(algebra::sum_squares(r.u.data() + static_cast<size_t>(i) * n_, n_) * inv_n) : S(0);
+    }
+  }
+
+  DiffSystem<S>& in_;
+  size_t n_, W_;
+  bool jac_;
+  S d_;
+  Buffer<S> e_, yc_, gc_, dc_;
+  Record scratch_;
+  std::vector<Record> rec_;
+};
+
 // The continuous adjoint's augmented system, integrated from t1 back to t0:
 //   y' = f(y),  a' = -J(y)^T a,  a_theta' = -(df/dtheta)^T a
 // Each sequence's state is [y (n), a (n), a_theta (P)].
@@ -117,10 +232,13 @@ struct OdeGradient<S>::Impl {
   DiffSystem<S>& user;
   SolveOptions opt;
   GradOptions gopt;
+  std::unique_ptr<RegularizedSystem<S>> reg;
   std::unique_ptr<CoupledDiffSystem<S>> coupled;
-  DiffSystem<S>* sys = nullptr;  // user, or the coupled view of it
+  DiffSystem<S>* sys = nullptr;  // user, regularised, then perhaps the coupled view
   int G = 0;
   size_t n = 0, P = 0;
+  int per_call = 1;  // field evaluations per evaluation of sys
+  Buffer<S> yaug, gaug;  // with regularisers: the state and its gradient, (groups, n + 2)
   const ButcherTableau* tab = nullptr;
   SolveResult<S> fwd;
   detail::Tape tape;
@@ -133,12 +251,24 @@ struct OdeGradient<S>::Impl {
     opt.validate();
     if (opt.method.rfind("odeint-", 0) == 0) throw Error("gradients: odeint solvers are not differentiable here; use a flowloop method");
     tab = &tableau(opt.method);
-    if (opt.batch_coupled && user.groups() > 1) {
-      coupled = std::make_unique<CoupledDiffSystem<S>>(user);
+    DiffSystem<S>* base = &user;
+    if (gopt.regularized()) {
+      if (!std::isfinite(gopt.kinetic) || !std::isfinite(gopt.jacobian))
+        throw Error("gradients: regulariser weights must be finite");
+      if (opt.norm_dims != 0) throw Error("gradients: regularisers cannot be combined with a custom error norm (norm_dims)");
+      const double fd = gopt.jacobian_fd > 0.0 ? gopt.jacobian_fd : std::sqrt(std::numeric_limits<S>::epsilon());
+      reg = std::make_unique<RegularizedSystem<S>>(user, gopt.jacobian != 0.0, fd, gopt.noise_seed);
+      per_call = reg->evals_per_call();
+      base = reg.get();
+      opt.norm_period = base->dim();  // the integrals stay out of the step control
+      opt.norm_dims = user.dim();
+    }
+    if (opt.batch_coupled && base->groups() > 1) {
+      coupled = std::make_unique<CoupledDiffSystem<S>>(*base);
       sys = coupled.get();
       opt.batch_coupled = false;
     } else {
-      sys = &user;
+      sys = base;
     }
     G = sys->groups();
     n = sys->dim();
@@ -373,6 +503,15 @@ const SolveResult<S>& OdeGradient<S>::forward(S* y) {
   I.base_bytes = MemoryStats::current();
   MemoryStats::reset_peak();
   SolveOptions o = I.opt;
+  S* const user_y = y;
+  const int Gu = I.user.groups();
+  const size_t nu = I.user.dim();
+  if (I.reg) {  // [y, 0, 0] per sequence
+    I.yaug.assign(static_cast<size_t>(Gu) * (nu + 2), S(0));
+    for (int g = 0; g < Gu; ++g)
+      std::memcpy(I.yaug.data() + static_cast<size_t>(g) * (nu + 2), y + static_cast<size_t>(g) * nu, nu * sizeof(S));
+    y = I.yaug.data();
+  }
   switch (I.gopt.method) {
     case GradMethod::Backprop:
       I.fwd = detail::integrate_taped(*I.sys, y, o, I.tape);
@@ -387,7 +526,16 @@ const SolveResult<S>& OdeGradient<S>::forward(S* y) {
       break;
   }
   I.note_peak();
-  I.st.nfe_forward = I.fwd.nfe;
+  I.st.kinetic = I.st.jacobian = 0.0;
+  if (I.reg) {
+    for (int g = 0; g < Gu; ++g) {
+      const S* row = y + static_cast<size_t>(g) * (nu + 2);
+      std::memcpy(user_y + static_cast<size_t>(g) * nu, row, nu * sizeof(S));
+      I.st.kinetic += static_cast<double>(row[nu]) / Gu;
+      I.st.jacobian += static_cast<double>(row[nu + 1]) / Gu;
+    }
+  }
+  I.st.nfe_forward = I.fwd.nfe * I.per_call;
   I.st.status = I.fwd.status;
   I.st.message = I.fwd.message;
   auto& fs = I.st.forward_stats;
@@ -410,13 +558,31 @@ const GradStats& OdeGradient<S>::backward(const S* gy1, S* gy0, S* gparams) {
   Impl& I = *impl_;
   if (!I.forward_done) throw Error("OdeGradient::backward called before forward");
   if (!I.fwd.ok()) throw Error("OdeGradient::backward: the forward solve failed: " + I.fwd.message);
-  const size_t total = static_cast<size_t>(I.G) * I.n;
-  std::memcpy(gy0, gy1, total * sizeof(S));
-  switch (I.gopt.method) {
-    case GradMethod::Backprop: I.backprop(gy0, gparams); break;
-    case GradMethod::Checkpoint: I.checkpoint(gy0, gparams); break;
-    case GradMethod::Adjoint: I.adjoint(gy0, gparams); break;
+  const int Gu = I.user.groups();
+  const size_t nu = I.user.dim();
+  S* gy = gy0;
+  if (I.reg) {  // dL/d[y, E, Q](t1) = [gy1, kinetic / G, jacobian / G]
+    I.gaug.resize(static_cast<size_t>(Gu) * (nu + 2));
+    for (int g = 0; g < Gu; ++g) {
+      S* row = I.gaug.data() + static_cast<size_t>(g) * (nu + 2);
+      std::memcpy(row, gy1 + static_cast<size_t>(g) * nu, nu * sizeof(S));
+      row[nu] = static_cast<S>(I.gopt.kinetic / Gu);
+      row[nu + 1] = static_cast<S>(I.gopt.jacobian / Gu);
+    }
+    gy = I.gaug.data();
+  } else {
+    std::memcpy(gy0, gy1, static_cast<size_t>(Gu) * nu * sizeof(S));
   }
+  const int64_t nfe_before = I.st.nfe_backward;
+  switch (I.gopt.method) {
+    case GradMethod::Backprop: I.backprop(gy, gparams); break;
+    case GradMethod::Checkpoint: I.checkpoint(gy, gparams); break;
+    case GradMethod::Adjoint: I.adjoint(gy, gparams); break;
+  }
+  I.st.nfe_backward = nfe_before + (I.st.nfe_backward - nfe_before) * I.per_call;
+  if (I.reg)
+    for (int g = 0; g < Gu; ++g)
+      std::memcpy(gy0 + static_cast<size_t>(g) * nu, gy + static_cast<size_t>(g) * (nu + 2), nu * sizeof(S));
   I.note_peak();
   return I.st;
 }

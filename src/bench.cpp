@@ -276,22 +276,25 @@ std::string bench_train(const BenchTrainOptions& opt) {
   size_t peak = 0;
   std::vector<double> times;
   LoopWork<float> lw;  // sized once, reused by every step (as the trainer does)
-  size_t lw_bytes = 0;
+  OdeWork<float> ow;
+  size_t ws_bytes = 0;   // what the warm-up step left allocated in the workspaces
+  bool warm = false;
   auto once = [&] {
     std::fill(grads.begin(), grads.end(), 0.0f);
     const double t0 = now_ms();
+    // Peak memory as if the workspaces were allocated by this step.
+    const size_t base = MemoryStats::current() - ws_bytes;
+    MemoryStats::reset_peak();
     if (opt.loops > 0) {
-      const size_t base = MemoryStats::current() - (lw.h.capacity() ? lw_bytes : 0);
-      MemoryStats::reset_peak();
       loss = model.loop_loss_and_grad(tokens, targets, opt.loops, grads.data(), lw);
-      peak = std::max(peak, MemoryStats::peak() - base);
-      if (!lw_bytes) lw_bytes = MemoryStats::current() - base;  // what the warm-up step left allocated
       st.nfe_forward = st.nfe_backward = opt.loops;
     } else {
-      loss = model.ode_loss_and_grad(tokens, targets, so, go, grads.data(), st);
-      peak = st.peak_bytes;
+      loss = model.ode_loss_and_grad(tokens, targets, so, go, grads.data(), st, ow);
       if (!st.ok()) throw Error("bench train: " + st.message);
     }
+    peak = std::max(peak, MemoryStats::peak() - base);
+    if (!warm) ws_bytes = MemoryStats::current() - base;
+    warm = true;
     if (opt.adamw) adamw.step(model.params.data(), grads.data(), 1e-6);
     times.push_back(now_ms() - t0);
   };

@@ -418,53 +418,64 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
 }
 
 template <class S>
+FieldSystem<S>& OdeWork<S>::system(const Field<S>& field, const S* params, int B, int T) {
+  if (!sys || sys->groups() != B || sys->T() != T || &sys->field() != &field)
+    sys = std::make_unique<FieldSystem<S>>(field, params, B, T);
+  sys->set_params(params);
+  return *sys;
+}
+
+template <class S>
 S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const SolveOptions& opt,
-                                   const GradOptions& gopt, S* grads, GradStats& stats, S* dh0,
-                                   Buffer<S>* logits) const {
+                                   const GradOptions& gopt, S* grads, GradStats& stats, OdeWork<S>& w,
+                                   S* dh0) const {
   targets.check(cfg, "targets", /*allow_ignore=*/true);
   const int B = targets.B, T = targets.T, N = B * T;
   const size_t NC = static_cast<size_t>(N) * cfg.d_model;
-  Buffer<S> h(h0, h0 + NC), gy1(NC, S(0)), gy0(NC);
-  FieldSystem<S> sys(field, field_params(), B, T);
+  if (w.h.data() != h0) w.h.assign(h0, h0 + NC);
+  w.gy1.assign(NC, S(0));
+  w.gy0.resize(NC);
+  FieldSystem<S>& sys = w.system(field, field_params(), B, T);
   OdeGradient<S> og(sys, opt, gopt);
-  const SolveResult<S>& fr = og.forward(h.data());
+  const SolveResult<S>& fr = og.forward(w.h.data());
   if (!fr.ok()) {
     stats = og.stats();
     return std::numeric_limits<S>::quiet_NaN();
   }
-  ReadoutCache<S> rc;
+  ReadoutCache<S>& rc = w.readout;
   rc.resize(cfg, N);
-  readout(h.data(), N, rc);
+  readout(w.h.data(), N, rc);
   std::fill(rc.dlogits.begin(), rc.dlogits.end(), S(0));
   const S loss = crossentropy_forward_backward(rc.dlogits.data(), rc.logits.data(), targets.data.data(), N,
                                                cfg.vocab_size);
-  if (logits) *logits = rc.logits;
-  readout_backward(gy1.data(), grads, h.data(), N, rc);
-  og.backward(gy1.data(), gy0.data(), grads + layout.field_begin());
+  readout_backward(w.gy1.data(), grads, w.h.data(), N, rc);
+  og.backward(w.gy1.data(), w.gy0.data(), grads + layout.field_begin());
   stats = og.stats();
-  if (dh0) std::memcpy(dh0, gy0.data(), NC * sizeof(S));
+  if (dh0) std::memcpy(dh0, w.gy0.data(), NC * sizeof(S));
   return stats.ok() ? loss : std::numeric_limits<S>::quiet_NaN();
 }
 
 template <class S>
 S Model<S>::ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, const SolveOptions& opt,
-                              const GradOptions& gopt, S* grads, GradStats& stats, S* dh0,
-                              Buffer<S>* logits) const {
+                              const GradOptions& gopt, S* grads, GradStats& stats, OdeWork<S>& w,
+                              S* dh0) const {
   tokens.check(cfg, "tokens");
   if (targets.B != tokens.B || targets.T != tokens.T)
     throw Error("targets have shape (" + std::to_string(targets.B) + ", " + std::to_string(targets.T) +
                 ") but tokens have (" + std::to_string(tokens.B) + ", " + std::to_string(tokens.T) + ")");
   const size_t NC = static_cast<size_t>(tokens.B) * tokens.T * cfg.d_model;
-  Buffer<S> h0(NC), g0(NC);
-  embed(h0.data(), tokens);
-  const S loss = ode_loss_and_grad_from(h0.data(), targets, opt, gopt, grads, stats, g0.data(), logits);
+  w.h.resize(NC);
+  embed(w.h.data(), tokens);
+  const S loss = ode_loss_and_grad_from(w.h.data(), targets, opt, gopt, grads, stats, w, nullptr);
   if (!stats.ok()) return loss;
-  embedding_backward(grads + layout.wte(), grads + layout.wpe(), g0.data(), tokens.data.data(), tokens.B,
+  embedding_backward(grads + layout.wte(), grads + layout.wpe(), w.gy0.data(), tokens.data.data(), tokens.B,
                      tokens.T, cfg.d_model);
-  if (dh0) std::memcpy(dh0, g0.data(), NC * sizeof(S));
+  if (dh0) std::memcpy(dh0, w.gy0.data(), NC * sizeof(S));
   return loss;
 }
 
+template struct OdeWork<float>;
+template struct OdeWork<double>;
 template class FieldSystem<float>;
 template class FieldSystem<double>;
 template class Model<float>;

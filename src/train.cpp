@@ -374,7 +374,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   GradOptions go;
   if (c.loops <= 0) go.method = grad_method(c.grad);
   LoopWork<float> w;
-  Buffer<float> logits;
+  OdeWork<float> ow;
   while (I.step < c.steps && (stop_at < 0 || I.step < stop_at)) {
     const auto t0 = std::chrono::steady_clock::now();
     I.data->batch(Split::Train, static_cast<uint64_t>(I.step), c.batch, tok, tgt);
@@ -396,11 +396,11 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
       lg = w.readout.logits.data();
     } else {
       GradStats st;
-      loss = m.ode_loss_and_grad(tok, tgt, so, go, grads.data(), st, nullptr, &logits);
+      loss = m.ode_loss_and_grad(tok, tgt, so, go, grads.data(), st, ow);
       if (!st.ok()) throw Error("step " + std::to_string(I.step) + ": " + st.message);
       nfe_f = st.nfe_forward;
       nfe_b = st.nfe_backward;
-      lg = logits.data();
+      lg = ow.readout.logits.data();
     }
     if (!std::isfinite(loss)) throw Error("step " + std::to_string(I.step) + ": the loss is not finite");
     const double lr = learning_rate(c, I.step);

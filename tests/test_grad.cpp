@@ -171,7 +171,8 @@ TEST_CASE("the K-loop gradient equals Euler backprop with K steps", "[grad][loop
   GradStats st;
   GradOptions go;
   go.method = GradMethod::Backprop;
-  const double l_ode = m.ode_loss_and_grad(tokens, targets, fixed_opts("euler", K, K), go, g_ode.data(), st);
+  OdeWork<double> ow;
+  const double l_ode = m.ode_loss_and_grad(tokens, targets, fixed_opts("euler", K, K), go, g_ode.data(), st, ow);
   REQUIRE(st.ok());
   CHECK(l_ode == l_loop);
   CHECK(rel_error(g_loop, g_ode) < 1e-12);
@@ -334,7 +335,8 @@ TEST_CASE("flowloop grad writes the gradients under the checkpoint's names", "[g
     so.adaptive = true;
     so.rtol = so.atol = 1e-8;
     so.t1 = 2.0;
-    const double loss = m.ode_loss_and_grad(tb, tg, so, grad_opts(grad_method(method)), ref.data(), st);
+    OdeWork<double> ow;
+    const double loss = m.ode_loss_and_grad(tb, tg, so, grad_opts(grad_method(method)), ref.data(), st, ow);
     CHECK(j["loss"].get<double>() == Approx(loss).epsilon(1e-12));
     CHECK(rel_error(std::vector<double>(g.params.begin(), g.params.end()), ref) < 1e-12);
   }

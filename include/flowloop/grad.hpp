@@ -49,6 +49,20 @@ struct GradOptions {
   double adjoint_rtol = std::numeric_limits<double>::quiet_NaN();
   double adjoint_atol = std::numeric_limits<double>::quiet_NaN();
   bool seminorm = false;  // leave the parameter adjoint out of the backward error norm
+  // Regularisers of the solve (RNODE), added to the differentiated loss:
+  //   kinetic  * R_K,  R_K = mean over sequences of (1/n) int_t0^t1 ||f(y, t)||^2 dt
+  //   jacobian * R_J,  R_J = mean over sequences of (1/n) int_t0^t1 ||J(y, t) e||^2 dt
+  // R_J is Hutchinson's estimate of the Jacobian's squared Frobenius norm with one
+  // Rademacher vector e per sequence and solve (drawn from noise_seed), and the
+  // product J e by a forward difference of step jacobian_fd: (f(y + d e) - f(y)) / d
+  // (0: sqrt of the machine epsilon of S). Both integrals ride along the solve as
+  // extra state (outside the error norm), so every gradient method covers them:
+  // the gradient is exactly that of the discretised regularisers. Cost: R_J doubles
+  // the field evaluations.
+  double kinetic = 0.0, jacobian = 0.0;
+  double jacobian_fd = 0.0;
+  uint64_t noise_seed = 0;
+  bool regularized() const { return kinetic != 0.0 || jacobian != 0.0; }
 };
 
 struct GradStats {
@@ -59,6 +73,7 @@ struct GradStats {
   int64_t vjp_calls = 0;      // batched vjp calls
   int64_t recompute_calls = 0;  // batched forward evaluations repeated by the backward pass
   size_t peak_bytes = 0;      // most Buffer bytes held at once by the solve and its gradient
+  double kinetic = 0.0, jacobian = 0.0;  // R_K and R_J of the forward solve (unweighted; 0 when off)
   SolveResult<double> forward_stats;  // the forward solve's statistics (states not kept)
   bool ok() const { return status == SolveStatus::Success || status == SolveStatus::Terminal; }
 };

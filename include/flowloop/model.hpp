@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,9 @@ template <class S>
 class FieldSystem : public DiffSystem<S> {
  public:
   FieldSystem(const Field<S>& field, const S* params, int B, int T);
+  int T() const { return T_; }
+  const Field<S>& field() const { return field_; }
+  void set_params(const S* params) { params_ = params; }
   int groups() const override { return B_; }
   size_t dim() const override { return static_cast<size_t>(T_) * field_.config().d_model; }
   size_t num_params() const override { return field_.num_params(); }
@@ -79,6 +83,16 @@ class FieldSystem : public DiffSystem<S> {
   FieldCache<S> cache_;
   std::vector<FieldCache<S>> slots_;
   FieldGradWork<S> work_;
+};
+
+// What the ODE-depth loss keeps between calls, so that a training loop sizes its
+// field caches and buffers once (they are rebuilt only when B or T changes).
+template <class S>
+struct OdeWork {
+  std::unique_ptr<FieldSystem<S>> sys;
+  Buffer<S> h, gy1, gy0;    // h(0), then h(t1); dL/dh(t1); dL/dh(0)
+  ReadoutCache<S> readout;  // after a call: readout.logits (B*T, V) of h(t1)
+  FieldSystem<S>& system(const Field<S>& field, const S* params, int B, int T);
 };
 
 template <class S>
@@ -130,15 +144,17 @@ class Model {
   // The same solve, differentiated: the mean cross-entropy of readout(h(t1))
   // against targets, grads (model layout) += dL/dtheta by the chosen method.
   // Returns the loss (NaN if the forward solve failed: see stats.status).
+  // With regularisers in gopt (kinetic, jacobian) the gradient is that of
+  // loss + kinetic * R_K + jacobian * R_J; R_K and R_J are in stats.
+  // The logits are left in w.readout.logits (B*T, V).
   // dh0, if non-null, receives dL/dh(0) (B,T,C).
-  // logits, if non-null, receives the logits (B*T, V).
   S ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, const SolveOptions& opt,
-                      const GradOptions& gopt, S* grads, GradStats& stats, S* dh0 = nullptr,
-                      Buffer<S>* logits = nullptr) const;
+                      const GradOptions& gopt, S* grads, GradStats& stats, OdeWork<S>& w,
+                      S* dh0 = nullptr) const;
   // From a given h(0); no embedding gradient.
   S ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const SolveOptions& opt,
-                           const GradOptions& gopt, S* grads, GradStats& stats, S* dh0,
-                           Buffer<S>* logits = nullptr) const;
+                           const GradOptions& gopt, S* grads, GradStats& stats, OdeWork<S>& w,
+                           S* dh0 = nullptr) const;
 
   // Ouro's learned exit gate on `loop K` (the config must have exit_gate):
   // lambda_t = sigmoid(w . LN_f(h_t) + b) per token for t < K;
