@@ -255,6 +255,9 @@ struct OdeGradient<S>::Impl {
     if (gopt.regularized()) {
       if (!std::isfinite(gopt.kinetic) || !std::isfinite(gopt.jacobian))
         throw Error("gradients: regulariser weights must be finite");
+      if (!(gopt.jacobian_fd >= 0.0) || !std::isfinite(gopt.jacobian_fd))
+        throw Error("gradients: the jacobian regulariser's difference step must be >= 0 (0: automatic), got " +
+                    std::to_string(gopt.jacobian_fd));
       if (opt.norm_dims != 0) throw Error("gradients: regularisers cannot be combined with a custom error norm (norm_dims)");
       const double fd = gopt.jacobian_fd > 0.0 ? gopt.jacobian_fd : std::sqrt(std::numeric_limits<S>::epsilon());
       reg = std::make_unique<RegularizedSystem<S>>(user, gopt.jacobian != 0.0, fd, gopt.noise_seed);
