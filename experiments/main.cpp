@@ -197,6 +197,10 @@ int run_grad(const std::string& model_path, const std::string& tokens_path, cons
     out["recompute_calls"] = st.recompute_calls;
     out["forward_steps"] = st.forward_stats.steps;
     out["peak_bytes"] = st.peak_bytes;
+    if (gopt.regularized()) {
+      out["kinetic"] = st.kinetic;
+      out["jacobian"] = st.jacobian;
+    }
     out["status"] = status_name(st.status);
     if (!st.ok()) {
       out["message"] = st.message;
@@ -326,6 +330,11 @@ int main(int argc, char** argv) {
   gr->add_option("--adjoint-rtol", gr_opt.adjoint_rtol, "adjoint: backward rtol (default: the forward's)");
   gr->add_option("--adjoint-atol", gr_opt.adjoint_atol, "adjoint: backward atol (default: the forward's)");
   gr->add_flag("--seminorm", gr_opt.seminorm, "adjoint: leave the parameter adjoint out of the error norm");
+  gr->add_option("--kinetic", gr_opt.kinetic, "weight of the kinetic-energy regulariser int ||f||^2 dt")
+      ->check(CLI::NonNegativeNumber);
+  gr->add_option("--jacobian", gr_opt.jacobian, "weight of the Jacobian-norm regulariser (Hutchinson)")
+      ->check(CLI::NonNegativeNumber);
+  gr->add_option("--noise-seed", gr_opt.noise_seed, "seed of the Hutchinson vector")->capture_default_str();
   gr->add_option("--precision", gr_precision, "arithmetic")->check(CLI::IsMember({"f32", "f64"}))->capture_default_str();
   gr->add_option("-o,--output", gr_out, "output .safetensors of the gradients")->required();
 
@@ -361,6 +370,8 @@ int main(int argc, char** argv) {
   topt("--controller", "controller", tc.controller, "pi or i");
   tr_opts.push_back({"batch_coupled", tr->add_flag("--batch-coupled", tc.batch_coupled, "one shared step")});
   topt("--grad", "grad", tc.grad, "backprop, checkpoint or adjoint");
+  topt("--kinetic", "kinetic", tc.kinetic, "ODE: weight of the kinetic-energy regulariser int ||f||^2 dt");
+  topt("--jacobian", "jacobian", tc.jacobian, "ODE: weight of the Jacobian-norm regulariser (Hutchinson)");
   topt("--steps", "steps", tc.steps, "training steps");
   topt("--batch", "batch", tc.batch, "batch size");
   topt("--lr", "lr", tc.lr, "peak learning rate");

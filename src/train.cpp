@@ -37,7 +37,7 @@ void field(const json& j, const char* key, T& dst, const std::string& where) {
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
   X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) \
-  X(loops) X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(batch_coupled) X(grad) X(steps) \
+  X(loops) X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(batch_coupled) X(grad) X(kinetic) X(jacobian) X(steps) \
   X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
   X(eval_batches) X(checkpoint_every) X(seed) X(out)
 
@@ -87,6 +87,9 @@ void TrainConfig::validate() const {
     solve_options().validate();
     grad_method(grad);
   }
+  if (!(kinetic >= 0) || !(jacobian >= 0) || !std::isfinite(kinetic) || !std::isfinite(jacobian))
+    throw fail("kinetic and jacobian must be finite and >= 0");
+  if ((kinetic > 0 || jacobian > 0) && solver.empty()) throw fail("kinetic and jacobian regularise ODE depth: give a solver");
   if (d_model <= 0 || n_head <= 0 || n_block <= 0 || d_model % n_head) throw fail("d_model must be a positive multiple of n_head");
   if (steps <= 0 || batch <= 0) throw fail("steps and batch must be positive");
   if (warmup < 0 || !(lr > 0) || !(min_lr >= 0) || min_lr > lr) throw fail("need lr > 0, 0 <= min_lr <= lr, warmup >= 0");
@@ -95,6 +98,15 @@ void TrainConfig::validate() const {
   if (eval_every <= 0 || eval_batches <= 0 || checkpoint_every <= 0) throw fail("eval_every, eval_batches and checkpoint_every must be positive");
   if (out.empty()) throw fail("no output directory (out)");
   if (controller != "pi" && controller != "i") throw fail("controller must be pi or i");
+}
+
+GradOptions TrainConfig::grad_options(int64_t step) const {
+  GradOptions g;
+  g.method = grad_method(grad);
+  g.kinetic = kinetic;
+  g.jacobian = jacobian;
+  g.noise_seed = seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(step) + 1;
+  return g;
 }
 
 SolveOptions TrainConfig::solve_options() const {
@@ -371,8 +383,6 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first = I.step;
   const SolveOptions so = c.loops > 0 ? SolveOptions{} : c.solve_options();
-  GradOptions go;
-  if (c.loops <= 0) go.method = grad_method(c.grad);
   LoopWork<float> w;
   OdeWork<float> ow;
   while (I.step < c.steps && (stop_at < 0 || I.step < stop_at)) {
@@ -382,7 +392,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     float loss;
     int64_t nfe_f, nfe_b;
     const float* lg;
-    double exit_depth = 0;
+    double exit_depth = 0, kinetic = 0, jacobian = 0;
     if (c.loops > 0 && c.exit_gate) {
       loss = m.loop_gate_loss_and_grad(tok, tgt, c.loops, c.gate_beta, grads.data(), w, &exit_depth);
       nfe_f = nfe_b = c.loops;
@@ -396,7 +406,9 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
       lg = w.readout.logits.data();
     } else {
       GradStats st;
-      loss = m.ode_loss_and_grad(tok, tgt, so, go, grads.data(), st, ow);
+      loss = m.ode_loss_and_grad(tok, tgt, so, c.grad_options(I.step), grads.data(), st, ow);
+      kinetic = st.kinetic;
+      jacobian = st.jacobian;
       if (!st.ok()) throw Error("step " + std::to_string(I.step) + ": " + st.message);
       nfe_f = st.nfe_forward;
       nfe_b = st.nfe_backward;
@@ -420,6 +432,8 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     line["nfe_backward"] = nfe_b;
     line["tokens_per_s"] = static_cast<double>(tok.B) * tok.T / dt;
     if (c.exit_gate) line["exit_depth"] = exit_depth;
+    if (c.kinetic > 0) line["kinetic"] = kinetic;
+    if (c.jacobian > 0) line["jacobian"] = jacobian;
     line["wall_s"] = wall;
     if (I.step % c.eval_every == 0 || I.step == c.steps) {
       const EvalResult ev = evaluate(m, *I.data, c, c.eval_batches, c.batch);

@@ -288,6 +288,29 @@ TEST_CASE("a resumed run has exactly the losses of an uninterrupted one", "[trai
   const auto mo = read_metrics(dir.path / "ode");
   REQUIRE(mo.size() == 4);
   CHECK(mo[0]["nfe_forward"] == 8);
+  // ODE depth with both regularisers (a Hutchinson draw per step) resumes exactly too
+  TrainConfig reg = ode;
+  reg.kinetic = 0.1;
+  reg.jacobian = 0.05;
+  reg.checkpoint_every = 2;
+  reg.out = (dir.path / "reg_full").string();
+  Trainer(reg).run(false, quiet);
+  reg.out = (dir.path / "reg_part").string();
+  Trainer(reg).run(false, quiet, 3);
+  Trainer(reg).run(true, quiet);
+  const auto ra = read_metrics(dir.path / "reg_full"), rb = read_metrics(dir.path / "reg_part");
+  REQUIRE(ra.size() == 4);
+  REQUIRE(rb.size() == 4);
+  for (size_t i = 0; i < ra.size(); ++i) {
+    INFO("step " << i + 1);
+    CHECK(ra[i]["loss"] == rb[i]["loss"]);
+    CHECK(ra[i]["jacobian"] == rb[i]["jacobian"]);
+    CHECK(ra[i]["kinetic"].get<double>() > 0);
+    CHECK(ra[i]["nfe_forward"] == 16);  // the Jacobian term's second evaluation per stage
+  }
+  CHECK(ra[0]["jacobian"] != ra[1]["jacobian"]);  // a new draw each step
+  CHECK(ra[0]["loss"] == mo[0]["loss"]);          // the regularisers leave the first loss alone
+  CHECK(ra[1]["loss"] != mo[1]["loss"]);          // and change the update
 }
 
 TEST_CASE("bad configurations are rejected before any work", "[train][errors]") {
@@ -309,6 +332,14 @@ TEST_CASE("bad configurations are rejected before any work", "[train][errors]") 
   c = tiny_config((dir.path / "y").string());
   c.solver = "rk4";
   CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("not both"));
+  c = tiny_config((dir.path / "y").string());
+  c.kinetic = 0.1;
+  CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("kinetic and jacobian regularise ODE depth"));
+  c.loops = 0;
+  c.solver = "rk4";
+  c.solver_steps = 2;
+  c.jacobian = -1;
+  CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("kinetic and jacobian must be finite and >= 0"));
   CHECK_FALSE(fs::exists(dir.path / "y"));  // nothing written
   // the command line: a config file with an unknown key, a missing config file
   std::ofstream(dir.path / "bad.json") << R"({"task": "phop", "loops": 2, "colour": "red"})";

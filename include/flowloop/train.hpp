@@ -41,6 +41,8 @@ struct TrainConfig {
   std::string controller = "pi";
   bool batch_coupled = false;
   std::string grad = "backprop";
+  // ODE only: weights of the kinetic-energy and Jacobian-norm regularisers (GradOptions)
+  double kinetic = 0, jacobian = 0;
   // optimisation
   int steps = 1000, batch = 32, warmup = 100;
   double lr = 1e-3, min_lr = 1e-4, weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, clip = 1.0;
@@ -54,6 +56,9 @@ struct TrainConfig {
   std::string to_json() const;
   void validate() const;  // names the first bad field
   SolveOptions solve_options() const;
+  // The gradient method and regularisers of training step `step` (its Hutchinson
+  // draw is a function of seed and step).
+  GradOptions grad_options(int64_t step) const;
 };
 
 // Huginn's depth for training step `step` (a function of seed and step).
