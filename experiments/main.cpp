@@ -419,6 +419,11 @@ int main(int argc, char** argv) {
   st->add_option("--eval-batches", so.eval_batches, "test batches of the final evaluation")->capture_default_str();
   st->add_option("--ode", so.ode, "also train an ODE-depth model (dopri5)")->capture_default_str();
   st->add_option("--ode-steps", so.ode_steps, "its training steps (default: --steps)")->capture_default_str();
+  st->add_option("--rtol", so.rtol, "the ODE arm's rtol")->capture_default_str();
+  st->add_option("--atol", so.atol, "the ODE arm's atol")->capture_default_str();
+  st->add_option("--kinetic", so.kinetic, "the ODE arm's kinetic-energy weight")->check(CLI::NonNegativeNumber)->capture_default_str();
+  st->add_option("--jacobian", so.jacobian, "the ODE arm's Jacobian-norm weight")->check(CLI::NonNegativeNumber)->capture_default_str();
+  st->add_option("--arms", so.arms, "arms to train, comma-separated: looped, deep, shallow, ode")->capture_default_str();
   st->add_option("--seed", so.seed, "seed")->capture_default_str();
   st->add_option("--out", so.out, "output directory")->capture_default_str();
 

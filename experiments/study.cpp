@@ -1,5 +1,6 @@
 #include "study.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -24,7 +25,27 @@ int run_study(const StudyOptions& o) {
       {"deep", std::to_string(K) + " blocks once", K, 1, false},
       {"shallow", "1 block once", 1, 1, false},
   };
-  if (o.ode) arms.push_back({"ode", "1 block, dopri5 on [0, " + std::to_string(K) + "]", 1, 0, true});
+  if (o.ode) {
+    std::ostringstream label;
+    label << "1 block, dopri5 on [0, " << K << "]";
+    if (o.kinetic > 0) label << ", kinetic " << o.kinetic;
+    if (o.jacobian > 0) label << ", jacobian " << o.jacobian;
+    arms.push_back({"ode", label.str(), 1, 0, true});
+  }
+  {  // keep the arms asked for, in the table's order
+    std::vector<std::string> want;
+    std::stringstream ss(o.arms);
+    for (std::string a; std::getline(ss, a, ',');)
+      if (!a.empty()) want.push_back(a);
+    for (const auto& w : want)
+      if (w != "looped" && w != "deep" && w != "shallow" && w != "ode")
+        throw Error("study: unknown arm '" + w + "' (known: looped, deep, shallow, ode)");
+    std::vector<Arm> kept;
+    for (const Arm& a : arms)
+      if (std::find(want.begin(), want.end(), a.name) != want.end()) kept.push_back(a);
+    if (kept.empty()) throw Error("study: no arm left to train (--arms '" + o.arms + "')");
+    arms = kept;
+  }
   std::filesystem::create_directories(o.out);
   nlohmann::ordered_json results = nlohmann::ordered_json::array();
   std::ostringstream md;
@@ -52,6 +73,8 @@ int run_study(const StudyOptions& o) {
       c.rtol = o.rtol;
       c.atol = o.atol;
       c.t1 = K;
+      c.kinetic = o.kinetic;
+      c.jacobian = o.jacobian;
     } else {
       c.loops = a.loops;
     }
@@ -63,7 +86,7 @@ int run_study(const StudyOptions& o) {
     const auto data = make_source(c);
     const EvalResult r = evaluate(tr.model(), *data, c, o.eval_batches, o.batch);
     const size_t params = tr.model().layout.size();
-    results.push_back({{"model", a.name}, {"label", a.label}, {"n_block", a.n_block}, {"loops", a.loops},
+    results.push_back({{"model", a.name}, {"kinetic", a.ode ? o.kinetic : 0.0}, {"jacobian", a.ode ? o.jacobian : 0.0}, {"label", a.label}, {"n_block", a.n_block}, {"loops", a.loops},
                        {"solver", a.ode ? "dopri5" : ""}, {"steps", c.steps}, {"parameters", params}, {"test_accuracy", r.accuracy},
                        {"test_loss", r.loss}, {"examples", r.examples}, {"nfe", r.nfe}, {"train_seconds", secs}});
     md << "| " << a.label << " | " << params << " | " << c.steps << " | " << std::fixed << std::setprecision(3) << r.accuracy << " | "

@@ -15,6 +15,8 @@ struct StudyOptions {
   bool ode = true;            // also an ODE-depth model (dopri5 on [0, depth])
   int ode_steps = 0;          // its training steps (0: the same as the others)
   double rtol = 1e-3, atol = 1e-4;
+  double kinetic = 0, jacobian = 0;  // the ODE arm's regularisers
+  std::string arms = "looped,deep,shallow,ode";  // which arms to train (comma-separated)
   uint64_t seed = 0;
   std::string out = "study";
 };

@@ -542,4 +542,19 @@ TEST_CASE("flowloop study trains every arm at the same budget and writes the tab
   CHECK(j["results"][0]["nfe"] == 2.0);
   CHECK(j["results"][3]["nfe"].get<double>() > 2.0);
   CHECK(fs::exists(dir.path / "study" / "deep" / "model.safetensors"));
+  // one arm alone, the regularised ODE arm; an unknown arm is refused
+  const std::string o2 = run_command(std::string(FLOWLOOP_CLI) +
+                                         " study --task modarith --task-n 2 --depth 2 --d-model 16 --n-head 2 --steps 3 "
+                                         "--batch 4 --warmup 1 --eval-batches 1 --arms ode --kinetic 0.1 --out " + out + "2 2>/dev/null", &rc);
+  REQUIRE(rc == 0);
+  CHECK(o2.find("kinetic 0.1") != std::string::npos);
+  CHECK(o2.find("looped") == std::string::npos);
+  std::ifstream in2(dir.path / "study2" / "results.json");
+  nlohmann::json j2;
+  in2 >> j2;
+  REQUIRE(j2["results"].size() == 1);
+  CHECK(j2["results"][0]["kinetic"] == 0.1);
+  const std::string o3 = run_command(std::string(FLOWLOOP_CLI) + " study --arms looped,wide --out " + out + "3 2>&1", &rc);
+  CHECK(rc != 0);
+  CHECK(o3.find("unknown arm 'wide'") != std::string::npos);
 }
