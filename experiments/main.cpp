@@ -409,6 +409,7 @@ int main(int argc, char** argv) {
   st->add_option("--task", so.task, "task")->check(CLI::IsMember(task_names()))->capture_default_str();
   st->add_option("--task-n", so.task_n, "task difficulty")->capture_default_str();
   st->add_option("--hops", so.hops, "phop: hops")->capture_default_str();
+  st->add_option("--prime", so.prime, "modarith: the prime (0: 7)")->capture_default_str();
   st->add_option("--depth", so.depth, "loops of the looped model = blocks of the deep one")->capture_default_str();
   st->add_option("--d-model", so.d_model, "width")->capture_default_str();
   st->add_option("--n-head", so.n_head, "heads")->capture_default_str();

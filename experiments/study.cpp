@@ -55,6 +55,7 @@ int run_study(const StudyOptions& o) {
     c.task = o.task;
     c.task_n = o.task_n;
     c.task_hops = o.task == "phop" ? o.hops : 0;
+    c.task_prime = o.task == "modarith" ? o.prime : 0;
     c.d_model = o.d_model;
     c.n_head = o.n_head;
     c.n_block = a.n_block;
@@ -92,12 +93,13 @@ int run_study(const StudyOptions& o) {
     md << "| " << a.label << " | " << params << " | " << c.steps << " | " << std::fixed << std::setprecision(3) << r.accuracy << " | "
        << r.loss << " | " << std::setprecision(1) << r.nfe << " | " << std::setprecision(0) << secs << " |\n";
   }
-  const nlohmann::ordered_json setup = {{"task", o.task}, {"task_n", o.task_n}, {"hops", o.hops}, {"d_model", o.d_model},
+  const nlohmann::ordered_json setup = {{"task", o.task}, {"task_n", o.task_n}, {"hops", o.hops}, {"prime", o.prime}, {"d_model", o.d_model},
                                         {"n_head", o.n_head}, {"steps", o.steps}, {"batch", o.batch}, {"lr", o.lr},
                                         {"seed", o.seed}};
   std::ofstream(std::filesystem::path(o.out) / "results.json") << nlohmann::ordered_json({{"setup", setup}, {"results", results}}).dump(2) << "\n";
   std::ofstream(std::filesystem::path(o.out) / "results.md") << md.str();
   std::cout << "study on " << o.task << " (n " << o.task_n << (o.task == "phop" ? ", hops " + std::to_string(o.hops) : "")
+            << (o.task == "modarith" && o.prime ? ", prime " + std::to_string(o.prime) : "")
             << "), " << o.steps << " steps of batch " << o.batch << " each:\n" << md.str();
   return 0;
 }

@@ -7,7 +7,7 @@ namespace flowloop {
 
 struct StudyOptions {
   std::string task = "phop";
-  int task_n = 16, hops = 4;
+  int task_n = 16, hops = 4, prime = 0;  // prime: modarith's modulus (0: its default, 7)
   int d_model = 64, n_head = 4, depth = 4;
   int steps = 2000, batch = 64, warmup = 100;
   double lr = 1e-3;
