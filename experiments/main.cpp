@@ -382,6 +382,7 @@ int main(int argc, char** argv) {
   topt("--eval-every", "eval_every", tc.eval_every, "evaluate every N steps");
   topt("--eval-batches", "eval_batches", tc.eval_batches, "test batches per evaluation");
   topt("--checkpoint-every", "checkpoint_every", tc.checkpoint_every, "checkpoint every N steps");
+  topt("--max-seconds", "max_seconds", tc.max_seconds, "stop (evaluated and checkpointed) after this wall time; --resume goes on");
   topt("--seed", "seed", tc.seed, "seed of the weights and the data");
   topt("--out", "out", tc.out, "output directory");
   tr->add_option("--config", tc_file, "JSON configuration (flags given override it)");
@@ -420,6 +421,7 @@ int main(int argc, char** argv) {
   st->add_option("--eval-batches", so.eval_batches, "test batches of the final evaluation")->capture_default_str();
   st->add_option("--ode", so.ode, "also train an ODE-depth model (dopri5)")->capture_default_str();
   st->add_option("--ode-steps", so.ode_steps, "its training steps (default: --steps)")->capture_default_str();
+  st->add_option("--ode-seconds", so.ode_seconds, "its wall-clock budget (0: none)")->check(CLI::NonNegativeNumber)->capture_default_str();
   st->add_option("--rtol", so.rtol, "the ODE arm's rtol")->capture_default_str();
   st->add_option("--atol", so.atol, "the ODE arm's atol")->capture_default_str();
   st->add_option("--kinetic", so.kinetic, "the ODE arm's kinetic-energy weight")->check(CLI::NonNegativeNumber)->capture_default_str();

@@ -74,6 +74,7 @@ int run_study(const StudyOptions& o) {
       c.rtol = o.rtol;
       c.atol = o.atol;
       c.t1 = K;
+      c.max_seconds = o.ode_seconds;
       c.kinetic = o.kinetic;
       c.jacobian = o.jacobian;
     } else {
@@ -88,9 +89,11 @@ int run_study(const StudyOptions& o) {
     const EvalResult r = evaluate(tr.model(), *data, c, o.eval_batches, o.batch);
     const size_t params = tr.model().layout.size();
     results.push_back({{"model", a.name}, {"kinetic", a.ode ? o.kinetic : 0.0}, {"jacobian", a.ode ? o.jacobian : 0.0}, {"label", a.label}, {"n_block", a.n_block}, {"loops", a.loops},
-                       {"solver", a.ode ? "dopri5" : ""}, {"steps", c.steps}, {"parameters", params}, {"test_accuracy", r.accuracy},
+                       {"solver", a.ode ? "dopri5" : ""}, {"steps", tr.step()}, {"planned_steps", c.steps}, {"parameters", params}, {"test_accuracy", r.accuracy},
                        {"test_loss", r.loss}, {"examples", r.examples}, {"nfe", r.nfe}, {"train_seconds", secs}});
-    md << "| " << a.label << " | " << params << " | " << c.steps << " | " << std::fixed << std::setprecision(3) << r.accuracy << " | "
+    const std::string steps = tr.step() < c.steps ? std::to_string(tr.step()) + " of " + std::to_string(c.steps)
+                                                  : std::to_string(c.steps);
+    md << "| " << a.label << " | " << params << " | " << steps << " | " << std::fixed << std::setprecision(3) << r.accuracy << " | "
        << r.loss << " | " << std::setprecision(1) << r.nfe << " | " << std::setprecision(0) << secs << " |\n";
   }
   const nlohmann::ordered_json setup = {{"task", o.task}, {"task_n", o.task_n}, {"hops", o.hops}, {"prime", o.prime}, {"d_model", o.d_model},

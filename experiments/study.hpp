@@ -14,6 +14,7 @@ struct StudyOptions {
   int eval_batches = 16;
   bool ode = true;            // also an ODE-depth model (dopri5 on [0, depth])
   int ode_steps = 0;          // its training steps (0: the same as the others)
+  double ode_seconds = 0;     // its wall-clock budget (0: none); it stops there if not done
   double rtol = 1e-3, atol = 1e-4;
   double kinetic = 0, jacobian = 0;  // the ODE arm's regularisers
   std::string arms = "looped,deep,shallow,ode";  // which arms to train (comma-separated)

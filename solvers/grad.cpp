@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "flowloop/algebra.hpp"
+#include "coupled.hpp"
 #include "tape.hpp"
 
 namespace flowloop {
@@ -33,30 +34,18 @@ namespace {
 
 // The whole batch as one sequence (one shared step), differentiable.
 template <class S>
-class CoupledDiffSystem : public DiffSystem<S> {
+class CoupledDiffSystem : public detail::CoupledView<S, DiffSystem<S>> {
+  using Base = detail::CoupledView<S, DiffSystem<S>>;
+
  public:
-  explicit CoupledDiffSystem(DiffSystem<S>& in) : in_(in), ids_(in.groups()), t_(in.groups()) {
-    for (int g = 0; g < in.groups(); ++g) ids_[g] = g;
-  }
-  int groups() const override { return 1; }
-  size_t dim() const override { return in_.dim() * static_cast<size_t>(in_.groups()); }
-  size_t num_params() const override { return in_.num_params(); }
-  void reserve_slots(int n) override { in_.reserve_slots(n); }
-  void eval(S* dydt, const S* y, const double* t, const int*, int) override {
-    std::fill(t_.begin(), t_.end(), t[0]);
-    in_.eval(dydt, y, t_.data(), ids_.data(), in_.groups());
-  }
+  explicit CoupledDiffSystem(DiffSystem<S>& in) : Base(in) {}
+  size_t num_params() const override { return this->in_.num_params(); }
+  void reserve_slots(int n) override { this->in_.reserve_slots(n); }
   void eval_record(S* dydt, const S* y, const double* t, const int*, int, int slot) override {
-    std::fill(t_.begin(), t_.end(), t[0]);
-    in_.eval_record(dydt, y, t_.data(), ids_.data(), in_.groups(), slot);
+    this->in_.eval_record(dydt, y, this->times(t[0]), this->ids_.data(), this->in_.groups(), slot);
   }
   // One coupled row: its parameter gradient is the sum over the inner sequences.
-  void vjp(S* dy, S* dparams, size_t, const S* g, int slot) override { in_.vjp(dy, dparams, 0, g, slot); }
-
- private:
-  DiffSystem<S>& in_;
-  std::vector<int> ids_;
-  std::vector<double> t_;
+  void vjp(S* dy, S* dparams, size_t, const S* g, int slot) override { this->in_.vjp(dy, dparams, 0, g, slot); }
 };
 
 // A system with its regularisers' integrands riding along: each sequence's

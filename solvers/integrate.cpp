@@ -8,6 +8,7 @@
 
 #include "flowloop/algebra.hpp"
 #include "flowloop/solver.hpp"
+#include "coupled.hpp"
 #include "tape.hpp"
 
 namespace flowloop {
@@ -63,23 +64,7 @@ constexpr double kUround = 2.3e-16;  // dopri5.f's rounding unit
 
 // All G sequences as one: the batch-coupled mode (one shared step).
 template <class S>
-class CoupledSystem : public OdeSystem<S> {
- public:
-  explicit CoupledSystem(OdeSystem<S>& inner) : inner_(inner), ids_(inner.groups()), t_(inner.groups()) {
-    for (int g = 0; g < inner.groups(); ++g) ids_[g] = g;
-  }
-  int groups() const override { return 1; }
-  size_t dim() const override { return inner_.dim() * static_cast<size_t>(inner_.groups()); }
-  void eval(S* dydt, const S* y, const double* t, const int*, int) override {
-    std::fill(t_.begin(), t_.end(), t[0]);
-    inner_.eval(dydt, y, t_.data(), ids_.data(), inner_.groups());
-  }
-
- private:
-  OdeSystem<S>& inner_;
-  std::vector<int> ids_;
-  std::vector<double> t_;
-};
+using CoupledSystem = detail::CoupledView<S, OdeSystem<S>>;
 
 template <class S>
 class Driver {

@@ -39,7 +39,7 @@ void field(const json& j, const char* key, T& dst, const std::string& where) {
   X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) \
   X(loops) X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(batch_coupled) X(grad) X(kinetic) X(jacobian) X(steps) \
   X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
-  X(eval_batches) X(checkpoint_every) X(seed) X(out)
+  X(eval_batches) X(checkpoint_every) X(max_seconds) X(seed) X(out)
 
 TrainConfig TrainConfig::from_json(const std::string& text, const std::string& where) {
   json j;
@@ -95,6 +95,7 @@ void TrainConfig::validate() const {
   if (warmup < 0 || !(lr > 0) || !(min_lr >= 0) || min_lr > lr) throw fail("need lr > 0, 0 <= min_lr <= lr, warmup >= 0");
   if (!(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps > 0 && weight_decay >= 0 && clip >= 0))
     throw fail("AdamW settings out of range");
+  if (!(max_seconds >= 0) || !std::isfinite(max_seconds)) throw fail("max_seconds must be finite and >= 0");
   if (eval_every <= 0 || eval_batches <= 0 || checkpoint_every <= 0) throw fail("eval_every, eval_batches and checkpoint_every must be positive");
   if (out.empty()) throw fail("no output directory (out)");
   if (controller != "pi" && controller != "i") throw fail("controller must be pi or i");
@@ -303,8 +304,9 @@ struct Trainer::Impl {
       if (it == f.metadata().end()) throw Error("checkpoint '" + ckpt() + "': metadata lacks \"" + k + "\"");
       return it->second;
     };
-    const TrainConfig saved = TrainConfig::from_json(get("train_config"), ckpt());
-    // the schedule depends on every setting, steps included
+    TrainConfig saved = TrainConfig::from_json(get("train_config"), ckpt());
+    // the schedule depends on every setting, steps included; the time budget is per run
+    saved.max_seconds = c.max_seconds;
     if (saved.to_json() != c.to_json())
       throw Error("checkpoint '" + ckpt() + "' was written with another configuration; resume with the same one");
     for (const auto& t : model->layout.tensors()) {
@@ -349,6 +351,8 @@ Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
 Trainer::~Trainer() = default;
 
 const Model<float>& Trainer::model() const { return *impl_->model; }
+
+int64_t Trainer::step() const { return impl_->step; }
 
 void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   Impl& I = *impl_;
@@ -435,7 +439,9 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     if (c.kinetic > 0) line["kinetic"] = kinetic;
     if (c.jacobian > 0) line["jacobian"] = jacobian;
     line["wall_s"] = wall;
-    if (I.step % c.eval_every == 0 || I.step == c.steps) {
+    const bool out_of_time = c.max_seconds > 0 && wall >= c.max_seconds && I.step < c.steps;
+    if (out_of_time) line["stopped"] = "max_seconds";
+    if (I.step % c.eval_every == 0 || I.step == c.steps || out_of_time) {
       const EvalResult ev = evaluate(m, *I.data, c, c.eval_batches, c.batch);
       line["test_loss"] = ev.loss;
       line["test_accuracy"] = ev.accuracy;
@@ -446,7 +452,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     }
     log << line.dump() << "\n";
     log.flush();
-    if (I.step % c.checkpoint_every == 0 || I.step == c.steps) I.save_checkpoint_file();
+    if (I.step % c.checkpoint_every == 0 || I.step == c.steps || out_of_time) I.save_checkpoint_file();
     if (tty) {
       const double per = wall / static_cast<double>(I.step - first);
       const double eta = per * static_cast<double>(c.steps - I.step);
@@ -457,6 +463,12 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
                     static_cast<long long>(I.step), c.steps, static_cast<double>(loss), acc,
                     static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
       progress << buf << std::flush;
+    }
+    if (out_of_time) {
+      if (tty) progress << std::endl;
+      progress << "stopped at step " << I.step << " of " << c.steps << ": the time budget of " << c.max_seconds
+               << " s is spent (--resume goes on)" << std::endl;
+      return;
     }
   }
   if (tty) progress << std::endl;

@@ -273,6 +273,20 @@ TEST_CASE("a resumed run has exactly the losses of an uninterrupted one", "[trai
   const Model<float> ma = load_model<float>((dir.path / "full" / "model.safetensors").string());
   CHECK(ma.params == t2.model().params);
   CHECK(a.front()["loss"] != a.back()["loss"]);
+  // a time budget stops the run after the step that spends it, checkpointed; a resume
+  // (with another budget) goes on with the same losses
+  TrainConfig timed = tiny_config((dir.path / "timed").string());
+  timed.max_seconds = 1e-9;
+  Trainer(timed).run(false, quiet);
+  const auto tm = read_metrics(dir.path / "timed");
+  REQUIRE(tm.size() == 1);
+  CHECK(tm[0]["stopped"] == "max_seconds");
+  CHECK(tm[0].contains("test_accuracy"));
+  timed.max_seconds = 0;
+  Trainer(timed).run(true, quiet);
+  const auto tr = read_metrics(dir.path / "timed");
+  REQUIRE(tr.size() == a.size());
+  for (size_t i = 0; i < a.size(); ++i) CHECK(tr[i]["loss"] == a[i]["loss"]);
   // a checkpoint resumed with another configuration is refused
   TrainConfig other = part;
   other.lr = 0.5;

@@ -47,6 +47,10 @@ struct TrainConfig {
   int steps = 1000, batch = 32, warmup = 100;
   double lr = 1e-3, min_lr = 1e-4, weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, clip = 1.0;
   int eval_every = 100, eval_batches = 8, checkpoint_every = 100;
+  // Wall-clock budget of one run in seconds (0: none): after the step that reaches it,
+  // the run evaluates, checkpoints and stops (a later --resume goes on to `steps`).
+  // The schedule still spans `steps`. Not part of the configuration a resume compares.
+  double max_seconds = 0;
   uint64_t seed = 0;
   std::string out;
 
@@ -102,6 +106,7 @@ class Trainer {
   // stop_at >= 0 stops after that many steps in all (as if the run were killed).
   void run(bool resume, std::ostream& progress, int64_t stop_at = -1);
   const Model<float>& model() const;
+  int64_t step() const;  // steps done so far
 
  private:
   struct Impl;
