@@ -5,6 +5,8 @@
 #   ./run.sh test     install what is missing, build, run the test suite (ctest)
 #   ./run.sh tour     init a model, run it looped and as an ODE, benchmark the field
 #   ./run.sh peer     the PyTorch side-by-side benchmark (installs python3-torch)
+#   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
+#                     every arm at most 10 minutes (about 75 minutes on 2 cores)
 # Environment: BUILD_DIR (default build), JOBS (default: all cores).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -38,6 +40,23 @@ case "$mode" in
     build
     "$BUILD_DIR/flowloop" study --task phop --task-n 16 --hops 4 --depth 4 --steps 3000 --ode-steps 300 \
       --batch 64 --lr 1e-3 --warmup 200 --out "$BUILD_DIR/study"
+    ;;
+  reproduce)
+    build
+    fl="$BUILD_DIR/flowloop"
+    common=(--depth 4 --steps 36000 --batch 64 --lr 1e-3 --warmup 200 --ode-seconds 570)
+    # the three looped/deep arms at equal steps, then the ODE arms (plain and with the
+    # kinetic-energy regulariser) under a 10-minute budget
+    "$fl" study --task phop --task-n 16 --hops 4 "${common[@]}" --arms looped,deep,shallow --out "$BUILD_DIR/reproduce/phop"
+    "$fl" study --task phop --task-n 16 --hops 4 "${common[@]}" --arms ode --ode-steps 2000 --out "$BUILD_DIR/reproduce/phop_ode"
+    "$fl" study --task phop --task-n 16 --hops 4 "${common[@]}" --arms ode --ode-steps 2000 --kinetic 10 \
+      --out "$BUILD_DIR/reproduce/phop_ode_kinetic"
+    "$fl" study --task modarith --task-n 6 --prime 2 "${common[@]}" --arms looped,deep,shallow --out "$BUILD_DIR/reproduce/modarith"
+    "$fl" study --task modarith --task-n 6 --prime 2 "${common[@]}" --arms ode --ode-steps 3000 --kinetic 10 \
+      --out "$BUILD_DIR/reproduce/modarith_ode_kinetic"
+    for d in phop phop_ode phop_ode_kinetic modarith modarith_ode_kinetic; do
+      echo "== $d"; cat "$BUILD_DIR/reproduce/$d/results.md"
+    done
     ;;
   tour)
     build
@@ -74,7 +93,7 @@ case "$mode" in
     /usr/bin/python3 experiments/peer_torch.py loops --flowloop "$BUILD_DIR/flowloop" --sizes S "${@:2}"
     ;;
   *)
-    echo "usage: ./run.sh [study|test|tour|peer]" >&2
+    echo "usage: ./run.sh [study|test|tour|peer|reproduce]" >&2
     exit 2
     ;;
 esac
