@@ -368,6 +368,8 @@ int main(int argc, char** argv) {
   topt("--atol", "atol", tc.atol, "adaptive solver atol");
   topt("--t1", "t1", tc.t1, "depth interval [0, t1] (default 4)");
   topt("--controller", "controller", tc.controller, "pi or i");
+  topt("--solver-max-steps", "solver_max_steps", tc.solver_max_steps,
+       "adaptive: step limit per sequence and solve; hitting it stops training with an error (default 100000)");
   tr_opts.push_back({"batch_coupled", tr->add_flag("--batch-coupled", tc.batch_coupled, "one shared step")});
   topt("--grad", "grad", tc.grad, "backprop, checkpoint or adjoint");
   topt("--kinetic", "kinetic", tc.kinetic, "ODE: weight of the kinetic-energy regulariser int ||f||^2 dt");

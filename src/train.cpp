@@ -37,7 +37,7 @@ void field(const json& j, const char* key, T& dst, const std::string& where) {
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
   X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) \
-  X(loops) X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(batch_coupled) X(grad) X(kinetic) X(jacobian) X(steps) \
+  X(loops) X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(solver_max_steps) X(batch_coupled) X(grad) X(kinetic) X(jacobian) X(steps) \
   X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
   X(eval_batches) X(checkpoint_every) X(max_seconds) X(seed) X(out)
 
@@ -99,6 +99,7 @@ void TrainConfig::validate() const {
   if (eval_every <= 0 || eval_batches <= 0 || checkpoint_every <= 0) throw fail("eval_every, eval_batches and checkpoint_every must be positive");
   if (out.empty()) throw fail("no output directory (out)");
   if (controller != "pi" && controller != "i") throw fail("controller must be pi or i");
+  if (solver_max_steps < 0) throw fail("solver_max_steps must be >= 0");
 }
 
 GradOptions TrainConfig::grad_options(int64_t step) const {
@@ -116,6 +117,7 @@ SolveOptions TrainConfig::solve_options() const {
   o.t1 = t1 > 0 ? t1 : 4.0;
   o.controller = controller == "i" ? Controller::I : Controller::PI;
   o.batch_coupled = batch_coupled;
+  if (solver_max_steps > 0) o.max_steps = solver_max_steps;
   if (solver_steps > 0) {
     o.steps = solver_steps;
   } else if (rtol > 0 || atol > 0) {

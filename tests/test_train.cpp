@@ -354,6 +354,14 @@ TEST_CASE("bad configurations are rejected before any work", "[train][errors]") 
   c.solver_steps = 2;
   c.jacobian = -1;
   CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("kinetic and jacobian must be finite and >= 0"));
+  // a runaway adaptive solve stops training with an error that names the step
+  c = tiny_config((dir.path / "w").string());
+  c.loops = 0;
+  c.solver = "dopri5";
+  c.rtol = c.atol = 1e-12;
+  c.solver_max_steps = 3;
+  std::ostringstream quiet;
+  CHECK_THROWS_WITH(Trainer(c).run(false, quiet), Catch::Contains("step 0: ") && Catch::Contains("more than 3 steps at t = "));
   CHECK_FALSE(fs::exists(dir.path / "y"));  // nothing written
   // the command line: a config file with an unknown key, a missing config file
   std::ofstream(dir.path / "bad.json") << R"({"task": "phop", "loops": 2, "colour": "red"})";

@@ -39,6 +39,8 @@ struct TrainConfig {
   int solver_steps = 0;
   double rtol = 0, atol = 0, t1 = 0;  // t1 0: the loop count's equivalent, 4
   std::string controller = "pi";
+  int solver_max_steps = 0;  // adaptive: step limit per sequence and solve (0: the library's 100000);
+                             // a solve that hits it stops training with an error naming the step
   bool batch_coupled = false;
   std::string grad = "backprop";
   // ODE only: weights of the kinetic-energy and Jacobian-norm regularisers (GradOptions)
