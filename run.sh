@@ -6,7 +6,7 @@
 #   ./run.sh tour     init a model, run it looped and as an ODE, benchmark the field
 #   ./run.sh peer     the PyTorch side-by-side benchmark (installs python3-torch)
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
-#                     every arm at most 10 minutes (about 75 minutes on 2 cores)
+#                     every arm at most 10 minutes (about 95 minutes on 2 cores)
 # Environment: BUILD_DIR (default build), JOBS (default: all cores).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -51,10 +51,11 @@ case "$mode" in
     "$fl" study --task phop --task-n 16 --hops 4 "${common[@]}" --arms ode --ode-steps 2000 --out "$BUILD_DIR/reproduce/phop_ode"
     "$fl" study --task phop --task-n 16 --hops 4 "${common[@]}" --arms ode --ode-steps 2000 --kinetic 10 \
       --out "$BUILD_DIR/reproduce/phop_ode_kinetic"
+    "$fl" study --task modarith --task-n 8 --prime 2 "${common[@]}" --arms looped,deep,shallow --out "$BUILD_DIR/reproduce/modarith8"
     "$fl" study --task modarith --task-n 6 --prime 2 "${common[@]}" --arms looped,deep,shallow --out "$BUILD_DIR/reproduce/modarith"
     "$fl" study --task modarith --task-n 6 --prime 2 "${common[@]}" --arms ode --ode-steps 3000 --kinetic 10 \
       --out "$BUILD_DIR/reproduce/modarith_ode_kinetic"
-    for d in phop phop_ode phop_ode_kinetic modarith modarith_ode_kinetic; do
+    for d in phop phop_ode phop_ode_kinetic modarith8 modarith modarith_ode_kinetic; do
       echo "== $d"; cat "$BUILD_DIR/reproduce/$d/results.md"
     done
     ;;
