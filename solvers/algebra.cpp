@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 
 #include "flowloop/tensor.hpp"
@@ -122,6 +123,11 @@ double error_sum_squares(double h, const double* e, const S* const* k, int m, co
 }
 
 template <class S>
+void copy_rows(S* dst, size_t dst_stride, const S* src, size_t src_stride, size_t rows, size_t n) {
+  for (size_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, n * sizeof(S));
+}
+
+template <class S>
 double sum_squares(const S* x, size_t n) {
   double total = 0.0;
   double sq[kBlock];
@@ -162,6 +168,7 @@ double scaled_diff_sum_squares(const S* a, const S* b, const S* y, double rtol, 
   template double error_norm<S>(double, const double*, const S* const*, int, const S*, const S*, \
                                 double, double, size_t);                                        \
   template double sum_squares<S>(const S*, size_t);                                             \
+  template void copy_rows<S>(S*, size_t, const S*, size_t, size_t, size_t);                     \
   template double error_sum_squares<S>(double, const double*, const S* const*, int, const S*,    \
                                        const S*, double, double, size_t);                       \
   template void scaled_sum<S>(S*, double, const double*, const S* const*, int, size_t);        \

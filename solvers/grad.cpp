@@ -59,7 +59,6 @@ class RegularizedSystem : public DiffSystem<S> {
   RegularizedSystem(DiffSystem<S>& in, bool jacobian, double fd, uint64_t seed)
       : in_(in), n_(in.dim()), W_(n_ + 2), jac_(jacobian), d_(static_cast<S>(fd)) {
     if (jac_) {
-      if (!(fd > 0.0) || !std::isfinite(fd)) throw Error("jacobian regulariser: the difference step must be > 0");
       e_.resize(static_cast<size_t>(in.groups()) * n_);
       Rng rng(seed);
       for (auto& v : e_) v = (rng.next() >> 63) ? S(1) : S(-1);
@@ -85,6 +84,8 @@ class RegularizedSystem : public DiffSystem<S> {
     gc_.resize(rows);
     dc_.assign(rows, S(0));
     const S inv_n = S(1) / static_cast<S>(n_);
+    // d(Q')/du = 2 u / n, and u = (f(y + d e) - f(y)) / d: the vjp at y + d e gets +cj u, at y -cj u
+    auto cj = [&](int i) { return 2 * g[static_cast<size_t>(i) * W_ + n_ + 1] * inv_n / d_; };
     for (int i = 0; i < r.count; ++i) {
       const S* gi = g + static_cast<size_t>(i) * W_;
       const S* f = r.f.data() + static_cast<size_t>(i) * n_;
@@ -92,18 +93,18 @@ class RegularizedSystem : public DiffSystem<S> {
       const S ck = 2 * gi[n_] * inv_n;
       for (size_t k = 0; k < n_; ++k) o[k] = gi[k] + ck * f[k];
       if (jac_) {
-        const S cj = 2 * gi[n_ + 1] * inv_n / d_;
+        const S c = cj(i);
         const S* u = r.u.data() + static_cast<size_t>(i) * n_;
-        for (size_t k = 0; k < n_; ++k) o[k] -= cj * u[k];
+        for (size_t k = 0; k < n_; ++k) o[k] -= c * u[k];
       }
     }
     in_.vjp(dc_.data(), dparams, param_stride, gc_.data(), 2 * slot);
     if (jac_) {
       for (int i = 0; i < r.count; ++i) {
-        const S cj = 2 * g[static_cast<size_t>(i) * W_ + n_ + 1] * inv_n / d_;
+        const S c = cj(i);
         const S* u = r.u.data() + static_cast<size_t>(i) * n_;
         S* o = gc_.data() + static_cast<size_t>(i) * n_;
-        for (size_t k = 0; k < n_; ++k) o[k] = cj * u[k];
+        for (size_t k = 0; k < n_; ++k) o[k] = c * u[k];
       }
       in_.vjp(dc_.data(), dparams, param_stride, gc_.data(), 2 * slot + 1);
     }
@@ -124,8 +125,7 @@ class RegularizedSystem : public DiffSystem<S> {
     yc_.resize(rows);
     r.count = count;
     r.f.resize(rows);
-    for (int i = 0; i < count; ++i)
-      std::memcpy(yc_.data() + static_cast<size_t>(i) * n_, y + static_cast<size_t>(i) * W_, n_ * sizeof(S));
+    algebra::copy_rows(yc_.data(), n_, y, W_, static_cast<size_t>(count), n_);
     if (slot >= 0)
       in_.eval_record(r.f.data(), yc_.data(), t, ids, count, 2 * slot);
     else
@@ -181,11 +181,9 @@ class AdjointSystem : public OdeSystem<S> {
   int groups() const override { return f_.groups(); }
   size_t dim() const override { return W_; }
   void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override {
-    for (int i = 0; i < count; ++i) {
-      std::memcpy(yc_.data() + i * n_, y + i * W_, n_ * sizeof(S));
-      std::memcpy(ac_.data() + i * n_, y + i * W_ + n_, n_ * sizeof(S));
-      std::fill(dydt + i * W_ + 2 * n_, dydt + (i + 1) * W_, S(0));
-    }
+    algebra::copy_rows(yc_.data(), n_, y, W_, static_cast<size_t>(count), n_);
+    algebra::copy_rows(ac_.data(), n_, y + n_, W_, static_cast<size_t>(count), n_);
+    for (int i = 0; i < count; ++i) std::fill(dydt + i * W_ + 2 * n_, dydt + (i + 1) * W_, S(0));
     f_.eval_record(fc_.data(), yc_.data(), t, ids, count, 0);
     std::fill(dc_.begin(), dc_.begin() + static_cast<long>(count * n_), S(0));
     f_.vjp(dc_.data(), dydt + 2 * n_, W_, ac_.data(), 0);
@@ -437,10 +435,8 @@ struct OdeGradient<S>::Impl {
     AdjointSystem<S> aug(*sys);
     const size_t W = aug.dim();
     Buffer<S> state(static_cast<size_t>(G) * W, S(0));
-    for (int g = 0; g < G; ++g) {
-      std::memcpy(state.data() + g * W, y1.data() + static_cast<size_t>(g) * n, n * sizeof(S));
-      std::memcpy(state.data() + g * W + n, gy + static_cast<size_t>(g) * n, n * sizeof(S));
-    }
+    algebra::copy_rows(state.data(), W, y1.data(), n, static_cast<size_t>(G), n);
+    algebra::copy_rows(state.data() + n, W, gy, n, static_cast<size_t>(G), n);
     SolveOptions b = opt;
     b.t0 = opt.t1;
     b.t1 = opt.t0;
@@ -468,8 +464,8 @@ struct OdeGradient<S>::Impl {
       st.message = "adjoint backsolve: " + r.message;
       return;
     }
+    algebra::copy_rows(gy, n, state.data() + n, W, static_cast<size_t>(G), n);
     for (int g = 0; g < G; ++g) {
-      std::memcpy(gy + static_cast<size_t>(g) * n, state.data() + g * W + n, n * sizeof(S));
       const S* ath = state.data() + g * W + 2 * n;
       for (size_t q = 0; q < P; ++q) gparams[q] += ath[q];
     }
@@ -500,8 +496,7 @@ const SolveResult<S>& OdeGradient<S>::forward(S* y) {
   const size_t nu = I.user.dim();
   if (I.reg) {  // [y, 0, 0] per sequence
     I.yaug.assign(static_cast<size_t>(Gu) * (nu + 2), S(0));
-    for (int g = 0; g < Gu; ++g)
-      std::memcpy(I.yaug.data() + static_cast<size_t>(g) * (nu + 2), y + static_cast<size_t>(g) * nu, nu * sizeof(S));
+    algebra::copy_rows(I.yaug.data(), nu + 2, y, nu, static_cast<size_t>(Gu), nu);
     y = I.yaug.data();
   }
   switch (I.gopt.method) {
@@ -520,9 +515,9 @@ const SolveResult<S>& OdeGradient<S>::forward(S* y) {
   I.note_peak();
   I.st.kinetic = I.st.jacobian = 0.0;
   if (I.reg) {
+    algebra::copy_rows(user_y, nu, y, nu + 2, static_cast<size_t>(Gu), nu);
     for (int g = 0; g < Gu; ++g) {
       const S* row = y + static_cast<size_t>(g) * (nu + 2);
-      std::memcpy(user_y + static_cast<size_t>(g) * nu, row, nu * sizeof(S));
       I.st.kinetic += static_cast<double>(row[nu]) / Gu;
       I.st.jacobian += static_cast<double>(row[nu + 1]) / Gu;
     }
@@ -555,9 +550,9 @@ const GradStats& OdeGradient<S>::backward(const S* gy1, S* gy0, S* gparams) {
   S* gy = gy0;
   if (I.reg) {  // dL/d[y, E, Q](t1) = [gy1, kinetic / G, jacobian / G]
     I.gaug.resize(static_cast<size_t>(Gu) * (nu + 2));
+    algebra::copy_rows(I.gaug.data(), nu + 2, gy1, nu, static_cast<size_t>(Gu), nu);
     for (int g = 0; g < Gu; ++g) {
       S* row = I.gaug.data() + static_cast<size_t>(g) * (nu + 2);
-      std::memcpy(row, gy1 + static_cast<size_t>(g) * nu, nu * sizeof(S));
       row[nu] = static_cast<S>(I.gopt.kinetic / Gu);
       row[nu + 1] = static_cast<S>(I.gopt.jacobian / Gu);
     }
@@ -572,9 +567,7 @@ const GradStats& OdeGradient<S>::backward(const S* gy1, S* gy0, S* gparams) {
     case GradMethod::Adjoint: I.adjoint(gy, gparams); break;
   }
   I.st.nfe_backward = nfe_before + (I.st.nfe_backward - nfe_before) * I.per_call;
-  if (I.reg)
-    for (int g = 0; g < Gu; ++g)
-      std::memcpy(gy0 + static_cast<size_t>(g) * nu, gy + static_cast<size_t>(g) * (nu + 2), nu * sizeof(S));
+  if (I.reg) algebra::copy_rows(gy0, nu, gy, nu + 2, static_cast<size_t>(Gu), nu);
   I.note_peak();
   return I.st;
 }

@@ -443,7 +443,8 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     line["wall_s"] = wall;
     const bool out_of_time = c.max_seconds > 0 && wall >= c.max_seconds && I.step < c.steps;
     if (out_of_time) line["stopped"] = "max_seconds";
-    if (I.step % c.eval_every == 0 || I.step == c.steps || out_of_time) {
+    const bool last = I.step == c.steps || out_of_time;  // evaluated and checkpointed
+    if (I.step % c.eval_every == 0 || last) {
       const EvalResult ev = evaluate(m, *I.data, c, c.eval_batches, c.batch);
       line["test_loss"] = ev.loss;
       line["test_accuracy"] = ev.accuracy;
@@ -454,7 +455,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     }
     log << line.dump() << "\n";
     log.flush();
-    if (I.step % c.checkpoint_every == 0 || I.step == c.steps || out_of_time) I.save_checkpoint_file();
+    if (I.step % c.checkpoint_every == 0 || last) I.save_checkpoint_file();
     if (tty) {
       const double per = wall / static_cast<double>(I.step - first);
       const double eta = per * static_cast<double>(c.steps - I.step);

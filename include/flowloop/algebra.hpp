@@ -40,6 +40,11 @@ double error_sum_squares(double h, const double* e, const S* const* k, int m, co
 template <class S>
 void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n);
 
+// rows x n values from src (rows src_stride apart) to dst (rows dst_stride apart):
+// packs and unpacks states that carry extra values per sequence.
+template <class S>
+void copy_rows(S* dst, size_t dst_stride, const S* src, size_t src_stride, size_t rows, size_t n);
+
 // sum_i x_i^2 in double.
 template <class S>
 double sum_squares(const S* x, size_t n);
