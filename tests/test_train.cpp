@@ -354,6 +354,12 @@ TEST_CASE("bad configurations are rejected before any work", "[train][errors]") 
   c.solver_steps = 2;
   c.jacobian = -1;
   CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("kinetic and jacobian must be finite and >= 0"));
+  c.jacobian = 0;
+  c.solver_max_steps = -1;
+  CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("solver_max_steps must be >= 0"));
+  c.solver_max_steps = 0;
+  c.max_seconds = -5;
+  CHECK_THROWS_WITH(Trainer{c}, Catch::Contains("max_seconds must be finite and >= 0"));
   // a runaway adaptive solve stops training with an error that names the step
   c = tiny_config((dir.path / "w").string());
   c.loops = 0;
@@ -579,4 +585,7 @@ TEST_CASE("flowloop study trains every arm at the same budget and writes the tab
   const std::string o3 = run_command(std::string(FLOWLOOP_CLI) + " study --arms looped,wide --out " + out + "3 2>&1", &rc);
   CHECK(rc != 0);
   CHECK(o3.find("unknown arm 'wide'") != std::string::npos);
+  const std::string o4 = run_command(std::string(FLOWLOOP_CLI) + " study --arms , --out " + out + "4 2>&1", &rc);
+  CHECK(rc != 0);
+  CHECK(o4.find("no arm left to train") != std::string::npos);
 }
