@@ -247,7 +247,7 @@ TEST_CASE("same inputs give the same bits, whatever the thread count", "[model][
   std::vector<Buffer<float>> grads, logits;
   std::vector<float> losses;
   const int before = num_threads();
-  for (int threads : {1, 2, 1}) {
+  for (int threads : {1, 2, 3, 1}) {
     set_num_threads(threads);
     LoopWork<float> w;
     Buffer<float> g(m.params.size(), 0.0f);

@@ -64,15 +64,30 @@ using Buffer = std::vector<S, AlignedAllocator<S>>;
 //   Cm(M,N) = alpha * op(A) * op(B) + beta * Cm(M,N)
 // op(A) is (M,K): A is (M,K) with leading dimension lda, or (K,M) if transA.
 // op(B) is (K,N): B is (K,N) with leading dimension ldb, or (N,K) if transB.
+// Deterministic on every CPU whatever the thread count: the output is cut into at
+// most kGemmMaxTiles tiles of rows (or of columns, when N > M) whose bounds are a
+// function of (M, N, K) alone, and each tile is one single-threaded OpenBLAS call;
+// the tiles run in parallel on the OpenMP threads. Products under kGemmTileMin
+// multiply-adds are one call.
 template <class S>
 void gemm(bool transA, bool transB, int M, int N, int K, S alpha, const S* A, int lda,
           const S* B, int ldb, S beta, S* Cm, int ldc);
+
+constexpr int64_t kGemmTileMin = int64_t{1} << 18;
+constexpr int kGemmMaxTiles = 16;
+constexpr int kGemmTileGranule = 32;
+struct GemmTiling {
+  int tiles = 1;     // number of tiles
+  int size = 0;      // rows (or columns) per tile; the last may be shorter
+  bool rows = true;  // tiles of rows of Cm (else of columns)
+};
+GemmTiling gemm_tiling(int M, int N, int K);
 
 // Element-wise and attention loops over fewer elements than this run on one
 // thread: waking the team would cost more than the work.
 constexpr int64_t kParallelMin = int64_t{1} << 15;
 
-// Threads used by GEMM (OpenBLAS) and by the element-wise and attention loops
+// Threads used by GEMM tiles and by the element-wise and attention loops
 // (OpenMP). n <= 0 means all hardware threads.
 void set_num_threads(int n);
 int num_threads();
