@@ -1,7 +1,10 @@
-// `flowloop study`: the looped-versus-deep comparison at equal training budget.
+// `flowloop study`: looped versus deep versus ODE depth at equal training budget,
+// over several seeds, each model evaluated under a list of depth regimes.
 #pragma once
 
 #include <string>
+
+#include "flowloop/depth.hpp"
 
 namespace flowloop {
 
@@ -12,20 +15,30 @@ struct StudyOptions {
   int steps = 2000, batch = 64, warmup = 100;
   double lr = 1e-3;
   int eval_batches = 16;
-  bool ode = true;            // also an ODE-depth model (dopri5 on [0, depth])
+  int seeds = 1;              // seeds seed, seed + 1, ...: every arm is trained once per seed
+  // The ODE arm: one block integrated under ode_depth on [0, depth] (default dopri5
+  // with the depth spec's default tolerances), trained with these remedies.
+  DepthSpec ode_depth;
   int ode_steps = 0;          // its training steps (0: the same as the others)
   double ode_seconds = 0;     // its wall-clock budget (0: none); it stops there if not done
-  double rtol = 1e-3, atol = 1e-4;
-  double kinetic = 0, jacobian = 0;  // the ODE arm's regularisers
+  double kinetic = 0, jacobian = 0;  // regularisers
+  int random_steps_min = 1, random_steps_max = 0;  // random fixed steps per batch (TrainConfig)
+  std::string random_solvers;
+  double t1_jitter = 0;
+  bool time_cond = false;     // a time-conditioned field
+  bool ode_from_looped = false;  // start from the looped arm of the same seed (trained first)
   std::string arms = "looped,deep,shallow,ode";  // which arms to train (comma-separated)
+  // Every arm is evaluated under each of these regimes (DepthSpec::parse_list tokens,
+  // t1 = depth); empty: only under its own.
+  std::string eval_depths;
   uint64_t seed = 0;
   std::string out = "study";
 };
 
 // Trains, at the same steps, batch and learning rate: one block looped `depth`
-// times, `depth` distinct blocks run once, one block run once, and (with ode) one
-// block integrated by dopri5 on [0, depth]. Writes OUT/<model>/ for each, and
-// OUT/results.json and OUT/results.md; prints the table. Returns 0.
+// times, `depth` distinct blocks run once, one block run once, and one block as an
+// ODE on [0, depth]. Writes OUT/<model>[-s<seed>]/ for each, OUT/results.json (every
+// run and the mean and spread per arm) and OUT/results.md; prints the tables.
 int run_study(const StudyOptions& opt);
 
 }  // namespace flowloop

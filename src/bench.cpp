@@ -137,17 +137,9 @@ class TimedSystem : public OdeSystem<S> {
 
 namespace {
 // The fields every solve and train benchmark line starts with.
-void describe_solve(nlohmann::ordered_json& j, const BenchSolveOptions& opt, const SolveOptions& so) {
-  j["solver"] = opt.solver;
-  j["t1"] = opt.t1;
-  if (so.adaptive) {
-    j["rtol"] = so.rtol;
-    j["atol"] = so.atol;
-    j["controller"] = opt.controller;
-    j["batch_coupled"] = opt.batch_coupled;
-  } else {
-    j["fixed_steps"] = so.steps;
-  }
+void describe_solve(nlohmann::ordered_json& j, const BenchSolveOptions& opt) {
+  const auto d = nlohmann::ordered_json::parse(opt.depth.to_json(BenchSolveOptions::kBenchDepth));
+  for (auto it = d.begin(); it != d.end(); ++it) j[it.key()] = it.value();
 }
 
 Model<float> bench_model(const BenchSolveOptions& opt, const ModelConfig& cfg) {
@@ -180,19 +172,8 @@ TokenBatch bench_tokens(const BenchSolveOptions& opt, const BenchSize& bs, const
 }
 
 SolveOptions bench_solve_options(const BenchSolveOptions& opt) {
-  SolveOptions so;
-  so.method = opt.solver;
-  so.t1 = opt.t1;
-  so.batch_coupled = opt.batch_coupled;
-  so.controller = opt.controller == "i" ? Controller::I : Controller::PI;
-  if (opt.steps > 0) {
-    so.steps = opt.steps;
-  } else {
-    so.adaptive = true;
-    so.rtol = opt.rtol;
-    so.atol = opt.atol;
-  }
-  return so;
+  if (!opt.depth.ode()) throw Error("bench solve: give --solver (and --solver-steps or tolerances)");
+  return opt.depth.solve_options(BenchSolveOptions::kBenchDepth);
 }
 }  // namespace
 
@@ -235,7 +216,7 @@ std::string bench_solve(const BenchSolveOptions& opt) {
   j["size"] = opt.size;
   j["B"] = tokens.B;
   j["T"] = tokens.T;
-  describe_solve(j, opt, so);
+  describe_solve(j, opt);
   j["threads"] = num_threads();
   j["reps"] = total.size();
   j["status"] = status_name(r.status);
@@ -261,9 +242,11 @@ std::string bench_train(const BenchTrainOptions& opt) {
   Model<float> model = bench_model(opt, bench_config(bs));
   const TokenBatch tokens = bench_tokens(opt, bs, model.cfg, "tokens");
   const TokenBatch targets = bench_tokens(opt, bs, model.cfg, "targets");
+  opt.depth.validate();
+  const int loops = opt.depth.ode() ? 0 : opt.depth.loop_count(static_cast<int>(BenchSolveOptions::kBenchDepth));
   SolveOptions so;
   GradOptions go;
-  if (opt.loops <= 0) {
+  if (loops <= 0) {
     so = bench_solve_options(opt);
     go.method = grad_method(opt.grad);
     go.seminorm = opt.seminorm;
@@ -285,9 +268,9 @@ std::string bench_train(const BenchTrainOptions& opt) {
     // Peak memory as if the workspaces were allocated by this step.
     const size_t base = MemoryStats::current() - ws_bytes;
     MemoryStats::reset_peak();
-    if (opt.loops > 0) {
-      loss = model.loop_loss_and_grad(tokens, targets, opt.loops, grads.data(), lw);
-      st.nfe_forward = st.nfe_backward = opt.loops;
+    if (loops > 0) {
+      loss = model.loop_loss_and_grad(tokens, targets, loops, grads.data(), lw);
+      st.nfe_forward = st.nfe_backward = loops;
     } else {
       loss = model.ode_loss_and_grad(tokens, targets, so, go, grads.data(), st, ow);
       if (!st.ok()) throw Error("bench train: " + st.message);
@@ -310,10 +293,8 @@ std::string bench_train(const BenchTrainOptions& opt) {
   j["size"] = opt.size;
   j["B"] = tokens.B;
   j["T"] = tokens.T;
-  if (opt.loops > 0) {
-    j["loops"] = opt.loops;
-  } else {
-    describe_solve(j, opt, so);
+  describe_solve(j, opt);
+  if (loops <= 0) {
     j["grad"] = opt.grad;
   }
   j["threads"] = num_threads();
@@ -324,7 +305,7 @@ std::string bench_train(const BenchTrainOptions& opt) {
   j["loss"] = loss;
   j["nfe_forward"] = st.nfe_forward;
   j["nfe_backward"] = st.nfe_backward;
-  j["vjp_calls"] = opt.loops > 0 ? opt.loops : st.vjp_calls;
+  j["vjp_calls"] = loops > 0 ? loops : st.vjp_calls;
   j["peak_bytes"] = peak;
   return j.dump();
 }

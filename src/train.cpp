@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -21,10 +22,41 @@ using nlohmann::json;
 // ---------------------------------------------------------------- config
 
 namespace {
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+// The spec `base` with its method replaced by `method`: a fixed-step method drops
+// the options that only an adaptive solve takes.
+DepthSpec with_method(const DepthSpec& base, const std::string& method) {
+  DepthSpec d = base;
+  d.solver = method;
+  if (!method_is_adaptive(method) || base.steps > 0) {
+    d.rtol = d.atol = std::numeric_limits<double>::quiet_NaN();
+    d.controller.clear();
+    d.initial_norm.clear();
+    d.h0 = 0;
+    d.max_steps = 0;
+    d.coupled = false;
+  }
+  return d;
+}
+
 template <class T>
 void field(const json& j, const char* key, T& dst, const std::string& where) {
   auto it = j.find(key);
   if (it == j.end()) return;
+  if constexpr (std::is_floating_point_v<T>) {
+    if (it->is_null()) {  // a value not given (written as null)
+      dst = std::numeric_limits<T>::quiet_NaN();
+      return;
+    }
+  }
   bool ok;
   if constexpr (std::is_same_v<T, bool>) ok = it->is_boolean();
   else if constexpr (std::is_integral_v<T>) ok = it->is_number_integer();
@@ -37,9 +69,17 @@ void field(const json& j, const char* key, T& dst, const std::string& where) {
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
   X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) \
-  X(loops) X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(solver) X(solver_steps) X(rtol) X(atol) X(t1) X(controller) X(solver_max_steps) X(batch_coupled) X(grad) X(kinetic) X(jacobian) X(steps) \
+  X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(random_steps_min) X(random_steps_max)   \
+  X(random_solvers) X(t1_jitter) X(init_from) X(grad) X(kinetic) X(jacobian) X(steps)                        \
   X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
   X(eval_batches) X(checkpoint_every) X(max_seconds) X(seed) X(out)
+
+// The depth spec's JSON keys and members.
+#define FLOWLOOP_DEPTH_FIELDS(X)                                                                      \
+  X(loops, depth.loops) X(solver, depth.solver) X(solver_steps, depth.steps) X(rtol, depth.rtol)       \
+  X(atol, depth.atol) X(t1, depth.t1) X(controller, depth.controller) X(initial_norm, depth.initial_norm) \
+  X(h0, depth.h0) X(solver_max_steps, depth.max_steps) X(batch_coupled, depth.coupled)                 \
+  X(exit_threshold, depth.exit_threshold)
 
 TrainConfig TrainConfig::from_json(const std::string& text, const std::string& where) {
   json j;
@@ -53,6 +93,9 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& w
 #define X(name) #name,
       FLOWLOOP_TRAIN_FIELDS(X)
 #undef X
+#define X(key, member) #key,
+      FLOWLOOP_DEPTH_FIELDS(X)
+#undef X
   };
   for (auto it = j.begin(); it != j.end(); ++it)
     if (std::find(known.begin(), known.end(), it.key()) == known.end())
@@ -60,6 +103,9 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& w
   TrainConfig c;
 #define X(name) field(j, #name, c.name, where);
   FLOWLOOP_TRAIN_FIELDS(X)
+#undef X
+#define X(key, member) field(j, #key, c.member, where);
+  FLOWLOOP_DEPTH_FIELDS(X)
 #undef X
   return c;
 }
@@ -69,6 +115,9 @@ std::string TrainConfig::to_json() const {
 #define X(name) j[#name] = name;
   FLOWLOOP_TRAIN_FIELDS(X)
 #undef X
+#define X(key, member) j[#key] = member;
+  FLOWLOOP_DEPTH_FIELDS(X)
+#undef X
   return j.dump(2);
 }
 
@@ -76,20 +125,32 @@ void TrainConfig::validate() const {
   auto fail = [](const std::string& m) { return Error("train config: " + m); };
   if (task.empty() == text.empty()) throw fail("give exactly one of task and text");
   if (!task.empty()) make_task({task, seed, task_n, task_hops, task_prime});
-  if (loops <= 0 && solver.empty()) throw fail("give loops > 0 or a solver");
-  if (loops > 0 && !solver.empty()) throw fail("give loops or a solver, not both");
-  if (exit_gate && loops <= 0) throw fail("exit_gate needs loops > 0");
+  depth.validate();
+  const bool ode = depth.ode();
+  if (!ode && depth.loops <= 0) throw fail("give loops > 0 or a solver");
+  if (exit_gate && ode) throw fail("exit_gate needs loops > 0");
   if (!(gate_beta >= 0)) throw fail("gate_beta must be >= 0");
   if (!(random_depth_mean >= 0) || random_depth_mean > 64) throw fail("random_depth_mean must be in [0, 64]");
-  if (random_depth_mean > 0 && (loops <= 0 || exit_gate)) throw fail("random depth needs loops (for evaluation) and no exit gate");
+  if (random_depth_mean > 0 && (ode || exit_gate)) throw fail("random depth needs loops (for evaluation) and no exit gate");
   if (backprop_loops <= 0) throw fail("backprop_loops must be positive");
-  if (!solver.empty()) {
-    solve_options().validate();
+  if (random_steps_max > 0 || !random_solvers.empty() || t1_jitter != 0) {
+    if (!ode) throw fail("random_steps, random_solvers and t1_jitter randomise an ODE solve: give a solver");
+  }
+  if (random_steps_max != 0 && (random_steps_min < 1 || random_steps_max < random_steps_min))
+    throw fail("random steps need 1 <= random_steps_min <= random_steps_max");
+  if (random_steps_max > 0 && (depth.adaptive() && random_solvers.empty()))
+    throw fail("random steps need a fixed-step solver (or random_solvers), not tolerances");
+  if (random_steps_max > 0 && depth.steps > 0) throw fail("give solver_steps or random steps, not both");
+  for (const auto& m : split_list(random_solvers)) with_method(depth, m).validate();  // names an unknown method
+  if (!(t1_jitter >= 0 && t1_jitter < depth.end_time(kDefaultTrainDepth)))
+    throw fail("t1_jitter must be in [0, t1)");
+  if (ode) {
+    solve_options(0).validate();
     grad_method(grad);
   }
   if (!(kinetic >= 0) || !(jacobian >= 0) || !std::isfinite(kinetic) || !std::isfinite(jacobian))
     throw fail("kinetic and jacobian must be finite and >= 0");
-  if ((kinetic > 0 || jacobian > 0) && solver.empty()) throw fail("kinetic and jacobian regularise ODE depth: give a solver");
+  if ((kinetic > 0 || jacobian > 0) && !ode) throw fail("kinetic and jacobian regularise ODE depth: give a solver");
   if (d_model <= 0 || n_head <= 0 || n_block <= 0 || d_model % n_head) throw fail("d_model must be a positive multiple of n_head");
   if (steps <= 0 || batch <= 0) throw fail("steps and batch must be positive");
   if (warmup < 0 || !(lr > 0) || !(min_lr >= 0) || min_lr > lr) throw fail("need lr > 0, 0 <= min_lr <= lr, warmup >= 0");
@@ -98,8 +159,6 @@ void TrainConfig::validate() const {
   if (!(max_seconds >= 0) || !std::isfinite(max_seconds)) throw fail("max_seconds must be finite and >= 0");
   if (eval_every <= 0 || eval_batches <= 0 || checkpoint_every <= 0) throw fail("eval_every, eval_batches and checkpoint_every must be positive");
   if (out.empty()) throw fail("no output directory (out)");
-  if (controller != "pi" && controller != "i") throw fail("controller must be pi or i");
-  if (solver_max_steps < 0) throw fail("solver_max_steps must be >= 0");
 }
 
 GradOptions TrainConfig::grad_options(int64_t step) const {
@@ -111,23 +170,23 @@ GradOptions TrainConfig::grad_options(int64_t step) const {
   return g;
 }
 
-SolveOptions TrainConfig::solve_options() const {
-  SolveOptions o;
-  o.method = solver;
-  o.t1 = t1 > 0 ? t1 : 4.0;
-  o.controller = controller == "i" ? Controller::I : Controller::PI;
-  o.batch_coupled = batch_coupled;
-  if (solver_max_steps > 0) o.max_steps = solver_max_steps;
-  if (solver_steps > 0) {
-    o.steps = solver_steps;
-  } else if (rtol > 0 || atol > 0) {
-    o.adaptive = true;
-    o.rtol = rtol;
-    o.atol = atol;
-  } else {
-    o.steps = std::max(1, static_cast<int>(std::lround(o.t1)));
-  }
-  return o;
+int TrainConfig::trained_depth() const {
+  return depth.ode() ? static_cast<int>(std::lround(depth.end_time(kDefaultTrainDepth))) : depth.loops;
+}
+
+SolveOptions TrainConfig::solve_options(int64_t step) const {
+  if (!randomized()) return depth.solve_options(kDefaultTrainDepth);
+  // the step's discretisation: a function of (seed, step) alone
+  Rng rng(seed * 0xbf58476d1ce4e5b9ULL + static_cast<uint64_t>(step) * 0x94d049bb133111ebULL + 0x6f6465);
+  const auto methods = split_list(random_solvers);
+  DepthSpec d = methods.empty()
+                    ? depth
+                    : with_method(depth, methods[static_cast<size_t>(rng.uniform() * static_cast<double>(methods.size()))]);
+  if (random_steps_max > 0 && !d.adaptive())
+    d.steps = random_steps_min + static_cast<int>(rng.uniform() * (random_steps_max - random_steps_min + 1));
+  const double T1 = depth.end_time(kDefaultTrainDepth);
+  d.t1 = t1_jitter > 0 ? T1 + t1_jitter * (2.0 * rng.uniform() - 1.0) : T1;
+  return d.solve_options(kDefaultTrainDepth);
 }
 
 int random_depth(double mean, uint64_t seed, int64_t step) {
@@ -223,8 +282,13 @@ double accuracy(const float* logits, const TokenBatch& targets, int V, bool exac
   return total ? static_cast<double>(right) / static_cast<double>(total) : 0.0;
 }
 
-EvalResult evaluate(const Model<float>& model, const DataSource& data, const TrainConfig& c, int batches,
+EvalResult evaluate(const Model<float>& model, const DataSource& data, const DepthSpec& spec, int batches,
                     int batch_size, const std::string& exit_rule, double exit_threshold) {
+  spec.validate();
+  const bool ode = spec.ode();
+  const int K = spec.loop_count(model.cfg.depth);
+  if (!exit_rule.empty() && ode) throw Error("evaluate: the exit rules '" + exit_rule + "' apply to looping, not to a solve");
+  const SolveOptions so = ode ? spec.solve_options(model.cfg.depth) : SolveOptions{};
   EvalResult r;
   double loss = 0, right = 0;
   TokenBatch tok, tgt;
@@ -236,18 +300,18 @@ EvalResult evaluate(const Model<float>& model, const DataSource& data, const Tra
   for (int i = 0; i < batches; ++i) {
     data.batch(Split::Test, static_cast<uint64_t>(i), batch_size, tok, tgt);
     const Buffer<float>* logits;
-    if (c.loops > 0 && !exit_rule.empty()) {
-      model.loop_exit(tok, c.loops, exit_rule, exit_threshold, exit_logits, depth, w);
-      r.nfe += c.loops;
+    if (!ode && !exit_rule.empty()) {
+      model.loop_exit(tok, K, exit_rule, exit_threshold, exit_logits, depth, w);
+      r.nfe += K;
       double sum = 0;
       for (int d : depth) sum += d;
       r.exit_depth += sum / static_cast<double>(depth.size());
       logits = &exit_logits;
-    } else if (c.loops > 0) {
-      r.nfe += model.loop_forward(tok, c.loops, w);
+    } else if (!ode) {
+      r.nfe += model.loop_forward(tok, K, w);
       logits = &w.readout.logits;
     } else {
-      const auto sr = model.ode_forward(tok, c.solve_options(), h, rc);
+      const auto sr = model.ode_forward(tok, so, h, rc);
       if (!sr.ok()) throw Error("evaluation solve failed: " + sr.message);
       r.nfe += static_cast<double>(sr.nfe);
       logits = &rc.logits;
@@ -333,11 +397,30 @@ Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
   mc.n_head = I.c.n_head;
   mc.d_ff = I.c.d_ff;
   mc.n_block = I.c.n_block;
-  mc.depth = I.c.loops > 0 ? I.c.loops : static_cast<int>(std::lround(I.c.solve_options().t1));
+  mc.depth = I.c.trained_depth();
   mc.exit_gate = I.c.exit_gate;
   mc.finalize();
   I.model = std::make_unique<Model<float>>(mc);
   I.model->init(I.c.seed);
+  if (!I.c.init_from.empty()) {
+    // every tensor the source has is copied by name; tensors it lacks (a new exit
+    // gate, time conditioning) keep their fresh initialisation
+    const Model<float> src = load_model<float>(I.c.init_from);
+    const ModelConfig& s = src.cfg;
+    if (s.vocab_size != mc.vocab_size || s.context < mc.context || s.d_model != mc.d_model ||
+        s.n_head != mc.n_head || s.d_ff != mc.d_ff || s.n_block != mc.n_block)
+      throw Error("init_from '" + I.c.init_from + "': its architecture (V " + std::to_string(s.vocab_size) + ", C " +
+                  std::to_string(s.d_model) + ", NH " + std::to_string(s.n_head) + ", F " + std::to_string(s.d_ff) +
+                  ", L " + std::to_string(s.n_block) + ", context " + std::to_string(s.context) +
+                  ") does not match the configuration's");
+    for (const TensorInfo& t : I.model->layout.tensors()) {
+      const TensorInfo* st = src.layout.find(t.name);
+      if (!st) continue;
+      if (st->numel < t.numel) throw Error("init_from '" + I.c.init_from + "': tensor " + t.name + " is too small");
+      // (wpe of a longer source context: its first rows)
+      std::copy_n(src.params.data() + st->offset, t.numel, I.model->params.data() + t.offset);
+    }
+  }
   I.opt = std::make_unique<AdamW>(I.model->layout, I.c);
   // the output directory must be writable before any work is done
   I.dir = I.c.out;
@@ -388,7 +471,6 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   TokenBatch tok, tgt;
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first = I.step;
-  const SolveOptions so = c.loops > 0 ? SolveOptions{} : c.solve_options();
   LoopWork<float> w;
   OdeWork<float> ow;
   while (I.step < c.steps && (stop_at < 0 || I.step < stop_at)) {
@@ -399,12 +481,14 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     int64_t nfe_f, nfe_b;
     const float* lg;
     double exit_depth = 0, kinetic = 0, jacobian = 0;
-    if (c.loops > 0 && c.exit_gate) {
-      loss = m.loop_gate_loss_and_grad(tok, tgt, c.loops, c.gate_beta, grads.data(), w, &exit_depth);
-      nfe_f = nfe_b = c.loops;
+    nlohmann::ordered_json drawn;  // the step's random discretisation, when drawn
+    const bool ode = c.depth.ode();
+    if (!ode && c.exit_gate) {
+      loss = m.loop_gate_loss_and_grad(tok, tgt, c.depth.loops, c.gate_beta, grads.data(), w, &exit_depth);
+      nfe_f = nfe_b = c.depth.loops;
       lg = w.per_loop.back().logits.data();
-    } else if (c.loops > 0) {
-      const int K = c.random_depth_mean > 0 ? random_depth(c.random_depth_mean, c.seed, I.step) : c.loops;
+    } else if (!ode) {
+      const int K = c.random_depth_mean > 0 ? random_depth(c.random_depth_mean, c.seed, I.step) : c.depth.loops;
       const int k = c.random_depth_mean > 0 ? c.backprop_loops : 0;
       loss = m.loop_loss_and_grad(tok, tgt, K, grads.data(), w, nullptr, k);
       nfe_f = K;
@@ -412,6 +496,12 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
       lg = w.readout.logits.data();
     } else {
       GradStats st;
+      const SolveOptions so = c.solve_options(I.step);
+      if (c.randomized()) {
+        drawn["solver"] = so.method;
+        if (!so.adaptive) drawn["solver_steps"] = so.steps;
+        drawn["t1"] = so.t1;
+      }
       loss = m.ode_loss_and_grad(tok, tgt, so, c.grad_options(I.step), grads.data(), st, ow);
       kinetic = st.kinetic;
       jacobian = st.jacobian;
@@ -434,6 +524,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     line["accuracy"] = acc;
     line["lr"] = lr;
     line["grad_norm"] = gnorm;
+    for (auto it = drawn.begin(); it != drawn.end(); ++it) line[it.key()] = it.value();
     line["nfe_forward"] = nfe_f;
     line["nfe_backward"] = nfe_b;
     line["tokens_per_s"] = static_cast<double>(tok.B) * tok.T / dt;
@@ -445,7 +536,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     if (out_of_time) line["stopped"] = "max_seconds";
     const bool last = I.step == c.steps || out_of_time;  // evaluated and checkpointed
     if (I.step % c.eval_every == 0 || last) {
-      const EvalResult ev = evaluate(m, *I.data, c, c.eval_batches, c.batch);
+      const EvalResult ev = evaluate(m, *I.data, c.depth, c.eval_batches, c.batch);
       line["test_loss"] = ev.loss;
       line["test_accuracy"] = ev.accuracy;
       line["test_nfe"] = ev.nfe;

@@ -3,6 +3,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <unistd.h>
 #include <functional>
 #include <string>
 #include <vector>
@@ -12,6 +14,18 @@
 #include "flowloop/tensor.hpp"
 
 namespace flowloop::test {
+
+// A fresh directory under the system's temporary one, removed with its contents.
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& prefix)
+      : path(std::filesystem::temp_directory_path() / (prefix + "_" + std::to_string(::getpid()))) {
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
 
 // A finalized config (F = 0 means 4C).
 inline ModelConfig make_config(int V, int Tmax, int C, int NH, int F, int L, int depth = 3) {

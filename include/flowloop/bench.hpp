@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "flowloop/config.hpp"
+#include "flowloop/depth.hpp"
 
 namespace flowloop {
 
@@ -29,12 +30,9 @@ struct BenchSolveOptions {
   double min_seconds = 1.0;
   std::string model_path;   // weights to use (default: GPT-2 init with seed 1234 at the size)
   std::string tokens_path;  // {"tokens": [[...]]} (default: random tokens, seed 42, B x T of the size)
-  std::string solver = "dopri5";
-  int steps = 0;            // fixed steps, or
-  double rtol = 0, atol = 0;  // tolerances (adaptive)
-  double t1 = 4.0;
-  bool batch_coupled = false;
-  std::string controller = "pi";
+  // the solve (bench train: or loop K); t1 defaults to kBenchDepth
+  DepthSpec depth;
+  static constexpr double kBenchDepth = 4.0;
 };
 
 // Times one whole solve of the field from the embedding of the tokens; one JSON
@@ -44,7 +42,6 @@ std::string bench_solve(const BenchSolveOptions& opt);
 
 struct BenchTrainOptions : BenchSolveOptions {
   std::string grad = "backprop";  // backprop, checkpoint, adjoint
-  int loops = 0;                  // > 0: `loop K` instead of a solver
   bool seminorm = false;
   bool adamw = false;  // include an AdamW update in the step
 };

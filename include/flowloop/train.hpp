@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "flowloop/data.hpp"
+#include "flowloop/depth.hpp"
 #include "flowloop/grad.hpp"
 #include "flowloop/model.hpp"
 
@@ -26,8 +27,11 @@ struct TrainConfig {
   int context = 64;  // text only: sequence length
   // model
   int d_model = 64, n_head = 4, n_block = 1, d_ff = 0;
-  // depth: loops > 0, or an ODE solve
-  int loops = 0;
+  // depth: loop K (depth.loops > 0), or an ODE solve (depth.solver). JSON keys: loops,
+  // solver, solver_steps, rtol, atol, t1, controller, initial_norm, h0, solver_max_steps,
+  // batch_coupled, exit_threshold (null: not given). An ODE solve's t1 defaults to
+  // kDefaultTrainDepth; the trained model's depth is K, or round(t1).
+  DepthSpec depth;
   bool exit_gate = false;  // loops only: train Ouro's exit gate with entropy weight gate_beta
   double gate_beta = 0.1;
   // loops only: Huginn's random depth. Each batch loops K = Poisson(tau) + 1 times,
@@ -35,13 +39,18 @@ struct TrainConfig {
   // backprop_loops loops only. 0: off (evaluation then uses `loops`).
   double random_depth_mean = 0;
   int backprop_loops = 8;
-  std::string solver;
-  int solver_steps = 0;
-  double rtol = 0, atol = 0, t1 = 0;  // t1 0: the loop count's equivalent, 4
-  std::string controller = "pi";
-  int solver_max_steps = 0;  // adaptive: step limit per sequence and solve (0: the library's 100000);
-                             // a solve that hits it stops training with an error naming the step
-  bool batch_coupled = false;
+  // ODE only: the discretisation drawn afresh for every batch (a function of seed and
+  // step), so that the field cannot fit one solver's error (Huginn's random depth in
+  // continuous time). random_steps_max > 0: fixed steps N ~ U{random_steps_min ..
+  // random_steps_max} on [0, t1]. random_solvers: one of these methods per batch
+  // (comma-separated; fixed-step ones take the random step count, or round(t1)).
+  // t1_jitter b > 0 (STEER): t1 ~ U(t1 - b, t1 + b) per batch.
+  int random_steps_min = 1, random_steps_max = 0;
+  std::string random_solvers;
+  double t1_jitter = 0;
+  // Initial weights from a trained model (same architecture) instead of a fresh init,
+  // for example a looped model continued as an ODE.
+  std::string init_from;
   std::string grad = "backprop";
   // ODE only: weights of the kinetic-energy and Jacobian-norm regularisers (GradOptions)
   double kinetic = 0, jacobian = 0;
@@ -61,7 +70,13 @@ struct TrainConfig {
   static TrainConfig from_json(const std::string& text, const std::string& where);
   std::string to_json() const;
   void validate() const;  // names the first bad field
-  SolveOptions solve_options() const;
+  // The depth the trained model is written with (ModelConfig::depth): K, or round(t1).
+  int trained_depth() const;
+  // The solve of training step `step`: the depth spec, with the step's random
+  // discretisation and end time when those are on.
+  SolveOptions solve_options(int64_t step) const;
+  bool randomized() const { return random_steps_max > 0 || !random_solvers.empty() || t1_jitter > 0; }
+  static constexpr double kDefaultTrainDepth = 4.0;
   // The gradient method and regularisers of training step `step` (its Hutchinson
   // draw is a function of seed and step).
   GradOptions grad_options(int64_t step) const;
@@ -92,7 +107,8 @@ std::unique_ptr<DataSource> make_source(const TrainConfig& c);
 // Loss, accuracy and nfe over `batches` test batches. With an exit rule ("q":
 // the gate's cumulative exit probability reaches the threshold; "delta":
 // ||h_t - h_{t-1}|| falls below it) each token answers at its exit loop.
-EvalResult evaluate(const Model<float>& model, const DataSource& data, const TrainConfig& depth, int batches,
+// `depth` is resolved against model.cfg.depth (its default loop count and t1).
+EvalResult evaluate(const Model<float>& model, const DataSource& data, const DepthSpec& depth, int batches,
                     int batch_size, const std::string& exit_rule = "", double exit_threshold = 0.0);
 
 // Accuracy of logits (B*T, V) against targets: exact match of every scored

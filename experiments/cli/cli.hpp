@@ -1,0 +1,49 @@
+// The `flowloop` command line: one file per subcommand (its options and its run
+// function), registered in main.cpp. What a Python binding would also need (the
+// depth spec, the reports) lives in the library; this layer only parses flags.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "flowloop/depth.hpp"
+#include "flowloop/solver.hpp"
+
+namespace flowloop::cli {
+
+using nlohmann::json;
+
+// A registered subcommand: its CLI11 app and what runs when it was given.
+// run() returns the exit code: 0 success, 1 bad input, 3 a numerical failure.
+struct Command {
+  CLI::App* app = nullptr;
+  std::function<int()> run;
+};
+
+// The depth flags, the same on every command that runs a model:
+//   --loops K | --solver NAME [--solver-steps N | --rtol R --atol A] [--t1 T]
+//   [--controller pi|i] [--initial-norm hairer|torchdiffeq] [--h0 H]
+//   [--solver-max-steps N] [--batch-coupled] [--exit-threshold E]
+// Defaults are DepthSpec's (flowloop/depth.hpp). Validation happens in the library.
+// Returns each flag with its key in a training configuration (TrainConfig's JSON).
+using KeyedOptions = std::vector<std::pair<std::string, CLI::Option*>>;
+KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& depth);
+
+// A solve's statistics as JSON (per sequence and in total).
+template <class S>
+json solve_json(const SolveResult<S>& r, const SolveOptions& o);
+
+Command register_init(CLI::App& app);
+Command register_forward(CLI::App& app);
+Command register_grad(CLI::App& app);
+Command register_train(CLI::App& app);
+Command register_eval(CLI::App& app);
+Command register_study(CLI::App& app);
+Command register_ode_bench(CLI::App& app);
+std::vector<Command> register_bench(CLI::App& app);  // bench field | solve | train
+
+}  // namespace flowloop::cli

@@ -1,0 +1,54 @@
+#include "cli.hpp"
+
+namespace flowloop::cli {
+
+KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& d) {
+  const std::string g = "Depth";
+  std::string methods;
+  for (const auto& m : method_names()) methods += (methods.empty() ? "" : ", ") + m;
+  KeyedOptions o;
+  o.push_back({"loops", app->add_option("--loops", d.loops, "loop K times (default without --solver: the model's depth)")->group(g)});
+  o.push_back({"solver", app->add_option("--solver", d.solver, "integrate dh/dt = f(h, t) on [0, t1] with: " + methods)->group(g)});
+  o.push_back({"solver_steps", app->add_option("--solver-steps", d.steps, "fixed step count (default for fixed-step methods: round(t1))")->group(g)});
+  o.push_back({"rtol", app->add_option("--rtol", d.rtol, "relative tolerance of an adaptive method (default 1e-3)")->group(g)});
+  o.push_back({"atol", app->add_option("--atol", d.atol, "absolute tolerance of an adaptive method (default 1e-4)")->group(g)});
+  o.push_back({"t1", app->add_option("--t1", d.t1, "end of the depth interval (default: the depth the model was trained at)")->group(g)});
+  o.push_back({"controller", app->add_option("--controller", d.controller, "adaptive: pi (Hairer's DOPRI5, default) or i (torchdiffeq)")->group(g)});
+  o.push_back({"initial_norm", app->add_option("--initial-norm", d.initial_norm,
+                  "adaptive: first-step estimate with hairer's sums (default) or torchdiffeq's RMS norms")->group(g)});
+  o.push_back({"h0", app->add_option("--h0", d.h0, "adaptive: first step (default: automatic)")->group(g)});
+  o.push_back({"solver_max_steps", app->add_option("--solver-max-steps", d.max_steps, "adaptive: step limit per sequence (default 100000)")->group(g)});
+  o.push_back({"batch_coupled", app->add_flag("--batch-coupled", d.coupled, "adaptive: one shared step for the batch (default: per sequence)")->group(g)});
+  o.push_back({"exit_threshold", app->add_option("--exit-threshold", d.exit_threshold,
+                  "solve: stop a sequence where ||f(h)|| / ||h|| falls below this (default 0: off)")->group(g)});
+  return o;
+}
+
+template <class S>
+json solve_json(const SolveResult<S>& r, const SolveOptions& o) {
+  json seq = json::array();
+  for (const auto& q : r.seq) {
+    json e = {{"nfe", q.nfe}, {"steps", q.steps}, {"accepted", q.accepted}, {"rejected", q.rejected},
+              {"status", status_name(q.status)}, {"t", q.t}};
+    if (!q.message.empty()) e["message"] = q.message;
+    seq.push_back(e);
+  }
+  json j = {{"solver", o.method}, {"t1", o.t1}, {"adaptive", o.adaptive}, {"nfe", r.nfe}, {"calls", r.calls},
+            {"seq_evals", r.seq_evals}, {"steps_total", r.steps_total}, {"steps", r.steps}, {"accepted", r.accepted},
+            {"rejected", r.rejected}, {"status", status_name(r.status)}, {"per_sequence", seq}};
+  if (o.adaptive) {
+    j["rtol"] = o.rtol;
+    j["atol"] = o.atol;
+    j["controller"] = o.controller == Controller::PI ? "pi" : "i";
+    j["batch_coupled"] = o.batch_coupled;
+  } else {
+    j["fixed_steps"] = o.steps;
+  }
+  if (!r.message.empty()) j["message"] = r.message;
+  return j;
+}
+
+template json solve_json<float>(const SolveResult<float>&, const SolveOptions&);
+template json solve_json<double>(const SolveResult<double>&, const SolveOptions&);
+
+}  // namespace flowloop::cli

@@ -1,0 +1,72 @@
+// flowloop eval: test loss and accuracy of a trained model under any depth.
+#include <iostream>
+
+#include "cli.hpp"
+#include "flowloop/checkpoint.hpp"
+#include "flowloop/train.hpp"
+
+namespace flowloop::cli {
+namespace {
+struct EvalArgs {
+  std::string model, task;
+  DepthSpec depth;
+  int batches = 16, batch = 32;
+  bool json_out = false;
+  double exit_q = -1, exit_delta = -1;
+  KeyedOptions depth_flags;
+};
+}  // namespace
+
+Command register_eval(CLI::App& app) {
+  auto a = std::make_shared<EvalArgs>();
+  auto* ev = app.add_subcommand("eval", "test loss and accuracy of a trained model, under any depth");
+  ev->add_option("-m,--model", a->model, "model .safetensors written by train")->required()->check(CLI::ExistingFile);
+  ev->add_option("--task", a->task, "task (default: the one it was trained on)");
+  a->depth_flags = add_depth_flags(ev, a->depth);
+  ev->add_option("--batches", a->batches, "test batches")->capture_default_str();
+  ev->add_option("--batch", a->batch, "batch size")->capture_default_str();
+  ev->add_flag("--json", a->json_out, "one JSON line");
+  ev->add_option("--exit-q", a->exit_q, "loops + exit gate: each token exits where the cumulative exit probability reaches Q");
+  ev->add_option("--exit-delta", a->exit_delta, "loops: each token exits where ||h_t - h_{t-1}|| < D");
+  return {ev, [a] {
+            const SafetensorsFile f = SafetensorsFile::read(a->model);
+            auto it = f.metadata().find("train_config");
+            if (it == f.metadata().end())
+              throw Error("'" + a->model + "' has no train_config: was it written by flowloop train?");
+            TrainConfig c = TrainConfig::from_json(it->second, a->model);
+            if (!a->task.empty()) {
+              if (c.task.empty()) throw Error("'" + a->model + "' was trained on text, not on a task");
+              c.task = a->task;
+            }
+            // depth flags given: they say the whole regime; none: the trained one
+            bool any = false;
+            for (const auto& [key, o] : a->depth_flags) any = any || o->count() > 0;
+            const DepthSpec depth = any ? a->depth : c.depth;
+            depth.validate();
+            if (a->exit_q >= 0 && a->exit_delta >= 0) throw Error("give --exit-q or --exit-delta, not both");
+            const std::string rule = a->exit_q >= 0 ? "q" : a->exit_delta >= 0 ? "delta" : "";
+            const auto data = make_source(c);
+            Model<float> model = load_model<float>(a->model);
+            if (model.cfg.vocab_size != data->vocab_size() || model.cfg.context < data->seq_len())
+              throw Error("task '" + c.task + "' does not fit the model (vocabulary " + std::to_string(data->vocab_size()) +
+                          ", length " + std::to_string(data->seq_len()) + ")");
+            const double thr = a->exit_q >= 0 ? a->exit_q : a->exit_delta;
+            const EvalResult r = evaluate(model, *data, depth, a->batches, a->batch, rule, thr);
+            json j = {{"model", a->model}, {"data", json::parse(data->describe())}, {"loss", r.loss},
+                      {"accuracy", r.accuracy}, {"examples", r.examples}, {"nfe", r.nfe},
+                      {"depth", json::parse(depth.to_json(model.cfg.depth))}};
+            if (!rule.empty()) {
+              j["exit_rule"] = rule;
+              j["exit_threshold"] = thr;
+              j["exit_depth"] = r.exit_depth;
+            }
+            if (!depth.ode()) j["loops"] = depth.loop_count(model.cfg.depth);
+            else j["solver"] = depth.solver;
+            if (a->json_out) std::cout << j.dump() << std::endl;
+            else std::cout << "loss " << r.loss << "  accuracy " << r.accuracy << " on " << r.examples
+                           << " examples  nfe " << r.nfe << "  (" << depth.describe(model.cfg.depth) << ")" << std::endl;
+            return 0;
+          }};
+}
+
+}  // namespace flowloop::cli

@@ -1,0 +1,90 @@
+// flowloop train: a looped or ODE-depth model on a task or on text.
+#include <iostream>
+
+#include "cli.hpp"
+#include "flowloop/io.hpp"
+#include "flowloop/train.hpp"
+
+namespace flowloop::cli {
+namespace {
+struct TrainArgs {
+  TrainConfig c;
+  std::string config_file;
+  bool resume = false;
+  KeyedOptions given;  // flags with their configuration keys
+};
+}  // namespace
+
+Command register_train(CLI::App& app) {
+  auto a = std::make_shared<TrainArgs>();
+  TrainConfig& tc = a->c;
+  auto* tr = app.add_subcommand("train", "train a looped or ODE-depth model on a task or on text");
+  auto opt = [&](const char* flag, const char* key, auto& dst, const char* help) {
+    a->given.push_back({key, tr->add_option(flag, dst, help)});
+  };
+  auto flag = [&](const char* name, const char* key, bool& dst, const char* help) {
+    a->given.push_back({key, tr->add_flag(name, dst, help)});
+  };
+  opt("--task", "task", tc.task, "built-in task: parity, phop, modarith, addition");
+  opt("--task-n", "task_n", tc.task_n, "task difficulty (bits, length, operators, digits)");
+  opt("--hops", "task_hops", tc.task_hops, "phop: hops p");
+  opt("--prime", "task_prime", tc.task_prime, "modarith: the prime");
+  opt("--text", "text", tc.text, "text file for byte-level modelling ('fortunes': the installed collection)");
+  opt("--context", "context", tc.context, "text: sequence length");
+  opt("--d-model", "d_model", tc.d_model, "model width C");
+  opt("--n-head", "n_head", tc.n_head, "heads");
+  opt("--n-block", "n_block", tc.n_block, "blocks L in the field");
+  opt("--d-ff", "d_ff", tc.d_ff, "MLP width (default 4C)");
+  flag("--time-cond", "time_cond", tc.time_cond, "time-conditioned field f(h, t) (adaLN, zero-initialised)");
+  opt("--time-freq", "time_freq", tc.time_freq, "time embedding width E");
+  opt("--time-scale", "time_scale", tc.time_scale, "tau = t * scale (default 1000 / depth)");
+  for (auto& k : add_depth_flags(tr, tc.depth)) a->given.push_back(k);
+  flag("--exit-gate", "exit_gate", tc.exit_gate, "loops: train Ouro's exit gate");
+  opt("--gate-beta", "gate_beta", tc.gate_beta, "exit gate: entropy weight beta");
+  opt("--random-depth", "random_depth_mean", tc.random_depth_mean, "loops: Huginn's random depth around this mean");
+  opt("--backprop-loops", "backprop_loops", tc.backprop_loops, "random depth: backpropagate through the last k loops");
+  opt("--random-steps-min", "random_steps_min", tc.random_steps_min, "ODE: each batch takes N ~ U{min..max} fixed steps");
+  opt("--random-steps-max", "random_steps_max", tc.random_steps_max, "ODE: upper end of the random step count (0: off)");
+  opt("--random-solvers", "random_solvers", tc.random_solvers, "ODE: each batch draws one of these methods (comma-separated)");
+  opt("--t1-jitter", "t1_jitter", tc.t1_jitter, "ODE: each batch's t1 ~ U(t1 - b, t1 + b) (STEER)");
+  opt("--init-from", "init_from", tc.init_from, "start from this trained model's weights (same architecture)");
+  opt("--grad", "grad", tc.grad, "backprop, checkpoint or adjoint");
+  opt("--kinetic", "kinetic", tc.kinetic, "ODE: weight of the kinetic-energy regulariser int ||f||^2 dt");
+  opt("--jacobian", "jacobian", tc.jacobian, "ODE: weight of the Jacobian-norm regulariser (Hutchinson)");
+  opt("--steps", "steps", tc.steps, "training steps");
+  opt("--batch", "batch", tc.batch, "batch size");
+  opt("--lr", "lr", tc.lr, "peak learning rate");
+  opt("--min-lr", "min_lr", tc.min_lr, "final learning rate of the cosine");
+  opt("--warmup", "warmup", tc.warmup, "warm-up steps");
+  opt("--weight-decay", "weight_decay", tc.weight_decay, "AdamW decay (matrices only)");
+  opt("--clip", "clip", tc.clip, "gradient clipping by global norm (0: off)");
+  opt("--eval-every", "eval_every", tc.eval_every, "evaluate every N steps");
+  opt("--eval-batches", "eval_batches", tc.eval_batches, "test batches per evaluation");
+  opt("--checkpoint-every", "checkpoint_every", tc.checkpoint_every, "checkpoint every N steps");
+  opt("--max-seconds", "max_seconds", tc.max_seconds, "stop (evaluated and checkpointed) after this wall time; --resume goes on");
+  opt("--seed", "seed", tc.seed, "seed of the weights and the data");
+  opt("--out", "out", tc.out, "output directory");
+  tr->add_option("--config", a->config_file, "JSON configuration (flags given override it)");
+  tr->add_flag("--resume", a->resume, "continue from OUT/checkpoint.safetensors");
+  return {tr, [a] {
+            // the configuration file, then the flags given, then the defaults
+            json merged = json::object();
+            if (!a->config_file.empty()) {
+              merged = read_json_file(a->config_file, "config");
+              TrainConfig::from_json(merged.dump(), "config '" + a->config_file + "'");  // names unknown keys, wrong types
+            }
+            const json defaults = json::parse(TrainConfig{}.to_json()), flags = json::parse(a->c.to_json());
+            for (const auto& [key, o] : a->given)
+              if (o->count() > 0) merged[key] = flags[key];
+            for (auto it = defaults.begin(); it != defaults.end(); ++it)
+              if (!merged.contains(it.key())) merged[it.key()] = it.value();
+            const TrainConfig c = TrainConfig::from_json(merged.dump(), "train options");
+            Trainer trainer(c);
+            trainer.run(a->resume, std::cerr);
+            const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"}, {"metrics", c.out + "/metrics.jsonl"}};
+            std::cout << last.dump() << std::endl;
+            return 0;
+          }};
+}
+
+}  // namespace flowloop::cli
