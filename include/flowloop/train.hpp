@@ -26,6 +26,10 @@ struct TrainConfig {
   int context = 64;  // text only: sequence length
   // model
   int d_model = 64, n_head = 4, n_block = 1, d_ff = 0;
+  // the time-conditioned field (ModelConfig): time_scale 0 means 1000 / depth
+  bool time_cond = false;
+  int time_freq = 256;
+  double time_scale = 0;
   // depth: loops > 0, or an ODE solve
   int loops = 0;
   bool exit_gate = false;  // loops only: train Ouro's exit gate with entropy weight gate_beta
