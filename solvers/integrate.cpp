@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <memory>
+#include <limits>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "flowloop/algebra.hpp"
 #include "flowloop/solver.hpp"
@@ -66,26 +68,456 @@ constexpr double kUround = 2.3e-16;  // dopri5.f's rounding unit
 template <class S>
 using CoupledSystem = detail::CoupledView<S, OdeSystem<S>>;
 
+// Row g of a (G, n) array.
+template <class S>
+S* row_at(S* base, int g, size_t n) {
+  return base + static_cast<size_t>(g) * n;
+}
+
+// ---------------------------------------------------------------- the method
+
+// The tableau's nonzero coefficients, listed once per solve: stage j is
+// y + h sum_m a[j][m] k_{a_idx[j][m]}, the propagated solution y + h sum_m b[m] k_{b_idx[m]}.
+struct StageCoefficients {
+  std::vector<std::vector<double>> a;
+  std::vector<std::vector<int>> a_idx;
+  std::vector<double> b;
+  std::vector<int> b_idx;
+
+  explicit StageCoefficients(const ButcherTableau& tab) : a(tab.stages()), a_idx(tab.stages()) {
+    const int s = tab.stages();
+    for (int j = 0; j < s; ++j)
+      for (int l = 0; l < j; ++l)
+        if (tab.A(j, l) != 0.0) {
+          a[j].push_back(tab.A(j, l));
+          a_idx[j].push_back(l);
+        }
+    for (int l = 0; l < s; ++l)
+      if (tab.b[l] != 0.0) {
+        b.push_back(tab.b[l]);
+        b_idx.push_back(l);
+      }
+  }
+};
+
+// ---------------------------------------------------------------- the step-size controller
+
+// Which step each sequence attempts next, and whether the attempt is accepted.
+// Fixed steps follow a schedule (a count: t_k = t0 + k H, the last step ending on t1;
+// a dt: the last step shortened to land on t1). Adaptive steps follow Hairer's PI
+// controller (dopri5.f) or torchdiffeq's I controller, with Hairer's hinit for the
+// first step. Its memory is per sequence: the previous accepted error, whether the
+// last attempt was rejected, and the run of non-finite attempts.
+class StepControl {
+ public:
+  enum class Verdict { Accept, Reject, Fail };
+
+  StepControl(const SolveOptions& o, const ButcherTableau& tab, int G)
+      : o_(o), tab_(tab), dir_(o.t1 >= o.t0 ? 1.0 : -1.0),
+        hmax_(o.hmax > 0 ? o.hmax : std::fabs(o.t1 - o.t0)),
+        expo1_(1.0 / (tab.error_order + 1) - 0.75 * o.beta), facc1_(1.0 / o.fac_min), facc2_(1.0 / o.fac_max),
+        facold_(G, 1e-4), hnext_(G, 0.0), last_rejected_(G, 0), nonfinite_(G, 0) {
+    if (o.adaptive || o.t0 == o.t1) return;
+    if (o.steps > 0) {
+      N_ = o.steps;
+      H_ = (o.t1 - o.t0) / static_cast<double>(N_);
+    } else {
+      H_ = dir_ * o.dt;
+      N_ = static_cast<int64_t>(std::ceil(std::fabs(o.t1 - o.t0) / o.dt * (1 - 1e-12)));
+    }
+  }
+
+  bool adaptive() const { return o_.adaptive; }
+  // The first step when the options give none (h0 = 0): Hairer's hinit, in two halves
+  // around one evaluation of f at the probe point y0 + h_probe f0.
+  bool automatic_first_step() const { return o_.adaptive && o_.h0 == 0.0; }
+  double given_first_step() const { return dir_ * std::fabs(o_.h0); }
+  template <class S>
+  double probe_step(const S* y0, const S* f0, size_t n, double& dnf) const;
+  template <class S>
+  double first_step(double h_probe, double dnf, const S* y0, const S* f0, const S* f_probe, size_t n) const;
+
+  // Before a step of sequence g: its step [t, t + h] (t is set on a fixed count's
+  // grid) and whether it ends on t1. Returns Success, or why the sequence cannot go
+  // on (then `why` says so).
+  SolveStatus plan(int g, const SequenceStats& q, double& t, double& h, bool& last, std::string& why) const;
+  // After it: err is the scaled error norm (adaptive), finite whether the new state
+  // is finite (fixed steps). A rejection sets h to the step to try again; after an
+  // acceptance next_step() gives the following step. Fail: `why` says what happened.
+  Verdict judge(int g, double err, bool finite, double& h, SequenceStats& q, std::string& why);
+  double next_step(int g, double h) const { return o_.adaptive ? hnext_[g] : h; }
+
+ private:
+  double new_step(int g, double err, double h);
+
+  const SolveOptions& o_;
+  const ButcherTableau& tab_;
+  const double dir_, hmax_, expo1_, facc1_, facc2_;
+  double H_ = 0.0;  // fixed steps: the step, and their number
+  int64_t N_ = 0;
+  std::vector<double> facold_, hnext_;
+  std::vector<char> last_rejected_;
+  std::vector<int> nonfinite_;
+};
+
+template <class S>
+double StepControl::probe_step(const S* y0, const S* f0, size_t n, double& dnf) const {
+  const double norm = o_.initial_norm == InitialStepNorm::RMS ? static_cast<double>(n) : 1.0;
+  dnf = algebra::scaled_sum_squares(f0, y0, o_.rtol, o_.atol, n) / norm;
+  const double dny = algebra::scaled_sum_squares(y0, y0, o_.rtol, o_.atol, n) / norm;
+  double h = (dnf <= 1e-10 || dny <= 1e-10) ? 1e-6 : 0.01 * std::sqrt(dny / dnf);
+  h = std::min(h, hmax_);
+  return dir_ * h;
+}
+
+template <class S>
+double StepControl::first_step(double h_probe, double dnf, const S* y0, const S* f0, const S* f_probe,
+                               size_t n) const {
+  const double norm = o_.initial_norm == InitialStepNorm::RMS ? static_cast<double>(n) : 1.0;
+  const double der2 =
+      std::sqrt(algebra::scaled_diff_sum_squares(f_probe, f0, y0, o_.rtol, o_.atol, n) / norm) / std::fabs(h_probe);
+  const double der12 = std::max(std::fabs(der2), std::sqrt(dnf));
+  const double h1 = der12 <= 1e-15 ? std::max(1e-6, std::fabs(h_probe) * 1e-3)
+                                   : std::pow(0.01 / der12, 1.0 / tab_.order);
+  const double h = std::min({100 * std::fabs(h_probe), h1, hmax_});
+  return dir_ * (std::isfinite(h) ? h : 1e-6);  // a NaN field is rejected by the first step
+}
+
+SolveStatus StepControl::plan(int g, const SequenceStats& q, double& t, double& h, bool& last,
+                              std::string& why) const {
+  if (!o_.adaptive) {
+    const int64_t k = q.accepted;
+    last = k + 1 >= N_;
+    if (o_.steps > 0) {  // t_k = t0 + k H, not accumulated; the last step ends on t1
+      t = o_.t0 + static_cast<double>(k) * H_;
+      h = H_;
+    } else {
+      h = last ? o_.t1 - t : H_;
+    }
+    return SolveStatus::Success;
+  }
+  if (q.steps >= o_.max_steps) {
+    why = "more than " + std::to_string(o_.max_steps) + " steps";
+    return SolveStatus::MaxSteps;
+  }
+  if (0.1 * std::fabs(h) <= std::fabs(t) * kUround || h == 0.0) {
+    if (nonfinite_[g] > 0) {  // the field is NaN or Inf just ahead: that is the cause
+      why = "non-finite (NaN or Inf) evaluations ahead made the step size collapse";
+      return SolveStatus::NonFinite;
+    }
+    why = "step size too small";
+    return SolveStatus::StepTooSmall;
+  }
+  last = false;
+  if ((t + 1.01 * h - o_.t1) * dir_ > 0) {
+    h = o_.t1 - t;
+    last = true;
+  }
+  return SolveStatus::Success;
+}
+
+StepControl::Verdict StepControl::judge(int g, double err, bool finite, double& h, SequenceStats& q,
+                                        std::string& why) {
+  if (!o_.adaptive) {
+    if (finite) return Verdict::Accept;
+    why = "non-finite state (NaN or Inf) after the step";
+    return Verdict::Fail;
+  }
+  if (!std::isfinite(err) || !finite) {
+    // NaN is never a small error: a rejection with the largest decrease; repeated, a failure
+    if (q.accepted > 0) ++q.rejected;
+    last_rejected_[g] = 1;
+    if (++nonfinite_[g] > o_.max_nonfinite) {
+      why = "non-finite error estimate or state (NaN or Inf) in " + std::to_string(nonfinite_[g]) +
+            " consecutive attempts";
+      return Verdict::Fail;
+    }
+    h *= o_.fac_min;
+    return Verdict::Reject;
+  }
+  nonfinite_[g] = 0;
+  const double hnew = new_step(g, err, h);
+  if (err <= 1.0) {
+    last_rejected_[g] = 0;
+    hnext_[g] = hnew;
+    return Verdict::Accept;
+  }
+  if (q.accepted > 0) ++q.rejected;
+  last_rejected_[g] = 1;
+  h = hnew;
+  return Verdict::Reject;
+}
+
+// The next step size from the error of a step of size h (finite err).
+double StepControl::new_step(int g, double err, double h) {
+  double hnew;
+  if (o_.controller == Controller::PI) {  // Hairer's dopri5.f
+    const double fac11 = std::pow(err, expo1_);
+    double fac = fac11 / std::pow(facold_[g], o_.beta);
+    fac = std::max(facc2_, std::min(facc1_, fac / o_.safety));
+    hnew = h / fac;
+    if (err <= 1.0) {
+      facold_[g] = std::max(err, 1e-4);
+      if (last_rejected_[g]) hnew = dir_ * std::min(std::fabs(hnew), std::fabs(h));
+    } else {
+      hnew = h / std::min(facc1_, fac11 / o_.safety);
+    }
+  } else if (err == 0.0) {  // I controller (torchdiffeq's _optimal_step_size)
+    hnew = h * o_.fac_max;
+  } else {
+    const double dfactor = err < 1.0 ? 1.0 : o_.fac_min;
+    hnew = h * std::min(o_.fac_max, std::max(o_.safety * std::pow(err, -1.0 / (tab_.error_order + 1)), dfactor));
+  }
+  if (std::fabs(hnew) > hmax_) hnew = dir_ * hmax_;
+  return hnew;
+}
+
+// ---------------------------------------------------------------- what to save
+
+// The final state is the driver's y. Besides it: every accepted step (time, size,
+// state), or the requested times by dense output over the accepted step that covers
+// them: Dormand-Prince's continuous extension where the tableau has one, cubic
+// Hermite on (y0, f0, y1, f1) else. Times a failed sequence never reached are NaN;
+// times after a sequence's terminal stop hold its final state.
+template <class S>
+class Saver {
+ public:
+  Saver(const SolveOptions& o, const ButcherTableau& tab, int G, size_t n, SolveResult<S>& r)
+      : o_(o), tab_(tab), G_(G), n_(n), r_(r), next_(G, 0) {}
+
+  void start(const S* y);  // y (G, n) at t0
+  // Whether a save time inside sequence g's last step needs f(t1, y1); methods
+  // without FSAL evaluate it only then.
+  bool needs_f1_on_last(int g) const {
+    const size_t i = static_cast<size_t>(next_[g]);
+    return o_.save == SaveKind::Times && i < o_.save_times.size() && o_.save_times[i] != o_.t1;
+  }
+  // Sequence g accepted the step [t, t_end] of size h from y0 to y1, its stages in K;
+  // f1 = f(t_end, y1) when has_f1.
+  void accepted(int g, double t, double h, double t_end, const S* y0, const S* y1, const std::vector<Buffer<S>>& K,
+                bool has_f1, const S* f1);
+  void stopped(int g, const S* state) {  // the times after the stop hold `state`
+    if (o_.save == SaveKind::Times) fill_remaining(g, state);
+  }
+  void failed(int g) {  // what could not be reached is NaN, not a guess
+    if (o_.save != SaveKind::Times) return;
+    Buffer<S> nan(n_, std::numeric_limits<S>::quiet_NaN());
+    fill_remaining(g, nan.data());
+  }
+
+ private:
+  S* slot(size_t i, int g) { return r_.saved.data() + (i * G_ + g) * n_; }
+  void fill_remaining(int g, const S* state);
+  void dense_output(S* out, double th, double h, const S* y0, const S* y1, const std::vector<Buffer<S>>& K, int g,
+                    bool has_f1, const S* f1) const;
+
+  const SolveOptions& o_;
+  const ButcherTableau& tab_;
+  const int G_;
+  const size_t n_;
+  SolveResult<S>& r_;
+  std::vector<int> next_;  // per sequence, the next save time to fill
+};
+
+template <class S>
+void Saver<S>::start(const S* y) {
+  if (o_.save == SaveKind::Steps) {
+    r_.step_times.assign(G_, {o_.t0});
+    r_.step_h.assign(G_, {});
+    r_.step_states.resize(G_);
+    for (int g = 0; g < G_; ++g) r_.step_states[g].assign(row_at(y, g, n_), row_at(y, g, n_) + n_);
+  }
+  if (o_.save != SaveKind::Times) return;
+  const size_t nt = o_.save_times.size();
+  r_.saved.assign(nt * G_ * n_, S(0));
+  for (int g = 0; g < G_; ++g)  // save times equal to t0 are the initial state
+    while (static_cast<size_t>(next_[g]) < nt && o_.save_times[next_[g]] == o_.t0) {
+      std::memcpy(slot(static_cast<size_t>(next_[g]), g), row_at(y, g, n_), n_ * sizeof(S));
+      ++next_[g];
+    }
+}
+
+template <class S>
+void Saver<S>::accepted(int g, double t, double h, double t_end, const S* y0, const S* y1,
+                        const std::vector<Buffer<S>>& K, bool has_f1, const S* f1) {
+  if (o_.save == SaveKind::Steps) {
+    r_.step_times[g].push_back(t_end);
+    r_.step_h[g].push_back(h);
+    r_.step_states[g].insert(r_.step_states[g].end(), y1, y1 + n_);
+  }
+  if (o_.save != SaveKind::Times) return;
+  const double dir = o_.t1 >= o_.t0 ? 1.0 : -1.0;
+  const size_t nt = o_.save_times.size();
+  for (; static_cast<size_t>(next_[g]) < nt; ++next_[g]) {
+    const double ts = o_.save_times[static_cast<size_t>(next_[g])];
+    if ((ts - t_end) * dir > 0) break;
+    S* out = slot(static_cast<size_t>(next_[g]), g);
+    const double th = (ts - t) / h;
+    if (ts == t_end || th >= 1.0)
+      std::memcpy(out, y1, n_ * sizeof(S));
+    else
+      dense_output(out, th, h, y0, y1, K, g, has_f1, f1);
+  }
+}
+
+// The state at t + th h inside the step (0 <= th < 1).
+template <class S>
+void Saver<S>::dense_output(S* out, double th, double h, const S* y0, const S* y1, const std::vector<Buffer<S>>& K,
+                            int g, bool has_f1, const S* f1) const {
+  const int s = tab_.stages();
+  const S* k0 = row_at(K[0].data(), g, n_);
+  if (!tab_.dense.empty()) {
+    // Hairer's contd5: y0 + th (dy + (1-th) (h k1 - dy + th (dy - h k7 - (h k1 - dy) + (1-th) h sum d_j k_j)))
+    const S* klast = row_at(K[s - 1].data(), g, n_);
+    const double th1 = 1.0 - th;
+    for (size_t i = 0; i < n_; ++i) {
+      const double r2 = double(y1[i]) - double(y0[i]);
+      const double r3 = h * double(k0[i]) - r2;
+      const double r4 = r2 - h * double(klast[i]) - r3;
+      double r5 = 0.0;
+      for (int j = 0; j < s; ++j)
+        if (tab_.dense[j] != 0.0) r5 += tab_.dense[j] * double(row_at(K[j].data(), g, n_)[i]);
+      r5 *= h;
+      out[i] = static_cast<S>(double(y0[i]) + th * (r2 + th1 * (r3 + th * (r4 + th1 * r5))));
+    }
+    return;
+  }
+  // cubic Hermite on (y0, f0, y1, f1)
+  const double h00 = (1 + 2 * th) * (1 - th) * (1 - th), h10 = th * (1 - th) * (1 - th);
+  const double h01 = th * th * (3 - 2 * th), h11 = th * th * (th - 1);
+  for (size_t i = 0; i < n_; ++i)
+    out[i] = static_cast<S>(h00 * y0[i] + h10 * h * k0[i] + h01 * y1[i] + (has_f1 ? h11 * h * f1[i] : 0.0));
+}
+
+template <class S>
+void Saver<S>::fill_remaining(int g, const S* state) {
+  const size_t nt = o_.save_times.size();
+  for (size_t i = static_cast<size_t>(next_[g]); i < nt; ++i) std::memcpy(slot(i, g), state, n_ * sizeof(S));
+  next_[g] = static_cast<int>(nt);
+}
+
+// ---------------------------------------------------------------- the terminal condition
+
+// A sequence stops where its latent settles: ||f(y)|| < threshold ||y|| (the
+// continuous analogue of exiting a loop once h stops changing). Off at threshold 0.
+template <class S>
+bool terminal_reached(double threshold, const S* f, const S* y, size_t n) {
+  if (!(threshold > 0)) return false;
+  const double fy = std::sqrt(algebra::sum_squares(f, n));
+  const double yy = std::sqrt(algebra::sum_squares(y, n));
+  return fy < threshold * yy;
+}
+
+// ---------------------------------------------------------------- the tape (grad.cpp's hooks)
+
+// For backprop through the solver: every field evaluation of a step goes through the
+// DiffSystem's recording slots (slots follow calls), and each round in which some
+// sequences accepted their step is written down with where its stages were evaluated.
+// A round in which nobody accepted gives its calls and slots back. Off for plain solves.
+template <class S>
+class TapeRecorder {
+ public:
+  TapeRecorder(DiffSystem<S>* sys, detail::Tape* tape) : sys_(sys), tape_(tape) {}
+  bool on() const { return tape_ != nullptr; }
+
+  // f for the `ids.size()` rows of y, recorded; returns the call's index.
+  int eval(S* dydt, const S* y, const double* t, const std::vector<int>& ids) {
+    const int call = static_cast<int>(tape_->calls.size());
+    sys_->reserve_slots(call + 1);
+    sys_->eval_record(dydt, y, t, ids.data(), static_cast<int>(ids.size()), call);
+    tape_->calls.push_back({call, ids});
+    return call;
+  }
+  void start(int G, int k0_call) {  // f(t0, y0) of every sequence
+    if (tape_) tape_->k0_call.assign(static_cast<size_t>(G), k0_call);
+  }
+  void begin_round() {
+    if (tape_) calls_before_ = tape_->calls.size();
+  }
+  // The round's accepted sequences with their step starts t and sizes h (indexed by
+  // sequence), where its stages were evaluated, and where each accepted sequence's
+  // next f(t, y) lies: next_k0 (FSAL: the last stage), or f1_call for those in need_f1.
+  void end_round(const std::vector<int>& accepted, const std::vector<double>& t, const std::vector<double>& h,
+                 const std::vector<int>& stage_call, int next_k0, const std::vector<int>& need_f1, int f1_call);
+
+ private:
+  DiffSystem<S>* sys_;
+  detail::Tape* tape_;
+  size_t calls_before_ = 0;
+};
+
+template <class S>
+void TapeRecorder<S>::end_round(const std::vector<int>& accepted, const std::vector<double>& t,
+                                const std::vector<double>& h, const std::vector<int>& stage_call, int next_k0,
+                                const std::vector<int>& need_f1, int f1_call) {
+  if (!tape_) return;
+  if (accepted.empty()) {
+    tape_->calls.resize(calls_before_);  // nothing of this round is in the graph
+    return;
+  }
+  detail::Tape::Round rd;
+  rd.groups = accepted;
+  rd.stage_call = stage_call;
+  for (int g : accepted) {
+    rd.t.push_back(t[g]);
+    rd.h.push_back(h[g]);
+    rd.k0_call.push_back(tape_->k0_call[g]);
+  }
+  tape_->rounds.push_back(std::move(rd));
+  for (int g : accepted) tape_->k0_call[g] = next_k0;
+  for (int g : need_f1) tape_->k0_call[g] = f1_call;
+}
+
+// ---------------------------------------------------------------- the driver
+
+// Joins the pieces: each round, every sequence still running plans its step, the
+// stages are evaluated for all of them in one batched call per stage, the controller
+// judges each sequence's step, and the accepted ones are saved, checked for the
+// terminal condition, recorded and committed.
 template <class S>
 class Driver {
  public:
-  Driver(OdeSystem<S>& sys, const SolveOptions& opt, DiffSystem<S>* dsys = nullptr,
-         detail::Tape* tape = nullptr)
-      : sys_(sys), o_(opt), tab_(tableau(opt.method)), G_(sys.groups()), n_(sys.dim()),
-        s_(tab_.stages()), dsys_(dsys), tape_(tape) {}
+  Driver(OdeSystem<S>& sys, const SolveOptions& opt, DiffSystem<S>* dsys = nullptr, detail::Tape* tape = nullptr)
+      : sys_(sys), o_(opt), tab_(tableau(opt.method)), G_(sys.groups()), n_(sys.dim()), s_(tab_.stages()),
+        coef_(tab_), ctl_(opt, tab_, G_), saver_(opt, tab_, G_, n_, r_), tape_(dsys, tape) {}
 
-  SolveResult<S> run(S* y);
+  SolveResult<S> run(S* y) {
+    start(y);
+    if (o_.t0 == o_.t1) return std::move(r_);
+    first_stage();
+    for (;;) {
+      plan_steps();
+      if (active_.empty()) break;
+      attempt_steps();
+      judge_steps();
+      next_first_stages();
+      tape_.end_round(accepted_, t_, h_, stage_call_, tab_.fsal ? stage_call_[s_ - 1] : -1, need_f1_, f1_call_);
+      accept_steps();
+      commit_steps();
+    }
+    std::memcpy(y, Ys_.data(), static_cast<size_t>(G_) * n_ * sizeof(S));
+    return totals();
+  }
 
  private:
-  S* row(Buffer<S>& b, int g) { return b.data() + static_cast<size_t>(g) * n_; }
-  S* yrow(int g) { return y_ + static_cast<size_t>(g) * n_; }
-  // Returns the tape's call index when recording, else -1.
+  S* row(Buffer<S>& b, int g) { return row_at(b.data(), g, n_); }
+  S* yrow(int g) { return row_at(y_, g, n_); }
+
+  void start(const S* y);
+  void first_stage();
+  void plan_steps();
+  void attempt_steps();
+  void estimate_errors();
+  void judge_steps();
+  void next_first_stages();
+  void accept_steps();
+  void commit_steps();
+  SolveResult<S> totals();
+  // f for the listed sequences, rows `ids` of `in` into the same rows of `out`, at
+  // times t[ids]. Returns the tape's call index when recording, else -1.
   int eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out, const std::vector<double>& t,
            bool record = true);
   void fail(int g, SolveStatus st, const std::string& what);
-  void initial_steps(const std::vector<int>& ids);
-  void save_times_upto(int g, double t_end, bool has_f1, const S* f1, double h);
-  void fill_remaining_saves(int g, const S* state);
 
   OdeSystem<S>& sys_;
   const SolveOptions& o_;
@@ -93,26 +525,26 @@ class Driver {
   const int G_;
   const size_t n_;
   const int s_;
-  DiffSystem<S>* dsys_;
-  detail::Tape* tape_;
-  S* y_ = nullptr;       // the current states (G, n): Ys_, copied to user_y_ at the end
-  S* user_y_ = nullptr;
+  const StageCoefficients coef_;
+  SolveResult<S> r_;
+  StepControl ctl_;
+  Saver<S> saver_;
+  TapeRecorder<S> tape_;
+  S* y_ = nullptr;  // the current states (G, n): Ys_, copied to the caller's y at the end
   Buffer<S> Ys_;
-  double dir_ = 1.0;
   std::vector<Buffer<S>> K_;  // s stages, each (G, n)
   Buffer<S> Y_, Y1_, Kn_, gin_, gout_;
-  std::vector<double> t_, h_, hnext_, facold_, tstage_, err_;
-  std::vector<char> finite_;
-  std::vector<double> tgather_;
-  std::vector<int> stage_call_;
-  std::vector<bool> done_, last_rejected_, last_;
-  std::vector<int> nonfinite_, next_save_;
-  SolveResult<S> r_;
+  std::vector<double> t_, h_, tstage_, err_, tgather_;
+  std::vector<char> finite_, done_, last_, has_f1_;
+  std::vector<int> stage_call_, active_, accepted_, need_f1_;
+  std::vector<const S*> kp_;
+  int f1_call_ = -1;
+  std::string why_;
 };
 
 template <class S>
-int Driver<S>::eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out,
-                    const std::vector<double>& t, bool record) {
+int Driver<S>::eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out, const std::vector<double>& t,
+                    bool record) {
   const int count = static_cast<int>(ids.size());
   if (count == 0) return -1;
   bool consecutive = true;
@@ -121,15 +553,10 @@ int Driver<S>::eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out,
   for (int i = 0; i < count; ++i) tt[i] = t[ids[i]];
   int call = -1;
   auto f = [&](S* dst, const S* src) {
-    if (tape_ && record) {
-      call = static_cast<int>(tape_->calls.size());
-      // slots follow calls: dropped calls give their slots back
-      dsys_->reserve_slots(call + 1);
-      dsys_->eval_record(dst, src, tt.data(), ids.data(), count, call);
-      tape_->calls.push_back({call, ids});
-    } else {
+    if (tape_.on() && record)
+      call = tape_.eval(dst, src, tt.data(), ids);
+    else
       sys_.eval(dst, src, tt.data(), ids.data(), count);
-    }
   };
   if (consecutive) {
     f(row(out, ids[0]), row(in, ids[0]));
@@ -157,410 +584,221 @@ void Driver<S>::fail(int g, SolveStatus st, const std::string& what) {
     << " (step " << q.steps << ", h = " << h_[g] << ")";
   q.message = m.str();
   done_[g] = true;
-  if (o_.save == SaveKind::Times) {  // what could not be reached is NaN, not a guess
-    Buffer<S> nan(n_, std::numeric_limits<S>::quiet_NaN());
-    fill_remaining_saves(g, nan.data());
-  }
+  saver_.failed(g);
 }
 
-// Hairer's hinit (dopri5.f), for every listed sequence in one batched evaluation.
+// The per-sequence state at t0, and the saves of the initial state.
 template <class S>
-void Driver<S>::initial_steps(const std::vector<int>& ids) {
-  const double hmax = o_.hmax > 0 ? o_.hmax : std::fabs(o_.t1 - o_.t0);
-  const double norm = o_.initial_norm == InitialStepNorm::RMS ? static_cast<double>(n_) : 1.0;
-  std::vector<double> dnf(G_), hh(G_);
-  for (int g : ids) {
-    const S* y0 = yrow(g);
-    const S* f0 = row(K_[0], g);
-    dnf[g] = algebra::scaled_sum_squares(f0, y0, o_.rtol, o_.atol, n_) / norm;
-    const double dny = algebra::scaled_sum_squares(y0, y0, o_.rtol, o_.atol, n_) / norm;
-    double h = (dnf[g] <= 1e-10 || dny <= 1e-10) ? 1e-6 : 0.01 * std::sqrt(dny / dnf[g]);
-    h = std::min(h, hmax);
-    hh[g] = dir_ * h;
-    const double one = 1.0;
-    const S* k0 = f0;
-    algebra::rk_combine(row(Y_, g), y0, hh[g], &one, &k0, 1, n_);
-    tstage_[g] = o_.t0 + hh[g];
-  }
-  eval(ids, Y_, K_[1], tstage_, /*record=*/false);  // step sizes are constants: not differentiated
-  for (int g : ids) {
-    const double der2 =
-        std::sqrt(algebra::scaled_diff_sum_squares(row(K_[1], g), row(K_[0], g), yrow(g), o_.rtol, o_.atol, n_) / norm) /
-        std::fabs(hh[g]);
-    const double der12 = std::max(std::fabs(der2), std::sqrt(dnf[g]));
-    const double h1 = der12 <= 1e-15 ? std::max(1e-6, std::fabs(hh[g]) * 1e-3)
-                                     : std::pow(0.01 / der12, 1.0 / tab_.order);
-    const double h = std::min({100 * std::fabs(hh[g]), h1, hmax});
-    h_[g] = dir_ * (std::isfinite(h) ? h : 1e-6);  // a NaN field is rejected by the first step
-  }
-}
-
-template <class S>
-void Driver<S>::fill_remaining_saves(int g, const S* state) {
-  const size_t nt = o_.save_times.size();
-  for (size_t i = static_cast<size_t>(next_save_[g]); i < nt; ++i)
-    std::memcpy(r_.saved.data() + (i * G_ + g) * n_, state, n_ * sizeof(S));
-  next_save_[g] = static_cast<int>(nt);
-}
-
-// Dense output over the step just accepted for sequence g: [t_g, t_end], state
-// y_g -> Y1_g, stages in K_. f1 = f(t_end, y1) when has_f1.
-template <class S>
-void Driver<S>::save_times_upto(int g, double t_end, bool has_f1, const S* f1, double h) {
-  const size_t nt = o_.save_times.size();
-  const S* y0 = yrow(g);
-  const S* y1 = row(Y1_, g);
-  while (static_cast<size_t>(next_save_[g]) < nt) {
-    const double ts = o_.save_times[static_cast<size_t>(next_save_[g])];
-    if ((ts - t_end) * dir_ > 0) break;
-    S* out = r_.saved.data() + (static_cast<size_t>(next_save_[g]) * G_ + g) * n_;
-    const double th = (ts - t_[g]) / h;
-    if (ts == t_end || th >= 1.0) {
-      std::memcpy(out, y1, n_ * sizeof(S));
-    } else if (!tab_.dense.empty()) {
-      // Hairer's contd5: y0 + th (dy + (1-th) (h k1 - dy + th (dy - h k7 - (h k1 - dy) + (1-th) h sum d_j k_j)))
-      const double th1 = 1.0 - th;
-      for (size_t i = 0; i < n_; ++i) {
-        const double r2 = double(y1[i]) - double(y0[i]);
-        const double r3 = h * double(row(K_[0], g)[i]) - r2;
-        const double r4 = r2 - h * double(row(K_[s_ - 1], g)[i]) - r3;
-        double r5 = 0.0;
-        for (int j = 0; j < s_; ++j)
-          if (tab_.dense[j] != 0.0) r5 += tab_.dense[j] * double(row(K_[j], g)[i]);
-        r5 *= h;
-        out[i] = static_cast<S>(double(y0[i]) + th * (r2 + th1 * (r3 + th * (r4 + th1 * r5))));
-      }
-    } else {
-      // cubic Hermite on (y0, f0, y1, f1)
-      const double h00 = (1 + 2 * th) * (1 - th) * (1 - th), h10 = th * (1 - th) * (1 - th);
-      const double h01 = th * th * (3 - 2 * th), h11 = th * th * (th - 1);
-      const S* f0 = row(K_[0], g);
-      for (size_t i = 0; i < n_; ++i)
-        out[i] = static_cast<S>(h00 * y0[i] + h10 * h * f0[i] + h01 * y1[i] + (has_f1 ? h11 * h * f1[i] : 0.0));
-    }
-    ++next_save_[g];
-  }
-}
-
-template <class S>
-SolveResult<S> Driver<S>::run(S* y) {
-  user_y_ = y;
-  const size_t total = static_cast<size_t>(G_) * n_;
-  Ys_.assign(y, y + total);
+void Driver<S>::start(const S* y) {
+  Ys_.assign(y, y + static_cast<size_t>(G_) * n_);
   y_ = Ys_.data();
-  dir_ = o_.t1 >= o_.t0 ? 1.0 : -1.0;
   r_.seq.assign(static_cast<size_t>(G_), SequenceStats{});
   for (auto& q : r_.seq) q.t = o_.t0;
   t_.assign(G_, o_.t0);
   h_.assign(G_, 0.0);
-  hnext_.assign(G_, 0.0);
   err_.assign(G_, 0.0);
   finite_.assign(G_, 1);
   tgather_.assign(G_, 0.0);
   stage_call_.assign(static_cast<size_t>(s_), -1);
-  facold_.assign(G_, 1e-4);
   tstage_.assign(G_, o_.t0);
-  done_.assign(G_, false);
-  last_rejected_.assign(G_, false);
-  last_.assign(G_, false);
-  nonfinite_.assign(G_, 0);
-  next_save_.assign(G_, 0);
-  if (o_.save == SaveKind::Times) r_.saved.assign(o_.save_times.size() * total, S(0));
-  if (o_.save == SaveKind::Steps) {
-    r_.step_times.assign(G_, {o_.t0});
-    r_.step_h.assign(G_, {});
-    r_.step_states.resize(G_);
-    for (int g = 0; g < G_; ++g) r_.step_states[g].assign(yrow(g), yrow(g) + n_);
-  }
-  // save times equal to t0 are the initial state
-  if (o_.save == SaveKind::Times)
-    for (int g = 0; g < G_; ++g)
-      while (static_cast<size_t>(next_save_[g]) < o_.save_times.size() && o_.save_times[next_save_[g]] == o_.t0) {
-        std::memcpy(r_.saved.data() + (static_cast<size_t>(next_save_[g]) * G_ + g) * n_, yrow(g), n_ * sizeof(S));
-        ++next_save_[g];
-      }
-  if (o_.t0 == o_.t1) return std::move(r_);
+  done_.assign(G_, 0);
+  last_.assign(G_, 0);
+  has_f1_.assign(G_, 0);
+  saver_.start(y_);
+}
 
+// Workspaces, f(t0, y0) for every sequence, and the first step sizes.
+template <class S>
+void Driver<S>::first_stage() {
+  const size_t total = static_cast<size_t>(G_) * n_;
   K_.assign(static_cast<size_t>(s_), Buffer<S>(total));
   Y_.assign(total, S(0));
   Y1_.assign(total, S(0));
   if (!tab_.fsal) Kn_.assign(total, S(0));
   gin_.assign(total, S(0));
   gout_.assign(total, S(0));
+  kp_.assign(static_cast<size_t>(s_), nullptr);
 
   std::vector<int> all(G_);
   for (int g = 0; g < G_; ++g) all[g] = g;
-  const int call0 = eval(all, Ys_, K_[0], t_);
-  if (tape_) tape_->k0_call.assign(static_cast<size_t>(G_), call0);
+  tape_.start(G_, eval(all, Ys_, K_[0], t_));
+  if (!ctl_.adaptive()) return;
+  if (!ctl_.automatic_first_step()) {
+    std::fill(h_.begin(), h_.end(), ctl_.given_first_step());
+    return;
+  }
+  // Hairer's hinit, every sequence in one batched evaluation at its probe point
+  std::vector<double> dnf(G_), probe(G_);
+  for (int g : all) {
+    const S* k0 = row(K_[0], g);
+    probe[g] = ctl_.probe_step(yrow(g), k0, n_, dnf[g]);
+    const double one = 1.0;
+    algebra::rk_combine(row(Y_, g), yrow(g), probe[g], &one, &k0, 1, n_);
+    tstage_[g] = o_.t0 + probe[g];
+  }
+  eval(all, Y_, K_[1], tstage_, /*record=*/false);  // step sizes are constants: not differentiated
+  for (int g : all) h_[g] = ctl_.first_step(probe[g], dnf[g], yrow(g), row(K_[0], g), row(K_[1], g), n_);
+}
 
-  // fixed steps: H, and the number of steps N
-  double H = 0.0;
-  int64_t N = 0;
-  if (!o_.adaptive) {
-    if (o_.steps > 0) {
-      N = o_.steps;
-      H = (o_.t1 - o_.t0) / static_cast<double>(N);
-    } else {
-      H = dir_ * o_.dt;
-      N = static_cast<int64_t>(std::ceil(std::fabs(o_.t1 - o_.t0) / o_.dt * (1 - 1e-12)));
+// The sequences still running, each with the step it attempts; the others fail here.
+template <class S>
+void Driver<S>::plan_steps() {
+  active_.clear();
+  for (int g = 0; g < G_; ++g) {
+    if (done_[g]) continue;
+    bool last = false;
+    const SolveStatus st = ctl_.plan(g, r_.seq[g], t_[g], h_[g], last, why_);
+    if (st != SolveStatus::Success) {
+      fail(g, st, why_);
+      continue;
     }
-  } else if (o_.h0 != 0.0) {
-    std::fill(h_.begin(), h_.end(), dir_ * std::fabs(o_.h0));
+    last_[g] = last;
+    active_.push_back(g);
+  }
+}
+
+// Stages 1..s-1 (stage 0 is f(t, y), kept from the previous step), the propagated
+// solution Y1_ and the error estimates of the active sequences.
+template <class S>
+void Driver<S>::attempt_steps() {
+  tape_.begin_round();
+  const int na = static_cast<int>(active_.size());
+  for (int j = 1; j < s_; ++j) {
+    const auto& idx = coef_.a_idx[j];
+    for (size_t m = 0; m < idx.size(); ++m) kp_[m] = K_[idx[m]].data();
+    algebra::rk_combine_rows(Y_.data(), y_, h_.data(), coef_.a[j].data(), kp_.data(), static_cast<int>(idx.size()),
+                             active_.data(), na, n_);
+    for (int g : active_) tstage_[g] = t_[g] + tab_.c[j] * h_[g];
+    stage_call_[j] = eval(active_, Y_, K_[j], tstage_);
+  }
+  // the propagated solution: for FSAL methods it is the last stage's state
+  if (tab_.fsal) {
+    std::swap(Y_, Y1_);
   } else {
-    initial_steps(all);
+    for (size_t m = 0; m < coef_.b_idx.size(); ++m) kp_[m] = K_[coef_.b_idx[m]].data();
+    algebra::rk_combine_rows(Y1_.data(), y_, h_.data(), coef_.b.data(), kp_.data(),
+                             static_cast<int>(coef_.b_idx.size()), active_.data(), na, n_);
   }
-  const double hmax = o_.hmax > 0 ? o_.hmax : std::fabs(o_.t1 - o_.t0);
-  const double expo1 = 1.0 / (tab_.error_order + 1) - 0.75 * o_.beta;
-  const double facc1 = 1.0 / o_.fac_min, facc2 = 1.0 / o_.fac_max;
+  estimate_errors();
+}
 
-  // coefficient lists of each stage, zeros dropped
-  std::vector<std::vector<double>> coef(s_);
-  std::vector<std::vector<int>> idx(s_);
-  for (int j = 0; j < s_; ++j)
-    for (int l = 0; l < j; ++l)
-      if (tab_.A(j, l) != 0.0) {
-        coef[j].push_back(tab_.A(j, l));
-        idx[j].push_back(l);
-      }
-  std::vector<double> bcoef;
-  std::vector<int> bidx;
-  for (int l = 0; l < s_; ++l)
-    if (tab_.b[l] != 0.0) {
-      bcoef.push_back(tab_.b[l]);
-      bidx.push_back(l);
-    }
-  std::vector<const S*> kp(static_cast<size_t>(s_));
-
-  std::vector<int> active, accepted_ids, need_f1;
-  std::vector<char> has_f1(G_, 0);
-  for (;;) {
-    active.clear();
-    for (int g = 0; g < G_; ++g) {
-      if (done_[g]) continue;
-      auto& q = r_.seq[g];
-      if (o_.adaptive) {
-        if (q.steps >= o_.max_steps) {
-          fail(g, SolveStatus::MaxSteps, "more than " + std::to_string(o_.max_steps) + " steps");
-          continue;
-        }
-        if (0.1 * std::fabs(h_[g]) <= std::fabs(t_[g]) * kUround || h_[g] == 0.0) {
-          if (nonfinite_[g] > 0)  // the field is NaN or Inf just ahead: that is the cause
-            fail(g, SolveStatus::NonFinite, "non-finite (NaN or Inf) evaluations ahead made the step size collapse");
-          else
-            fail(g, SolveStatus::StepTooSmall, "step size too small");
-          continue;
-        }
-        last_[g] = false;
-        if ((t_[g] + 1.01 * h_[g] - o_.t1) * dir_ > 0) {
-          h_[g] = o_.t1 - t_[g];
-          last_[g] = true;
-        }
-      } else {
-        const int64_t k = q.accepted;
-        last_[g] = k + 1 >= N;
-        if (o_.steps > 0) {  // t_k = t0 + k H, not accumulated; the last step ends on t1
-          t_[g] = o_.t0 + static_cast<double>(k) * H;
-          h_[g] = H;
-        } else {
-          h_[g] = last_[g] ? o_.t1 - t_[g] : H;
-        }
-      }
-      active.push_back(g);
-    }
-    if (active.empty()) break;
-
-    // stages 1..s-1 (stage 0 is f(t, y), kept from the previous step)
-    const size_t calls_before = tape_ ? tape_->calls.size() : 0;
-    std::vector<int>& stage_call = stage_call_;
-    for (int j = 1; j < s_; ++j) {
-      for (size_t m = 0; m < idx[j].size(); ++m) kp[m] = K_[idx[j][m]].data();
-      algebra::rk_combine_rows(Y_.data(), y_, h_.data(), coef[j].data(), kp.data(),
-                               static_cast<int>(idx[j].size()), active.data(),
-                               static_cast<int>(active.size()), n_);
-      for (int g : active) tstage_[g] = t_[g] + tab_.c[j] * h_[g];
-      stage_call[j] = eval(active, Y_, K_[j], tstage_);
-    }
-    // the propagated solution: for FSAL methods it is the last stage's state
-    if (tab_.fsal) {
-      std::swap(Y_, Y1_);
-    } else {
-      for (size_t m = 0; m < bidx.size(); ++m) kp[m] = K_[bidx[m]].data();
-      algebra::rk_combine_rows(Y1_.data(), y_, h_.data(), bcoef.data(), kp.data(), static_cast<int>(bidx.size()),
-                               active.data(), static_cast<int>(active.size()), n_);
-    }
-    // error estimates and finiteness, the sequences in parallel
-    const int na = static_cast<int>(active.size());
+// err_ (adaptive: the scaled error norm, NaN when the state is not finite) or
+// finite_ (fixed steps) of every active sequence, the sequences in parallel.
+template <class S>
+void Driver<S>::estimate_errors() {
+  const int na = static_cast<int>(active_.size());
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(n_) * na * s_ >= kParallelMin)
-    for (int i = 0; i < na; ++i) {
-      const int g = active[i];
-      // (the error norm is NaN when the state is not finite)
-      if (!o_.adaptive) finite_[g] = std::isfinite(algebra::sum_squares(row(Y1_, g), n_));
-      if (o_.adaptive) {
-        const S* kr[32];
-        for (int l = 0; l < s_; ++l) kr[l] = row(K_[l], g);
-        if (o_.norm_dims == 0) {
-          err_[g] = algebra::error_norm(h_[g], tab_.e.data(), kr, s_, yrow(g), row(Y1_, g), o_.rtol, o_.atol, n_);
-        } else {  // only the first norm_dims of every norm_period values
-          double sum = 0.0;
-          size_t counted = 0;
-          const S* kc[32];
-          for (size_t off = 0; off < n_; off += o_.norm_period) {
-            const size_t len = std::min(o_.norm_dims, n_ - off);
-            for (int l = 0; l < s_; ++l) kc[l] = kr[l] + off;
-            sum += algebra::error_sum_squares(h_[g], tab_.e.data(), kc, s_, yrow(g) + off, row(Y1_, g) + off,
-                                              o_.rtol, o_.atol, len);
-            counted += len;
-          }
-          err_[g] = std::sqrt(sum / static_cast<double>(counted));
-        }
-      }
+  for (int i = 0; i < na; ++i) {
+    const int g = active_[i];
+    if (!o_.adaptive) {
+      finite_[g] = std::isfinite(algebra::sum_squares(row(Y1_, g), n_));
+      continue;
     }
-    // accept or reject, per sequence
-    accepted_ids.clear();
-    for (int g : active) {
-      auto& q = r_.seq[g];
-      ++q.steps;
-      const bool finite_state = finite_[g];
-      if (!o_.adaptive) {
-        if (!finite_state) {
-          fail(g, SolveStatus::NonFinite, "non-finite state (NaN or Inf) after the step");
-          continue;
-        }
-        accepted_ids.push_back(g);
-        continue;
-      }
-      const double err = err_[g];
-      const double h = h_[g];
-      if (!std::isfinite(err) || !finite_state) {
-        // NaN is never a small error: a rejection with the largest decrease; repeated, a failure
-        if (q.accepted > 0) ++q.rejected;
-        last_rejected_[g] = true;
-        if (++nonfinite_[g] > o_.max_nonfinite) {
-          fail(g, SolveStatus::NonFinite,
-               "non-finite error estimate or state (NaN or Inf) in " + std::to_string(nonfinite_[g]) +
-                   " consecutive attempts");
-          continue;
-        }
-        h_[g] = h * o_.fac_min;
-        continue;
-      }
-      nonfinite_[g] = 0;
-      double hnew;
-      if (o_.controller == Controller::PI) {  // Hairer's dopri5.f
-        const double fac11 = std::pow(err, expo1);
-        double fac = fac11 / std::pow(facold_[g], o_.beta);
-        fac = std::max(facc2, std::min(facc1, fac / o_.safety));
-        hnew = h / fac;
-        if (err <= 1.0) {
-          facold_[g] = std::max(err, 1e-4);
-          if (last_rejected_[g]) hnew = dir_ * std::min(std::fabs(hnew), std::fabs(h));
-        } else {
-          hnew = h / std::min(facc1, fac11 / o_.safety);
-        }
-      } else if (err == 0.0) {  // I controller (torchdiffeq's _optimal_step_size)
-        hnew = h * o_.fac_max;
-      } else {
-        const double dfactor = err < 1.0 ? 1.0 : o_.fac_min;
-        hnew = h * std::min(o_.fac_max,
-                            std::max(o_.safety * std::pow(err, -1.0 / (tab_.error_order + 1)), dfactor));
-      }
-      if (std::fabs(hnew) > hmax) hnew = dir_ * hmax;
-      hnext_[g] = hnew;
-      if (err <= 1.0) {
-        last_rejected_[g] = false;
-        accepted_ids.push_back(g);
-      } else {
-        if (q.accepted > 0) ++q.rejected;
-        last_rejected_[g] = true;
-        h_[g] = hnew;
-      }
+    const S* kr[32];
+    for (int l = 0; l < s_; ++l) kr[l] = row(K_[l], g);
+    if (o_.norm_dims == 0) {
+      err_[g] = algebra::error_norm(h_[g], tab_.e.data(), kr, s_, yrow(g), row(Y1_, g), o_.rtol, o_.atol, n_);
+      continue;
     }
+    // only the first norm_dims of every norm_period values
+    double sum = 0.0;
+    size_t counted = 0;
+    const S* kc[32];
+    for (size_t off = 0; off < n_; off += o_.norm_period) {
+      const size_t len = std::min(o_.norm_dims, n_ - off);
+      for (int l = 0; l < s_; ++l) kc[l] = kr[l] + off;
+      sum += algebra::error_sum_squares(h_[g], tab_.e.data(), kc, s_, yrow(g) + off, row(Y1_, g) + off, o_.rtol,
+                                        o_.atol, len);
+      counted += len;
+    }
+    err_[g] = std::sqrt(sum / static_cast<double>(counted));
+  }
+}
 
-    // f(t + h, y1) for methods without FSAL: the next step's first stage, and what
-    // the terminal condition and Hermite output read. Skipped after the last step
-    // unless a save time inside it needs it.
-    need_f1.clear();
-    int f1_call = -1;
-    if (!tab_.fsal) {
-      for (int g : accepted_ids) {
-        bool need = !last_[g];
-        if (last_[g] && o_.save == SaveKind::Times && static_cast<size_t>(next_save_[g]) < o_.save_times.size())
-          need = o_.save_times[next_save_[g]] != o_.t1;
-        if (need) {
-          need_f1.push_back(g);
-          tstage_[g] = last_[g] ? o_.t1 : t_[g] + h_[g];
-        }
-      }
-      f1_call = eval(need_f1, Y1_, Kn_, tstage_);
-    }
-    if (tape_) {
-      if (accepted_ids.empty()) {
-        tape_->calls.resize(calls_before);  // nothing of this round is in the graph
-      } else {
-        detail::Tape::Round rd;
-        rd.groups = accepted_ids;
-        rd.stage_call = stage_call;
-        for (int g : accepted_ids) {
-          rd.t.push_back(t_[g]);
-          rd.h.push_back(h_[g]);
-          rd.k0_call.push_back(tape_->k0_call[g]);
-        }
-        tape_->rounds.push_back(std::move(rd));
-        for (int g : accepted_ids) tape_->k0_call[g] = tab_.fsal ? stage_call[s_ - 1] : -1;
-        for (int g : need_f1) tape_->k0_call[g] = f1_call;
-      }
-    }
-    std::fill(has_f1.begin(), has_f1.end(), static_cast<char>(tab_.fsal));
-    for (int g : need_f1) has_f1[g] = 1;
-
-    for (int g : accepted_ids) {
-      auto& q = r_.seq[g];
-      const double t_end = last_[g] ? o_.t1 : t_[g] + h_[g];
-      const S* f1 = tab_.fsal ? row(K_[s_ - 1], g) : row(Kn_, g);
-      if (o_.save == SaveKind::Times) save_times_upto(g, t_end, has_f1[g], f1, h_[g]);
-      bool stop = last_[g];
-      if (!stop && o_.terminal_threshold > 0 && has_f1[g]) {
-        const double fy = std::sqrt(algebra::sum_squares(f1, n_));
-        const double yy = std::sqrt(algebra::sum_squares(row(Y1_, g), n_));
-        if (fy < o_.terminal_threshold * yy) {
-          stop = true;
-          q.status = SolveStatus::Terminal;
-        }
-      }
-      ++q.accepted;
-      q.h = h_[g];
-      t_[g] = t_end;
-      q.t = t_end;
-      if (o_.save == SaveKind::Steps) {
-        r_.step_times[g].push_back(t_end);
-        r_.step_h[g].push_back(h_[g]);
-        r_.step_states[g].insert(r_.step_states[g].end(), row(Y1_, g), row(Y1_, g) + n_);
-      }
-      if (o_.adaptive) h_[g] = hnext_[g];
-      if (stop) {
-        done_[g] = true;
-        if (o_.save == SaveKind::Times) fill_remaining_saves(g, row(Y1_, g));
-      }
-    }
-    // commit: y <- y1 and f(t, y) <- f(t + h, y1); whole buffers trade places when every
-    // sequence stepped and was accepted, rows are copied otherwise
-    Buffer<S>& F1 = tab_.fsal ? K_[s_ - 1] : Kn_;
-    if (static_cast<int>(accepted_ids.size()) == G_) {
-      std::swap(Ys_, Y1_);
-      y_ = Ys_.data();
-      if (tab_.fsal || static_cast<int>(need_f1.size()) == G_) std::swap(K_[0], F1);
-      else
-        for (int g : need_f1) std::memcpy(row(K_[0], g), row(F1, g), n_ * sizeof(S));
-    } else {
-      for (int g : accepted_ids) {
-        std::memcpy(yrow(g), row(Y1_, g), n_ * sizeof(S));
-        if (has_f1[g]) std::memcpy(row(K_[0], g), row(F1, g), n_ * sizeof(S));
-      }
+// The controller's verdict on every active sequence's step: accepted_ lists the accepted.
+template <class S>
+void Driver<S>::judge_steps() {
+  accepted_.clear();
+  for (int g : active_) {
+    auto& q = r_.seq[g];
+    ++q.steps;
+    switch (ctl_.judge(g, err_[g], finite_[g], h_[g], q, why_)) {
+      case StepControl::Verdict::Accept: accepted_.push_back(g); break;
+      case StepControl::Verdict::Reject: break;
+      case StepControl::Verdict::Fail: fail(g, SolveStatus::NonFinite, why_); break;
     }
   }
-  std::memcpy(user_y_, Ys_.data(), total * sizeof(S));
+}
 
-  // totals
+// f(t + h, y1) into Kn_ for methods without FSAL: the next step's first stage, and
+// what the terminal condition and Hermite output read. Skipped after the last step
+// unless a save time inside it needs it. has_f1_ says who has f(t + h, y1).
+template <class S>
+void Driver<S>::next_first_stages() {
+  need_f1_.clear();
+  f1_call_ = -1;
+  if (!tab_.fsal) {
+    for (int g : accepted_)
+      if (!last_[g] || saver_.needs_f1_on_last(g)) {
+        need_f1_.push_back(g);
+        tstage_[g] = last_[g] ? o_.t1 : t_[g] + h_[g];
+      }
+    f1_call_ = eval(need_f1_, Y1_, Kn_, tstage_);
+  }
+  std::fill(has_f1_.begin(), has_f1_.end(), static_cast<char>(tab_.fsal));
+  for (int g : need_f1_) has_f1_[g] = 1;
+}
+
+// The accepted sequences move to the step's end: saves, the terminal condition, statistics.
+template <class S>
+void Driver<S>::accept_steps() {
+  for (int g : accepted_) {
+    auto& q = r_.seq[g];
+    const double t_end = last_[g] ? o_.t1 : t_[g] + h_[g];
+    const S* y1 = row(Y1_, g);
+    const S* f1 = tab_.fsal ? row(K_[s_ - 1], g) : row(Kn_, g);
+    saver_.accepted(g, t_[g], h_[g], t_end, yrow(g), y1, K_, has_f1_[g], f1);
+    bool stop = last_[g];
+    if (!stop && has_f1_[g] && terminal_reached(o_.terminal_threshold, f1, y1, n_)) {
+      stop = true;
+      q.status = SolveStatus::Terminal;
+    }
+    ++q.accepted;
+    q.h = h_[g];
+    t_[g] = t_end;
+    q.t = t_end;
+    h_[g] = ctl_.next_step(g, h_[g]);
+    if (stop) {
+      done_[g] = true;
+      saver_.stopped(g, y1);
+    }
+  }
+}
+
+// y <- y1 and f(t, y) <- f(t + h, y1) for the accepted sequences: whole buffers trade
+// places when every sequence stepped and was accepted, rows are copied otherwise.
+template <class S>
+void Driver<S>::commit_steps() {
+  Buffer<S>& F1 = tab_.fsal ? K_[s_ - 1] : Kn_;
+  if (static_cast<int>(accepted_.size()) == G_) {
+    std::swap(Ys_, Y1_);
+    y_ = Ys_.data();
+    if (tab_.fsal || static_cast<int>(need_f1_.size()) == G_) {
+      std::swap(K_[0], F1);
+    } else {
+      for (int g : need_f1_) std::memcpy(row(K_[0], g), row(F1, g), n_ * sizeof(S));
+    }
+    return;
+  }
+  for (int g : accepted_) {
+    std::memcpy(yrow(g), row(Y1_, g), n_ * sizeof(S));
+    if (has_f1_[g]) std::memcpy(row(K_[0], g), row(F1, g), n_ * sizeof(S));
+  }
+}
+
+// The result's totals over sequences, and its worst status.
+template <class S>
+SolveResult<S> Driver<S>::totals() {
   for (const auto& q : r_.seq) {
     r_.nfe = std::max(r_.nfe, q.nfe);
     r_.seq_evals += q.nfe;

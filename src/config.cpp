@@ -1,5 +1,6 @@
 #include "flowloop/config.hpp"
 
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "flowloop/tensor.hpp"
@@ -8,6 +9,7 @@ namespace flowloop {
 
 void ModelConfig::finalize() {
   if (d_ff == 0) d_ff = 4 * d_model;
+  if (time_scale == 0.0 && depth > 0) time_scale = 1000.0 / depth;
   validate();
 }
 
@@ -25,6 +27,11 @@ void ModelConfig::validate() const {
   if (d_model % n_head != 0)
     throw Error("config: d_model (" + std::to_string(d_model) + ") is not divisible by n_head (" +
                 std::to_string(n_head) + ")");
+  if (time_freq <= 0 || time_freq % 2 != 0)
+    throw Error("config: time_freq must be positive and even, got " + std::to_string(time_freq));
+  if (!std::isfinite(time_scale) || time_scale < 0.0 || (time_cond && time_scale == 0.0))
+    throw Error("config: time_scale must be finite and positive, got " + std::to_string(time_scale) +
+                (time_scale == 0.0 ? " (finalize() fills 1000 / depth)" : ""));
 }
 
 std::string ModelConfig::to_json() const {
@@ -37,6 +44,11 @@ std::string ModelConfig::to_json() const {
   j["n_block"] = n_block;
   j["depth"] = depth;
   if (exit_gate) j["exit_gate"] = true;
+  if (time_cond) {
+    j["time_cond"] = true;
+    j["time_freq"] = time_freq;
+    j["time_scale"] = time_scale;
+  }
   return j.dump();
 }
 
@@ -73,6 +85,19 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
     if (!it->is_boolean()) throw Error(where + ": config \"exit_gate\" is not a boolean");
     c.exit_gate = it->get<bool>();
   }
+  if (auto it = j.find("time_cond"); it != j.end()) {
+    if (!it->is_boolean()) throw Error(where + ": config \"time_cond\" is not a boolean");
+    c.time_cond = it->get<bool>();
+  }
+  get("time_freq", c.time_freq, false);
+  if (auto it = j.find("time_scale"); it != j.end()) {
+    if (!it->is_number()) throw Error(where + ": config \"time_scale\" is not a number");
+    c.time_scale = it->get<double>();
+    if (!(c.time_scale > 0.0) || !std::isfinite(c.time_scale))
+      throw Error(where + ": config \"time_scale\" must be finite and positive, got " + it->dump());
+  } else if (c.depth > 0) {
+    c.time_scale = 1000.0 / c.depth;  // the default, as finalize() fills it
+  }
   try {
     c.validate();
   } catch (const Error& e) {
@@ -84,7 +109,8 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
 bool ModelConfig::operator==(const ModelConfig& o) const {
   return vocab_size == o.vocab_size && context == o.context && d_model == o.d_model &&
          n_head == o.n_head && d_ff == o.d_ff && n_block == o.n_block && depth == o.depth &&
-         exit_gate == o.exit_gate;
+         exit_gate == o.exit_gate && time_cond == o.time_cond &&
+         (!time_cond || (time_freq == o.time_freq && time_scale == o.time_scale));
 }
 
 BenchSize bench_size(const std::string& name) {

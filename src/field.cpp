@@ -1,6 +1,7 @@
 #include "flowloop/field.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "flowloop/layers.hpp"
@@ -21,11 +22,15 @@ void axpy_into(S* y, const S* x, size_t n) {  // y += x
 
 template <class S>
 void FieldCache<S>::resize(const ModelConfig& cfg, int capacity_, int T_) {
-  if (capacity_ == capacity && T_ == T && blocks.size() == static_cast<size_t>(cfg.n_block)) return;
+  const bool sized_tc = !time.e.empty();
+  if (capacity_ == capacity && T_ == T && blocks.size() == static_cast<size_t>(cfg.n_block) &&
+      sized_tc == cfg.time_cond)
+    return;
   capacity = capacity_;
   B = capacity_;
   T = T_;
   const size_t N = static_cast<size_t>(capacity) * T, C = cfg.d_model, F = cfg.d_ff;
+  const size_t tc = cfg.time_cond ? 1 : 0;  // time_cond buffers are empty otherwise
   blocks.resize(static_cast<size_t>(cfg.n_block));
   for (auto& c : blocks) {
     c.x.resize(N * C);
@@ -41,22 +46,33 @@ void FieldCache<S>::resize(const ModelConfig& cfg, int capacity_, int T_) {
     c.rstd2.resize(N);
     c.z.resize(N * F);
     c.g.resize(N * F);
+    c.ada.resize(tc * capacity * 6 * C);
+    c.u1.resize(tc * N * C);
+    c.ao.resize(tc * N * C);
+    c.u2.resize(tc * N * C);
+    c.mo.resize(tc * N * C);
   }
+  time.e.resize(tc * capacity * static_cast<size_t>(cfg.time_freq));
+  time.z1.resize(tc * capacity * C);
+  time.a1.resize(tc * capacity * C);
+  time.c.resize(tc * capacity * C);
+  time.sc.resize(tc * capacity * C);
 }
 
 template <class S>
 size_t FieldCache<S>::bytes() const {
-  size_t n = 0;
+  size_t n = time.e.size() + time.z1.size() + time.a1.size() + time.c.size() + time.sc.size();
   for (const auto& c : blocks)
     n += c.x.size() + c.ln1.size() + c.mean1.size() + c.rstd1.size() + c.qkv.size() +
          c.att.size() + c.y.size() + c.x2.size() + c.ln2.size() + c.mean2.size() +
-         c.rstd2.size() + c.z.size() + c.g.size();
+         c.rstd2.size() + c.z.size() + c.g.size() + c.ada.size() + c.u1.size() + c.ao.size() +
+         c.u2.size() + c.mo.size();
   return n * sizeof(S);
 }
 
 template <class S>
 void FieldGradWork<S>::resize(const ModelConfig& cfg, int B_, int T_) {
-  if (B_ <= B && T_ == T) return;
+  if (B_ <= B && T_ == T && dada.empty() != cfg.time_cond) return;
   B = B_;
   T = T_;
   const size_t N = static_cast<size_t>(B) * T, C = cfg.d_model, F = cfg.d_ff;
@@ -68,6 +84,14 @@ void FieldGradWork<S>::resize(const ModelConfig& cfg, int B_, int T_) {
   dz.resize(N * F);
   dg.resize(N * F);
   dcarry.resize(N * C);
+  const size_t tc = cfg.time_cond ? 1 : 0, Bs = static_cast<size_t>(B);
+  dgated.resize(tc * N * C);
+  dada.resize(tc * Bs * 6 * C);
+  dsc.resize(tc * Bs * C);
+  dc.resize(tc * Bs * C);
+  da1.resize(tc * Bs * C);
+  dz1.resize(tc * Bs * C);
+  de.resize(tc * Bs * static_cast<size_t>(cfg.time_freq));
 }
 
 template <class S>
@@ -79,7 +103,17 @@ Field<S>::Field(const ModelConfig& cfg, const ParamLayout& layout)
     for (size_t* p : {&b.ln1_w, &b.ln1_b, &b.attn_w, &b.attn_b, &b.aproj_w, &b.aproj_b, &b.ln2_w,
                       &b.ln2_b, &b.fc_w, &b.fc_b, &b.mproj_w, &b.mproj_b})
       *p -= f0;
+    if (cfg.time_cond) {
+      b.ada_w -= f0;
+      b.ada_b -= f0;
+    }
     blocks_.push_back(b);
+  }
+  if (cfg.time_cond) {
+    time_ = layout.time_embed();
+    for (size_t* p : {&time_.w1, &time_.b1, &time_.w2, &time_.b2}) *p -= f0;
+    const int half = cfg.time_freq / 2;
+    for (int k = 0; k < half; ++k) freq_.push_back(std::exp(-std::log(10000.0) * k / half));
   }
 }
 
@@ -122,7 +156,9 @@ void layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* 
 template <class S>
 double Field<S>::flops(int B, int T) const {
   const double C = cfg_.d_model, F = cfg_.d_ff, BT = static_cast<double>(B) * T;
-  return cfg_.n_block * (2.0 * BT * (3 * C * C + C * C + 2 * C * F) + 4.0 * B * T * T * C);
+  double fl = cfg_.n_block * (2.0 * BT * (3 * C * C + C * C + 2 * C * F) + 4.0 * B * T * T * C);
+  if (cfg_.time_cond) fl += 2.0 * B * (cfg_.time_freq * C + C * C + cfg_.n_block * 6 * C * C);
+  return fl;
 }
 
 // Block(x) = x + a + m,  a = Attn(LN1(x)),  m = MLP(LN2(x + a)).
@@ -183,22 +219,178 @@ void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
                 c.rstd1.data(), B, T, C, stride);
 }
 
+// The time embedding: e_b, then c_b = W_t2 silu(W_t1 e_b + b_t1) + b_t2 and silu(c_b).
 template <class S>
-void Field<S>::forward(S* f, const S* h, double /*t*/, const S* params, int B, int T,
+void Field<S>::time_forward(const double* t, const S* P, int B, TimeCache<S>& tc) const {
+  const int C = cfg_.d_model, E = cfg_.time_freq, half = E / 2;
+  for (int b = 0; b < B; ++b) {
+    const double tau = t[b] * cfg_.time_scale;  // phases in double: tau reaches 1000 and more
+    S* e = tc.e.data() + static_cast<size_t>(b) * E;
+    for (int k = 0; k < half; ++k) {
+      const double ph = tau * freq_[static_cast<size_t>(k)];
+      e[k] = static_cast<S>(std::cos(ph));
+      e[half + k] = static_cast<S>(std::sin(ph));
+    }
+  }
+  linear_forward(tc.z1.data(), tc.e.data(), P + time_.w1, P + time_.b1, B, E, C);
+  silu_forward(tc.a1.data(), tc.z1.data(), static_cast<int64_t>(B) * C);
+  linear_forward(tc.c.data(), tc.a1.data(), P + time_.w2, P + time_.b2, B, C, C);
+  silu_forward(tc.sc.data(), tc.c.data(), static_cast<int64_t>(B) * C);
+}
+
+// Given dsc = dL/dsilu(c) (B,C) in w.dsc: the time embedding's parameter gradients
+// and, if dt is non-null, dt[b] += dL/dt_b through tau = t time_scale.
+template <class S>
+void Field<S>::time_vjp(S* dP, const S* P, int B, const TimeCache<S>& tc, FieldGradWork<S>& w, size_t stride,
+                        double* dt) const {
+  const int C = cfg_.d_model, E = cfg_.time_freq, half = E / 2;
+  const int64_t BC = static_cast<int64_t>(B) * C;
+  zero(w.dc);
+  silu_backward(w.dc.data(), w.dsc.data(), tc.c.data(), BC);
+  zero(w.da1);
+  linear_bwd(w.da1.data(), dP, time_.w2, time_.b2, w.dc.data(), tc.a1.data(), P + time_.w2, B, 1, C, C, stride);
+  zero(w.dz1);
+  silu_backward(w.dz1.data(), w.da1.data(), tc.z1.data(), BC);
+  if (!dt) {
+    linear_bwd<S>(nullptr, dP, time_.w1, time_.b1, w.dz1.data(), tc.e.data(), P + time_.w1, B, 1, E, C, stride);
+    return;
+  }
+  zero(w.de);
+  linear_bwd(w.de.data(), dP, time_.w1, time_.b1, w.dz1.data(), tc.e.data(), P + time_.w1, B, 1, E, C, stride);
+  // e = [cos(tau freq), sin(tau freq)]:  de/dtau = [-freq sin, freq cos]
+  for (int b = 0; b < B; ++b) {
+    const S* e = tc.e.data() + static_cast<size_t>(b) * E;
+    const S* g = w.de.data() + static_cast<size_t>(b) * E;
+    double s = 0.0;
+    for (int k = 0; k < half; ++k)
+      s += freq_[static_cast<size_t>(k)] *
+           (static_cast<double>(g[half + k]) * e[k] - static_cast<double>(g[k]) * e[half + k]);
+    dt[b] += cfg_.time_scale * s;
+  }
+}
+
+// The time-conditioned block (adaLN):
+//   [s1, c1, g1, s2, c2, g2] = split6(W_ada silu(c) + b_ada)
+//   x2 = x + (1 + g1) Attn(LN1(x) (1 + c1) + s1),  out = x2 + (1 + g2) MLP(LN2(x2) (1 + c2) + s2)
+// Every operation that the autonomous block performs is performed here in the same
+// order on the same values when the modulation is zero, so that zero ada weights
+// give the autonomous block's bits.
+template <class S>
+void Field<S>::block_forward_tc(S* out, const S* x, const S* P, const BlockOffsets& o, int B, int T,
+                                const TimeCache<S>& tc, BlockCache<S>& c) const {
+  const int N = B * T, C = cfg_.d_model, F = cfg_.d_ff, NH = cfg_.n_head, ld = 6 * C;
+  const size_t NC = static_cast<size_t>(N) * C;
+  std::memcpy(c.x.data(), x, NC * sizeof(S));
+  x = c.x.data();  // from here on `out` may alias the caller's input
+  linear_forward(c.ada.data(), tc.sc.data(), P + o.ada_w, P + o.ada_b, B, C, 6 * C);
+  const S* s1 = c.ada.data();
+  const S *c1 = s1 + C, *g1 = s1 + 2 * C, *s2 = s1 + 3 * C, *c2 = s1 + 4 * C, *g2 = s1 + 5 * C;
+  layernorm_forward(c.ln1.data(), c.mean1.data(), c.rstd1.data(), x, P + o.ln1_w, P + o.ln1_b, N,
+                    C);
+  modulate_forward(c.u1.data(), c.ln1.data(), s1, c1, B, T, C, ld);
+  linear_forward(c.qkv.data(), c.u1.data(), P + o.attn_w, P + o.attn_b, N, C, 3 * C);
+  attention_forward(c.y.data(), c.att.data(), c.qkv.data(), B, T, C, NH);
+  // x2 = x + (1 + g1) (y Wp^T + bp)
+  linear_forward(c.ao.data(), c.y.data(), P + o.aproj_w, P + o.aproj_b, N, C, C);
+  gate_forward(c.x2.data(), x, c.ao.data(), g1, B, T, C, ld);
+  layernorm_forward(c.ln2.data(), c.mean2.data(), c.rstd2.data(), c.x2.data(), P + o.ln2_w,
+                    P + o.ln2_b, N, C);
+  modulate_forward(c.u2.data(), c.ln2.data(), s2, c2, B, T, C, ld);
+  linear_forward(c.z.data(), c.u2.data(), P + o.fc_w, P + o.fc_b, N, C, F);
+  gelu_forward(c.g.data(), c.z.data(), static_cast<int64_t>(N) * F);
+  // out = x2 + (1 + g2) m,  m = g Wm^T + bm. x2 + m is summed as the autonomous block
+  // sums it (the product accumulates onto x2); m is then read back as (x2 + m) - x2,
+  // within one rounding of x2 + m, and the gate adds g2 m: zero gates add exactly 0.
+  std::memcpy(out, c.x2.data(), NC * sizeof(S));
+  gemm<S>(false, true, N, C, F, S(1), c.g.data(), F, P + o.mproj_w, F, S(1), out, C);
+  const S* bm = P + o.mproj_b;
+  S* mo = c.mo.data();
+  const S* x2 = c.x2.data();
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * C >= kParallelMin)
+  for (int n = 0; n < N; ++n) {
+    const S* gate = g2 + static_cast<size_t>(n / T) * ld;
+    S* on = out + static_cast<size_t>(n) * C;
+    S* mn = mo + static_cast<size_t>(n) * C;
+    const S* xn = x2 + static_cast<size_t>(n) * C;
+    for (int i = 0; i < C; ++i) {
+      on[i] += bm[i];
+      mn[i] = on[i] - xn[i];
+      on[i] += gate[i] * mn[i];
+    }
+  }
+}
+
+template <class S>
+void Field<S>::block_vjp_tc(S* dx, S* dP, const S* dout, const S* P, const BlockOffsets& o, int B, int T,
+                            const TimeCache<S>& tc, const BlockCache<S>& c, FieldGradWork<S>& w,
+                            size_t stride) const {
+  const int N = B * T, C = cfg_.d_model, F = cfg_.d_ff, NH = cfg_.n_head, ld = 6 * C;
+  const size_t NC = static_cast<size_t>(N) * C;
+  const S* ada = c.ada.data();
+  S* dada = w.dada.data();  // this block's [ds1, dc1, dg1, ds2, dc2, dg2]
+  zero(w.dada);
+  // out = x2 + (1 + g2) MLP(u2):  dx2 = dout + LN2^T(mod2^T(MLP^T((1 + g2) dout)))
+  std::memcpy(w.dx2.data(), dout, NC * sizeof(S));
+  zero(w.dgated);
+  gate_backward(w.dgated.data(), dada + 5 * C, dout, c.mo.data(), ada + 5 * C, B, T, C, ld);
+  zero(w.dg);
+  linear_bwd(w.dg.data(), dP, o.mproj_w, o.mproj_b, w.dgated.data(), c.g.data(), P + o.mproj_w, B, T, F, C,
+             stride);
+  zero(w.dz);
+  gelu_backward(w.dz.data(), w.dg.data(), c.z.data(), static_cast<int64_t>(N) * F);
+  zero(w.dtmp);
+  linear_bwd(w.dtmp.data(), dP, o.fc_w, o.fc_b, w.dz.data(), c.u2.data(), P + o.fc_w, B, T, C, F, stride);
+  zero(w.dgated);
+  modulate_backward(w.dgated.data(), dada + 3 * C, dada + 4 * C, w.dtmp.data(), c.ln2.data(), ada + 4 * C, B,
+                    T, C, ld);
+  layernorm_bwd(w.dx2.data(), dP, o.ln2_w, o.ln2_b, w.dgated.data(), c.x2.data(), P + o.ln2_w,
+                c.mean2.data(), c.rstd2.data(), B, T, C, stride);
+  // x2 = x + (1 + g1) Attn(u1):  dx += dx2 + LN1^T(mod1^T(Attn^T((1 + g1) dx2)))
+  axpy_into(dx, w.dx2.data(), NC);
+  zero(w.dgated);
+  gate_backward(w.dgated.data(), dada + 2 * C, w.dx2.data(), c.ao.data(), ada + 2 * C, B, T, C, ld);
+  zero(w.dtmp);
+  linear_bwd(w.dtmp.data(), dP, o.aproj_w, o.aproj_b, w.dgated.data(), c.y.data(), P + o.aproj_w, B, T, C, C,
+             stride);
+  zero(w.dqkv);
+  attention_backward(w.dqkv.data(), w.datt.data(), w.dtmp.data(), c.qkv.data(), c.att.data(), B,
+                     T, C, NH);
+  zero(w.dtmp);
+  linear_bwd(w.dtmp.data(), dP, o.attn_w, o.attn_b, w.dqkv.data(), c.u1.data(), P + o.attn_w, B,
+             T, C, 3 * C, stride);
+  zero(w.dgated);
+  modulate_backward(w.dgated.data(), dada, dada + C, w.dtmp.data(), c.ln1.data(), ada + C, B, T, C, ld);
+  layernorm_bwd(dx, dP, o.ln1_w, o.ln1_b, w.dgated.data(), c.x.data(), P + o.ln1_w, c.mean1.data(),
+                c.rstd1.data(), B, T, C, stride);
+  // ada = W_ada silu(c) + b_ada: its parameters, and dsilu(c) += dada W_ada (all blocks add up)
+  linear_bwd(w.dsc.data(), dP, o.ada_w, o.ada_b, dada, tc.sc.data(), P + o.ada_w, B, 1, C, 6 * C, stride);
+}
+
+template <class S>
+void Field<S>::forward(S* f, const S* h, const double* t, const S* params, int B, int T,
                        FieldCache<S>& cache) const {
   if (B > cache.capacity || cache.T != T || cache.blocks.size() != blocks_.size())
     throw Error("Field::forward: cache sized for (B=" + std::to_string(cache.capacity) +
                 ", T=" + std::to_string(cache.T) + ") but called with (B=" + std::to_string(B) +
                 ", T=" + std::to_string(T) + ")");
+  if (cache.time.e.empty() == cfg_.time_cond)
+    throw Error(std::string("Field::forward: cache sized for ") + (cfg_.time_cond ? "an autonomous" : "a time-conditioned") +
+                " field but the field is " + (cfg_.time_cond ? "time-conditioned" : "autonomous"));
   if (T > cfg_.context)
     throw Error("Field::forward: T = " + std::to_string(T) + " exceeds the context " +
                 std::to_string(cfg_.context));
+  if (cfg_.time_cond && !t)
+    throw Error("Field::forward: a time-conditioned field needs the time of every sequence (t is null)");
   cache.B = B;  // the vjp differentiates this many sequences
   const size_t NC = static_cast<size_t>(B) * T * cfg_.d_model;
+  if (cfg_.time_cond) time_forward(t, params, B, cache.time);
   // Block i reads its input from its cache copy, so f serves as input and output.
   const S* x = h;
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    block_forward(f, x, params, blocks_[i], B, T, cache.blocks[i]);
+    if (cfg_.time_cond)
+      block_forward_tc(f, x, params, blocks_[i], B, T, cache.time, cache.blocks[i]);
+    else
+      block_forward(f, x, params, blocks_[i], B, T, cache.blocks[i]);
     x = f;
   }
   for (size_t k = 0; k < NC; ++k) f[k] -= h[k];
@@ -206,25 +398,33 @@ void Field<S>::forward(S* f, const S* h, double /*t*/, const S* params, int B, i
 
 template <class S>
 void Field<S>::vjp(S* dh, S* dparams, const S* gf, const S* params, const FieldCache<S>& cache,
-                   FieldGradWork<S>& work, size_t param_stride) const {
+                   FieldGradWork<S>& work, size_t param_stride, double* dt) const {
   const int B = cache.B, T = cache.T;
   work.resize(cfg_, B, T);
   const size_t NC = static_cast<size_t>(B) * T * cfg_.d_model;
   // f = S(h) - h: dh += S'(h)^T gf - gf
   for (size_t k = 0; k < NC; ++k) dh[k] -= gf[k];
+  if (cfg_.time_cond) zero(work.dsc);  // every block's modulation adds to dL/dsilu(c)
+  auto block = [&](S* dx, size_t i, const S* g) {
+    if (cfg_.time_cond)
+      block_vjp_tc(dx, dparams, g, params, blocks_[i], B, T, cache.time, cache.blocks[i], work, param_stride);
+    else
+      block_vjp(dx, dparams, g, params, blocks_[i], B, T, cache.blocks[i], work, param_stride);
+  };
   // Blocks in reverse; block 0 accumulates straight into dh, the others hand their
   // input gradient to the block below through work.dcarry.
   const S* g = gf;
   for (size_t i = blocks_.size(); i-- > 0;) {
     if (i == 0) {
-      block_vjp(dh, dparams, g, params, blocks_[i], B, T, cache.blocks[i], work, param_stride);
+      block(dh, i, g);
     } else {
       zero(work.dx);
-      block_vjp(work.dx.data(), dparams, g, params, blocks_[i], B, T, cache.blocks[i], work, param_stride);
+      block(work.dx.data(), i, g);
       std::swap(work.dx, work.dcarry);
       g = work.dcarry.data();
     }
   }
+  if (cfg_.time_cond) time_vjp(dparams, params, B, cache.time, work, param_stride, dt);
 }
 
 template class Field<float>;

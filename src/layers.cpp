@@ -236,6 +236,98 @@ void gelu_backward(S* din, const S* dout, const S* in, int64_t N) {
   });
 }
 
+// ---------------------------------------------------------------- silu
+
+template <class S>
+void silu_forward(S* out, const S* in, int64_t N) {
+  for_chunks(N, [&](int64_t lo, int64_t n) {
+    CMapV<S> z(in + lo, n);
+    MapV<S>(out + lo, n) = z / (S(1) + (-z).exp());
+  });
+}
+
+template <class S>
+void silu_backward(S* din, const S* dout, const S* in, int64_t N) {
+  for_chunks(N, [&](int64_t lo, int64_t n) {
+    CMapV<S> z(in + lo, n);
+    CMapV<S> g(dout + lo, n);
+    Eigen::Array<S, 1, Eigen::Dynamic, Eigen::RowMajor, 1, kChunk> sg(1, n);
+    sg = S(1) / (S(1) + (-z).exp());
+    // d/dz z s(z) = s (1 + z (1 - s))
+    MapV<S>(din + lo, n) += g * sg * (S(1) + z * (S(1) - sg));
+  });
+}
+
+// ---------------------------------------------------------------- adaLN modulation
+
+template <class S>
+void modulate_forward(S* out, const S* in, const S* shift, const S* scale, int B, int T, int C, int ld) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(B) * T * C >= kParallelMin)
+  for (int bt = 0; bt < B * T; ++bt) {
+    const int64_t b = bt / T;
+    CMapV<S> sh(shift + b * ld, C), sc(scale + b * ld, C);
+    MapV<S>(out + static_cast<int64_t>(bt) * C, C) = CMapV<S>(in + static_cast<int64_t>(bt) * C, C) * (S(1) + sc) + sh;
+  }
+}
+
+namespace {
+// Per-sequence sums over T (the gradients of broadcast vectors) run as jobs of one
+// sequence and kModCols channels: each sum stays in t order whatever the thread
+// count, and a single sequence still spreads over the threads.
+constexpr int kModCols = 64;
+template <class Fn>
+void for_sequence_columns(int B, int T, int C, Fn fn) {
+  const int nb = (C + kModCols - 1) / kModCols;
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(B) * T * C >= kParallelMin)
+  for (int job = 0; job < B * nb; ++job) {
+    const int c0 = (job % nb) * kModCols;
+    fn(job / nb, c0, std::min(kModCols, C - c0));
+  }
+}
+}  // namespace
+
+template <class S>
+void modulate_backward(S* din, S* dshift, S* dscale, const S* dout, const S* in, const S* scale, int B, int T,
+                       int C, int ld) {
+  for_sequence_columns(B, T, C, [&](int b, int c0, int w) {
+    const int64_t v = static_cast<int64_t>(b) * ld + c0;
+    CMapV<S> sc(scale + v, w);
+    MapV<S> dsh(dshift + v, w), dsc(dscale + v, w);
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = (static_cast<int64_t>(b) * T + t) * C + c0;
+      CMapV<S> g(dout + r, w);
+      dsh += g;
+      dsc += g * CMapV<S>(in + r, w);
+      if (din) MapV<S>(din + r, w) += g * (S(1) + sc);
+    }
+  });
+}
+
+template <class S>
+void gate_forward(S* out, const S* res, const S* in, const S* gate, int B, int T, int C, int ld) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(B) * T * C >= kParallelMin)
+  for (int bt = 0; bt < B * T; ++bt) {
+    const int64_t r = static_cast<int64_t>(bt) * C;
+    CMapV<S> g(gate + static_cast<int64_t>(bt / T) * ld, C);
+    MapV<S>(out + r, C) = CMapV<S>(in + r, C) * (S(1) + g) + CMapV<S>(res + r, C);
+  }
+}
+
+template <class S>
+void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C, int ld) {
+  for_sequence_columns(B, T, C, [&](int b, int c0, int w) {
+    const int64_t v = static_cast<int64_t>(b) * ld + c0;
+    CMapV<S> g(gate + v, w);
+    MapV<S> dg(dgate + v, w);
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = (static_cast<int64_t>(b) * T + t) * C + c0;
+      CMapV<S> d(dout + r, w);
+      dg += d * CMapV<S>(in + r, w);
+      if (din) MapV<S>(din + r, w) += d * (S(1) + g);
+    }
+  });
+}
+
 // ---------------------------------------------------------------- cross-entropy
 
 template <class S>
@@ -279,6 +371,12 @@ S crossentropy_forward_backward(S* dlogits, const S* logits, const int32_t* targ
   template void attention_backward<S>(S*, S*, const S*, const S*, const S*, int, int, int, int); \
   template void gelu_forward<S>(S*, const S*, int64_t);                                         \
   template void gelu_backward<S>(S*, const S*, const S*, int64_t);                              \
+  template void silu_forward<S>(S*, const S*, int64_t);                                         \
+  template void silu_backward<S>(S*, const S*, const S*, int64_t);                              \
+  template void modulate_forward<S>(S*, const S*, const S*, const S*, int, int, int, int);      \
+  template void modulate_backward<S>(S*, S*, S*, const S*, const S*, const S*, int, int, int, int); \
+  template void gate_forward<S>(S*, const S*, const S*, const S*, int, int, int, int);          \
+  template void gate_backward<S>(S*, S*, const S*, const S*, const S*, int, int, int, int);     \
   template S crossentropy_forward_backward<S>(S*, const S*, const int32_t*, int, int);
 
 FLOWLOOP_LAYERS(float)

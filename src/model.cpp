@@ -93,10 +93,9 @@ void LoopWork<S>::resize(const ModelConfig& cfg, int B_, int T_, int K_) {
   h.resize(NC * (static_cast<size_t>(K_) + 1));
   f.resize(NC);
   dh.resize(NC);
-  if (cache.size() != static_cast<size_t>(K_) || B_ != B || T_ != T) {
-    cache.resize(static_cast<size_t>(K_));
-    for (auto& c : cache) c.resize(cfg, B_, T_);
-  }
+  t.resize(static_cast<size_t>(B_));
+  cache.resize(static_cast<size_t>(K_));
+  for (auto& c : cache) c.resize(cfg, B_, T_);  // no-op when already sized for cfg, B and T
   grad.resize(cfg, B_, T_);
   readout.resize(cfg, B_ * T_);
   B = B_;
@@ -153,7 +152,8 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
   for (int k = 0; k < K; ++k) {
     const S* hk = w.h.data() + NC * k;
     S* hn = w.h.data() + NC * (k + 1);
-    field.forward(w.f.data(), hk, static_cast<double>(k), field_params(), B, T, w.cache[k]);
+    std::fill(w.t.begin(), w.t.end(), static_cast<double>(k));  // Euler's t_k = k
+    field.forward(w.f.data(), hk, w.t.data(), field_params(), B, T, w.cache[k]);
     for (size_t i = 0; i < NC; ++i) hn[i] = hk[i] + w.f[i];
   }
   readout(w.h.data() + NC * K, B * T, w.readout);
@@ -381,8 +381,7 @@ FieldSystem<S>::FieldSystem(const Field<S>& field, const S* params, int B, int T
 
 template <class S>
 void FieldSystem<S>::eval(S* dydt, const S* y, const double* t, const int*, int count) {
-  // The default field is autonomous; a time-conditioned field reads t per sequence.
-  field_.forward(dydt, y, t[0], params_, count, T_, cache_);
+  field_.forward(dydt, y, t, params_, count, T_, cache_);
 }
 
 template <class S>
@@ -395,7 +394,7 @@ void FieldSystem<S>::reserve_slots(int n) {
 
 template <class S>
 void FieldSystem<S>::eval_record(S* dydt, const S* y, const double* t, const int*, int count, int slot) {
-  field_.forward(dydt, y, t[0], params_, count, T_, slots_.at(static_cast<size_t>(slot)));
+  field_.forward(dydt, y, t, params_, count, T_, slots_.at(static_cast<size_t>(slot)));
 }
 
 template <class S>

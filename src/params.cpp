@@ -39,7 +39,18 @@ ParamLayout::ParamLayout(const ModelConfig& cfg) {
     b.fc_b = add(p + "mlp.c_fc.bias", {F});
     b.mproj_w = add(p + "mlp.c_proj.weight", {C, F});
     b.mproj_b = add(p + "mlp.c_proj.bias", {C});
+    if (cfg.time_cond) {
+      b.ada_w = add(p + "ada.weight", {6 * C, C});
+      b.ada_b = add(p + "ada.bias", {6 * C});
+    }
     blocks_.push_back(b);
+  }
+  if (cfg.time_cond) {
+    const int64_t E = cfg.time_freq;
+    time_embed_.w1 = add("time_embed.mlp.0.weight", {C, E});
+    time_embed_.b1 = add("time_embed.mlp.0.bias", {C});
+    time_embed_.w2 = add("time_embed.mlp.2.weight", {C, C});
+    time_embed_.b2 = add("time_embed.mlp.2.bias", {C});
   }
   field_end_ = size_;
   lnf_w_ = add("ln_f.weight", {C});
@@ -66,17 +77,21 @@ namespace {
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
+bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
 }  // namespace
 
 template <class S>
 void init_gpt2(S* params, const ParamLayout& layout, const ModelConfig& cfg, uint64_t seed) {
   Rng rng(seed);
+  Rng time_rng(seed ^ 0x74696d655f656d62ULL);  // time_embed's own stream ("time_emb")
   const double proj_std = 0.02 / std::sqrt(2.0 * cfg.n_block * cfg.depth);
   for (const auto& t : layout.tensors()) {
     S* p = params + t.offset;
     const bool is_ln = t.name.find("ln_") != std::string::npos;
-    if (ends_with(t.name, ".bias")) {
+    if (ends_with(t.name, ".bias") || ends_with(t.name, ".ada.weight")) {  // ada: zero modulation
       for (size_t i = 0; i < t.numel; ++i) p[i] = S(0);
+    } else if (starts_with(t.name, "time_embed.")) {
+      for (size_t i = 0; i < t.numel; ++i) p[i] = static_cast<S>(0.02 * time_rng.normal());
     } else if (is_ln) {
       for (size_t i = 0; i < t.numel; ++i) p[i] = S(1);
     } else {

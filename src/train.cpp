@@ -68,7 +68,8 @@ void field(const json& j, const char* key, T& dst, const std::string& where) {
 }  // namespace
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
-  X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) \
+  X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) X(time_cond) X(time_freq) \
+  X(time_scale)                                                                                        \
   X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(random_steps_min) X(random_steps_max)   \
   X(random_solvers) X(t1_jitter) X(init_from) X(grad) X(kinetic) X(jacobian) X(steps)                        \
   X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
@@ -159,6 +160,8 @@ void TrainConfig::validate() const {
   if (!(max_seconds >= 0) || !std::isfinite(max_seconds)) throw fail("max_seconds must be finite and >= 0");
   if (eval_every <= 0 || eval_batches <= 0 || checkpoint_every <= 0) throw fail("eval_every, eval_batches and checkpoint_every must be positive");
   if (out.empty()) throw fail("no output directory (out)");
+  if (time_freq <= 0 || time_freq % 2 != 0) throw fail("time_freq must be positive and even");
+  if (!(time_scale >= 0) || !std::isfinite(time_scale)) throw fail("time_scale must be finite and >= 0 (0: 1000 / depth)");
 }
 
 GradOptions TrainConfig::grad_options(int64_t step) const {
@@ -399,6 +402,9 @@ Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
   mc.n_block = I.c.n_block;
   mc.depth = I.c.trained_depth();
   mc.exit_gate = I.c.exit_gate;
+  mc.time_cond = I.c.time_cond;
+  mc.time_freq = I.c.time_freq;
+  mc.time_scale = I.c.time_scale;
   mc.finalize();
   I.model = std::make_unique<Model<float>>(mc);
   I.model->init(I.c.seed);

@@ -56,7 +56,7 @@ TEST_CASE("field vjp matches finite differences for h and every parameter tensor
     FieldCache<double> cache;
     cache.resize(cfg, B, T);
     auto loss = [&] {
-      m.field.forward(f.data(), h.data(), 0.0, m.field_params(), B, T, cache);
+      m.field.forward(f.data(), h.data(), nullptr, m.field_params(), B, T, cache);
       return dot(f, g);
     };
     loss();
@@ -124,14 +124,14 @@ TEST_CASE("loop K applies h + f(h) K times", "[model]") {
   FieldCache<double> cache;
   cache.resize(cfg, 2, 4);
   for (int k = 0; k < 3; ++k) {
-    m.field.forward(f.data(), h.data(), k, m.field_params(), 2, 4, cache);
+    m.field.forward(f.data(), h.data(), nullptr, m.field_params(), 2, 4, cache);
     for (size_t i = 0; i < NC; ++i) h[i] += f[i];
   }
   for (size_t i = 0; i < NC; ++i) CHECK(h[i] == w.h[3 * NC + i]);
   // the field is S(h) - h: with every residual branch silenced, f = 0
   Model<double> z(cfg);
   std::vector<double> hz(NC, 0.5), fz(NC, 1.0);
-  z.field.forward(fz.data(), hz.data(), 0.0, z.field_params(), 2, 4, cache);
+  z.field.forward(fz.data(), hz.data(), nullptr, z.field_params(), 2, 4, cache);
   for (double x : fz) CHECK(x == 0.0);
 }
 
@@ -176,7 +176,7 @@ TEST_CASE("bad inputs are rejected with a message naming the fault", "[model][er
   FieldCache<float> cache;
   cache.resize(cfg, 1, 4);
   std::vector<float> h(2 * 4 * 8), f(h.size());
-  CHECK_THROWS_WITH(m.field.forward(f.data(), h.data(), 0.0, m.field_params(), 2, 4, cache), Catch::Contains("cache sized for (B=1"));
+  CHECK_THROWS_WITH(m.field.forward(f.data(), h.data(), nullptr, m.field_params(), 2, 4, cache), Catch::Contains("cache sized for (B=1"));
   ModelConfig bad = cfg;
   bad.n_head = 3;
   CHECK_THROWS_WITH(bad.validate(), Catch::Contains("not divisible by n_head"));
@@ -275,7 +275,7 @@ TEST_CASE("per-sequence parameter gradients of the field", "[field]") {
   FieldCache<double> cache;
   cache.resize(cfg, B, T);
   FieldGradWork<double> work;
-  m.field.forward(f.data(), h.data(), 0.0, m.field_params(), B, T, cache);
+  m.field.forward(f.data(), h.data(), nullptr, m.field_params(), B, T, cache);
   std::vector<double> sum(P, 0.0), per(B * P, 0.0);
   m.field.vjp(dh_sum.data(), sum.data(), g.data(), m.field_params(), cache, work);
   m.field.vjp(dh_per.data(), per.data(), g.data(), m.field_params(), cache, work, P);
@@ -285,7 +285,7 @@ TEST_CASE("per-sequence parameter gradients of the field", "[field]") {
     FieldCache<double> c1;
     c1.resize(cfg, 1, T);
     std::vector<double> f1(n), dh1(n, 0.0), p1(P, 0.0);
-    m.field.forward(f1.data(), h.data() + b * n, 0.0, m.field_params(), 1, T, c1);
+    m.field.forward(f1.data(), h.data() + b * n, nullptr, m.field_params(), 1, T, c1);
     m.field.vjp(dh1.data(), p1.data(), g.data() + b * n, m.field_params(), c1, work);
     CHECK(rel_error(p1, std::vector<double>(per.begin() + b * P, per.begin() + (b + 1) * P)) < 1e-12);
   }

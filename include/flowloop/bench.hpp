@@ -15,12 +15,18 @@ struct BenchOptions {
   int threads = 0;          // 0: all hardware threads
   int min_reps = 10;        // at least this many timed repetitions of each measurement
   double min_seconds = 1.0; // and at least this long in total
+  bool time_cond = false;   // also time the time-conditioned field (random nonzero ada)
 };
 
 // Times one field evaluation (forward, and its vjp) against an sgemm of the
 // MLP's shape (B*T, C) x (C, 4C), interleaving the two so that both see the same
 // machine state. Returns one JSON object (as text) with size, ms_per_eval
 // (median), gflops, gemm_gflops, ratio, vjp_ms, vjp_gflops and the shape.
+// With time_cond, the time-conditioned field of the same size (time_embed as
+// init, ada N(0, 0.02), a different time per sequence) runs interleaved with the
+// others, and "time_cond" holds its ms_per_eval, gflops, vjp_ms, vjp_gflops
+// (its own FLOP count) and ms_ratio, vjp_ms_ratio: its median time over the
+// autonomous field's.
 std::string bench_field(const BenchOptions& opt);
 
 struct BenchSolveOptions {

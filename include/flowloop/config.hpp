@@ -15,19 +15,28 @@ struct ModelConfig {
   int n_block = 1;     // L, blocks inside one field evaluation
   int depth = 1;       // loop count the model was trained at (T1 of the ODE view)
   bool exit_gate = false;  // Ouro's learned exit gate (tensors exit_gate.weight (C), exit_gate.bias (1))
+  // The time-conditioned field (model-spec.md): adaLN modulation of every block from a
+  // sinusoidal embedding of tau = t * time_scale with time_freq (E) frequencies.
+  bool time_cond = false;
+  int time_freq = 256;      // E, even
+  double time_scale = 0.0;  // 0 when building means 1000 / depth (filled by finalize)
 
   int head_dim() const { return d_model / n_head; }  // D
 
-  // Fills d_ff = 4C when it is 0, then checks every field; throws Error naming
-  // the offending value.
+  // Fills d_ff = 4C when it is 0 and time_scale = 1000 / depth when it is 0, then
+  // checks every field; throws Error naming the offending value.
   void finalize();
   void validate() const;
 
-  // JSON object with vocab_size, context, d_model, n_head, d_ff, n_block, depth.
+  // JSON object with vocab_size, context, d_model, n_head, d_ff, n_block, depth
+  // (and exit_gate, time_cond, time_freq, time_scale when the model has them).
   std::string to_json() const;
-  // Parses the JSON written by to_json; `where` names the source in errors.
+  // Parses the JSON written by to_json; `where` names the source in errors. A
+  // config without time_cond is autonomous; a time_cond one without time_scale
+  // gets 1000 / depth.
   static ModelConfig from_json(const std::string& text, const std::string& where);
 
+  // time_freq and time_scale count only when time_cond.
   bool operator==(const ModelConfig& o) const;
 };
 

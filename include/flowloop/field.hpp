@@ -2,11 +2,22 @@
 //   S(h) = Block_L(...Block_1(h)),   f(h, t) = S(h) - h        (model-spec.md)
 // with its exact vjp with respect to h and to the parameters.
 //
+// With config time_cond the blocks are modulated by adaLN from a sinusoidal
+// embedding of each sequence's time t_b (model-spec.md, "The time-conditioned
+// field"):
+//   e_b = [cos(tau_b freq), sin(tau_b freq)],  tau_b = t_b time_scale        (B,E)
+//   c_b = W_t2 silu(W_t1 e_b + b_t1) + b_t2                                  (B,C)
+//   [s1, c1, g1, s2, c2, g2] = split6(W_ada silu(c_b) + b_ada)   per block   (B,6C)
+//   a = (1 + g1) Attn(LN1(x) (1 + c1) + s1),  m = (1 + g2) MLP(LN2(x + a) (1 + c2) + s2)
+// With zero ada and time_embed tensors it computes, bit for bit, the autonomous field.
+//
 // The interface is backend-neutral: plain pointers and sizes. `params` and
 // `dparams` point at the field's own parameters: the range [field_begin,
-// field_end) of the model's flat buffer (ParamLayout), num_params() values.
+// field_end) of the model's flat buffer (ParamLayout), num_params() values
+// (time_embed and ada included).
 //
-// Gradient rule: vjp ACCUMULATES: dh += (df/dh)^T g, dparams += (df/dtheta)^T g.
+// Gradient rule: vjp ACCUMULATES: dh += (df/dh)^T g, dparams += (df/dtheta)^T g,
+// and, when asked, dt[b] += d(g . f)/dt_b (zero for the autonomous field).
 // With param_stride > 0 the parameter gradient of sequence b goes to
 // dparams + b * param_stride instead of the sum over the batch (the per-sequence
 // parameter adjoints of a per-sequence adaptive solve).
@@ -37,6 +48,20 @@ struct BlockCache {
   Buffer<S> mean2, rstd2; // (B,T)
   Buffer<S> z;            // (B,T,F)  c_fc output (GELU input)
   Buffer<S> g;            // (B,T,F)  GELU output
+  // time_cond only (empty otherwise):
+  Buffer<S> ada;          // (B,6C)   [s1, c1, g1, s2, c2, g2] per sequence
+  Buffer<S> u1;           // (B,T,C)  LN1(x) (1 + c1) + s1, the attention's input
+  Buffer<S> ao;           // (B,T,C)  attention branch before its gate
+  Buffer<S> u2;           // (B,T,C)  LN2(x2) (1 + c2) + s2, the MLP's input
+  Buffer<S> mo;           // (B,T,C)  MLP branch before its gate
+};
+
+// The time embedding of one evaluation (time_cond only).
+template <class S>
+struct TimeCache {
+  Buffer<S> e;            // (B,E)  [cos(tau freq), sin(tau freq)]
+  Buffer<S> z1, a1;       // (B,C)  W_t1 e + b_t1, and its silu
+  Buffer<S> c, sc;        // (B,C)  c_b, and silu(c_b) (the input of every ada)
 };
 
 // Everything one field evaluation leaves behind for its vjp.
@@ -47,6 +72,7 @@ struct FieldCache {
   int capacity = 0, T = 0;
   int B = 0;                          // sequences in the last forward
   std::vector<BlockCache<S>> blocks;  // L
+  TimeCache<S> time;                  // time_cond only
   void resize(const ModelConfig& cfg, int capacity, int T);
   size_t bytes() const;
 };
@@ -56,6 +82,11 @@ template <class S>
 struct FieldGradWork {
   int B = 0, T = 0;
   Buffer<S> dx, dx2, dtmp, dcarry, dqkv, datt, dz, dg;
+  // time_cond only:
+  Buffer<S> dgated;         // (B,T,C) a gated branch's gradient before its gate
+  Buffer<S> dada;           // (B,6C)  one block's modulation gradient
+  Buffer<S> dsc, dc, da1, dz1;  // (B,C) silu(c), c, silu(z1), z1
+  Buffer<S> de;             // (B,E)
   void resize(const ModelConfig& cfg, int B, int T);
 };
 
@@ -64,19 +95,24 @@ class Field {
  public:
   Field(const ModelConfig& cfg, const ParamLayout& layout);
 
-  // f = S(h) - h at time t (the default field is autonomous and ignores t).
+  // f = S_t(h) - h, sequence b at time t[b]. The autonomous field ignores t
+  // (which may then be null); a time-conditioned one needs it.
   // h and f may not alias. cache must be sized for T and at least B sequences.
-  void forward(S* f /*(B,T,C)*/, const S* h /*(B,T,C)*/, double t, const S* params, int B, int T,
-               FieldCache<S>& cache) const;
+  void forward(S* f /*(B,T,C)*/, const S* h /*(B,T,C)*/, const double* t /*(B)*/, const S* params,
+               int B, int T, FieldCache<S>& cache) const;
 
-  // dh += (df/dh)^T gf;  dparams += (df/dtheta)^T gf, for the evaluation recorded
-  // in `cache` (its forward must have used the same params).
+  // dh += (df/dh)^T gf;  dparams += (df/dtheta)^T gf;  if dt is non-null,
+  // dt[b] += d(gf . f)/dt_b; for the evaluation recorded in `cache` (its forward
+  // must have used the same params).
   void vjp(S* dh /*(B,T,C)*/, S* dparams, const S* gf /*(B,T,C)*/, const S* params,
-           const FieldCache<S>& cache, FieldGradWork<S>& work, size_t param_stride = 0) const;
+           const FieldCache<S>& cache, FieldGradWork<S>& work, size_t param_stride = 0,
+           double* dt /*(B)*/ = nullptr) const;
 
   size_t num_params() const { return num_params_; }
 
   // FLOPs of one evaluation, counted as model-spec.md says.
+  // The time embedding's and the modulations' products count; the modulation's
+  // element-wise work is free.
   double flops(int B, int T) const;
 
   const ModelConfig& config() const { return cfg_; }
@@ -86,8 +122,18 @@ class Field {
                      BlockCache<S>& c) const;
   void block_vjp(S* dx, S* dparams, const S* dout, const S* params, const BlockOffsets& o, int B,
                  int T, const BlockCache<S>& c, FieldGradWork<S>& w, size_t stride) const;
+  void block_forward_tc(S* out, const S* x, const S* params, const BlockOffsets& o, int B, int T,
+                        const TimeCache<S>& tc, BlockCache<S>& c) const;
+  void block_vjp_tc(S* dx, S* dparams, const S* dout, const S* params, const BlockOffsets& o, int B,
+                    int T, const TimeCache<S>& tc, const BlockCache<S>& c, FieldGradWork<S>& w,
+                    size_t stride) const;
+  void time_forward(const double* t, const S* params, int B, TimeCache<S>& tc) const;
+  void time_vjp(S* dparams, const S* params, int B, const TimeCache<S>& tc, FieldGradWork<S>& w,
+                size_t stride, double* dt) const;
   ModelConfig cfg_;
   std::vector<BlockOffsets> blocks_;  // relative to the field's first parameter
+  TimeEmbedOffsets time_;             // relative to the field's first parameter (time_cond)
+  std::vector<double> freq_;          // (E/2) exp(-ln(10000) k / (E/2))
   size_t num_params_ = 0;
 };
 

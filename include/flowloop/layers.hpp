@@ -64,6 +64,35 @@ void gelu_forward(S* out /*(N)*/, const S* in /*(N)*/, int64_t N);
 template <class S>
 void gelu_backward(S* din /*(N)*/, const S* dout /*(N)*/, const S* in /*(N)*/, int64_t N);
 
+// silu(z) = z sigmoid(z), element-wise.
+template <class S>
+void silu_forward(S* out /*(N)*/, const S* in /*(N)*/, int64_t N);
+template <class S>
+void silu_backward(S* din /*(N)*/, const S* dout /*(N)*/, const S* in /*(N)*/, int64_t N);
+
+// adaLN modulation (model-spec.md, time-conditioned field), with per-sequence
+// vectors broadcast over T. shift, scale and gate are (B,C) with row stride ld
+// (views into the (B,6C) modulation rows).
+//   modulate:  out = in (1 + scale) + shift
+template <class S>
+void modulate_forward(S* out /*(B,T,C)*/, const S* in /*(B,T,C)*/, const S* shift, const S* scale,
+                      int B, int T, int C, int ld);
+// din += dout (1 + scale);  dshift += sum_t dout;  dscale += sum_t dout in.
+// Null din skips the input gradient.
+template <class S>
+void modulate_backward(S* din /*(B,T,C)*/, S* dshift, S* dscale, const S* dout /*(B,T,C)*/,
+                       const S* in /*(B,T,C)*/, const S* scale, int B, int T, int C, int ld);
+//   gated residual:  out = res + (1 + gate) in
+// (with gate = 0 this is res + in, rounded once, whatever the order)
+template <class S>
+void gate_forward(S* out /*(B,T,C)*/, const S* res /*(B,T,C)*/, const S* in /*(B,T,C)*/,
+                  const S* gate, int B, int T, int C, int ld);
+// din += dout (1 + gate);  dgate += sum_t dout in. (The residual's gradient is
+// dout itself, left to the caller.)
+template <class S>
+void gate_backward(S* din /*(B,T,C)*/, S* dgate, const S* dout /*(B,T,C)*/, const S* in /*(B,T,C)*/,
+                   const S* gate, int B, int T, int C, int ld);
+
 // Mean cross-entropy of softmax(logits) against targets over the rows whose
 // target is not -1 (targets must be -1 or in [0, V)). Returns the mean loss
 // (0 when no row counts) and, if dlogits is non-null, adds its gradient.

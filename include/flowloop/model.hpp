@@ -1,7 +1,8 @@
 // flowloop/model.hpp: the looped GPT model of model-spec.md around the field.
 //
 //   h(0) = wte[tokens] + wpe          (embedding)
-//   h_{k+1} = h_k + f(h_k),  k < K    (`loop K`; Euler with dt = 1 on [0, K])
+//   h_{k+1} = h_k + f(h_k, k),  k < K (`loop K`; Euler with dt = 1 on [0, K]:
+//                                     loop k evaluates the field at t = k)
 //   logits = LN_f(h_K) wte^T          (tied readout)
 //   loss = mean cross-entropy over targets != -1
 //
@@ -51,6 +52,7 @@ struct LoopWork {
   Buffer<S> h;                  // (K+1, B,T,C) states h_0..h_K
   Buffer<S> f;                  // (B,T,C) field output
   Buffer<S> dh;                 // (B,T,C) adjoint of the current state
+  std::vector<double> t;        // (B) the time of every sequence at the current loop
   std::vector<FieldCache<S>> cache;  // K
   FieldGradWork<S> grad;
   ReadoutCache<S> readout;
@@ -59,7 +61,8 @@ struct LoopWork {
   void resize(const ModelConfig& cfg, int B, int T, int K);
 };
 
-// The field of a model as an ODE system: B sequences of T*C values each.
+// The field of a model as an ODE system: B sequences of T*C values each; row i
+// of an evaluation is at its own time t[i] (a time-conditioned field reads it).
 // params points at the field's parameters (Model::field_params()).
 template <class S>
 class FieldSystem : public DiffSystem<S> {

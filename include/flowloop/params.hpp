@@ -2,9 +2,11 @@
 // named views; gradients use the same layout (same offsets), so optimizers,
 // finite-difference checks and the ODE's parameter adjoint loop over one vector.
 //
-// Order in the buffer: wte, wpe, field.h.0.* ... field.h.{L-1}.*, ln_f.*, then the
-// exit gate (exit_gate.weight, exit_gate.bias) when the config has one.
-// The field's parameters form one contiguous range [field_begin, field_end).
+// Order in the buffer: wte, wpe, field.h.0.* ... field.h.{L-1}.* (each block ending
+// with ada.weight, ada.bias when the config has time_cond), then time_embed.mlp.*
+// (time_cond), ln_f.*, then the exit gate (exit_gate.weight, exit_gate.bias) when
+// the config has one. The field's parameters, time conditioning included, form one
+// contiguous range [field_begin, field_end).
 #pragma once
 
 #include <cstddef>
@@ -31,6 +33,13 @@ struct BlockOffsets {
   size_t ln2_w, ln2_b;      // (C), (C)
   size_t fc_w, fc_b;        // (F, C), (F)
   size_t mproj_w, mproj_b;  // (C, F), (C)
+  size_t ada_w = 0, ada_b = 0;  // (6C, C), (6C): time_cond only
+};
+
+// Offsets of the time embedding's MLP (time_cond only).
+struct TimeEmbedOffsets {
+  size_t w1 = 0, b1 = 0;  // time_embed.mlp.0: (C, E), (C)
+  size_t w2 = 0, b2 = 0;  // time_embed.mlp.2: (C, C), (C)
 };
 
 class ParamLayout {
@@ -49,6 +58,7 @@ class ParamLayout {
   size_t lnf_b() const { return lnf_b_; }
   size_t gate_w() const { return gate_w_; }  // exit gate (when the config has one)
   size_t gate_b() const { return gate_b_; }
+  const TimeEmbedOffsets& time_embed() const { return time_embed_; }  // time_cond only
   size_t field_begin() const { return field_begin_; }
   size_t field_end() const { return field_end_; }
 
@@ -56,6 +66,7 @@ class ParamLayout {
   size_t add(const std::string& name, std::vector<int64_t> shape);
   std::vector<TensorInfo> tensors_;
   std::vector<BlockOffsets> blocks_;
+  TimeEmbedOffsets time_embed_;
   size_t gate_w_ = 0, gate_b_ = 0;
   size_t size_ = 0, wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0, field_begin_ = 0, field_end_ = 0;
 };
@@ -63,6 +74,9 @@ class ParamLayout {
 // GPT-2 initialisation: Linear and embedding weights N(0, 0.02), residual
 // projections (attn.c_proj, mlp.c_proj) N(0, 0.02 / sqrt(2 * n_block * depth)),
 // biases 0, LayerNorm weight 1 and bias 0. Deterministic in `seed`.
+// Time conditioning: time_embed's weights N(0, 0.02) from a stream of their own
+// (so every other tensor is drawn as in the same model without it), ada zero: a
+// freshly initialised time_cond model computes the autonomous field.
 template <class S>
 void init_gpt2(S* params, const ParamLayout& layout, const ModelConfig& cfg, uint64_t seed);
 

@@ -7,6 +7,10 @@
 //   - what to save: the final state, every accepted step, or requested times
 //     (dense output: Dormand-Prince's continuous extension, cubic Hermite else);
 //   - the system: OdeSystem, which evaluates f for any subset of sequences.
+// solvers/integrate.cpp keeps them apart: the tableau's coefficients
+// (StageCoefficients), the controller (StepControl), the saves (Saver), and two
+// more hooks of one job each, the terminal condition (terminal_reached) and the
+// tape that backprop records (TapeRecorder); Driver::run only joins them.
 // The solver carries no state between calls. Nothing has a hidden default
 // tolerance: adaptive solves must give rtol and atol.
 #pragma once

@@ -27,6 +27,10 @@ struct TrainConfig {
   int context = 64;  // text only: sequence length
   // model
   int d_model = 64, n_head = 4, n_block = 1, d_ff = 0;
+  // the time-conditioned field (ModelConfig): time_scale 0 means 1000 / depth
+  bool time_cond = false;
+  int time_freq = 256;
+  double time_scale = 0;
   // depth: loop K (depth.loops > 0), or an ODE solve (depth.solver). JSON keys: loops,
   // solver, solver_steps, rtol, atol, t1, controller, initial_norm, h0, solver_max_steps,
   // batch_coupled, exit_threshold (null: not given). An ODE solve's t1 defaults to
