@@ -18,14 +18,8 @@ namespace {
 
 ModelConfig tiny() { return test::make_config(7, 5, 4, 2, 0, 2); }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("flowloop_ckpt_" + std::to_string(::getpid()));
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("flowloop_ckpt") {}
 };
 
 std::string slurp(const std::string& p) {

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <sys/wait.h>
 
 #include "check.hpp"
 #include "flowloop/checkpoint.hpp"
@@ -229,6 +230,7 @@ TEST_CASE("random discretisation per batch is a function of seed and step", "[de
   c.random_solvers = "rk4,nope";
   CHECK_THROWS_WITH(c.validate(), Catch::Contains("unknown solver 'nope'"));
   c.random_solvers.clear();
+  c.depth.solver = "rk4";
   c.depth.rtol = std::numeric_limits<double>::quiet_NaN();
   c.random_steps_min = 5;
   c.random_steps_max = 4;
@@ -237,9 +239,11 @@ TEST_CASE("random discretisation per batch is a function of seed and step", "[de
   c.t1_jitter = 3;
   CHECK_THROWS_WITH(c.validate(), Catch::Contains("t1_jitter must be in [0, t1)"));
   c.t1_jitter = 0;
+  c.random_steps_max = 0;
   c.depth.solver.clear();
   c.depth.loops = 2;
   c.depth.t1 = std::numeric_limits<double>::quiet_NaN();
+  c.random_steps_max = 4;
   CHECK_THROWS_WITH(c.validate(), Catch::Contains("randomise an ODE solve"));
 }
 
@@ -292,14 +296,14 @@ TEST_CASE("the depth flags mean the same on every command", "[depth][cli]") {
       INFO(cmd << " " << flags);
       std::string extra = cmd == "eval" ? " --batches 1" : " --tokens " + dir.file("tok.json") + " -o " + dir.file("bad.out");
       out = run_command(cli + " " + cmd + " -m " + model + extra + " " + flags + " 2>&1", &rc);
-      CHECK(rc == 1);
+      CHECK(WEXITSTATUS(rc) == 1);
       CHECK_THAT(out, Catch::Contains(what));
       CHECK_FALSE(std::filesystem::exists(dir.file("bad.out")));
     }
   }
   out = run_command(cli + " forward -m " + model + " --tokens " + dir.file("tok.json") + " --time-cond -o " +
                         dir.file("bad.out") + " 2>&1", &rc);
-  CHECK(rc == 1);
+  CHECK(WEXITSTATUS(rc) == 1);
   CHECK_THAT(out, Catch::Contains("has no time conditioning"));
   CHECK_FALSE(std::filesystem::exists(dir.file("bad.out")));
   // train takes the same flags: an ODE model with random steps trains and records its draws

@@ -457,10 +457,10 @@ TEST_CASE("solver options on the command line", "[solvers][cli]") {
   out = run_cli("forward -m " + model + " --tokens " + tok + " --solver rk99 -o " + o, &rc);
   CHECK(rc != 0);
   CHECK(out.find("unknown solver 'rk99'") != std::string::npos);
-  out = run_cli("forward -m " + model + " --tokens " + tok + " --solver dopri5 --max-steps 1 --rtol 1e-9 --atol 1e-9 -o " + o, &rc);
+  out = run_cli("forward -m " + model + " --tokens " + tok + " --solver dopri5 --solver-max-steps 1 --rtol 1e-9 --atol 1e-9 -o " + o, &rc);
   CHECK(rc != 0);
   CHECK(out.find("more than 1 steps") != std::string::npos);
-  out = run_cli("bench solve --size S --solver rk4 --steps 2 --reps 1 --seconds 0", &rc);
+  out = run_cli("bench solve --size S --solver rk4 --solver-steps 2 --reps 1 --seconds 0", &rc);
   REQUIRE(rc == 0);
   j = nlohmann::json::parse(out);
   CHECK(j["nfe"] == 8);

@@ -110,14 +110,6 @@ std::vector<nlohmann::json> read_metrics(const fs::path& dir) {
   return v;
 }
 
-struct TempDir {
-  fs::path path;
-  TempDir() : path(fs::temp_directory_path() / ("flowloop_train_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
 
 }  // namespace
 
@@ -186,7 +178,7 @@ TEST_CASE("task generators agree with brute force; splits are disjoint and seede
 }
 
 TEST_CASE("text batches are deterministic windows of the right split", "[train][data]") {
-  TempDir dir;
+  TempDir dir("flowloop_train");
   const fs::path p = dir.path / "corpus.txt";
   std::string text;
   for (int i = 0; i < 400; ++i) text += "line " + std::to_string(i) + " of the corpus\n";
@@ -250,7 +242,7 @@ TEST_CASE("AdamW, the schedule and accuracy by hand", "[train]") {
 }
 
 TEST_CASE("a resumed run has exactly the losses of an uninterrupted one", "[train][resume]") {
-  TempDir dir;
+  TempDir dir("flowloop_train");
   std::ostringstream quiet;
   const TrainConfig full = tiny_config((dir.path / "full").string());
   Trainer(full).run(false, quiet);
@@ -328,7 +320,7 @@ TEST_CASE("a resumed run has exactly the losses of an uninterrupted one", "[trai
 }
 
 TEST_CASE("bad configurations are rejected before any work", "[train][errors]") {
-  TempDir dir;
+  TempDir dir("flowloop_train");
   CHECK_THROWS_WITH(TrainConfig::from_json(R"({"task": "phop", "learning_rate": 0.1})", "cfg.json"),
                     Catch::Contains("cfg.json: unknown key \"learning_rate\""));
   CHECK_THROWS_WITH(TrainConfig::from_json(R"({"task": "phop", "steps": "many"})", "cfg.json"),
@@ -387,7 +379,7 @@ TEST_CASE("bad configurations are rejected before any work", "[train][errors]") 
 }
 
 TEST_CASE("flowloop train and eval from the command line", "[train][cli]") {
-  TempDir dir;
+  TempDir dir("flowloop_train");
   const std::string out = (dir.path / "run").string();
   int rc = 0;
   std::string o = run_command(std::string(FLOWLOOP_CLI) +
@@ -512,7 +504,7 @@ TEST_CASE("exit gate: the loss against a hand-computed case and finite differenc
   CHECK(lg[0] == w4.per_loop[0].logits[0]);
   CHECK_THROWS_WITH(m.loop_exit(tok, K, "kl", 0.1, lg, dep, w4), Catch::Contains("unknown exit rule 'kl'"));
   // a file without the gate still loads the base model; with it, the gate comes back
-  TempDir dir;
+  TempDir dir("flowloop_train");
   const std::string path = (dir.path / "g.safetensors").string();
   save_checkpoint(path, m.cfg, m.layout, m.params.data());
   const Model<double> back = load_model<double>(path);
@@ -555,7 +547,7 @@ TEST_CASE("random depth: Poisson-lognormal loops and truncated backprop", "[trai
 }
 
 TEST_CASE("flowloop study trains every arm at the same budget and writes the table", "[train][cli][study]") {
-  TempDir dir;
+  TempDir dir("flowloop_train");
   const std::string out = (dir.path / "study").string();
   int rc = 0;
   const std::string o = run_command(std::string(FLOWLOOP_CLI) +
