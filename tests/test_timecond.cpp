@@ -693,7 +693,7 @@ TEST_CASE("the training config carries the time conditioning into the model", "[
   c.task_hops = 2;
   c.d_model = 16;
   c.n_head = 2;
-  c.loops = 2;
+  c.depth.loops = 2;
   c.steps = 4;
   c.batch = 4;
   c.warmup = 1;
