@@ -5,8 +5,9 @@
 // Reading validates everything before any value is used; every fault raises
 // Error with the file name and the problem (truncation, header length past the
 // end, invalid JSON, bad or overlapping offsets, unknown dtype, missing tensor,
-// shape disagreeing with the config). Writing is atomic: a temporary file in
-// the same directory, flushed, then renamed over the target.
+// shape disagreeing with the config). Writing is atomic (write_file_atomic of
+// flowloop/io.hpp: a temporary file in the same directory, flushed, then renamed
+// over the target).
 #pragma once
 
 #include <cstdint>
