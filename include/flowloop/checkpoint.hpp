@@ -35,7 +35,6 @@ class SafetensorsFile {
   const std::string& path() const { return path_; }
   const std::map<std::string, SafeTensorEntry>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
-  bool has(const std::string& name) const { return tensors_.count(name) != 0; }
   // Copies tensor `name` into out (numel values), converting F32/F64 to S.
   // Throws if missing, of a dtype other than F32/F64, or of another shape.
   template <class S>
