@@ -234,3 +234,15 @@ TEST_CASE("files are written whole, and JSON files read with the file and the fa
   CHECK_THROWS_WITH(read_json_file(dir.path.string(), ""), Catch::Contains("'" + dir.path.string() + "': cannot read"));
   CHECK_THROWS_WITH(parse_json("[1, 2", "option --x"), Catch::StartsWith("option --x is not valid JSON at byte 6"));
 }
+
+TEST_CASE("flowloop.hpp includes every public header", "[checkpoint][io]") {
+  const fs::path inc = fs::path(__FILE__).parent_path().parent_path() / "include" / "flowloop";
+  REQUIRE(fs::exists(inc / "flowloop.hpp"));
+  const std::string all = slurp((inc / "flowloop.hpp").string());
+  for (const auto& e : fs::directory_iterator(inc)) {
+    const std::string name = e.path().filename().string();
+    if (e.path().extension() != ".hpp" || name == "flowloop.hpp") continue;
+    INFO(name);
+    CHECK(all.find("#include \"flowloop/" + name + "\"") != std::string::npos);
+  }
+}
