@@ -1,14 +1,13 @@
 #include "flowloop/checkpoint.hpp"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <string_view>
 
+#include "flowloop/io.hpp"
 #include "flowloop/tensor.hpp"
 
 namespace flowloop {
@@ -63,12 +62,7 @@ SafetensorsFile SafetensorsFile::read(const std::string& path) {
   in.read(reinterpret_cast<char*>(f.data_.data()), static_cast<std::streamsize>(f.data_.size()));
   if (!in) throw fail("read error");
 
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(header);
-  } catch (const nlohmann::json::exception& e) {
-    throw fail(std::string("header is not valid JSON: ") + e.what());
-  }
+  const nlohmann::json j = parse_json(header, "checkpoint '" + path + "': header");
   if (!j.is_object()) throw fail("header is not a JSON object");
   const uint64_t dsize = f.data_.size();
   std::vector<std::pair<std::string, SafeTensorEntry>> order;
@@ -179,31 +173,13 @@ void write_safetensors(const std::string& path, const std::vector<TensorOut<S>>&
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>((header.size() >> (8 * i)) & 0xff);
 
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  {
-    std::FILE* fp = std::fopen(tmp.c_str(), "wb");
-    if (!fp) throw Error("cannot write '" + path + "': " + std::strerror(errno));
-    bool ok = std::fwrite(len, 1, 8, fp) == 8 &&
-              std::fwrite(header.data(), 1, header.size(), fp) == header.size();
-    for (const auto& t : tensors) {
-      if (!ok) break;
-      size_t numel = 1;
-      for (auto s : t.shape) numel *= static_cast<size_t>(s);
-      ok = std::fwrite(t.data, sizeof(S), numel, fp) == numel;  // little-endian hosts only
-    }
-    ok = (std::fflush(fp) == 0) && ok;
-    ok = (::fsync(::fileno(fp)) == 0) && ok;
-    ok = (std::fclose(fp) == 0) && ok;
-    if (!ok) {
-      std::remove(tmp.c_str());
-      throw Error("cannot write '" + path + "': " + std::strerror(errno));
-    }
+  std::vector<std::string_view> parts = {{reinterpret_cast<const char*>(len), 8}, header};
+  for (const auto& t : tensors) {
+    size_t numel = 1;
+    for (auto s : t.shape) numel *= static_cast<size_t>(s);
+    parts.emplace_back(reinterpret_cast<const char*>(t.data), numel * sizeof(S));  // little-endian hosts only
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string why = std::strerror(errno);
-    std::remove(tmp.c_str());
-    throw Error("cannot write '" + path + "': rename failed: " + why);
-  }
+  write_file_atomic(path, parts);
 }
 
 template <class S>

@@ -32,7 +32,6 @@ Split split_of(const std::vector<int32_t>& seq) {
 class GeneratedTask : public Task {
  public:
   GeneratedTask(std::string name, uint64_t seed, int vocab, int len) : name_(std::move(name)), seed_(seed), vocab_(vocab), len_(len) {}
-  std::string name() const override { return name_; }
   int vocab_size() const override { return vocab_; }
   int seq_len() const override { return len_ - 1; }
   Example example(Split split, uint64_t index) const override {
@@ -206,7 +205,6 @@ class TextSource : public DataSource {
       throw Error("text '" + path_ + "': " + std::to_string(bytes_.size()) +
                   " bytes are too few for sequences of " + std::to_string(T) + " in both splits");
   }
-  std::string name() const override { return "text"; }
   std::string describe() const override { return nlohmann::json({{"text", path_}, {"seed", seed_}, {"bytes", bytes_.size()}}).dump(); }
   int vocab_size() const override { return 256; }
   int seq_len() const override { return T_; }

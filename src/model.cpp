@@ -1,12 +1,12 @@
 #include "flowloop/model.hpp"
 
 #include <algorithm>
-#include <cstring>
-#include <fstream>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
 
+#include "flowloop/io.hpp"
 #include "flowloop/layers.hpp"
 #include "flowloop/tensor.hpp"
 
@@ -31,16 +31,6 @@ void TokenBatch::check(const ModelConfig& cfg, const std::string& what, bool all
 }
 
 namespace {
-nlohmann::json read_json_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw Error("cannot open '" + path + "'");
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error("'" + path + "' is not valid JSON: " + e.what());
-  }
-}
-
 TokenBatch parse_rows(const nlohmann::json& j, const std::string& key, const std::string& path) {
   const std::string where = "'" + path + "' \"" + key + "\"";
   if (!j.is_object() || !j.contains(key)) throw Error("'" + path + "' has no \"" + key + "\" field");
@@ -73,7 +63,7 @@ TokenBatch parse_rows(const nlohmann::json& j, const std::string& key, const std
 }  // namespace
 
 TokenBatch read_token_file(const std::string& path, const std::string& key) {
-  return parse_rows(read_json_file(path), key, path);
+  return parse_rows(read_json_file(path, "tokens file"), key, path);
 }
 
 template <class S>

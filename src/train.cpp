@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "flowloop/checkpoint.hpp"
+#include "flowloop/io.hpp"
 #include "flowloop/layers.hpp"
 
 namespace flowloop {
@@ -83,12 +84,7 @@ void field(const json& j, const char* key, T& dst, const std::string& where) {
   X(exit_threshold, depth.exit_threshold)
 
 TrainConfig TrainConfig::from_json(const std::string& text, const std::string& where) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw Error(where + ": not valid JSON: " + e.what());
-  }
+  const json j = parse_json(text, where);
   if (!j.is_object()) throw Error(where + ": not a JSON object");
   static const std::vector<std::string> known = {
 #define X(name) #name,
@@ -461,15 +457,11 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
       if (!j.is_discarded() && j.value("step", int64_t{0}) <= I.step) kept += line + "\n";
     }
     in.close();
-    std::ofstream(I.metrics(), std::ios::trunc) << kept;
+    write_file_atomic(I.metrics(), kept);
   } else {
-    std::ofstream(I.metrics(), std::ios::trunc);
+    write_file_atomic(I.metrics(), "");
   }
-  {
-    const std::string cfg_path = (I.dir / "config.json").string();
-    std::ofstream(cfg_path + ".tmp") << c.to_json() << "\n";
-    std::filesystem::rename(cfg_path + ".tmp", cfg_path);
-  }
+  write_file_atomic((I.dir / "config.json").string(), c.to_json() + "\n");
   std::ofstream log(I.metrics(), std::ios::app);
   const bool tty = isatty(fileno(stderr));
   Model<float>& m = *I.model;

@@ -1,5 +1,5 @@
 // safetensors: exact round trips, and every malformed case of model-spec.md rejected
-// with an error that names the file and the fault.
+// with an error that names the file and the fault; io.hpp's atomic writer and JSON reader.
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -10,6 +10,7 @@
 
 #include "check.hpp"
 #include "flowloop/flowloop.hpp"
+#include "flowloop/io.hpp"
 
 using namespace flowloop;
 namespace fs = std::filesystem;
@@ -194,4 +195,48 @@ TEST_CASE("malformed checkpoints are rejected with the file and the fault", "[ch
                     Catch::Contains("absent.safetensors") && Catch::Contains("cannot open"));
   // the good file still loads after all that
   CHECK(load_model<float>(good).params == m.params);
+}
+
+TEST_CASE("files are written whole, and JSON files read with the file and the fault", "[checkpoint][io]") {
+  TempDir dir;
+  const std::string p = dir.file("a.json");
+  write_file_atomic(p, std::string("{\"x\": [1, 2]}"));
+  CHECK(slurp(p) == "{\"x\": [1, 2]}");
+  const std::string bin("\0\1\2", 3);
+  write_file_atomic(p, {std::string_view(bin), std::string_view("tail")});  // replaces, parts in order
+  CHECK(slurp(p) == bin + "tail");
+  write_file_atomic(p, std::string());
+  CHECK(slurp(p).empty());
+  size_t files = 0;
+  for (auto& e : fs::directory_iterator(dir.path)) {
+    (void)e;
+    ++files;
+  }
+  CHECK(files == 1);  // no temporary left behind
+  CHECK_THROWS_WITH(write_file_atomic(dir.file("no/such/dir/x.json"), std::string("{}")),
+                    Catch::Contains("cannot write '" + dir.file("no/such/dir/x.json") + "'") &&
+                        Catch::Contains("No such file or directory"));
+
+  spit(p, "{\"tokens\": [[1, 2]], \"n\": 3}");
+  const nlohmann::json j = read_json_file(p, "tokens file");
+  CHECK(j["n"] == 3);
+  CHECK_THROWS_WITH(read_json_file(dir.file("absent.json"), "tokens file"),
+                    Catch::Contains("tokens file '" + dir.file("absent.json") + "': cannot open: No such file"));
+  spit(p, "{\"a\": 1,, }");
+  CHECK_THROWS_WITH(read_json_file(p, "config"),
+                    Catch::Contains("config '" + p + "' is not valid JSON at byte 9"));
+  CHECK_THROWS_WITH(read_json_file(dir.path.string(), ""), Catch::Contains("'" + dir.path.string() + "': cannot read"));
+  CHECK_THROWS_WITH(parse_json("[1, 2", "option --x"), Catch::StartsWith("option --x is not valid JSON at byte 6"));
+}
+
+TEST_CASE("flowloop.hpp includes every public header", "[checkpoint][io]") {
+  const fs::path inc = fs::path(__FILE__).parent_path().parent_path() / "include" / "flowloop";
+  REQUIRE(fs::exists(inc / "flowloop.hpp"));
+  const std::string all = slurp((inc / "flowloop.hpp").string());
+  for (const auto& e : fs::directory_iterator(inc)) {
+    const std::string name = e.path().filename().string();
+    if (e.path().extension() != ".hpp" || name == "flowloop.hpp") continue;
+    INFO(name);
+    CHECK(all.find("#include \"flowloop/" + name + "\"") != std::string::npos);
+  }
 }

@@ -5,8 +5,9 @@
 // Reading validates everything before any value is used; every fault raises
 // Error with the file name and the problem (truncation, header length past the
 // end, invalid JSON, bad or overlapping offsets, unknown dtype, missing tensor,
-// shape disagreeing with the config). Writing is atomic: a temporary file in
-// the same directory, flushed, then renamed over the target.
+// shape disagreeing with the config). Writing is atomic (write_file_atomic of
+// flowloop/io.hpp: a temporary file in the same directory, flushed, then renamed
+// over the target).
 #pragma once
 
 #include <cstdint>
@@ -34,7 +35,6 @@ class SafetensorsFile {
   const std::string& path() const { return path_; }
   const std::map<std::string, SafeTensorEntry>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
-  bool has(const std::string& name) const { return tensors_.count(name) != 0; }
   // Copies tensor `name` into out (numel values), converting F32/F64 to S.
   // Throws if missing, of a dtype other than F32/F64, or of another shape.
   template <class S>

@@ -28,7 +28,6 @@ struct Example {
 class DataSource {
  public:
   virtual ~DataSource() = default;
-  virtual std::string name() const = 0;
   virtual std::string describe() const = 0;  // JSON: what regenerates this source
   virtual int vocab_size() const = 0;
   virtual int seq_len() const = 0;           // T of the batches (L - 1)

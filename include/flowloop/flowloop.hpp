@@ -1,11 +1,20 @@
-// flowloop/flowloop.hpp: the whole public API in one include.
+// flowloop/flowloop.hpp: the whole public API in one include (every header of
+// include/flowloop/).
 #pragma once
 
+#include "flowloop/algebra.hpp"
 #include "flowloop/bench.hpp"
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/config.hpp"
+#include "flowloop/data.hpp"
 #include "flowloop/field.hpp"
+#include "flowloop/grad.hpp"
+#include "flowloop/depth.hpp"
+#include "flowloop/io.hpp"
 #include "flowloop/layers.hpp"
 #include "flowloop/model.hpp"
 #include "flowloop/params.hpp"
+#include "flowloop/problems.hpp"
+#include "flowloop/solver.hpp"
 #include "flowloop/tensor.hpp"
+#include "flowloop/train.hpp"

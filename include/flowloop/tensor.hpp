@@ -101,7 +101,6 @@ class Rng {
   double uniform();                       // [0, 1)
   double normal();                        // N(0, 1), Box-Muller
   uint64_t next() { return gen_(); }
-  std::mt19937_64& engine() { return gen_; }
 
  private:
   std::mt19937_64 gen_;

@@ -1,0 +1,31 @@
+// flowloop/io.hpp: files written whole or not at all, and JSON read with errors
+// that say which file and where it breaks. Every writer and JSON reader of the
+// library goes through these.
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace flowloop {
+
+// Writes the concatenated `parts` to `path` atomically: a new temporary file in
+// the same directory (so the rename cannot cross file systems), written, flushed
+// and synced, every step checked, then renamed over `path`. A reader sees the old
+// file or the new one, never a part; on failure the temporary file is removed and
+// `path` is untouched. Throws Error("cannot write '<path>': <reason>"), the reason
+// from errno.
+void write_file_atomic(const std::string& path, const std::vector<std::string_view>& parts);
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
+// Parses JSON text. A parse error throws Error("<what> is not valid JSON at byte
+// N: <parser's message>"), `what` naming the text (a file, a header, an option).
+nlohmann::json parse_json(const std::string& text, const std::string& what);
+
+// Reads and parses the JSON file at `path`. Errors name `what` (e.g. "tokens",
+// "config"; may be empty) and the path: "<what> '<path>': cannot open: <reason>",
+// "<what> '<path>' is not valid JSON at byte N: ...".
+nlohmann::json read_json_file(const std::string& path, const std::string& what);
+
+}  // namespace flowloop
