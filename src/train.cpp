@@ -104,6 +104,14 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& w
 #define X(key, member) field(j, #key, c.member, where);
   FLOWLOOP_DEPTH_FIELDS(X)
 #undef X
+  // Configurations written before the depth spec (every key but initial_norm) said
+  // "not given" with 0 and always wrote the pi controller: read them as they meant it.
+  if (j.contains("solver_max_steps") && j.contains("controller") && !j.contains("initial_norm")) {
+    DepthSpec& d = c.depth;
+    if (d.rtol == 0 && d.atol == 0) d.rtol = d.atol = std::numeric_limits<double>::quiet_NaN();
+    if (d.t1 == 0) d.t1 = std::numeric_limits<double>::quiet_NaN();
+    if (d.controller == "pi") d.controller.clear();
+  }
   return c;
 }
 

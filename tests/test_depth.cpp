@@ -322,3 +322,31 @@ TEST_CASE("the depth flags mean the same on every command", "[depth][cli]") {
   }
   CHECK(lines == 3);
 }
+
+TEST_CASE("training configurations written before the depth spec still read", "[depth][train]") {
+  // the old writer's encoding: 0 for "not given", the pi controller always
+  const std::string old_loop = R"({"task": "phop", "task_n": 8, "task_hops": 2, "loops": 3, "solver": "",
+      "solver_steps": 0, "rtol": 0, "atol": 0, "t1": 0, "controller": "pi", "solver_max_steps": 0,
+      "batch_coupled": false, "out": "x"})";
+  TrainConfig c = TrainConfig::from_json(old_loop, "old");
+  CHECK_NOTHROW(c.validate());
+  CHECK(c.depth.loops == 3);
+  CHECK(c.trained_depth() == 3);
+  const std::string old_ode = R"({"task": "phop", "task_n": 8, "task_hops": 2, "loops": 0, "solver": "dopri5",
+      "solver_steps": 0, "rtol": 0.001, "atol": 0.0001, "t1": 0, "controller": "pi", "solver_max_steps": 0,
+      "batch_coupled": false, "out": "x"})";
+  c = TrainConfig::from_json(old_ode, "old");
+  CHECK_NOTHROW(c.validate());
+  const SolveOptions o = c.solve_options(0);
+  CHECK(o.adaptive);
+  CHECK(o.rtol == 1e-3);
+  CHECK(o.t1 == TrainConfig::kDefaultTrainDepth);
+  // the new writer round-trips, "not given" as null
+  const TrainConfig back = TrainConfig::from_json(c.to_json(), "new");
+  CHECK(back.to_json() == c.to_json());
+  CHECK(nlohmann::json::parse(c.to_json())["t1"].is_null());
+  // in the new encoding a t1 of 0 is an error, not a default
+  auto j = nlohmann::json::parse(c.to_json());
+  j["t1"] = 0;
+  CHECK_THROWS_WITH(TrainConfig::from_json(j.dump(), "new").validate(), Catch::Contains("--t1 must be finite and > 0"));
+}

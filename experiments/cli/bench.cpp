@@ -34,7 +34,8 @@ std::vector<Command> register_bench(CLI::App& app) {
   f->add_flag("--time-cond", field->time_cond, "also the time-conditioned field, with the ratio of the two");
 
   auto solve = std::make_shared<BenchSolveOptions>();
-  auto* s = bench->add_subcommand("solve", "time one whole solve of the field from the embedding (t1 default 4)");
+  solve->depth.solver = "dopri5";
+  auto* s = bench->add_subcommand("solve", "time one whole solve of the field from the embedding (default dopri5, t1 4)");
   add_solve_flags(s, *solve);
 
   auto train = std::make_shared<BenchTrainOptions>();
