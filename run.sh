@@ -6,7 +6,8 @@
 #   ./run.sh tour     init a model, run it looped and as an ODE, benchmark the field
 #   ./run.sh peer     the PyTorch side-by-side benchmark (installs python3-torch)
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
-#                     every arm at most 10 minutes (about 95 minutes on 2 cores)
+#                     every arm at most 10 minutes, and the ODE-depth table over 3 seeds
+#                     (about 2 hours on 2 cores)
 # Environment: BUILD_DIR (default build), JOBS (default: all cores).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -55,7 +56,14 @@ case "$mode" in
     "$fl" study --task modarith --task-n 6 --prime 2 "${common[@]}" --arms looped,deep,shallow --out "$BUILD_DIR/reproduce/modarith"
     "$fl" study --task modarith --task-n 6 --prime 2 "${common[@]}" --arms ode --ode-steps 3000 --kinetic 10 \
       --out "$BUILD_DIR/reproduce/modarith_ode_kinetic"
-    for d in phop phop_ode phop_ode_kinetic modarith8 modarith modarith_ode_kinetic; do
+    # ODE depth that stays an ODE: the looped model continued as an ODE under a random
+    # discretisation per batch, 3 seeds, each model evaluated under every regime
+    "$fl" study --task phop --task-n 16 --hops 4 --depth 4 --steps 12000 --ode-steps 3000 --seeds 3 \
+      --batch 64 --lr 1e-3 --warmup 200 --arms looped,ode --ode-from-looped --solver rk4 \
+      --random-solvers euler,midpoint,rk4 --random-steps-min 2 --random-steps-max 8 \
+      --eval-depths loop,euler:4,euler:16,dopri5:1e-2,dopri5:1e-3,dopri5:1e-4,dopri5:1e-5,rk4:4,rk4:8,rk4:16 \
+      --out "$BUILD_DIR/reproduce/phop_ode_random"
+    for d in phop phop_ode phop_ode_kinetic modarith8 modarith modarith_ode_kinetic phop_ode_random; do
       echo "== $d"; cat "$BUILD_DIR/reproduce/$d/results.md"
     done
     ;;

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
+#include "flowloop/io.hpp"
 #include "flowloop/tensor.hpp"
 
 namespace flowloop {
@@ -53,12 +54,7 @@ std::string ModelConfig::to_json() const {
 }
 
 ModelConfig ModelConfig::from_json(const std::string& text, const std::string& where) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(where + ": config is not valid JSON: " + e.what());
-  }
+  const nlohmann::json j = parse_json(text, where + ": config");
   if (!j.is_object()) throw Error(where + ": config is not a JSON object");
   ModelConfig c;
   auto get = [&](const char* key, int& dst, bool required) {
