@@ -232,9 +232,9 @@ void Field<S>::time_forward(const double* t, const S* P, int B, TimeCache<S>& tc
       e[half + k] = static_cast<S>(std::sin(ph));
     }
   }
-  linear_forward(tc.z1.data(), tc.e.data(), P + time_.w1, P + time_.b1, B, E, C);
+  linear_forward_few(tc.z1.data(), tc.e.data(), P + time_.w1, P + time_.b1, B, E, C);
   silu_forward(tc.a1.data(), tc.z1.data(), static_cast<int64_t>(B) * C);
-  linear_forward(tc.c.data(), tc.a1.data(), P + time_.w2, P + time_.b2, B, C, C);
+  linear_forward_few(tc.c.data(), tc.a1.data(), P + time_.w2, P + time_.b2, B, C, C);
   silu_forward(tc.sc.data(), tc.c.data(), static_cast<int64_t>(B) * C);
 }
 
@@ -282,7 +282,7 @@ void Field<S>::block_forward_tc(S* out, const S* x, const S* P, const BlockOffse
   const size_t NC = static_cast<size_t>(N) * C;
   std::memcpy(c.x.data(), x, NC * sizeof(S));
   x = c.x.data();  // from here on `out` may alias the caller's input
-  linear_forward(c.ada.data(), tc.sc.data(), P + o.ada_w, P + o.ada_b, B, C, 6 * C);
+  linear_forward_few(c.ada.data(), tc.sc.data(), P + o.ada_w, P + o.ada_b, B, C, 6 * C);
   const S* s1 = c.ada.data();
   const S *c1 = s1 + C, *g1 = s1 + 2 * C, *s2 = s1 + 3 * C, *c2 = s1 + 4 * C, *g2 = s1 + 5 * C;
   layernorm_forward(c.ln1.data(), c.mean1.data(), c.rstd1.data(), x, P + o.ln1_w, P + o.ln1_b, N,

@@ -1,6 +1,7 @@
 #include "flowloop/layers.hpp"
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -118,6 +119,26 @@ void linear_backward(S* din, S* dW, S* db, const S* dout, const S* in, const S* 
   if (din) gemm<S>(false, false, N, IN, OUT, S(1), dout, OUT, W, IN, S(1), din, IN);
   gemm<S>(true, false, OUT, IN, N, S(1), dout, OUT, in, IN, S(1), dW, IN);
   if (db) MapV<S>(db, OUT) += CMapM<S>(dout, N, OUT).colwise().sum().array();
+}
+
+// Few rows (per-sequence vectors: the time embedding, the adaLN modulation). A
+// packed GEMM would copy W for a handful of rows; here W streams through once.
+// Each output is one dot product, so the bits do not depend on the thread count.
+namespace {
+bool few_parallel(int N, int IN, int OUT) {
+  return static_cast<int64_t>(N) * IN * OUT >= 4 * kParallelMin;
+}
+}  // namespace
+
+template <class S>
+void linear_forward_few(S* out, const S* in, const S* W, const S* b, int N, int IN, int OUT) {
+  CMapM<S> x(in, N, IN);
+#pragma omp parallel for schedule(static) if (few_parallel(N, IN, OUT))
+  for (int o = 0; o < OUT; ++o) {
+    const auto w = CMapM<S>(W + static_cast<int64_t>(o) * IN, 1, IN).row(0);
+    const S bo = b ? b[o] : S(0);
+    for (int n = 0; n < N; ++n) out[static_cast<int64_t>(n) * OUT + o] = x.row(n).dot(w) + bo;
+  }
 }
 
 // ---------------------------------------------------------------- attention
@@ -367,6 +388,7 @@ S crossentropy_forward_backward(S* dlogits, const S* logits, const int32_t* targ
                                       const S*, int, int);                                      \
   template void linear_forward<S>(S*, const S*, const S*, const S*, int, int, int);             \
   template void linear_backward<S>(S*, S*, S*, const S*, const S*, const S*, int, int, int);    \
+  template void linear_forward_few<S>(S*, const S*, const S*, const S*, int, int, int);         \
   template void attention_forward<S>(S*, S*, const S*, int, int, int, int);                     \
   template void attention_backward<S>(S*, S*, const S*, const S*, const S*, int, int, int, int); \
   template void gelu_forward<S>(S*, const S*, int64_t);                                         \

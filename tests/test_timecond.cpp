@@ -199,6 +199,41 @@ TEST_CASE("silu, modulation and gate: forward by definition, vjp by finite diffe
   for (size_t k = 0; k < in.size(); ++k) CHECK(o2[k] == res[k] + in[k]);
 }
 
+TEST_CASE("few-row Linear (time embedding, modulation): the product, whatever the thread count",
+          "[timecond][layers]") {
+  // 5 rows, 37 inputs, 720 outputs: over the parallel threshold (2^17 products), odd sizes
+  const int N = 5, IN = 37, OUT = 720;
+  Rng rng(17);
+  std::vector<float> x(static_cast<size_t>(N) * IN), W(static_cast<size_t>(OUT) * IN), b(OUT);
+  for (auto* v : {&x, &W, &b})
+    for (auto& e : *v) e = static_cast<float>(rng.normal());
+  std::vector<float> few(static_cast<size_t>(N) * OUT), gen(few.size());
+  const int threads = num_threads();
+  set_num_threads(1);
+  linear_forward_few(few.data(), x.data(), W.data(), b.data(), N, IN, OUT);
+  set_num_threads(3);
+  std::vector<float> few3(few.size());
+  linear_forward_few(few3.data(), x.data(), W.data(), b.data(), N, IN, OUT);
+  set_num_threads(threads);
+  CHECK(few3 == few);
+  linear_forward(gen.data(), x.data(), W.data(), b.data(), N, IN, OUT);
+  for (int n = 0; n < N; ++n)
+    for (int o = 0; o < OUT; ++o) {
+      double ref = b[static_cast<size_t>(o)], mag = std::fabs(ref);
+      for (int i = 0; i < IN; ++i) {
+        const double p = static_cast<double>(x[static_cast<size_t>(n) * IN + i]) * W[static_cast<size_t>(o) * IN + i];
+        ref += p;
+        mag += std::fabs(p);
+      }
+      const size_t k = static_cast<size_t>(n) * OUT + o;
+      CHECK(std::fabs(few[k] - ref) <= 1e-6 * mag);
+      CHECK(std::fabs(gen[k] - ref) <= 1e-6 * mag);
+    }
+  // no bias
+  linear_forward_few<float>(few.data(), x.data(), W.data(), nullptr, N, IN, OUT);
+  CHECK(std::fabs(few[0] - (few3[0] - b[0])) <= 1e-5 * (1 + std::fabs(few3[0])));
+}
+
 TEST_CASE("time_cond config: defaults, validation, JSON", "[timecond][config]") {
   ModelConfig c = tc_config(1, 0.0, 4);
   CHECK(c.time_scale == 250.0);  // 1000 / depth

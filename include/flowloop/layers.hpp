@@ -44,6 +44,12 @@ template <class S>
 void linear_backward(S* din /*(N,IN)*/, S* dW /*(OUT,IN)*/, S* db /*(OUT)*/,
                      const S* dout /*(N,OUT)*/, const S* in /*(N,IN)*/, const S* W /*(OUT,IN)*/,
                      int N, int IN, int OUT);
+// The same product for a few rows N (per-sequence vectors such as the time
+// embedding and the adaLN modulation): W is read once and not packed. Results
+// agree with linear_forward to rounding, not bit for bit.
+template <class S>
+void linear_forward_few(S* out /*(N,OUT)*/, const S* in /*(N,IN)*/, const S* W /*(OUT,IN)*/,
+                        const S* b /*(OUT)*/, int N, int IN, int OUT);
 
 // Causal multi-head self-attention core (no projections):
 //   q, k, v = split(qkv) viewed (B,NH,T,D); att = softmax(q k^T / sqrt(D) + mask);
