@@ -145,6 +145,7 @@ int run_study(const StudyOptions& o) {
       if (a.name == "looped") looped_model = c.out + "/model.safetensors";
       const auto data = make_source(c);
       const EvalResult r = evaluate(tr.model(), *data, c.depth, o.eval_batches, o.batch);
+      r.require_ok();
       // the training NFE: the mean forward evaluations per step, from metrics.jsonl
       double nfe_sum = 0;
       int64_t nfe_n = 0;
@@ -175,6 +176,7 @@ int run_study(const StudyOptions& o) {
       nlohmann::ordered_json evals = nlohmann::ordered_json::array();
       for (const DepthSpec& d : regimes) {
         const EvalResult e = evaluate(tr.model(), *data, d, o.eval_batches, o.batch);
+        e.require_ok();
         evals.push_back({{"regime", d.token()}, {"depth", nlohmann::json::parse(d.to_json(K))},
                          {"accuracy", e.accuracy}, {"loss", e.loss}, {"nfe", e.nfe}});
         by_regime[a.name][d.token()].first.push_back(e.accuracy);

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -289,6 +290,16 @@ double accuracy(const float* logits, const TokenBatch& targets, int V, bool exac
   return total ? static_cast<double>(right) / static_cast<double>(total) : 0.0;
 }
 
+std::string EvalResult::status() const {
+  for (int k = 4; k >= 2; --k)
+    if (status_counts[static_cast<size_t>(k)] > 0) return status_name(static_cast<SolveStatus>(k));
+  return "ok";
+}
+
+void EvalResult::require_ok() const {
+  if (!ok()) throw Error("evaluation solve failed: " + message);
+}
+
 EvalResult evaluate(const Model<float>& model, const DataSource& data, const DepthSpec& spec, int batches,
                     int batch_size, const std::string& exit_rule, double exit_threshold) {
   spec.validate();
@@ -296,6 +307,7 @@ EvalResult evaluate(const Model<float>& model, const DataSource& data, const Dep
   const int K = spec.loop_count(model.cfg.depth);
   if (!exit_rule.empty() && ode) throw Error("evaluate: the exit rules '" + exit_rule + "' apply to looping, not to a solve");
   const SolveOptions so = ode ? spec.solve_options(model.cfg.depth) : SolveOptions{};
+  const auto start = std::chrono::steady_clock::now();
   EvalResult r;
   double loss = 0, right = 0;
   TokenBatch tok, tgt;
@@ -304,6 +316,7 @@ EvalResult evaluate(const Model<float>& model, const DataSource& data, const Dep
   Buffer<float> h, exit_logits;
   ReadoutCache<float> rc;
   std::vector<int> depth;
+  std::vector<int64_t> seq_nfe;  // every test sequence's evaluations
   for (int i = 0; i < batches; ++i) {
     data.batch(Split::Test, static_cast<uint64_t>(i), batch_size, tok, tgt);
     const Buffer<float>* logits;
@@ -314,14 +327,28 @@ EvalResult evaluate(const Model<float>& model, const DataSource& data, const Dep
       for (int d : depth) sum += d;
       r.exit_depth += sum / static_cast<double>(depth.size());
       logits = &exit_logits;
+      seq_nfe.insert(seq_nfe.end(), static_cast<size_t>(tok.B), K);
+      r.status_counts[0] += tok.B;
     } else if (!ode) {
-      r.nfe += model.loop_forward(tok, K, w);
+      const int n = model.loop_forward(tok, K, w);
+      r.nfe += n;
       logits = &w.readout.logits;
+      seq_nfe.insert(seq_nfe.end(), static_cast<size_t>(tok.B), n);
+      r.status_counts[0] += tok.B;
     } else {
       const auto sr = model.ode_forward(tok, so, h, rc);
-      if (!sr.ok()) throw Error("evaluation solve failed: " + sr.message);
+      if (!sr.ok() && r.message.empty()) r.message = sr.message;
       r.nfe += static_cast<double>(sr.nfe);
       logits = &rc.logits;
+      if (sr.seq.size() == static_cast<size_t>(tok.B)) {
+        for (const auto& q : sr.seq) {
+          seq_nfe.push_back(q.nfe);
+          ++r.status_counts[static_cast<size_t>(q.status)];
+        }
+      } else {  // one shared solve
+        seq_nfe.insert(seq_nfe.end(), static_cast<size_t>(tok.B), sr.nfe);
+        r.status_counts[static_cast<size_t>(sr.status)] += tok.B;
+      }
     }
     loss += crossentropy_forward_backward<float>(nullptr, logits->data(), tgt.data.data(), tok.B * tok.T,
                                                  model.cfg.vocab_size);
@@ -334,6 +361,23 @@ EvalResult evaluate(const Model<float>& model, const DataSource& data, const Dep
   r.accuracy = r.examples ? right / static_cast<double>(r.examples) : 0.0;
   r.nfe /= batches;
   r.exit_depth /= batches;
+  r.sequences = static_cast<int64_t>(seq_nfe.size());
+  if (!seq_nfe.empty()) {
+    std::sort(seq_nfe.begin(), seq_nfe.end());
+    double sum = 0;
+    for (int64_t v : seq_nfe) sum += static_cast<double>(v);
+    r.seq_evals = static_cast<int64_t>(sum);
+    r.nfe_mean = sum / static_cast<double>(seq_nfe.size());
+    // nearest-rank percentiles
+    auto pct = [&](double p) {
+      const size_t k = static_cast<size_t>(std::ceil(p * static_cast<double>(seq_nfe.size())));
+      return static_cast<double>(seq_nfe[std::min(seq_nfe.size(), std::max<size_t>(k, 1)) - 1]);
+    };
+    r.nfe_p50 = pct(0.5);
+    r.nfe_p90 = pct(0.9);
+    r.nfe_max = static_cast<double>(seq_nfe.back());
+  }
+  r.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
 }
 
@@ -543,6 +587,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     const bool last = I.step == c.steps || out_of_time;  // evaluated and checkpointed
     if (I.step % c.eval_every == 0 || last) {
       const EvalResult ev = evaluate(m, *I.data, c.depth, c.eval_batches, c.batch);
+      ev.require_ok();
       line["test_loss"] = ev.loss;
       line["test_accuracy"] = ev.accuracy;
       line["test_nfe"] = ev.nfe;

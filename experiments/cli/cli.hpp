@@ -43,6 +43,7 @@ Command register_grad(CLI::App& app);
 Command register_train(CLI::App& app);
 Command register_eval(CLI::App& app);
 Command register_study(CLI::App& app);
+Command register_compare(CLI::App& app);
 Command register_ode_bench(CLI::App& app);
 std::vector<Command> register_bench(CLI::App& app);  // bench field | solve | train
 

@@ -52,6 +52,7 @@ Command register_eval(CLI::App& app) {
                           ", length " + std::to_string(data->seq_len()) + ")");
             const double thr = a->exit_q >= 0 ? a->exit_q : a->exit_delta;
             const EvalResult r = evaluate(model, *data, depth, a->batches, a->batch, rule, thr);
+            r.require_ok();
             json j = {{"model", a->model}, {"data", json::parse(data->describe())}, {"loss", r.loss},
                       {"accuracy", r.accuracy}, {"examples", r.examples}, {"nfe", r.nfe},
                       {"depth", json::parse(depth.to_json(model.cfg.depth))}};

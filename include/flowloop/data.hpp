@@ -6,6 +6,7 @@
 // sees exactly the batches an uninterrupted one would.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -66,8 +67,22 @@ std::unique_ptr<DataSource> make_text_source(const std::string& path, int seq_le
 struct EvalResult {
   double loss = 0, accuracy = 0;
   int64_t examples = 0;
-  double nfe = 0;  // mean field evaluations per batch
+  double nfe = 0;  // mean field evaluations per batch (a batch's depth: the most over its sequences)
   double exit_depth = 0;  // mean exit loop per token (early-exit evaluation), else 0
+  // Over every test sequence: its evaluations (a loop: K), and their sum (the work).
+  double nfe_mean = 0, nfe_p50 = 0, nfe_p90 = 0, nfe_max = 0;
+  int64_t sequences = 0, seq_evals = 0;
+  double wall_s = 0;
+  // Sequences by how their solve ended: success, terminal, max_steps, step_too_small,
+  // non_finite (SolveStatus order). A failed sequence is scored from its last
+  // accepted state; `message` is the first failure's.
+  std::array<int64_t, 5> status_counts{};
+  std::string message;
+  bool ok() const { return status_counts[2] + status_counts[3] + status_counts[4] == 0; }
+  // "ok", or the worst status that occurred ("max_steps", ...).
+  std::string status() const;
+  // Throws Error with the first failure's message unless ok().
+  void require_ok() const;
 };
 
 }  // namespace flowloop

@@ -5,6 +5,7 @@
 #include "flowloop/algebra.hpp"
 #include "flowloop/bench.hpp"
 #include "flowloop/checkpoint.hpp"
+#include "flowloop/compare.hpp"
 #include "flowloop/config.hpp"
 #include "flowloop/data.hpp"
 #include "flowloop/depth.hpp"

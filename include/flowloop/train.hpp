@@ -108,7 +108,10 @@ class AdamW {
 
 std::unique_ptr<DataSource> make_source(const TrainConfig& c);
 
-// Loss, accuracy and nfe over `batches` test batches. With an exit rule ("q":
+// Loss, accuracy and nfe over `batches` test batches (batch i is test batch i of
+// the source, so every regime sees the same examples). A solve that fails
+// (max steps, step too small, non-finite) does not throw: it is counted in
+// status_counts (see EvalResult::require_ok). With an exit rule ("q":
 // the gate's cumulative exit probability reaches the threshold; "delta":
 // ||h_t - h_{t-1}|| falls below it) each token answers at its exit loop.
 // `depth` is resolved against model.cfg.depth (its default loop count and t1).

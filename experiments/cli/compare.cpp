@@ -1,0 +1,124 @@
+// flowloop compare: one trained model under every depth regime, on the same test
+// examples; writes compare.csv, compare.jsonl, pareto.csv and compare_meta.json.
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include "cli.hpp"
+#include "flowloop/checkpoint.hpp"
+#include "flowloop/compare.hpp"
+#include "flowloop/io.hpp"
+#include "flowloop/tensor.hpp"
+#include "flowloop/train.hpp"
+
+namespace flowloop::cli {
+namespace {
+struct CompareArgs {
+  std::string model, task, text, out, regimes;
+  int batches = 16, batch = 64;
+  bool list = false;
+};
+
+// A probe file proves the directory writable before any evaluation.
+void require_writable(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw Error("output directory '" + dir + "' cannot be created: " + ec.message());
+  const std::string probe = (fs::path(dir) / ".flowloop-probe").string();
+  try {
+    write_file_atomic(probe, std::string("probe"));
+  } catch (const Error& e) {
+    throw Error("output directory '" + dir + "' is not writable: " + e.what());
+  }
+  fs::remove(probe, ec);
+}
+}  // namespace
+
+Command register_compare(CLI::App& app) {
+  auto a = std::make_shared<CompareArgs>();
+  auto* c = app.add_subcommand("compare", "one trained model under every depth regime: accuracy, NFE, Pareto front");
+  c->add_option("-m,--model", a->model, "model .safetensors written by train")->required()->check(CLI::ExistingFile);
+  c->add_option("--task", a->task, "the task it was trained on (checked; default: its own)");
+  c->add_option("--text", a->text, "the text it was trained on (checked; default: its own)");
+  c->add_option("--out", a->out, "output directory (required unless --list)");
+  c->add_option("--regimes", a->regimes,
+                "comma-separated regimes (default: the full set, see --list): loop:K, METHOD:N, METHOD:RTOL, "
+                "with @coupled, @terminalE, @qQ, @deltaD");
+  c->add_option("--batches", a->batches, "test batches")->capture_default_str();
+  c->add_option("--batch", a->batch, "batch size")->capture_default_str();
+  c->add_flag("--list", a->list, "print the regimes and stop");
+  return {c, [a] {
+            const SafetensorsFile f = SafetensorsFile::read(a->model);
+            auto it = f.metadata().find("train_config");
+            if (it == f.metadata().end())
+              throw Error("'" + a->model + "' has no train_config: was it written by flowloop train?");
+            const TrainConfig tc = TrainConfig::from_json(it->second, a->model);
+            const std::string trained_on = tc.task.empty() ? "text '" + tc.text + "'" : "task '" + tc.task + "'";
+            if (!a->task.empty() && a->task != tc.task)
+              throw Error("'" + a->model + "' was trained on " + trained_on + ", not on task '" + a->task + "'");
+            if (!a->text.empty() && a->text != tc.text)
+              throw Error("'" + a->model + "' was trained on " + trained_on + ", not on text '" + a->text + "'");
+            Model<float> model = load_model<float>(a->model);
+            const std::vector<Regime> regimes =
+                a->regimes.empty() ? default_regimes(model.cfg) : Regime::parse_list(a->regimes);
+            for (const auto& r : regimes) r.validate(model.cfg);
+            if (a->list) {
+              for (const auto& r : regimes) std::cout << r.label() << "\n";
+              return 0;
+            }
+            if (a->out.empty()) throw Error("compare: --out DIR is required");
+            if (a->batches < 1 || a->batch < 1) throw Error("--batches and --batch must be at least 1");
+            const auto data = make_source(tc);
+            if (model.cfg.vocab_size != data->vocab_size() || model.cfg.context < data->seq_len())
+              throw Error(trained_on + " does not fit the model (vocabulary " + std::to_string(data->vocab_size()) +
+                          ", length " + std::to_string(data->seq_len()) + ")");
+            require_writable(a->out);
+
+            const bool tty = isatty(fileno(stderr));
+            auto progress = [&](size_t i, size_t n, const std::string& label) {
+              if (!tty) return;
+              const int width = 30, done = static_cast<int>(width * i / std::max<size_t>(n, 1));
+              std::fprintf(stderr, "\r[%s%s] %zu/%zu %-32s", std::string(static_cast<size_t>(done), '#').c_str(),
+                           std::string(static_cast<size_t>(width - done), '.').c_str(), i, n, label.c_str());
+              if (i == n) std::fprintf(stderr, "\n");
+              std::fflush(stderr);
+            };
+            const auto rows = compare_regimes(model, *data, regimes, a->batches, a->batch, progress);
+            std::vector<size_t> all(rows.size());
+            for (size_t i = 0; i < rows.size(); ++i) all[i] = i;
+            const auto front = pareto_front(rows);
+            namespace fs = std::filesystem;
+            const fs::path dir(a->out);
+            write_file_atomic((dir / "compare.csv").string(), compare_csv(rows, all));
+            write_file_atomic((dir / "compare.jsonl").string(), compare_jsonl(rows, model.cfg.depth));
+            write_file_atomic((dir / "pareto.csv").string(), compare_csv(rows, front));
+            json meta = {{"model", a->model},
+                         {"data", json::parse(data->describe())},
+                         {"trained_depth", model.cfg.depth},
+                         {"trained", json::parse(tc.depth.to_json(model.cfg.depth))},
+                         {"batches", a->batches},
+                         {"batch", a->batch},
+                         {"examples", rows.empty() ? 0 : rows[0].result.examples},
+                         {"threads", num_threads()},
+                         {"regimes", rows.size()}};
+            write_file_atomic((dir / "compare_meta.json").string(), meta.dump(2) + "\n");
+
+            std::printf("%-28s %9s %9s %8s %8s %6s %8s %s\n", "regime", "accuracy", "loss", "nfe", "nfe_p90", "exit",
+                        "wall_s", "status");
+            for (size_t i = 0; i < rows.size(); ++i) {
+              const auto& e = rows[i].result;
+              const bool on = std::find(front.begin(), front.end(), i) != front.end();
+              const std::string exit = rows[i].regime.exit_rule.empty() ? "" : std::to_string(e.exit_depth).substr(0, 4);
+              std::printf("%-28s %9.4f %9.4f %8.1f %8.0f %6s %8.2f %s%s\n", rows[i].regime.label().c_str(), e.accuracy,
+                          e.loss, e.nfe_mean, e.nfe_p90, exit.c_str(), e.wall_s, e.status().c_str(), on ? "  (pareto)" : "");
+            }
+            std::cout << "wrote " << (dir / "compare.csv").string() << ", compare.jsonl, pareto.csv ("
+                      << front.size() << " rows), compare_meta.json" << std::endl;
+            return 0;
+          }};
+}
+
+}  // namespace flowloop::cli
