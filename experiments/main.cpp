@@ -10,7 +10,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::vector<Command> commands = {register_init(app),  register_forward(app), register_grad(app),
                                    register_train(app), register_eval(app),    register_study(app),
-                                   register_ode_bench(app), register_compare(app)};
+                                   register_ode_bench(app), register_compare(app),
+                                   register_trajectory(app)};
   for (auto& c : register_bench(app)) commands.push_back(std::move(c));
   CLI11_PARSE(app, argc, argv);
   try {

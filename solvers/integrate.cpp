@@ -321,9 +321,11 @@ class Saver {
 
 template <class S>
 void Saver<S>::start(const S* y) {
-  if (o_.save == SaveKind::Steps) {
+  if (o_.save == SaveKind::Steps || o_.record_steps) {
     r_.step_times.assign(G_, {o_.t0});
     r_.step_h.assign(G_, {});
+  }
+  if (o_.save == SaveKind::Steps) {
     r_.step_states.resize(G_);
     for (int g = 0; g < G_; ++g) r_.step_states[g].assign(row_at(y, g, n_), row_at(y, g, n_) + n_);
   }
@@ -340,11 +342,11 @@ void Saver<S>::start(const S* y) {
 template <class S>
 void Saver<S>::accepted(int g, double t, double h, double t_end, const S* y0, const S* y1,
                         const std::vector<Buffer<S>>& K, bool has_f1, const S* f1) {
-  if (o_.save == SaveKind::Steps) {
+  if (o_.save == SaveKind::Steps || o_.record_steps) {
     r_.step_times[g].push_back(t_end);
     r_.step_h[g].push_back(h);
-    r_.step_states[g].insert(r_.step_states[g].end(), y1, y1 + n_);
   }
+  if (o_.save == SaveKind::Steps) r_.step_states[g].insert(r_.step_states[g].end(), y1, y1 + n_);
   if (o_.save != SaveKind::Times) return;
   const double dir = o_.t1 >= o_.t0 ? 1.0 : -1.0;
   const size_t nt = o_.save_times.size();
@@ -833,8 +835,11 @@ SolveResult<S> integrate(OdeSystem<S>& sys, S* y, const SolveOptions& opt) {
   r.seq.assign(static_cast<size_t>(G), one.seq[0]);
   r.seq_evals = one.seq[0].nfe * G;
   r.steps_total = one.steps * G;
-  if (opt.save == SaveKind::Steps) {
+  if (opt.save == SaveKind::Steps || opt.record_steps) {
     r.step_times.assign(static_cast<size_t>(G), one.step_times[0]);
+    r.step_h.assign(static_cast<size_t>(G), one.step_h[0]);
+  }
+  if (opt.save == SaveKind::Steps) {
     r.step_states.assign(static_cast<size_t>(G), Buffer<S>());
     const size_t nsteps = one.step_times[0].size();
     for (int g = 0; g < G; ++g)

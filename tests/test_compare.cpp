@@ -1,13 +1,16 @@
-// flowloop compare: regimes (parse, label, validation), evaluation of one model
-// under many regimes on the same examples, failed regimes as rows, the Pareto
-// front against brute force, the files, and the command's bad input.
+// flowloop compare: regimes (parse, label, validation), one model under many
+// regimes on the same examples, failed regimes as rows, the Pareto front against
+// brute force, the files, bad input. flowloop trajectory: the lens at every depth
+// (ending where eval ends), the solver's steps, PCA, the states, bad input.
 #include <catch2/catch.hpp>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "check.hpp"
+#include "flowloop/checkpoint.hpp"
 #include "flowloop/compare.hpp"
+#include "flowloop/trajectory.hpp"
 #include "flowloop/train.hpp"
 
 using namespace flowloop;
@@ -218,4 +221,110 @@ TEST_CASE("flowloop compare: files, and bad input before any work", "[compare][c
   CHECK_FALSE(std::ifstream(dir.file("x") + "/compare.csv").good());
   std::ofstream(dir.file("file")) << "x";
   refused("--regimes loop:2 --out " + dir.file("file") + "/sub", "cannot be created");
+}
+
+// ---------------------------------------------------------------- trajectory
+
+TEST_CASE("trajectory: the lens at every depth, ending where eval ends; steps; PCA; states", "[trajectory]") {
+  const auto data = phop_source();
+  const Model<float> m = phop_model(*data, false);
+  SECTION("a loop: depths 0..K") {
+    TrajectoryOptions o;
+    o.depth = DepthSpec::parse("loop:3");
+    o.batches = 2;
+    o.batch_size = 8;
+    o.pca_tokens = 10;
+    const auto r = trace(m, *data, o);
+    REQUIRE(r.times == std::vector<double>{0, 1, 2, 3});
+    REQUIRE(r.lens.size() == 4);
+    CHECK(r.source == "loop");
+    CHECK(r.steps.empty());
+    CHECK(std::isnan(r.lens[0].cos_prev_f));
+    CHECK(r.lens.back().kl_to_final == 0);
+    CHECK(r.lens.back().dist_to_final == 0);
+    const EvalResult e = evaluate(m, *data, o.depth, 2, 8);
+    CHECK(r.lens.back().loss == Approx(e.loss).epsilon(1e-6));
+    CHECK(r.lens.back().accuracy == e.accuracy);
+    // h(0) is the embedding; h_{k+1} - h_k = f(h_k): ||h_1 - h_0|| is the mean ||f|| at 0
+    CHECK(r.lens[0].dist_to_final > r.lens[2].dist_to_final);
+    for (const auto& p : r.lens) {
+      CHECK(std::isfinite(p.loss));
+      CHECK(p.kl_to_final >= 0);
+      if (&p != &r.lens[0]) CHECK(std::fabs(p.cos_prev_f) <= 1 + 1e-12);
+    }
+    CHECK(r.states.size() == 4u * 8 * static_cast<size_t>(r.T) * m.cfg.d_model);
+    CHECK(r.pca.size() == 10u * 4);
+    CHECK(r.pca_explained[0] >= r.pca_explained[1]);
+    CHECK(r.pca_explained[1] >= 0);
+    CHECK(r.pca_explained[0] + r.pca_explained[1] <= 1 + 1e-12);
+    // the projections' spread follows the explained variance
+    double v1 = 0, v2 = 0;
+    for (const auto& p : r.pca) {
+      v1 += p.pc1 * p.pc1;
+      v2 += p.pc2 * p.pc2;
+    }
+    CHECK(v1 >= v2);
+  }
+  SECTION("a fixed-step solve: its steps, and t1's state is the solve's") {
+    TrajectoryOptions o;
+    o.depth = DepthSpec::parse("rk4:8");
+    o.times = 5;
+    o.batch_size = 6;
+    const auto r = trace(m, *data, o);
+    REQUIRE(r.times == std::vector<double>{0, 0.75, 1.5, 2.25, 3});
+    CHECK(r.nfe == 32);
+    REQUIRE(r.steps.size() == 6u * 8);
+    for (const auto& s : r.steps) CHECK(s.h == Approx(3.0 / 8));
+    CHECK(r.steps.back().t == Approx(3.0));
+    const EvalResult e = evaluate(m, *data, o.depth, 1, 6);
+    CHECK(r.lens.back().loss == Approx(e.loss).epsilon(1e-6));
+  }
+  SECTION("bad options") {
+    TrajectoryOptions o;
+    o.depth = DepthSpec::parse("dopri5:1e-3");
+    o.times = 1;
+    CHECK_THROWS_WITH(trace(m, *data, o), Catch::Contains("--times must be at least 2"));
+    o.times = 3;
+    o.batches = 0;
+    CHECK_THROWS_WITH(trace(m, *data, o), Catch::Contains("--batches"));
+  }
+}
+
+TEST_CASE("flowloop trajectory: files, states readable, bad input", "[trajectory][cli]") {
+  TempDir dir("flowloop_trajectory");
+  const std::string cli = FLOWLOOP_CLI;
+  int rc = 0;
+  run_command(cli + " train --task phop --task-n 8 --hops 2 --loops 3 --d-model 16 --n-head 2 --steps 4 --batch 4 "
+                    "--eval-every 4 --eval-batches 1 --out " + dir.file("m") + " 2>&1", &rc);
+  REQUIRE(rc == 0);
+  const std::string model = dir.file("m") + "/model.safetensors";
+  const std::string out = run_command(cli + " trajectory -m " + model + " --solver dopri5 --times 7 --batch 4 --out " +
+                                      dir.file("t") + " 2>&1", &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  const SafetensorsFile f = SafetensorsFile::read(dir.file("t") + "/states.safetensors");
+  REQUIRE(f.tensors().count("states"));
+  const auto& shape = f.tensors().at("states").shape;
+  REQUIRE(shape.size() == 4);
+  CHECK(shape[0] == 7);
+  CHECK(shape[1] == 4);
+  CHECK(shape[3] == 16);
+  const auto meta = nlohmann::json::parse(std::ifstream(dir.file("t") + "/trajectory_meta.json"));
+  CHECK(meta["times"].size() == 7);
+  CHECK(meta["times"].back() == 3.0);
+  for (const char* name : {"lens.csv", "steps.csv", "pca.csv"}) CHECK(std::ifstream(dir.file("t") + "/" + name).good());
+  // the trained regime by default: loop 3 gives depths 0..3
+  run_command(cli + " trajectory -m " + model + " --batch 4 --out " + dir.file("l"), &rc);
+  CHECK(rc == 0);
+  CHECK(nlohmann::json::parse(std::ifstream(dir.file("l") + "/trajectory_meta.json"))["times"].size() == 4);
+  auto refused = [&](const std::string& args, const std::string& what) {
+    const std::string o = run_command(cli + " trajectory -m " + model + " " + args + " 2>&1", &rc);
+    INFO(o);
+    CHECK(rc != 0);
+    CHECK(o.find(what) != std::string::npos);
+  };
+  refused("--solver dopri5 --times 1 --out " + dir.file("x"), "--times must be at least 2");
+  refused("--task parity --out " + dir.file("x"), "trained on task 'phop'");
+  refused("--solver rk4 --rtol 1e-3 --out " + dir.file("x"), "rtol");
+  CHECK_FALSE(std::ifstream(dir.file("x") + "/lens.csv").good());
 }

@@ -12,6 +12,7 @@
 
 #include "flowloop/depth.hpp"
 #include "flowloop/solver.hpp"
+#include "flowloop/train.hpp"
 
 namespace flowloop::cli {
 
@@ -33,6 +34,16 @@ struct Command {
 using KeyedOptions = std::vector<std::pair<std::string, CLI::Option*>>;
 KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& depth);
 
+// Whether any of these flags was given on the command line.
+bool any_given(const KeyedOptions& flags);
+
+// The training configuration stored in a model written by `flowloop train`; with
+// a task or text given (non-empty), checks that the model was trained on it.
+TrainConfig trained_config(const std::string& model, const std::string& task = "", const std::string& text = "");
+
+// Creates the directory and proves it writable (a probe file), before any work.
+void require_writable(const std::string& dir);
+
 // A solve's statistics as JSON (per sequence and in total).
 template <class S>
 json solve_json(const SolveResult<S>& r, const SolveOptions& o);
@@ -44,6 +55,7 @@ Command register_train(CLI::App& app);
 Command register_eval(CLI::App& app);
 Command register_study(CLI::App& app);
 Command register_compare(CLI::App& app);
+Command register_trajectory(CLI::App& app);
 Command register_ode_bench(CLI::App& app);
 std::vector<Command> register_bench(CLI::App& app);  // bench field | solve | train
 

@@ -1,5 +1,10 @@
 #include "cli.hpp"
 
+#include <filesystem>
+
+#include "flowloop/checkpoint.hpp"
+#include "flowloop/io.hpp"
+
 namespace flowloop::cli {
 
 KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& d) {
@@ -22,6 +27,37 @@ KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& d) {
   o.push_back({"exit_threshold", app->add_option("--exit-threshold", d.exit_threshold,
                   "solve: stop a sequence where ||f(h)|| / ||h|| falls below this (default 0: off)")->group(g)});
   return o;
+}
+
+bool any_given(const KeyedOptions& flags) {
+  for (const auto& [key, o] : flags)
+    if (o->count() > 0) return true;
+  return false;
+}
+
+TrainConfig trained_config(const std::string& model, const std::string& task, const std::string& text) {
+  const SafetensorsFile f = SafetensorsFile::read(model);
+  auto it = f.metadata().find("train_config");
+  if (it == f.metadata().end()) throw Error("'" + model + "' has no train_config: was it written by flowloop train?");
+  TrainConfig tc = TrainConfig::from_json(it->second, model);
+  const std::string on = tc.task.empty() ? "text '" + tc.text + "'" : "task '" + tc.task + "'";
+  if (!task.empty() && task != tc.task) throw Error("'" + model + "' was trained on " + on + ", not on task '" + task + "'");
+  if (!text.empty() && text != tc.text) throw Error("'" + model + "' was trained on " + on + ", not on text '" + text + "'");
+  return tc;
+}
+
+void require_writable(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw Error("output directory '" + dir + "' cannot be created: " + ec.message());
+  const std::string probe = (fs::path(dir) / ".flowloop-probe").string();
+  try {
+    write_file_atomic(probe, std::string("probe"));
+  } catch (const Error& e) {
+    throw Error("output directory '" + dir + "' is not writable: " + e.what());
+  }
+  fs::remove(probe, ec);
 }
 
 template <class S>

@@ -21,20 +21,6 @@ struct CompareArgs {
   bool list = false;
 };
 
-// A probe file proves the directory writable before any evaluation.
-void require_writable(const std::string& dir) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) throw Error("output directory '" + dir + "' cannot be created: " + ec.message());
-  const std::string probe = (fs::path(dir) / ".flowloop-probe").string();
-  try {
-    write_file_atomic(probe, std::string("probe"));
-  } catch (const Error& e) {
-    throw Error("output directory '" + dir + "' is not writable: " + e.what());
-  }
-  fs::remove(probe, ec);
-}
 }  // namespace
 
 Command register_compare(CLI::App& app) {
@@ -51,16 +37,8 @@ Command register_compare(CLI::App& app) {
   c->add_option("--batch", a->batch, "batch size")->capture_default_str();
   c->add_flag("--list", a->list, "print the regimes and stop");
   return {c, [a] {
-            const SafetensorsFile f = SafetensorsFile::read(a->model);
-            auto it = f.metadata().find("train_config");
-            if (it == f.metadata().end())
-              throw Error("'" + a->model + "' has no train_config: was it written by flowloop train?");
-            const TrainConfig tc = TrainConfig::from_json(it->second, a->model);
+            const TrainConfig tc = trained_config(a->model, a->task, a->text);
             const std::string trained_on = tc.task.empty() ? "text '" + tc.text + "'" : "task '" + tc.task + "'";
-            if (!a->task.empty() && a->task != tc.task)
-              throw Error("'" + a->model + "' was trained on " + trained_on + ", not on task '" + a->task + "'");
-            if (!a->text.empty() && a->text != tc.text)
-              throw Error("'" + a->model + "' was trained on " + trained_on + ", not on text '" + a->text + "'");
             Model<float> model = load_model<float>(a->model);
             const std::vector<Regime> regimes =
                 a->regimes.empty() ? default_regimes(model.cfg) : Regime::parse_list(a->regimes);

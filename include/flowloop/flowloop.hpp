@@ -19,3 +19,4 @@
 #include "flowloop/solver.hpp"
 #include "flowloop/tensor.hpp"
 #include "flowloop/train.hpp"
+#include "flowloop/trajectory.hpp"

@@ -99,6 +99,9 @@ struct SolveOptions {
   size_t norm_period = 0, norm_dims = 0;
   SaveKind save = SaveKind::Final;
   std::vector<double> save_times;  // for SaveKind::Times, sorted in the direction of t0 -> t1
+  // Also record every accepted step's end time and size (step_times, step_h) when
+  // save is not Steps (which records them anyway), e.g. beside dense output.
+  bool record_steps = false;
 
   void validate() const;  // throws Error naming the bad option
 };
