@@ -100,6 +100,9 @@ int run_study(const StudyOptions& o) {
   std::map<std::string, std::map<std::string, std::vector<double>>> agg;
   std::map<std::string, std::map<std::string, std::pair<std::vector<double>, std::vector<double>>>> by_regime;
   std::map<std::string, int> planned;
+  std::ostringstream curves;
+  curves.precision(10);
+  curves << "arm,seed,step,train_flops,wall_s,test_accuracy,test_loss\n";
   for (int si = 0; si < o.seeds; ++si) {
     const uint64_t seed = o.seed + static_cast<uint64_t>(si);
     std::string looped_model;
@@ -117,7 +120,7 @@ int run_study(const StudyOptions& o) {
       c.warmup = o.warmup;
       c.lr = o.lr;
       c.min_lr = o.lr / 10;
-      c.eval_every = std::max(1, c.steps / 4);
+      c.eval_every = std::max(1, c.steps / std::max(1, o.curve_points));
       c.eval_batches = 4;
       c.checkpoint_every = c.steps;
       c.seed = seed;
@@ -147,7 +150,8 @@ int run_study(const StudyOptions& o) {
       const EvalResult r = evaluate(tr.model(), *data, c.depth, o.eval_batches, o.batch);
       r.require_ok();
       // the training NFE: the mean forward evaluations per step, from metrics.jsonl
-      double nfe_sum = 0;
+      // and the learning curve: test accuracy against steps and cumulative FLOPs
+      double nfe_sum = 0, flops = 0;
       int64_t nfe_n = 0;
       {
         std::ifstream in(c.out + "/metrics.jsonl");
@@ -156,6 +160,11 @@ int run_study(const StudyOptions& o) {
           if (j.is_discarded() || !j.contains("nfe_forward")) continue;
           nfe_sum += j["nfe_forward"].get<double>();
           ++nfe_n;
+          flops += j.value("flops", 0.0);
+          if (j.contains("test_accuracy"))
+            curves << a.name << "," << seed << "," << j["step"].get<int64_t>() << "," << flops << ","
+                   << j["wall_s"].get<double>() << "," << j["test_accuracy"].get<double>() << ","
+                   << j["test_loss"].get<double>() << "\n";
         }
       }
       const double train_nfe = nfe_n ? nfe_sum / static_cast<double>(nfe_n) : 0.0;
@@ -225,10 +234,11 @@ int run_study(const StudyOptions& o) {
   const nlohmann::ordered_json setup = {{"task", o.task}, {"task_n", o.task_n}, {"hops", o.hops}, {"prime", o.prime},
                                         {"d_model", o.d_model}, {"n_head", o.n_head}, {"depth", K}, {"steps", o.steps},
                                         {"batch", o.batch}, {"lr", o.lr}, {"seed", o.seed}, {"seeds", o.seeds},
-                                        {"eval_depths", o.eval_depths}};
+                                        {"eval_depths", o.eval_depths}, {"curve_points", o.curve_points}};
   write_file_atomic((std::filesystem::path(o.out) / "results.json").string(),
                     nlohmann::ordered_json({{"setup", setup}, {"summary", summary}, {"results", runs}}).dump(2) + "\n");
   write_file_atomic((std::filesystem::path(o.out) / "results.md").string(), md.str());
+  write_file_atomic((std::filesystem::path(o.out) / "curves.csv").string(), curves.str());
   std::cout << "study on " << o.task << " (n " << o.task_n << (o.task == "phop" ? ", hops " + std::to_string(o.hops) : "")
             << (o.task == "modarith" && o.prime ? ", prime " + std::to_string(o.prime) : "") << "), " << o.steps
             << " steps of batch " << o.batch << " each, " << o.seeds << " seed" << (o.seeds > 1 ? "s" : "")

@@ -15,6 +15,7 @@ struct StudyOptions {
   int steps = 2000, batch = 64, warmup = 100;
   double lr = 1e-3;
   int eval_batches = 16;
+  int curve_points = 8;       // evaluations along each arm's training (its learning curve)
   int seeds = 1;              // seeds seed, seed + 1, ...: every arm is trained once per seed
   // The ODE arm: one block integrated under ode_depth on [0, depth] (default dopri5
   // with the depth spec's default tolerances), trained with these remedies.
@@ -38,7 +39,9 @@ struct StudyOptions {
 // Trains, at the same steps, batch and learning rate: one block looped `depth`
 // times, `depth` distinct blocks run once, one block run once, and one block as an
 // ODE on [0, depth]. Writes OUT/<model>[-s<seed>]/ for each, OUT/results.json (every
-// run and the mean and spread per arm) and OUT/results.md; prints the tables.
+// run and the mean and spread per arm), OUT/results.md, and OUT/curves.csv (every
+// arm's test accuracy and loss against steps, training FLOPs and seconds); prints
+// the tables.
 int run_study(const StudyOptions& opt);
 
 }  // namespace flowloop

@@ -290,6 +290,11 @@ double accuracy(const float* logits, const TokenBatch& targets, int V, bool exac
   return total ? static_cast<double>(right) / static_cast<double>(total) : 0.0;
 }
 
+double train_step_flops(const Model<float>& model, int B, int T, double nfe_forward, double nfe_backward) {
+  const double readout = 2.0 * B * T * model.cfg.d_model * model.cfg.vocab_size;
+  return model.field.flops(B, T) * (nfe_forward + 2.0 * nfe_backward) + 3.0 * readout;
+}
+
 std::string EvalResult::status() const {
   for (int k = 4; k >= 2; --k)
     if (status_counts[static_cast<size_t>(k)] > 0) return status_name(static_cast<SolveStatus>(k));
@@ -577,6 +582,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     for (auto it = drawn.begin(); it != drawn.end(); ++it) line[it.key()] = it.value();
     line["nfe_forward"] = nfe_f;
     line["nfe_backward"] = nfe_b;
+    line["flops"] = train_step_flops(m, tok.B, tok.T, static_cast<double>(nfe_f), static_cast<double>(nfe_b));
     line["tokens_per_s"] = static_cast<double>(tok.B) * tok.T / dt;
     if (c.exit_gate) line["exit_depth"] = exit_depth;
     if (c.kinetic > 0) line["kinetic"] = kinetic;

@@ -1,6 +1,7 @@
 // Training: data generators against brute force, disjoint splits, AdamW and the
 // schedule by hand, exact resume, bad configurations rejected before any work.
 #include <catch2/catch.hpp>
+#include <map>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -566,6 +567,29 @@ TEST_CASE("flowloop study trains every arm at the same budget and writes the tab
   CHECK(j["results"][0]["nfe"] == 2.0);
   CHECK(j["results"][3]["nfe"].get<double>() > 2.0);
   CHECK(fs::exists(dir.path / "study" / "deep" / "model.safetensors"));
+  // learning curves: steps 3 with 8 points evaluates every step; FLOPs grow with the
+  // steps, and the deep arm's step costs what the looped one's does (same nfe x blocks)
+  std::ifstream cin_(dir.path / "study" / "curves.csv");
+  std::string header, line;
+  std::getline(cin_, header);
+  CHECK(header == "arm,seed,step,train_flops,wall_s,test_accuracy,test_loss");
+  std::map<std::string, std::vector<double>> flops;
+  while (std::getline(cin_, line)) {
+    std::stringstream ls(line);
+    std::string arm, cell;
+    std::getline(ls, arm, ',');
+    std::vector<double> v;
+    while (std::getline(ls, cell, ',')) v.push_back(std::stod(cell));
+    REQUIRE(v.size() == 6);
+    CHECK(v[4] >= 0);
+    CHECK(v[4] <= 1);
+    flops[arm].push_back(v[2]);
+  }
+  REQUIRE(flops["looped"].size() == 3);
+  CHECK(flops["looped"][2] == Approx(3 * flops["looped"][0]));
+  CHECK(flops["deep"][0] == Approx(flops["looped"][0]));
+  CHECK(flops["shallow"][0] < flops["looped"][0]);
+  CHECK(flops["ode"][0] > flops["looped"][0]);
   // one arm alone, the regularised ODE arm; an unknown arm is refused
   const std::string o2 = run_command(std::string(FLOWLOOP_CLI) +
                                          " study --task modarith --task-n 2 --depth 2 --d-model 16 --n-head 2 --steps 3 "

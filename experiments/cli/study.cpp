@@ -21,6 +21,9 @@ Command register_study(CLI::App& app) {
   st->add_option("--lr", o.lr, "peak learning rate")->capture_default_str();
   st->add_option("--warmup", o.warmup, "warm-up steps")->capture_default_str();
   st->add_option("--eval-batches", o.eval_batches, "test batches of the final evaluation")->capture_default_str();
+  st->add_option("--curve-points", o.curve_points,
+                 "test evaluations along training per arm (4 batches each): curves.csv, accuracy against steps and FLOPs")
+      ->capture_default_str();
   st->add_option("--seeds", o.seeds, "train every arm with seeds seed .. seed + N - 1; tables show mean ± sd")
       ->capture_default_str();
   st->add_option("--eval-depths", o.eval_depths,

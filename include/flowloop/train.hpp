@@ -118,6 +118,13 @@ std::unique_ptr<DataSource> make_source(const TrainConfig& c);
 EvalResult evaluate(const Model<float>& model, const DataSource& data, const DepthSpec& depth, int batches,
                     int batch_size, const std::string& exit_rule = "", double exit_threshold = 0.0);
 
+// FLOPs of a training step of batch (B, T): nfe_forward field evaluations and
+// nfe_backward vjps (each twice an evaluation), plus the readout forward and
+// backward (3 x 2BTCV). An ODE step counts at the batch's depth (the most
+// evaluations over its sequences): an upper bound for per-sequence solves.
+// metrics.jsonl logs it per step as "flops".
+double train_step_flops(const Model<float>& model, int B, int T, double nfe_forward, double nfe_backward);
+
 // Accuracy of logits (B*T, V) against targets: exact match of every scored
 // position of a row, or the fraction of scored positions right.
 double accuracy(const float* logits, const TokenBatch& targets, int V, bool exact_match, int64_t* count);
