@@ -5,6 +5,9 @@
 #   ./run.sh test     install what is missing, build, run the test suite (ctest)
 #   ./run.sh tour     init a model, run it looped and as an ODE, benchmark the field
 #   ./run.sh peer     the PyTorch side-by-side benchmark (installs python3-torch)
+#   ./run.sh figures [ARGS]  execute notebooks/*.ipynb headless into build/notebooks (installs
+#                     matplotlib and nbconvert); no ARGS: on two small p-hop models, looped and
+#                     ODE-depth, trained here first; ARGS go to notebooks/run_notebooks.sh
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
 #                     every arm at most 10 minutes, and the ODE-depth table over 3 seeds
 #                     (about 3 hours on 2 cores)
@@ -108,8 +111,14 @@ case "$mode" in
     /usr/bin/python3 experiments/peer_torch.py train --flowloop "$BUILD_DIR/flowloop" --sizes S M "${@:2}"
     /usr/bin/python3 experiments/peer_torch.py loops --flowloop "$BUILD_DIR/flowloop" --sizes S "${@:2}"
     ;;
+  figures)
+    build
+    need_pkgs python3 python3-numpy python3-matplotlib python3-nbformat python3-nbconvert python3-ipykernel
+    (($# > 1)) || set -- figures --demo 300
+    FLOWLOOP="$BUILD_DIR/flowloop" notebooks/run_notebooks.sh --out "$BUILD_DIR/notebooks" "${@:2}"
+    ;;
   *)
-    echo "usage: ./run.sh [study|test|tour|peer|reproduce]" >&2
+    echo "usage: ./run.sh [study|test|tour|peer|reproduce|figures]" >&2
     exit 2
     ;;
 esac

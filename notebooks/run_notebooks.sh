@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Execute the notebooks headless into OUT (executed copies; the committed notebooks stay
+# as they are), their figures into OUT/figures. A cell that raises fails the script.
+#   notebooks/run_notebooks.sh [--out DIR] [--demo STEPS] [--regimes LIST] [--batches N] [NOTEBOOK...]
+#   --out DIR      default build/notebooks
+#   --demo STEPS   first make the inputs under OUT/data with $FLOWLOOP (default build/flowloop):
+#                  a looped (loop 4) and an ODE-depth (rk4, 4 steps on [0, 4]) model trained
+#                  STEPS steps each on p-hop (16 symbols, 4 hops); `flowloop compare` on each
+#                  (--regimes LIST, default all; --batches N of 32, default 4); `flowloop
+#                  trajectory` of the looped model and of the ODE one under dopri5
+#   NOTEBOOK...    default every notebooks/*.ipynb
+# The inputs are otherwise FLOWLOOP_COMPARE_DIRS and FLOWLOOP_TRAJECTORY_DIRS (':'-separated)
+# or the notebooks' defaults (OUT/data of --demo with the default OUT).
+# Needs Debian's python3-numpy, -matplotlib, -nbconvert, -nbformat, -ipykernel (`./run.sh
+# figures` installs them).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$root/build/notebooks
+demo=0 regimes="" batches=4 notebooks=()
+while (($#)); do
+  case "$1" in
+    --out) out=$(mkdir -p "$2" && cd "$2" && pwd); shift 2 ;;
+    --demo) demo=$2; shift 2 ;;
+    --regimes) regimes=$2; shift 2 ;;
+    --batches) batches=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -*) echo "run_notebooks.sh: unknown option $1" >&2; exit 2 ;;
+    *) notebooks+=("$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"); shift ;;
+  esac
+done
+((${#notebooks[@]})) || notebooks=("$root"/notebooks/*.ipynb)
+
+py=/usr/bin/python3
+$py -c "import numpy, matplotlib, nbconvert, nbformat, ipykernel" 2>/dev/null || {
+  echo "run_notebooks.sh: needs python3-numpy python3-matplotlib python3-nbconvert python3-nbformat" \
+    "python3-ipykernel (./run.sh figures installs them)" >&2
+  exit 1
+}
+
+if ((demo)); then
+  fl=${FLOWLOOP:-$root/build/flowloop}
+  data=$out/data
+  mkdir -p "$data"
+  common=(--task phop --task-n 16 --hops 4 --steps "$demo" --batch 64 --lr 1e-3
+          --warmup "$((demo / 5))" --eval-every "$demo")
+  echo "== training a looped and an ODE-depth model, $demo steps each"
+  "$fl" train "${common[@]}" --loops 4 --out "$data/looped" >/dev/null
+  "$fl" train "${common[@]}" --solver rk4 --solver-steps 4 --out "$data/ode" >/dev/null
+  for m in looped ode; do
+    echo "== flowloop compare: $m"
+    "$fl" compare -m "$data/$m/model.safetensors" --out "$data/cmp_$m" --batches "$batches" --batch 32 \
+      ${regimes:+--regimes "$regimes"} >/dev/null
+  done
+  echo "== flowloop trajectory: looped, and the ODE model under dopri5"
+  "$fl" trajectory -m "$data/looped/model.safetensors" --out "$data/traj_looped" >/dev/null
+  "$fl" trajectory -m "$data/ode/model.safetensors" --solver dopri5 --out "$data/traj_ode" >/dev/null
+  export FLOWLOOP_COMPARE_DIRS=${FLOWLOOP_COMPARE_DIRS:-$data/cmp_looped:$data/cmp_ode}
+  export FLOWLOOP_TRAJECTORY_DIRS=${FLOWLOOP_TRAJECTORY_DIRS:-$data/traj_looped:$data/traj_ode}
+fi
+
+# relative input paths are the repository root's, as in the notebooks
+export FLOWLOOP_FIGURES=${FLOWLOOP_FIGURES:-$out/figures}
+export MPLBACKEND=Agg PYDEVD_DISABLE_FILE_VALIDATION=1
+for nb in "${notebooks[@]}"; do
+  echo "== executing $(basename "$nb")"
+  # the kernel runs in the notebook's directory, where flowloop_nb.py is
+  $py -m nbconvert --to notebook --execute --ExecutePreprocessor.timeout=600 --log-level WARN \
+    --output-dir "$out" "$nb" || { echo "run_notebooks.sh: $(basename "$nb") failed" >&2; exit 1; }
+done
+echo "executed notebooks in $out, figures in $FLOWLOOP_FIGURES"
