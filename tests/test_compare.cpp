@@ -3,6 +3,7 @@
 // brute force, the files, bad input. flowloop trajectory: the lens at every depth
 // (ending where eval ends), the solver's steps, PCA, the states, bad input.
 #include <catch2/catch.hpp>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -10,6 +11,7 @@
 #include "check.hpp"
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/compare.hpp"
+#include "flowloop/sweep.hpp"
 #include "flowloop/trajectory.hpp"
 #include "flowloop/train.hpp"
 
@@ -327,4 +329,57 @@ TEST_CASE("flowloop trajectory: files, states readable, bad input", "[trajectory
   refused("--task parity --out " + dir.file("x"), "trained on task 'phop'");
   refused("--solver rk4 --rtol 1e-3 --out " + dir.file("x"), "rtol");
   CHECK_FALSE(std::ifstream(dir.file("x") + "/lens.csv").good());
+}
+
+// ---------------------------------------------------------------- sweep
+
+TEST_CASE("flowloop sweep: one model per training regime, each under every regime; resumable", "[sweep][cli]") {
+  TempDir dir("flowloop_sweep");
+  const std::string cli = FLOWLOOP_CLI;
+  const std::string args = " sweep --task phop --task-n 8 --hops 2 --d-model 16 --n-head 2 --steps 6 --batch 4 "
+                           "--warmup 1 --eval-every 6 --eval-batches 1 --train-depths loop:3,rk4:2,dopri5:1e-2 "
+                           "--regimes loop:3,rk4:4,dopri5:1e-3 --compare-batches 1 --compare-batch 4 --out " +
+                           dir.file("s");
+  int rc = 0;
+  std::string out = run_command(cli + args + " 2>&1", &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  auto lines = [](const std::string& path) {
+    std::ifstream in(path);
+    std::vector<std::string> v;
+    for (std::string l; std::getline(in, l);) v.push_back(l);
+    return v;
+  };
+  const auto sweep = lines(dir.file("s") + "/sweep.csv");
+  REQUIRE(sweep.size() == 1 + 3 * 3);
+  CHECK(sweep[0] == "train_regime,eval_regime,accuracy,loss,nfe_mean,nfe_p90,nfe_max,wall_s,status");
+  CHECK(sweep[1].rfind("loop:3,loop:3,", 0) == 0);
+  CHECK(sweep[9].rfind("dopri5:0.01,dopri5:0.001,", 0) == 0);
+  const auto train = lines(dir.file("s") + "/sweep_train.csv");
+  REQUIRE(train.size() == 4);
+  CHECK(train[2].find(",6,") != std::string::npos);  // rk4:2 trained its 6 steps
+  for (const char* m : {"train-loop_3", "train-rk4_2", "train-dopri5_0.01"})
+    CHECK(std::ifstream(dir.file("s") + "/" + m + "/compare.csv").good());
+  // run again: every model is complete, nothing retrains, the same accuracies
+  const auto metrics = lines(dir.file("s") + "/train-rk4_2/metrics.jsonl");
+  out = run_command(cli + args + " 2>&1", &rc);
+  REQUIRE(rc == 0);
+  CHECK(lines(dir.file("s") + "/train-rk4_2/metrics.jsonl") == metrics);
+  const auto again = lines(dir.file("s") + "/sweep.csv");
+  REQUIRE(again.size() == sweep.size());
+  for (size_t i = 0; i < sweep.size(); ++i)  // all but the wall clock and status columns
+    CHECK(again[i].substr(0, again[i].rfind(',', again[i].rfind(',') - 1)) ==
+          sweep[i].substr(0, sweep[i].rfind(',', sweep[i].rfind(',') - 1)));
+  // bad input, before any training
+  auto refused = [&](const std::string& a, const std::string& what) {
+    const std::string o = run_command(cli + " sweep --task phop --task-n 8 --hops 2 --steps 2 " + a + " 2>&1", &rc);
+    INFO(o);
+    CHECK(rc != 0);
+    CHECK(o.find(what) != std::string::npos);
+  };
+  refused("--train-depths loop:3,loop:3 --out " + dir.file("x"), "listed twice");
+  refused("--train-depths loop:3,euler:1e-3 --out " + dir.file("x"), "takes a step count");
+  refused("--train-depths loop:3 --regimes loop:3@q0.5 --out " + dir.file("x"), "no exit gate");
+  refused("--train-depths dopri7 --out " + dir.file("x"), "dopri7");
+  CHECK_FALSE(std::filesystem::exists(dir.file("x")));
 }

@@ -34,6 +34,14 @@ struct Command {
 using KeyedOptions = std::vector<std::pair<std::string, CLI::Option*>>;
 KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& depth);
 
+// The training options of `train` (task, model, remedies, optimiser, schedule,
+// evaluation, seed, --out), with their keys in TrainConfig's JSON; the depth flags
+// too when depth_flags. Commands that train (train, sweep) share them.
+KeyedOptions add_train_flags(CLI::App* app, TrainConfig& c, bool depth_flags);
+// The configuration file (if any), then the flags given, then the defaults.
+TrainConfig merged_train_config(const KeyedOptions& given, const TrainConfig& flags_config,
+                                const std::string& config_file);
+
 // Whether any of these flags was given on the command line.
 bool any_given(const KeyedOptions& flags);
 
@@ -56,6 +64,7 @@ Command register_eval(CLI::App& app);
 Command register_study(CLI::App& app);
 Command register_compare(CLI::App& app);
 Command register_trajectory(CLI::App& app);
+Command register_sweep(CLI::App& app);
 Command register_ode_bench(CLI::App& app);
 std::vector<Command> register_bench(CLI::App& app);  // bench field | solve | train
 

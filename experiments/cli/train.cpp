@@ -6,24 +6,13 @@
 #include "flowloop/train.hpp"
 
 namespace flowloop::cli {
-namespace {
-struct TrainArgs {
-  TrainConfig c;
-  std::string config_file;
-  bool resume = false;
-  KeyedOptions given;  // flags with their configuration keys
-};
-}  // namespace
-
-Command register_train(CLI::App& app) {
-  auto a = std::make_shared<TrainArgs>();
-  TrainConfig& tc = a->c;
-  auto* tr = app.add_subcommand("train", "train a looped or ODE-depth model on a task or on text");
+KeyedOptions add_train_flags(CLI::App* tr, TrainConfig& tc, bool depth_flags) {
+  KeyedOptions given;
   auto opt = [&](const char* flag, const char* key, auto& dst, const char* help) {
-    a->given.push_back({key, tr->add_option(flag, dst, help)});
+    given.push_back({key, tr->add_option(flag, dst, help)});
   };
   auto flag = [&](const char* name, const char* key, bool& dst, const char* help) {
-    a->given.push_back({key, tr->add_flag(name, dst, help)});
+    given.push_back({key, tr->add_flag(name, dst, help)});
   };
   opt("--task", "task", tc.task, "built-in task: parity, phop, modarith, addition");
   opt("--task-n", "task_n", tc.task_n, "task difficulty (bits, length, operators, digits)");
@@ -38,7 +27,8 @@ Command register_train(CLI::App& app) {
   flag("--time-cond", "time_cond", tc.time_cond, "time-conditioned field f(h, t) (adaLN, zero-initialised)");
   opt("--time-freq", "time_freq", tc.time_freq, "time embedding width E");
   opt("--time-scale", "time_scale", tc.time_scale, "tau = t * scale (default 1000 / depth)");
-  for (auto& k : add_depth_flags(tr, tc.depth)) a->given.push_back(k);
+  if (depth_flags)
+    for (auto& k : add_depth_flags(tr, tc.depth)) given.push_back(k);
   flag("--exit-gate", "exit_gate", tc.exit_gate, "loops: train Ouro's exit gate");
   opt("--gate-beta", "gate_beta", tc.gate_beta, "exit gate: entropy weight beta");
   opt("--random-depth", "random_depth_mean", tc.random_depth_mean, "loops: Huginn's random depth around this mean");
@@ -64,21 +54,42 @@ Command register_train(CLI::App& app) {
   opt("--max-seconds", "max_seconds", tc.max_seconds, "stop (evaluated and checkpointed) after this wall time; --resume goes on");
   opt("--seed", "seed", tc.seed, "seed of the weights and the data");
   opt("--out", "out", tc.out, "output directory");
+  return given;
+}
+
+TrainConfig merged_train_config(const KeyedOptions& given, const TrainConfig& flags_config,
+                                const std::string& config_file) {
+  // the configuration file, then the flags given, then the defaults
+  json merged = json::object();
+  if (!config_file.empty()) {
+    merged = read_json_file(config_file, "config");
+    TrainConfig::from_json(merged.dump(), "config '" + config_file + "'");  // names unknown keys, wrong types
+  }
+  const json defaults = json::parse(TrainConfig{}.to_json()), flags = json::parse(flags_config.to_json());
+  for (const auto& [key, o] : given)
+    if (o->count() > 0) merged[key] = flags[key];
+  for (auto it = defaults.begin(); it != defaults.end(); ++it)
+    if (!merged.contains(it.key())) merged[it.key()] = it.value();
+  return TrainConfig::from_json(merged.dump(), "train options");
+}
+
+namespace {
+struct TrainArgs {
+  TrainConfig c;
+  std::string config_file;
+  bool resume = false;
+  KeyedOptions given;  // flags with their configuration keys
+};
+}  // namespace
+
+Command register_train(CLI::App& app) {
+  auto a = std::make_shared<TrainArgs>();
+  auto* tr = app.add_subcommand("train", "train a looped or ODE-depth model on a task or on text");
+  a->given = add_train_flags(tr, a->c, true);
   tr->add_option("--config", a->config_file, "JSON configuration (flags given override it)");
   tr->add_flag("--resume", a->resume, "continue from OUT/checkpoint.safetensors");
   return {tr, [a] {
-            // the configuration file, then the flags given, then the defaults
-            json merged = json::object();
-            if (!a->config_file.empty()) {
-              merged = read_json_file(a->config_file, "config");
-              TrainConfig::from_json(merged.dump(), "config '" + a->config_file + "'");  // names unknown keys, wrong types
-            }
-            const json defaults = json::parse(TrainConfig{}.to_json()), flags = json::parse(a->c.to_json());
-            for (const auto& [key, o] : a->given)
-              if (o->count() > 0) merged[key] = flags[key];
-            for (auto it = defaults.begin(); it != defaults.end(); ++it)
-              if (!merged.contains(it.key())) merged[it.key()] = it.value();
-            const TrainConfig c = TrainConfig::from_json(merged.dump(), "train options");
+            const TrainConfig c = merged_train_config(a->given, a->c, a->config_file);
             Trainer trainer(c);
             trainer.run(a->resume, std::cerr);
             const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"}, {"metrics", c.out + "/metrics.jsonl"}};

@@ -17,6 +17,7 @@
 #include "flowloop/params.hpp"
 #include "flowloop/problems.hpp"
 #include "flowloop/solver.hpp"
+#include "flowloop/sweep.hpp"
 #include "flowloop/tensor.hpp"
 #include "flowloop/train.hpp"
 #include "flowloop/trajectory.hpp"

@@ -1,0 +1,141 @@
+#include "flowloop/sweep.hpp"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "flowloop/io.hpp"
+
+namespace flowloop {
+
+std::string SweepOptions::model_dir(const DepthSpec& d) const {
+  std::string token = d.token();
+  for (char& ch : token)
+    if (ch == ':') ch = '_';
+  return (std::filesystem::path(out) / ("train-" + token)).string();
+}
+
+namespace {
+TrainConfig model_config(const SweepOptions& o, const DepthSpec& d) {
+  TrainConfig c = o.base;
+  c.depth = d;
+  c.out = o.model_dir(d);
+  return c;
+}
+
+ModelConfig arch(const TrainConfig& c, const DataSource& data) {
+  ModelConfig mc;
+  mc.vocab_size = data.vocab_size();
+  mc.context = data.seq_len();
+  mc.d_model = c.d_model;
+  mc.n_head = c.n_head;
+  mc.d_ff = c.d_ff;
+  mc.n_block = c.n_block;
+  mc.depth = c.trained_depth();
+  mc.exit_gate = c.exit_gate;
+  mc.time_cond = c.time_cond;
+  mc.time_freq = c.time_freq;
+  mc.time_scale = c.time_scale;
+  mc.finalize();
+  return mc;
+}
+}  // namespace
+
+void SweepOptions::validate() const {
+  if (out.empty()) throw Error("sweep: --out DIR is required");
+  if (train_depths.empty()) throw Error("sweep: --train-depths lists no training regime");
+  if (eval_batches < 1 || eval_batch < 1) throw Error("sweep: --eval-batches and --eval-batch must be at least 1");
+  std::vector<std::string> seen;
+  for (const DepthSpec& d : train_depths) {
+    const std::string t = d.token();
+    if (std::find(seen.begin(), seen.end(), t) != seen.end()) throw Error("sweep: training regime '" + t + "' is listed twice");
+    seen.push_back(t);
+    const TrainConfig c = model_config(*this, d);
+    try {
+      c.validate();
+    } catch (const Error& e) {
+      throw Error("sweep: training regime '" + t + "': " + e.what());
+    }
+    const auto data = make_source(c);
+    const ModelConfig mc = arch(c, *data);
+    for (const Regime& r : eval_regimes) r.validate(mc);
+  }
+}
+
+std::vector<SweepModel> run_sweep(const SweepOptions& o, std::ostream& progress) {
+  o.validate();
+  namespace fs = std::filesystem;
+  fs::create_directories(o.out);
+  std::vector<SweepModel> models;
+  for (size_t i = 0; i < o.train_depths.size(); ++i) {
+    const DepthSpec& d = o.train_depths[i];
+    const TrainConfig c = model_config(o, d);
+    progress << "== sweep " << (i + 1) << "/" << o.train_depths.size() << ": training " << d.token() << " ("
+             << c.steps << " steps)" << std::endl;
+    Trainer tr(c);
+    tr.run(fs::exists(fs::path(c.out) / "checkpoint.safetensors"), progress);
+    SweepModel m;
+    m.depth = d;
+    m.dir = c.out;
+    m.steps = tr.step();
+    const auto data = make_source(c);
+    // the training cost from the metrics, step by step (a resumed run adds up)
+    std::ifstream in(fs::path(c.out) / "metrics.jsonl");
+    int64_t n = 0;
+    for (std::string line; std::getline(in, line);) {
+      const auto j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded() || !j.contains("step")) continue;
+      m.train_flops += j.value("flops", 0.0);
+      m.train_nfe += j.value("nfe_forward", 0.0);
+      const double tps = j.value("tokens_per_s", 0.0);
+      if (tps > 0) m.train_seconds += static_cast<double>(c.batch) * data->seq_len() / tps;
+      ++n;
+    }
+    if (n) m.train_nfe /= static_cast<double>(n);
+    const std::vector<Regime> regimes = o.eval_regimes.empty() ? default_regimes(tr.model().cfg) : o.eval_regimes;
+    progress << "== sweep " << (i + 1) << "/" << o.train_depths.size() << ": " << regimes.size()
+             << " evaluation regimes" << std::endl;
+    m.rows = compare_regimes(tr.model(), *data, regimes, o.eval_batches, o.eval_batch);
+    std::vector<size_t> all(m.rows.size());
+    for (size_t k = 0; k < all.size(); ++k) all[k] = k;
+    write_file_atomic((fs::path(c.out) / "compare.csv").string(), compare_csv(m.rows, all));
+    write_file_atomic((fs::path(c.out) / "compare.jsonl").string(), compare_jsonl(m.rows, tr.model().cfg.depth));
+    write_file_atomic((fs::path(c.out) / "pareto.csv").string(), compare_csv(m.rows, pareto_front(m.rows)));
+    models.push_back(std::move(m));
+    // the tables so far: a stopped sweep keeps what it finished
+    write_file_atomic((fs::path(o.out) / "sweep.csv").string(), sweep_csv(models));
+    write_file_atomic((fs::path(o.out) / "sweep_train.csv").string(), sweep_train_csv(models));
+  }
+  return models;
+}
+
+namespace {
+std::string num(double v) {
+  std::ostringstream s;
+  s.precision(10);
+  s << v;
+  return s.str();
+}
+}  // namespace
+
+std::string sweep_csv(const std::vector<SweepModel>& models) {
+  std::string out = "train_regime,eval_regime,accuracy,loss,nfe_mean,nfe_p90,nfe_max,wall_s,status\n";
+  for (const auto& m : models)
+    for (const auto& r : m.rows)
+      out += m.depth.token() + "," + r.regime.label() + "," + num(r.result.accuracy) + "," + num(r.result.loss) + "," +
+             num(r.result.nfe_mean) + "," + num(r.result.nfe_p90) + "," + num(r.result.nfe_max) + "," +
+             num(r.result.wall_s) + "," + r.result.status() + "\n";
+  return out;
+}
+
+std::string sweep_train_csv(const std::vector<SweepModel>& models) {
+  std::string out = "train_regime,dir,steps,train_seconds,train_flops,train_nfe\n";
+  for (const auto& m : models)
+    out += m.depth.token() + "," + m.dir + "," + std::to_string(m.steps) + "," + num(m.train_seconds) + "," +
+           num(m.train_flops) + "," + num(m.train_nfe) + "\n";
+  return out;
+}
+
+}  // namespace flowloop
