@@ -23,7 +23,7 @@ while (($#)); do
     --demo) demo=$2; shift 2 ;;
     --regimes) regimes=$2; shift 2 ;;
     --batches) batches=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     -*) echo "run_notebooks.sh: unknown option $1" >&2; exit 2 ;;
     *) notebooks+=("$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"); shift ;;
   esac
