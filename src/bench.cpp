@@ -288,6 +288,110 @@ std::string bench_solve(const BenchSolveOptions& opt) {
   return j.dump();
 }
 
+std::vector<std::string> bench_wp(const BenchWpOptions& opt) {
+  const BenchSize bs = bench_size(opt.size);
+  set_num_threads(opt.threads);
+  const ModelConfig cfg = bench_config(bs);
+  Model<float> model = bench_model(opt, cfg);
+  const TokenBatch tokens = bench_tokens(opt, bs, model.cfg, "tokens");
+  if (opt.solvers.empty() || opt.rtols.empty()) throw Error("bench wp: no solver or no tolerance");
+  for (const auto& m : opt.solvers)
+    if (!method_is_adaptive(m)) throw Error("bench wp: '" + m + "' has no error estimate (an adaptive method is needed)");
+  for (double r : opt.rtols)
+    if (!(r > 0) || !std::isfinite(r)) throw Error("bench wp: tolerance " + std::to_string(r) + " is not positive");
+  const int B = tokens.B;
+  const size_t NC = static_cast<size_t>(B) * tokens.T * model.cfg.d_model, n = NC / static_cast<size_t>(B);
+  // the reference: the same weights in double, dopri5 at reference_rtol
+  Model<double> md(model.cfg);
+  std::copy(model.params.begin(), model.params.end(), md.params.begin());
+  Buffer<double> ref(NC);
+  md.embed(ref.data(), tokens);
+  DepthSpec rd = opt.depth;
+  rd.solver = "dopri5";
+  rd.steps = 0;
+  rd.rtol = opt.reference_rtol;
+  rd.atol = opt.reference_rtol / 100;
+  rd.coupled = false;
+  SolveOptions rso = rd.solve_options(BenchSolveOptions::kBenchDepth);
+  rso.max_steps = std::max<int64_t>(rso.max_steps, 1000000);
+  FieldSystem<double> rsys(md.field, md.field_params(), B, tokens.T);
+  const double r0 = now_ms();
+  const SolveResult<double> rr = integrate(rsys, ref.data(), rso);
+  const double ref_ms = now_ms() - r0;
+  if (!rr.ok()) throw Error("bench wp: the reference solve failed: " + rr.message);
+  std::vector<std::string> out;
+  nlohmann::ordered_json head;
+  head["bench"] = "wp";
+  head["size"] = opt.size;
+  head["B"] = B;
+  head["T"] = tokens.T;
+  head["threads"] = num_threads();
+  head["solver"] = "reference";
+  head["rtol"] = rd.rtol;
+  head["atol"] = rd.atol;
+  head["t1"] = rso.t1;
+  head["nfe"] = rr.nfe;
+  head["ms"] = ref_ms;
+  head["precision"] = "double";
+  out.push_back(head.dump());
+  double ref_norm = 0;
+  for (double v : ref) ref_norm += v * v;
+  ref_norm = std::sqrt(ref_norm);
+
+  Buffer<float> h0(NC), h(NC);
+  model.embed(h0.data(), tokens);
+  FieldSystem<float> sys(model.field, model.field_params(), B, tokens.T);
+  for (const auto& method : opt.solvers)
+    for (double rtol : opt.rtols) {
+      DepthSpec d = opt.depth;
+      d.solver = method;
+      d.steps = 0;
+      d.rtol = rtol;
+      d.atol = rtol / 10;
+      const SolveOptions so = d.solve_options(BenchSolveOptions::kBenchDepth);
+      SolveResult<float> r;
+      std::vector<double> ms;
+      const double start = now_ms();
+      while (static_cast<int>(ms.size()) < opt.min_reps || now_ms() - start < 1000.0 * opt.min_seconds) {
+        h = h0;
+        const double t0 = now_ms();
+        r = integrate(sys, h.data(), so);
+        ms.push_back(now_ms() - t0);
+        if (!r.ok() || ms.size() >= 1000) break;
+      }
+      double err = 0, err_max = 0;
+      for (int b = 0; b < B; ++b) {
+        double e = 0, nr = 0;
+        for (size_t i = static_cast<size_t>(b) * n; i < static_cast<size_t>(b + 1) * n; ++i) {
+          const double dlt = static_cast<double>(h[i]) - ref[i];
+          e += dlt * dlt;
+          nr += ref[i] * ref[i];
+        }
+        err += e;
+        err_max = std::max(err_max, std::sqrt(e / std::max(nr, 1e-300)));
+      }
+      nlohmann::ordered_json j;
+      j["bench"] = "wp";
+      j["size"] = opt.size;
+      j["solver"] = method;
+      j["rtol"] = rtol;
+      j["atol"] = d.atol;
+      j["controller"] = d.controller.empty() ? "pi" : d.controller;
+      j["coupled"] = d.coupled;
+      j["status"] = status_name(r.status);
+      j["error"] = std::sqrt(err) / ref_norm;
+      j["error_max"] = err_max;
+      j["nfe"] = r.nfe;
+      j["seq_evals"] = r.seq_evals;
+      j["steps"] = r.steps;
+      j["rejected"] = r.rejected;
+      j["reps"] = ms.size();
+      j["ms"] = median(ms);
+      out.push_back(j.dump());
+    }
+  return out;
+}
+
 std::string bench_train(const BenchTrainOptions& opt) {
   const BenchSize bs = bench_size(opt.size);
   set_num_threads(opt.threads);

@@ -2,6 +2,7 @@
 // regimes on the same examples, failed regimes as rows, the Pareto front against
 // brute force, the files, bad input. flowloop trajectory: the lens at every depth
 // (ending where eval ends), the solver's steps, PCA, the states, bad input.
+// flowloop sweep (train x eval, resumable) and bench wp (work-precision).
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
@@ -382,4 +383,47 @@ TEST_CASE("flowloop sweep: one model per training regime, each under every regim
   refused("--train-depths loop:3 --regimes loop:3@q0.5 --out " + dir.file("x"), "no exit gate");
   refused("--train-depths dopri7 --out " + dir.file("x"), "dopri7");
   CHECK_FALSE(std::filesystem::exists(dir.file("x")));
+}
+
+// ---------------------------------------------------------------- bench wp
+
+// (a freshly initialised field is gentle: on [0, 40] the errors stay above float rounding)
+TEST_CASE("bench wp: the error against the double reference falls with the tolerance", "[wp][cli]") {
+  TempDir dir("flowloop_wp");
+  const std::string cli = FLOWLOOP_CLI;
+  int rc = 0;
+  run_command(cli + " init --vocab 11 --context 8 --d-model 16 --n-head 2 --n-block 1 --depth 4 --seed 3 -o " +
+                  dir.file("m.safetensors"),
+              &rc);
+  REQUIRE(rc == 0);
+  std::ofstream(dir.file("tok.json")) << R"({"tokens": [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 1]]})";
+  const std::string out = run_command(cli + " bench wp -m " + dir.file("m.safetensors") + " --tokens " + dir.file("tok.json") +
+                                          " --solvers bosh3,dopri5 --rtols 1e-2,1e-4,1e-6 --t1 40 --reps 1 --seconds 0 2>&1",
+                                      &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  std::istringstream in(out);
+  std::vector<nlohmann::json> rows;
+  for (std::string l; std::getline(in, l);) rows.push_back(nlohmann::json::parse(l));
+  REQUIRE(rows.size() == 1 + 2 * 3);
+  CHECK(rows[0]["solver"] == "reference");
+  CHECK(rows[0]["rtol"] == 1e-10);
+  for (size_t s = 0; s < 2; ++s) {
+    const auto &a = rows[1 + 3 * s], &b = rows[2 + 3 * s], &c = rows[3 + 3 * s];
+    CHECK(a["solver"] == (s == 0 ? "bosh3" : "dopri5"));
+    CHECK(a["status"] == "success");
+    CHECK(a["error"].get<double>() > b["error"].get<double>());
+    CHECK(b["error"].get<double>() > c["error"].get<double>());
+    CHECK(a["nfe"].get<int>() <= b["nfe"].get<int>());
+    CHECK(b["nfe"].get<int>() <= c["nfe"].get<int>());
+    CHECK(c["error"].get<double>() < 1e-3);
+    CHECK(a["error_max"].get<double>() >= a["error"].get<double>() * 0.5);
+  }
+  run_command(cli + " bench wp -m " + dir.file("m.safetensors") + " --tokens " + dir.file("tok.json") + " --solvers rk4 2>&1", &rc);
+  CHECK(rc != 0);
+  const std::string bad = run_command(cli + " bench wp -m " + dir.file("m.safetensors") + " --tokens " + dir.file("tok.json") +
+                                          " --rtols 1e-3,x 2>&1",
+                                      &rc);
+  CHECK(rc != 0);
+  CHECK(bad.find("'x' is not a number") != std::string::npos);
 }

@@ -1,6 +1,7 @@
-// flowloop bench field | solve | train: one JSON line each, measured against a peer
+// flowloop bench field | solve | train | wp: one JSON line each (wp: one per row), measured against a peer
 // (sgemm of the same shape) or as absolute times of whole solves and steps.
 #include <iostream>
+#include <sstream>
 
 #include "cli.hpp"
 #include "flowloop/bench.hpp"
@@ -20,6 +21,14 @@ void add_solve_flags(CLI::App* c, BenchSolveOptions& o) {
   add_depth_flags(c, o.depth);
   c->add_option("-m,--model", o.model_path, "weights (default: GPT-2 init, seed 1234)");
   c->add_option("--tokens", o.tokens_path, "token rows (default: random, seed 42); bench train reads targets too");
+}
+
+std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> out;
+  std::stringstream ss(list);
+  for (std::string t; std::getline(ss, t, ',');)
+    if (!t.empty()) out.push_back(t);
+  return out;
 }
 
 }  // namespace
@@ -47,8 +56,36 @@ std::vector<Command> register_bench(CLI::App& app) {
   t->add_flag("--seminorm", train->seminorm, "adjoint: leave the parameter adjoint out of the error norm");
   t->add_flag("--adamw", train->adamw, "include an AdamW update in the step");
 
+  auto wp = std::make_shared<BenchWpOptions>();
+  wp->min_reps = 3;
+  wp->min_seconds = 0.3;
+  auto wp_lists = std::make_shared<std::pair<std::string, std::string>>("bosh3,dopri5,tsit5", "1e-2,1e-3,1e-4,1e-5,1e-6");
+  auto* w = bench->add_subcommand("wp", "work-precision: error at t1 against a double-precision reference, NFE and "
+                                        "time, for every adaptive solver and tolerance");
+  add_solve_flags(w, *wp);
+  w->add_option("--solvers", wp_lists->first, "adaptive methods, comma-separated")->capture_default_str();
+  w->add_option("--rtols", wp_lists->second, "relative tolerances, comma-separated (atol = rtol / 10)")->capture_default_str();
+  w->add_option("--reference-rtol", wp->reference_rtol, "the reference: dopri5 in double at this rtol")->capture_default_str();
+
   return {{f, [field] { std::cout << bench_field(*field) << std::endl; return 0; }},
           {s, [solve] { std::cout << bench_solve(*solve) << std::endl; return 0; }},
+          {w, [wp, wp_lists] {
+             wp->solvers = split_list(wp_lists->first);
+             wp->rtols.clear();
+             for (const auto& r : split_list(wp_lists->second)) {
+               size_t used = 0;
+               double v = 0;
+               try {
+                 v = std::stod(r, &used);
+               } catch (const std::exception&) {
+                 used = 0;
+               }
+               if (used != r.size()) throw Error("bench wp: --rtols: '" + r + "' is not a number");
+               wp->rtols.push_back(v);
+             }
+             for (const auto& line : bench_wp(*wp)) std::cout << line << std::endl;
+             return 0;
+           }},
           {t, [train] {
              if (!train->depth.ode() && train->depth.loops <= 0)
                throw Error("bench train: give --loops K or --solver (with --solver-steps N or tolerances)");

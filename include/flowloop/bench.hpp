@@ -46,6 +46,22 @@ struct BenchSolveOptions {
 // evaluations), overhead (the rest, as a fraction of ms) and the final state's norm.
 std::string bench_solve(const BenchSolveOptions& opt);
 
+struct BenchWpOptions : BenchSolveOptions {
+  // every adaptive method at every relative tolerance (atol = rtol / 10); the rest of
+  // `depth` (t1, controller, initial norm, coupled, max steps) applies to every row
+  std::vector<std::string> solvers = {"bosh3", "dopri5", "tsit5"};
+  std::vector<double> rtols = {1e-2, 1e-3, 1e-4, 1e-5, 1e-6};
+  double reference_rtol = 1e-10;  // the reference: dopri5 in double, atol = rtol / 100
+};
+
+// A work-precision diagram on the transformer ODE (DiffEqBenchmarks' style): for
+// every solver and tolerance, the error of h(t1) (float solve) against the
+// reference solve, relative in the L2 norm over the batch (error) and the largest
+// over sequences (error_max), its NFE and wall-clock (median). One JSON object per
+// row (bench "wp": solver, rtol, atol, error, error_max, nfe, ms, ...), the
+// reference's first ("solver": "reference").
+std::vector<std::string> bench_wp(const BenchWpOptions& opt);
+
 struct BenchTrainOptions : BenchSolveOptions {
   std::string grad = "backprop";  // backprop, checkpoint, adjoint
   bool seminorm = false;
