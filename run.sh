@@ -110,6 +110,7 @@ case "$mode" in
     /usr/bin/python3 experiments/peer_torch.py solve --flowloop "$BUILD_DIR/flowloop" "${@:2}"
     /usr/bin/python3 experiments/peer_torch.py train --flowloop "$BUILD_DIR/flowloop" --sizes S M "${@:2}"
     /usr/bin/python3 experiments/peer_torch.py loops --flowloop "$BUILD_DIR/flowloop" --sizes S "${@:2}"
+    /usr/bin/python3 experiments/peer_torch.py wp --flowloop "$BUILD_DIR/flowloop" --sizes S M "${@:2}"
     ;;
   figures)
     build

@@ -22,6 +22,11 @@
       backward, AdamW step): tokens per second of PyTorch eager against
       `flowloop bench train --loops 4 --adamw`: both time forward, backward and
       the update.
+  peer_torch.py wp     --flowloop BIN [--sizes S M] [--rtols 1e-2,...,1e-6]
+      Work-precision: torchdiffeq's dopri5 at each tolerance (atol = rtol / 10)
+      beside `flowloop bench wp` on the same weights and tokens, both against
+      flowloop's double-precision reference (dopri5, rtol 1e-10) in the same run;
+      the summary gives flowloop's time at each error torchdiffeq reaches.
   peer_torch.py check  --flowloop BIN [--workdir DIR]
       Checkpoint interchange: a flowloop checkpoint loaded here gives flowloop's
       logits, and a checkpoint written here loads in flowloop and gives ours.
@@ -272,6 +277,71 @@ def solve(args):
     print(json.dumps({"summary": summary}))
 
 
+# ---------------------------------------------------------------- work-precision
+def wp(args):
+    """torchdiffeq's dopri5 beside `flowloop bench wp` on the same weights, tokens and
+    tolerances (atol = rtol / 10), both measured against flowloop's double-precision
+    reference in the same run; then, at each error torchdiffeq reaches, the time
+    flowloop's default dopri5 needs for that error (log-log interpolation)."""
+    from torchdiffeq import odeint
+
+    d = workdir(args)
+    rtols = [float(r) for r in args.rtols.split(",")]
+    summary = {}
+    for size in args.sizes:
+        model, toks, tokens, _, p, cfg = size_setup(args, size, d, 3, False)
+        ref_path = os.path.join(d, f"wp_ref_{size}.safetensors")
+        threads = max(args.threads)
+        cmd = [args.flowloop, "bench", "wp", "--size", size, "-m", model, "--tokens", toks, "--solvers", "dopri5",
+               "--rtols", args.rtols, "--t1", "4", "--threads", str(threads), "--seconds", str(args.seconds),
+               "--reference-out", ref_path]
+        rows = [json.loads(line) for line in subprocess.run(cmd, check=True, capture_output=True,
+                                                             text=True).stdout.splitlines()]
+        ref, _ = read_safetensors(ref_path)
+        ref = ref["h_t1"].double()
+        for r in rows:
+            r["impl"] = "flowloop"
+            print(json.dumps(r), flush=True)
+        fl = [r for r in rows if r["solver"] != "reference"]
+        torch.set_num_threads(threads)
+        h0 = p["wte.weight"][tokens] + p["wpe.weight"][:tokens.shape[1]]
+        td = []
+        for rtol in rtols:
+            nfe = [0]
+
+            def func(t, h):
+                nfe[0] += 1
+                return field(h, p, cfg)
+
+            times = []
+            with torch.inference_mode():
+                start = time.perf_counter()
+                while len(times) < 3 or time.perf_counter() - start < args.seconds:
+                    nfe[0] = 0
+                    t0 = time.perf_counter()
+                    hs = odeint(func, h0, torch.tensor([0.0, 4.0]), rtol=rtol, atol=rtol / 10, method="dopri5")
+                    times.append(time.perf_counter() - t0)
+            err = float((hs[-1].double() - ref).norm() / ref.norm())
+            rec = {"bench": "wp", "impl": "torchdiffeq", "size": size, "solver": "dopri5", "rtol": rtol,
+                   "atol": rtol / 10, "error": err, "nfe": nfe[0], "ms": 1e3 * float(np.median(times)),
+                   "threads": threads}
+            td.append(rec)
+            print(json.dumps(rec), flush=True)
+        # flowloop's time at torchdiffeq's error, where flowloop's curve spans it
+        le = np.log([r["error"] for r in fl])
+        lt = np.log([r["ms"] for r in fl])
+        order = np.argsort(le)
+        ratios = []
+        for r in td:
+            e = np.log(r["error"])
+            if le.min() <= e <= le.max():
+                t = float(np.exp(np.interp(e, le[order], lt[order])))
+                ratios.append({"rtol": r["rtol"], "error": r["error"], "torchdiffeq_ms": r["ms"], "flowloop_ms": t,
+                               "flowloop_over_torchdiffeq": t / r["ms"]})
+        summary[size] = ratios
+    print(json.dumps({"summary": summary}))
+
+
 # ---------------------------------------------------------------- train
 def train(args):
     from torchdiffeq import odeint, odeint_adjoint
@@ -414,13 +484,14 @@ def check(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "solve", "train", "loops", "check"])
+    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "solve", "train", "loops", "check", "wp"])
     ap.add_argument("--flowloop", default="build/flowloop")
     ap.add_argument("--sizes", nargs="+", default=["S", "M"], choices=list(SIZES))
     ap.add_argument("--threads", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--workdir")
+    ap.add_argument("--rtols", default="1e-2,1e-3,1e-4,1e-5,1e-6", help="wp: tolerances (atol = rtol / 10)")
     args = ap.parse_args()
     if args.mode == "check":
         sys.exit(check(args))
@@ -429,6 +500,9 @@ def main():
         return
     if args.mode == "train":
         train(args)
+        return
+    if args.mode == "wp":
+        wp(args)
         return
     if args.mode == "loops":
         loops(args)

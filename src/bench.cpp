@@ -319,6 +319,11 @@ std::vector<std::string> bench_wp(const BenchWpOptions& opt) {
   const SolveResult<double> rr = integrate(rsys, ref.data(), rso);
   const double ref_ms = now_ms() - r0;
   if (!rr.ok()) throw Error("bench wp: the reference solve failed: " + rr.message);
+  if (!opt.reference_out.empty())
+    write_safetensors<double>(opt.reference_out,
+                              {{"h_t1", {B, tokens.T, static_cast<int64_t>(model.cfg.d_model)}, ref.data()}},
+                              {{"format", "flowloop-wp-reference"}, {"rtol", std::to_string(rd.rtol)},
+                               {"t1", std::to_string(rso.t1)}});
   std::vector<std::string> out;
   nlohmann::ordered_json head;
   head["bench"] = "wp";

@@ -66,6 +66,7 @@ std::vector<Command> register_bench(CLI::App& app) {
   w->add_option("--solvers", wp_lists->first, "adaptive methods, comma-separated")->capture_default_str();
   w->add_option("--rtols", wp_lists->second, "relative tolerances, comma-separated (atol = rtol / 10)")->capture_default_str();
   w->add_option("--reference-rtol", wp->reference_rtol, "the reference: dopri5 in double at this rtol")->capture_default_str();
+  w->add_option("--reference-out", wp->reference_out, "write the reference h(t1) (F64 safetensors, tensor h_t1)");
 
   return {{f, [field] { std::cout << bench_field(*field) << std::endl; return 0; }},
           {s, [solve] { std::cout << bench_solve(*solve) << std::endl; return 0; }},

@@ -52,6 +52,7 @@ struct BenchWpOptions : BenchSolveOptions {
   std::vector<std::string> solvers = {"bosh3", "dopri5", "tsit5"};
   std::vector<double> rtols = {1e-2, 1e-3, 1e-4, 1e-5, 1e-6};
   double reference_rtol = 1e-10;  // the reference: dopri5 in double, atol = rtol / 100
+  std::string reference_out;      // if set: the reference h(t1) (B, T, C) as F64 safetensors ("h_t1")
 };
 
 // A work-precision diagram on the transformer ODE (DiffEqBenchmarks' style): for
