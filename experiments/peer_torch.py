@@ -224,8 +224,29 @@ def size_setup(args, size, d, seed, with_targets):
 
 
 # ---------------------------------------------------------------- solve
-def solve(args):
+def time_odeint(p, cfg, h0, rtol, atol, seconds):
+    """torchdiffeq's dopri5 of the field on [0, 4] from h0, repeated for at least 3 runs
+    and `seconds`: the final solution, the evaluations of one solve, the run times."""
     from torchdiffeq import odeint
+
+    nfe = [0]
+
+    def func(t, h):
+        nfe[0] += 1
+        return field(h, p, cfg)
+
+    times = []
+    with torch.inference_mode():
+        start = time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - start < seconds:
+            nfe[0] = 0
+            t0 = time.perf_counter()
+            hs = odeint(func, h0, torch.tensor([0.0, 4.0]), rtol=rtol, atol=atol, method="dopri5")
+            times.append(time.perf_counter() - t0)
+    return hs, nfe[0], times
+
+
+def solve(args):
 
     d = workdir(args)
     summary = {}
@@ -239,22 +260,9 @@ def solve(args):
         for threads in args.threads:
             for _ in range(args.rounds):
                 torch.set_num_threads(threads)
-                nfe = [0]
-
-                def func(t, h):
-                    nfe[0] += 1
-                    return field(h, p, cfg)
-
-                times = []
-                with torch.inference_mode():
-                    start = time.perf_counter()
-                    while len(times) < 3 or time.perf_counter() - start < args.seconds:
-                        nfe[0] = 0
-                        t0 = time.perf_counter()
-                        hs = odeint(func, h0, torch.tensor([0.0, 4.0]), rtol=1e-3, atol=1e-4, method="dopri5")
-                        times.append(time.perf_counter() - t0)
+                hs, nfe, times = time_odeint(p, cfg, h0, 1e-3, 1e-4, args.seconds)
                 rec = {"impl": "torchdiffeq", "size": size, "threads": threads, "ms": 1e3 * float(np.median(times)),
-                       "nfe": nfe[0], "h_norm": float(hs[-1].double().norm())}
+                       "nfe": nfe, "h_norm": float(hs[-1].double().norm())}
                 results.setdefault("torchdiffeq", []).append(rec)
                 print(json.dumps(rec), flush=True)
                 for name, extra in modes.items():
@@ -283,8 +291,6 @@ def wp(args):
     tolerances (atol = rtol / 10), both measured against flowloop's double-precision
     reference in the same run; then, at each error torchdiffeq reaches, the time
     flowloop's default dopri5 needs for that error (log-log interpolation)."""
-    from torchdiffeq import odeint
-
     d = workdir(args)
     rtols = [float(r) for r in args.rtols.split(",")]
     summary = {}
@@ -307,23 +313,10 @@ def wp(args):
         h0 = p["wte.weight"][tokens] + p["wpe.weight"][:tokens.shape[1]]
         td = []
         for rtol in rtols:
-            nfe = [0]
-
-            def func(t, h):
-                nfe[0] += 1
-                return field(h, p, cfg)
-
-            times = []
-            with torch.inference_mode():
-                start = time.perf_counter()
-                while len(times) < 3 or time.perf_counter() - start < args.seconds:
-                    nfe[0] = 0
-                    t0 = time.perf_counter()
-                    hs = odeint(func, h0, torch.tensor([0.0, 4.0]), rtol=rtol, atol=rtol / 10, method="dopri5")
-                    times.append(time.perf_counter() - t0)
+            hs, nfe, times = time_odeint(p, cfg, h0, rtol, rtol / 10, args.seconds)
             err = float((hs[-1].double() - ref).norm() / ref.norm())
             rec = {"bench": "wp", "impl": "torchdiffeq", "size": size, "solver": "dopri5", "rtol": rtol,
-                   "atol": rtol / 10, "error": err, "nfe": nfe[0], "ms": 1e3 * float(np.median(times)),
+                   "atol": rtol / 10, "error": err, "nfe": nfe, "ms": 1e3 * float(np.median(times)),
                    "threads": threads}
             td.append(rec)
             print(json.dumps(rec), flush=True)

@@ -52,15 +52,8 @@ Regime Regime::parse(const std::string& token) {
   Regime r;
   r.depth = DepthSpec::parse(parts[0]);
   auto value = [&](const std::string& mod, const std::string& text) {
-    size_t used = 0;
     double v = 0;
-    try {
-      v = std::stod(text, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (text.empty() || used != text.size() || !std::isfinite(v) || !(v > 0))
-      throw fail("@" + mod + " needs a positive number, got '" + text + "'");
+    if (!parse_number(text, v) || !(v > 0)) throw fail("@" + mod + " needs a positive number, got '" + text + "'");
     return v;
   };
   for (size_t i = 1; i < parts.size(); ++i) {
@@ -90,12 +83,7 @@ Regime Regime::parse(const std::string& token) {
 
 std::vector<Regime> Regime::parse_list(const std::string& list) {
   std::vector<Regime> out;
-  std::stringstream ss(list);
-  for (std::string tok; std::getline(ss, tok, ',');) {
-    tok.erase(0, tok.find_first_not_of(" \t"));
-    tok.erase(tok.find_last_not_of(" \t") + 1);
-    if (!tok.empty()) out.push_back(parse(tok));
-  }
+  for (const auto& tok : split_list(list)) out.push_back(parse(tok));
   if (out.empty()) throw Error("regime list '" + list + "' is empty");
   return out;
 }

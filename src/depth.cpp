@@ -1,4 +1,5 @@
 #include "flowloop/depth.hpp"
+#include "flowloop/io.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -154,15 +155,9 @@ DepthSpec DepthSpec::parse(const std::string& token) {
   const std::string arg = colon == std::string::npos ? "" : token.substr(colon + 1);
   DepthSpec d;
   if (head.empty()) throw fail("empty method");
-  size_t used = 0;
   double v = 0;
   if (!arg.empty()) {
-    try {
-      v = std::stod(arg, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != arg.size() || !std::isfinite(v) || !(v > 0)) throw fail("'" + arg + "' is not a positive number");
+    if (!parse_number(arg, v) || !(v > 0)) throw fail("'" + arg + "' is not a positive number");
   } else if (colon != std::string::npos) {
     throw fail("nothing after ':'");
   }
@@ -192,10 +187,7 @@ DepthSpec DepthSpec::parse(const std::string& token) {
 
 std::vector<DepthSpec> DepthSpec::parse_list(const std::string& list) {
   std::vector<DepthSpec> out;
-  std::stringstream ss(list);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(parse(item));
+  for (const auto& item : split_list(list)) out.push_back(parse(item));
   if (out.empty()) throw Error("depth regimes: the list '" + list + "' is empty");
   return out;
 }

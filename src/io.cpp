@@ -1,5 +1,7 @@
 #include "flowloop/io.hpp"
 
+#include <cmath>
+
 #include <unistd.h>
 
 #include <atomic>
@@ -77,6 +79,34 @@ nlohmann::json read_json_file(const std::string& path, const std::string& what) 
   std::fclose(fp);
   if (failed) throw Error(where + ": cannot read: " + std::strerror(e));  // e.g. a directory
   return parse_json(text, where);
+}
+
+std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t end = list.find(',', start);
+    if (end == std::string::npos) end = list.size();
+    std::string item = list.substr(start, end - start);
+    item.erase(0, item.find_first_not_of(" \t"));
+    item.erase(item.find_last_not_of(" \t") + 1);
+    if (!item.empty()) out.push_back(item);
+    start = end + 1;
+  }
+  return out;
+}
+
+bool parse_number(const std::string& text, double& out) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    return false;
+  }
+  if (text.empty() || used != text.size() || !std::isfinite(v)) return false;
+  out = v;
+  return true;
 }
 
 }  // namespace flowloop

@@ -25,22 +25,6 @@ TrainConfig model_config(const SweepOptions& o, const DepthSpec& d) {
   return c;
 }
 
-ModelConfig arch(const TrainConfig& c, const DataSource& data) {
-  ModelConfig mc;
-  mc.vocab_size = data.vocab_size();
-  mc.context = data.seq_len();
-  mc.d_model = c.d_model;
-  mc.n_head = c.n_head;
-  mc.d_ff = c.d_ff;
-  mc.n_block = c.n_block;
-  mc.depth = c.trained_depth();
-  mc.exit_gate = c.exit_gate;
-  mc.time_cond = c.time_cond;
-  mc.time_freq = c.time_freq;
-  mc.time_scale = c.time_scale;
-  mc.finalize();
-  return mc;
-}
 }  // namespace
 
 void SweepOptions::validate() const {
@@ -59,7 +43,7 @@ void SweepOptions::validate() const {
       throw Error("sweep: training regime '" + t + "': " + e.what());
     }
     const auto data = make_source(c);
-    const ModelConfig mc = arch(c, *data);
+    const ModelConfig mc = c.model_config(*data);
     for (const Regime& r : eval_regimes) r.validate(mc);
   }
 }

@@ -24,15 +24,6 @@ using nlohmann::json;
 // ---------------------------------------------------------------- config
 
 namespace {
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 // The spec `base` with its method replaced by `method`: a fixed-step method drops
 // the options that only an adaptive solve takes.
 DepthSpec with_method(const DepthSpec& base, const std::string& method) {
@@ -441,24 +432,29 @@ struct Trainer::Impl {
   }
 };
 
+ModelConfig TrainConfig::model_config(const DataSource& data) const {
+  ModelConfig mc;
+  mc.vocab_size = data.vocab_size();
+  mc.context = data.seq_len();
+  mc.d_model = d_model;
+  mc.n_head = n_head;
+  mc.d_ff = d_ff;
+  mc.n_block = n_block;
+  mc.depth = trained_depth();
+  mc.exit_gate = exit_gate;
+  mc.time_cond = time_cond;
+  mc.time_freq = time_freq;
+  mc.time_scale = time_scale;
+  mc.finalize();
+  return mc;
+}
+
 Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
   Impl& I = *impl_;
   I.c = cfg;
   I.c.validate();
   I.data = make_source(I.c);
-  ModelConfig mc;
-  mc.vocab_size = I.data->vocab_size();
-  mc.context = I.data->seq_len();
-  mc.d_model = I.c.d_model;
-  mc.n_head = I.c.n_head;
-  mc.d_ff = I.c.d_ff;
-  mc.n_block = I.c.n_block;
-  mc.depth = I.c.trained_depth();
-  mc.exit_gate = I.c.exit_gate;
-  mc.time_cond = I.c.time_cond;
-  mc.time_freq = I.c.time_freq;
-  mc.time_scale = I.c.time_scale;
-  mc.finalize();
+  const ModelConfig mc = I.c.model_config(*I.data);
   I.model = std::make_unique<Model<float>>(mc);
   I.model->init(I.c.seed);
   if (!I.c.init_from.empty()) {

@@ -28,6 +28,17 @@ std::unique_ptr<DataSource> phop_source() {
   return make_source(c);
 }
 
+// A small p-hop model trained by the CLI for a few steps at 3 loops (only the plumbing matters).
+std::string tiny_phop_model(const TempDir& dir) {
+  int rc = 0;
+  const std::string out = run_command(std::string(FLOWLOOP_CLI) + " train --task phop --task-n 8 --hops 2 --loops 3 "
+                                      "--d-model 16 --n-head 2 --steps 4 --batch 4 --eval-every 4 --eval-batches 1 "
+                                      "--out " + dir.file("m") + " 2>&1", &rc);
+  INFO(out);
+  REQUIRE(rc == 0);
+  return dir.file("m") + "/model.safetensors";
+}
+
 Model<float> phop_model(const DataSource& d, bool gate) {
   ModelConfig cfg = make_config(d.vocab_size(), d.seq_len(), 16, 2, 32, 1, 3);
   cfg.exit_gate = gate;
@@ -192,10 +203,7 @@ TEST_CASE("flowloop compare: files, and bad input before any work", "[compare][c
   TempDir dir("flowloop_compare");
   const std::string cli = FLOWLOOP_CLI;
   int rc = 0;
-  run_command(cli + " train --task phop --task-n 8 --hops 2 --loops 3 --d-model 16 --n-head 2 --steps 4 --batch 4 "
-                    "--eval-every 4 --eval-batches 1 --out " + dir.file("m") + " 2>&1", &rc);
-  REQUIRE(rc == 0);
-  const std::string model = dir.file("m") + "/model.safetensors";
+  const std::string model = tiny_phop_model(dir);
   std::string out = run_command(cli + " compare -m " + model + " --regimes loop:2,rk4:2,dopri5:1e-2 --batches 1 "
                                       "--batch 4 --out " + dir.file("c") + " 2>&1", &rc);
   INFO(out);
@@ -297,10 +305,7 @@ TEST_CASE("flowloop trajectory: files, states readable, bad input", "[trajectory
   TempDir dir("flowloop_trajectory");
   const std::string cli = FLOWLOOP_CLI;
   int rc = 0;
-  run_command(cli + " train --task phop --task-n 8 --hops 2 --loops 3 --d-model 16 --n-head 2 --steps 4 --batch 4 "
-                    "--eval-every 4 --eval-batches 1 --out " + dir.file("m") + " 2>&1", &rc);
-  REQUIRE(rc == 0);
-  const std::string model = dir.file("m") + "/model.safetensors";
+  const std::string model = tiny_phop_model(dir);
   const std::string out = run_command(cli + " trajectory -m " + model + " --solver dopri5 --times 7 --batch 4 --out " +
                                       dir.file("t") + " 2>&1", &rc);
   INFO(out);

@@ -5,6 +5,7 @@
 
 #include "cli.hpp"
 #include "flowloop/bench.hpp"
+#include "flowloop/io.hpp"
 
 namespace flowloop::cli {
 namespace {
@@ -21,14 +22,6 @@ void add_solve_flags(CLI::App* c, BenchSolveOptions& o) {
   add_depth_flags(c, o.depth);
   c->add_option("-m,--model", o.model_path, "weights (default: GPT-2 init, seed 1234)");
   c->add_option("--tokens", o.tokens_path, "token rows (default: random, seed 42); bench train reads targets too");
-}
-
-std::vector<std::string> split_list(const std::string& list) {
-  std::vector<std::string> out;
-  std::stringstream ss(list);
-  for (std::string t; std::getline(ss, t, ',');)
-    if (!t.empty()) out.push_back(t);
-  return out;
 }
 
 }  // namespace
@@ -74,14 +67,8 @@ std::vector<Command> register_bench(CLI::App& app) {
              wp->solvers = split_list(wp_lists->first);
              wp->rtols.clear();
              for (const auto& r : split_list(wp_lists->second)) {
-               size_t used = 0;
                double v = 0;
-               try {
-                 v = std::stod(r, &used);
-               } catch (const std::exception&) {
-                 used = 0;
-               }
-               if (used != r.size()) throw Error("bench wp: --rtols: '" + r + "' is not a number");
+               if (!parse_number(r, v)) throw Error("bench wp: --rtols: '" + r + "' is not a number");
                wp->rtols.push_back(v);
              }
              for (const auto& line : bench_wp(*wp)) std::cout << line << std::endl;

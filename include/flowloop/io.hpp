@@ -1,6 +1,6 @@
 // flowloop/io.hpp: files written whole or not at all, and JSON read with errors
 // that say which file and where it breaks. Every writer and JSON reader of the
-// library goes through these.
+// library goes through these; and the lists and numbers of option values.
 #pragma once
 
 #include <nlohmann/json_fwd.hpp>
@@ -27,5 +27,12 @@ nlohmann::json parse_json(const std::string& text, const std::string& what);
 // "config"; may be empty) and the path: "<what> '<path>': cannot open: <reason>",
 // "<what> '<path>' is not valid JSON at byte N: ...".
 nlohmann::json read_json_file(const std::string& path, const std::string& what);
+
+// The items of a comma-separated list, spaces around each trimmed, empty ones dropped.
+std::vector<std::string> split_list(const std::string& list);
+
+// The whole of `text` as a finite number (no trailing characters): true and `out`,
+// or false.
+bool parse_number(const std::string& text, double& out);
 
 }  // namespace flowloop

@@ -76,6 +76,8 @@ struct TrainConfig {
   void validate() const;  // names the first bad field
   // The depth the trained model is written with (ModelConfig::depth): K, or round(t1).
   int trained_depth() const;
+  // The architecture of the model it trains on `data` (vocabulary and context from the data).
+  ModelConfig model_config(const DataSource& data) const;
   // The solve of training step `step`: the depth spec, with the step's random
   // discretisation and end time when those are on.
   SolveOptions solve_options(int64_t step) const;
