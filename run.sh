@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # flowloop's one entry point for a fresh machine.
-#   ./run.sh          install what is missing, build (Release), run the default job: a small
-#                     looped-vs-deep study on p-hop induction (a few minutes)
+#   ./run.sh          install what is missing, build (Release), run the default job on p-hop
+#                     induction: train a looped and an ODE-depth model, compare them under
+#                     every depth regime, trace their latent trajectories, render the figures
+#                     (under 10 minutes on 2 cores); prints where the tables and figures are
+#   ./run.sh study    a small looped-vs-deep-vs-ODE study on p-hop (a few minutes)
 #   ./run.sh test     install what is missing, build, run the test suite (ctest)
 #   ./run.sh tour     init a model, run it looped and as an ODE, benchmark the field
 #   ./run.sh peer     the PyTorch side-by-side benchmark (installs python3-torch)
@@ -16,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 BUILD_DIR=${BUILD_DIR:-build}
 JOBS=${JOBS:-$(nproc)}
-mode=${1:-study}
+mode=${1:-main}
 
 need_pkgs() {
   local missing=()
@@ -40,6 +43,43 @@ build() {
 }
 
 case "$mode" in
+  main)
+    build
+    fl="$BUILD_DIR/flowloop"
+    out="$BUILD_DIR/main"
+    common=(--task phop --task-n 16 --hops 4 --batch 64 --lr 1e-3 --seed 0)
+    echo "== 1/4 train: one block looped 4 times, 3000 steps ($out/looped)"
+    "$fl" train "${common[@]}" --loops 4 --steps 3000 --warmup 200 --eval-every 1000 --eval-batches 4 \
+      --checkpoint-every 3000 --out "$out/looped" >/dev/null
+    echo "== 1/4 train: the same block continued as an ODE on [0, 4], 600 steps: each batch a random"
+    echo "   method (euler, midpoint, rk4) and step count (2-8), kinetic regulariser 10 ($out/ode)"
+    "$fl" train "${common[@]}" --solver rk4 --random-solvers euler,midpoint,rk4 --random-steps-min 2 \
+      --random-steps-max 8 --kinetic 10 --init-from "$out/looped/model.safetensors" --steps 600 --warmup 50 \
+      --eval-every 600 --eval-batches 4 --checkpoint-every 600 --out "$out/ode" >/dev/null
+    for m in looped ode; do
+      echo "== 2/4 compare: the $m model under every depth regime ($out/compare_$m)"
+      "$fl" compare -m "$out/$m/model.safetensors" --batches 4 --batch 64 --out "$out/compare_$m" \
+        > "$out/compare_$m.txt"
+    done
+    echo "== 3/4 trajectory: the looped model's 4 loops, the ODE model under dopri5 at 17 depths"
+    "$fl" trajectory -m "$out/looped/model.safetensors" --out "$out/trajectory_looped" >/dev/null
+    "$fl" trajectory -m "$out/ode/model.safetensors" --solver dopri5 --out "$out/trajectory_ode" >/dev/null
+    echo "== 4/4 figures"
+    need_pkgs python3 python3-numpy python3-matplotlib python3-nbformat python3-nbconvert python3-ipykernel
+    FLOWLOOP_COMPARE_DIRS="$out/compare_looped:$out/compare_ode" \
+      FLOWLOOP_TRAJECTORY_DIRS="$out/trajectory_looped:$out/trajectory_ode" FLOWLOOP_FIGURES="$out/figures" \
+      notebooks/run_notebooks.sh --out "$out/notebooks" notebooks/loop_vs_ode.ipynb \
+      notebooks/latent_trajectories.ipynb >/dev/null
+    echo
+    for m in looped ode; do
+      echo "-- the $m model ($(grep -c . "$out/compare_$m/compare.csv") rows in $out/compare_$m/compare.csv), the Pareto front:"
+      head -1 "$out/compare_$m.txt"
+      grep "(pareto)" "$out/compare_$m.txt"
+    done
+    echo
+    echo "tables: $out/compare_{looped,ode}/{compare,pareto}.csv, $out/trajectory_{looped,ode}/lens.csv"
+    echo "figures: $out/figures/*.png (executed notebooks in $out/notebooks)"
+    ;;
   study)
     build
     "$BUILD_DIR/flowloop" study --task phop --task-n 16 --hops 4 --depth 4 --steps 3000 --ode-steps 300 \
@@ -119,7 +159,7 @@ case "$mode" in
     FLOWLOOP="$BUILD_DIR/flowloop" notebooks/run_notebooks.sh --out "$BUILD_DIR/notebooks" "${@:2}"
     ;;
   *)
-    echo "usage: ./run.sh [study|test|tour|peer|reproduce|figures]" >&2
+    echo "usage: ./run.sh [main|study|test|tour|peer|reproduce|figures]" >&2
     exit 2
     ;;
 esac
