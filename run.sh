@@ -72,7 +72,7 @@ case "$mode" in
       notebooks/latent_trajectories.ipynb >/dev/null
     echo
     for m in looped ode; do
-      echo "-- the $m model ($(grep -c . "$out/compare_$m/compare.csv") rows in $out/compare_$m/compare.csv), the Pareto front:"
+      echo "-- the $m model ($(($(wc -l < "$out/compare_$m/compare.csv") - 1)) regimes in $out/compare_$m/compare.csv), its Pareto front:"
       head -1 "$out/compare_$m.txt"
       grep "(pareto)" "$out/compare_$m.txt"
     done
