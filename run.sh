@@ -11,6 +11,8 @@
 #   ./run.sh figures [ARGS]  execute notebooks/*.ipynb headless into build/notebooks (installs
 #                     matplotlib and nbconvert); no ARGS: on two small p-hop models, looped and
 #                     ODE-depth, trained here first; ARGS go to notebooks/run_notebooks.sh
+#   ./run.sh studies  the README's study figures (notebooks/figures) from full-size models
+#                     (about 40 minutes on 2 cores)
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
 #                     every arm at most 10 minutes, and the ODE-depth table over 3 seeds
 #                     (about 3 hours on 2 cores)
@@ -79,6 +81,32 @@ case "$mode" in
     echo
     echo "tables: $out/compare_{looped,ode}/{compare,pareto}.csv, $out/trajectory_{looped,ode}/lens.csv"
     echo "figures: $out/figures/*.png (executed notebooks in $out/notebooks)"
+    ;;
+  studies)
+    # the figures of the README's "The three studies": the looped p-hop model of the ODE-depth
+    # table (seed 0, 12,000 steps) and its continuation as an ODE (3,000 steps, random
+    # discretisation, kinetic 10); compare, trajectories, figures into notebooks/figures
+    # (about 40 minutes on 2 cores)
+    build
+    fl="$BUILD_DIR/flowloop"
+    out="$BUILD_DIR/studies"
+    common=(--task phop --task-n 16 --hops 4 --batch 64 --lr 1e-3 --min-lr 1e-4 --warmup 200 --seed 0
+            --eval-batches 4)
+    "$fl" train "${common[@]}" --loops 4 --steps 12000 --eval-every 3000 --checkpoint-every 3000 --out "$out/looped"
+    "$fl" train "${common[@]}" --solver rk4 --random-solvers euler,midpoint,rk4 --random-steps-min 2 \
+      --random-steps-max 8 --kinetic 10 --init-from "$out/looped/model.safetensors" --steps 3000 --eval-every 1000 \
+      --checkpoint-every 1000 --out "$out/ode"
+    "$fl" compare -m "$out/looped/model.safetensors" --out "$out/compare_looped"
+    "$fl" compare -m "$out/ode/model.safetensors" --out "$out/compare_ode"
+    "$fl" trajectory -m "$out/looped/model.safetensors" --batches 4 --batch 64 --out "$out/trajectory_looped"
+    "$fl" trajectory -m "$out/looped/model.safetensors" --solver dopri5 --batches 4 --batch 64 \
+      --out "$out/trajectory_looped_dopri5"
+    "$fl" trajectory -m "$out/ode/model.safetensors" --solver dopri5 --batches 4 --batch 64 --out "$out/trajectory_ode"
+    need_pkgs python3 python3-numpy python3-matplotlib python3-nbformat python3-nbconvert python3-ipykernel
+    FLOWLOOP_COMPARE_DIRS="$out/compare_looped:$out/compare_ode" \
+      FLOWLOOP_TRAJECTORY_DIRS="$out/trajectory_looped:$out/trajectory_looped_dopri5:$out/trajectory_ode" \
+      FLOWLOOP_FIGURES=notebooks/figures notebooks/run_notebooks.sh --out "$out/notebooks" \
+      notebooks/loop_vs_ode.ipynb notebooks/latent_trajectories.ipynb
     ;;
   study)
     build
@@ -159,7 +187,7 @@ case "$mode" in
     FLOWLOOP="$BUILD_DIR/flowloop" notebooks/run_notebooks.sh --out "$BUILD_DIR/notebooks" "${@:2}"
     ;;
   *)
-    echo "usage: ./run.sh [main|study|test|tour|peer|reproduce|figures]" >&2
+    echo "usage: ./run.sh [main|study|studies|test|tour|peer|reproduce|figures]" >&2
     exit 2
     ;;
 esac
