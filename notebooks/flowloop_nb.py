@@ -1,6 +1,7 @@
 """Readers and plots for the notebooks: they only read what flowloop commands wrote.
 
 `flowloop compare --out DIR`: compare.csv, pareto.csv, compare_meta.json.
+`flowloop sweep --out DIR`: sweep.csv, sweep_train.csv; `flowloop study`: curves.csv.
 `flowloop trajectory --out DIR`: lens.csv, steps.csv, pca.csv, states.safetensors,
 trajectory_meta.json. Standard library, numpy and matplotlib only; nothing here is
 part of the C++ library.
@@ -16,7 +17,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 
-TEXT_COLUMNS = {"regime", "mode", "solver", "exit_rule", "status", "message", "source"}
+TEXT_COLUMNS = {"regime", "mode", "solver", "exit_rule", "status", "message", "source",
+                "train_regime", "eval_regime", "dir", "arm"}
 FAMILIES = ["loop", "euler", "midpoint", "rk4", "bosh3", "dopri5", "tsit5",
             "coupled", "exit q", "exit delta", "terminal"]
 _PALETTE = ["#1f77b4", "#8c8c8c", "#bcbd22", "#2ca02c", "#9467bd", "#d62728", "#ff7f0e",

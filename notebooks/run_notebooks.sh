@@ -7,9 +7,12 @@
 #                  a looped (loop 4) and an ODE-depth (rk4, 4 steps on [0, 4]) model trained
 #                  STEPS steps each on p-hop (16 symbols, 4 hops); `flowloop compare` on each
 #                  (--regimes LIST, default all; --batches N of 32, default 4); `flowloop
-#                  trajectory` of the looped model and of the ODE one under dopri5
+#                  trajectory` of the looped model and of the ODE one under dopri5; a small
+#                  `flowloop sweep` (3 training regimes, STEPS steps), a 2-arm `flowloop study`
+#                  and `flowloop bench wp` of a small model
 #   NOTEBOOK...    default every notebooks/*.ipynb
-# The inputs are otherwise FLOWLOOP_COMPARE_DIRS and FLOWLOOP_TRAJECTORY_DIRS (':'-separated)
+# The inputs are otherwise FLOWLOOP_COMPARE_DIRS, FLOWLOOP_TRAJECTORY_DIRS, FLOWLOOP_SWEEP_DIR,
+# FLOWLOOP_STUDY_DIRS and FLOWLOOP_WP_FILES (':'-separated)
 # or the notebooks' defaults (OUT/data of --demo with the default OUT).
 # Needs Debian's python3-numpy, -matplotlib, -nbconvert, -nbformat, -ipykernel (`./run.sh
 # figures` installs them).
@@ -54,6 +57,22 @@ if ((demo)); then
   echo "== flowloop trajectory: looped, and the ODE model under dopri5"
   "$fl" trajectory -m "$data/looped/model.safetensors" --out "$data/traj_looped" >/dev/null
   "$fl" trajectory -m "$data/ode/model.safetensors" --solver dopri5 --out "$data/traj_ode" >/dev/null
+  small=(--task phop --task-n 8 --hops 2 --d-model 32 --n-head 2 --batch 32 --warmup 2)
+  echo "== flowloop sweep: loop 4, rk4 4 steps, dopri5 1e-2, $demo steps each; flowloop study: 2 arms"
+  "$fl" sweep "${small[@]}" --steps "$demo" --eval-every "$demo" --eval-batches 1 \
+    --train-depths loop:4,rk4:4,dopri5:1e-2 --regimes loop:2,loop:4,rk4:2,rk4:4,dopri5:1e-2,dopri5:1e-4 \
+    --compare-batches "$batches" --compare-batch 32 --out "$data/sweep" 2>/dev/null >/dev/null
+  "$fl" study --task phop --task-n 8 --hops 2 --d-model 32 --n-head 2 --batch 32 --warmup 2 --steps "$demo" \
+    --arms looped,deep --curve-points 4 --eval-batches 1 --out "$data/study" 2>/dev/null >/dev/null
+  echo "== flowloop bench wp: a small model on [0, 40]"
+  "$fl" init --vocab 11 --context 8 --d-model 16 --n-head 2 --n-block 1 --depth 4 --seed 3 \
+    -o "$data/wp_model.safetensors" >/dev/null
+  echo '{"tokens": [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 1]]}' > "$data/wp_tokens.json"
+  "$fl" bench wp -m "$data/wp_model.safetensors" --tokens "$data/wp_tokens.json" --t1 40 --reps 1 --seconds 0 \
+    > "$data/wp.jsonl"
+  export FLOWLOOP_SWEEP_DIR=${FLOWLOOP_SWEEP_DIR:-$data/sweep}
+  export FLOWLOOP_STUDY_DIRS=${FLOWLOOP_STUDY_DIRS:-$data/study}
+  export FLOWLOOP_WP_FILES=${FLOWLOOP_WP_FILES:-$data/wp.jsonl}
   export FLOWLOOP_COMPARE_DIRS=${FLOWLOOP_COMPARE_DIRS:-$data/cmp_looped:$data/cmp_ode}
   export FLOWLOOP_TRAJECTORY_DIRS=${FLOWLOOP_TRAJECTORY_DIRS:-$data/traj_looped:$data/traj_ode}
 fi
