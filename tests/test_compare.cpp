@@ -105,7 +105,7 @@ TEST_CASE("default regimes: loops 1..2D, fixed steps, tolerances, coupled, exits
   for (const auto& r : gated) CHECK_NOTHROW(r.validate(cfg));
 }
 
-TEST_CASE("compare: every regime on the same examples; loop K is euler K; a failing regime is a row",
+TEST_CASE("compare: every regime on the same examples, loop K is euler K, a failing regime is a row",
           "[compare]") {
   const auto data = phop_source();
   const Model<float> m = phop_model(*data, true);
@@ -236,7 +236,7 @@ TEST_CASE("flowloop compare: files, and bad input before any work", "[compare][c
 
 // ---------------------------------------------------------------- trajectory
 
-TEST_CASE("trajectory: the lens at every depth, ending where eval ends; steps; PCA; states", "[trajectory]") {
+TEST_CASE("trajectory: the lens at every depth ending where eval ends, the steps, PCA, the states", "[trajectory]") {
   const auto data = phop_source();
   const Model<float> m = phop_model(*data, false);
   SECTION("a loop: depths 0..K") {
@@ -339,7 +339,7 @@ TEST_CASE("flowloop trajectory: files, states readable, bad input", "[trajectory
 
 // ---------------------------------------------------------------- sweep
 
-TEST_CASE("flowloop sweep: one model per training regime, each under every regime; resumable", "[sweep][cli]") {
+TEST_CASE("flowloop sweep: one model per training regime, each under every regime, resumable", "[sweep][cli]") {
   TempDir dir("flowloop_sweep");
   const std::string cli = FLOWLOOP_CLI;
   const std::string args = " sweep --task phop --task-n 8 --hops 2 --d-model 16 --n-head 2 --steps 6 --batch 4 "

@@ -81,7 +81,7 @@ TokenBatch tokens_of(std::vector<std::vector<int>> rows) {
 
 }  // namespace
 
-TEST_CASE("built-in tableaus are valid; broken ones are rejected", "[solvers][tableau]") {
+TEST_CASE("built-in tableaus are valid, broken ones are rejected", "[solvers][tableau]") {
   for (const auto& name : tableau_names()) {
     ButcherTableau t = tableau(name);
     CHECK_NOTHROW(t.validate());

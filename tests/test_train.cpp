@@ -114,7 +114,7 @@ std::vector<nlohmann::json> read_metrics(const fs::path& dir) {
 
 }  // namespace
 
-TEST_CASE("task generators agree with brute force; splits are disjoint and seeded", "[train][data]") {
+TEST_CASE("task generators agree with brute force, splits are disjoint and seeded", "[train][data]") {
   for (const std::string name : {"parity", "phop", "modarith", "addition"}) {
     TaskOptions o;
     o.name = name;
