@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -198,12 +199,7 @@ std::string csv_field(const nlohmann::ordered_json& v) {
     return q + "\"";
   }
   if (v.is_boolean()) return v.get<bool>() ? "1" : "0";
-  if (v.is_number_float()) {
-    std::ostringstream s;
-    s.precision(10);
-    s << v.get<double>();
-    return s.str();
-  }
+  if (v.is_number_float()) return format_number(v.get<double>());
   return v.dump();
 }
 }  // namespace
@@ -229,6 +225,18 @@ std::string compare_jsonl(const std::vector<CompareRow>& rows, double trained_de
     out += j.dump() + "\n";
   }
   return out;
+}
+
+std::vector<size_t> write_compare_files(const std::string& dir, const std::vector<CompareRow>& rows,
+                                        double trained_depth) {
+  std::vector<size_t> all(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) all[i] = i;
+  const std::vector<size_t> front = pareto_front(rows);
+  const std::filesystem::path d(dir);
+  write_file_atomic((d / "compare.csv").string(), compare_csv(rows, all));
+  write_file_atomic((d / "compare.jsonl").string(), compare_jsonl(rows, trained_depth));
+  write_file_atomic((d / "pareto.csv").string(), compare_csv(rows, front));
+  return front;
 }
 
 }  // namespace flowloop

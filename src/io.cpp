@@ -1,6 +1,7 @@
 #include "flowloop/io.hpp"
 
 #include <cmath>
+#include <sstream>
 
 #include <unistd.h>
 
@@ -94,6 +95,14 @@ std::vector<std::string> split_list(const std::string& list) {
     start = end + 1;
   }
   return out;
+}
+
+std::string format_number(double v) {
+  if (std::isnan(v)) return "nan";
+  std::ostringstream s;
+  s.precision(10);
+  s << v;
+  return s.str();
 }
 
 bool parse_number(const std::string& text, double& out) {

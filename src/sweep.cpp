@@ -82,11 +82,7 @@ std::vector<SweepModel> run_sweep(const SweepOptions& o, std::ostream& progress)
     progress << "== sweep " << (i + 1) << "/" << o.train_depths.size() << ": " << regimes.size()
              << " evaluation regimes" << std::endl;
     m.rows = compare_regimes(tr.model(), *data, regimes, o.eval_batches, o.eval_batch);
-    std::vector<size_t> all(m.rows.size());
-    for (size_t k = 0; k < all.size(); ++k) all[k] = k;
-    write_file_atomic((fs::path(c.out) / "compare.csv").string(), compare_csv(m.rows, all));
-    write_file_atomic((fs::path(c.out) / "compare.jsonl").string(), compare_jsonl(m.rows, tr.model().cfg.depth));
-    write_file_atomic((fs::path(c.out) / "pareto.csv").string(), compare_csv(m.rows, pareto_front(m.rows)));
+    write_compare_files(c.out, m.rows, tr.model().cfg.depth);
     models.push_back(std::move(m));
     // the tables so far: a stopped sweep keeps what it finished
     write_file_atomic((fs::path(o.out) / "sweep.csv").string(), sweep_csv(models));
@@ -95,30 +91,22 @@ std::vector<SweepModel> run_sweep(const SweepOptions& o, std::ostream& progress)
   return models;
 }
 
-namespace {
-std::string num(double v) {
-  std::ostringstream s;
-  s.precision(10);
-  s << v;
-  return s.str();
-}
-}  // namespace
 
 std::string sweep_csv(const std::vector<SweepModel>& models) {
   std::string out = "train_regime,eval_regime,accuracy,loss,nfe_mean,nfe_p90,nfe_max,wall_s,status\n";
   for (const auto& m : models)
     for (const auto& r : m.rows)
-      out += m.depth.token() + "," + r.regime.label() + "," + num(r.result.accuracy) + "," + num(r.result.loss) + "," +
-             num(r.result.nfe_mean) + "," + num(r.result.nfe_p90) + "," + num(r.result.nfe_max) + "," +
-             num(r.result.wall_s) + "," + r.result.status() + "\n";
+      out += m.depth.token() + "," + r.regime.label() + "," + format_number(r.result.accuracy) + "," + format_number(r.result.loss) + "," +
+             format_number(r.result.nfe_mean) + "," + format_number(r.result.nfe_p90) + "," + format_number(r.result.nfe_max) + "," +
+             format_number(r.result.wall_s) + "," + r.result.status() + "\n";
   return out;
 }
 
 std::string sweep_train_csv(const std::vector<SweepModel>& models) {
   std::string out = "train_regime,dir,steps,train_seconds,train_flops,train_nfe\n";
   for (const auto& m : models)
-    out += m.depth.token() + "," + m.dir + "," + std::to_string(m.steps) + "," + num(m.train_seconds) + "," +
-           num(m.train_flops) + "," + num(m.train_nfe) + "\n";
+    out += m.depth.token() + "," + m.dir + "," + std::to_string(m.steps) + "," + format_number(m.train_seconds) + "," +
+           format_number(m.train_flops) + "," + format_number(m.train_nfe) + "\n";
   return out;
 }
 

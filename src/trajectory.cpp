@@ -6,6 +6,7 @@
 #include <limits>
 #include <sstream>
 
+#include "flowloop/io.hpp"
 #include "flowloop/layers.hpp"
 #include "flowloop/model.hpp"
 #include "flowloop/solver.hpp"
@@ -215,35 +216,26 @@ TrajectoryResult trace(const Model<float>& model, const DataSource& data, const 
   return r;
 }
 
-namespace {
-std::string fmt(double v) {
-  if (std::isnan(v)) return "nan";
-  std::ostringstream s;
-  s.precision(10);
-  s << v;
-  return s.str();
-}
-}  // namespace
 
 std::string lens_csv(const TrajectoryResult& r) {
   std::string out = "time,source,loss,accuracy,kl_to_final,f_norm,h_norm,dist_to_final,cos_prev_f\n";
   for (const auto& p : r.lens)
-    out += fmt(p.time) + "," + r.source + "," + fmt(p.loss) + "," + fmt(p.accuracy) + "," + fmt(p.kl_to_final) +
-           "," + fmt(p.f_norm) + "," + fmt(p.h_norm) + "," + fmt(p.dist_to_final) + "," + fmt(p.cos_prev_f) + "\n";
+    out += format_number(p.time) + "," + r.source + "," + format_number(p.loss) + "," + format_number(p.accuracy) + "," + format_number(p.kl_to_final) +
+           "," + format_number(p.f_norm) + "," + format_number(p.h_norm) + "," + format_number(p.dist_to_final) + "," + format_number(p.cos_prev_f) + "\n";
   return out;
 }
 
 std::string steps_csv(const TrajectoryResult& r) {
   std::string out = "sequence,t,h\n";
-  for (const auto& s : r.steps) out += std::to_string(s.sequence) + "," + fmt(s.t) + "," + fmt(s.h) + "\n";
+  for (const auto& s : r.steps) out += std::to_string(s.sequence) + "," + format_number(s.t) + "," + format_number(s.h) + "\n";
   return out;
 }
 
 std::string pca_csv(const TrajectoryResult& r) {
   std::string out = "sample,b,pos,time,pc1,pc2\n";
   for (const auto& p : r.pca)
-    out += std::to_string(p.sample) + "," + std::to_string(p.b) + "," + std::to_string(p.pos) + "," + fmt(p.time) +
-           "," + fmt(p.pc1) + "," + fmt(p.pc2) + "\n";
+    out += std::to_string(p.sample) + "," + std::to_string(p.b) + "," + std::to_string(p.pos) + "," + format_number(p.time) +
+           "," + format_number(p.pc1) + "," + format_number(p.pc2) + "\n";
   return out;
 }
 

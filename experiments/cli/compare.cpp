@@ -65,14 +65,9 @@ Command register_compare(CLI::App& app) {
               std::fflush(stderr);
             };
             const auto rows = compare_regimes(model, *data, regimes, a->batches, a->batch, progress);
-            std::vector<size_t> all(rows.size());
-            for (size_t i = 0; i < rows.size(); ++i) all[i] = i;
-            const auto front = pareto_front(rows);
+            const auto front = write_compare_files(a->out, rows, model.cfg.depth);
             namespace fs = std::filesystem;
             const fs::path dir(a->out);
-            write_file_atomic((dir / "compare.csv").string(), compare_csv(rows, all));
-            write_file_atomic((dir / "compare.jsonl").string(), compare_jsonl(rows, model.cfg.depth));
-            write_file_atomic((dir / "pareto.csv").string(), compare_csv(rows, front));
             json meta = {{"model", a->model},
                          {"data", json::parse(data->describe())},
                          {"trained_depth", model.cfg.depth},

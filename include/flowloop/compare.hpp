@@ -63,5 +63,8 @@ std::vector<size_t> pareto_front(const std::vector<CompareRow>& rows);
 // resolved depth (JSON lines), the front (CSV, the same columns).
 std::string compare_csv(const std::vector<CompareRow>& rows, const std::vector<size_t>& which);
 std::string compare_jsonl(const std::vector<CompareRow>& rows, double trained_depth);
+// Writes DIR/compare.csv, DIR/compare.jsonl and DIR/pareto.csv (atomically); returns the front.
+std::vector<size_t> write_compare_files(const std::string& dir, const std::vector<CompareRow>& rows,
+                                        double trained_depth);
 
 }  // namespace flowloop

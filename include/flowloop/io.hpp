@@ -35,4 +35,7 @@ std::vector<std::string> split_list(const std::string& list);
 // or false.
 bool parse_number(const std::string& text, double& out);
 
+// A number for CSV tables: 10 significant digits, "nan" for NaN.
+std::string format_number(double v);
+
 }  // namespace flowloop
