@@ -136,19 +136,43 @@ void linear_bwd(S* din, S* dP, size_t oW, size_t ob, const S* dout, const S* in,
   }
 }
 
-// The same for a LayerNorm.
+// The same for a Linear of one row per sequence (the time embedding, the modulation):
+// W and its gradient stream through once (linear_backward_few).
 template <class S>
-void layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* in, const S* w,
-                   const S* mean, const S* rstd, int B, int T, int C, size_t stride) {
+void linear_bwd_few(S* din, S* dP, size_t oW, size_t ob, const S* dout, const S* in, const S* W, int B,
+                    int IN, int OUT, size_t stride) {
   if (stride == 0) {
-    layernorm_backward(din, dP + ow, dP + ob, dout, in, w, mean, rstd, B * T, C);
+    linear_backward_few(din, dP + oW, dP + ob, dout, in, W, B, IN, OUT);
     return;
   }
-  layernorm_backward<S>(din, nullptr, nullptr, dout, in, w, mean, rstd, B * T, C);
   for (int b = 0; b < B; ++b) {
     S* d = dP + static_cast<size_t>(b) * stride;
-    const size_t r = static_cast<size_t>(b) * T;
-    layernorm_backward<S>(nullptr, d + ow, d + ob, dout + r * C, in + r * C, w, mean + r, rstd + r, T, C);
+    const size_t r = static_cast<size_t>(b);
+    linear_backward_few<S>(din ? din + r * IN : nullptr, d + oW, d + ob, dout + r * OUT, in + r * IN, W, 1, IN,
+                           OUT);
+  }
+}
+
+// The same for a LayerNorm; with a modulation scale (B,C) of row stride ld, dout is
+// the gradient of LN (1 + scale) + shift (layernorm_backward_scaled).
+template <class S>
+void layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* in, const S* w,
+                   const S* mean, const S* rstd, int B, int T, int C, size_t stride, const S* scale = nullptr,
+                   int ld = 0) {
+  auto rows = [&](S* di, S* dw, S* db, size_t r, int bs, const S* sc) {
+    if (scale)
+      layernorm_backward_scaled(di, dw, db, dout + r * C, sc, T, ld, in + r * C, w, mean + r, rstd + r, bs * T, C);
+    else
+      layernorm_backward(di, dw, db, dout + r * C, in + r * C, w, mean + r, rstd + r, bs * T, C);
+  };
+  if (stride == 0) {
+    rows(din, dP + ow, dP + ob, 0, B, scale);
+    return;
+  }
+  rows(din, nullptr, nullptr, 0, B, scale);
+  for (int b = 0; b < B; ++b) {
+    S* d = dP + static_cast<size_t>(b) * stride;
+    rows(nullptr, d + ow, d + ob, static_cast<size_t>(b) * T, 1, scale ? scale + static_cast<size_t>(b) * ld : nullptr);
   }
 }
 }  // namespace
@@ -248,15 +272,15 @@ void Field<S>::time_vjp(S* dP, const S* P, int B, const TimeCache<S>& tc, FieldG
   zero(w.dc);
   silu_backward(w.dc.data(), w.dsc.data(), tc.c.data(), BC);
   zero(w.da1);
-  linear_bwd(w.da1.data(), dP, time_.w2, time_.b2, w.dc.data(), tc.a1.data(), P + time_.w2, B, 1, C, C, stride);
+  linear_bwd_few(w.da1.data(), dP, time_.w2, time_.b2, w.dc.data(), tc.a1.data(), P + time_.w2, B, C, C, stride);
   zero(w.dz1);
   silu_backward(w.dz1.data(), w.da1.data(), tc.z1.data(), BC);
   if (!dt) {
-    linear_bwd<S>(nullptr, dP, time_.w1, time_.b1, w.dz1.data(), tc.e.data(), P + time_.w1, B, 1, E, C, stride);
+    linear_bwd_few<S>(nullptr, dP, time_.w1, time_.b1, w.dz1.data(), tc.e.data(), P + time_.w1, B, E, C, stride);
     return;
   }
   zero(w.de);
-  linear_bwd(w.de.data(), dP, time_.w1, time_.b1, w.dz1.data(), tc.e.data(), P + time_.w1, B, 1, E, C, stride);
+  linear_bwd_few(w.de.data(), dP, time_.w1, time_.b1, w.dz1.data(), tc.e.data(), P + time_.w1, B, E, C, stride);
   // e = [cos(tau freq), sin(tau freq)]:  de/dtau = [-freq sin, freq cos]
   for (int b = 0; b < B; ++b) {
     const S* e = tc.e.data() + static_cast<size_t>(b) * E;
@@ -330,8 +354,8 @@ void Field<S>::block_vjp_tc(S* dx, S* dP, const S* dout, const S* P, const Block
   S* dada = w.dada.data();  // this block's [ds1, dc1, dg1, ds2, dc2, dg2]
   zero(w.dada);
   // out = x2 + (1 + g2) MLP(u2):  dx2 = dout + LN2^T(mod2^T(MLP^T((1 + g2) dout)))
+  // (mod^T, the factor 1 + c, is applied inside the LayerNorm's backward)
   std::memcpy(w.dx2.data(), dout, NC * sizeof(S));
-  zero(w.dgated);
   gate_backward(w.dgated.data(), dada + 5 * C, dout, c.mo.data(), ada + 5 * C, B, T, C, ld);
   zero(w.dg);
   linear_bwd(w.dg.data(), dP, o.mproj_w, o.mproj_b, w.dgated.data(), c.g.data(), P + o.mproj_w, B, T, F, C,
@@ -340,14 +364,12 @@ void Field<S>::block_vjp_tc(S* dx, S* dP, const S* dout, const S* P, const Block
   gelu_backward(w.dz.data(), w.dg.data(), c.z.data(), static_cast<int64_t>(N) * F);
   zero(w.dtmp);
   linear_bwd(w.dtmp.data(), dP, o.fc_w, o.fc_b, w.dz.data(), c.u2.data(), P + o.fc_w, B, T, C, F, stride);
-  zero(w.dgated);
-  modulate_backward(w.dgated.data(), dada + 3 * C, dada + 4 * C, w.dtmp.data(), c.ln2.data(), ada + 4 * C, B,
-                    T, C, ld);
-  layernorm_bwd(w.dx2.data(), dP, o.ln2_w, o.ln2_b, w.dgated.data(), c.x2.data(), P + o.ln2_w,
-                c.mean2.data(), c.rstd2.data(), B, T, C, stride);
+  modulate_backward<S>(nullptr, dada + 3 * C, dada + 4 * C, w.dtmp.data(), c.ln2.data(), ada + 4 * C, B, T, C,
+                       ld);
+  layernorm_bwd(w.dx2.data(), dP, o.ln2_w, o.ln2_b, w.dtmp.data(), c.x2.data(), P + o.ln2_w,
+                c.mean2.data(), c.rstd2.data(), B, T, C, stride, ada + 4 * C, ld);
   // x2 = x + (1 + g1) Attn(u1):  dx += dx2 + LN1^T(mod1^T(Attn^T((1 + g1) dx2)))
   axpy_into(dx, w.dx2.data(), NC);
-  zero(w.dgated);
   gate_backward(w.dgated.data(), dada + 2 * C, w.dx2.data(), c.ao.data(), ada + 2 * C, B, T, C, ld);
   zero(w.dtmp);
   linear_bwd(w.dtmp.data(), dP, o.aproj_w, o.aproj_b, w.dgated.data(), c.y.data(), P + o.aproj_w, B, T, C, C,
@@ -358,12 +380,11 @@ void Field<S>::block_vjp_tc(S* dx, S* dP, const S* dout, const S* P, const Block
   zero(w.dtmp);
   linear_bwd(w.dtmp.data(), dP, o.attn_w, o.attn_b, w.dqkv.data(), c.u1.data(), P + o.attn_w, B,
              T, C, 3 * C, stride);
-  zero(w.dgated);
-  modulate_backward(w.dgated.data(), dada, dada + C, w.dtmp.data(), c.ln1.data(), ada + C, B, T, C, ld);
-  layernorm_bwd(dx, dP, o.ln1_w, o.ln1_b, w.dgated.data(), c.x.data(), P + o.ln1_w, c.mean1.data(),
-                c.rstd1.data(), B, T, C, stride);
+  modulate_backward<S>(nullptr, dada, dada + C, w.dtmp.data(), c.ln1.data(), ada + C, B, T, C, ld);
+  layernorm_bwd(dx, dP, o.ln1_w, o.ln1_b, w.dtmp.data(), c.x.data(), P + o.ln1_w, c.mean1.data(),
+                c.rstd1.data(), B, T, C, stride, ada + C, ld);
   // ada = W_ada silu(c) + b_ada: its parameters, and dsilu(c) += dada W_ada (all blocks add up)
-  linear_bwd(w.dsc.data(), dP, o.ada_w, o.ada_b, dada, tc.sc.data(), P + o.ada_w, B, 1, C, 6 * C, stride);
+  linear_bwd_few(w.dsc.data(), dP, o.ada_w, o.ada_b, dada, tc.sc.data(), P + o.ada_w, B, C, 6 * C, stride);
 }
 
 template <class S>

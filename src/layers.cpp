@@ -73,15 +73,17 @@ void layernorm_forward(S* out, S* mean, S* rstd, const S* in, const S* w, const 
   }
 }
 
-template <class S>
-void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const S* w,
-                        const S* mean, const S* rstd, int N, int C) {
+namespace {
+// grad(n) is row n of dL/dLN (an Eigen expression of length C).
+template <class S, class Grad>
+void layernorm_backward_rows(S* din, S* dw, S* db, Grad grad, const S* in, const S* w, const S* mean,
+                             const S* rstd, int N, int C) {
   CMapV<S> wv(w, C);
   if (din) {
 #pragma omp parallel for schedule(static) if(static_cast<int64_t>(N) * C >= kParallelMin)
     for (int n = 0; n < N; ++n) {
       CMapV<S> x(in + static_cast<int64_t>(n) * C, C);
-      CMapV<S> g(dout + static_cast<int64_t>(n) * C, C);
+      const auto g = grad(n);
       // expression templates only: nothing is allocated per row
       const S m = mean[n], rs = rstd[n];
       const S mean_d = (g * wv).mean();
@@ -93,10 +95,31 @@ void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const 
   MapV<S> dwv(dw, C), dbv(db, C);
   for (int n = 0; n < N; ++n) {
     CMapV<S> x(in + static_cast<int64_t>(n) * C, C);
-    CMapV<S> g(dout + static_cast<int64_t>(n) * C, C);
+    const auto g = grad(n);
     dwv += g * (x - mean[n]) * rstd[n];
     dbv += g;
   }
+}
+}  // namespace
+
+template <class S>
+void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const S* w,
+                        const S* mean, const S* rstd, int N, int C) {
+  layernorm_backward_rows(
+      din, dw, db, [&](int n) { return CMapV<S>(dout + static_cast<int64_t>(n) * C, C); }, in, w, mean, rstd, N,
+      C);
+}
+
+template <class S>
+void layernorm_backward_scaled(S* din, S* dw, S* db, const S* dout, const S* scale, int T, int ld, const S* in,
+                               const S* w, const S* mean, const S* rstd, int N, int C) {
+  layernorm_backward_rows(
+      din, dw, db,
+      [&](int n) {
+        return CMapV<S>(dout + static_cast<int64_t>(n) * C, C) *
+               (S(1) + CMapV<S>(scale + static_cast<int64_t>(n / T) * ld, C));
+      },
+      in, w, mean, rstd, N, C);
 }
 
 // ---------------------------------------------------------------- linear
@@ -139,6 +162,60 @@ void linear_forward_few(S* out, const S* in, const S* W, const S* b, int N, int 
     const S bo = b ? b[o] : S(0);
     for (int n = 0; n < N; ++n) out[static_cast<int64_t>(n) * OUT + o] = x.row(n).dot(w) + bo;
   }
+}
+
+// The backward of the same few-row product in one pass over W: each job owns a band
+// of kFewCols input columns of din and dW and walks all OUT rows of W once, so W and
+// dW stream through memory once. Sums run in o order (din) and n order (dW) whatever
+// the thread count.
+namespace {
+constexpr int kFewCols = 32;
+constexpr int kFewRows = 64;  // rows held in the band's accumulator at once
+}  // namespace
+
+template <class S>
+void linear_backward_few(S* din, S* dW, S* db, const S* dout, const S* in, const S* W, int N, int IN, int OUT) {
+  if (N <= 0) return;
+  const int nb = (IN + kFewCols - 1) / kFewCols;
+#pragma omp parallel for schedule(static) if (few_parallel(N, IN, OUT))
+  for (int job = 0; job < nb; ++job) {
+    const int j0 = job * kFewCols, w = std::min(kFewCols, IN - j0);
+    S acc[kFewRows * kFewCols];
+    for (int n0 = 0; n0 < N; n0 += kFewRows) {
+      const int nr = std::min(kFewRows, N - n0);
+      if (din)
+        for (int k = 0; k < nr * kFewCols; ++k) acc[k] = S(0);
+      for (int o = 0; o < OUT; ++o) {
+        const S* wr = W + static_cast<int64_t>(o) * IN + j0;
+        S* dwr = dW + static_cast<int64_t>(o) * IN + j0;
+        S grad[kFewCols];
+        for (int j = 0; j < w; ++j) grad[j] = S(0);
+        for (int n = 0; n < nr; ++n) {
+          const S d = dout[static_cast<int64_t>(n0 + n) * OUT + o];
+          const S* xr = in + static_cast<int64_t>(n0 + n) * IN + j0;
+#pragma omp simd
+          for (int j = 0; j < w; ++j) grad[j] += d * xr[j];
+          if (!din) continue;
+          S* ar = acc + n * kFewCols;
+#pragma omp simd
+          for (int j = 0; j < w; ++j) ar[j] += d * wr[j];
+        }
+#pragma omp simd
+        for (int j = 0; j < w; ++j) dwr[j] += grad[j];
+      }
+      if (din)
+        for (int n = 0; n < nr; ++n) {
+          S* dr = din + static_cast<int64_t>(n0 + n) * IN + j0;
+          for (int j = 0; j < w; ++j) dr[j] += acc[n * kFewCols + j];
+        }
+    }
+  }
+  if (db)
+    for (int o = 0; o < OUT; ++o) {
+      S s = S(0);
+      for (int n = 0; n < N; ++n) s += dout[static_cast<int64_t>(n) * OUT + o];
+      db[o] += s;
+    }
 }
 
 // ---------------------------------------------------------------- attention
@@ -312,14 +389,22 @@ void modulate_backward(S* din, S* dshift, S* dscale, const S* dout, const S* in,
                        int C, int ld) {
   for_sequence_columns(B, T, C, [&](int b, int c0, int w) {
     const int64_t v = static_cast<int64_t>(b) * ld + c0;
-    CMapV<S> sc(scale + v, w);
-    MapV<S> dsh(dshift + v, w), dsc(dscale + v, w);
+    const S* sc = scale + v;
+    S* dsh = dshift + v;
+    S* dsc = dscale + v;
     for (int t = 0; t < T; ++t) {
       const int64_t r = (static_cast<int64_t>(b) * T + t) * C + c0;
-      CMapV<S> g(dout + r, w);
-      dsh += g;
-      dsc += g * CMapV<S>(in + r, w);
-      if (din) MapV<S>(din + r, w) += g * (S(1) + sc);
+      const S* g = dout + r;
+      const S* x = in + r;
+#pragma omp simd
+      for (int j = 0; j < w; ++j) {
+        dsh[j] += g[j];
+        dsc[j] += g[j] * x[j];
+      }
+      if (!din) continue;
+      S* d = din + r;
+#pragma omp simd
+      for (int j = 0; j < w; ++j) d[j] = g[j] * (S(1) + sc[j]);
     }
   });
 }
@@ -338,13 +423,18 @@ template <class S>
 void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C, int ld) {
   for_sequence_columns(B, T, C, [&](int b, int c0, int w) {
     const int64_t v = static_cast<int64_t>(b) * ld + c0;
-    CMapV<S> g(gate + v, w);
-    MapV<S> dg(dgate + v, w);
+    const S* g = gate + v;
+    S* dg = dgate + v;
     for (int t = 0; t < T; ++t) {
       const int64_t r = (static_cast<int64_t>(b) * T + t) * C + c0;
-      CMapV<S> d(dout + r, w);
-      dg += d * CMapV<S>(in + r, w);
-      if (din) MapV<S>(din + r, w) += d * (S(1) + g);
+      const S* d = dout + r;
+      const S* x = in + r;
+#pragma omp simd
+      for (int j = 0; j < w; ++j) dg[j] += d[j] * x[j];
+      if (!din) continue;
+      S* di = din + r;
+#pragma omp simd
+      for (int j = 0; j < w; ++j) di[j] = d[j] * (S(1) + g[j]);
     }
   });
 }
@@ -386,9 +476,12 @@ S crossentropy_forward_backward(S* dlogits, const S* logits, const int32_t* targ
   template void layernorm_forward<S>(S*, S*, S*, const S*, const S*, const S*, int, int);       \
   template void layernorm_backward<S>(S*, S*, S*, const S*, const S*, const S*, const S*,       \
                                       const S*, int, int);                                      \
+  template void layernorm_backward_scaled<S>(S*, S*, S*, const S*, const S*, int, int, const S*, const S*, \
+                                             const S*, const S*, int, int);                      \
   template void linear_forward<S>(S*, const S*, const S*, const S*, int, int, int);             \
   template void linear_backward<S>(S*, S*, S*, const S*, const S*, const S*, int, int, int);    \
   template void linear_forward_few<S>(S*, const S*, const S*, const S*, int, int, int);         \
+  template void linear_backward_few<S>(S*, S*, S*, const S*, const S*, const S*, int, int, int); \
   template void attention_forward<S>(S*, S*, const S*, int, int, int, int);                     \
   template void attention_backward<S>(S*, S*, const S*, const S*, const S*, int, int, int, int); \
   template void gelu_forward<S>(S*, const S*, int64_t);                                         \

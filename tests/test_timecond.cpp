@@ -175,7 +175,8 @@ TEST_CASE("silu, modulation and gate: forward by definition, vjp by finite diffe
         const double a = in[k] * (1.0 + vec[v + C]), s = vec[v];
         CHECK(std::fabs(out[k] - (a + s)) <= 1e-14 * (std::fabs(a) + std::fabs(s)));
       }
-  std::vector<double> din(in.size(), 0.0), dvec(vec.size(), 0.0);
+  // din is written, not added to: what it held before does not show
+  std::vector<double> din(in.size(), std::nan("")), dvec(vec.size(), 0.0);
   modulate_backward(din.data(), dvec.data(), dvec.data() + C, g.data(), in.data(), vec.data() + C, B, T, C, ld);
   CHECK(rel_error(din, fd_grad(mod_loss, in.data(), in.size())) < 1e-6);
   const auto fd_vec = fd_grad(mod_loss, vec.data(), vec.size());
@@ -186,7 +187,7 @@ TEST_CASE("silu, modulation and gate: forward by definition, vjp by finite diffe
     const double a = (1.0 + vec[v + 2 * C]) * in[k];
     CHECK(std::fabs(out[k] - (res[k] + a)) <= 1e-14 * (std::fabs(res[k]) + std::fabs(a)));
   }
-  std::fill(din.begin(), din.end(), 0.0);
+  std::fill(din.begin(), din.end(), 1e300);
   std::fill(dvec.begin(), dvec.end(), 0.0);
   gate_backward(din.data(), dvec.data() + 2 * C, g.data(), in.data(), vec.data() + 2 * C, B, T, C, ld);
   CHECK(rel_error(din, fd_grad(gate_loss, in.data(), in.size())) < 1e-6);
@@ -232,6 +233,40 @@ TEST_CASE("few-row Linear (time embedding, modulation): the product, whatever th
   // no bias
   linear_forward_few<float>(few.data(), x.data(), W.data(), nullptr, N, IN, OUT);
   CHECK(std::fabs(few[0] - (few3[0] - b[0])) <= 1e-5 * (1 + std::fabs(few3[0])));
+}
+
+TEST_CASE("few-row Linear backward: linear_backward's sums, whatever the thread count", "[timecond][layers]") {
+  // odd sizes; 70 rows cross the 64-row accumulator band, 37 inputs a partial column band
+  for (const int N : {1, 5, 70}) {
+    const int IN = 37, OUT = 720;
+    Rng rng(static_cast<uint64_t>(N));
+    std::vector<double> x(static_cast<size_t>(N) * IN), W(static_cast<size_t>(OUT) * IN),
+        dout(static_cast<size_t>(N) * OUT), din0(x.size()), dW0(W.size()), db0(OUT);
+    for (auto* v : {&x, &W, &dout, &din0, &dW0, &db0})
+      for (auto& e : *v) e = rng.normal();
+    auto din = din0, dW = dW0, db = db0;
+    linear_backward(din.data(), dW.data(), db.data(), dout.data(), x.data(), W.data(), N, IN, OUT);
+    const int threads = num_threads();
+    std::vector<double> fdin[2], fdW[2], fdb[2];
+    for (int k = 0; k < 2; ++k) {
+      set_num_threads(k == 0 ? 1 : 3);
+      fdin[k] = din0;
+      fdW[k] = dW0;
+      fdb[k] = db0;
+      linear_backward_few(fdin[k].data(), fdW[k].data(), fdb[k].data(), dout.data(), x.data(), W.data(), N, IN, OUT);
+    }
+    set_num_threads(threads);
+    CHECK(fdin[0] == fdin[1]);
+    CHECK(fdW[0] == fdW[1]);
+    CHECK(fdb[0] == fdb[1]);
+    CHECK(rel_error(fdin[0], din) < 1e-13);
+    CHECK(rel_error(fdW[0], dW) < 1e-13);
+    CHECK(rel_error(fdb[0], db) < 1e-13);
+    // null din and db leave them alone and give the same dW
+    auto dW2 = dW0;
+    linear_backward_few<double>(nullptr, dW2.data(), nullptr, dout.data(), x.data(), W.data(), N, IN, OUT);
+    CHECK(dW2 == fdW[0]);
+  }
 }
 
 TEST_CASE("time_cond config: defaults, validation, JSON", "[timecond][config]") {

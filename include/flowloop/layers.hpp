@@ -35,6 +35,13 @@ template <class S>
 void layernorm_backward(S* din /*(N,C)*/, S* dw /*(C)*/, S* db /*(C)*/, const S* dout /*(N,C)*/,
                         const S* in /*(N,C)*/, const S* w /*(C)*/, const S* mean /*(N)*/,
                         const S* rstd /*(N)*/, int N, int C);
+// The same where LN's output was modulated, u = LN (1 + scale) + shift: dout is
+// dL/du and row n's dL/dLN is dout (1 + scale of sequence n / T), formed on the fly
+// (scale (B,C) with row stride ld). A zero scale gives layernorm_backward's bits.
+template <class S>
+void layernorm_backward_scaled(S* din /*(N,C)*/, S* dw /*(C)*/, S* db /*(C)*/, const S* dout /*(N,C)*/,
+                               const S* scale, int T, int ld, const S* in /*(N,C)*/, const S* w /*(C)*/,
+                               const S* mean /*(N)*/, const S* rstd /*(N)*/, int N, int C);
 
 // out = in W^T + b (torch.nn.Linear; W stored (OUT, IN)); b may be null.
 template <class S>
@@ -50,6 +57,11 @@ void linear_backward(S* din /*(N,IN)*/, S* dW /*(OUT,IN)*/, S* db /*(OUT)*/,
 template <class S>
 void linear_forward_few(S* out /*(N,OUT)*/, const S* in /*(N,IN)*/, const S* W /*(OUT,IN)*/,
                         const S* b /*(OUT)*/, int N, int IN, int OUT);
+// Its backward (linear_backward's accumulation: din += dout W, dW += dout^T in,
+// db += column sums of dout; null din or db skips it), W and dW read once.
+template <class S>
+void linear_backward_few(S* din /*(N,IN)*/, S* dW /*(OUT,IN)*/, S* db /*(OUT)*/, const S* dout /*(N,OUT)*/,
+                         const S* in /*(N,IN)*/, const S* W /*(OUT,IN)*/, int N, int IN, int OUT);
 
 // Causal multi-head self-attention core (no projections):
 //   q, k, v = split(qkv) viewed (B,NH,T,D); att = softmax(q k^T / sqrt(D) + mask);
@@ -83,8 +95,8 @@ void silu_backward(S* din /*(N)*/, const S* dout /*(N)*/, const S* in /*(N)*/, i
 template <class S>
 void modulate_forward(S* out /*(B,T,C)*/, const S* in /*(B,T,C)*/, const S* shift, const S* scale,
                       int B, int T, int C, int ld);
-// din += dout (1 + scale);  dshift += sum_t dout;  dscale += sum_t dout in.
-// Null din skips the input gradient.
+// din = dout (1 + scale) (written, not added);  dshift += sum_t dout;
+// dscale += sum_t dout in. Null din skips the input gradient.
 template <class S>
 void modulate_backward(S* din /*(B,T,C)*/, S* dshift, S* dscale, const S* dout /*(B,T,C)*/,
                        const S* in /*(B,T,C)*/, const S* scale, int B, int T, int C, int ld);
@@ -93,8 +105,8 @@ void modulate_backward(S* din /*(B,T,C)*/, S* dshift, S* dscale, const S* dout /
 template <class S>
 void gate_forward(S* out /*(B,T,C)*/, const S* res /*(B,T,C)*/, const S* in /*(B,T,C)*/,
                   const S* gate, int B, int T, int C, int ld);
-// din += dout (1 + gate);  dgate += sum_t dout in. (The residual's gradient is
-// dout itself, left to the caller.)
+// din = dout (1 + gate) (written, not added);  dgate += sum_t dout in. (The
+// residual's gradient is dout itself, left to the caller.)
 template <class S>
 void gate_backward(S* din /*(B,T,C)*/, S* dgate, const S* dout /*(B,T,C)*/, const S* in /*(B,T,C)*/,
                    const S* gate, int B, int T, int C, int ld);
