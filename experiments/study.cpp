@@ -102,7 +102,7 @@ int run_study(const StudyOptions& o) {
   std::map<std::string, int> planned;
   std::ostringstream curves;
   curves.precision(10);
-  curves << "arm,seed,step,train_flops,wall_s,test_accuracy,test_loss\n";
+  curves << "arm,seed,step,train_flops,train_seconds,test_accuracy,test_loss\n";
   for (int si = 0; si < o.seeds; ++si) {
     const uint64_t seed = o.seed + static_cast<uint64_t>(si);
     std::string looped_model;
@@ -122,7 +122,7 @@ int run_study(const StudyOptions& o) {
       c.min_lr = o.lr / 10;
       c.eval_every = std::max(1, c.steps / std::max(1, o.curve_points));
       c.eval_batches = 4;
-      c.checkpoint_every = c.steps;
+      c.checkpoint_every = c.eval_every;  // a stopped study loses at most one curve interval
       c.seed = seed;
       c.out = (std::filesystem::path(o.out) / (o.seeds > 1 ? a.name + "-s" + std::to_string(seed) : a.name)).string();
       if (a.ode) {
@@ -141,33 +141,20 @@ int run_study(const StudyOptions& o) {
       }
       planned[a.name] = c.steps;
       std::cerr << "== " << a.label << " (seed " << seed << ")" << std::endl;
-      const auto t0 = std::chrono::steady_clock::now();
+      // a rerun goes on from the arm's checkpoint: a finished arm is not trained again
       Trainer tr(c);
-      tr.run(false, std::cerr);
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      tr.run(std::filesystem::exists(std::filesystem::path(c.out) / "checkpoint.safetensors"), std::cerr);
       if (a.name == "looped") looped_model = c.out + "/model.safetensors";
       const auto data = make_source(c);
       const EvalResult r = evaluate(tr.model(), *data, c.depth, o.eval_batches, o.batch);
       r.require_ok();
-      // the training NFE: the mean forward evaluations per step, from metrics.jsonl
-      // and the learning curve: test accuracy against steps and cumulative FLOPs
-      double nfe_sum = 0, flops = 0;
-      int64_t nfe_n = 0;
-      {
-        std::ifstream in(c.out + "/metrics.jsonl");
-        for (std::string line; std::getline(in, line);) {
-          const auto j = nlohmann::json::parse(line, nullptr, false);
-          if (j.is_discarded() || !j.contains("nfe_forward")) continue;
-          nfe_sum += j["nfe_forward"].get<double>();
-          ++nfe_n;
-          flops += j.value("flops", 0.0);
-          if (j.contains("test_accuracy"))
-            curves << a.name << "," << seed << "," << j["step"].get<int64_t>() << "," << flops << ","
-                   << j["wall_s"].get<double>() << "," << j["test_accuracy"].get<double>() << ","
-                   << j["test_loss"].get<double>() << "\n";
-        }
-      }
-      const double train_nfe = nfe_n ? nfe_sum / static_cast<double>(nfe_n) : 0.0;
+      // the training seconds and NFE, and the learning curve (test accuracy against
+      // steps, cumulative FLOPs and seconds), from metrics.jsonl
+      const TrainCost cost = read_train_cost(c.out, static_cast<double>(c.batch) * data->seq_len());
+      for (const auto& p : cost.curve)
+        curves << a.name << "," << seed << "," << p.step << "," << p.flops << "," << p.seconds << "," << p.accuracy
+               << "," << p.loss << "\n";
+      const double secs = cost.seconds, train_nfe = cost.nfe_mean;
       nlohmann::ordered_json row = {{"model", a.name}, {"label", a.label}, {"seed", seed}, {"n_block", a.n_block},
                                     {"depth", nlohmann::json::parse(c.depth.to_json(K))}, {"steps", tr.step()},
                                     {"planned_steps", c.steps}, {"parameters", tr.model().layout.size()},

@@ -65,19 +65,10 @@ std::vector<SweepModel> run_sweep(const SweepOptions& o, std::ostream& progress)
     m.dir = c.out;
     m.steps = tr.step();
     const auto data = make_source(c);
-    // the training cost from the metrics, step by step (a resumed run adds up)
-    std::ifstream in(fs::path(c.out) / "metrics.jsonl");
-    int64_t n = 0;
-    for (std::string line; std::getline(in, line);) {
-      const auto j = nlohmann::json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.contains("step")) continue;
-      m.train_flops += j.value("flops", 0.0);
-      m.train_nfe += j.value("nfe_forward", 0.0);
-      const double tps = j.value("tokens_per_s", 0.0);
-      if (tps > 0) m.train_seconds += static_cast<double>(c.batch) * data->seq_len() / tps;
-      ++n;
-    }
-    if (n) m.train_nfe /= static_cast<double>(n);
+    const TrainCost cost = read_train_cost(c.out, static_cast<double>(c.batch) * data->seq_len());
+    m.train_flops = cost.flops;
+    m.train_nfe = cost.nfe_mean;
+    m.train_seconds = cost.seconds;
     const std::vector<Regime> regimes = o.eval_regimes.empty() ? default_regimes(tr.model().cfg) : o.eval_regimes;
     progress << "== sweep " << (i + 1) << "/" << o.train_depths.size() << ": " << regimes.size()
              << " evaluation regimes" << std::endl;

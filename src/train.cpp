@@ -418,8 +418,14 @@ struct Trainer::Impl {
       return it->second;
     };
     TrainConfig saved = TrainConfig::from_json(get("train_config"), ckpt());
-    // the schedule depends on every setting, steps included; the time budget is per run
+    // The schedule depends on every setting, steps included. What only decides where
+    // and how often a run reports (its directory, evaluation and checkpoint intervals,
+    // test batches) and its time budget may change between runs.
     saved.max_seconds = c.max_seconds;
+    saved.out = c.out;
+    saved.eval_every = c.eval_every;
+    saved.eval_batches = c.eval_batches;
+    saved.checkpoint_every = c.checkpoint_every;
     if (saved.to_json() != c.to_json())
       throw Error("checkpoint '" + ckpt() + "' was written with another configuration; resume with the same one");
     for (const auto& t : model->layout.tensors()) {
@@ -486,6 +492,27 @@ Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
   if (!t) throw Error("output directory '" + I.c.out + "' is not writable");
   t.close();
   std::filesystem::remove(probe, ec);
+}
+
+TrainCost read_train_cost(const std::string& dir, double tokens_per_step) {
+  TrainCost cost;
+  std::ifstream in(std::filesystem::path(dir) / "metrics.jsonl");
+  if (!in) throw Error("no training metrics at '" + (std::filesystem::path(dir) / "metrics.jsonl").string() + "'");
+  double nfe = 0;
+  for (std::string line; std::getline(in, line);) {
+    const auto j = json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("step")) continue;
+    ++cost.steps;
+    cost.flops += j.value("flops", 0.0);
+    nfe += j.value("nfe_forward", 0.0);
+    const double tps = j.value("tokens_per_s", 0.0);
+    if (tps > 0) cost.seconds += tokens_per_step / tps;
+    if (j.contains("test_accuracy"))
+      cost.curve.push_back({j["step"].get<int64_t>(), cost.flops, cost.seconds, j["test_accuracy"].get<double>(),
+                            j.value("test_loss", 0.0)});
+  }
+  if (cost.steps) cost.nfe_mean = nfe / static_cast<double>(cost.steps);
+  return cost;
 }
 
 Trainer::~Trainer() = default;

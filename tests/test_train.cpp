@@ -280,6 +280,19 @@ TEST_CASE("a resumed run has exactly the losses of an uninterrupted one", "[trai
   const auto tr = read_metrics(dir.path / "timed");
   REQUIRE(tr.size() == a.size());
   for (size_t i = 0; i < a.size(); ++i) CHECK(tr[i]["loss"] == a[i]["loss"]);
+  // a run directory moved elsewhere resumes there, with other reporting intervals
+  // (directory, evaluation, checkpoints), and the same losses
+  const TrainConfig cut = tiny_config((dir.path / "cut").string());
+  Trainer(cut).run(false, quiet, 11);
+  std::filesystem::copy(dir.path / "cut", dir.path / "moved");
+  TrainConfig moved = tiny_config((dir.path / "moved").string());
+  moved.eval_every = 5;
+  moved.eval_batches = cut.eval_batches + 1;
+  moved.checkpoint_every = 3;
+  Trainer(moved).run(true, quiet);
+  const auto mv = read_metrics(dir.path / "moved");
+  REQUIRE(mv.size() == a.size());
+  for (size_t i = 0; i < a.size(); ++i) CHECK(mv[i]["loss"] == a[i]["loss"]);
   // a checkpoint resumed with another configuration is refused
   TrainConfig other = part;
   other.lr = 0.5;
@@ -572,7 +585,7 @@ TEST_CASE("flowloop study trains every arm at the same budget and writes the tab
   std::ifstream cin_(dir.path / "study" / "curves.csv");
   std::string header, line;
   std::getline(cin_, header);
-  CHECK(header == "arm,seed,step,train_flops,wall_s,test_accuracy,test_loss");
+  CHECK(header == "arm,seed,step,train_flops,train_seconds,test_accuracy,test_loss");
   std::map<std::string, std::vector<double>> flops;
   while (std::getline(cin_, line)) {
     std::stringstream ls(line);
@@ -590,6 +603,23 @@ TEST_CASE("flowloop study trains every arm at the same budget and writes the tab
   CHECK(flops["deep"][0] == Approx(flops["looped"][0]));
   CHECK(flops["shallow"][0] < flops["looped"][0]);
   CHECK(flops["ode"][0] > flops["looped"][0]);
+  // a rerun into the same directory trains nothing again: the same results, the
+  // metrics untouched
+  const auto metrics_before = read_metrics(dir.path / "study" / "looped");
+  const std::string again = run_command(std::string(FLOWLOOP_CLI) +
+                                            " study --task modarith --task-n 2 --depth 2 --d-model 16 --n-head 2 --steps 3 "
+                                            "--batch 4 --warmup 1 --eval-batches 1 --out " + out + " 2>/dev/null", &rc);
+  REQUIRE(rc == 0);
+  std::ifstream in_again(dir.path / "study" / "results.json");
+  nlohmann::json j_again;
+  in_again >> j_again;
+  REQUIRE(j_again["results"].size() == 4);
+  for (size_t i = 0; i < 4; ++i) {
+    CHECK(j_again["results"][i]["test_accuracy"] == j["results"][i]["test_accuracy"]);
+    CHECK(j_again["results"][i]["test_loss"] == j["results"][i]["test_loss"]);
+    CHECK(j_again["results"][i]["train_seconds"] == j["results"][i]["train_seconds"]);
+  }
+  CHECK(read_metrics(dir.path / "study" / "looped") == metrics_before);
   // one arm alone, the regularised ODE arm; an unknown arm is refused
   const std::string o2 = run_command(std::string(FLOWLOOP_CLI) +
                                          " study --task modarith --task-n 2 --depth 2 --d-model 16 --n-head 2 --steps 3 "

@@ -131,6 +131,21 @@ double train_step_flops(const Model<float>& model, int B, int T, double nfe_forw
 // position of a row, or the fraction of scored positions right.
 double accuracy(const float* logits, const TokenBatch& targets, int V, bool exact_match, int64_t* count);
 
+// What a run's DIR/metrics.jsonl records, step by step (a resumed run adds up): the
+// steps, the training seconds (each step's tokens_per_step / tokens_per_s; evaluations
+// and checkpoints excluded), FLOPs, the mean forward NFE per step, and the test
+// evaluations along the way with the cumulative FLOPs and seconds at each.
+struct TrainCost {
+  struct Point {
+    int64_t step = 0;
+    double flops = 0, seconds = 0, accuracy = 0, loss = 0;
+  };
+  int64_t steps = 0;
+  double seconds = 0, flops = 0, nfe_mean = 0;
+  std::vector<Point> curve;
+};
+TrainCost read_train_cost(const std::string& dir, double tokens_per_step);
+
 class Trainer {
  public:
   // Checks everything (config, data, output directory) before any work.
