@@ -256,6 +256,13 @@ std::unique_ptr<DataSource> make_source(const TrainConfig& c) {
   return make_text_source(c.text, c.context, c.seed);
 }
 
+void require_fits(const ModelConfig& model, const DataSource& data, const std::string& what) {
+  if (model.vocab_size != data.vocab_size() || model.context < data.seq_len())
+    throw Error(what + " does not fit the model (data: vocabulary " + std::to_string(data.vocab_size()) + ", length " +
+                std::to_string(data.seq_len()) + "; model: vocabulary " + std::to_string(model.vocab_size) +
+                ", context " + std::to_string(model.context) + ")");
+}
+
 double accuracy(const float* logits, const TokenBatch& targets, int V, bool exact_match, int64_t* count) {
   int64_t right = 0, total = 0;
   for (int b = 0; b < targets.B; ++b) {

@@ -50,9 +50,7 @@ Command register_compare(CLI::App& app) {
             if (a->out.empty()) throw Error("compare: --out DIR is required");
             if (a->batches < 1 || a->batch < 1) throw Error("--batches and --batch must be at least 1");
             const auto data = make_source(tc);
-            if (model.cfg.vocab_size != data->vocab_size() || model.cfg.context < data->seq_len())
-              throw Error(trained_on + " does not fit the model (vocabulary " + std::to_string(data->vocab_size()) +
-                          ", length " + std::to_string(data->seq_len()) + ")");
+            require_fits(model.cfg, *data, trained_on);
             require_writable(a->out);
 
             const bool tty = isatty(fileno(stderr));

@@ -47,9 +47,7 @@ Command register_eval(CLI::App& app) {
             const std::string rule = a->exit_q >= 0 ? "q" : a->exit_delta >= 0 ? "delta" : "";
             const auto data = make_source(c);
             Model<float> model = load_model<float>(a->model);
-            if (model.cfg.vocab_size != data->vocab_size() || model.cfg.context < data->seq_len())
-              throw Error("task '" + c.task + "' does not fit the model (vocabulary " + std::to_string(data->vocab_size()) +
-                          ", length " + std::to_string(data->seq_len()) + ")");
+            require_fits(model.cfg, *data, c.task.empty() ? "text '" + c.text + "'" : "task '" + c.task + "'");
             const double thr = a->exit_q >= 0 ? a->exit_q : a->exit_delta;
             const EvalResult r = evaluate(model, *data, depth, a->batches, a->batch, rule, thr);
             r.require_ok();

@@ -38,9 +38,7 @@ Command register_trajectory(CLI::App& app) {
             opt.validate();
             Model<float> model = load_model<float>(a->model);
             const auto data = make_source(tc);
-            if (model.cfg.vocab_size != data->vocab_size() || model.cfg.context < data->seq_len())
-              throw Error("the model's training data does not fit it (vocabulary " + std::to_string(data->vocab_size()) +
-                          ", length " + std::to_string(data->seq_len()) + ")");
+            require_fits(model.cfg, *data, "the model's training data");
             require_writable(a->out);
             const TrajectoryResult r = trace(model, *data, opt);
 

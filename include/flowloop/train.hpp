@@ -109,6 +109,9 @@ class AdamW {
 };
 
 std::unique_ptr<DataSource> make_source(const TrainConfig& c);
+// Throws Error unless the model can read the data: the same vocabulary, a context
+// at least the sequence length. `what` names the data in the message.
+void require_fits(const ModelConfig& model, const DataSource& data, const std::string& what);
 
 // Loss, accuracy and nfe over `batches` test batches (batch i is test batch i of
 // the source, so every regime sees the same examples). A solve that fails
