@@ -10,6 +10,7 @@
 #include "flowloop/data.hpp"
 #include "flowloop/depth.hpp"
 #include "flowloop/field.hpp"
+#include "flowloop/flowmatch.hpp"
 #include "flowloop/grad.hpp"
 #include "flowloop/io.hpp"
 #include "flowloop/layers.hpp"

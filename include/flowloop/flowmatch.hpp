@@ -1,0 +1,116 @@
+// Flow matching over latent trajectories: the conditional paths and their target
+// velocities, time samplers, minibatch couplings (exact and entropic optimal
+// transport), and the simulation-free loss of a time-conditioned field with its
+// gradient. Formulas as in torchcfm and facebookresearch/flow_matching (see
+// ../shared/design/reference-notes.md).
+//
+// A batch holds B recorded trajectories, one per sequence: K + 1 states (T, C) at
+// depths 0..K, the first the teacher's embedding h_0, the last its h_K. The student
+// field v(x, t) is integrated over t in [0, 1]; one t per sequence.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "flowloop/field.hpp"
+#include "flowloop/tensor.hpp"
+
+namespace flowloop {
+
+// What the field learns to carry where:
+//   icfm        x_t = (1 - t) x0 + t x1 + sigma eps,  u_t = x1 - x0 (x0 = h_0, x1 = h_K)
+//   otcfm       the same path, (x0, x1) paired by the minibatch OT plan
+//   sbcfm       sigma_t = sigma sqrt(t (1 - t)),
+//               u_t = (1 - 2t) / (2 t (1 - t)) (x_t - mu_t) + x1 - x0 (Schrodinger bridge)
+//   vp          x_t = cos(pi t / 2) x0 + sin(pi t / 2) x1 + sigma eps,
+//               u_t = pi / 2 (cos(pi t / 2) x1 - sin(pi t / 2) x0)
+//   trajectory  piecewise linear through the K + 1 states at t_k = k / K,
+//               u_t = K (h_{k+1} - h_k) on segment k
+//   generative  icfm's path from Gaussian noise x0 to the distribution of h_K
+enum class Matcher { ICFM, OTCFM, SBCFM, VP, Trajectory, Generative };
+// How x0 and x1 of a batch are paired: as recorded (the teacher's own pairs), by the
+// exact OT plan of cost ||x0 - x1||^2, or by pairs drawn from the entropic plan.
+enum class Coupling { Identity, Exact, Sinkhorn };
+// t ~ U(0, 1); logit-normal (sigmoid of N(0, 1)); U-shaped, density proportional to
+// cosh(a (t - 1/2)) with a = 4 (rectified flow++), more weight at both ends.
+enum class TimeSampler { Uniform, LogitNormal, UShaped };
+
+Matcher parse_matcher(const std::string& name);  // throws Error naming the valid ones
+Coupling parse_coupling(const std::string& name);
+TimeSampler parse_time_sampler(const std::string& name);
+std::string matcher_name(Matcher m);
+std::string coupling_name(Coupling c);
+std::string time_sampler_name(TimeSampler s);
+
+// One draw in (0, 1).
+double sample_time(TimeSampler s, Rng& rng);
+// The sampler's CDF (for tests and plots).
+double time_cdf(TimeSampler s, double t);
+
+// Exact optimal assignment: perm minimising sum_i cost[i * n + perm[i]] (the
+// Hungarian method with potentials, O(n^3)). Ties are broken the same way on every
+// machine.
+std::vector<int> optimal_assignment(const std::vector<double>& cost, int n);
+// Entropic OT between uniform marginals (n and m points): the plan P (n, m), summing
+// to 1, of min <P, cost> - reg H(P), by Sinkhorn iterations in the log domain. The
+// cost is divided by its largest entry first (as POT's callers in torchcfm do), so
+// reg is relative to it. The columns sum to 1/m exactly; the iterations stop when every
+// row sums to 1/n within tol, or after max_iter (a small reg converges slowly: the
+// rate is near 1 - exp(-1/reg)).
+std::vector<double> sinkhorn_plan(const std::vector<double>& cost, int n, int m, double reg,
+                                  int max_iter = 2000, double tol = 1e-10);
+// Squared Euclidean distances between the rows of a (n, dim) and b (m, dim), in double.
+template <class S>
+std::vector<double> squared_distances(const S* a, int n, const S* b, int m, size_t dim);
+
+// The conditional path of one sequence (n values) at time t: x_t and u_t for icfm,
+// otcfm, generative (the same path), sbcfm and vp. eps may be null when sigma is 0.
+template <class S>
+void conditional_path(Matcher m, S* xt, S* ut, const S* x0, const S* x1, const S* eps, double sigma, double t,
+                      size_t n);
+// The trajectory path through K + 1 states (K + 1, n) at t_k = k / K.
+template <class S>
+void trajectory_path(S* xt, S* ut, const S* states, int K, double t, size_t n);
+
+struct FlowMatchOptions {
+  Matcher matcher = Matcher::ICFM;
+  Coupling coupling = Coupling::Identity;
+  TimeSampler time_sampler = TimeSampler::Uniform;
+  double sigma = 0.0;          // bridge noise; sbcfm's sigma
+  double sinkhorn_reg = 0.05;  // entropic coupling, relative to the largest cost
+  // Throws Error naming what is wrong: sigma below 0 or not finite, reg not positive,
+  // sbcfm without noise, a coupling the matcher cannot use (trajectory pairs every
+  // state of one recording).
+  void validate() const;
+};
+
+// Buffers of one flow-matching step, reused across steps.
+template <class S>
+struct FlowMatchWork {
+  Buffer<S> noise, x0, x1, eps, xt, ut, v, gv, dx;
+  FieldCache<S> cache;
+  FieldGradWork<S> grad;
+};
+
+// What one step drew and measured.
+struct FlowMatchStep {
+  double loss = 0;               // mean over B T C values of (v(x_t, t) - u_t)^2
+  std::vector<double> t;         // each sequence's time
+  // the coupling: slot b of the batch pairs x0 of recording x0_row[b] with x1 of
+  // recording x1_row[b] (identity: b and b; exact: b and perm[b]; sinkhorn: a draw)
+  std::vector<int> x0_row, x1_row;
+  double coupling_cost = 0;      // mean over the pairs and values of (x0 - x1)^2
+};
+
+// The simulation-free loss of one batch, and dparams += its gradient (when dparams is
+// non-null). states: B recordings of K + 1 states, (B, K + 1, T, C); the field must be
+// time-conditioned. Every draw comes from rng in this order: generative's noise x0,
+// the coupling's pairs, t per sequence, the bridge noise (when sigma > 0); so a step
+// is a function of the weights, the batch and rng.
+template <class S>
+FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
+                              const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w);
+
+}  // namespace flowloop

@@ -1,0 +1,386 @@
+#include "flowloop/flowmatch.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "flowloop/config.hpp"
+
+namespace flowloop {
+
+namespace {
+constexpr double kPi = 3.14159265358979323846;
+constexpr double kUShape = 4.0;  // rectified flow++'s a
+
+template <class E>
+struct Named {
+  E value;
+  const char* name;
+};
+const Named<Matcher> kMatchers[] = {{Matcher::ICFM, "icfm"},         {Matcher::OTCFM, "otcfm"},
+                                    {Matcher::SBCFM, "sbcfm"},       {Matcher::VP, "vp"},
+                                    {Matcher::Trajectory, "trajectory"}, {Matcher::Generative, "generative"}};
+const Named<Coupling> kCouplings[] = {
+    {Coupling::Identity, "identity"}, {Coupling::Exact, "exact"}, {Coupling::Sinkhorn, "sinkhorn"}};
+const Named<TimeSampler> kSamplers[] = {
+    {TimeSampler::Uniform, "uniform"}, {TimeSampler::LogitNormal, "logit-normal"}, {TimeSampler::UShaped, "u-shaped"}};
+
+template <class E, size_t N>
+E parse_named(const Named<E> (&table)[N], const std::string& name, const char* what) {
+  std::string valid;
+  for (const auto& e : table) {
+    if (name == e.name) return e.value;
+    valid += std::string(valid.empty() ? "" : ", ") + e.name;
+  }
+  throw Error("unknown " + std::string(what) + " '" + name + "' (expected one of: " + valid + ")");
+}
+template <class E, size_t N>
+std::string name_of(const Named<E> (&table)[N], E v) {
+  for (const auto& e : table)
+    if (e.value == v) return e.name;
+  return "?";
+}
+
+// A uniform draw strictly inside (0, 1): the 53-bit grid shifted by half a cell.
+double interior_uniform(Rng& rng) { return rng.uniform() + std::ldexp(1.0, -54); }
+}  // namespace
+
+Matcher parse_matcher(const std::string& name) { return parse_named(kMatchers, name, "matcher"); }
+Coupling parse_coupling(const std::string& name) { return parse_named(kCouplings, name, "coupling"); }
+TimeSampler parse_time_sampler(const std::string& name) { return parse_named(kSamplers, name, "time sampler"); }
+std::string matcher_name(Matcher m) { return name_of(kMatchers, m); }
+std::string coupling_name(Coupling c) { return name_of(kCouplings, c); }
+std::string time_sampler_name(TimeSampler s) { return name_of(kSamplers, s); }
+
+double sample_time(TimeSampler s, Rng& rng) {
+  switch (s) {
+    case TimeSampler::Uniform:
+      return interior_uniform(rng);
+    case TimeSampler::LogitNormal: {
+      const double t = 1.0 / (1.0 + std::exp(-rng.normal()));
+      return std::clamp(t, 1e-12, 1.0 - 1e-12);
+    }
+    case TimeSampler::UShaped: {
+      // inverse of time_cdf: t = 1/2 + asinh((2u - 1) sinh(a/2)) / a
+      const double u = interior_uniform(rng);
+      return 0.5 + std::asinh((2.0 * u - 1.0) * std::sinh(kUShape / 2)) / kUShape;
+    }
+  }
+  throw Error("sample_time: unknown sampler");
+}
+
+double time_cdf(TimeSampler s, double t) {
+  t = std::clamp(t, 0.0, 1.0);
+  switch (s) {
+    case TimeSampler::Uniform:
+      return t;
+    case TimeSampler::LogitNormal:
+      if (t <= 0.0) return 0.0;
+      if (t >= 1.0) return 1.0;
+      return 0.5 * std::erfc(-std::log(t / (1.0 - t)) / std::sqrt(2.0));
+    case TimeSampler::UShaped:
+      return (std::sinh(kUShape * (t - 0.5)) + std::sinh(kUShape / 2)) / (2.0 * std::sinh(kUShape / 2));
+  }
+  throw Error("time_cdf: unknown sampler");
+}
+
+std::vector<int> optimal_assignment(const std::vector<double>& cost, int n) {
+  if (n < 0 || cost.size() != static_cast<size_t>(n) * static_cast<size_t>(n))
+    throw Error("optimal_assignment: cost has " + std::to_string(cost.size()) + " entries, not n^2 = " +
+                std::to_string(static_cast<int64_t>(n) * n));
+  for (size_t k = 0; k < cost.size(); ++k)
+    if (!std::isfinite(cost[k]))
+      throw Error("optimal_assignment: cost entry (" + std::to_string(k / static_cast<size_t>(n)) + ", " +
+                  std::to_string(k % static_cast<size_t>(n)) + ") is not finite");
+  // Shortest augmenting paths with row and column potentials (Kuhn-Munkres in the
+  // form of Jonker and Volgenant): rows 1..n are added one by one; p[j] is the row
+  // matched to column j, column 0 a sentinel.
+  const double inf = std::numeric_limits<double>::infinity();
+  const size_t N = static_cast<size_t>(n);
+  std::vector<double> u(N + 1, 0.0), v(N + 1, 0.0), minv(N + 1);
+  std::vector<size_t> p(N + 1, 0), way(N + 1, 0);
+  std::vector<char> used(N + 1);
+  for (size_t i = 1; i <= N; ++i) {
+    p[0] = i;
+    size_t j0 = 0;
+    std::fill(minv.begin(), minv.end(), inf);
+    std::fill(used.begin(), used.end(), 0);
+    do {
+      used[j0] = 1;
+      const size_t i0 = p[j0];
+      size_t j1 = 0;
+      double delta = inf;
+      const double* row = cost.data() + (i0 - 1) * N;
+      for (size_t j = 1; j <= N; ++j) {
+        if (used[j]) continue;
+        const double cur = row[j - 1] - u[i0] - v[j];
+        if (cur < minv[j]) {
+          minv[j] = cur;
+          way[j] = j0;
+        }
+        if (minv[j] < delta) {
+          delta = minv[j];
+          j1 = j;
+        }
+      }
+      for (size_t j = 0; j <= N; ++j) {
+        if (used[j]) {
+          u[p[j]] += delta;
+          v[j] -= delta;
+        } else {
+          minv[j] -= delta;
+        }
+      }
+      j0 = j1;
+    } while (p[j0] != 0);
+    do {
+      const size_t j1 = way[j0];
+      p[j0] = p[j1];
+      j0 = j1;
+    } while (j0 != 0);
+  }
+  std::vector<int> perm(N);
+  for (size_t j = 1; j <= N; ++j) perm[p[j] - 1] = static_cast<int>(j - 1);
+  return perm;
+}
+
+std::vector<double> sinkhorn_plan(const std::vector<double>& cost, int n, int m, double reg, int max_iter,
+                                  double tol) {
+  if (n < 1 || m < 1 || cost.size() != static_cast<size_t>(n) * static_cast<size_t>(m))
+    throw Error("sinkhorn_plan: cost has " + std::to_string(cost.size()) + " entries for " + std::to_string(n) +
+                " x " + std::to_string(m) + " points");
+  if (!(reg > 0) || !std::isfinite(reg)) throw Error("sinkhorn_plan: reg must be positive, not " + std::to_string(reg));
+  double cmax = 0;
+  for (double c : cost) {
+    if (!std::isfinite(c)) throw Error("sinkhorn_plan: the cost is not finite");
+    cmax = std::max(cmax, std::fabs(c));
+  }
+  const double scale = cmax > 0 ? 1.0 / cmax : 1.0;
+  const size_t N = static_cast<size_t>(n), M = static_cast<size_t>(m);
+  const double loga = -std::log(static_cast<double>(n)), logb = -std::log(static_cast<double>(m));
+  // log P_ij = (f_i + g_j - C_ij) / reg, with C scaled to [0, 1]
+  std::vector<double> f(N, 0.0), g(M, 0.0), tmp(std::max(N, M));
+  auto lse = [](const double* x, size_t k) {
+    double mx = -std::numeric_limits<double>::infinity();
+    for (size_t i = 0; i < k; ++i) mx = std::max(mx, x[i]);
+    double s = 0;
+    for (size_t i = 0; i < k; ++i) s += std::exp(x[i] - mx);
+    return mx + std::log(s);
+  };
+  for (int it = 0; it < max_iter; ++it) {
+    for (size_t i = 0; i < N; ++i) {
+      for (size_t j = 0; j < M; ++j) tmp[j] = (g[j] - cost[i * M + j] * scale) / reg;
+      f[i] = reg * (loga - lse(tmp.data(), M));
+    }
+    for (size_t j = 0; j < M; ++j) {
+      for (size_t i = 0; i < N; ++i) tmp[i] = (f[i] - cost[i * M + j] * scale) / reg;
+      g[j] = reg * (logb - lse(tmp.data(), N));
+    }
+    // columns now sum to 1/m exactly; stop when the rows sum to 1/n too
+    double err = 0;
+    for (size_t i = 0; i < N; ++i) {
+      for (size_t j = 0; j < M; ++j) tmp[j] = (f[i] + g[j] - cost[i * M + j] * scale) / reg;
+      err = std::max(err, std::fabs(std::exp(lse(tmp.data(), M)) - std::exp(loga)));
+    }
+    if (err < tol) break;
+  }
+  std::vector<double> P(N * M);
+  for (size_t i = 0; i < N; ++i)
+    for (size_t j = 0; j < M; ++j) P[i * M + j] = std::exp((f[i] + g[j] - cost[i * M + j] * scale) / reg);
+  return P;
+}
+
+template <class S>
+std::vector<double> squared_distances(const S* a, int n, const S* b, int m, size_t dim) {
+  std::vector<double> d(static_cast<size_t>(n) * static_cast<size_t>(m));
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < m; ++j) {
+      const S* x = a + static_cast<size_t>(i) * dim;
+      const S* y = b + static_cast<size_t>(j) * dim;
+      double s = 0;
+      for (size_t k = 0; k < dim; ++k) {
+        const double e = static_cast<double>(x[k]) - static_cast<double>(y[k]);
+        s += e * e;
+      }
+      d[static_cast<size_t>(i) * static_cast<size_t>(m) + static_cast<size_t>(j)] = s;
+    }
+  return d;
+}
+
+template <class S>
+void conditional_path(Matcher m, S* xt, S* ut, const S* x0, const S* x1, const S* eps, double sigma, double t,
+                      size_t n) {
+  if (sigma > 0 && !eps) throw Error("conditional_path: sigma > 0 needs noise");
+  switch (m) {
+    case Matcher::ICFM:
+    case Matcher::OTCFM:
+    case Matcher::Generative: {
+      const S a = static_cast<S>(1.0 - t), b = static_cast<S>(t), s = static_cast<S>(sigma);
+      for (size_t k = 0; k < n; ++k) {
+        xt[k] = a * x0[k] + b * x1[k] + (sigma > 0 ? s * eps[k] : S(0));
+        ut[k] = x1[k] - x0[k];
+      }
+      return;
+    }
+    case Matcher::SBCFM: {
+      // x_t = mu_t + sigma_t eps, d/dt x_t = x1 - x0 + sigma_t' eps with
+      // sigma_t' = sigma (1 - 2t) / (2 sqrt(t (1 - t))) = (1 - 2t) / (2 t (1 - t)) sigma_t
+      const double st = sigma * std::sqrt(t * (1.0 - t));
+      const S a = static_cast<S>(1.0 - t), b = static_cast<S>(t), s = static_cast<S>(st);
+      const S ds = static_cast<S>((1.0 - 2.0 * t) / (2.0 * t * (1.0 - t)) * st);
+      for (size_t k = 0; k < n; ++k) {
+        const S e = sigma > 0 ? eps[k] : S(0);
+        xt[k] = a * x0[k] + b * x1[k] + s * e;
+        ut[k] = x1[k] - x0[k] + ds * e;
+      }
+      return;
+    }
+    case Matcher::VP: {
+      const double c = std::cos(kPi * t / 2), sn = std::sin(kPi * t / 2);
+      const S a = static_cast<S>(c), b = static_cast<S>(sn), s = static_cast<S>(sigma);
+      const S ua = static_cast<S>(-kPi / 2 * sn), ub = static_cast<S>(kPi / 2 * c);
+      for (size_t k = 0; k < n; ++k) {
+        xt[k] = a * x0[k] + b * x1[k] + (sigma > 0 ? s * eps[k] : S(0));
+        ut[k] = ua * x0[k] + ub * x1[k];
+      }
+      return;
+    }
+    case Matcher::Trajectory:
+      throw Error("conditional_path: the trajectory matcher takes every state (trajectory_path)");
+  }
+}
+
+template <class S>
+void trajectory_path(S* xt, S* ut, const S* states, int K, double t, size_t n) {
+  if (K < 1) throw Error("trajectory_path: K must be at least 1, not " + std::to_string(K));
+  const double s = t * K;
+  const int k = std::clamp(static_cast<int>(std::floor(s)), 0, K - 1);
+  const S r = static_cast<S>(s - k), q = static_cast<S>(1.0 - (s - k)), Ks = static_cast<S>(K);
+  const S* y0 = states + static_cast<size_t>(k) * n;
+  const S* y1 = y0 + n;
+  for (size_t i = 0; i < n; ++i) {
+    xt[i] = q * y0[i] + r * y1[i];
+    ut[i] = Ks * (y1[i] - y0[i]);
+  }
+}
+
+void FlowMatchOptions::validate() const {
+  if (!(sigma >= 0) || !std::isfinite(sigma))
+    throw Error("flow matching: sigma must be 0 or more, not " + std::to_string(sigma));
+  if (!(sinkhorn_reg > 0) || !std::isfinite(sinkhorn_reg))
+    throw Error("flow matching: the Sinkhorn reg must be positive, not " + std::to_string(sinkhorn_reg));
+  if (matcher == Matcher::SBCFM && sigma <= 0) throw Error("flow matching: sbcfm needs sigma > 0");
+  if (matcher == Matcher::Trajectory && coupling != Coupling::Identity)
+    throw Error("flow matching: the trajectory matcher follows each recording through all its states; coupling '" +
+                coupling_name(coupling) + "' would mix recordings (use identity)");
+  if (matcher == Matcher::Trajectory && sigma > 0)
+    throw Error("flow matching: the trajectory matcher has no bridge noise (sigma must be 0)");
+}
+
+template <class S>
+FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
+                              const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w) {
+  opt.validate();
+  const ModelConfig& cfg = field.config();
+  if (!cfg.time_cond) throw Error("flow matching needs a time-conditioned field (init --time-cond)");
+  if (B < 1 || T < 1) throw Error("flow matching: an empty batch (B " + std::to_string(B) + ", T " + std::to_string(T) + ")");
+  if (K < 1) throw Error("flow matching: K must be at least 1 (a recording of K + 1 states), not " + std::to_string(K));
+  const size_t n = static_cast<size_t>(T) * static_cast<size_t>(cfg.d_model), Bs = static_cast<size_t>(B);
+  const size_t stride = static_cast<size_t>(K + 1) * n;  // one recording
+  for (Buffer<S>* b : {&w.x0, &w.x1, &w.xt, &w.ut, &w.v, &w.gv, &w.dx}) b->resize(Bs * n);
+  FlowMatchStep st;
+  // x0 and x1 of each recording (generative: x0 is noise)
+  const S* x0_src = states;
+  size_t x0_stride = stride;
+  if (opt.matcher == Matcher::Generative) {
+    w.noise.resize(Bs * n);
+    for (auto& e : w.noise) e = static_cast<S>(rng.normal());
+    x0_src = w.noise.data();
+    x0_stride = n;
+  }
+  for (size_t b = 0; b < Bs; ++b) {
+    std::copy_n(x0_src + b * x0_stride, n, w.x0.data() + b * n);
+    std::copy_n(states + b * stride + static_cast<size_t>(K) * n, n, w.x1.data() + b * n);
+  }
+  // the coupling
+  st.x0_row.resize(Bs);
+  st.x1_row.resize(Bs);
+  for (int b = 0; b < B; ++b) st.x0_row[static_cast<size_t>(b)] = st.x1_row[static_cast<size_t>(b)] = b;
+  if (opt.coupling != Coupling::Identity) {
+    const std::vector<double> cost = squared_distances(w.x0.data(), B, w.x1.data(), B, n);
+    if (opt.coupling == Coupling::Exact) {
+      st.x1_row = optimal_assignment(cost, B);
+    } else {
+      // B pairs drawn from the plan with replacement (torchcfm's sample_map)
+      const std::vector<double> P = sinkhorn_plan(cost, B, B, opt.sinkhorn_reg);
+      std::vector<double> cdf(P.size());
+      double acc = 0;
+      for (size_t k = 0; k < P.size(); ++k) cdf[k] = acc += P[k];
+      for (size_t b = 0; b < Bs; ++b) {
+        const double u = rng.uniform() * acc;
+        const size_t k = std::min<size_t>(static_cast<size_t>(std::upper_bound(cdf.begin(), cdf.end(), u) - cdf.begin()),
+                                          P.size() - 1);
+        st.x0_row[b] = static_cast<int>(k / Bs);
+        st.x1_row[b] = static_cast<int>(k % Bs);
+      }
+    }
+    Buffer<S> x0(w.x0), x1(w.x1);
+    for (size_t b = 0; b < Bs; ++b) {
+      std::copy_n(x0.data() + static_cast<size_t>(st.x0_row[b]) * n, n, w.x0.data() + b * n);
+      std::copy_n(x1.data() + static_cast<size_t>(st.x1_row[b]) * n, n, w.x1.data() + b * n);
+    }
+  }
+  double cc = 0;
+  for (size_t k = 0; k < Bs * n; ++k) {
+    const double e = static_cast<double>(w.x0[k]) - static_cast<double>(w.x1[k]);
+    cc += e * e;
+  }
+  st.coupling_cost = cc / static_cast<double>(Bs * n);
+  // t per sequence, then the bridge noise
+  st.t.resize(Bs);
+  for (auto& t : st.t) t = sample_time(opt.time_sampler, rng);
+  const bool noisy = opt.sigma > 0;
+  if (noisy) {
+    w.eps.resize(Bs * n);
+    for (auto& e : w.eps) e = static_cast<S>(rng.normal());
+  }
+  for (size_t b = 0; b < Bs; ++b) {
+    S* xt = w.xt.data() + b * n;
+    S* ut = w.ut.data() + b * n;
+    if (opt.matcher == Matcher::Trajectory)
+      trajectory_path(xt, ut, states + b * stride, K, st.t[b], n);
+    else
+      conditional_path(opt.matcher, xt, ut, w.x0.data() + b * n, w.x1.data() + b * n,
+                       noisy ? w.eps.data() + b * n : nullptr, opt.sigma, st.t[b], n);
+  }
+  // v(x_t, t) and the loss mean((v - u)^2)
+  if (w.cache.capacity < B || w.cache.T != T || w.cache.blocks.size() != static_cast<size_t>(cfg.n_block))
+    w.cache.resize(cfg, B, T);
+  field.forward(w.v.data(), w.xt.data(), st.t.data(), params, B, T, w.cache);
+  const size_t N = Bs * n;
+  double loss = 0;
+  const S scale = static_cast<S>(2.0 / static_cast<double>(N));
+  for (size_t k = 0; k < N; ++k) {
+    const S d = w.v[k] - w.ut[k];
+    loss += static_cast<double>(d) * static_cast<double>(d);
+    w.gv[k] = scale * d;
+  }
+  st.loss = loss / static_cast<double>(N);
+  if (!std::isfinite(st.loss)) throw Error("flow matching: the loss is not finite (" + std::to_string(st.loss) + ")");
+  if (dparams) {
+    std::fill(w.dx.begin(), w.dx.end(), S(0));
+    field.vjp(w.dx.data(), dparams, w.gv.data(), params, w.cache, w.grad);
+  }
+  return st;
+}
+
+#define FLOWLOOP_FLOWMATCH(S)                                                                                  \
+  template std::vector<double> squared_distances<S>(const S*, int, const S*, int, size_t);                     \
+  template void conditional_path<S>(Matcher, S*, S*, const S*, const S*, const S*, double, double, size_t);    \
+  template void trajectory_path<S>(S*, S*, const S*, int, double, size_t);                                     \
+  template FlowMatchStep flow_match_step<S>(const Field<S>&, const S*, const S*, int, int, int,                 \
+                                            const FlowMatchOptions&, Rng&, S*, FlowMatchWork<S>&);
+FLOWLOOP_FLOWMATCH(float)
+FLOWLOOP_FLOWMATCH(double)
+
+}  // namespace flowloop
