@@ -1,16 +1,23 @@
 // Flow matching: exact OT against brute force, Sinkhorn's marginals and its limit,
 // the time samplers against their CDFs, every conditional path against the time
 // derivative of its own x_t (finite differences in double), the trajectory path
-// through its states, and the step's gradient against finite differences.
+// through its states, the step's gradient against finite differences, and the
+// recorder (shards, manifest, resume, the errors it names).
 
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <memory>
 #include <numeric>
+#include <sstream>
 
 #include "check.hpp"
+#include "flowloop/checkpoint.hpp"
 #include "flowloop/flowmatch.hpp"
 #include "flowloop/model.hpp"
+#include "flowloop/train.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;
@@ -285,4 +292,132 @@ TEST_CASE("a flow-matching step: its gradient against finite differences, for ev
   CHECK_THROWS_WITH(flow_match_step<double>(model.field, model.params.data() + model.layout.field_begin(), states.data(),
                                             B, 0, T, FlowMatchOptions(), r, nullptr, w),
                     Catch::Contains("K must be at least 1"));
+}
+
+// ---- recording ---------------------------------------------------------------------
+
+namespace {
+// A small looped teacher on p-hop (8 symbols, 2 hops), written as a checkpoint.
+std::string write_teacher(const TempDir& dir, const std::string& name, uint64_t seed, std::unique_ptr<DataSource>& data) {
+  TrainConfig c;
+  c.task = "phop";
+  c.task_n = 8;
+  c.task_hops = 2;
+  c.d_model = 16;
+  c.n_head = 2;
+  c.depth.loops = 3;
+  c.seed = seed;
+  data = make_source(c);
+  const ModelConfig mc = c.model_config(*data);
+  Model<float> m(mc);
+  m.init(seed);
+  const std::string path = dir.file(name);
+  save_checkpoint(path, m.cfg, m.layout, m.params.data(), {{"train_config", c.to_json()}});
+  return path;
+}
+}  // namespace
+
+TEST_CASE("record: the teacher's loop states in shards, resumable, checked on reading", "[flowmatch][record]") {
+  TempDir dir("flowloop_fm_record");
+  std::unique_ptr<DataSource> data;
+  const std::string teacher = write_teacher(dir, "teacher.safetensors", 3, data);
+  const Model<float> model = load_model<float>(teacher);
+  RecordOptions o;
+  o.depth.loops = 3;
+  o.batch = 4;
+  o.shard_size = 8;
+  o.train_examples = 10;  // 3 batches: 12 examples, shards of 8 and 4
+  o.test_examples = 4;
+  std::ostringstream quiet;
+  const std::string out = (dir.path / "data").string();
+  TrajectoryManifest m = record_trajectories(teacher, *data, o, out, quiet);
+  CHECK(m.K == 3);
+  CHECK(m.times == std::vector<double>{0, 1, 2, 3});
+  REQUIRE(m.train.size() == 2);
+  CHECK(m.train[0].examples == 8);
+  CHECK(m.train[1].examples == 4);
+  CHECK(m.train[1].first == 8);
+  CHECK(m.examples("test") == 4);
+  CHECK(m.teacher_hash == file_hash(teacher));
+  CHECK(file_hash((dir.path / "data" / "teacher.safetensors").string()) == m.teacher_hash);
+  // the second train shard holds batch 2: the loop's states of exactly those sequences
+  const TrajectoryManifest back = TrajectoryManifest::read(out);
+  CHECK(back.to_json() == m.to_json());
+  const TrajectoryShardData s = read_trajectory_shard(back, out, back.train[1]);
+  TokenBatch tok, tgt;
+  data->batch(Split::Train, 2, 4, tok, tgt);
+  LoopWork<float> lw;
+  model.loop_forward(tok, 3, lw);
+  const size_t n = static_cast<size_t>(m.T) * m.C;
+  CHECK(s.tokens == tok.data);
+  CHECK(s.targets == tgt.data);
+  for (size_t b = 0; b < 4; ++b)
+    for (size_t k = 0; k < 4; ++k)
+      CHECK(std::memcmp(s.states.data() + (b * 4 + k) * n, lw.h.data() + (k * 4 + b) * n, n * sizeof(float)) == 0);
+  // a rerun asking for more goes on after the last shard and keeps the others
+  const auto before = std::filesystem::last_write_time(dir.path / "data" / "train-00000.safetensors");
+  o.train_examples = 20;
+  m = record_trajectories(teacher, *data, o, out, quiet);
+  REQUIRE(m.train.size() == 3);  // batches 3 and 4 in one more shard
+  CHECK(m.train[2].first == 12);
+  CHECK(m.train[2].examples == 8);
+  CHECK(m.examples("train") == 20);
+  CHECK(std::filesystem::last_write_time(dir.path / "data" / "train-00000.safetensors") == before);
+  // another teacher into the same directory is refused
+  std::unique_ptr<DataSource> data2;
+  const std::string other = write_teacher(dir, "other.safetensors", 4, data2);
+  CHECK_THROWS_WITH(record_trajectories(other, *data2, o, out, quiet), Catch::Contains("another teacher"));
+  // another regime too
+  RecordOptions o2 = o;
+  o2.depth.loops = 2;
+  CHECK_THROWS_WITH(record_trajectories(teacher, *data, o2, out, quiet), Catch::Contains("another depth regime"));
+  // a solve records K + 1 states of the dense output; K of 0 (one state) and bad sizes
+  // are refused
+  RecordOptions os;
+  os.depth.solver = "rk4";
+  os.depth.steps = 6;
+  os.states = 4;
+  os.batch = 4;
+  os.shard_size = 4;
+  os.train_examples = 4;
+  os.test_examples = 0;
+  const TrajectoryManifest ms = record_trajectories(teacher, *data, os, (dir.path / "solve").string(), quiet);
+  CHECK(ms.K == 3);
+  CHECK(ms.times.back() == 3.0);
+  RecordOptions bad = o;
+  bad.shard_size = 6;
+  CHECK_THROWS_WITH(bad.validate(), Catch::Contains("multiple of --batch"));
+  bad = os;
+  bad.states = 1;
+  CHECK_THROWS_WITH(bad.validate(), Catch::Contains("--states must be at least 2"));
+  // a missing shard, a truncated shard and a shape that disagrees are named
+  std::filesystem::copy(dir.path / "data", dir.path / "broken", std::filesystem::copy_options::recursive);
+  const std::string broken = (dir.path / "broken").string();
+  std::filesystem::remove(dir.path / "broken" / "test-00000.safetensors");
+  CHECK_THROWS_WITH(TrajectoryManifest::read(broken), Catch::Contains("'test-00000.safetensors', which is missing"));
+  const std::string shard = (dir.path / "broken" / "train-00001.safetensors").string();
+  std::filesystem::resize_file(shard, std::filesystem::file_size(shard) - 7);
+  TrajectoryShard ts = m.train[1];
+  CHECK_THROWS_WITH(read_trajectory_shard(m, broken, ts), Catch::Contains("train-00001.safetensors"));
+  ts = m.train[0];
+  ts.examples = 7;
+  CHECK_THROWS_WITH(read_trajectory_shard(m, out, ts), Catch::Contains("states"));
+}
+
+TEST_CASE("flowloop flow-match record on the command line", "[flowmatch][record][cli]") {
+  TempDir dir("flowloop_fm_cli");
+  std::unique_ptr<DataSource> data;
+  const std::string teacher = write_teacher(dir, "teacher.safetensors", 5, data);
+  int rc = 0;
+  const std::string out = (dir.path / "data").string();
+  const std::string o = run_command(std::string(FLOWLOOP_CLI) + " flow-match record -m " + teacher +
+                                        " --examples 8 --test-examples 4 --batch 4 --shard-size 4 --out " + out + " 2>/dev/null",
+                                    &rc);
+  REQUIRE(rc == 0);
+  CHECK(o.find("recorded K = 3") != std::string::npos);
+  CHECK(TrajectoryManifest::read(out).train.size() == 2);
+  const std::string e = run_command(std::string(FLOWLOOP_CLI) + " flow-match record -m " + teacher +
+                                        " --task modarith --out " + out + " 2>&1", &rc);
+  CHECK(rc != 0);
+  CHECK(e.find("not on task 'modarith'") != std::string::npos);
 }

@@ -64,6 +64,7 @@ Command register_eval(CLI::App& app);
 Command register_study(CLI::App& app);
 Command register_compare(CLI::App& app);
 Command register_trajectory(CLI::App& app);
+Command register_flow_match(CLI::App& app);
 Command register_sweep(CLI::App& app);
 Command register_ode_bench(CLI::App& app);
 std::vector<Command> register_bench(CLI::App& app);  // bench field | solve | train

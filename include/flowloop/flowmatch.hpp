@@ -12,8 +12,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <iosfwd>
+#include <nlohmann/json.hpp>
 #include <vector>
 
+#include "flowloop/data.hpp"
+#include "flowloop/depth.hpp"
 #include "flowloop/field.hpp"
 #include "flowloop/tensor.hpp"
 
@@ -112,5 +116,64 @@ struct FlowMatchStep {
 template <class S>
 FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
                               const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w);
+
+// ---- recorded trajectories: `flowloop flow-match record` -------------------------
+// A teacher's latent path per sequence, h_0 .. h_K: a loop's states after 0..K loops,
+// or a solve's dense output at K + 1 times evenly over [0, t1]. DATA/ holds
+//   manifest.json          format, the teacher's file and hash, its depth regime, K,
+//                          T, C, the times, and per split ("train", "test") the shards
+//   teacher.safetensors    a copy of the teacher (its embedding and readout decode)
+//   SPLIT-NNNNN.safetensors  states (n, K + 1, T, C) F32; tokens and targets (n, T),
+//                          integers stored as F32 (exact below 2^24; -1: not scored)
+// A shard is written atomically and then entered in the manifest (atomically too):
+// a crash loses only the shard in progress, and a rerun goes on from there.
+struct RecordOptions {
+  DepthSpec depth;           // the teacher's regime (default: its trained loop)
+  int states = 0;            // solves: K + 1 states (default: the teacher's depth + 1)
+  int train_examples = 2048;  // each split is recorded in whole batches (rounded up)
+  int test_examples = 512;
+  int batch = 64;
+  int shard_size = 512;      // recordings per shard, a multiple of batch
+  void validate() const;     // throws Error naming what is wrong
+};
+
+struct TrajectoryShard {
+  std::string file;  // relative to DATA
+  int examples = 0;
+  int64_t first = 0;  // the split's index of its first example
+};
+
+struct TrajectoryManifest {
+  std::string teacher_file = "teacher.safetensors", teacher_hash, data;  // data: the source's describe()
+  nlohmann::json depth;
+  int K = 0, T = 0, C = 0;
+  std::vector<double> times;
+  std::vector<TrajectoryShard> train, test;
+  const std::vector<TrajectoryShard>& split(const std::string& name) const;  // "train" or "test"
+  int64_t examples(const std::string& name) const;
+  std::string to_json() const;
+  // Reads DATA/manifest.json; throws Error naming the file and the problem
+  // (missing, malformed, a field of the wrong type, a shard file that is missing).
+  static TrajectoryManifest read(const std::string& dir);
+};
+
+// One shard, checked against the manifest (shapes, dtypes, its example count).
+struct TrajectoryShardData {
+  int n = 0, K = 0, T = 0, C = 0;
+  std::vector<float> states;             // (n, K + 1, T, C)
+  std::vector<int32_t> tokens, targets;  // (n, T)
+};
+TrajectoryShardData read_trajectory_shard(const TrajectoryManifest& m, const std::string& dir,
+                                          const TrajectoryShard& shard);
+
+// "fnv1a64:" and 16 hex digits of the file's bytes: which teacher a recording came from.
+std::string file_hash(const std::string& path);
+
+// Records (or resumes recording) the teacher's trajectories on data into out.
+// Throws Error before any work for bad options, an unreadable teacher, data the
+// teacher cannot read, or an out directory that holds another recording (another
+// teacher, regime or shape).
+TrajectoryManifest record_trajectories(const std::string& teacher, const DataSource& data, const RecordOptions& opt,
+                                       const std::string& out, std::ostream& progress);
 
 }  // namespace flowloop

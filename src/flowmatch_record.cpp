@@ -1,0 +1,255 @@
+// Recording a teacher's latent trajectories into safetensors shards with a manifest.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "flowloop/checkpoint.hpp"
+#include "flowloop/flowmatch.hpp"
+#include "flowloop/io.hpp"
+#include "flowloop/solver.hpp"
+#include "flowloop/train.hpp"
+
+namespace flowloop {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+void RecordOptions::validate() const {
+  depth.validate();
+  if (states < 0 || states == 1)
+    throw Error("record: --states must be at least 2 (K + 1 states, K >= 1), not " + std::to_string(states));
+  if (states > 0 && !depth.ode()) throw Error("record: --states is for solves; a loop K records its K + 1 states");
+  if (batch < 1) throw Error("record: --batch must be at least 1");
+  if (train_examples < 1 || test_examples < 0)
+    throw Error("record: --examples must be at least 1 and --test-examples at least 0");
+  if (shard_size < batch || shard_size % batch != 0)
+    throw Error("record: --shard-size (" + std::to_string(shard_size) + ") must be a multiple of --batch (" +
+                std::to_string(batch) + ")");
+}
+
+const std::vector<TrajectoryShard>& TrajectoryManifest::split(const std::string& name) const {
+  if (name == "train") return train;
+  if (name == "test") return test;
+  throw Error("trajectory data: unknown split '" + name + "' (expected train or test)");
+}
+
+int64_t TrajectoryManifest::examples(const std::string& name) const {
+  int64_t n = 0;
+  for (const auto& s : split(name)) n += s.examples;
+  return n;
+}
+
+std::string TrajectoryManifest::to_json() const {
+  json j;
+  j["format"] = "flowloop-trajectories";
+  j["teacher"] = teacher_file;
+  j["teacher_hash"] = teacher_hash;
+  j["data"] = json::parse(data);
+  j["depth"] = depth;
+  j["K"] = K;
+  j["T"] = T;
+  j["C"] = C;
+  j["times"] = times;
+  for (const char* name : {"train", "test"}) {
+    json a = json::array();
+    for (const auto& s : split(name)) a.push_back({{"file", s.file}, {"examples", s.examples}, {"first", s.first}});
+    j["splits"][name] = a;
+  }
+  return j.dump(1) + "\n";
+}
+
+TrajectoryManifest TrajectoryManifest::read(const std::string& dir) {
+  const std::string path = (fs::path(dir) / "manifest.json").string();
+  const json j = read_json_file(path, "trajectory manifest");
+  TrajectoryManifest m;
+  try {
+    if (j.at("format").get<std::string>() != "flowloop-trajectories")
+      throw Error("format is '" + j.at("format").get<std::string>() + "', not flowloop-trajectories");
+    m.teacher_file = j.at("teacher").get<std::string>();
+    m.teacher_hash = j.at("teacher_hash").get<std::string>();
+    m.data = j.at("data").dump();
+    m.depth = j.at("depth");
+    m.K = j.at("K").get<int>();
+    m.T = j.at("T").get<int>();
+    m.C = j.at("C").get<int>();
+    m.times = j.at("times").get<std::vector<double>>();
+    for (const char* name : {"train", "test"}) {
+      auto& v = std::string(name) == "train" ? m.train : m.test;
+      for (const auto& s : j.at("splits").at(name))
+        v.push_back({s.at("file").get<std::string>(), s.at("examples").get<int>(), s.at("first").get<int64_t>()});
+    }
+  } catch (const json::exception& e) {
+    throw Error("trajectory manifest '" + path + "': " + e.what());
+  } catch (const Error& e) {
+    throw Error("trajectory manifest '" + path + "': " + e.what());
+  }
+  if (m.K < 1) throw Error("trajectory manifest '" + path + "': K must be at least 1, not " + std::to_string(m.K));
+  if (m.T < 1 || m.C < 1) throw Error("trajectory manifest '" + path + "': T and C must be positive");
+  if (m.times.size() != static_cast<size_t>(m.K) + 1)
+    throw Error("trajectory manifest '" + path + "': " + std::to_string(m.times.size()) + " times for K = " +
+                std::to_string(m.K));
+  if (!fs::exists(fs::path(dir) / m.teacher_file))
+    throw Error("trajectory manifest '" + path + "' names the teacher '" + m.teacher_file + "', which is missing");
+  for (const char* name : {"train", "test"})
+    for (const auto& s : m.split(name))
+      if (!fs::exists(fs::path(dir) / s.file))
+        throw Error("trajectory manifest '" + path + "' names the shard '" + s.file + "', which is missing");
+  return m;
+}
+
+TrajectoryShardData read_trajectory_shard(const TrajectoryManifest& m, const std::string& dir,
+                                          const TrajectoryShard& shard) {
+  const SafetensorsFile f = SafetensorsFile::read((fs::path(dir) / shard.file).string());
+  TrajectoryShardData d;
+  d.n = shard.examples;
+  d.K = m.K;
+  d.T = m.T;
+  d.C = m.C;
+  const int64_t n = shard.examples;
+  d.states.resize(static_cast<size_t>(n) * static_cast<size_t>(m.K + 1) * static_cast<size_t>(m.T) *
+                  static_cast<size_t>(m.C));
+  f.copy_to("states", {n, m.K + 1, m.T, m.C}, d.states.data());
+  std::vector<float> tmp(static_cast<size_t>(n) * static_cast<size_t>(m.T));
+  for (const char* name : {"tokens", "targets"}) {
+    f.copy_to(name, {n, m.T}, tmp.data());
+    auto& out = std::string(name) == "tokens" ? d.tokens : d.targets;
+    out.resize(tmp.size());
+    for (size_t k = 0; k < tmp.size(); ++k) {
+      if (tmp[k] != std::floor(tmp[k]) || tmp[k] < -1 || tmp[k] > 16777216.0f)
+        throw Error("trajectory shard '" + shard.file + "': " + name + " holds " + std::to_string(tmp[k]) +
+                    ", not a token id");
+      out[k] = static_cast<int32_t>(tmp[k]);
+    }
+  }
+  return d;
+}
+
+std::string file_hash(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot read '" + path + "'");
+  uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bits
+  std::vector<char> buf(1 << 16);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const std::streamsize got = in.gcount();
+    for (std::streamsize i = 0; i < got; ++i) {
+      h ^= static_cast<uint8_t>(buf[static_cast<size_t>(i)]);
+      h *= 1099511628211ull;
+    }
+  }
+  std::ostringstream s;
+  s << "fnv1a64:" << std::hex << std::setw(16) << std::setfill('0') << h;
+  return s.str();
+}
+
+TrajectoryManifest record_trajectories(const std::string& teacher, const DataSource& data, const RecordOptions& opt,
+                                       const std::string& out, std::ostream& progress) {
+  opt.validate();
+  const Model<float> model = load_model<float>(teacher);
+  const ModelConfig& cfg = model.cfg;
+  require_fits(cfg, data, "the data");
+  TrajectoryManifest m;
+  m.teacher_hash = file_hash(teacher);
+  m.data = data.describe();
+  m.depth = json::parse(opt.depth.to_json(cfg.depth));
+  m.T = data.seq_len();
+  m.C = cfg.d_model;
+  SolveOptions so;
+  const bool ode = opt.depth.ode();
+  if (ode) {
+    so = opt.depth.solve_options(cfg.depth);
+    m.K = (opt.states > 0 ? opt.states : cfg.depth + 1) - 1;
+    for (int k = 0; k <= m.K; ++k) m.times.push_back(so.t1 * k / m.K);
+    m.times.back() = so.t1;
+    so.save = SaveKind::Times;
+    so.save_times = m.times;
+  } else {
+    m.K = opt.depth.loop_count(cfg.depth);
+    if (m.K < 1) throw Error("record: a loop of K = " + std::to_string(m.K) + " has no path to record (K of 0)");
+    for (int k = 0; k <= m.K; ++k) m.times.push_back(k);
+  }
+  fs::create_directories(out);
+  const fs::path dir(out), mpath = dir / "manifest.json";
+  if (fs::exists(mpath)) {
+    TrajectoryManifest had = TrajectoryManifest::read(out);
+    if (had.teacher_hash != m.teacher_hash)
+      throw Error("record: '" + out + "' holds trajectories of another teacher (" + had.teacher_hash + ", not " +
+                  m.teacher_hash + ")");
+    if (had.depth != m.depth || had.K != m.K || had.T != m.T || had.C != m.C || had.data != m.data)
+      throw Error("record: '" + out + "' holds trajectories of another depth regime or data (" + had.depth.dump() +
+                  ", K " + std::to_string(had.K) + ")");
+    m.train = had.train;
+    m.test = had.test;
+  } else {
+    fs::copy_file(teacher, dir / m.teacher_file, fs::copy_options::overwrite_existing);
+  }
+  write_file_atomic(mpath.string(), m.to_json());
+  const size_t n = static_cast<size_t>(m.T) * static_cast<size_t>(m.C), S = static_cast<size_t>(m.K) + 1;
+  TokenBatch tok, tgt;
+  LoopWork<float> lw;
+  Buffer<float> h;
+  for (const char* name : {"train", "test"}) {
+    const bool is_train = std::string(name) == "train";
+    const int want = is_train ? opt.train_examples : opt.test_examples;
+    const int batches = (want + opt.batch - 1) / opt.batch, per_shard = opt.shard_size / opt.batch;
+    auto& shards = is_train ? m.train : m.test;
+    // a resumed recording goes on after its last shard
+    const int64_t next = shards.empty() ? 0 : shards.back().first + shards.back().examples;
+    if (next % opt.batch != 0)
+      throw Error("record: '" + out + "' was recorded with another --batch (" + std::string(name) + " stops at example " +
+                  std::to_string(next) + ")");
+    for (int first_batch = static_cast<int>(next / opt.batch); first_batch < batches; first_batch += per_shard) {
+      const int nb = std::min(per_shard, batches - first_batch), ne = nb * opt.batch;
+      std::vector<float> states(static_cast<size_t>(ne) * S * n), tokens(static_cast<size_t>(ne) * m.T),
+          targets(tokens.size());
+      for (int bi = 0; bi < nb; ++bi) {
+        const int64_t index = first_batch + bi;
+        data.batch(is_train ? Split::Train : Split::Test, static_cast<uint64_t>(index), opt.batch, tok, tgt);
+        const float* st = nullptr;  // (K + 1, B, T, C)
+        SolveResult<float> sr;
+        if (ode) {
+          h.resize(static_cast<size_t>(opt.batch) * n);
+          model.embed(h.data(), tok);
+          FieldSystem<float> sys(model.field, model.field_params(), opt.batch, m.T);
+          sr = integrate(sys, h.data(), so);
+          if (!sr.ok())
+            throw Error("record: the teacher's solve of " + std::string(name) + " batch " + std::to_string(index) +
+                        " failed: " + sr.message);
+          st = sr.saved.data();
+        } else {
+          model.loop_forward(tok, m.K, lw);
+          st = lw.h.data();
+        }
+        for (int b = 0; b < opt.batch; ++b) {
+          const size_t e = static_cast<size_t>(bi) * static_cast<size_t>(opt.batch) + static_cast<size_t>(b);
+          for (size_t k = 0; k < S; ++k)
+            std::copy_n(st + (k * static_cast<size_t>(opt.batch) + static_cast<size_t>(b)) * n, n,
+                        states.data() + (e * S + k) * n);
+          for (int t = 0; t < m.T; ++t) {
+            const size_t src = static_cast<size_t>(b) * static_cast<size_t>(m.T) + static_cast<size_t>(t);
+            tokens[e * static_cast<size_t>(m.T) + static_cast<size_t>(t)] = static_cast<float>(tok.data[src]);
+            targets[e * static_cast<size_t>(m.T) + static_cast<size_t>(t)] = static_cast<float>(tgt.data[src]);
+          }
+        }
+      }
+      char file[64];
+      std::snprintf(file, sizeof file, "%s-%05zu.safetensors", name, shards.size());
+      const int64_t e64 = ne;
+      write_safetensors<float>((dir / file).string(),
+                               {{"states", {e64, m.K + 1, m.T, m.C}, states.data()},
+                                {"tokens", {e64, m.T}, tokens.data()},
+                                {"targets", {e64, m.T}, targets.data()}},
+                               {{"format", "flowloop-trajectories"}, {"teacher_hash", m.teacher_hash}, {"split", name}});
+      shards.push_back({file, ne, static_cast<int64_t>(first_batch) * opt.batch});
+      write_file_atomic(mpath.string(), m.to_json());
+      progress << "record: " << name << " " << m.examples(name) << "/" << static_cast<int64_t>(batches) * opt.batch
+               << " examples (" << file << ")" << std::endl;
+    }
+  }
+  return m;
+}
+
+}  // namespace flowloop
