@@ -192,18 +192,19 @@ std::vector<double> sinkhorn_plan(const std::vector<double>& cost, int n, int m,
 
 template <class S>
 std::vector<double> squared_distances(const S* a, int n, const S* b, int m, size_t dim) {
-  std::vector<double> d(static_cast<size_t>(n) * static_cast<size_t>(m));
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < m; ++j) {
-      const S* x = a + static_cast<size_t>(i) * dim;
-      const S* y = b + static_cast<size_t>(j) * dim;
-      double s = 0;
-      for (size_t k = 0; k < dim; ++k) {
-        const double e = static_cast<double>(x[k]) - static_cast<double>(y[k]);
-        s += e * e;
-      }
-      d[static_cast<size_t>(i) * static_cast<size_t>(m) + static_cast<size_t>(j)] = s;
-    }
+  // ||x||^2 + ||y||^2 - 2 x.y in double: the cross terms as one product (n x m x dim)
+  const size_t N = static_cast<size_t>(n), M = static_cast<size_t>(m);
+  std::vector<double> ad(a, a + N * dim), bd(b, b + M * dim), na(N, 0.0), nb(M, 0.0);
+  for (size_t i = 0; i < N; ++i)
+    for (size_t k = 0; k < dim; ++k) na[i] += ad[i * dim + k] * ad[i * dim + k];
+  for (size_t j = 0; j < M; ++j)
+    for (size_t k = 0; k < dim; ++k) nb[j] += bd[j * dim + k] * bd[j * dim + k];
+  std::vector<double> d(N * M, 0.0);
+  if (N && M && dim)
+    gemm<double>(false, true, n, m, static_cast<int>(dim), -2.0, ad.data(), static_cast<int>(dim), bd.data(),
+                 static_cast<int>(dim), 0.0, d.data(), m);
+  for (size_t i = 0; i < N; ++i)
+    for (size_t j = 0; j < M; ++j) d[i * M + j] = std::max(0.0, d[i * M + j] + na[i] + nb[j]);
   return d;
 }
 
