@@ -14,8 +14,8 @@
 #   ./run.sh studies  the README's study figures (notebooks/figures) from full-size models
 #                     (about 40 minutes on 2 cores)
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
-#                     every arm at most 10 minutes, and the ODE-depth table over 3 seeds
-#                     (about 3 hours on 2 cores)
+#                     every arm at most 10 minutes, the ODE-depth table and looped vs deep at
+#                     12,000 steps over 3 seeds, the tolerance sweep (about 5 hours on 2 cores)
 # Environment: BUILD_DIR (default build), JOBS (default: all cores).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -141,7 +141,17 @@ case "$mode" in
       --random-solvers euler,midpoint,rk4 --random-steps-min 2 --random-steps-max 8 --kinetic 10 \
       --eval-depths loop,euler:4,euler:16,dopri5:1e-2,dopri5:1e-3,dopri5:1e-4,dopri5:1e-5,rk4:4,rk4:8,rk4:16 \
       --out "$BUILD_DIR/reproduce/phop_ode_random_kinetic"
-    for d in phop phop_ode phop_ode_kinetic modarith8 modarith modarith_ode_kinetic phop_ode_random phop_ode_random_kinetic; do
+    # looped vs deep vs one block over 3 seeds at 12,000 steps (a rerun resumes each arm)
+    "$fl" study --task phop --task-n 16 --hops 4 --depth 4 --steps 12000 --batch 64 --lr 1e-3 --warmup 200 \
+      --seeds 3 --arms looped,deep,shallow --out "$BUILD_DIR/reproduce/phop12k_seeds"
+    # the tolerance study: the seed-0 looped model continued 1,500 steps under each training
+    # regime, each evaluated under every regime of compare (notebooks/tolerance_study.ipynb)
+    "$fl" sweep --task phop --task-n 16 --hops 4 --train-depths loop:4,rk4:4,dopri5:0.01,dopri5:0.001 \
+      --init-from "$BUILD_DIR/reproduce/phop12k_seeds/looped-s0/model.safetensors" --steps 1500 --warmup 50 \
+      --batch 64 --lr 1e-3 --min-lr 1e-4 --seed 0 --eval-every 500 --eval-batches 4 --checkpoint-every 500 \
+      --out "$BUILD_DIR/reproduce/sweep"
+    for d in phop phop_ode phop_ode_kinetic modarith8 modarith modarith_ode_kinetic phop_ode_random phop_ode_random_kinetic \
+      phop12k_seeds; do
       echo "== $d"; cat "$BUILD_DIR/reproduce/$d/results.md"
     done
     ;;
