@@ -160,7 +160,7 @@ void layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* 
                    const S* mean, const S* rstd, int B, int T, int C, size_t stride, const S* scale = nullptr,
                    int ld = 0) {
   auto rows = [&](S* di, S* dw, S* db, size_t r, int bs, const S* sc) {
-    if (scale)
+    if (sc)
       layernorm_backward_scaled(di, dw, db, dout + r * C, sc, T, ld, in + r * C, w, mean + r, rstd + r, bs * T, C);
     else
       layernorm_backward(di, dw, db, dout + r * C, in + r * C, w, mean + r, rstd + r, bs * T, C);

@@ -299,14 +299,19 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
     x0_src = w.noise.data();
     x0_stride = n;
   }
-  for (size_t b = 0; b < Bs; ++b) {
-    std::copy_n(x0_src + b * x0_stride, n, w.x0.data() + b * n);
-    std::copy_n(states + b * stride + static_cast<size_t>(K) * n, n, w.x1.data() + b * n);
-  }
-  // the coupling
+  // slot b takes x0 of recording x0_row[b] and x1 (state K) of recording x1_row[b]
+  auto gather = [&](const FlowMatchStep& p) {
+    for (size_t b = 0; b < Bs; ++b) {
+      std::copy_n(x0_src + static_cast<size_t>(p.x0_row[b]) * x0_stride, n, w.x0.data() + b * n);
+      std::copy_n(states + static_cast<size_t>(p.x1_row[b]) * stride + static_cast<size_t>(K) * n, n,
+                  w.x1.data() + b * n);
+    }
+  };
   st.x0_row.resize(Bs);
   st.x1_row.resize(Bs);
   for (int b = 0; b < B; ++b) st.x0_row[static_cast<size_t>(b)] = st.x1_row[static_cast<size_t>(b)] = b;
+  gather(st);
+  // the coupling, from the costs between the recordings as they come
   if (opt.coupling != Coupling::Identity) {
     const std::vector<double> cost = squared_distances(w.x0.data(), B, w.x1.data(), B, n);
     if (opt.coupling == Coupling::Exact) {
@@ -325,11 +330,7 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
         st.x1_row[b] = static_cast<int>(k % Bs);
       }
     }
-    Buffer<S> x0(w.x0), x1(w.x1);
-    for (size_t b = 0; b < Bs; ++b) {
-      std::copy_n(x0.data() + static_cast<size_t>(st.x0_row[b]) * n, n, w.x0.data() + b * n);
-      std::copy_n(x1.data() + static_cast<size_t>(st.x1_row[b]) * n, n, w.x1.data() + b * n);
-    }
+    gather(st);
   }
   double cc = 0;
   for (size_t k = 0; k < Bs * n; ++k) {

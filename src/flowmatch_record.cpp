@@ -4,6 +4,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <memory>
 #include <sstream>
 
 #include "flowloop/checkpoint.hpp"
@@ -191,6 +192,9 @@ TrajectoryManifest record_trajectories(const std::string& teacher, const DataSou
   TokenBatch tok, tgt;
   LoopWork<float> lw;
   Buffer<float> h;
+  // solves: one system (and its field caches) for every batch, all of size opt.batch
+  std::unique_ptr<FieldSystem<float>> sys;
+  if (ode) sys = std::make_unique<FieldSystem<float>>(model.field, model.field_params(), opt.batch, m.T);
   for (const char* name : {"train", "test"}) {
     const bool is_train = std::string(name) == "train";
     const int want = is_train ? opt.train_examples : opt.test_examples;
@@ -213,8 +217,7 @@ TrajectoryManifest record_trajectories(const std::string& teacher, const DataSou
         if (ode) {
           h.resize(static_cast<size_t>(opt.batch) * n);
           model.embed(h.data(), tok);
-          FieldSystem<float> sys(model.field, model.field_params(), opt.batch, m.T);
-          sr = integrate(sys, h.data(), so);
+          sr = integrate(*sys, h.data(), so);
           if (!sr.ok())
             throw Error("record: the teacher's solve of " + std::string(name) + " batch " + std::to_string(index) +
                         " failed: " + sr.message);

@@ -16,6 +16,7 @@
 #include "check.hpp"
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/flowmatch.hpp"
+#include "flowloop/io.hpp"
 #include "flowloop/model.hpp"
 #include "flowloop/train.hpp"
 
@@ -295,6 +296,16 @@ TEST_CASE("a flow-matching step: its gradient against finite differences, for ev
       CHECK(sorted == std::vector<int>{0, 1, 2});
     }
   }
+  // a non-finite loss is an error, not a step
+  {
+    Model<double> nan_model = model;
+    nan_model.params[nan_model.layout.field_begin()] = NAN;
+    FlowMatchWork<double> wn;
+    Rng rn(1);
+    CHECK_THROWS_WITH(flow_match_step<double>(nan_model.field, nan_model.params.data() + nan_model.layout.field_begin(),
+                                              states.data(), B, K, T, FlowMatchOptions(), rn, nullptr, wn),
+                      Catch::Contains("the loss is not finite"));
+  }
   // an autonomous field, and K of 0, are refused
   Model<double> plain(make_config(11, 5, 8, 2, 12, 1, 1));
   FlowMatchWork<double> w;
@@ -403,11 +414,36 @@ TEST_CASE("record: the teacher's loop states in shards, resumable, checked on re
   bad = os;
   bad.states = 1;
   CHECK_THROWS_WITH(bad.validate(), Catch::Contains("--states must be at least 2"));
+  bad = o;
+  bad.states = 4;
+  CHECK_THROWS_WITH(bad.validate(), Catch::Contains("--states is for solves"));
+  // a resume with another batch size would not continue where the recording stopped
+  RecordOptions other_batch = o;
+  other_batch.batch = 8;
+  other_batch.shard_size = 8;
+  other_batch.train_examples = 40;
+  std::filesystem::copy(dir.path / "data", dir.path / "batch8", std::filesystem::copy_options::recursive);
+  const std::string b8 = (dir.path / "batch8").string();
+  CHECK_THROWS_WITH(record_trajectories(teacher, *data, other_batch, b8, quiet), Catch::Contains("another --batch"));
   // a missing shard, a truncated shard and a shape that disagrees are named
   std::filesystem::copy(dir.path / "data", dir.path / "broken", std::filesystem::copy_options::recursive);
   const std::string broken = (dir.path / "broken").string();
   std::filesystem::remove(dir.path / "broken" / "test-00000.safetensors");
   CHECK_THROWS_WITH(TrajectoryManifest::read(broken), Catch::Contains("'test-00000.safetensors', which is missing"));
+  std::filesystem::remove(dir.path / "batch8" / "teacher.safetensors");
+  CHECK_THROWS_WITH(TrajectoryManifest::read(b8), Catch::Contains("names the teacher 'teacher.safetensors', which is missing"));
+  {
+    nlohmann::json j = read_json_file((dir.path / "data" / "manifest.json").string(), "manifest");
+    j["format"] = "something-else";
+    std::filesystem::create_directories(dir.path / "format");
+    write_file_atomic((dir.path / "format" / "manifest.json").string(), j.dump());
+    CHECK_THROWS_WITH(TrajectoryManifest::read((dir.path / "format").string()),
+                      Catch::Contains("format is 'something-else', not flowloop-trajectories"));
+    j["format"] = "flowloop-trajectories";
+    j["K"] = "three";
+    write_file_atomic((dir.path / "format" / "manifest.json").string(), j.dump());
+    CHECK_THROWS_WITH(TrajectoryManifest::read((dir.path / "format").string()), Catch::Contains("manifest.json"));
+  }
   const std::string shard = (dir.path / "broken" / "train-00001.safetensors").string();
   std::filesystem::resize_file(shard, std::filesystem::file_size(shard) - 7);
   TrajectoryShard ts = m.train[1];
