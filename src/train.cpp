@@ -40,24 +40,6 @@ DepthSpec with_method(const DepthSpec& base, const std::string& method) {
   return d;
 }
 
-template <class T>
-void field(const json& j, const char* key, T& dst, const std::string& where) {
-  auto it = j.find(key);
-  if (it == j.end()) return;
-  if constexpr (std::is_floating_point_v<T>) {
-    if (it->is_null()) {  // a value not given (written as null)
-      dst = std::numeric_limits<T>::quiet_NaN();
-      return;
-    }
-  }
-  bool ok;
-  if constexpr (std::is_same_v<T, bool>) ok = it->is_boolean();
-  else if constexpr (std::is_integral_v<T>) ok = it->is_number_integer();
-  else if constexpr (std::is_floating_point_v<T>) ok = it->is_number();
-  else ok = it->is_string();
-  if (!ok) throw Error(where + ": \"" + key + "\" has the wrong type (" + it->type_name() + ")");
-  dst = it->get<T>();
-}
 }  // namespace
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
@@ -90,10 +72,10 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& w
     if (std::find(known.begin(), known.end(), it.key()) == known.end())
       throw Error(where + ": unknown key \"" + it.key() + "\"");
   TrainConfig c;
-#define X(name) field(j, #name, c.name, where);
+#define X(name) json_field(j, #name, c.name, where);
   FLOWLOOP_TRAIN_FIELDS(X)
 #undef X
-#define X(key, member) field(j, #key, c.member, where);
+#define X(key, member) json_field(j, #key, c.member, where);
   FLOWLOOP_DEPTH_FIELDS(X)
 #undef X
   // Configurations written before the depth spec (every key but initial_norm) said
@@ -212,17 +194,26 @@ double learning_rate(const TrainConfig& c, int64_t step) {
 
 // ---------------------------------------------------------------- AdamW
 
-AdamW::AdamW(const ParamLayout& layout, const TrainConfig& c)
-    : m(layout.size(), 0.0f), v(layout.size(), 0.0f), wd_(layout.size(), 0.0f),
-      b1_(c.beta1), b2_(c.beta2), eps_(c.eps), clip_(c.clip) {
-  for (const auto& ti : layout.tensors())
-    if (ti.shape.size() == 2)
-      std::fill(wd_.begin() + static_cast<long>(ti.offset), wd_.begin() + static_cast<long>(ti.offset + ti.numel),
+AdamW::AdamW(const ParamLayout& layout, const TrainConfig& c, size_t begin, size_t end)
+    : begin_(begin), b1_(c.beta1), b2_(c.beta2), eps_(c.eps), clip_(c.clip) {
+  end = std::min(end, layout.size());
+  if (begin >= end) throw Error("AdamW: an empty parameter range");
+  m.assign(end - begin, 0.0f);
+  v.assign(end - begin, 0.0f);
+  wd_.assign(end - begin, 0.0f);
+  for (const auto& ti : layout.tensors()) {
+    if (ti.shape.size() != 2) continue;
+    const size_t lo = std::max(begin, ti.offset), hi = std::min(end, ti.offset + ti.numel);
+    if (lo < hi)
+      std::fill(wd_.begin() + static_cast<long>(lo - begin), wd_.begin() + static_cast<long>(hi - begin),
                 static_cast<float>(c.weight_decay));
+  }
 }
 
-double AdamW::step(float* p, float* g, double lr) {
+double AdamW::step(float* params, float* grads, double lr) {
   const size_t n = m.size();
+  float* p = params + begin_;
+  float* g = grads + begin_;
   double ss = 0;
   for (size_t i = 0; i < n; ++i) ss += static_cast<double>(g[i]) * g[i];
   const double norm = std::sqrt(ss);

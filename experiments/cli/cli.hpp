@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "flowloop/depth.hpp"
+#include "flowloop/io.hpp"
 #include "flowloop/solver.hpp"
 #include "flowloop/train.hpp"
 
@@ -41,6 +42,24 @@ KeyedOptions add_train_flags(CLI::App* app, TrainConfig& c, bool depth_flags);
 // The configuration file (if any), then the flags given, then the defaults.
 TrainConfig merged_train_config(const KeyedOptions& given, const TrainConfig& flags_config,
                                 const std::string& config_file);
+
+// A configuration (TrainConfig, FlowMatchConfig: from_json and to_json) from the
+// configuration file (if any), then the flags given, then the defaults.
+template <class Config>
+Config merged_config(const KeyedOptions& given, const Config& flags_config, const std::string& config_file,
+                     const std::string& what) {
+  json merged = json::object();
+  if (!config_file.empty()) {
+    merged = read_json_file(config_file, "config");
+    Config::from_json(merged.dump(), "config '" + config_file + "'");  // names unknown keys, wrong types
+  }
+  const json defaults = json::parse(Config{}.to_json()), flags = json::parse(flags_config.to_json());
+  for (const auto& [key, o] : given)
+    if (o->count() > 0) merged[key] = flags[key];
+  for (auto it = defaults.begin(); it != defaults.end(); ++it)
+    if (!merged.contains(it.key())) merged[it.key()] = it.value();
+  return Config::from_json(merged.dump(), what);
+}
 
 // Whether any of these flags was given on the command line.
 bool any_given(const KeyedOptions& flags);

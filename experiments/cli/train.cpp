@@ -59,18 +59,7 @@ KeyedOptions add_train_flags(CLI::App* tr, TrainConfig& tc, bool depth_flags) {
 
 TrainConfig merged_train_config(const KeyedOptions& given, const TrainConfig& flags_config,
                                 const std::string& config_file) {
-  // the configuration file, then the flags given, then the defaults
-  json merged = json::object();
-  if (!config_file.empty()) {
-    merged = read_json_file(config_file, "config");
-    TrainConfig::from_json(merged.dump(), "config '" + config_file + "'");  // names unknown keys, wrong types
-  }
-  const json defaults = json::parse(TrainConfig{}.to_json()), flags = json::parse(flags_config.to_json());
-  for (const auto& [key, o] : given)
-    if (o->count() > 0) merged[key] = flags[key];
-  for (auto it = defaults.begin(); it != defaults.end(); ++it)
-    if (!merged.contains(it.key())) merged[it.key()] = it.value();
-  return TrainConfig::from_json(merged.dump(), "train options");
+  return merged_config(given, flags_config, config_file, "train options");
 }
 
 namespace {

@@ -11,6 +11,7 @@
 #include "flowloop/depth.hpp"
 #include "flowloop/field.hpp"
 #include "flowloop/flowmatch.hpp"
+#include "flowloop/flowmatch_train.hpp"
 #include "flowloop/grad.hpp"
 #include "flowloop/io.hpp"
 #include "flowloop/layers.hpp"

@@ -3,10 +3,14 @@
 // library goes through these; and the lists and numbers of option values.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
+#include <limits>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
+
+#include "flowloop/tensor.hpp"
 
 namespace flowloop {
 
@@ -34,6 +38,28 @@ std::vector<std::string> split_list(const std::string& list);
 // The whole of `text` as a finite number (no trailing characters): true and `out`,
 // or false.
 bool parse_number(const std::string& text, double& out);
+
+// Reads j[key] into dst when j has it: a bool, an integer, a number (null: NaN, a
+// value not given) or a string as dst is; another type throws Error("<where>: "<key>"
+// has the wrong type (...)").
+template <class T>
+void json_field(const nlohmann::json& j, const char* key, T& dst, const std::string& where) {
+  auto it = j.find(key);
+  if (it == j.end()) return;
+  if constexpr (std::is_floating_point_v<T>) {
+    if (it->is_null()) {  // a value not given (written as null)
+      dst = std::numeric_limits<T>::quiet_NaN();
+      return;
+    }
+  }
+  bool ok;
+  if constexpr (std::is_same_v<T, bool>) ok = it->is_boolean();
+  else if constexpr (std::is_integral_v<T>) ok = it->is_number_integer();
+  else if constexpr (std::is_floating_point_v<T>) ok = it->is_number();
+  else ok = it->is_string();
+  if (!ok) throw Error(where + ": \"" + key + "\" has the wrong type (" + it->type_name() + ")");
+  dst = it->get<T>();
+}
 
 // A number for CSV tables: 10 significant digits, "nan" for NaN.
 std::string format_number(double v);

@@ -6,6 +6,7 @@
 // batch is a function of (data, seed, step)). Metrics go to DIR/metrics.jsonl.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <iosfwd>
 #include <memory>
@@ -94,16 +95,20 @@ int random_depth(double mean, uint64_t seed, int64_t step);
 // Learning rate at step s: linear warm-up to lr, then cosine down to min_lr.
 double learning_rate(const TrainConfig& c, int64_t step);
 
-// AdamW over a flat parameter buffer; decay applies to matrices (2-D tensors) only.
+// AdamW over a flat parameter buffer, or over its range [begin, end) only (the rest
+// stays as it is: no update, no decay); decay applies to matrices (2-D tensors) only.
 class AdamW {
  public:
-  AdamW(const ParamLayout& layout, const TrainConfig& c);
-  // grads are clipped in place to global norm c.clip (if > 0); returns the norm before.
+  AdamW(const ParamLayout& layout, const TrainConfig& c, size_t begin = 0, size_t end = SIZE_MAX);
+  // params and grads: the whole buffer. The range's grads are clipped in place to
+  // global norm c.clip (if > 0); returns their norm before.
   double step(float* params, float* grads, double lr);
-  Buffer<float> m, v;
+  size_t begin() const { return begin_; }
+  Buffer<float> m, v;  // the range's moments (m[i] is parameter begin + i)
   int64_t t = 0;
 
  private:
+  size_t begin_;
   Buffer<float> wd_;  // decay per parameter: weight_decay on matrices, 0 elsewhere
   double b1_, b2_, eps_, clip_;
 };

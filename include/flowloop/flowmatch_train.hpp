@@ -1,0 +1,188 @@
+// flowloop/flowmatch_train.hpp: training and evaluating a flow student on recorded
+// latent trajectories (`flowloop flow-match train` and `flow-match eval`).
+//
+// The student is the teacher's architecture with a time-conditioned field, integrated
+// over t in [0, 1] (its depth is 1): v(x, t) carries the teacher's h_0 to its h_K. It
+// starts from the teacher's weights (the block, its embedding and readout; the time
+// embedding fresh, the modulation zero), and only the field's parameters train: the
+// embedding and readout stay the teacher's, so that the student decodes as it does.
+// Training reads the recorded shards in a shuffled order that is a function of (seed,
+// step), holding at most two shards in memory; it keeps an EMA of the weights (written
+// as the model), and resumes exactly.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "flowloop/depth.hpp"
+#include "flowloop/flowmatch.hpp"
+#include "flowloop/model.hpp"
+#include "flowloop/train.hpp"
+
+namespace flowloop {
+
+// ---- reading a recording -----------------------------------------------------------
+
+// One batch of recordings: states (B, K + 1, T, C), tokens and targets (B, T).
+struct TrajectoryBatch {
+  int B = 0, K = 0, T = 0, C = 0;
+  std::vector<float> states;
+  TokenBatch tokens, targets;
+  size_t offset(int b, int k) const {
+    return (static_cast<size_t>(b) * static_cast<size_t>(K + 1) + static_cast<size_t>(k)) * static_cast<size_t>(T) *
+           static_cast<size_t>(C);
+  }
+  const float* state(int b, int k) const { return states.data() + offset(b, k); }
+  float* state(int b, int k) { return states.data() + offset(b, k); }
+};
+
+// Reads one split of DATA. Training batches come from an endless sequence of epochs;
+// epoch e visits the shards in an order drawn from (seed, e) and the examples of each
+// shard in an order drawn from (seed, e, shard), so batch i is a function of (seed, i)
+// and the loader keeps at most two shards in memory.
+class TrajectoryLoader {
+ public:
+  // Checks the manifest (and that DATA/teacher.safetensors is the recorded teacher).
+  TrajectoryLoader(const std::string& dir, const std::string& split, uint64_t seed);
+  const TrajectoryManifest& manifest() const { return m_; }
+  const std::string& dir() const { return dir_; }
+  std::string teacher_path() const;
+  // The teacher's task scores a row by exact match of every scored position.
+  bool exact_match() const { return exact_match_; }
+  int64_t examples() const { return total_; }
+  // Training batch `index` of B examples (positions [index B, index B + B) of the epochs).
+  void batch(int64_t index, int B, TrajectoryBatch& out);
+  // The examples [first, first + n) in recorded order (evaluation).
+  void range(int64_t first, int n, TrajectoryBatch& out);
+
+ private:
+  const TrajectoryShardData& shard(size_t i);
+  void take(size_t shard_index, int example, int slot, TrajectoryBatch& out);
+  void shape(int B, TrajectoryBatch& out) const;
+  std::string dir_, split_;
+  TrajectoryManifest m_;
+  std::vector<TrajectoryShard> shards_;
+  std::vector<int64_t> first_;  // each shard's first index in the split
+  int64_t total_ = 0;
+  uint64_t seed_;
+  bool exact_match_ = false;
+  std::map<size_t, TrajectoryShardData> cache_;  // at most two shards
+  std::vector<size_t> lru_;
+  // the order of the current epoch
+  int64_t epoch_ = -1;
+  std::vector<size_t> shard_order_;
+  std::vector<int64_t> epoch_first_;  // cumulative examples in shard_order_
+  std::vector<std::vector<int>> example_order_;
+};
+
+// ---- training ----------------------------------------------------------------------
+
+struct FlowMatchConfig {
+  std::string data;  // the recording (flow-match record's --out)
+  std::string matcher = "icfm", coupling = "identity", time_sampler = "uniform";
+  double sigma = 0.0, sinkhorn_reg = 0.05;
+  // The student's time embedding (ModelConfig): t in [0, 1], tau = t time_scale
+  int time_freq = 256;
+  double time_scale = 1000.0;
+  // EMA of the weights: ema <- d ema + (1 - d) w after every step, with d =
+  // min(ema, (1 + step) / (10 + step)) early on; the written model holds the EMA.
+  double ema = 0.999;
+  // Reflow rounds after the first training (rectified flow): round r trains a fresh
+  // run of `steps` steps, starting from round r - 1's model, on the pairs (x0, flow(x0))
+  // of round r - 1's EMA model solved with reflow_sampler (a regime token, on [0, 1]).
+  int reflow = 0;
+  std::string reflow_sampler = "rk4:4";
+  // optimisation and reporting (as train's)
+  int steps = 2000, batch = 64, warmup = 100;
+  double lr = 1e-3, min_lr = 1e-4, weight_decay = 0.0, beta1 = 0.9, beta2 = 0.99, eps = 1e-8, clip = 1.0;
+  int eval_every = 200, eval_batches = 4, checkpoint_every = 200;
+  double max_seconds = 0;
+  uint64_t seed = 0;
+  std::string out;
+
+  // JSON with any of these keys; unknown keys and wrong types are errors naming the key.
+  static FlowMatchConfig from_json(const std::string& text, const std::string& where);
+  std::string to_json() const;
+  void validate() const;  // names the first bad field (an unknown matcher, sigma < 0, ...)
+  FlowMatchOptions options() const;
+  // The optimiser's settings as train's configuration (AdamW, learning_rate).
+  TrainConfig optimiser() const;
+};
+
+// The student of a teacher: its configuration with time_cond, depth 1 (t in [0, 1]),
+// no exit gate; the teacher's tensors copied by name, the time embedding initialised
+// from seed and the modulation zero.
+Model<float> make_student(const Model<float>& teacher, int time_freq, double time_scale, uint64_t seed);
+
+class FlowMatchTrainer {
+ public:
+  // Checks everything (configuration, recording, teacher, output directory) before any work.
+  explicit FlowMatchTrainer(const FlowMatchConfig& c);
+  ~FlowMatchTrainer();
+  // Trains to c.steps (and the reflow rounds); with resume, continues from OUT's
+  // checkpoint. stop_at >= 0 stops after that many steps of the current round.
+  void run(bool resume, std::ostream& progress, int64_t stop_at = -1);
+  const Model<float>& model() const;  // the EMA weights
+  int64_t step() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// A model written by flow-match train, with what it was trained on.
+struct FlowStudent {
+  Model<float> model;
+  FlowMatchConfig config;
+  std::string teacher_hash;
+};
+// Throws Error naming the file when it is not a flow-match model.
+FlowStudent load_flow_student(const std::string& path);
+// Throws Error unless the student learned from a recording of the loader's teacher.
+void require_same_teacher(const FlowStudent& s, const TrajectoryLoader& data);
+
+// ---- evaluation ----------------------------------------------------------------------
+
+struct FlowEvalOptions {
+  // The student's samplers, regime tokens on [0, 1] (DepthSpec::parse): empty means
+  // euler at 1, 2, 4, 8 and K steps, midpoint at 1 and 2, rk4 at 1 and 2, and dopri5
+  // at 1e-2, 1e-3 and 1e-4.
+  std::vector<DepthSpec> samplers;
+  bool teacher_rows = true;  // the truncated teacher: loop N and N Euler steps, N < K
+  int examples = 0;          // test examples from the start of the split (0: all)
+  int batch = 256;
+  int straightness_points = 8;  // midpoints of the grid on which straightness is taken
+  uint64_t seed = 0;            // generative: the noise x0
+};
+
+// One row: a sampler (or the truncated teacher) at its NFE against the teacher's h_K.
+//   rel_l2        ||x1_hat - h_K|| / ||h_K|| over all values
+//   kl            mean over scored positions of KL(teacher || student) of the decoded
+//                 next-token distributions (through the teacher's readout)
+//   accuracy      of the decoded tokens against the targets
+//   straightness  S = int_0^1 E ||(x1_hat - x0) - v(x_t, t)||^2 dt (E: the mean over
+//                 values), on the midpoint grid of the sampler's own path; for the
+//                 teacher rows, the piecewise-linear path through its states
+//   nfe           field evaluations per sequence (mean; the most for adaptive solves)
+struct FlowEvalRow {
+  std::string sampler;  // a regime token, or "teacher-loop" / "teacher-euler"
+  double nfe = 0, nfe_max = 0;
+  double rel_l2 = 0, kl = 0, accuracy = 0, straightness = 0;
+  int64_t examples = 0;
+  std::string status = "ok";
+  std::string to_json() const;
+};
+std::string flow_eval_csv(const std::vector<FlowEvalRow>& rows);
+
+// The student's (and the truncated teacher's) rows on the test split of the loader.
+// teacher: the recording's teacher. Throws Error if the student was trained on
+// another teacher's recording (hash) or its shapes differ.
+std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const Model<float>& teacher,
+                                             TrajectoryLoader& test, const FlowEvalOptions& opt,
+                                             std::ostream* progress = nullptr);
+
+}  // namespace flowloop

@@ -1,0 +1,281 @@
+// Evaluating a flow student against its teacher's recorded ends: every sampler at its
+// NFE, and the truncated teacher at the same NFE (`flowloop flow-match eval`).
+#include <algorithm>
+#include <cmath>
+#include <iostream>
+#include <limits>
+#include <sstream>
+
+#include "flowloop/checkpoint.hpp"
+#include "flowloop/flowmatch_train.hpp"
+#include "flowloop/io.hpp"
+
+namespace flowloop {
+
+using nlohmann::json;
+
+namespace {
+
+// What one row adds up over the batches.
+struct RowSums {
+  FlowEvalRow row;
+  double err2 = 0, ref2 = 0, kl = 0, right = 0, straight = 0, nfe = 0;
+  int64_t kl_count = 0, scored = 0, sequences = 0;
+  void finish() {
+    row.rel_l2 = ref2 > 0 ? std::sqrt(err2 / ref2) : 0.0;
+    row.kl = kl_count ? kl / static_cast<double>(kl_count) : 0.0;
+    row.accuracy = scored ? right / static_cast<double>(scored) : 0.0;
+    row.straightness = sequences ? straight / static_cast<double>(sequences) : 0.0;
+    row.nfe = sequences ? nfe / static_cast<double>(sequences) : 0.0;
+    row.examples = sequences;
+  }
+};
+
+// log-softmax of every row of logits (N, V), in double.
+void log_softmax(std::vector<double>& out, const float* logits, size_t N, size_t V) {
+  out.resize(N * V);
+  for (size_t i = 0; i < N; ++i) {
+    const float* l = logits + i * V;
+    double mx = -std::numeric_limits<double>::infinity();
+    for (size_t v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(l[v]));
+    double s = 0;
+    for (size_t v = 0; v < V; ++v) s += std::exp(static_cast<double>(l[v]) - mx);
+    const double lse = mx + std::log(s);
+    for (size_t v = 0; v < V; ++v) out[i * V + v] = static_cast<double>(l[v]) - lse;
+  }
+}
+
+// Mean over the values of a sequence of ((x1 - x0) - v)^2, summed over the sequences.
+double straight_sum(const float* x1, const float* x0, const float* v, int B, size_t n) {
+  double s = 0;
+  for (int b = 0; b < B; ++b) {
+    double q = 0;
+    const size_t o = static_cast<size_t>(b) * n;
+    for (size_t i = 0; i < n; ++i) {
+      const double d = (static_cast<double>(x1[o + i]) - x0[o + i]) - v[o + i];
+      q += d * d;
+    }
+    s += q / static_cast<double>(n);
+  }
+  return s;
+}
+
+}  // namespace
+
+FlowStudent load_flow_student(const std::string& path) {
+  const SafetensorsFile f = SafetensorsFile::read(path);
+  auto get = [&](const char* k) {
+    auto it = f.metadata().find(k);
+    if (it == f.metadata().end())
+      throw Error("'" + path + "' is not a flow-match model (its metadata lacks \"" + k + "\"; written by flow-match train?)");
+    return it->second;
+  };
+  const FlowMatchConfig c = FlowMatchConfig::from_json(get("flow_match_config"), path);
+  const std::string hash = get("teacher_hash");
+  return FlowStudent{load_model<float>(path), c, hash};
+}
+
+void require_same_teacher(const FlowStudent& s, const TrajectoryLoader& data) {
+  if (s.teacher_hash != data.manifest().teacher_hash)
+    throw Error("the student learned from teacher " + s.teacher_hash + ", but the recording at '" + data.dir() +
+                "' is of teacher " + data.manifest().teacher_hash);
+}
+
+std::string FlowEvalRow::to_json() const {
+  nlohmann::ordered_json j;
+  j["sampler"] = sampler;
+  j["nfe"] = nfe;
+  j["nfe_max"] = nfe_max;
+  j["rel_l2"] = rel_l2;
+  j["kl"] = kl;
+  j["accuracy"] = accuracy;
+  j["straightness"] = straightness;
+  j["examples"] = examples;
+  j["status"] = status;
+  return j.dump();
+}
+
+std::string flow_eval_csv(const std::vector<FlowEvalRow>& rows) {
+  std::ostringstream s;
+  s << "sampler,nfe,nfe_max,rel_l2,kl,accuracy,straightness,examples,status\n";
+  for (const auto& r : rows)
+    s << r.sampler << "," << format_number(r.nfe) << "," << format_number(r.nfe_max) << "," << format_number(r.rel_l2)
+      << "," << format_number(r.kl) << "," << format_number(r.accuracy) << "," << format_number(r.straightness) << ","
+      << r.examples << "," << r.status << "\n";
+  return s.str();
+}
+
+std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const Model<float>& teacher,
+                                             TrajectoryLoader& test, const FlowEvalOptions& opt, std::ostream* progress) {
+  const TrajectoryManifest& m = test.manifest();
+  const ModelConfig& sc = student.cfg;
+  const ModelConfig& tc = teacher.cfg;
+  const std::string where = "flow-match eval";
+  if (!sc.time_cond) throw Error(where + ": the student's field is not time-conditioned (a flow-match train model?)");
+  if (sc.d_model != m.C || tc.d_model != m.C || sc.context < m.T || tc.context < m.T || sc.vocab_size != tc.vocab_size)
+    throw Error(where + ": the recording's states (" + std::to_string(m.T) + " x " + std::to_string(m.C) +
+                ") and the models (student width " + std::to_string(sc.d_model) + ", teacher width " +
+                std::to_string(tc.d_model) + ") do not fit together");
+  if (opt.batch < 1 || opt.examples < 0 || opt.straightness_points < 1)
+    throw Error(where + ": batch and straightness_points must be at least 1, examples at least 0");
+  const int K = m.K, T = m.T, C = m.C, V = tc.vocab_size;
+  const size_t n = static_cast<size_t>(T) * static_cast<size_t>(C);
+  std::vector<DepthSpec> samplers = opt.samplers;
+  if (samplers.empty()) {
+    std::vector<std::string> tokens = {"euler:1", "euler:2", "euler:4", "euler:8"};
+    if (K != 1 && K != 2 && K != 4 && K != 8) tokens.push_back("euler:" + std::to_string(K));
+    for (const char* t : {"midpoint:1", "midpoint:2", "rk4:1", "rk4:2", "dopri5:1e-2", "dopri5:1e-3", "dopri5:1e-4"})
+      tokens.push_back(t);
+    for (const auto& t : tokens) samplers.push_back(DepthSpec::parse(t));
+  }
+  std::vector<SolveOptions> solves;
+  for (const auto& s : samplers) {
+    if (!s.ode()) throw Error(where + ": sampler '" + s.token() + "' is a loop; the student is sampled with a solver");
+    SolveOptions so = s.solve_options(1.0);
+    so.save = SaveKind::Steps;  // the accepted states (no evaluations beyond the sampler's own)
+    solves.push_back(so);
+  }
+  // The truncated teacher: loop N (Euler, dt = 1, from t = 0) for a loop teacher, and
+  // N Euler steps over the teacher's whole interval.
+  const bool loop_teacher = m.depth.value("mode", std::string()) == "loop";
+  const double t_end = m.times.empty() ? static_cast<double>(K) : m.times.back();
+  struct TeacherRun {
+    std::string name;
+    int N;
+    double dt;
+  };
+  std::vector<TeacherRun> truncated;
+  if (opt.teacher_rows) {
+    if (loop_teacher)
+      for (int N = 1; N <= K; ++N) truncated.push_back({"teacher-loop", N, 1.0});
+    for (int N = 1; N <= K; ++N)
+      if (!loop_teacher || std::abs(t_end / N - 1.0) > 1e-12) truncated.push_back({"teacher-euler", N, t_end / N});
+  }
+  std::vector<RowSums> rows(samplers.size() + truncated.size());
+  for (size_t i = 0; i < samplers.size(); ++i) rows[i].row.sampler = samplers[i].token();
+  for (size_t i = 0; i < truncated.size(); ++i) rows[samplers.size() + i].row.sampler = truncated[i].name;
+
+  const int64_t total = opt.examples > 0 ? std::min<int64_t>(opt.examples, test.examples()) : test.examples();
+  TrajectoryBatch tb;
+  ReadoutCache<float> rc;
+  FieldCache<float> cache;
+  Buffer<float> x0, y, v, h, f, path, xs;
+  std::vector<double> ref_logp, logp;
+  std::vector<double> tt;
+  for (int64_t first = 0; first < total; first += opt.batch) {
+    const int B = static_cast<int>(std::min<int64_t>(opt.batch, total - first));
+    test.range(first, B, tb);
+    const size_t N = static_cast<size_t>(B) * n;
+    x0.resize(N);
+    h.resize(N);
+    for (int b = 0; b < B; ++b) {
+      std::copy_n(tb.state(b, 0), n, x0.data() + static_cast<size_t>(b) * n);
+      std::copy_n(tb.state(b, K), n, h.data() + static_cast<size_t>(b) * n);  // the teacher's end
+    }
+    const int rowsN = B * T;
+    rc.resize(tc, rowsN);
+    teacher.readout(h.data(), rowsN, rc);
+    log_softmax(ref_logp, rc.logits.data(), static_cast<size_t>(rowsN), static_cast<size_t>(V));
+    if (cache.capacity < B || cache.T != T) cache.resize(sc, B, T);
+    // scores x1_hat (B, T, C) into a row
+    auto score = [&](RowSums& r, const float* x1) {
+      for (size_t i = 0; i < N; ++i) {
+        const double d = static_cast<double>(x1[i]) - h[i];
+        r.err2 += d * d;
+        r.ref2 += static_cast<double>(h[i]) * h[i];
+      }
+      teacher.readout(x1, rowsN, rc);
+      int64_t cnt = 0;
+      const double acc = accuracy(rc.logits.data(), tb.targets, V, test.exact_match(), &cnt);
+      r.right += acc * static_cast<double>(cnt);
+      r.scored += cnt;
+      log_softmax(logp, rc.logits.data(), static_cast<size_t>(rowsN), static_cast<size_t>(V));
+      for (int i = 0; i < rowsN; ++i) {
+        if (tb.targets.data[static_cast<size_t>(i)] < 0) continue;
+        double kl = 0;
+        const size_t o = static_cast<size_t>(i) * static_cast<size_t>(V);
+        for (int k = 0; k < V; ++k) kl += std::exp(ref_logp[o + k]) * (ref_logp[o + k] - logp[o + k]);
+        r.kl += kl;
+        ++r.kl_count;
+      }
+      r.sequences += B;
+    };
+    // the student under every sampler
+    for (size_t s = 0; s < samplers.size(); ++s) {
+      RowSums& r = rows[s];
+      FieldSystem<float> sys(student.field, student.field_params(), B, T);
+      y = x0;
+      const SolveResult<float> res = integrate(sys, y.data(), solves[s]);
+      if (!res.ok() && r.row.status == "ok") r.row.status = std::string(status_name(res.status)) + ": " + res.message;
+      for (int b = 0; b < B; ++b) {
+        const double e = res.seq.size() == static_cast<size_t>(B) ? static_cast<double>(res.seq[static_cast<size_t>(b)].nfe)
+                                                                   : static_cast<double>(res.nfe);
+        r.nfe += e;
+        r.row.nfe_max = std::max(r.row.nfe_max, e);
+      }
+      // straightness on the midpoint grid of the sampler's path (linear between its steps)
+      const int M = opt.straightness_points;
+      v.resize(N);
+      xs.resize(N);
+      for (int j = 0; j < M; ++j) {
+        const double tj = (j + 0.5) / M;
+        for (int b = 0; b < B; ++b) {
+          const auto& ts = res.step_times[static_cast<size_t>(b)];
+          const auto& st = res.step_states[static_cast<size_t>(b)];
+          float* dst = xs.data() + static_cast<size_t>(b) * n;
+          const size_t i = std::min<size_t>(
+              static_cast<size_t>(std::upper_bound(ts.begin(), ts.end(), tj) - ts.begin()), ts.size() - 1);
+          if (i == 0) {  // before the first step: its start
+            std::copy_n(st.data(), n, dst);
+            continue;
+          }
+          const double w1 = std::clamp((tj - ts[i - 1]) / (ts[i] - ts[i - 1]), 0.0, 1.0);
+          const float a = static_cast<float>(1.0 - w1), c = static_cast<float>(w1);
+          const float* s0 = st.data() + (i - 1) * n;
+          for (size_t q = 0; q < n; ++q) dst[q] = a * s0[q] + c * s0[q + n];
+        }
+        tt.assign(static_cast<size_t>(B), tj);
+        student.field.forward(v.data(), xs.data(), tt.data(), student.field_params(), B, T, cache);
+        r.straight += straight_sum(y.data(), x0.data(), v.data(), B, n) / M;
+      }
+      score(r, y.data());
+    }
+    // the truncated teacher: N Euler steps of size dt from t = 0
+    FieldCache<float> tcache;
+    tcache.resize(tc, B, T);
+    for (size_t k = 0; k < truncated.size(); ++k) {
+      RowSums& r = rows[samplers.size() + k];
+      const TeacherRun& tr = truncated[k];
+      path.resize(static_cast<size_t>(tr.N + 1) * N);
+      std::copy_n(x0.data(), N, path.data());
+      f.resize(N);
+      for (int i = 0; i < tr.N; ++i) {
+        tt.assign(static_cast<size_t>(B), i * tr.dt);
+        const float* hi = path.data() + static_cast<size_t>(i) * N;
+        float* hn = path.data() + static_cast<size_t>(i + 1) * N;
+        teacher.field.forward(f.data(), hi, tt.data(), teacher.field_params(), B, T, tcache);
+        const float dtf = static_cast<float>(tr.dt);
+        for (size_t q = 0; q < N; ++q) hn[q] = hi[q] + dtf * f[q];
+      }
+      // straightness of the piecewise-linear path over [0, 1]: velocity N (h_{i+1} - h_i) on segment i
+      const float* end = path.data() + static_cast<size_t>(tr.N) * N;
+      for (int i = 0; i < tr.N; ++i) {
+        const float* hi = path.data() + static_cast<size_t>(i) * N;
+        for (size_t q = 0; q < N; ++q) f[q] = static_cast<float>(tr.N) * (hi[q + N] - hi[q]);
+        r.straight += straight_sum(end, x0.data(), f.data(), B, n) / tr.N;
+      }
+      r.nfe += static_cast<double>(tr.N) * B;
+      r.row.nfe_max = tr.N;
+      score(r, end);
+    }
+    if (progress) *progress << "flow-match eval: " << first + B << "/" << total << " examples" << std::endl;
+  }
+  std::vector<FlowEvalRow> out;
+  for (auto& r : rows) {
+    r.finish();
+    out.push_back(r.row);
+  }
+  return out;
+}
+
+}  // namespace flowloop

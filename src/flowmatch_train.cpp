@@ -1,0 +1,521 @@
+// Training a flow student on recorded latent trajectories: the shard loader, the
+// configuration, and the trainer (AdamW over the field, EMA, reflow rounds, exact resume).
+#include "flowloop/flowmatch_train.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <numeric>
+
+#include "flowloop/checkpoint.hpp"
+#include "flowloop/io.hpp"
+
+namespace flowloop {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+// A well-mixed seed from two numbers (splitmix64's finaliser).
+uint64_t mix(uint64_t a, uint64_t b) {
+  uint64_t z = a * 0x9E3779B97F4A7C15ULL + b + 0x632BE59BD9B4E019ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Fisher-Yates with the generator's raw draws (the same order on every machine).
+template <class T>
+void shuffle(std::vector<T>& v, Rng& rng) {
+  for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[static_cast<size_t>(rng.next() % i)]);
+}
+}  // namespace
+
+// ---------------------------------------------------------------- loader
+
+TrajectoryLoader::TrajectoryLoader(const std::string& dir, const std::string& split, uint64_t seed)
+    : dir_(dir), split_(split), m_(TrajectoryManifest::read(dir)), seed_(seed) {
+  const std::string where = "trajectory data '" + dir + "'";
+  if (m_.K < 1) throw Error(where + ": K is " + std::to_string(m_.K) + "; a recording needs K >= 1 (K + 1 states)");
+  if (m_.T < 1 || m_.C < 1) throw Error(where + ": an empty state shape (T " + std::to_string(m_.T) + ", C " +
+                                        std::to_string(m_.C) + ")");
+  shards_ = m_.split(split);
+  for (const auto& s : shards_) {
+    if (s.examples < 1) throw Error(where + ": shard '" + s.file + "' has no examples");
+    first_.push_back(total_);
+    total_ += s.examples;
+  }
+  if (total_ == 0) throw Error(where + ": the " + split + " split has no examples");
+  const std::string teacher = teacher_path();
+  if (!fs::exists(teacher)) throw Error(where + ": the manifest names the teacher '" + m_.teacher_file + "', which is missing");
+  const std::string h = file_hash(teacher);
+  if (h != m_.teacher_hash)
+    throw Error(where + ": its teacher file '" + teacher + "' has hash " + h + ", the manifest says " + m_.teacher_hash +
+                " (another teacher)");
+  const SafetensorsFile f = SafetensorsFile::read(teacher);
+  auto it = f.metadata().find("train_config");
+  if (it != f.metadata().end()) exact_match_ = make_source(TrainConfig::from_json(it->second, teacher))->exact_match();
+}
+
+std::string TrajectoryLoader::teacher_path() const { return (fs::path(dir_) / m_.teacher_file).string(); }
+
+const TrajectoryShardData& TrajectoryLoader::shard(size_t i) {
+  auto pos = std::find(lru_.begin(), lru_.end(), i);
+  if (pos != lru_.end()) {
+    lru_.erase(pos);
+    lru_.push_back(i);
+    return cache_.at(i);
+  }
+  if (lru_.size() >= 2) {
+    cache_.erase(lru_.front());
+    lru_.erase(lru_.begin());
+  }
+  cache_.emplace(i, read_trajectory_shard(m_, dir_, shards_[i]));
+  lru_.push_back(i);
+  return cache_.at(i);
+}
+
+void TrajectoryLoader::shape(int B, TrajectoryBatch& out) const {
+  out.B = B;
+  out.K = m_.K;
+  out.T = m_.T;
+  out.C = m_.C;
+  out.states.resize(static_cast<size_t>(B) * static_cast<size_t>(m_.K + 1) * static_cast<size_t>(m_.T) *
+                    static_cast<size_t>(m_.C));
+  for (TokenBatch* t : {&out.tokens, &out.targets}) {
+    t->B = B;
+    t->T = m_.T;
+    t->data.resize(static_cast<size_t>(B) * static_cast<size_t>(m_.T));
+  }
+}
+
+void TrajectoryLoader::take(size_t s, int example, int slot, TrajectoryBatch& out) {
+  const TrajectoryShardData& d = shard(s);
+  const size_t rec = static_cast<size_t>(m_.K + 1) * static_cast<size_t>(m_.T) * static_cast<size_t>(m_.C);
+  const size_t e = static_cast<size_t>(example), j = static_cast<size_t>(slot), T = static_cast<size_t>(m_.T);
+  std::copy_n(d.states.data() + e * rec, rec, out.states.data() + j * rec);
+  std::copy_n(d.tokens.data() + e * T, T, out.tokens.data.data() + j * T);
+  std::copy_n(d.targets.data() + e * T, T, out.targets.data.data() + j * T);
+}
+
+void TrajectoryLoader::batch(int64_t index, int B, TrajectoryBatch& out) {
+  if (B < 1 || index < 0) throw Error("trajectory data: batch " + std::to_string(index) + " of size " + std::to_string(B));
+  shape(B, out);
+  for (int j = 0; j < B; ++j) {
+    const int64_t pos = index * B + j, e = pos / total_, p = pos % total_;
+    if (e != epoch_) {
+      // this epoch's shard order, and each shard's example order
+      epoch_ = e;
+      Rng rng(mix(seed_, static_cast<uint64_t>(e)));
+      shard_order_.resize(shards_.size());
+      std::iota(shard_order_.begin(), shard_order_.end(), size_t{0});
+      shuffle(shard_order_, rng);
+      epoch_first_.assign(1, 0);
+      example_order_.assign(shards_.size(), {});
+      for (size_t k = 0; k < shard_order_.size(); ++k) {
+        const size_t s = shard_order_[k];
+        epoch_first_.push_back(epoch_first_.back() + shards_[s].examples);
+        Rng r(mix(mix(seed_, static_cast<uint64_t>(e)), s + 1));
+        auto& order = example_order_[s];
+        order.resize(static_cast<size_t>(shards_[s].examples));
+        std::iota(order.begin(), order.end(), 0);
+        shuffle(order, r);
+      }
+    }
+    const size_t k = static_cast<size_t>(std::upper_bound(epoch_first_.begin(), epoch_first_.end(), p) - epoch_first_.begin()) - 1;
+    const size_t s = shard_order_[k];
+    take(s, example_order_[s][static_cast<size_t>(p - epoch_first_[k])], j, out);
+  }
+}
+
+void TrajectoryLoader::range(int64_t first, int n, TrajectoryBatch& out) {
+  if (first < 0 || n < 1 || first + n > total_)
+    throw Error("trajectory data: examples [" + std::to_string(first) + ", " + std::to_string(first + n) + ") of the " +
+                split_ + " split, which has " + std::to_string(total_));
+  shape(n, out);
+  for (int j = 0; j < n; ++j) {
+    const int64_t i = first + j;
+    const size_t s = static_cast<size_t>(std::upper_bound(first_.begin(), first_.end(), i) - first_.begin()) - 1;
+    take(s, static_cast<int>(i - first_[s]), j, out);
+  }
+}
+
+// ---------------------------------------------------------------- configuration
+
+#define FLOWLOOP_FM_FIELDS(X)                                                                                  \
+  X(data) X(matcher) X(coupling) X(time_sampler) X(sigma) X(sinkhorn_reg) X(time_freq) X(time_scale) X(ema)    \
+  X(reflow) X(reflow_sampler) X(steps) X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2)    \
+  X(eps) X(clip) X(eval_every) X(eval_batches) X(checkpoint_every) X(max_seconds) X(seed) X(out)
+
+FlowMatchConfig FlowMatchConfig::from_json(const std::string& text, const std::string& where) {
+  const json j = parse_json(text, where);
+  if (!j.is_object()) throw Error(where + ": not a JSON object");
+  static const std::vector<std::string> known = {
+#define X(name) #name,
+      FLOWLOOP_FM_FIELDS(X)
+#undef X
+  };
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (std::find(known.begin(), known.end(), it.key()) == known.end())
+      throw Error(where + ": unknown key \"" + it.key() + "\"");
+  FlowMatchConfig c;
+#define X(name) json_field(j, #name, c.name, where);
+  FLOWLOOP_FM_FIELDS(X)
+#undef X
+  return c;
+}
+
+std::string FlowMatchConfig::to_json() const {
+  nlohmann::ordered_json j;
+#define X(name) j[#name] = name;
+  FLOWLOOP_FM_FIELDS(X)
+#undef X
+  return j.dump(2);
+}
+
+FlowMatchOptions FlowMatchConfig::options() const {
+  FlowMatchOptions o;
+  o.matcher = parse_matcher(matcher);
+  o.coupling = parse_coupling(coupling);
+  o.time_sampler = parse_time_sampler(time_sampler);
+  o.sigma = sigma;
+  o.sinkhorn_reg = sinkhorn_reg;
+  return o;
+}
+
+TrainConfig FlowMatchConfig::optimiser() const {
+  TrainConfig t;
+  t.steps = steps;
+  t.batch = batch;
+  t.warmup = warmup;
+  t.lr = lr;
+  t.min_lr = min_lr;
+  t.weight_decay = weight_decay;
+  t.beta1 = beta1;
+  t.beta2 = beta2;
+  t.eps = eps;
+  t.clip = clip;
+  return t;
+}
+
+void FlowMatchConfig::validate() const {
+  auto fail = [](const std::string& m) { return Error("flow-match config: " + m); };
+  if (data.empty()) throw fail("no recording (data)");
+  const FlowMatchOptions o = options();  // names an unknown matcher, coupling or time sampler
+  o.validate();
+  if (reflow < 0) throw fail("reflow must be 0 or more");
+  if (reflow > 0) {
+    if (o.matcher == Matcher::Trajectory || o.matcher == Matcher::Generative)
+      throw fail("reflow pairs each recording's h_0 with the flow's end; the " + matcher +
+                 " matcher does not learn from such pairs");
+    const DepthSpec s = DepthSpec::parse(reflow_sampler);
+    if (!s.ode()) throw fail("reflow_sampler must be a solver regime (e.g. rk4:4), not '" + reflow_sampler + "'");
+    s.validate();
+  }
+  if (!(ema >= 0 && ema < 1)) throw fail("ema must be in [0, 1)");
+  if (time_freq <= 0 || time_freq % 2 != 0) throw fail("time_freq must be positive and even");
+  if (!(time_scale > 0) || !std::isfinite(time_scale)) throw fail("time_scale must be positive");
+  if (steps <= 0 || batch <= 0) throw fail("steps and batch must be positive");
+  if (warmup < 0 || !(lr > 0) || !(min_lr >= 0) || min_lr > lr) throw fail("need lr > 0, 0 <= min_lr <= lr, warmup >= 0");
+  if (!(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps > 0 && weight_decay >= 0 && clip >= 0))
+    throw fail("AdamW settings out of range");
+  if (eval_every <= 0 || eval_batches <= 0 || checkpoint_every <= 0)
+    throw fail("eval_every, eval_batches and checkpoint_every must be positive");
+  if (!(max_seconds >= 0) || !std::isfinite(max_seconds)) throw fail("max_seconds must be finite and >= 0");
+  if (out.empty()) throw fail("no output directory (out)");
+}
+
+Model<float> make_student(const Model<float>& teacher, int time_freq, double time_scale, uint64_t seed) {
+  ModelConfig mc = teacher.cfg;
+  mc.time_cond = true;
+  mc.time_freq = time_freq;
+  mc.time_scale = time_scale;
+  mc.depth = 1;
+  mc.exit_gate = false;
+  mc.finalize();
+  Model<float> s(mc);
+  s.init(seed);
+  for (const TensorInfo& t : s.layout.tensors()) {
+    const TensorInfo* src = teacher.layout.find(t.name);
+    if (src && src->shape == t.shape) std::copy_n(teacher.params.data() + src->offset, t.numel, s.params.data() + t.offset);
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------- trainer
+
+struct FlowMatchTrainer::Impl {
+  FlowMatchConfig c;
+  FlowMatchOptions fo;
+  TrainConfig oc;  // the optimiser's settings
+  std::unique_ptr<TrajectoryLoader> train, test;
+  std::unique_ptr<Model<float>> teacher, model, ema_model;
+  Buffer<float> prev;  // reflow: the previous round's EMA field (empty in round 0)
+  std::unique_ptr<AdamW> opt;
+  int64_t step = 0;  // over all rounds: round step / steps
+  size_t fb = 0, fe = 0;
+  fs::path dir;
+
+  int round() const { return static_cast<int>(step / c.steps); }
+  std::string ckpt() const { return (dir / "checkpoint.safetensors").string(); }
+  std::string final_model() const { return (dir / "model.safetensors").string(); }
+  std::string metrics() const { return (dir / "metrics.jsonl").string(); }
+  float* ema() { return ema_model->params.data() + fb; }
+
+  std::map<std::string, std::string> meta() const {
+    return {{"flow_match_config", c.to_json()},
+            {"teacher_hash", train->manifest().teacher_hash},
+            {"data", fs::absolute(c.data).string()},
+            {"matcher", c.matcher},
+            {"step", std::to_string(step)}};
+  }
+
+  void save_model(const std::string& path) const {
+    save_checkpoint(path, ema_model->cfg, ema_model->layout, ema_model->params.data(), meta());
+  }
+
+  void save_checkpoint_file() {
+    std::vector<TensorOut<float>> ts;
+    for (const auto& t : model->layout.tensors()) {
+      ts.push_back({t.name, t.shape, model->params.data() + t.offset});
+      if (t.offset < fb || t.offset >= fe) continue;  // frozen: the teacher's
+      ts.push_back({"ema." + t.name, t.shape, ema_model->params.data() + t.offset});
+      ts.push_back({"optim.m." + t.name, t.shape, opt->m.data() + (t.offset - fb)});
+      ts.push_back({"optim.v." + t.name, t.shape, opt->v.data() + (t.offset - fb)});
+      if (!prev.empty()) ts.push_back({"prev." + t.name, t.shape, prev.data() + (t.offset - fb)});
+    }
+    auto md = meta();
+    md["format"] = "flowloop";
+    md["config"] = model->cfg.to_json();
+    md["adam_t"] = std::to_string(opt->t);
+    write_safetensors(ckpt(), ts, md);
+    save_model(final_model());
+  }
+
+  void load_checkpoint_file() {
+    const SafetensorsFile f = SafetensorsFile::read(ckpt());
+    auto get = [&](const std::string& k) {
+      auto it = f.metadata().find(k);
+      if (it == f.metadata().end()) throw Error("checkpoint '" + ckpt() + "': metadata lacks \"" + k + "\"");
+      return it->second;
+    };
+    FlowMatchConfig saved = FlowMatchConfig::from_json(get("flow_match_config"), ckpt());
+    // what only decides where and how often the run reports may change
+    saved.max_seconds = c.max_seconds;
+    saved.out = c.out;
+    saved.eval_every = c.eval_every;
+    saved.eval_batches = c.eval_batches;
+    saved.checkpoint_every = c.checkpoint_every;
+    if (saved.to_json() != c.to_json())
+      throw Error("checkpoint '" + ckpt() + "' was written with another configuration; resume with the same one");
+    step = std::stoll(get("step"));
+    opt->t = std::stoll(get("adam_t"));
+    if (round() > 0) prev.assign(fe - fb, 0.0f);
+    for (const auto& t : model->layout.tensors()) {
+      f.copy_to(t.name, t.shape, model->params.data() + t.offset);
+      if (t.offset < fb || t.offset >= fe) {
+        std::copy_n(model->params.data() + t.offset, t.numel, ema_model->params.data() + t.offset);
+        continue;
+      }
+      f.copy_to("ema." + t.name, t.shape, ema_model->params.data() + t.offset);
+      f.copy_to("optim.m." + t.name, t.shape, opt->m.data() + (t.offset - fb));
+      f.copy_to("optim.v." + t.name, t.shape, opt->v.data() + (t.offset - fb));
+      if (!prev.empty()) f.copy_to("prev." + t.name, t.shape, prev.data() + (t.offset - fb));
+    }
+  }
+
+  // Reflow: x1 of every recording in the batch becomes the previous round's flow from its x0.
+  void reflow_targets(TrajectoryBatch& b, FieldSystem<float>& sys, Buffer<float>& y) const {
+    const size_t n = static_cast<size_t>(b.T) * static_cast<size_t>(b.C);
+    y.resize(static_cast<size_t>(b.B) * n);
+    for (int i = 0; i < b.B; ++i) std::copy_n(b.state(i, 0), n, y.data() + static_cast<size_t>(i) * n);
+    const auto r = integrate(sys, y.data(), DepthSpec::parse(c.reflow_sampler).solve_options(1.0));
+    if (!r.ok()) throw Error("reflow: the previous round's flow failed: " + r.message);
+    for (int i = 0; i < b.B; ++i)
+      std::copy_n(y.data() + static_cast<size_t>(i) * n, n, b.state(i, b.K));
+  }
+
+  // The test loss of the EMA weights on eval_batches test batches (fixed draws).
+  double test_loss(FlowMatchWork<float>& w) {
+    const int64_t B = std::min<int64_t>(c.batch, test->examples());
+    const int nb = static_cast<int>(std::min<int64_t>(c.eval_batches, test->examples() / B));
+    TrajectoryBatch tb;
+    double sum = 0;
+    for (int i = 0; i < nb; ++i) {
+      test->range(i * B, static_cast<int>(B), tb);
+      Rng rng(mix(c.seed ^ 0x74657374ULL, static_cast<uint64_t>(i)));
+      sum += flow_match_step(ema_model->field, ema_model->field_params(), tb.states.data(), tb.B, tb.K, tb.T, fo, rng,
+                             static_cast<float*>(nullptr), w)
+                 .loss;
+    }
+    return sum / nb;
+  }
+};
+
+FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg) : impl_(std::make_unique<Impl>()) {
+  Impl& I = *impl_;
+  I.c = cfg;
+  I.c.validate();
+  I.fo = I.c.options();
+  I.oc = I.c.optimiser();
+  I.train = std::make_unique<TrajectoryLoader>(I.c.data, "train", I.c.seed);
+  I.test = std::make_unique<TrajectoryLoader>(I.c.data, "test", I.c.seed);
+  const TrajectoryManifest& m = I.train->manifest();
+  I.teacher = std::make_unique<Model<float>>(load_model<float>(I.train->teacher_path()));
+  if (I.teacher->cfg.d_model != m.C || I.teacher->cfg.context < m.T)
+    throw Error("trajectory data '" + I.c.data + "': states of " + std::to_string(m.T) + " x " + std::to_string(m.C) +
+                " do not fit its teacher (context " + std::to_string(I.teacher->cfg.context) + ", width " +
+                std::to_string(I.teacher->cfg.d_model) + ")");
+  I.model = std::make_unique<Model<float>>(make_student(*I.teacher, I.c.time_freq, I.c.time_scale, I.c.seed));
+  I.ema_model = std::make_unique<Model<float>>(*I.model);
+  I.fb = I.model->layout.field_begin();
+  I.fe = I.model->layout.field_end();
+  I.opt = std::make_unique<AdamW>(I.model->layout, I.oc, I.fb, I.fe);
+  I.dir = I.c.out;
+  std::error_code ec;
+  fs::create_directories(I.dir, ec);
+  const std::string probe = (I.dir / ".write-test").string();
+  std::ofstream t(probe);
+  if (!t) throw Error("output directory '" + I.c.out + "' is not writable");
+  t.close();
+  fs::remove(probe, ec);
+}
+
+FlowMatchTrainer::~FlowMatchTrainer() = default;
+const Model<float>& FlowMatchTrainer::model() const { return *impl_->ema_model; }
+int64_t FlowMatchTrainer::step() const { return impl_->step; }
+
+void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
+  Impl& I = *impl_;
+  const FlowMatchConfig& c = I.c;
+  const int64_t total = static_cast<int64_t>(c.steps) * (c.reflow + 1);
+  I.step = 0;
+  if (resume) {
+    if (!fs::exists(I.ckpt())) throw Error("--resume: no checkpoint at '" + I.ckpt() + "'");
+    I.load_checkpoint_file();
+    std::ifstream in(I.metrics());
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      if (line.empty()) continue;
+      const auto j = json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.value("step", int64_t{0}) <= I.step) kept += line + "\n";
+    }
+    in.close();
+    write_file_atomic(I.metrics(), kept);
+  } else {
+    write_file_atomic(I.metrics(), "");
+  }
+  write_file_atomic((I.dir / "config.json").string(), c.to_json() + "\n");
+  std::ofstream log(I.metrics(), std::ios::app);
+  const bool tty = isatty(fileno(stderr));
+  Model<float>& m = *I.model;
+  Buffer<float> grads(m.params.size(), 0.0f), y;
+  TrajectoryBatch tb;
+  FlowMatchWork<float> w, tw;
+  std::unique_ptr<FieldSystem<float>> prev_sys;
+  const auto t_start = std::chrono::steady_clock::now();
+  const int64_t first = I.step;
+  const size_t nf = I.fe - I.fb;
+  // the quick look at sampling quality during training: Euler at 1, 2 and K steps
+  FlowEvalOptions quick;
+  for (int n : {1, 2, I.train->manifest().K}) quick.samplers.push_back(DepthSpec::parse("euler:" + std::to_string(n)));
+  if (quick.samplers[2].token() == quick.samplers[1].token() || quick.samplers[2].token() == quick.samplers[0].token())
+    quick.samplers.pop_back();
+  quick.teacher_rows = false;
+  quick.examples = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(c.eval_batches) * c.batch, I.test->examples()));
+  quick.batch = std::min(quick.examples, 256);
+  while (I.step < total && (stop_at < 0 || I.step < stop_at)) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t local = I.step % c.steps;
+    I.train->batch(local + static_cast<int64_t>(I.round()) * c.steps, c.batch, tb);
+    if (I.round() > 0) {
+      if (!prev_sys || prev_sys->groups() != tb.B)
+        prev_sys = std::make_unique<FieldSystem<float>>(m.field, I.prev.data(), tb.B, tb.T);
+      prev_sys->set_params(I.prev.data());
+      I.reflow_targets(tb, *prev_sys, y);
+    }
+    std::fill(grads.begin() + static_cast<long>(I.fb), grads.begin() + static_cast<long>(I.fe), 0.0f);
+    Rng rng(mix(c.seed, static_cast<uint64_t>(I.step)));
+    const FlowMatchStep st = flow_match_step(m.field, m.field_params(), tb.states.data(), tb.B, tb.K, tb.T, I.fo, rng,
+                                             grads.data() + I.fb, w);
+    const double lr = learning_rate(I.oc, local);
+    const double gnorm = I.opt->step(m.params.data(), grads.data(), lr);
+    // EMA, warmed up over the round's first steps
+    const float d = static_cast<float>(std::min(c.ema, (1.0 + static_cast<double>(local)) / (10.0 + static_cast<double>(local))));
+    float* e = I.ema();
+    const float* p = m.field_params();
+    for (size_t i = 0; i < nf; ++i) e[i] = d * e[i] + (1 - d) * p[i];
+    ++I.step;
+    const auto t1 = std::chrono::steady_clock::now();
+    const double dt = std::chrono::duration<double>(t1 - t0).count();
+    const double wall = std::chrono::duration<double>(t1 - t_start).count();
+    nlohmann::ordered_json line;
+    line["step"] = I.step;
+    if (c.reflow > 0) line["round"] = (I.step - 1) / c.steps;
+    line["loss"] = st.loss;
+    line["coupling_cost"] = st.coupling_cost;
+    line["lr"] = lr;
+    line["grad_norm"] = gnorm;
+    line["nfe_forward"] = 1;
+    line["nfe_backward"] = 1;
+    line["flops"] = 3.0 * m.field.flops(tb.B, tb.T);
+    line["tokens_per_s"] = static_cast<double>(tb.B) * tb.T / dt;
+    line["wall_s"] = wall;
+    const bool out_of_time = c.max_seconds > 0 && wall >= c.max_seconds && I.step < total;
+    if (out_of_time) line["stopped"] = "max_seconds";
+    const bool round_end = I.step % c.steps == 0;
+    const bool last = I.step == total || out_of_time || round_end;
+    if (I.step % c.eval_every == 0 || last) {
+      line["test_loss"] = I.test_loss(tw);
+      const auto rows = flow_match_evaluate(*I.ema_model, *I.teacher, *I.test, quick);
+      for (const auto& r : rows) {
+        line["test_accuracy_" + r.sampler] = r.accuracy;
+        line["test_rel_l2_" + r.sampler] = r.rel_l2;
+      }
+      line["test_accuracy"] = rows.back().accuracy;
+      if (!tty) {
+        progress << "step " << I.step << "/" << total << "  loss " << st.loss << "  test loss " << line["test_loss"].get<double>();
+        for (const auto& r : rows) progress << "  acc " << r.sampler << " " << r.accuracy;
+        progress << "  " << wall << " s" << std::endl;
+      }
+    }
+    log << line.dump() << "\n";
+    log.flush();
+    if (round_end && I.step < total) {
+      // the round's model, then the next round starts from it with fresh moments
+      I.save_model((I.dir / ("model-round-" + std::to_string(I.round() - 1) + ".safetensors")).string());
+      I.prev.assign(I.ema(), I.ema() + nf);
+      std::copy_n(I.ema(), nf, m.params.data() + I.fb);
+      std::fill(I.opt->m.begin(), I.opt->m.end(), 0.0f);
+      std::fill(I.opt->v.begin(), I.opt->v.end(), 0.0f);
+      I.opt->t = 0;
+    }
+    if (I.step % c.checkpoint_every == 0 || last) I.save_checkpoint_file();
+    if (tty) {
+      const double per = wall / static_cast<double>(I.step - first);
+      const double eta = per * static_cast<double>(total - I.step);
+      const int width = 30, done = static_cast<int>(width * I.step / total);
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "\r[%.*s%.*s] %lld/%lld loss %.4g ETA %dm%02ds ", done,
+                    "##############################", width - done, "..............................",
+                    static_cast<long long>(I.step), static_cast<long long>(total), st.loss,
+                    static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+      progress << buf << std::flush;
+    }
+    if (out_of_time) {
+      if (tty) progress << std::endl;
+      progress << "stopped at step " << I.step << " of " << total << ": the time budget of " << c.max_seconds
+               << " s is spent (--resume goes on)" << std::endl;
+      return;
+    }
+  }
+  if (tty) progress << std::endl;
+}
+
+}  // namespace flowloop
