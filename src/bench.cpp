@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <vector>
 
 #include "flowloop/checkpoint.hpp"
+#include "flowloop/flowmatch_train.hpp"
 #include "flowloop/model.hpp"
 #include "flowloop/train.hpp"
 #include "flowloop/tensor.hpp"
@@ -468,6 +470,92 @@ std::string bench_train(const BenchTrainOptions& opt) {
   j["nfe_backward"] = st.nfe_backward;
   j["vjp_calls"] = loops > 0 ? loops : st.vjp_calls;
   j["peak_bytes"] = peak;
+  return j.dump();
+}
+
+std::string bench_flow_match(const BenchFlowMatchOptions& opt) {
+  const BenchSize bs = bench_size(opt.size);
+  set_num_threads(opt.threads);
+  const ModelConfig cfg = bench_config(bs);
+  Model<float> model(cfg);
+  model.init(1234);
+  const Model<float> student = make_student(model, 256, 1000.0, 1234);
+  Model<float> smodel = student;
+  const int B = bs.B, T = bs.T, C = bs.C;
+  const size_t n = static_cast<size_t>(T) * C;
+  Rng rng(42);
+  TokenBatch tokens, targets;
+  tokens.B = targets.B = B;
+  tokens.T = targets.T = T;
+  for (int i = 0; i < B * T; ++i) {
+    tokens.data.push_back(static_cast<int32_t>(rng.next() % bs.V));
+    targets.data.push_back(static_cast<int32_t>(rng.next() % bs.V));
+  }
+  // recordings h_0 (the embedding) and h_1 (one loop) per sequence
+  LoopWork<float> lw;
+  model.loop_forward(tokens, 1, lw);
+  std::vector<float> states(static_cast<size_t>(B) * 2 * n);
+  for (int b = 0; b < B; ++b)
+    for (int k = 0; k < 2; ++k)
+      std::copy_n(lw.h.data() + (static_cast<size_t>(k) * B + b) * n, n, states.data() + (static_cast<size_t>(b) * 2 + k) * n);
+  TrainConfig tc;
+  AdamW loop_opt(model.layout, tc);
+  AdamW fm_opt(smodel.layout, tc, smodel.layout.field_begin(), smodel.layout.field_end());
+  Buffer<float> grads(model.params.size()), sgrads(smodel.params.size());
+  FlowMatchWork<float> fw;
+  FlowMatchOptions fo;
+  int64_t step = 0;
+  auto run_loop = [&] {
+    std::fill(grads.begin(), grads.end(), 0.0f);
+    model.loop_loss_and_grad(tokens, targets, 1, grads.data(), lw);
+    loop_opt.step(model.params.data(), grads.data(), 1e-6);
+  };
+  auto run_fm = [&] {
+    const size_t fb = smodel.layout.field_begin(), fe = smodel.layout.field_end();
+    std::fill(sgrads.begin() + static_cast<long>(fb), sgrads.begin() + static_cast<long>(fe), 0.0f);
+    Rng r(static_cast<uint64_t>(++step));
+    flow_match_step(smodel.field, smodel.field_params(), states.data(), B, 1, T, fo, r, sgrads.data() + fb, fw);
+    fm_opt.step(smodel.params.data(), sgrads.data(), 1e-6);
+  };
+  // the exact coupling of ot_batch recordings
+  const int nb = opt.ot_batch;
+  std::vector<float> xa(static_cast<size_t>(nb) * n), xb(xa.size());
+  for (auto& x : xa) x = static_cast<float>(rng.normal());
+  for (auto& x : xb) x = static_cast<float>(rng.normal());
+  std::vector<double> cost;
+  auto run_cost = [&] { cost = squared_distances(xa.data(), nb, xb.data(), nb, n); };
+  run_cost();
+  volatile int sink = 0;
+  auto run_assign = [&] { sink = sink + optimal_assignment(cost, nb)[0]; };
+  auto run_sinkhorn = [&] { sink = sink + static_cast<int>(sinkhorn_plan(cost, nb, nb, 0.05)[0] > 0); };
+  std::vector<std::function<void()>> jobs = {run_loop, run_fm, run_cost, run_assign, run_sinkhorn};
+  std::vector<std::vector<double>> times(jobs.size());
+  for (auto& j : jobs) j();  // warm-up
+  const double start = now_ms();
+  while (static_cast<int>(times[0].size()) < opt.min_reps || now_ms() - start < 1000.0 * opt.min_seconds) {
+    for (size_t k = 0; k < jobs.size(); ++k) {
+      const double t0 = now_ms();
+      jobs[k]();
+      times[k].push_back(now_ms() - t0);
+    }
+    if (times[0].size() >= 1000) break;
+  }
+  nlohmann::ordered_json j;
+  j["bench"] = "flow-match";
+  j["size"] = opt.size;
+  j["B"] = B;
+  j["T"] = T;
+  j["C"] = C;
+  j["threads"] = num_threads();
+  j["reps"] = times[0].size();
+  j["loop1_ms"] = median(times[0]);
+  j["fm_ms"] = median(times[1]);
+  j["ratio"] = median(times[1]) / median(times[0]);
+  j["ot_batch"] = nb;
+  j["ot_dim"] = n;
+  j["ot_cost_ms"] = median(times[2]);
+  j["ot_assign_ms"] = median(times[3]);
+  j["sinkhorn_ms"] = median(times[4]);
   return j.dump();
 }
 

@@ -280,8 +280,12 @@ void FlowMatchOptions::validate() const {
 
 template <class S>
 FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
-                              const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w) {
+                              const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w,
+                              const EndpointLoss<S>* endpoint) {
   opt.validate();
+  if (endpoint && (opt.matcher == Matcher::VP || opt.matcher == Matcher::Trajectory))
+    throw Error("flow matching: an endpoint loss needs a linear path (icfm, otcfm, sbcfm, generative), not " +
+                matcher_name(opt.matcher));
   const ModelConfig& cfg = field.config();
   if (!cfg.time_cond) throw Error("flow matching needs a time-conditioned field (init --time-cond)");
   if (B < 1 || T < 1) throw Error("flow matching: an empty batch (B " + std::to_string(B) + ", T " + std::to_string(T) + ")");
@@ -369,6 +373,22 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
   }
   st.loss = loss / static_cast<double>(N);
   if (!std::isfinite(st.loss)) throw Error("flow matching: the loss is not finite (" + std::to_string(st.loss) + ")");
+  if (endpoint) {
+    // x1_hat = x_t + (1 - t) v; its gradient reaches v scaled by (1 - t)
+    w.x1hat.resize(N);
+    w.gx1hat.resize(N);
+    for (size_t b = 0; b < Bs; ++b) {
+      const S r = static_cast<S>(1.0 - st.t[b]);
+      for (size_t k = b * n; k < (b + 1) * n; ++k) w.x1hat[k] = w.xt[k] + r * w.v[k];
+    }
+    st.endpoint_loss = (*endpoint)(w.x1hat.data(), st, w.gx1hat.data());
+    if (!std::isfinite(st.endpoint_loss))
+      throw Error("flow matching: the endpoint loss is not finite (" + std::to_string(st.endpoint_loss) + ")");
+    for (size_t b = 0; b < Bs; ++b) {
+      const S r = static_cast<S>(1.0 - st.t[b]);
+      for (size_t k = b * n; k < (b + 1) * n; ++k) w.gv[k] += r * w.gx1hat[k];
+    }
+  }
   if (dparams) {
     std::fill(w.dx.begin(), w.dx.end(), S(0));
     field.vjp(w.dx.data(), dparams, w.gv.data(), params, w.cache, w.grad);
@@ -381,7 +401,8 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
   template void conditional_path<S>(Matcher, S*, S*, const S*, const S*, const S*, double, double, size_t);    \
   template void trajectory_path<S>(S*, S*, const S*, int, double, size_t);                                     \
   template FlowMatchStep flow_match_step<S>(const Field<S>&, const S*, const S*, int, int, int,                 \
-                                            const FlowMatchOptions&, Rng&, S*, FlowMatchWork<S>&);
+                                            const FlowMatchOptions&, Rng&, S*, FlowMatchWork<S>&,                \
+                                            const EndpointLoss<S>*);
 FLOWLOOP_FLOWMATCH(float)
 FLOWLOOP_FLOWMATCH(double)
 

@@ -146,10 +146,73 @@ void TrajectoryLoader::range(int64_t first, int n, TrajectoryBatch& out) {
   }
 }
 
+// ---------------------------------------------------------------- decode loss
+
+template <class S>
+void DecodeLoss<S>::set_batch(const S* ends, const TokenBatch& targets) {
+  B_ = targets.B;
+  T_ = targets.T;
+  const int N = B_ * T_, V = model_.cfg.vocab_size;
+  targets_ = targets.data;
+  rc_.resize(model_.cfg, N);
+  model_.readout(ends, N, rc_);
+  ref_.resize(static_cast<size_t>(N) * V);
+  for (int i = 0; i < N; ++i) {
+    const S* l = rc_.logits.data() + static_cast<size_t>(i) * V;
+    double mx = -1e300, z = 0;
+    for (int v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(l[v]));
+    for (int v = 0; v < V; ++v) z += std::exp(static_cast<double>(l[v]) - mx);
+    const double lse = mx + std::log(z);
+    for (int v = 0; v < V; ++v) ref_[static_cast<size_t>(i) * V + v] = static_cast<double>(l[v]) - lse;
+  }
+}
+
+template <class S>
+double DecodeLoss<S>::operator()(const S* x1hat, const FlowMatchStep& st, S* grad) {
+  const int N = B_ * T_, V = model_.cfg.vocab_size;
+  const size_t n = static_cast<size_t>(T_) * static_cast<size_t>(model_.cfg.d_model);
+  if (st.x1_row.size() != static_cast<size_t>(B_)) throw Error("decode loss: set_batch was given another batch size");
+  model_.readout(x1hat, N, rc_);
+  // the scored positions of each slot's end
+  int64_t count = 0;
+  for (int b = 0; b < B_; ++b)
+    for (int t = 0; t < T_; ++t) count += targets_[static_cast<size_t>(st.x1_row[static_cast<size_t>(b)]) * T_ + t] >= 0;
+  double loss = 0;
+  const double scale = count ? weight_ / static_cast<double>(count) : 0.0;
+  for (int b = 0; b < B_; ++b)
+    for (int t = 0; t < T_; ++t) {
+      const size_t src = static_cast<size_t>(st.x1_row[static_cast<size_t>(b)]) * T_ + t;
+      const size_t row = static_cast<size_t>(b) * T_ + t;
+      const S* l = rc_.logits.data() + row * V;
+      S* d = rc_.dlogits.data() + row * V;
+      if (targets_[src] < 0) {
+        std::fill_n(d, V, S(0));
+        continue;
+      }
+      double mx = -1e300, z = 0;
+      for (int v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(l[v]));
+      for (int v = 0; v < V; ++v) z += std::exp(static_cast<double>(l[v]) - mx);
+      const double lse = mx + std::log(z);
+      const double* r = ref_.data() + src * V;
+      for (int v = 0; v < V; ++v) {
+        const double lp = static_cast<double>(l[v]) - lse, pr = std::exp(r[v]);
+        loss += pr * (r[v] - lp);
+        d[v] = static_cast<S>(scale * (std::exp(lp) - pr));
+      }
+    }
+  std::fill_n(grad, static_cast<size_t>(B_) * n, S(0));
+  junk_.assign(model_.params.size(), S(0));
+  model_.readout_backward(grad, junk_.data(), x1hat, N, rc_);
+  return scale * loss;
+}
+
+template class DecodeLoss<float>;
+template class DecodeLoss<double>;
+
 // ---------------------------------------------------------------- configuration
 
 #define FLOWLOOP_FM_FIELDS(X)                                                                                  \
-  X(data) X(matcher) X(coupling) X(time_sampler) X(sigma) X(sinkhorn_reg) X(time_freq) X(time_scale) X(ema)    \
+  X(data) X(matcher) X(coupling) X(time_sampler) X(sigma) X(sinkhorn_reg) X(decode_weight) X(time_freq) X(time_scale) X(ema)    \
   X(reflow) X(reflow_sampler) X(steps) X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2)    \
   X(eps) X(clip) X(eval_every) X(eval_batches) X(checkpoint_every) X(max_seconds) X(seed) X(out)
 
@@ -210,6 +273,9 @@ void FlowMatchConfig::validate() const {
   const FlowMatchOptions o = options();  // names an unknown matcher, coupling or time sampler
   o.validate();
   if (reflow < 0) throw fail("reflow must be 0 or more");
+  if (!(decode_weight >= 0) || !std::isfinite(decode_weight)) throw fail("decode_weight must be finite and >= 0");
+  if (decode_weight > 0 && (o.matcher == Matcher::VP || o.matcher == Matcher::Trajectory))
+    throw fail("decode_weight needs a linear path (icfm, otcfm, sbcfm, generative), not " + matcher);
   if (reflow > 0) {
     if (o.matcher == Matcher::Trajectory || o.matcher == Matcher::Generative)
       throw fail("reflow pairs each recording's h_0 with the flow's end; the " + matcher +
@@ -422,9 +488,17 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first = I.step;
   const size_t nf = I.fe - I.fb;
+  const size_t n = static_cast<size_t>(I.train->manifest().T) * static_cast<size_t>(I.train->manifest().C);
+  std::unique_ptr<DecodeLoss<float>> decode;
+  EndpointLoss<float> decode_fn;
+  Buffer<float> ends;
+  if (c.decode_weight > 0) {
+    decode = std::make_unique<DecodeLoss<float>>(m, c.decode_weight);
+    decode_fn = decode->as_endpoint();
+  }
   // the quick look at sampling quality during training: Euler at 1, 2 and K steps
   FlowEvalOptions quick;
-  for (int n : {1, 2, I.train->manifest().K}) quick.samplers.push_back(DepthSpec::parse("euler:" + std::to_string(n)));
+  for (int k : {1, 2, I.train->manifest().K}) quick.samplers.push_back(DepthSpec::parse("euler:" + std::to_string(k)));
   if (quick.samplers[2].token() == quick.samplers[1].token() || quick.samplers[2].token() == quick.samplers[0].token())
     quick.samplers.pop_back();
   quick.teacher_rows = false;
@@ -442,8 +516,15 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
     }
     std::fill(grads.begin() + static_cast<long>(I.fb), grads.begin() + static_cast<long>(I.fe), 0.0f);
     Rng rng(mix(c.seed, static_cast<uint64_t>(I.step)));
+    const EndpointLoss<float>* endpoint = nullptr;
+    if (decode) {
+      ends.resize(static_cast<size_t>(tb.B) * n);
+      for (int b = 0; b < tb.B; ++b) std::copy_n(tb.state(b, tb.K), n, ends.data() + static_cast<size_t>(b) * n);
+      decode->set_batch(ends.data(), tb.targets);
+      endpoint = &decode_fn;
+    }
     const FlowMatchStep st = flow_match_step(m.field, m.field_params(), tb.states.data(), tb.B, tb.K, tb.T, I.fo, rng,
-                                             grads.data() + I.fb, w);
+                                             grads.data() + I.fb, w, endpoint);
     const double lr = learning_rate(I.oc, local);
     const double gnorm = I.opt->step(m.params.data(), grads.data(), lr);
     // EMA, warmed up over the round's first steps
@@ -460,6 +541,7 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
     if (c.reflow > 0) line["round"] = (I.step - 1) / c.steps;
     line["loss"] = st.loss;
     line["coupling_cost"] = st.coupling_cost;
+    if (decode) line["decode_loss"] = st.endpoint_loss;
     line["lr"] = lr;
     line["grad_norm"] = gnorm;
     line["nfe_forward"] = 1;

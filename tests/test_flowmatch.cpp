@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <numeric>
 #include <sstream>
@@ -16,12 +17,14 @@
 #include "check.hpp"
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/flowmatch.hpp"
+#include "flowloop/flowmatch_train.hpp"
 #include "flowloop/io.hpp"
 #include "flowloop/model.hpp"
 #include "flowloop/train.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;
+using nlohmann::json;
 
 namespace {
 double assignment_cost(const std::vector<double>& cost, const std::vector<int>& perm) {
@@ -296,6 +299,51 @@ TEST_CASE("a flow-matching step: its gradient against finite differences, for ev
       CHECK(sorted == std::vector<int>{0, 1, 2});
     }
   }
+  // an endpoint loss on x1_hat = x_t + (1 - t) v joins the gradient (linear paths)
+  {
+    const auto c = randn(static_cast<size_t>(B) * n, data);
+    EndpointLoss<double> e = [&](const double* x, const FlowMatchStep&, double* g) {
+      double l = 0;
+      for (size_t k = 0; k < c.size(); ++k) {
+        l += c[k] * std::sin(x[k]);
+        g[k] = c[k] * std::cos(x[k]);
+      }
+      return l;
+    };
+    for (const char* m : {"icfm", "sbcfm", "generative"}) {
+      INFO(m << " with an endpoint loss");
+      FlowMatchOptions o;
+      o.matcher = parse_matcher(m);
+      o.sigma = o.matcher == Matcher::SBCFM ? 0.2 : 0.0;
+      FlowMatchWork<double> w;
+      double* P = model.params.data() + model.layout.field_begin();
+      std::vector<double> grad(model.field.num_params(), 0.0);
+      Rng r1(78);
+      const FlowMatchStep st = flow_match_step(model.field, P, states.data(), B, K, T, o, r1, grad.data(), w, &e);
+      CHECK(st.endpoint_loss != 0);
+      auto loss = [&] {
+        Rng r(78);
+        const FlowMatchStep s2 = flow_match_step<double>(model.field, P, states.data(), B, K, T, o, r, nullptr, w, &e);
+        return s2.loss + s2.endpoint_loss;
+      };
+      std::vector<double> got, fd;
+      for (const auto& t : model.layout.tensors()) {
+        if (t.offset < model.layout.field_begin() || t.offset >= model.layout.field_end()) continue;
+        const size_t lo = t.offset - model.layout.field_begin(), cnt = std::min<size_t>(t.numel, 2);
+        const auto g = fd_grad(loss, P + lo, cnt);
+        got.insert(got.end(), grad.begin() + static_cast<long>(lo), grad.begin() + static_cast<long>(lo + cnt));
+        fd.insert(fd.end(), g.begin(), g.end());
+      }
+      CHECK(rel_error(got, fd) < 1e-6);
+    }
+    FlowMatchOptions vp;
+    vp.matcher = Matcher::VP;
+    FlowMatchWork<double> w;
+    Rng r(1);
+    CHECK_THROWS_WITH(flow_match_step<double>(model.field, model.params.data() + model.layout.field_begin(), states.data(),
+                                              B, K, T, vp, r, nullptr, w, &e),
+                      Catch::Contains("needs a linear path"));
+  }
   // a non-finite loss is an error, not a step
   {
     Model<double> nan_model = model;
@@ -469,4 +517,356 @@ TEST_CASE("flowloop flow-match record on the command line", "[flowmatch][record]
                                         " --task modarith --out " + out + " 2>&1", &rc);
   CHECK(rc != 0);
   CHECK(e.find("not on task 'modarith'") != std::string::npos);
+}
+
+// ---- training and evaluating a student --------------------------------------------
+
+namespace {
+// A teacher (p-hop, loop 3) and its recording: 24 training examples in shards of 8, 8 test.
+struct Recorded {
+  TempDir dir{"flowloop_fm_train"};
+  std::unique_ptr<DataSource> data;
+  std::string teacher, out;
+  Recorded() {
+    teacher = write_teacher(dir, "teacher.safetensors", 7, data);
+    RecordOptions o;
+    o.depth.loops = 3;
+    o.batch = 4;
+    o.shard_size = 8;
+    o.train_examples = 24;
+    o.test_examples = 8;
+    out = (dir.path / "data").string();
+    std::ostringstream quiet;
+    record_trajectories(teacher, *data, o, out, quiet);
+  }
+};
+
+FlowMatchConfig small_config(const std::string& data, const std::string& out) {
+  FlowMatchConfig c;
+  c.data = data;
+  c.out = out;
+  c.steps = 6;
+  c.batch = 4;
+  c.warmup = 2;
+  c.eval_every = 3;
+  c.eval_batches = 1;
+  c.checkpoint_every = 100;
+  c.time_freq = 8;
+  return c;
+}
+
+// Every row of a batch, as its first token and the bits of its first state value.
+std::vector<std::pair<int32_t, float>> rows_of(const TrajectoryBatch& b) {
+  std::vector<std::pair<int32_t, float>> r;
+  for (int i = 0; i < b.B; ++i)
+    r.push_back({b.tokens.data[static_cast<size_t>(i) * b.T], b.state(i, 1)[0]});
+  return r;
+}
+}  // namespace
+
+TEST_CASE("decode loss: the KL of the decoded ends, its gradient against finite differences", "[flowmatch][fd]") {
+  ModelConfig cfg = make_config(7, 4, 8, 2, 12, 1, 1);
+  Model<double> model(cfg);
+  Rng init(3);
+  for (auto& p : model.params) p = 0.5 * init.normal();
+  const int B = 3, T = 4;
+  const size_t n = static_cast<size_t>(T) * cfg.d_model;
+  Rng rng(4);
+  const auto ends = randn(static_cast<size_t>(B) * n, rng);
+  auto x = randn(static_cast<size_t>(B) * n, rng);
+  TokenBatch targets;
+  targets.B = B;
+  targets.T = T;
+  targets.data = {1, -1, 2, 3, -1, -1, 0, 6, 5, 4, -1, 1};
+  DecodeLoss<double> dl(model, 0.7);
+  dl.set_batch(ends.data(), targets);
+  FlowMatchStep st;
+  st.x1_row = {2, 0, 1};  // a coupling: slot b ends as recording x1_row[b]
+  std::vector<double> g(x.size());
+  const double l = dl(x.data(), st, g.data());
+  CHECK(l > 0);
+  auto loss = [&] {
+    std::vector<double> scratch(x.size());
+    return dl(x.data(), st, scratch.data());
+  };
+  std::vector<double> got, fd;
+  for (size_t k : {size_t{0}, size_t{5}, n + 3, 2 * n + 7, 2 * n + n - 1}) {
+    got.push_back(g[k]);
+    fd.push_back(fd_grad(loss, x.data() + k, 1)[0]);
+  }
+  CHECK(rel_error(got, fd) < 1e-6);
+  // the ends themselves, each in its own slot: no loss, no gradient
+  std::vector<double> perm(x.size());
+  for (int b = 0; b < B; ++b)
+    std::copy_n(ends.data() + static_cast<size_t>(st.x1_row[static_cast<size_t>(b)]) * n, n, perm.data() + static_cast<size_t>(b) * n);
+  CHECK(std::fabs(dl(perm.data(), st, g.data())) < 1e-12);
+  for (double e : g) CHECK(std::fabs(e) < 1e-12);
+}
+
+TEST_CASE("trajectory loader: a (seed, index) order that visits every example once per epoch", "[flowmatch][loader]") {
+  Recorded R;
+  TrajectoryLoader a(R.out, "train", 3), b(R.out, "train", 3), c(R.out, "train", 4);
+  REQUIRE(a.examples() == 24);
+  // the epoch's 6 batches of 4 hold the 24 recordings, each once
+  TrajectoryBatch x, y, all;
+  a.range(0, 24, all);
+  std::vector<std::pair<int32_t, float>> want = rows_of(all), got;
+  for (int i = 0; i < 6; ++i) {
+    a.batch(i, 4, x);
+    const auto r = rows_of(x);
+    got.insert(got.end(), r.begin(), r.end());
+  }
+  std::sort(want.begin(), want.end());
+  std::vector<std::pair<int32_t, float>> sorted = got;
+  std::sort(sorted.begin(), sorted.end());
+  CHECK(sorted == want);
+  // and in another order than recorded
+  CHECK(got != rows_of(all));
+  // batch i does not depend on what was read before it, nor on the loader
+  b.batch(7, 4, y);
+  a.batch(7, 4, x);
+  CHECK(x.states == y.states);
+  CHECK(x.tokens.data == y.tokens.data);
+  CHECK(x.targets.data == y.targets.data);
+  b.batch(2, 4, y);
+  a.batch(2, 4, x);
+  CHECK(x.states == y.states);
+  // the next epoch is another order; another seed another order
+  a.batch(6, 4, x);
+  a.batch(0, 4, y);
+  CHECK(x.states != y.states);
+  c.batch(0, 4, x);
+  CHECK(x.states != y.states);
+  // the recorded states are the teacher's loop states
+  // (examples 4..7: one batch of the recorder, so that the products are the same)
+  const Model<float> teacher = load_model<float>(R.teacher);
+  a.range(4, 4, x);
+  LoopWork<float> w;
+  teacher.loop_forward(x.tokens, 3, w);
+  const size_t n = static_cast<size_t>(x.T) * x.C;
+  for (int r = 0; r < 4; ++r)
+    for (int k = 0; k <= 3; ++k)
+      CHECK(std::equal(x.state(r, k), x.state(r, k) + n, w.h.data() + (static_cast<size_t>(k) * 4 + r) * n));
+  CHECK_THROWS_WITH(a.range(20, 5, x), Catch::Contains("which has 24"));
+}
+
+TEST_CASE("trajectory loader: another teacher, K of 0 and missing files are named", "[flowmatch][loader]") {
+  Recorded R;
+  namespace fs = std::filesystem;
+  // the teacher file replaced by another one
+  const std::string moved = (R.dir.path / "moved").string();
+  fs::copy(R.out, moved);
+  std::unique_ptr<DataSource> d2;
+  fs::copy_file(write_teacher(R.dir, "other.safetensors", 8, d2), moved + "/teacher.safetensors",
+                fs::copy_options::overwrite_existing);
+  CHECK_THROWS_WITH(TrajectoryLoader(moved, "train", 0), Catch::Contains("another teacher"));
+  fs::remove(moved + "/teacher.safetensors");
+  CHECK_THROWS_WITH(TrajectoryLoader(moved, "train", 0), Catch::Contains("which is missing"));
+  // K of 0
+  json j = read_json_file(R.out + "/manifest.json", "");
+  j["K"] = 0;
+  const std::string k0 = (R.dir.path / "k0").string();
+  fs::copy(R.out, k0);
+  write_file_atomic(k0 + "/manifest.json", j.dump());
+  CHECK_THROWS_WITH(TrajectoryLoader(k0, "train", 0), Catch::Contains("K must be at least 1"));
+  // a shard that is gone
+  fs::remove(R.out + "/train-00001.safetensors");
+  CHECK_THROWS_WITH(TrajectoryLoader(R.out, "train", 0), Catch::Contains("train-00001.safetensors"));
+}
+
+TEST_CASE("flow-match config: unknown keys, matchers and bad values are named", "[flowmatch][train]") {
+  CHECK_THROWS_WITH(FlowMatchConfig::from_json("{\"matchr\": \"icfm\"}", "x"), Catch::Contains("unknown key \"matchr\""));
+  CHECK_THROWS_WITH(FlowMatchConfig::from_json("{\"sigma\": \"big\"}", "x"), Catch::Contains("\"sigma\" has the wrong type"));
+  FlowMatchConfig c = small_config("d", "o");
+  c.validate();
+  CHECK(FlowMatchConfig::from_json(c.to_json(), "x").to_json() == c.to_json());
+  auto bad = [&](auto edit, const char* what) {
+    FlowMatchConfig b = c;
+    edit(b);
+    CHECK_THROWS_WITH(b.validate(), Catch::Contains(what));
+  };
+  bad([](FlowMatchConfig& b) { b.matcher = "cfm"; }, "cfm");
+  bad([](FlowMatchConfig& b) { b.coupling = "greedy"; }, "greedy");
+  bad([](FlowMatchConfig& b) { b.time_sampler = "beta"; }, "beta");
+  bad([](FlowMatchConfig& b) { b.sigma = -0.1; }, "sigma must be 0 or more");
+  bad([](FlowMatchConfig& b) { b.ema = 1.0; }, "ema");
+  bad([](FlowMatchConfig& b) { b.data.clear(); }, "no recording");
+  bad([](FlowMatchConfig& b) { b.decode_weight = -1; }, "decode_weight");
+  bad([](FlowMatchConfig& b) {
+        b.matcher = "vp";
+        b.decode_weight = 1;
+      }, "needs a linear path");
+  bad([](FlowMatchConfig& b) {
+        b.matcher = "trajectory";
+        b.reflow = 1;
+      }, "reflow");
+  bad([](FlowMatchConfig& b) {
+        b.reflow = 1;
+        b.reflow_sampler = "loop:2";
+      }, "reflow_sampler");
+}
+
+TEST_CASE("the student starts as the teacher's field: Euler 1 on [0, 1] is the teacher's loop 1", "[flowmatch][eval]") {
+  Recorded R;
+  const Model<float> teacher = load_model<float>(R.teacher);
+  const Model<float> s = make_student(teacher, 8, 100.0, 1);
+  CHECK(s.cfg.time_cond);
+  CHECK(s.cfg.depth == 1);
+  const int B = 2, T = teacher.cfg.context, C = teacher.cfg.d_model;
+  const size_t N = static_cast<size_t>(B) * T * C;
+  Rng rng(2);
+  Buffer<float> h(N), f1(N), f2(N);
+  for (auto& e : h) e = static_cast<float>(rng.normal());
+  FieldCache<float> c1, c2;
+  c1.resize(teacher.cfg, B, T);
+  c2.resize(s.cfg, B, T);
+  const std::vector<double> t0 = {0.0, 1.0}, t1 = {0.25, 0.75};
+  teacher.field.forward(f1.data(), h.data(), t0.data(), teacher.field_params(), B, T, c1);
+  s.field.forward(f2.data(), h.data(), t1.data(), s.field_params(), B, T, c2);
+  CHECK(f1 == f2);
+  TrajectoryLoader test(R.out, "test", 0);
+  FlowEvalOptions o;
+  o.samplers = DepthSpec::parse_list("euler:1,euler:3");
+  o.batch = 3;  // 8 examples: batches of 3, 3 and 2
+  const auto rows = flow_match_evaluate(s, teacher, test, o);
+  // rows: the two samplers, then teacher-loop 1..3 and teacher-euler 1, 2
+  REQUIRE(rows.size() == 7);
+  CHECK(rows[0].sampler == "euler:1");
+  CHECK(rows[1].nfe == 3);
+  CHECK(rows[0].examples == 8);
+  CHECK(rows[2].sampler == "teacher-loop");
+  CHECK(rows[2].nfe == 1);
+  CHECK(rows[0].rel_l2 == Approx(rows[2].rel_l2).epsilon(1e-6));
+  CHECK(rows[0].kl == Approx(rows[2].kl).epsilon(1e-5));
+  CHECK(rows[0].accuracy == rows[2].accuracy);
+  CHECK(rows[0].rel_l2 > 0.01);  // loop 1 is far from the end
+  // teacher-loop 3 is the recorded end: its accuracy is the teacher's on these examples
+  CHECK(rows[4].sampler == "teacher-loop");
+  CHECK(rows[4].nfe == 3);
+  CHECK(rows[4].rel_l2 < 1e-6);
+  CHECK(rows[4].kl < 1e-9);
+  TrajectoryBatch all;
+  test.range(0, 8, all);
+  LoopWork<float> w;
+  teacher.loop_forward(all.tokens, 3, w);
+  int64_t cnt = 0;
+  CHECK(rows[4].accuracy == Approx(accuracy(w.readout.logits.data(), all.targets, teacher.cfg.vocab_size,
+                                            test.exact_match(), &cnt)));
+  // N Euler steps over [0, 3]: one step of 3, two of 1.5
+  CHECK(rows[5].sampler == "teacher-euler");
+  CHECK(rows[5].nfe == 1);
+  CHECK(rows[6].nfe == 2);
+  CHECK(rows[2].rel_l2 != rows[5].rel_l2);
+  CHECK(rows[2].straightness < 1e-10);  // one segment is straight
+  CHECK(rows[5].straightness < 1e-10);
+  CHECK(rows[3].straightness > 0);
+  // Euler 1's path is one segment too: v(x_t, t) = x1 - x0 only where the field is constant
+  CHECK(rows[0].straightness > 0);
+  for (const auto& r : rows) {
+    CHECK(std::isfinite(r.rel_l2));
+    CHECK(std::isfinite(r.straightness));
+    CHECK(r.kl >= -1e-9);
+    CHECK(r.status == "ok");
+  }
+}
+
+TEST_CASE("flow-match train: a run stopped and resumed is the uninterrupted run", "[flowmatch][train]") {
+  Recorded R;
+  for (const char* matcher : {"icfm", "trajectory"}) {
+    FlowMatchConfig c = small_config(R.out, (R.dir.path / (std::string("a-") + matcher)).string());
+    c.matcher = matcher;
+    c.checkpoint_every = 3;  // a stop after step 4 loses step 4
+    if (c.matcher == "icfm") {
+      c.reflow = 1;  // a second round on the first round's flow
+      c.decode_weight = 0.5;
+    }
+    std::ostringstream quiet;
+    FlowMatchTrainer whole(c);
+    whole.run(false, quiet);
+    CHECK(whole.step() == (c.reflow + 1) * c.steps);
+    FlowMatchConfig cb = c;
+    cb.out = (R.dir.path / (std::string("b-") + matcher)).string();
+    {
+      FlowMatchTrainer first(cb);
+      first.run(false, quiet, c.reflow ? 8 : 4);  // icfm: stopped inside the second round
+    }
+    FlowMatchTrainer rest(cb);
+    rest.run(true, quiet);
+    CHECK(rest.step() == whole.step());
+    CHECK(rest.model().params == whole.model().params);
+    const Model<float> a = load_model<float>(c.out + "/model.safetensors");
+    CHECK(a.params == whole.model().params);
+    // the metrics of both runs agree on every loss
+    auto losses = [](const std::string& dir) {
+      std::vector<double> l;
+      std::ifstream in(dir + "/metrics.jsonl");
+      for (std::string line; std::getline(in, line);) l.push_back(json::parse(line).at("loss").get<double>());
+      return l;
+    };
+    CHECK(losses(c.out) == losses(cb.out));
+    CHECK(losses(c.out).size() == static_cast<size_t>(whole.step()));
+    // only the field trained: the embedding and readout are the teacher's
+    const Model<float> teacher = load_model<float>(R.teacher);
+    const TensorInfo* wte = a.layout.find("wte.weight");
+    const TensorInfo* twte = teacher.layout.find("wte.weight");
+    CHECK(std::equal(a.params.begin() + static_cast<long>(wte->offset),
+                     a.params.begin() + static_cast<long>(wte->offset + wte->numel),
+                     teacher.params.begin() + static_cast<long>(twte->offset)));
+    if (c.reflow) CHECK(std::filesystem::exists(c.out + "/model-round-0.safetensors"));
+    // a resume under another configuration is refused
+    FlowMatchConfig other = cb;
+    other.lr = 5e-4;
+    FlowMatchTrainer t(other);
+    CHECK_THROWS_WITH(t.run(true, quiet), Catch::Contains("another configuration"));
+  }
+}
+
+TEST_CASE("flowloop flow-match train and eval on the command line", "[flowmatch][train][cli]") {
+  Recorded R;
+  const std::string cli = FLOWLOOP_CLI, out = (R.dir.path / "student").string();
+  int rc = 0;
+  run_command(cli + " flow-match train --data " + R.out + " --matcher otcfm --coupling exact --steps 4 --batch 4" +
+                  " --eval-every 2 --eval-batches 1 --time-freq 8 --out " + out + " 2>/dev/null",
+              &rc);
+  REQUIRE(rc == 0);
+  const std::string o = run_command(cli + " flow-match eval -m " + out + "/model.safetensors --data " + R.out +
+                                        " --samplers euler:1,euler:2,rk4:1,dopri5:1e-3 --json --csv " + out +
+                                        "/eval.csv 2>/dev/null",
+                                    &rc);
+  REQUIRE(rc == 0);
+  std::istringstream lines(o);
+  int students = 0, teachers = 0;
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line[0] != '{') continue;  // progress on stderr
+    const json j = json::parse(line);
+    for (const char* k : {"sampler", "nfe", "rel_l2", "kl", "accuracy", "straightness"}) CHECK(j.contains(k));
+    const std::string s = j.at("sampler").get<std::string>();
+    if (s.rfind("teacher-", 0) == 0) ++teachers;
+    else ++students;
+    if (s == "rk4:1") CHECK(j.at("nfe").get<double>() == 4);
+  }
+  CHECK(students == 4);
+  CHECK(teachers == 5);  // loop 1..3, Euler 1 and 2 over [0, 3]
+  CHECK(std::filesystem::exists(out + "/eval.csv"));
+  // errors named before any work
+  std::string e = run_command(cli + " flow-match train --data " + R.out + " --matcher cfm --out " + out + "x 2>&1", &rc);
+  CHECK(rc != 0);
+  CHECK(e.find("'cfm'") != std::string::npos);
+  e = run_command(cli + " flow-match train --data " + R.out + " --sigma -1 --out " + out + "x 2>&1", &rc);
+  CHECK(rc != 0);
+  CHECK(e.find("sigma") != std::string::npos);
+  e = run_command(cli + " flow-match eval -m " + R.teacher + " --data " + R.out + " 2>&1", &rc);
+  CHECK(rc != 0);
+  CHECK(e.find("not a flow-match model") != std::string::npos);
+  // a recording of another teacher
+  std::unique_ptr<DataSource> d2;
+  const std::string other = write_teacher(R.dir, "other.safetensors", 9, d2);
+  run_command(cli + " flow-match record -m " + other + " --examples 4 --test-examples 4 --batch 4 --shard-size 4 --out " +
+                  R.dir.file("other-data") + " 2>/dev/null",
+              &rc);
+  REQUIRE(rc == 0);
+  e = run_command(cli + " flow-match eval -m " + out + "/model.safetensors --data " + R.dir.file("other-data") + " 2>&1",
+                  &rc);
+  CHECK(rc != 0);
+  CHECK(e.find("is of teacher") != std::string::npos);
 }

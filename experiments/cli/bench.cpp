@@ -61,7 +61,14 @@ std::vector<Command> register_bench(CLI::App& app) {
   w->add_option("--reference-rtol", wp->reference_rtol, "the reference: dopri5 in double at this rtol")->capture_default_str();
   w->add_option("--reference-out", wp->reference_out, "write the reference h(t1) (F64 safetensors, tensor h_t1)");
 
-  return {{f, [field] { std::cout << bench_field(*field) << std::endl; return 0; }},
+  auto fmo = std::make_shared<BenchFlowMatchOptions>();
+  auto* fm = bench->add_subcommand("flow-match", "time a flow-matching step against a loop-1 training step, and the "
+                                                 "exact OT coupling of a batch");
+  add_size_flags(fm, fmo->size, fmo->threads, fmo->min_reps, fmo->min_seconds);
+  fm->add_option("--ot-batch", fmo->ot_batch, "the exact coupling's batch")->capture_default_str();
+
+  return {{fm, [fmo] { std::cout << bench_flow_match(*fmo) << std::endl; return 0; }},
+          {f, [field] { std::cout << bench_field(*field) << std::endl; return 0; }},
           {s, [solve] { std::cout << bench_solve(*solve) << std::endl; return 0; }},
           {w, [wp, wp_lists] {
              wp->solvers = split_list(wp_lists->first);

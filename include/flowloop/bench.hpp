@@ -73,6 +73,23 @@ struct BenchTrainOptions : BenchSolveOptions {
 // ms (median), nfe_forward, nfe_backward, peak_bytes, loss.
 std::string bench_train(const BenchTrainOptions& opt);
 
+struct BenchFlowMatchOptions {
+  std::string size = "S";
+  int threads = 0;
+  int min_reps = 5;
+  double min_seconds = 1.0;
+  int ot_batch = 256;  // the exact coupling's batch
+};
+
+// Flow matching's costs side by side with their peers, interleaved: one flow-matching
+// training step (icfm: the time-conditioned field's evaluation, its vjp and the AdamW
+// update over the field) against one `loop 1` training step of the same size (embedding,
+// field, readout, loss, backward, AdamW); and the exact OT coupling of ot_batch
+// recordings of (T, C) each: the cost matrix, the assignment, and Sinkhorn's plan.
+// One JSON object: fm_ms, loop1_ms, ratio (fm over loop 1), ot_cost_ms, ot_assign_ms,
+// sinkhorn_ms (medians).
+std::string bench_flow_match(const BenchFlowMatchOptions& opt);
+
 // The model config of a benchmark size (F = 4C, depth 1).
 ModelConfig bench_config(const BenchSize& bs);
 

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <iosfwd>
 #include <nlohmann/json.hpp>
@@ -93,7 +94,7 @@ struct FlowMatchOptions {
 // Buffers of one flow-matching step, reused across steps.
 template <class S>
 struct FlowMatchWork {
-  Buffer<S> noise, x0, x1, eps, xt, ut, v, gv, dx;
+  Buffer<S> noise, x0, x1, eps, xt, ut, v, gv, dx, x1hat, gx1hat;
   FieldCache<S> cache;
   FieldGradWork<S> grad;
 };
@@ -106,16 +107,26 @@ struct FlowMatchStep {
   // recording x1_row[b] (identity: b and b; exact: b and perm[b]; sinkhorn: a draw)
   std::vector<int> x0_row, x1_row;
   double coupling_cost = 0;      // mean over the pairs and values of (x0 - x1)^2
+  double endpoint_loss = 0;      // the EndpointLoss's value (0 without one)
 };
 
+// An extra loss on the end each sequence's velocity points at, x1_hat = x_t + (1 - t) v
+// (the linear paths' one-step jump to t = 1), e.g. the KL of its decoding against the
+// teacher's: given x1_hat (B, T, C) and the step's draws, returns the loss and writes its
+// gradient d loss / d x1_hat (B, T, C, overwritten).
+template <class S>
+using EndpointLoss = std::function<double(const S* x1hat, const FlowMatchStep& st, S* grad)>;
+
 // The simulation-free loss of one batch, and dparams += its gradient (when dparams is
-// non-null). states: B recordings of K + 1 states, (B, K + 1, T, C); the field must be
+// non-null); with `endpoint`, that of the loss plus endpoint's (linear paths only:
+// icfm, otcfm, sbcfm, generative). states: B recordings of K + 1 states, (B, K + 1, T, C); the field must be
 // time-conditioned. Every draw comes from rng in this order: generative's noise x0,
 // the coupling's pairs, t per sequence, the bridge noise (when sigma > 0); so a step
 // is a function of the weights, the batch and rng.
 template <class S>
 FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
-                              const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w);
+                              const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w,
+                              const EndpointLoss<S>* endpoint = nullptr);
 
 // ---- recorded trajectories: `flowloop flow-match record` -------------------------
 // A teacher's latent path per sequence, h_0 .. h_K: a loop's states after 0..K loops,

@@ -79,12 +79,41 @@ class TrajectoryLoader {
   std::vector<std::vector<int>> example_order_;
 };
 
+// ---- the decode loss -----------------------------------------------------------------
+
+// weight times the mean over scored positions of KL(p_teacher || p_student), p the
+// next-token distributions that the (frozen) readout decodes from the recording's h_K
+// and from the step's x1_hat: an EndpointLoss that weighs the latent error by what it
+// changes in the answer. Slot b's end is recording st.x1_row[b]'s.
+template <class S>
+class DecodeLoss {
+ public:
+  DecodeLoss(const Model<S>& model, double weight) : model_(model), weight_(weight) {}
+  // The batch's recordings: their ends h_K (B, T, C) and targets (B, T; -1: not scored).
+  void set_batch(const S* ends, const TokenBatch& targets);
+  double operator()(const S* x1hat, const FlowMatchStep& st, S* grad);
+  EndpointLoss<S> as_endpoint() {
+    return [this](const S* x, const FlowMatchStep& st, S* g) { return (*this)(x, st, g); };
+  }
+
+ private:
+  const Model<S>& model_;
+  double weight_;
+  int B_ = 0, T_ = 0;
+  std::vector<double> ref_;  // (B*T, V) the teacher's log-probabilities
+  std::vector<int32_t> targets_;
+  ReadoutCache<S> rc_;
+  Buffer<S> junk_;           // the readout's parameter gradients (frozen: dropped)
+};
+
 // ---- training ----------------------------------------------------------------------
 
 struct FlowMatchConfig {
   std::string data;  // the recording (flow-match record's --out)
   std::string matcher = "icfm", coupling = "identity", time_sampler = "uniform";
   double sigma = 0.0, sinkhorn_reg = 0.05;
+  // Weight of the DecodeLoss beside the velocity regression (0: plain flow matching).
+  double decode_weight = 0.0;
   // The student's time embedding (ModelConfig): t in [0, 1], tau = t time_scale
   int time_freq = 256;
   double time_scale = 1000.0;
