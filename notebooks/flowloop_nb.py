@@ -17,7 +17,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 
-TEXT_COLUMNS = {"regime", "mode", "solver", "exit_rule", "status", "message", "source",
+TEXT_COLUMNS = {"regime", "mode", "solver", "exit_rule", "status", "message", "source", "sampler",
                 "train_regime", "eval_regime", "dir", "arm"}
 FAMILIES = ["loop", "euler", "midpoint", "rk4", "bosh3", "dopri5", "tsit5",
             "coupled", "exit q", "exit delta", "terminal"]
@@ -224,3 +224,25 @@ def read_trajectory(d):
           "pca": read_csv(d / "pca.csv")}
     tr["label"] = f"{meta.get('source', '?')}: {depth_label(meta.get('depth', {}))} ({Path(meta.get('model', '?')).parent.name})"
     return tr
+
+
+def read_flow_student(d):
+    """A `flowloop flow-match train --out DIR` directory after `flow-match eval --csv DIR/eval.csv`:
+    its configuration, training metrics and evaluation rows."""
+    d = Path(d)
+    cfg = json.loads((d / "config.json").read_text())
+    metrics = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = read_csv(d / "eval.csv")
+    label = cfg["matcher"]
+    if cfg.get("coupling", "identity") != "identity":
+        label += f" ({cfg['coupling']})"
+    if cfg.get("decode_weight", 0) > 0:
+        label += f" + decode {cfg['decode_weight']:g}"
+    if cfg.get("reflow", 0) > 0:
+        label += f", reflow {cfg['reflow']}"
+    return {"dir": d, "config": cfg, "metrics": metrics, "rows": rows, "label": label}
+
+
+def sampler_family(name):
+    """'euler:2' -> 'euler', 'dopri5:0.001' -> 'dopri5', 'teacher-loop' stays."""
+    return name.split(":")[0]

@@ -9,10 +9,11 @@
 #                  (--regimes LIST, default all; --batches N of 32, default 4); `flowloop
 #                  trajectory` of the looped model and of the ODE one under dopri5; a small
 #                  `flowloop sweep` (3 training regimes, STEPS steps), a 2-arm `flowloop study`
-#                  and `flowloop bench wp` of a small model
+#                  and `flowloop bench wp` of a small model; `flowloop flow-match` record of the
+#                  looped model, two students (STEPS steps) and their evaluation
 #   NOTEBOOK...    default every notebooks/*.ipynb
 # The inputs are otherwise FLOWLOOP_COMPARE_DIRS, FLOWLOOP_TRAJECTORY_DIRS, FLOWLOOP_SWEEP_DIR,
-# FLOWLOOP_STUDY_DIRS and FLOWLOOP_WP_FILES (':'-separated)
+# FLOWLOOP_STUDY_DIRS, FLOWLOOP_WP_FILES and FLOWLOOP_FM_DIRS (':'-separated)
 # or the notebooks' defaults (OUT/data of --demo with the default OUT).
 # Needs Debian's python3-numpy, -matplotlib, -nbconvert, -nbformat, -ipykernel (`./run.sh
 # figures` installs them).
@@ -70,11 +71,23 @@ if ((demo)); then
   echo '{"tokens": [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 1]]}' > "$data/wp_tokens.json"
   "$fl" bench wp -m "$data/wp_model.safetensors" --tokens "$data/wp_tokens.json" --t1 40 --reps 1 --seconds 0 \
     > "$data/wp.jsonl"
+  echo "== flowloop flow-match: the looped model's paths, two students (icfm with the decode loss, trajectory)"
+  "$fl" flow-match record -m "$data/looped/model.safetensors" --examples 1024 --test-examples 128 \
+    --shard-size 512 --out "$data/fm_data" >/dev/null 2>&1
+  "$fl" flow-match train --data "$data/fm_data" --decode-weight 1 --steps "$demo" --eval-every "$demo" \
+    --warmup "$((demo / 5))" --out "$data/fm_icfm" >/dev/null 2>&1
+  "$fl" flow-match train --data "$data/fm_data" --matcher trajectory --steps "$demo" --eval-every "$demo" \
+    --warmup "$((demo / 5))" --out "$data/fm_traj" >/dev/null 2>&1
+  for s in fm_icfm fm_traj; do
+    "$fl" flow-match eval -m "$data/$s/model.safetensors" --data "$data/fm_data" --csv "$data/$s/eval.csv" \
+      >/dev/null 2>&1
+  done
   export FLOWLOOP_SWEEP_DIR=${FLOWLOOP_SWEEP_DIR:-$data/sweep}
   export FLOWLOOP_STUDY_DIRS=${FLOWLOOP_STUDY_DIRS:-$data/study}
   export FLOWLOOP_WP_FILES=${FLOWLOOP_WP_FILES:-$data/wp.jsonl}
   export FLOWLOOP_COMPARE_DIRS=${FLOWLOOP_COMPARE_DIRS:-$data/cmp_looped:$data/cmp_ode}
   export FLOWLOOP_TRAJECTORY_DIRS=${FLOWLOOP_TRAJECTORY_DIRS:-$data/traj_looped:$data/traj_ode}
+  export FLOWLOOP_FM_DIRS=${FLOWLOOP_FM_DIRS:-$data/fm_icfm:$data/fm_traj}
 fi
 
 # relative input paths are the repository root's, as in the notebooks

@@ -39,6 +39,20 @@ void shuffle(std::vector<T>& v, Rng& rng) {
 
 // ---------------------------------------------------------------- loader
 
+void TrajectoryBatch::subsample(int s) {
+  if (s < 1 || K % s != 0)
+    throw Error("trajectory data: a stride of " + std::to_string(s) + " does not divide K = " + std::to_string(K));
+  if (s == 1) return;
+  const size_t n = static_cast<size_t>(T) * static_cast<size_t>(C);
+  const int k2 = K / s;
+  for (int b = 0; b < B; ++b)
+    for (int k = 0; k <= k2; ++k)  // each destination lies at or before its source
+      std::copy_n(states.data() + offset(b, k * s), n,
+                  states.data() + (static_cast<size_t>(b) * static_cast<size_t>(k2 + 1) + static_cast<size_t>(k)) * n);
+  K = k2;
+  states.resize(static_cast<size_t>(B) * static_cast<size_t>(K + 1) * n);
+}
+
 TrajectoryLoader::TrajectoryLoader(const std::string& dir, const std::string& split, uint64_t seed)
     : dir_(dir), split_(split), m_(TrajectoryManifest::read(dir)), seed_(seed) {
   const std::string where = "trajectory data '" + dir + "'";
@@ -212,7 +226,7 @@ template class DecodeLoss<double>;
 // ---------------------------------------------------------------- configuration
 
 #define FLOWLOOP_FM_FIELDS(X)                                                                                  \
-  X(data) X(matcher) X(coupling) X(time_sampler) X(sigma) X(sinkhorn_reg) X(decode_weight) X(time_freq) X(time_scale) X(ema)    \
+  X(data) X(matcher) X(coupling) X(time_sampler) X(sigma) X(sinkhorn_reg) X(decode_weight) X(state_stride) X(time_freq) X(time_scale) X(ema)    \
   X(reflow) X(reflow_sampler) X(steps) X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2)    \
   X(eps) X(clip) X(eval_every) X(eval_batches) X(checkpoint_every) X(max_seconds) X(seed) X(out)
 
@@ -273,6 +287,7 @@ void FlowMatchConfig::validate() const {
   const FlowMatchOptions o = options();  // names an unknown matcher, coupling or time sampler
   o.validate();
   if (reflow < 0) throw fail("reflow must be 0 or more");
+  if (state_stride < 1) throw fail("state_stride must be at least 1");
   if (!(decode_weight >= 0) || !std::isfinite(decode_weight)) throw fail("decode_weight must be finite and >= 0");
   if (decode_weight > 0 && (o.matcher == Matcher::VP || o.matcher == Matcher::Trajectory))
     throw fail("decode_weight needs a linear path (icfm, otcfm, sbcfm, generative), not " + matcher);
@@ -415,6 +430,7 @@ struct FlowMatchTrainer::Impl {
     double sum = 0;
     for (int i = 0; i < nb; ++i) {
       test->range(i * B, static_cast<int>(B), tb);
+      tb.subsample(c.state_stride);
       Rng rng(mix(c.seed ^ 0x74657374ULL, static_cast<uint64_t>(i)));
       sum += flow_match_step(ema_model->field, ema_model->field_params(), tb.states.data(), tb.B, tb.K, tb.T, fo, rng,
                              static_cast<float*>(nullptr), w)
@@ -438,6 +454,9 @@ FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg) : impl_(std::make
     throw Error("trajectory data '" + I.c.data + "': states of " + std::to_string(m.T) + " x " + std::to_string(m.C) +
                 " do not fit its teacher (context " + std::to_string(I.teacher->cfg.context) + ", width " +
                 std::to_string(I.teacher->cfg.d_model) + ")");
+  if (m.K % I.c.state_stride != 0)
+    throw Error("flow-match config: state_stride " + std::to_string(I.c.state_stride) + " does not divide the recording's K = " +
+                std::to_string(m.K));
   I.model = std::make_unique<Model<float>>(make_student(*I.teacher, I.c.time_freq, I.c.time_scale, I.c.seed));
   I.ema_model = std::make_unique<Model<float>>(*I.model);
   I.fb = I.model->layout.field_begin();
@@ -508,6 +527,7 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t local = I.step % c.steps;
     I.train->batch(local + static_cast<int64_t>(I.round()) * c.steps, c.batch, tb);
+    tb.subsample(c.state_stride);
     if (I.round() > 0) {
       if (!prev_sys || prev_sys->groups() != tb.B)
         prev_sys = std::make_unique<FieldSystem<float>>(m.field, I.prev.data(), tb.B, tb.T);

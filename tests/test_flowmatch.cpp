@@ -648,6 +648,16 @@ TEST_CASE("trajectory loader: a (seed, index) order that visits every example on
     for (int k = 0; k <= 3; ++k)
       CHECK(std::equal(x.state(r, k), x.state(r, k) + n, w.h.data() + (static_cast<size_t>(k) * 4 + r) * n));
   CHECK_THROWS_WITH(a.range(20, 5, x), Catch::Contains("which has 24"));
+  // every third state of K = 3: h_0 and h_3
+  TrajectoryBatch sub = x;
+  sub.subsample(3);
+  CHECK(sub.K == 1);
+  CHECK(sub.states.size() == x.states.size() / 2);
+  for (int r = 0; r < 4; ++r) {
+    CHECK(std::equal(sub.state(r, 0), sub.state(r, 0) + n, x.state(r, 0)));
+    CHECK(std::equal(sub.state(r, 1), sub.state(r, 1) + n, x.state(r, 3)));
+  }
+  CHECK_THROWS_WITH(x.subsample(2), Catch::Contains("does not divide K = 3"));
 }
 
 TEST_CASE("trajectory loader: another teacher, K of 0 and missing files are named", "[flowmatch][loader]") {

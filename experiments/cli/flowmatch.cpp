@@ -44,6 +44,7 @@ CLI::App* add_train(CLI::App* fm, const std::shared_ptr<FmTrainArgs>& a) {
   opt("--sinkhorn-reg", "sinkhorn_reg", c.sinkhorn_reg, "entropic coupling: reg relative to the largest cost");
   opt("--decode-weight", "decode_weight", c.decode_weight, "weight of the KL of the decoded one-step end against "
                                                           "the teacher's (0: plain flow matching)");
+  opt("--state-stride", "state_stride", c.state_stride, "learn from every s-th recorded state (trajectory: K / s segments)");
   opt("--time-sampler", "time_sampler", c.time_sampler, "uniform, logit-normal or u-shaped");
   opt("--ema", "ema", c.ema, "EMA decay of the weights (the written model holds the EMA)");
   opt("--reflow", "reflow", c.reflow, "reflow rounds after the first training (rectified flow)");

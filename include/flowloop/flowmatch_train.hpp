@@ -38,6 +38,8 @@ struct TrajectoryBatch {
   }
   const float* state(int b, int k) const { return states.data() + offset(b, k); }
   float* state(int b, int k) { return states.data() + offset(b, k); }
+  // Keeps every s-th state (K a multiple of s), in place: K becomes K / s.
+  void subsample(int s);
 };
 
 // Reads one split of DATA. Training batches come from an endless sequence of epochs;
@@ -114,6 +116,9 @@ struct FlowMatchConfig {
   double sigma = 0.0, sinkhorn_reg = 0.05;
   // Weight of the DecodeLoss beside the velocity regression (0: plain flow matching).
   double decode_weight = 0.0;
+  // Every s-th recorded state only (h_0, h_s, .., h_K; K a multiple of s): the
+  // trajectory matcher then follows K / s segments.
+  int state_stride = 1;
   // The student's time embedding (ModelConfig): t in [0, 1], tau = t time_scale
   int time_freq = 256;
   double time_scale = 1000.0;
