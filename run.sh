@@ -13,6 +13,9 @@
 #                     ODE-depth, trained here first; ARGS go to notebooks/run_notebooks.sh
 #   ./run.sh studies  the README's study figures (notebooks/figures) from full-size models
 #                     (about 40 minutes on 2 cores)
+#   ./run.sh flowmatch  the README's flow-matching study: an 8-loop p-hop teacher, its recorded
+#                     latent paths, five flow students, their evaluation and figures (about
+#                     45 minutes on 2 cores)
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
 #                     every arm at most 10 minutes, the ODE-depth table and looped vs deep at
 #                     12,000 steps over 3 seeds, the tolerance sweep (about 5 hours on 2 cores)
@@ -108,6 +111,39 @@ case "$mode" in
       FLOWLOOP_FIGURES=notebooks/figures notebooks/run_notebooks.sh --out "$out/notebooks" \
       notebooks/loop_vs_ode.ipynb notebooks/latent_trajectories.ipynb
     ;;
+  flowmatch)
+    # the README's flow-matching study: a p-hop teacher looped 8 times (12,000 steps), its
+    # latent paths on 131,072 training and 2,048 test examples, five students of 20,000 steps,
+    # each sampled under every solver against the teacher and the truncated teacher; the
+    # figures into notebooks/figures (about 45 minutes on 2 cores; a rerun resumes)
+    build
+    fl="$BUILD_DIR/flowloop"
+    out="$BUILD_DIR/flowmatch"
+    resume() { [ -f "$1/checkpoint.safetensors" ] && echo --resume || true; }
+    "$fl" train --task phop --task-n 16 --hops 4 --loops 8 --steps 12000 --batch 64 --lr 1e-3 --warmup 200 \
+      --seed 0 --eval-every 2000 --eval-batches 4 --checkpoint-every 2000 --out "$out/teacher" \
+      $(resume "$out/teacher") >/dev/null
+    "$fl" flow-match record -m "$out/teacher/model.safetensors" --examples 131072 --test-examples 2048 \
+      --shard-size 4096 --out "$out/data"
+    students=("icfm:--matcher icfm" "icfm_decode:--matcher icfm --decode-weight 1"
+              "otcfm:--matcher otcfm --coupling exact" "trajectory:--matcher trajectory"
+              "trajectory_s2:--matcher trajectory --state-stride 2")
+    dirs=()
+    for s in "${students[@]}"; do
+      name=${s%%:*}
+      echo "== flow-match train: $name (${s#*:})"
+      # shellcheck disable=SC2086
+      "$fl" flow-match train --data "$out/data" ${s#*:} --steps 20000 --lr 2e-3 --eval-every 5000 \
+        --checkpoint-every 5000 --out "$out/$name" $(resume "$out/$name") >/dev/null
+      "$fl" flow-match eval -m "$out/$name/model.safetensors" --data "$out/data" --csv "$out/$name/eval.csv" \
+        > "$out/$name/eval.txt"
+      cat "$out/$name/eval.txt"
+      dirs+=("$out/$name")
+    done
+    need_pkgs python3 python3-numpy python3-matplotlib python3-nbformat python3-nbconvert python3-ipykernel
+    FLOWLOOP_FM_DIRS=$(IFS=:; echo "${dirs[*]}") FLOWLOOP_FIGURES=notebooks/figures \
+      notebooks/run_notebooks.sh --out "$out/notebooks" notebooks/flow_matching.ipynb
+    ;;
   study)
     build
     "$BUILD_DIR/flowloop" study --task phop --task-n 16 --hops 4 --depth 4 --steps 3000 --ode-steps 300 \
@@ -197,7 +233,7 @@ case "$mode" in
     FLOWLOOP="$BUILD_DIR/flowloop" notebooks/run_notebooks.sh --out "$BUILD_DIR/notebooks" "${@:2}"
     ;;
   *)
-    echo "usage: ./run.sh [main|study|studies|test|tour|peer|reproduce|figures]" >&2
+    echo "usage: ./run.sh [main|study|studies|flowmatch|test|tour|peer|reproduce|figures]" >&2
     exit 2
     ;;
 esac

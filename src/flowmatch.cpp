@@ -92,55 +92,90 @@ std::vector<int> optimal_assignment(const std::vector<double>& cost, int n) {
     if (!std::isfinite(cost[k]))
       throw Error("optimal_assignment: cost entry (" + std::to_string(k / static_cast<size_t>(n)) + ", " +
                   std::to_string(k % static_cast<size_t>(n)) + ") is not finite");
-  // Shortest augmenting paths with row and column potentials (Kuhn-Munkres in the
-  // form of Jonker and Volgenant): rows 1..n are added one by one; p[j] is the row
-  // matched to column j, column 0 a sentinel.
+  // Shortest augmenting paths with row and column potentials (Kuhn-Munkres in the form
+  // of Jonker and Volgenant, with the lazy dual updates of Crouse's shortest-path
+  // variant, as scipy's linear_sum_assignment). First the reductions: v_j = min_i c_ij,
+  // u_i = min_j (c_ij - v_j), which keep every reduced cost c_ij - u_i - v_j >= 0; each
+  // row whose first tight column is still free takes it. Each row left is then matched
+  // along a shortest augmenting path (Dijkstra over the reduced costs, scanning only the
+  // columns not yet reached), after which the potentials of the rows and columns it
+  // reached are updated.
   const double inf = std::numeric_limits<double>::infinity();
   const size_t N = static_cast<size_t>(n);
-  std::vector<double> u(N + 1, 0.0), v(N + 1, 0.0), minv(N + 1);
-  std::vector<size_t> p(N + 1, 0), way(N + 1, 0);
-  std::vector<char> used(N + 1);
-  for (size_t i = 1; i <= N; ++i) {
-    p[0] = i;
-    size_t j0 = 0;
-    std::fill(minv.begin(), minv.end(), inf);
-    std::fill(used.begin(), used.end(), 0);
-    do {
-      used[j0] = 1;
-      const size_t i0 = p[j0];
-      size_t j1 = 0;
-      double delta = inf;
-      const double* row = cost.data() + (i0 - 1) * N;
-      for (size_t j = 1; j <= N; ++j) {
-        if (used[j]) continue;
-        const double cur = row[j - 1] - u[i0] - v[j];
-        if (cur < minv[j]) {
-          minv[j] = cur;
-          way[j] = j0;
+  constexpr size_t none = static_cast<size_t>(-1);
+  std::vector<double> u(N, 0.0), v(N, inf), dist(N);
+  std::vector<size_t> row4col(N, none), col4row(N, none), path(N), remaining(N);
+  std::vector<char> scanned_row(N), scanned_col(N);
+  for (size_t i = 0; i < N; ++i) {
+    const double* row = cost.data() + i * N;
+    for (size_t j = 0; j < N; ++j) v[j] = std::min(v[j], row[j]);
+  }
+  for (size_t i = 0; i < N; ++i) {
+    const double* row = cost.data() + i * N;
+    size_t best = 0;
+    double m = row[0] - v[0];
+    for (size_t j = 1; j < N; ++j)
+      if (row[j] - v[j] < m) {
+        m = row[j] - v[j];
+        best = j;
+      }
+    u[i] = m;
+    if (row4col[best] == none) {
+      row4col[best] = i;
+      col4row[i] = best;
+    }
+  }
+  for (size_t cur = 0; cur < N; ++cur) {
+    if (col4row[cur] != none) continue;
+    std::fill(dist.begin(), dist.end(), inf);
+    std::fill(scanned_row.begin(), scanned_row.end(), 0);
+    std::fill(scanned_col.begin(), scanned_col.end(), 0);
+    for (size_t j = 0; j < N; ++j) remaining[N - 1 - j] = j;
+    size_t left = N, i = cur, sink = none;
+    double reached = 0;  // the length of the shortest path found so far
+    while (sink == none) {
+      scanned_row[i] = 1;
+      const double* row = cost.data() + i * N;
+      size_t index = none;
+      double lowest = inf;
+      for (size_t k = 0; k < left; ++k) {
+        const size_t j = remaining[k];
+        const double r = reached + row[j] - u[i] - v[j];
+        if (r < dist[j]) {
+          path[j] = i;
+          dist[j] = r;
         }
-        if (minv[j] < delta) {
-          delta = minv[j];
-          j1 = j;
+        // the nearest column; among equals a free one (a shorter augmentation)
+        if (dist[j] < lowest || (dist[j] == lowest && row4col[j] == none)) {
+          lowest = dist[j];
+          index = k;
         }
       }
-      for (size_t j = 0; j <= N; ++j) {
-        if (used[j]) {
-          u[p[j]] += delta;
-          v[j] -= delta;
-        } else {
-          minv[j] -= delta;
-        }
-      }
-      j0 = j1;
-    } while (p[j0] != 0);
-    do {
-      const size_t j1 = way[j0];
-      p[j0] = p[j1];
-      j0 = j1;
-    } while (j0 != 0);
+      if (index == none) throw Error("optimal_assignment: no augmenting path (a cost that is not finite?)");
+      reached = lowest;
+      const size_t j = remaining[index];
+      if (row4col[j] == none)
+        sink = j;
+      else
+        i = row4col[j];
+      scanned_col[j] = 1;
+      remaining[index] = remaining[--left];
+    }
+    // the potentials of what the search reached, then the augmentation along the path
+    u[cur] += reached;
+    for (size_t r = 0; r < N; ++r)
+      if (scanned_row[r] && r != cur) u[r] += reached - dist[col4row[r]];
+    for (size_t j = 0; j < N; ++j)
+      if (scanned_col[j]) v[j] -= reached - dist[j];
+    for (size_t j = sink;;) {
+      const size_t r = path[j];
+      row4col[j] = r;
+      std::swap(col4row[r], j);
+      if (r == cur) break;
+    }
   }
   std::vector<int> perm(N);
-  for (size_t j = 1; j <= N; ++j) perm[p[j] - 1] = static_cast<int>(j - 1);
+  for (size_t r = 0; r < N; ++r) perm[r] = static_cast<int>(col4row[r]);
   return perm;
 }
 

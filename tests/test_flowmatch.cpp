@@ -38,11 +38,12 @@ double assignment_cost(const std::vector<double>& cost, const std::vector<int>& 
 TEST_CASE("exact OT: the assignment is optimal against brute force", "[flowmatch][ot]") {
   Rng rng(5);
   for (int n = 1; n <= 7; ++n)
-    for (int rep = 0; rep < 6; ++rep) {
+    for (int rep = 0; rep < 24; ++rep) {
       INFO("n " << n << " rep " << rep);
       std::vector<double> cost(static_cast<size_t>(n * n));
-      // rep 0: integer costs with ties; the others continuous
-      for (auto& c : cost) c = rep == 0 ? std::floor(4 * rng.uniform()) : rng.normal();
+      // every third rep: integer costs with ties (few values, or many); the others continuous
+      for (auto& c : cost)
+        c = rep % 3 == 0 ? std::floor((rep % 2 ? 2 : 6) * rng.uniform()) : rng.normal();
       const std::vector<int> perm = optimal_assignment(cost, n);
       std::vector<int> sorted = perm;
       std::sort(sorted.begin(), sorted.end());
