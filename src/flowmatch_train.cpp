@@ -463,13 +463,7 @@ FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg) : impl_(std::make
   I.fe = I.model->layout.field_end();
   I.opt = std::make_unique<AdamW>(I.model->layout, I.oc, I.fb, I.fe);
   I.dir = I.c.out;
-  std::error_code ec;
-  fs::create_directories(I.dir, ec);
-  const std::string probe = (I.dir / ".write-test").string();
-  std::ofstream t(probe);
-  if (!t) throw Error("output directory '" + I.c.out + "' is not writable");
-  t.close();
-  fs::remove(probe, ec);
+  require_writable(I.c.out);
 }
 
 FlowMatchTrainer::~FlowMatchTrainer() = default;
@@ -484,18 +478,8 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
   if (resume) {
     if (!fs::exists(I.ckpt())) throw Error("--resume: no checkpoint at '" + I.ckpt() + "'");
     I.load_checkpoint_file();
-    std::ifstream in(I.metrics());
-    std::string line, kept;
-    while (std::getline(in, line)) {
-      if (line.empty()) continue;
-      const auto j = json::parse(line, nullptr, false);
-      if (!j.is_discarded() && j.value("step", int64_t{0}) <= I.step) kept += line + "\n";
-    }
-    in.close();
-    write_file_atomic(I.metrics(), kept);
-  } else {
-    write_file_atomic(I.metrics(), "");
   }
+  start_metrics(I.metrics(), resume, I.step);
   write_file_atomic((I.dir / "config.json").string(), c.to_json() + "\n");
   std::ofstream log(I.metrics(), std::ios::app);
   const bool tty = isatty(fileno(stderr));
@@ -599,17 +583,7 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
       I.opt->t = 0;
     }
     if (I.step % c.checkpoint_every == 0 || last) I.save_checkpoint_file();
-    if (tty) {
-      const double per = wall / static_cast<double>(I.step - first);
-      const double eta = per * static_cast<double>(total - I.step);
-      const int width = 30, done = static_cast<int>(width * I.step / total);
-      char buf[256];
-      std::snprintf(buf, sizeof buf, "\r[%.*s%.*s] %lld/%lld loss %.4g ETA %dm%02ds ", done,
-                    "##############################", width - done, "..............................",
-                    static_cast<long long>(I.step), static_cast<long long>(total), st.loss,
-                    static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
-      progress << buf << std::flush;
-    }
+    if (tty) progress << progress_line(I.step, total, first, wall, st.loss) << std::flush;
     if (out_of_time) {
       if (tty) progress << std::endl;
       progress << "stopped at step " << I.step << " of " << total << ": the time budget of " << c.max_seconds

@@ -377,6 +377,48 @@ EvalResult evaluate(const Model<float>& model, const DataSource& data, const Dep
 
 // ---------------------------------------------------------------- trainer
 
+void require_writable(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw Error("output directory '" + dir + "' is not writable (it cannot be created: " + ec.message() + ")");
+  const std::string probe = (fs::path(dir) / ".flowloop-probe").string();
+  try {
+    write_file_atomic(probe, std::string("probe"));
+  } catch (const Error& e) {
+    throw Error("output directory '" + dir + "' is not writable: " + e.what());
+  }
+  fs::remove(probe, ec);
+}
+
+void start_metrics(const std::string& metrics_file, bool resume, int64_t step) {
+  std::string kept;
+  if (resume) {
+    std::ifstream in(metrics_file);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty()) continue;
+      const auto j = json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.value("step", int64_t{0}) <= step) kept += line + "\n";
+    }
+  }
+  write_file_atomic(metrics_file, kept);
+}
+
+std::string progress_line(int64_t step, int64_t total, int64_t first, double wall, double loss, double acc) {
+  const double per = step > first ? wall / static_cast<double>(step - first) : 0.0;
+  const double eta = per * static_cast<double>(total - step);
+  const int width = 30, done = total > 0 ? static_cast<int>(width * step / total) : width;
+  char buf[256];
+  int k = std::snprintf(buf, sizeof buf, "\r[%.*s%.*s] %lld/%lld loss %.4g", done, "##############################",
+                        width - done, "..............................", static_cast<long long>(step),
+                        static_cast<long long>(total), loss);
+  if (acc >= 0) k += std::snprintf(buf + k, sizeof buf - static_cast<size_t>(k), " acc %.3f", acc);
+  std::snprintf(buf + k, sizeof buf - static_cast<size_t>(k), " ETA %dm%02ds ", static_cast<int>(eta) / 60,
+                static_cast<int>(eta) % 60);
+  return buf;
+}
+
 struct Trainer::Impl {
   TrainConfig c;
   std::unique_ptr<DataSource> data;
@@ -483,13 +525,7 @@ Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
   I.opt = std::make_unique<AdamW>(I.model->layout, I.c);
   // the output directory must be writable before any work is done
   I.dir = I.c.out;
-  std::error_code ec;
-  std::filesystem::create_directories(I.dir, ec);
-  const std::string probe = (I.dir / ".write-test").string();
-  std::ofstream t(probe);
-  if (!t) throw Error("output directory '" + I.c.out + "' is not writable");
-  t.close();
-  std::filesystem::remove(probe, ec);
+  require_writable(I.c.out);
 }
 
 TrainCost read_train_cost(const std::string& dir, double tokens_per_step) {
@@ -526,19 +562,8 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   if (resume) {
     if (!std::filesystem::exists(I.ckpt())) throw Error("--resume: no checkpoint at '" + I.ckpt() + "'");
     I.load_checkpoint_file();
-    // keep the metrics of the steps the checkpoint covers, drop the rest
-    std::ifstream in(I.metrics());
-    std::string line, kept;
-    while (std::getline(in, line)) {
-      if (line.empty()) continue;
-      const auto j = json::parse(line, nullptr, false);
-      if (!j.is_discarded() && j.value("step", int64_t{0}) <= I.step) kept += line + "\n";
-    }
-    in.close();
-    write_file_atomic(I.metrics(), kept);
-  } else {
-    write_file_atomic(I.metrics(), "");
   }
+  start_metrics(I.metrics(), resume, I.step);
   write_file_atomic((I.dir / "config.json").string(), c.to_json() + "\n");
   std::ofstream log(I.metrics(), std::ios::app);
   const bool tty = isatty(fileno(stderr));
@@ -625,17 +650,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     log << line.dump() << "\n";
     log.flush();
     if (I.step % c.checkpoint_every == 0 || last) I.save_checkpoint_file();
-    if (tty) {
-      const double per = wall / static_cast<double>(I.step - first);
-      const double eta = per * static_cast<double>(c.steps - I.step);
-      const int width = 30, done = static_cast<int>(width * I.step / c.steps);
-      char buf[256];
-      std::snprintf(buf, sizeof buf, "\r[%.*s%.*s] %lld/%d loss %.4f acc %.3f ETA %dm%02ds ", done,
-                    "##############################", width - done, "..............................",
-                    static_cast<long long>(I.step), c.steps, static_cast<double>(loss), acc,
-                    static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
-      progress << buf << std::flush;
-    }
+    if (tty) progress << progress_line(I.step, c.steps, first, wall, loss, acc) << std::flush;
     if (out_of_time) {
       if (tty) progress << std::endl;
       progress << "stopped at step " << I.step << " of " << c.steps << ": the time budget of " << c.max_seconds

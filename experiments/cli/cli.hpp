@@ -68,9 +68,6 @@ bool any_given(const KeyedOptions& flags);
 // a task or text given (non-empty), checks that the model was trained on it.
 TrainConfig trained_config(const std::string& model, const std::string& task = "", const std::string& text = "");
 
-// Creates the directory and proves it writable (a probe file), before any work.
-void require_writable(const std::string& dir);
-
 // A solve's statistics as JSON (per sequence and in total).
 template <class S>
 json solve_json(const SolveResult<S>& r, const SolveOptions& o);

@@ -46,20 +46,6 @@ TrainConfig trained_config(const std::string& model, const std::string& task, co
   return tc;
 }
 
-void require_writable(const std::string& dir) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) throw Error("output directory '" + dir + "' cannot be created: " + ec.message());
-  const std::string probe = (fs::path(dir) / ".flowloop-probe").string();
-  try {
-    write_file_atomic(probe, std::string("probe"));
-  } catch (const Error& e) {
-    throw Error("output directory '" + dir + "' is not writable: " + e.what());
-  }
-  fs::remove(probe, ec);
-}
-
 template <class S>
 json solve_json(const SolveResult<S>& r, const SolveOptions& o) {
   json seq = json::array();

@@ -154,6 +154,17 @@ struct TrainCost {
 };
 TrainCost read_train_cost(const std::string& dir, double tokens_per_step);
 
+// What a training loop shares (train, flow-match train):
+// Creates the directory and proves it writable (a probe file) before any work; throws
+// Error naming it.
+void require_writable(const std::string& dir);
+// Starts DIR's metrics file: empty for a new run; for a run resumed at `step`, the lines
+// of the steps up to it (those after the checkpoint are dropped), written atomically.
+void start_metrics(const std::string& metrics_file, bool resume, int64_t step);
+// The progress bar of a terminal: "\r[####....] step/total loss L [acc A] ETA MmSSs",
+// the ETA from the wall time since the run's first step `first`. acc < 0: not shown.
+std::string progress_line(int64_t step, int64_t total, int64_t first, double wall, double loss, double acc = -1);
+
 class Trainer {
  public:
   // Checks everything (config, data, output directory) before any work.
