@@ -236,6 +236,9 @@ def read_flow_student(d):
     label = cfg["matcher"]
     if cfg.get("coupling", "identity") != "identity":
         label += f" ({cfg['coupling']})"
+    if cfg.get("state_stride", 1) > 1:
+        label += f" (every {cfg['state_stride']}th state)" if cfg["state_stride"] > 3 else \
+            f" (every {['', '', '2nd', '3rd'][cfg['state_stride']]} state)"
     if cfg.get("decode_weight", 0) > 0:
         label += f" + decode {cfg['decode_weight']:g}"
     if cfg.get("reflow", 0) > 0:
