@@ -1,5 +1,6 @@
 // Evaluating a flow student against its teacher's recorded ends: every sampler at its
 // NFE, and the truncated teacher at the same NFE (`flowloop flow-match eval`).
+#include <Eigen/Eigenvalues>
 #include <algorithm>
 #include <cmath>
 #include <iostream>
@@ -16,15 +17,63 @@ using nlohmann::json;
 
 namespace {
 
+// Sums of the token states (C values each) for a Gaussian fit.
+struct Moments {
+  int C = 0;
+  double n = 0;
+  std::vector<double> sum, outer;  // (C), (C, C)
+  void add(const float* x, size_t tokens) {
+    const size_t c = static_cast<size_t>(C);
+    if (sum.empty()) {
+      sum.assign(c, 0.0);
+      outer.assign(c * c, 0.0);
+    }
+    for (size_t t = 0; t < tokens; ++t) {
+      const float* v = x + t * c;
+      for (size_t i = 0; i < c; ++i) {
+        sum[i] += v[i];
+        for (size_t j = 0; j <= i; ++j) outer[i * c + j] += static_cast<double>(v[i]) * v[j];
+      }
+    }
+    n += static_cast<double>(tokens);
+  }
+  void gaussian(std::vector<double>& mu, std::vector<double>& cov) const {
+    const size_t c = static_cast<size_t>(C);
+    mu.resize(c);
+    cov.resize(c * c);
+    for (size_t i = 0; i < c; ++i) mu[i] = sum[i] / n;
+    for (size_t i = 0; i < c; ++i)
+      for (size_t j = 0; j <= i; ++j)
+        cov[i * c + j] = cov[j * c + i] = outer[i * c + j] / n - mu[i] * mu[j];
+  }
+};
+
 // What one row adds up over the batches.
 struct RowSums {
   FlowEvalRow row;
   double err2 = 0, ref2 = 0, kl = 0, right = 0, straight = 0, nfe = 0;
   int64_t kl_count = 0, scored = 0, sequences = 0;
-  void finish() {
-    row.rel_l2 = ref2 > 0 ? std::sqrt(err2 / ref2) : 0.0;
-    row.kl = kl_count ? kl / static_cast<double>(kl_count) : 0.0;
-    row.accuracy = scored ? right / static_cast<double>(scored) : 0.0;
+  Moments moments;
+  std::vector<double> mean_p;  // generative: the summed decoded distributions (T, V)
+  void finish(bool generative, const Moments& ref, const std::vector<double>& ref_p, int T, int V) {
+    row.rel_l2 = generative ? std::nan("") : ref2 > 0 ? std::sqrt(err2 / ref2) : 0.0;
+    row.accuracy = generative ? std::nan("") : scored ? right / static_cast<double>(scored) : 0.0;
+    if (!generative) {
+      row.kl = kl_count ? kl / static_cast<double>(kl_count) : 0.0;
+    } else {  // KL of the mean distributions per position, averaged over the positions
+      double k = 0;
+      for (int t = 0; t < T; ++t)
+        for (int v = 0; v < V; ++v) {
+          const size_t i = static_cast<size_t>(t) * V + v;
+          const double p = ref_p[i] / static_cast<double>(sequences), q = mean_p[i] / static_cast<double>(sequences);
+          if (p > 0) k += p * (std::log(p) - std::log(std::max(q, 1e-300)));
+        }
+      row.kl = k / T;
+    }
+    std::vector<double> m1, c1, m2, c2;
+    moments.gaussian(m1, c1);
+    ref.gaussian(m2, c2);
+    row.frechet = frechet_distance(m1, c1, m2, c2, moments.C);
     row.straightness = sequences ? straight / static_cast<double>(sequences) : 0.0;
     row.nfe = sequences ? nfe / static_cast<double>(sequences) : 0.0;
     row.examples = sequences;
@@ -62,6 +111,25 @@ double straight_sum(const float* x1, const float* x0, const float* v, int B, siz
 
 }  // namespace
 
+double frechet_distance(const std::vector<double>& mu1, const std::vector<double>& cov1,
+                        const std::vector<double>& mu2, const std::vector<double>& cov2, int C) {
+  using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const size_t c = static_cast<size_t>(C);
+  if (mu1.size() != c || mu2.size() != c || cov1.size() != c * c || cov2.size() != c * c)
+    throw Error("frechet_distance: shapes do not agree with C = " + std::to_string(C));
+  const Eigen::Map<const Mat> S1(cov1.data(), C, C), S2(cov2.data(), C, C);
+  // tr((S1^1/2 S2 S1^1/2)^1/2): both factors symmetric positive semi-definite
+  Eigen::SelfAdjointEigenSolver<Mat> e1(S1);
+  const Eigen::VectorXd l1 = e1.eigenvalues().cwiseMax(0.0).cwiseSqrt();
+  const Mat root = e1.eigenvectors() * l1.asDiagonal() * e1.eigenvectors().transpose();
+  const Mat M = root * S2 * root;
+  Eigen::SelfAdjointEigenSolver<Mat> e2(0.5 * (M + M.transpose()), Eigen::EigenvaluesOnly);
+  const double cross = e2.eigenvalues().cwiseMax(0.0).cwiseSqrt().sum();
+  double d = 0;
+  for (size_t i = 0; i < c; ++i) d += (mu1[i] - mu2[i]) * (mu1[i] - mu2[i]);
+  return std::max(0.0, d + S1.trace() + S2.trace() - 2.0 * cross);
+}
+
 FlowStudent load_flow_student(const std::string& path) {
   const SafetensorsFile f = SafetensorsFile::read(path);
   auto get = [&](const char* k) {
@@ -90,6 +158,7 @@ std::string FlowEvalRow::to_json() const {
   j["kl"] = kl;
   j["accuracy"] = accuracy;
   j["straightness"] = straightness;
+  j["frechet"] = frechet;
   j["examples"] = examples;
   j["status"] = status;
   return j.dump();
@@ -97,11 +166,11 @@ std::string FlowEvalRow::to_json() const {
 
 std::string flow_eval_csv(const std::vector<FlowEvalRow>& rows) {
   std::ostringstream s;
-  s << "sampler,nfe,nfe_max,rel_l2,kl,accuracy,straightness,examples,status\n";
+  s << "sampler,nfe,nfe_max,rel_l2,kl,accuracy,straightness,frechet,examples,status\n";
   for (const auto& r : rows)
     s << r.sampler << "," << format_number(r.nfe) << "," << format_number(r.nfe_max) << "," << format_number(r.rel_l2)
       << "," << format_number(r.kl) << "," << format_number(r.accuracy) << "," << format_number(r.straightness) << ","
-      << r.examples << "," << r.status << "\n";
+      << format_number(r.frechet) << "," << r.examples << "," << r.status << "\n";
   return s.str();
 }
 
@@ -159,23 +228,35 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
   TrajectoryBatch tb;
   ReadoutCache<float> rc;
   FieldCache<float> cache;
-  Buffer<float> x0, y, v, h, f, path, xs;
+  Buffer<float> h0, x0, y, v, h, f, path, xs;
   std::vector<double> ref_logp, logp;
   std::vector<double> tt;
+  Moments ref;  // the teacher's ends
+  ref.C = C;
+  for (auto& r : rows) r.moments.C = C;
+  std::vector<double> ref_p(static_cast<size_t>(T) * V, 0.0);  // generative: their summed distributions
   for (int64_t first = 0; first < total; first += opt.batch) {
     const int B = static_cast<int>(std::min<int64_t>(opt.batch, total - first));
     test.range(first, B, tb);
     const size_t N = static_cast<size_t>(B) * n;
-    x0.resize(N);
+    h0.resize(N);
     h.resize(N);
     for (int b = 0; b < B; ++b) {
-      std::copy_n(tb.state(b, 0), n, x0.data() + static_cast<size_t>(b) * n);
+      std::copy_n(tb.state(b, 0), n, h0.data() + static_cast<size_t>(b) * n);
       std::copy_n(tb.state(b, K), n, h.data() + static_cast<size_t>(b) * n);  // the teacher's end
+    }
+    // the student's start: the teacher's h_0, or (generative) noise of this batch
+    x0 = h0;
+    if (opt.generative) {
+      Rng rng(opt.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(first) + 0x6e6f697365ULL);
+      for (auto& e : x0) e = static_cast<float>(rng.normal());
     }
     const int rowsN = B * T;
     rc.resize(tc, rowsN);
     teacher.readout(h.data(), rowsN, rc);
     log_softmax(ref_logp, rc.logits.data(), static_cast<size_t>(rowsN), static_cast<size_t>(V));
+    ref.add(h.data(), static_cast<size_t>(rowsN));
+    for (size_t i = 0; i < ref_logp.size(); ++i) ref_p[i % ref_p.size()] += std::exp(ref_logp[i]);
     if (cache.capacity < B || cache.T != T) cache.resize(sc, B, T);
     // scores x1_hat (B, T, C) into a row
     auto score = [&](RowSums& r, const float* x1) {
@@ -197,6 +278,11 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
         for (int k = 0; k < V; ++k) kl += std::exp(ref_logp[o + k]) * (ref_logp[o + k] - logp[o + k]);
         r.kl += kl;
         ++r.kl_count;
+      }
+      r.moments.add(x1, static_cast<size_t>(rowsN));
+      if (opt.generative) {
+        r.mean_p.resize(ref_p.size(), 0.0);
+        for (size_t i = 0; i < logp.size(); ++i) r.mean_p[i % ref_p.size()] += std::exp(logp[i]);
       }
       r.sequences += B;
     };
@@ -247,7 +333,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
       RowSums& r = rows[samplers.size() + k];
       const TeacherRun& tr = truncated[k];
       path.resize(static_cast<size_t>(tr.N + 1) * N);
-      std::copy_n(x0.data(), N, path.data());
+      std::copy_n(h0.data(), N, path.data());
       f.resize(N);
       for (int i = 0; i < tr.N; ++i) {
         tt.assign(static_cast<size_t>(B), i * tr.dt);
@@ -262,7 +348,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
       for (int i = 0; i < tr.N; ++i) {
         const float* hi = path.data() + static_cast<size_t>(i) * N;
         for (size_t q = 0; q < N; ++q) f[q] = static_cast<float>(tr.N) * (hi[q + N] - hi[q]);
-        r.straight += straight_sum(end, x0.data(), f.data(), B, n) / tr.N;
+        r.straight += straight_sum(end, h0.data(), f.data(), B, n) / tr.N;
       }
       r.nfe += static_cast<double>(tr.N) * B;
       r.row.nfe_max = tr.N;
@@ -271,9 +357,9 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     if (progress) *progress << "flow-match eval: " << first + B << "/" << total << " examples" << std::endl;
   }
   std::vector<FlowEvalRow> out;
-  for (auto& r : rows) {
-    r.finish();
-    out.push_back(r.row);
+  for (size_t k = 0; k < rows.size(); ++k) {
+    rows[k].finish(opt.generative && k < samplers.size(), ref, ref_p, T, V);
+    out.push_back(rows[k].row);
   }
   return out;
 }

@@ -773,12 +773,53 @@ TEST_CASE("the student starts as the teacher's field: Euler 1 on [0, 1] is the t
   CHECK(rows[3].straightness > 0);
   // Euler 1's path is one segment too: v(x_t, t) = x1 - x0 only where the field is constant
   CHECK(rows[0].straightness > 0);
+  CHECK(rows[4].frechet < 1e-6 * (1 + rows[2].frechet));  // the teacher's own ends
+  CHECK(rows[2].frechet > 0);
+  // as a generative student (from noise): distributions only
+  FlowEvalOptions g = o;
+  g.generative = true;
+  const auto grows = flow_match_evaluate(s, teacher, test, g);
+  REQUIRE(grows.size() == rows.size());
+  CHECK(std::isnan(grows[0].accuracy));
+  CHECK(std::isnan(grows[0].rel_l2));
+  CHECK(std::isfinite(grows[0].kl));
+  CHECK(grows[0].kl >= 0);
+  CHECK(grows[0].frechet > 0);
+  CHECK(grows[0].frechet != rows[0].frechet);  // another start
+  CHECK(grows[4].accuracy == rows[4].accuracy);  // the teacher rows start from h_0 still
   for (const auto& r : rows) {
     CHECK(std::isfinite(r.rel_l2));
     CHECK(std::isfinite(r.straightness));
     CHECK(r.kl >= -1e-9);
     CHECK(r.status == "ok");
   }
+}
+
+TEST_CASE("Frechet distance: zero between equals, the closed form for diagonal covariances", "[flowmatch][eval]") {
+  const int C = 3;
+  const std::vector<double> mu1 = {0.5, -1, 2}, mu2 = {0.5, 1, 2};
+  std::vector<double> a(9, 0.0), b(9, 0.0);
+  const double s1[3] = {1, 4, 0.25}, s2[3] = {9, 1, 0.25};  // variances
+  for (int i = 0; i < C; ++i) {
+    a[static_cast<size_t>(i * C + i)] = s1[i];
+    b[static_cast<size_t>(i * C + i)] = s2[i];
+  }
+  CHECK(frechet_distance(mu1, a, mu1, a, C) == Approx(0).margin(1e-12));
+  // ||mu1 - mu2||^2 + sum (sqrt(s1) - sqrt(s2))^2 = 4 + (1 - 3)^2 + (2 - 1)^2 + 0
+  CHECK(frechet_distance(mu1, a, mu2, b, C) == Approx(9.0).epsilon(1e-12));
+  // rotating both covariances by the same orthogonal matrix changes nothing
+  const double c = std::cos(0.3), sn = std::sin(0.3);
+  const double R[9] = {c, -sn, 0, sn, c, 0, 0, 0, 1};
+  auto rot = [&](const std::vector<double>& m) {
+    std::vector<double> out(9, 0.0);
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j)
+        for (int k = 0; k < 3; ++k)
+          for (int l = 0; l < 3; ++l) out[static_cast<size_t>(i * 3 + j)] += R[i * 3 + k] * m[static_cast<size_t>(k * 3 + l)] * R[j * 3 + l];
+    return out;
+  };
+  CHECK(frechet_distance(mu1, rot(a), mu2, rot(b), C) == Approx(9.0).epsilon(1e-9));
+  CHECK_THROWS_WITH(frechet_distance(mu1, a, mu2, b, 2), Catch::Contains("C = 2"));
 }
 
 TEST_CASE("flow-match train: a run stopped and resumed is the uninterrupted run", "[flowmatch][train]") {
@@ -859,6 +900,18 @@ TEST_CASE("flowloop flow-match train and eval on the command line", "[flowmatch]
   CHECK(students == 4);
   CHECK(teachers == 5);  // loop 1..3, Euler 1 and 2 over [0, 3]
   CHECK(std::filesystem::exists(out + "/eval.csv"));
+  // a generative student: its rows compare distributions (accuracy and rel_l2 null)
+  run_command(cli + " flow-match train --data " + R.out + " --matcher generative --steps 2 --batch 4 --eval-every 2" +
+                  " --eval-batches 1 --time-freq 8 --out " + out + "-gen 2>/dev/null",
+              &rc);
+  REQUIRE(rc == 0);
+  const std::string g = run_command(cli + " flow-match eval -m " + out + "-gen/model.safetensors --data " + R.out +
+                                        " --samplers euler:2 --no-teacher --json 2>/dev/null",
+                                    &rc);
+  REQUIRE(rc == 0);
+  const json gj = json::parse(g.substr(g.find('{')));
+  CHECK(gj.at("accuracy").is_null());
+  CHECK(gj.at("frechet").get<double>() > 0);
   // errors named before any work
   std::string e = run_command(cli + " flow-match train --data " + R.out + " --matcher cfm --out " + out + "x 2>&1", &rc);
   CHECK(rc != 0);

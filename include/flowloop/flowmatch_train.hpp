@@ -190,7 +190,11 @@ struct FlowEvalOptions {
   int examples = 0;          // test examples from the start of the split (0: all)
   int batch = 256;
   int straightness_points = 8;  // midpoints of the grid on which straightness is taken
-  uint64_t seed = 0;            // generative: the noise x0
+  // A generative student (noise to the distribution of h_K): x0 is Gaussian noise (drawn
+  // from seed and the batch), and the rows compare distributions only (frechet, and kl of
+  // the mean decoded distributions per position); rel_l2 and accuracy are NaN.
+  bool generative = false;
+  uint64_t seed = 0;
 };
 
 // One row: a sampler (or the truncated teacher) at its NFE against the teacher's h_K.
@@ -201,16 +205,25 @@ struct FlowEvalOptions {
 //   straightness  S = int_0^1 E ||(x1_hat - x0) - v(x_t, t)||^2 dt (E: the mean over
 //                 values), on the midpoint grid of the sampler's own path; for the
 //                 teacher rows, the piecewise-linear path through its states
+//   frechet       the Frechet distance between Gaussians fitted to the token states (C
+//                 values each) of x1_hat and of h_K: ||mu1 - mu2||^2 + tr(S1 + S2 -
+//                 2 (S1^1/2 S2 S1^1/2)^1/2), a distance between distributions that needs
+//                 no pairs
 //   nfe           field evaluations per sequence (mean; the most for adaptive solves)
+// A generative student's kl is that of the mean decoded distributions per position.
 struct FlowEvalRow {
   std::string sampler;  // a regime token, or "teacher-loop" / "teacher-euler"
   double nfe = 0, nfe_max = 0;
-  double rel_l2 = 0, kl = 0, accuracy = 0, straightness = 0;
+  double rel_l2 = 0, kl = 0, accuracy = 0, straightness = 0, frechet = 0;
   int64_t examples = 0;
   std::string status = "ok";
   std::string to_json() const;
 };
 std::string flow_eval_csv(const std::vector<FlowEvalRow>& rows);
+
+// The Frechet distance between Gaussians of the given means (C) and covariances (C, C).
+double frechet_distance(const std::vector<double>& mu1, const std::vector<double>& cov1,
+                        const std::vector<double>& mu2, const std::vector<double>& cov2, int C);
 
 // The student's (and the truncated teacher's) rows on the test split of the loader.
 // teacher: the recording's teacher. Throws Error if the student was trained on
