@@ -82,6 +82,8 @@ CLI::App* add_eval(CLI::App* fm, const std::shared_ptr<FmEvalArgs>& a) {
   ev->add_option("--batch", a->opt.batch, "sequences per solve")->capture_default_str();
   ev->add_option("--straightness-points", a->opt.straightness_points, "grid points of the straightness integral")
       ->capture_default_str();
+  ev->add_option("--seed", a->opt.seed, "generative students: the seed of the noise they start from")
+      ->capture_default_str();
   ev->add_flag("--no-teacher", a->no_teacher, "leave out the truncated teacher's rows");
   ev->add_flag("--json", a->json, "one JSON line per row");
   ev->add_option("--csv", a->csv, "also write the rows as CSV to this file");
