@@ -151,7 +151,8 @@ std::vector<int> optimal_assignment(const std::vector<double>& cost, int n) {
           index = k;
         }
       }
-      if (index == none) throw Error("optimal_assignment: no augmenting path (a cost that is not finite?)");
+      if (index == none || !std::isfinite(lowest))
+        throw Error("optimal_assignment: no augmenting path (a cost that is not finite?)");
       reached = lowest;
       const size_t j = remaining[index];
       if (row4col[j] == none)

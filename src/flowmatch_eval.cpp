@@ -182,9 +182,11 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
   const std::string where = "flow-match eval";
   if (!sc.time_cond) throw Error(where + ": the student's field is not time-conditioned (a flow-match train model?)");
   if (sc.d_model != m.C || tc.d_model != m.C || sc.context < m.T || tc.context < m.T || sc.vocab_size != tc.vocab_size)
-    throw Error(where + ": the recording's states (" + std::to_string(m.T) + " x " + std::to_string(m.C) +
-                ") and the models (student width " + std::to_string(sc.d_model) + ", teacher width " +
-                std::to_string(tc.d_model) + ") do not fit together");
+    throw Error(where + ": the recording's states (T " + std::to_string(m.T) + ", C " + std::to_string(m.C) +
+                ") and the models (student: width " + std::to_string(sc.d_model) + ", context " +
+                std::to_string(sc.context) + ", vocabulary " + std::to_string(sc.vocab_size) + "; teacher: width " +
+                std::to_string(tc.d_model) + ", context " + std::to_string(tc.context) + ", vocabulary " +
+                std::to_string(tc.vocab_size) + ") do not fit together");
   if (opt.batch < 1 || opt.examples < 0 || opt.straightness_points < 1)
     throw Error(where + ": batch and straightness_points must be at least 1, examples at least 0");
   const int K = m.K, T = m.T, C = m.C, V = tc.vocab_size;
@@ -200,6 +202,9 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
   std::vector<SolveOptions> solves;
   for (const auto& s : samplers) {
     if (!s.ode()) throw Error(where + ": sampler '" + s.token() + "' is a loop; the student is sampled with a solver");
+    if (s.solver.rfind("odeint-", 0) == 0)
+      throw Error(where + ": sampler '" + s.token() + "': the odeint solvers do not report their steps, which "
+                  "straightness needs; use the built-in method of the same name");
     SolveOptions so = s.solve_options(1.0);
     so.save = SaveKind::Steps;  // the accepted states (no evaluations beyond the sampler's own)
     solves.push_back(so);
@@ -315,7 +320,8 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
             std::copy_n(st.data(), n, dst);
             continue;
           }
-          const double w1 = std::clamp((tj - ts[i - 1]) / (ts[i] - ts[i - 1]), 0.0, 1.0);
+          const double span = ts[i] - ts[i - 1];
+          const double w1 = span > 0 ? std::clamp((tj - ts[i - 1]) / span, 0.0, 1.0) : 1.0;
           const float a = static_cast<float>(1.0 - w1), c = static_cast<float>(w1);
           const float* s0 = st.data() + (i - 1) * n;
           for (size_t q = 0; q < n; ++q) dst[q] = a * s0[q] + c * s0[q + n];

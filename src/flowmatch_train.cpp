@@ -40,15 +40,18 @@ void shuffle(std::vector<T>& v, Rng& rng) {
 // ---------------------------------------------------------------- loader
 
 void TrajectoryBatch::subsample(int s) {
-  if (s < 1 || K % s != 0)
+  if (s < 1) throw Error("trajectory data: a state stride must be at least 1, not " + std::to_string(s));
+  if (K % s != 0)
     throw Error("trajectory data: a stride of " + std::to_string(s) + " does not divide K = " + std::to_string(K));
   if (s == 1) return;
   const size_t n = static_cast<size_t>(T) * static_cast<size_t>(C);
   const int k2 = K / s;
   for (int b = 0; b < B; ++b)
-    for (int k = 0; k <= k2; ++k)  // each destination lies at or before its source
-      std::copy_n(states.data() + offset(b, k * s), n,
-                  states.data() + (static_cast<size_t>(b) * static_cast<size_t>(k2 + 1) + static_cast<size_t>(k)) * n);
+    for (int k = 0; k <= k2; ++k) {  // each destination lies before its source, or is it
+      const float* src = states.data() + offset(b, k * s);
+      float* dst = states.data() + (static_cast<size_t>(b) * static_cast<size_t>(k2 + 1) + static_cast<size_t>(k)) * n;
+      if (dst != src) std::copy_n(src, n, dst);
+    }
   K = k2;
   states.resize(static_cast<size_t>(B) * static_cast<size_t>(K + 1) * n);
 }
@@ -74,7 +77,13 @@ TrajectoryLoader::TrajectoryLoader(const std::string& dir, const std::string& sp
                 " (another teacher)");
   const SafetensorsFile f = SafetensorsFile::read(teacher);
   auto it = f.metadata().find("train_config");
-  if (it != f.metadata().end()) exact_match_ = make_source(TrainConfig::from_json(it->second, teacher))->exact_match();
+  if (it != f.metadata().end()) {
+    try {
+      exact_match_ = make_source(TrainConfig::from_json(it->second, teacher))->exact_match();
+    } catch (const Error& e) {
+      throw Error(where + ": cannot tell how the teacher's data is scored (its training data: " + e.what() + ")");
+    }
+  }
 }
 
 std::string TrajectoryLoader::teacher_path() const { return (fs::path(dir_) / m_.teacher_file).string(); }
@@ -323,6 +332,7 @@ Model<float> make_student(const Model<float>& teacher, int time_freq, double tim
   Model<float> s(mc);
   s.init(seed);
   for (const TensorInfo& t : s.layout.tensors()) {
+    if (t.name.rfind("time_embed.", 0) == 0 || t.name.find(".ada.") != std::string::npos) continue;  // fresh
     const TensorInfo* src = teacher.layout.find(t.name);
     if (src && src->shape == t.shape) std::copy_n(teacher.params.data() + src->offset, t.numel, s.params.data() + t.offset);
   }
@@ -386,6 +396,9 @@ struct FlowMatchTrainer::Impl {
       if (it == f.metadata().end()) throw Error("checkpoint '" + ckpt() + "': metadata lacks \"" + k + "\"");
       return it->second;
     };
+    if (get("teacher_hash") != train->manifest().teacher_hash)
+      throw Error("checkpoint '" + ckpt() + "' learned from teacher " + get("teacher_hash") + ", the recording at '" +
+                  c.data + "' is of teacher " + train->manifest().teacher_hash);
     FlowMatchConfig saved = FlowMatchConfig::from_json(get("flow_match_config"), ckpt());
     // what only decides where and how often the run reports may change
     saved.max_seconds = c.max_seconds;
@@ -505,6 +518,8 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
   if (quick.samplers[2].token() == quick.samplers[1].token() || quick.samplers[2].token() == quick.samplers[0].token())
     quick.samplers.pop_back();
   quick.teacher_rows = false;
+  quick.generative = I.fo.matcher == Matcher::Generative;
+  quick.seed = c.seed;
   quick.examples = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(c.eval_batches) * c.batch, I.test->examples()));
   quick.batch = std::min(quick.examples, 256);
   while (I.step < total && (stop_at < 0 || I.step < stop_at)) {
@@ -512,6 +527,11 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
     const int64_t local = I.step % c.steps;
     I.train->batch(local + static_cast<int64_t>(I.round()) * c.steps, c.batch, tb);
     tb.subsample(c.state_stride);
+    if (decode) {  // the teacher's ends (a reflow round then overwrites them with the flow's)
+      ends.resize(static_cast<size_t>(tb.B) * n);
+      for (int b = 0; b < tb.B; ++b) std::copy_n(tb.state(b, tb.K), n, ends.data() + static_cast<size_t>(b) * n);
+      decode->set_batch(ends.data(), tb.targets);
+    }
     if (I.round() > 0) {
       if (!prev_sys || prev_sys->groups() != tb.B)
         prev_sys = std::make_unique<FieldSystem<float>>(m.field, I.prev.data(), tb.B, tb.T);
@@ -521,12 +541,7 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
     std::fill(grads.begin() + static_cast<long>(I.fb), grads.begin() + static_cast<long>(I.fe), 0.0f);
     Rng rng(mix(c.seed, static_cast<uint64_t>(I.step)));
     const EndpointLoss<float>* endpoint = nullptr;
-    if (decode) {
-      ends.resize(static_cast<size_t>(tb.B) * n);
-      for (int b = 0; b < tb.B; ++b) std::copy_n(tb.state(b, tb.K), n, ends.data() + static_cast<size_t>(b) * n);
-      decode->set_batch(ends.data(), tb.targets);
-      endpoint = &decode_fn;
-    }
+    if (decode) endpoint = &decode_fn;
     const FlowMatchStep st = flow_match_step(m.field, m.field_params(), tb.states.data(), tb.B, tb.K, tb.T, I.fo, rng,
                                              grads.data() + I.fb, w, endpoint);
     const double lr = learning_rate(I.oc, local);

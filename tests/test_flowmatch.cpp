@@ -735,6 +735,21 @@ TEST_CASE("the student starts as the teacher's field: Euler 1 on [0, 1] is the t
   teacher.field.forward(f1.data(), h.data(), t0.data(), teacher.field_params(), B, T, c1);
   s.field.forward(f2.data(), h.data(), t1.data(), s.field_params(), B, T, c2);
   CHECK(f1 == f2);
+  // a time-conditioned teacher's modulation does not come along: the student's starts at zero
+  {
+    ModelConfig tcfg = teacher.cfg;
+    tcfg.time_cond = true;
+    tcfg.finalize();
+    Model<float> tt(tcfg);
+    tt.init(4);
+    for (const auto& t : tt.layout.tensors())
+      if (t.name.find(".ada.") != std::string::npos) std::fill_n(tt.params.data() + t.offset, t.numel, 0.5f);
+    const Model<float> s2 = make_student(tt, 8, 100.0, 1);
+    const TensorInfo* ada = s2.layout.find("field.h.0.ada.bias");
+    REQUIRE(ada);
+    CHECK(std::all_of(s2.params.begin() + static_cast<long>(ada->offset),
+                      s2.params.begin() + static_cast<long>(ada->offset + ada->numel), [](float x) { return x == 0; }));
+  }
   TrajectoryLoader test(R.out, "test", 0);
   FlowEvalOptions o;
   o.samplers = DepthSpec::parse_list("euler:1,euler:3");

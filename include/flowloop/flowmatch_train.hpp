@@ -123,7 +123,8 @@ struct FlowMatchConfig {
   int time_freq = 256;
   double time_scale = 1000.0;
   // EMA of the weights: ema <- d ema + (1 - d) w after every step, with d =
-  // min(ema, (1 + step) / (10 + step)) early on; the written model holds the EMA.
+  // min(ema, (1 + s) / (10 + s)), s the step within the round; the written model holds
+  // the EMA.
   double ema = 0.999;
   // Reflow rounds after the first training (rectified flow): round r trains a fresh
   // run of `steps` steps, starting from round r - 1's model, on the pairs (x0, flow(x0))
@@ -148,8 +149,9 @@ struct FlowMatchConfig {
 };
 
 // The student of a teacher: its configuration with time_cond, depth 1 (t in [0, 1]),
-// no exit gate; the teacher's tensors copied by name, the time embedding initialised
-// from seed and the modulation zero.
+// no exit gate; the teacher's tensors copied by name (a time-conditioned teacher's
+// time embedding and modulation excepted), the time embedding initialised from seed
+// and the modulation zero.
 Model<float> make_student(const Model<float>& teacher, int time_freq, double time_scale, uint64_t seed);
 
 class FlowMatchTrainer {
@@ -158,7 +160,8 @@ class FlowMatchTrainer {
   explicit FlowMatchTrainer(const FlowMatchConfig& c);
   ~FlowMatchTrainer();
   // Trains to c.steps (and the reflow rounds); with resume, continues from OUT's
-  // checkpoint. stop_at >= 0 stops after that many steps of the current round.
+  // checkpoint. stop_at >= 0 stops after that many steps in all (rounds included), as
+  // if the run were killed. Call it once per trainer.
   void run(bool resume, std::ostream& progress, int64_t stop_at = -1);
   const Model<float>& model() const;  // the EMA weights
   int64_t step() const;
@@ -226,8 +229,8 @@ double frechet_distance(const std::vector<double>& mu1, const std::vector<double
                         const std::vector<double>& mu2, const std::vector<double>& cov2, int C);
 
 // The student's (and the truncated teacher's) rows on the test split of the loader.
-// teacher: the recording's teacher. Throws Error if the student was trained on
-// another teacher's recording (hash) or its shapes differ.
+// teacher: the recording's teacher (require_same_teacher checks a stored student
+// against the recording). Throws Error if the shapes differ or a sampler cannot be used.
 std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const Model<float>& teacher,
                                              TrajectoryLoader& test, const FlowEvalOptions& opt,
                                              std::ostream* progress = nullptr);
