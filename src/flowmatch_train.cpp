@@ -240,16 +240,12 @@ template class DecodeLoss<double>;
   X(eps) X(clip) X(eval_every) X(eval_batches) X(checkpoint_every) X(max_seconds) X(seed) X(out)
 
 FlowMatchConfig FlowMatchConfig::from_json(const std::string& text, const std::string& where) {
-  const json j = parse_json(text, where);
-  if (!j.is_object()) throw Error(where + ": not a JSON object");
   static const std::vector<std::string> known = {
 #define X(name) #name,
       FLOWLOOP_FM_FIELDS(X)
 #undef X
   };
-  for (auto it = j.begin(); it != j.end(); ++it)
-    if (std::find(known.begin(), known.end(), it.key()) == known.end())
-      throw Error(where + ": unknown key \"" + it.key() + "\"");
+  const json j = parse_json_object(text, where, known);
   FlowMatchConfig c;
 #define X(name) json_field(j, #name, c.name, where);
   FLOWLOOP_FM_FIELDS(X)

@@ -1,5 +1,7 @@
 #include "flowloop/io.hpp"
 
+#include <algorithm>
+
 #include <cmath>
 #include <sstream>
 
@@ -116,6 +118,16 @@ bool parse_number(const std::string& text, double& out) {
   if (text.empty() || used != text.size() || !std::isfinite(v)) return false;
   out = v;
   return true;
+}
+
+nlohmann::json parse_json_object(const std::string& text, const std::string& where,
+                                 const std::vector<std::string>& known) {
+  nlohmann::json j = parse_json(text, where);
+  if (!j.is_object()) throw Error(where + ": not a JSON object");
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (std::find(known.begin(), known.end(), it.key()) == known.end())
+      throw Error(where + ": unknown key \"" + it.key() + "\"");
+  return j;
 }
 
 }  // namespace flowloop

@@ -58,8 +58,6 @@ DepthSpec with_method(const DepthSpec& base, const std::string& method) {
   X(exit_threshold, depth.exit_threshold)
 
 TrainConfig TrainConfig::from_json(const std::string& text, const std::string& where) {
-  const json j = parse_json(text, where);
-  if (!j.is_object()) throw Error(where + ": not a JSON object");
   static const std::vector<std::string> known = {
 #define X(name) #name,
       FLOWLOOP_TRAIN_FIELDS(X)
@@ -68,9 +66,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const std::string& w
       FLOWLOOP_DEPTH_FIELDS(X)
 #undef X
   };
-  for (auto it = j.begin(); it != j.end(); ++it)
-    if (std::find(known.begin(), known.end(), it.key()) == known.end())
-      throw Error(where + ": unknown key \"" + it.key() + "\"");
+  const json j = parse_json_object(text, where, known);
   TrainConfig c;
 #define X(name) json_field(j, #name, c.name, where);
   FLOWLOOP_TRAIN_FIELDS(X)

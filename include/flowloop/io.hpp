@@ -27,6 +27,11 @@ void write_file_atomic(const std::string& path, const std::string& bytes);
 // N: <parser's message>"), `what` naming the text (a file, a header, an option).
 nlohmann::json parse_json(const std::string& text, const std::string& what);
 
+// Parses a JSON object whose keys must all be among `known`: throws Error("<where>: not
+// a JSON object") or Error("<where>: unknown key "<key>"").
+nlohmann::json parse_json_object(const std::string& text, const std::string& where,
+                                 const std::vector<std::string>& known);
+
 // Reads and parses the JSON file at `path`. Errors name `what` (e.g. "tokens",
 // "config"; may be empty) and the path: "<what> '<path>': cannot open: <reason>",
 // "<what> '<path>' is not valid JSON at byte N: ...".
