@@ -1,7 +1,6 @@
 #include "flowloop/io.hpp"
 
 #include <algorithm>
-
 #include <cmath>
 #include <sstream>
 
