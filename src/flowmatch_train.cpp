@@ -349,7 +349,8 @@ struct FlowMatchTrainer::Impl {
   size_t fb = 0, fe = 0;
   fs::path dir;
 
-  int round() const { return static_cast<int>(step / c.steps); }
+  // the round of the next step (the last round once all are done)
+  int round() const { return static_cast<int>(std::min<int64_t>(step / c.steps, c.reflow)); }
   std::string ckpt() const { return (dir / "checkpoint.safetensors").string(); }
   std::string final_model() const { return (dir / "model.safetensors").string(); }
   std::string metrics() const { return (dir / "metrics.jsonl").string(); }

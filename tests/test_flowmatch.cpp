@@ -880,6 +880,13 @@ TEST_CASE("flow-match train: a run stopped and resumed is the uninterrupted run"
                      a.params.begin() + static_cast<long>(wte->offset + wte->numel),
                      teacher.params.begin() + static_cast<long>(twte->offset)));
     if (c.reflow) CHECK(std::filesystem::exists(c.out + "/model-round-0.safetensors"));
+    // resuming a finished run changes nothing
+    {
+      FlowMatchTrainer again(cb);
+      again.run(true, quiet);
+      CHECK(again.step() == whole.step());
+      CHECK(again.model().params == whole.model().params);
+    }
     // a resume under another configuration is refused
     FlowMatchConfig other = cb;
     other.lr = 5e-4;
