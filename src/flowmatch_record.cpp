@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iomanip>
 #include <iostream>
 #include <memory>
@@ -194,6 +195,7 @@ TrajectoryManifest record_trajectories(const std::string& teacher, const DataSou
   Buffer<float> h;
   // solves: one system (and its field caches) for every batch, all of size opt.batch
   std::unique_ptr<FieldSystem<float>> sys;
+  std::future<void> writer;  // the shard being written
   if (ode) sys = std::make_unique<FieldSystem<float>>(model.field, model.field_params(), opt.batch, m.T);
   for (const char* name : {"train", "test"}) {
     const bool is_train = std::string(name) == "train";
@@ -238,20 +240,34 @@ TrajectoryManifest record_trajectories(const std::string& teacher, const DataSou
           }
         }
       }
+      // The shard is written (and then entered in the manifest) by a writer thread while
+      // the teacher computes the next one; writes stay in order (each waits for the one
+      // before), and the manifest names a shard only once its file is complete.
       char file[64];
       std::snprintf(file, sizeof file, "%s-%05zu.safetensors", name, shards.size());
-      const int64_t e64 = ne;
-      write_safetensors<float>((dir / file).string(),
-                               {{"states", {e64, m.K + 1, m.T, m.C}, states.data()},
-                                {"tokens", {e64, m.T}, tokens.data()},
-                                {"targets", {e64, m.T}, targets.data()}},
-                               {{"format", "flowloop-trajectories"}, {"teacher_hash", m.teacher_hash}, {"split", name}});
       shards.push_back({file, ne, static_cast<int64_t>(first_batch) * opt.batch});
-      write_file_atomic(mpath.string(), m.to_json());
-      progress << "record: " << name << " " << m.examples(name) << "/" << static_cast<int64_t>(batches) * opt.batch
-               << " examples (" << file << ")" << std::endl;
+      if (writer.valid()) writer.get();  // the previous shard (rethrows its error)
+      writer = std::async(std::launch::async,
+                          [&progress, path = (dir / file).string(), manifest = m.to_json(), mfile = mpath.string(),
+                           hash = m.teacher_hash, split = std::string(name), st = std::move(states),
+                           tk = std::move(tokens), tg = std::move(targets), ne, K = m.K, T = m.T, C = m.C,
+                           line = "record: " + std::string(name) + " " + std::to_string(m.examples(name)) + "/" +
+                                  std::to_string(static_cast<int64_t>(batches) * opt.batch) + " examples (" + file +
+                                  ")"] {
+                            const int64_t e64 = ne;
+                            write_safetensors<float>(path,
+                                                     {{"states", {e64, K + 1, T, C}, st.data()},
+                                                      {"tokens", {e64, T}, tk.data()},
+                                                      {"targets", {e64, T}, tg.data()}},
+                                                     {{"format", "flowloop-trajectories"},
+                                                      {"teacher_hash", hash},
+                                                      {"split", split}});
+                            write_file_atomic(mfile, manifest);
+                            progress << line << std::endl;
+                          });
     }
   }
+  if (writer.valid()) writer.get();
   return m;
 }
 
