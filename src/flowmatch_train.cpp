@@ -396,15 +396,7 @@ struct FlowMatchTrainer::Impl {
     if (get("teacher_hash") != train->manifest().teacher_hash)
       throw Error("checkpoint '" + ckpt() + "' learned from teacher " + get("teacher_hash") + ", the recording at '" +
                   c.data + "' is of teacher " + train->manifest().teacher_hash);
-    FlowMatchConfig saved = FlowMatchConfig::from_json(get("flow_match_config"), ckpt());
-    // what only decides where and how often the run reports may change
-    saved.max_seconds = c.max_seconds;
-    saved.out = c.out;
-    saved.eval_every = c.eval_every;
-    saved.eval_batches = c.eval_batches;
-    saved.checkpoint_every = c.checkpoint_every;
-    if (saved.to_json() != c.to_json())
-      throw Error("checkpoint '" + ckpt() + "' was written with another configuration; resume with the same one");
+    require_resumable(FlowMatchConfig::from_json(get("flow_match_config"), ckpt()), c, ckpt());
     step = std::stoll(get("step"));
     opt->t = std::stoll(get("adam_t"));
     if (round() > 0) prev.assign(fe - fb, 0.0f);

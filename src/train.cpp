@@ -453,17 +453,7 @@ struct Trainer::Impl {
       if (it == f.metadata().end()) throw Error("checkpoint '" + ckpt() + "': metadata lacks \"" + k + "\"");
       return it->second;
     };
-    TrainConfig saved = TrainConfig::from_json(get("train_config"), ckpt());
-    // The schedule depends on every setting, steps included. What only decides where
-    // and how often a run reports (its directory, evaluation and checkpoint intervals,
-    // test batches) and its time budget may change between runs.
-    saved.max_seconds = c.max_seconds;
-    saved.out = c.out;
-    saved.eval_every = c.eval_every;
-    saved.eval_batches = c.eval_batches;
-    saved.checkpoint_every = c.checkpoint_every;
-    if (saved.to_json() != c.to_json())
-      throw Error("checkpoint '" + ckpt() + "' was written with another configuration; resume with the same one");
+    require_resumable(TrainConfig::from_json(get("train_config"), ckpt()), c, ckpt());
     for (const auto& t : model->layout.tensors()) {
       f.copy_to(t.name, t.shape, model->params.data() + t.offset);
       f.copy_to("optim.m." + t.name, t.shape, opt->m.data() + t.offset);

@@ -165,6 +165,21 @@ void start_metrics(const std::string& metrics_file, bool resume, int64_t step);
 // the ETA from the wall time since the run's first step `first`. acc < 0: not shown.
 std::string progress_line(int64_t step, int64_t total, int64_t first, double wall, double loss, double acc = -1);
 
+// A resume's check of its configuration (TrainConfig, FlowMatchConfig): the schedule
+// depends on every setting; what only decides where and how often a run reports (its
+// directory, evaluation and checkpoint intervals, test batches) and its time budget may
+// change between runs. Throws Error naming the checkpoint otherwise.
+template <class Config>
+void require_resumable(Config saved, const Config& now, const std::string& checkpoint) {
+  saved.max_seconds = now.max_seconds;
+  saved.out = now.out;
+  saved.eval_every = now.eval_every;
+  saved.eval_batches = now.eval_batches;
+  saved.checkpoint_every = now.checkpoint_every;
+  if (saved.to_json() != now.to_json())
+    throw Error("checkpoint '" + checkpoint + "' was written with another configuration; resume with the same one");
+}
+
 class Trainer {
  public:
   // Checks everything (config, data, output directory) before any work.
