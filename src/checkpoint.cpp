@@ -121,6 +121,13 @@ SafetensorsFile SafetensorsFile::read(const std::string& path) {
   return f;
 }
 
+const std::string& SafetensorsFile::metadata_value(const std::string& key, const std::string& what,
+                                                   const std::string& hint) const {
+  auto it = metadata_.find(key);
+  if (it == metadata_.end()) throw Error(what + " '" + path_ + "': metadata lacks \"" + key + "\"" + hint);
+  return it->second;
+}
+
 template <class S>
 void SafetensorsFile::copy_to(const std::string& name, const std::vector<int64_t>& shape,
                               S* out) const {

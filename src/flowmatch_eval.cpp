@@ -80,20 +80,6 @@ struct RowSums {
   }
 };
 
-// log-softmax of every row of logits (N, V), in double.
-void log_softmax(std::vector<double>& out, const float* logits, size_t N, size_t V) {
-  out.resize(N * V);
-  for (size_t i = 0; i < N; ++i) {
-    const float* l = logits + i * V;
-    double mx = -std::numeric_limits<double>::infinity();
-    for (size_t v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(l[v]));
-    double s = 0;
-    for (size_t v = 0; v < V; ++v) s += std::exp(static_cast<double>(l[v]) - mx);
-    const double lse = mx + std::log(s);
-    for (size_t v = 0; v < V; ++v) out[i * V + v] = static_cast<double>(l[v]) - lse;
-  }
-}
-
 // Mean over the values of a sequence of ((x1 - x0) - v)^2, summed over the sequences.
 double straight_sum(const float* x1, const float* x0, const float* v, int B, size_t n) {
   double s = 0;
@@ -110,6 +96,22 @@ double straight_sum(const float* x1, const float* x0, const float* v, int B, siz
 }
 
 }  // namespace
+
+template <class S>
+void log_softmax_rows(std::vector<double>& out, const S* logits, size_t N, size_t V) {
+  out.resize(N * V);
+  for (size_t i = 0; i < N; ++i) {
+    const S* l = logits + i * V;
+    double mx = -std::numeric_limits<double>::infinity();
+    for (size_t v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(l[v]));
+    double z = 0;
+    for (size_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(l[v]) - mx);
+    const double lse = mx + std::log(z);
+    for (size_t v = 0; v < V; ++v) out[i * V + v] = static_cast<double>(l[v]) - lse;
+  }
+}
+template void log_softmax_rows<float>(std::vector<double>&, const float*, size_t, size_t);
+template void log_softmax_rows<double>(std::vector<double>&, const double*, size_t, size_t);
 
 double frechet_distance(const std::vector<double>& mu1, const std::vector<double>& cov1,
                         const std::vector<double>& mu2, const std::vector<double>& cov2, int C) {
@@ -133,10 +135,7 @@ double frechet_distance(const std::vector<double>& mu1, const std::vector<double
 FlowStudent load_flow_student(const std::string& path) {
   const SafetensorsFile f = SafetensorsFile::read(path);
   auto get = [&](const char* k) {
-    auto it = f.metadata().find(k);
-    if (it == f.metadata().end())
-      throw Error("'" + path + "' is not a flow-match model (its metadata lacks \"" + k + "\"; written by flow-match train?)");
-    return it->second;
+    return f.metadata_value(k, "not a flow-match model:", " (written by flow-match train?)");
   };
   const FlowMatchConfig c = FlowMatchConfig::from_json(get("flow_match_config"), path);
   const std::string hash = get("teacher_hash");
@@ -259,7 +258,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     const int rowsN = B * T;
     rc.resize(tc, rowsN);
     teacher.readout(h.data(), rowsN, rc);
-    log_softmax(ref_logp, rc.logits.data(), static_cast<size_t>(rowsN), static_cast<size_t>(V));
+    log_softmax_rows(ref_logp, rc.logits.data(), static_cast<size_t>(rowsN), static_cast<size_t>(V));
     ref.add(h.data(), static_cast<size_t>(rowsN));
     for (size_t i = 0; i < ref_logp.size(); ++i) ref_p[i % ref_p.size()] += std::exp(ref_logp[i]);
     if (cache.capacity < B || cache.T != T) cache.resize(sc, B, T);
@@ -275,7 +274,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
       const double acc = accuracy(rc.logits.data(), tb.targets, V, test.exact_match(), &cnt);
       r.right += acc * static_cast<double>(cnt);
       r.scored += cnt;
-      log_softmax(logp, rc.logits.data(), static_cast<size_t>(rowsN), static_cast<size_t>(V));
+      log_softmax_rows(logp, rc.logits.data(), static_cast<size_t>(rowsN), static_cast<size_t>(V));
       for (int i = 0; i < rowsN; ++i) {
         if (tb.targets.data[static_cast<size_t>(i)] < 0) continue;
         double kl = 0;

@@ -179,15 +179,7 @@ void DecodeLoss<S>::set_batch(const S* ends, const TokenBatch& targets) {
   targets_ = targets.data;
   rc_.resize(model_.cfg, N);
   model_.readout(ends, N, rc_);
-  ref_.resize(static_cast<size_t>(N) * V);
-  for (int i = 0; i < N; ++i) {
-    const S* l = rc_.logits.data() + static_cast<size_t>(i) * V;
-    double mx = -1e300, z = 0;
-    for (int v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(l[v]));
-    for (int v = 0; v < V; ++v) z += std::exp(static_cast<double>(l[v]) - mx);
-    const double lse = mx + std::log(z);
-    for (int v = 0; v < V; ++v) ref_[static_cast<size_t>(i) * V + v] = static_cast<double>(l[v]) - lse;
-  }
+  log_softmax_rows(ref_, rc_.logits.data(), static_cast<size_t>(N), static_cast<size_t>(V));
 }
 
 template <class S>
@@ -196,6 +188,7 @@ double DecodeLoss<S>::operator()(const S* x1hat, const FlowMatchStep& st, S* gra
   const size_t n = static_cast<size_t>(T_) * static_cast<size_t>(model_.cfg.d_model);
   if (st.x1_row.size() != static_cast<size_t>(B_)) throw Error("decode loss: set_batch was given another batch size");
   model_.readout(x1hat, N, rc_);
+  log_softmax_rows(lp_, rc_.logits.data(), static_cast<size_t>(N), static_cast<size_t>(V));
   // the scored positions of each slot's end
   int64_t count = 0;
   for (int b = 0; b < B_; ++b)
@@ -206,19 +199,15 @@ double DecodeLoss<S>::operator()(const S* x1hat, const FlowMatchStep& st, S* gra
     for (int t = 0; t < T_; ++t) {
       const size_t src = static_cast<size_t>(st.x1_row[static_cast<size_t>(b)]) * T_ + t;
       const size_t row = static_cast<size_t>(b) * T_ + t;
-      const S* l = rc_.logits.data() + row * V;
       S* d = rc_.dlogits.data() + row * V;
       if (targets_[src] < 0) {
         std::fill_n(d, V, S(0));
         continue;
       }
-      double mx = -1e300, z = 0;
-      for (int v = 0; v < V; ++v) mx = std::max(mx, static_cast<double>(l[v]));
-      for (int v = 0; v < V; ++v) z += std::exp(static_cast<double>(l[v]) - mx);
-      const double lse = mx + std::log(z);
       const double* r = ref_.data() + src * V;
+      const double* l = lp_.data() + row * V;
       for (int v = 0; v < V; ++v) {
-        const double lp = static_cast<double>(l[v]) - lse, pr = std::exp(r[v]);
+        const double lp = l[v], pr = std::exp(r[v]);
         loss += pr * (r[v] - lp);
         d[v] = static_cast<S>(scale * (std::exp(lp) - pr));
       }
@@ -388,11 +377,7 @@ struct FlowMatchTrainer::Impl {
 
   void load_checkpoint_file() {
     const SafetensorsFile f = SafetensorsFile::read(ckpt());
-    auto get = [&](const std::string& k) {
-      auto it = f.metadata().find(k);
-      if (it == f.metadata().end()) throw Error("checkpoint '" + ckpt() + "': metadata lacks \"" + k + "\"");
-      return it->second;
-    };
+    auto get = [&](const std::string& k) { return f.metadata_value(k, "checkpoint"); };
     if (get("teacher_hash") != train->manifest().teacher_hash)
       throw Error("checkpoint '" + ckpt() + "' learned from teacher " + get("teacher_hash") + ", the recording at '" +
                   c.data + "' is of teacher " + train->manifest().teacher_hash);

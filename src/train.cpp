@@ -448,11 +448,7 @@ struct Trainer::Impl {
 
   void load_checkpoint_file() {
     const SafetensorsFile f = SafetensorsFile::read(ckpt());
-    auto get = [&](const std::string& k) {
-      auto it = f.metadata().find(k);
-      if (it == f.metadata().end()) throw Error("checkpoint '" + ckpt() + "': metadata lacks \"" + k + "\"");
-      return it->second;
-    };
+    auto get = [&](const std::string& k) { return f.metadata_value(k, "checkpoint"); };
     require_resumable(TrainConfig::from_json(get("train_config"), ckpt()), c, ckpt());
     for (const auto& t : model->layout.tensors()) {
       f.copy_to(t.name, t.shape, model->params.data() + t.offset);

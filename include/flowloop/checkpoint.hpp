@@ -35,6 +35,9 @@ class SafetensorsFile {
   const std::string& path() const { return path_; }
   const std::map<std::string, SafeTensorEntry>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // The metadata value of `key`; throws Error("<what> '<path>': metadata lacks "<key>"<hint>").
+  const std::string& metadata_value(const std::string& key, const std::string& what,
+                                    const std::string& hint = "") const;
   // Copies tensor `name` into out (numel values), converting F32/F64 to S.
   // Throws if missing, of a dtype other than F32/F64, or of another shape.
   template <class S>

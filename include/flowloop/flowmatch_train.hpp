@@ -81,6 +81,10 @@ class TrajectoryLoader {
   std::vector<std::vector<int>> example_order_;
 };
 
+// log-softmax of every row of logits (N, V), in double, into out (N * V).
+template <class S>
+void log_softmax_rows(std::vector<double>& out, const S* logits, size_t N, size_t V);
+
 // ---- the decode loss -----------------------------------------------------------------
 
 // weight times the mean over scored positions of KL(p_teacher || p_student), p the
@@ -103,6 +107,7 @@ class DecodeLoss {
   double weight_;
   int B_ = 0, T_ = 0;
   std::vector<double> ref_;  // (B*T, V) the teacher's log-probabilities
+  std::vector<double> lp_;   // (B*T, V) the student's, scratch
   std::vector<int32_t> targets_;
   ReadoutCache<S> rc_;
   Buffer<S> junk_;           // the readout's parameter gradients (frozen: dropped)
