@@ -659,6 +659,7 @@ TEST_CASE("trajectory loader: a (seed, index) order that visits every example on
     CHECK(std::equal(sub.state(r, 1), sub.state(r, 1) + n, x.state(r, 3)));
   }
   CHECK_THROWS_WITH(x.subsample(2), Catch::Contains("does not divide K = 3"));
+  CHECK_THROWS_WITH(x.subsample(0), Catch::Contains("at least 1"));
 }
 
 TEST_CASE("trajectory loader: another teacher, K of 0 and missing files are named", "[flowmatch][loader]") {
@@ -790,6 +791,10 @@ TEST_CASE("the student starts as the teacher's field: Euler 1 on [0, 1] is the t
   CHECK(rows[0].straightness > 0);
   CHECK(rows[4].frechet < 1e-6 * (1 + rows[2].frechet));  // the teacher's own ends
   CHECK(rows[2].frechet > 0);
+  // the odeint samplers report no steps, which straightness needs: refused before any work
+  FlowEvalOptions bad = o;
+  bad.samplers = DepthSpec::parse_list("odeint-rk4:2");
+  CHECK_THROWS_WITH(flow_match_evaluate(s, teacher, test, bad), Catch::Contains("odeint"));
   // as a generative student (from noise): distributions only
   FlowEvalOptions g = o;
   g.generative = true;
