@@ -33,6 +33,8 @@ void ModelConfig::validate() const {
   if (!std::isfinite(time_scale) || time_scale < 0.0 || (time_cond && time_scale == 0.0))
     throw Error("config: time_scale must be finite and positive, got " + std::to_string(time_scale) +
                 (time_scale == 0.0 ? " (finalize() fills 1000 / depth)" : ""));
+  if (step_cond && !time_cond)
+    throw Error("config: step_cond (step-size conditioning) needs time_cond");
 }
 
 std::string ModelConfig::to_json() const {
@@ -49,6 +51,7 @@ std::string ModelConfig::to_json() const {
     j["time_cond"] = true;
     j["time_freq"] = time_freq;
     j["time_scale"] = time_scale;
+    if (step_cond) j["step_cond"] = true;
   }
   return j.dump();
 }
@@ -85,6 +88,10 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
     if (!it->is_boolean()) throw Error(where + ": config \"time_cond\" is not a boolean");
     c.time_cond = it->get<bool>();
   }
+  if (auto it = j.find("step_cond"); it != j.end()) {
+    if (!it->is_boolean()) throw Error(where + ": config \"step_cond\" is not a boolean");
+    c.step_cond = it->get<bool>();
+  }
   get("time_freq", c.time_freq, false);
   if (auto it = j.find("time_scale"); it != j.end()) {
     if (!it->is_number()) throw Error(where + ": config \"time_scale\" is not a number");
@@ -106,7 +113,7 @@ bool ModelConfig::operator==(const ModelConfig& o) const {
   return vocab_size == o.vocab_size && context == o.context && d_model == o.d_model &&
          n_head == o.n_head && d_ff == o.d_ff && n_block == o.n_block && depth == o.depth &&
          exit_gate == o.exit_gate && time_cond == o.time_cond &&
-         (!time_cond || (time_freq == o.time_freq && time_scale == o.time_scale));
+         (!time_cond || (time_freq == o.time_freq && time_scale == o.time_scale && step_cond == o.step_cond));
 }
 
 BenchSize bench_size(const std::string& name) {

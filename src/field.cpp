@@ -22,9 +22,9 @@ void axpy_into(S* y, const S* x, size_t n) {  // y += x
 
 template <class S>
 void FieldCache<S>::resize(const ModelConfig& cfg, int capacity_, int T_) {
-  const bool sized_tc = !time.e.empty();
+  const bool sized_tc = !time.e.empty(), sized_sc = !time.se.empty();
   if (capacity_ == capacity && T_ == T && blocks.size() == static_cast<size_t>(cfg.n_block) &&
-      sized_tc == cfg.time_cond)
+      sized_tc == cfg.time_cond && sized_sc == cfg.step_cond)
     return;
   capacity = capacity_;
   B = capacity_;
@@ -57,11 +57,17 @@ void FieldCache<S>::resize(const ModelConfig& cfg, int capacity_, int T_) {
   time.a1.resize(tc * capacity * C);
   time.c.resize(tc * capacity * C);
   time.sc.resize(tc * capacity * C);
+  const size_t sc = cfg.step_cond ? 1 : 0;
+  time.se.resize(sc * capacity * static_cast<size_t>(cfg.time_freq));
+  time.sz1.resize(sc * capacity * C);
+  time.sa1.resize(sc * capacity * C);
+  time.sc_step.resize(sc * capacity * C);
 }
 
 template <class S>
 size_t FieldCache<S>::bytes() const {
-  size_t n = time.e.size() + time.z1.size() + time.a1.size() + time.c.size() + time.sc.size();
+  size_t n = time.e.size() + time.z1.size() + time.a1.size() + time.c.size() + time.sc.size() +
+             time.se.size() + time.sz1.size() + time.sa1.size() + time.sc_step.size();
   for (const auto& c : blocks)
     n += c.x.size() + c.ln1.size() + c.mean1.size() + c.rstd1.size() + c.qkv.size() +
          c.att.size() + c.y.size() + c.x2.size() + c.ln2.size() + c.mean2.size() +
@@ -112,6 +118,10 @@ Field<S>::Field(const ModelConfig& cfg, const ParamLayout& layout)
   if (cfg.time_cond) {
     time_ = layout.time_embed();
     for (size_t* p : {&time_.w1, &time_.b1, &time_.w2, &time_.b2}) *p -= f0;
+    if (cfg.step_cond) {
+      step_ = layout.step_embed();
+      for (size_t* p : {&step_.w1, &step_.b1, &step_.w2, &step_.b2}) *p -= f0;
+    }
     const int half = cfg.time_freq / 2;
     for (int k = 0; k < half; ++k) freq_.push_back(std::exp(-std::log(10000.0) * k / half));
   }
@@ -182,6 +192,7 @@ double Field<S>::flops(int B, int T) const {
   const double C = cfg_.d_model, F = cfg_.d_ff, BT = static_cast<double>(B) * T;
   double fl = cfg_.n_block * (2.0 * BT * (3 * C * C + C * C + 2 * C * F) + 4.0 * B * T * T * C);
   if (cfg_.time_cond) fl += 2.0 * B * (cfg_.time_freq * C + C * C + cfg_.n_block * 6 * C * C);
+  if (cfg_.step_cond) fl += 2.0 * B * (cfg_.time_freq * C + C * C);
   return fl;
 }
 
@@ -243,44 +254,63 @@ void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
                 c.rstd1.data(), B, T, C, stride);
 }
 
-// The time embedding: e_b, then c_b = W_t2 silu(W_t1 e_b + b_t1) + b_t2 and silu(c_b).
+// One sinusoidal embedding MLP (time_embed or step_embed) of the B values t:
+//   e_b = [cos(tau freq), sin(tau freq)], tau = t_b time_scale;  out_b = W2 silu(W1 e_b + b1) + b2.
 template <class S>
-void Field<S>::time_forward(const double* t, const S* P, int B, TimeCache<S>& tc) const {
+void Field<S>::embed_forward(S* e, S* z1, S* a1, S* out, const double* t, const TimeEmbedOffsets& o,
+                             const S* P, int B) const {
   const int C = cfg_.d_model, E = cfg_.time_freq, half = E / 2;
   for (int b = 0; b < B; ++b) {
-    const double tau = t[b] * cfg_.time_scale;  // phases in double: tau reaches 1000 and more
-    S* e = tc.e.data() + static_cast<size_t>(b) * E;
+    const double tau = (t ? t[b] : 0.0) * cfg_.time_scale;  // phases in double: tau reaches 1000 and more
+    S* eb = e + static_cast<size_t>(b) * E;
     for (int k = 0; k < half; ++k) {
       const double ph = tau * freq_[static_cast<size_t>(k)];
-      e[k] = static_cast<S>(std::cos(ph));
-      e[half + k] = static_cast<S>(std::sin(ph));
+      eb[k] = static_cast<S>(std::cos(ph));
+      eb[half + k] = static_cast<S>(std::sin(ph));
     }
   }
-  linear_forward_few(tc.z1.data(), tc.e.data(), P + time_.w1, P + time_.b1, B, E, C);
-  silu_forward(tc.a1.data(), tc.z1.data(), static_cast<int64_t>(B) * C);
-  linear_forward_few(tc.c.data(), tc.a1.data(), P + time_.w2, P + time_.b2, B, C, C);
-  silu_forward(tc.sc.data(), tc.c.data(), static_cast<int64_t>(B) * C);
+  linear_forward_few(z1, e, P + o.w1, P + o.b1, B, E, C);
+  silu_forward(a1, z1, static_cast<int64_t>(B) * C);
+  linear_forward_few(out, a1, P + o.w2, P + o.b2, B, C, C);
 }
 
-// Given dsc = dL/dsilu(c) (B,C) in w.dsc: the time embedding's parameter gradients
-// and, if dt is non-null, dt[b] += dL/dt_b through tau = t time_scale.
+// Given w.dc = dL/d(out) (B,C): the MLP's parameter gradients, and de = dL/de when
+// de is non-null (overwritten). Uses w.da1 and w.dz1.
+template <class S>
+void Field<S>::embed_vjp(S* de, S* dP, const TimeEmbedOffsets& o, const S* P, int B, const S* e, const S* z1,
+                         const S* a1, FieldGradWork<S>& w, size_t stride) const {
+  const int C = cfg_.d_model, E = cfg_.time_freq;
+  zero(w.da1);
+  linear_bwd_few(w.da1.data(), dP, o.w2, o.b2, w.dc.data(), a1, P + o.w2, B, C, C, stride);
+  zero(w.dz1);
+  silu_backward(w.dz1.data(), w.da1.data(), z1, static_cast<int64_t>(B) * C);
+  if (de) std::fill(de, de + static_cast<size_t>(B) * E, S(0));
+  linear_bwd_few(de, dP, o.w1, o.b1, w.dz1.data(), e, P + o.w1, B, E, C, stride);
+}
+
+// c_b = TE(t_b) (+ SE(d_b) with step_cond), then silu(c_b).
+template <class S>
+void Field<S>::time_forward(const double* t, const double* d, const S* P, int B, TimeCache<S>& tc) const {
+  embed_forward(tc.e.data(), tc.z1.data(), tc.a1.data(), tc.c.data(), t, time_, P, B);
+  if (cfg_.step_cond) {
+    embed_forward(tc.se.data(), tc.sz1.data(), tc.sa1.data(), tc.sc_step.data(), d, step_, P, B);
+    axpy_into(tc.c.data(), tc.sc_step.data(), static_cast<size_t>(B) * cfg_.d_model);
+  }
+  silu_forward(tc.sc.data(), tc.c.data(), static_cast<int64_t>(B) * cfg_.d_model);
+}
+
+// Given dsc = dL/dsilu(c) (B,C) in w.dsc: the time (and step) embedding's parameter
+// gradients and, if dt is non-null, dt[b] += dL/dt_b through tau = t time_scale.
 template <class S>
 void Field<S>::time_vjp(S* dP, const S* P, int B, const TimeCache<S>& tc, FieldGradWork<S>& w, size_t stride,
                         double* dt) const {
-  const int C = cfg_.d_model, E = cfg_.time_freq, half = E / 2;
-  const int64_t BC = static_cast<int64_t>(B) * C;
+  const int E = cfg_.time_freq, half = E / 2;
   zero(w.dc);
-  silu_backward(w.dc.data(), w.dsc.data(), tc.c.data(), BC);
-  zero(w.da1);
-  linear_bwd_few(w.da1.data(), dP, time_.w2, time_.b2, w.dc.data(), tc.a1.data(), P + time_.w2, B, C, C, stride);
-  zero(w.dz1);
-  silu_backward(w.dz1.data(), w.da1.data(), tc.z1.data(), BC);
-  if (!dt) {
-    linear_bwd_few<S>(nullptr, dP, time_.w1, time_.b1, w.dz1.data(), tc.e.data(), P + time_.w1, B, E, C, stride);
-    return;
-  }
-  zero(w.de);
-  linear_bwd_few(w.de.data(), dP, time_.w1, time_.b1, w.dz1.data(), tc.e.data(), P + time_.w1, B, E, C, stride);
+  silu_backward(w.dc.data(), w.dsc.data(), tc.c.data(), static_cast<int64_t>(B) * cfg_.d_model);
+  if (cfg_.step_cond)  // the step is an input, never differentiated
+    embed_vjp(nullptr, dP, step_, P, B, tc.se.data(), tc.sz1.data(), tc.sa1.data(), w, stride);
+  embed_vjp(dt ? w.de.data() : nullptr, dP, time_, P, B, tc.e.data(), tc.z1.data(), tc.a1.data(), w, stride);
+  if (!dt) return;
   // e = [cos(tau freq), sin(tau freq)]:  de/dtau = [-freq sin, freq cos]
   for (int b = 0; b < B; ++b) {
     const S* e = tc.e.data() + static_cast<size_t>(b) * E;
@@ -389,7 +419,7 @@ void Field<S>::block_vjp_tc(S* dx, S* dP, const S* dout, const S* P, const Block
 
 template <class S>
 void Field<S>::forward(S* f, const S* h, const double* t, const S* params, int B, int T,
-                       FieldCache<S>& cache) const {
+                       FieldCache<S>& cache, const double* d) const {
   if (B > cache.capacity || cache.T != T || cache.blocks.size() != blocks_.size())
     throw Error("Field::forward: cache sized for (B=" + std::to_string(cache.capacity) +
                 ", T=" + std::to_string(cache.T) + ") but called with (B=" + std::to_string(B) +
@@ -402,9 +432,14 @@ void Field<S>::forward(S* f, const S* h, const double* t, const S* params, int B
                 std::to_string(cfg_.context));
   if (cfg_.time_cond && !t)
     throw Error("Field::forward: a time-conditioned field needs the time of every sequence (t is null)");
+  if (d && !cfg_.step_cond)
+    throw Error("Field::forward: a step d was given but the field is not step-conditioned (config step_cond)");
+  if (cache.time.se.empty() == cfg_.step_cond)
+    throw Error(std::string("Field::forward: cache sized for a field ") + (cfg_.step_cond ? "without" : "with") +
+                " step conditioning but the field " + (cfg_.step_cond ? "has it" : "has none"));
   cache.B = B;  // the vjp differentiates this many sequences
   const size_t NC = static_cast<size_t>(B) * T * cfg_.d_model;
-  if (cfg_.time_cond) time_forward(t, params, B, cache.time);
+  if (cfg_.time_cond) time_forward(t, d, params, B, cache.time);
   // Block i reads its input from its cache copy, so f serves as input and output.
   const S* x = h;
   for (size_t i = 0; i < blocks_.size(); ++i) {

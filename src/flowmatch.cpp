@@ -312,18 +312,32 @@ void FlowMatchOptions::validate() const {
                 coupling_name(coupling) + "' would mix recordings (use identity)");
   if (matcher == Matcher::Trajectory && sigma > 0)
     throw Error("flow matching: the trajectory matcher has no bridge noise (sigma must be 0)");
+  if (shortcut) {
+    if (!(shortcut_fraction > 0 && shortcut_fraction < 1))
+      throw Error("flow matching: the shortcut fraction must be in (0, 1), not " + std::to_string(shortcut_fraction));
+    if (shortcut_steps < 4 || (shortcut_steps & (shortcut_steps - 1)) != 0)
+      throw Error("flow matching: shortcut_steps must be a power of two of at least 4, not " +
+                  std::to_string(shortcut_steps));
+    if (matcher == Matcher::SBCFM)
+      throw Error("flow matching: shortcut needs a path whose target is finite at t = 0 (not sbcfm)");
+  }
 }
 
 template <class S>
 FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
                               const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w,
-                              const EndpointLoss<S>* endpoint) {
+                              const EndpointLoss<S>* endpoint, const S* target_params) {
   opt.validate();
+  if (endpoint && opt.shortcut)
+    throw Error("flow matching: an endpoint loss reads v as the velocity to t = 1; shortcut slots learn a step, "
+                "so the two do not combine");
   if (endpoint && (opt.matcher == Matcher::VP || opt.matcher == Matcher::Trajectory))
     throw Error("flow matching: an endpoint loss needs a linear path (icfm, otcfm, sbcfm, generative), not " +
                 matcher_name(opt.matcher));
   const ModelConfig& cfg = field.config();
   if (!cfg.time_cond) throw Error("flow matching needs a time-conditioned field (init --time-cond)");
+  if (opt.shortcut && !cfg.step_cond)
+    throw Error("flow matching: shortcut needs a step-conditioned field (config step_cond)");
   if (B < 1 || T < 1) throw Error("flow matching: an empty batch (B " + std::to_string(B) + ", T " + std::to_string(T) + ")");
   if (K < 1) throw Error("flow matching: K must be at least 1 (a recording of K + 1 states), not " + std::to_string(K));
   const size_t n = static_cast<size_t>(T) * static_cast<size_t>(cfg.d_model), Bs = static_cast<size_t>(B);
@@ -381,6 +395,24 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
   // t per sequence, then the bridge noise
   st.t.resize(Bs);
   for (auto& t : st.t) t = sample_time(opt.time_sampler, rng);
+  // shortcut slots: level k, step d = 2^-k, t = j d on its grid
+  std::vector<double> half;  // the target's half step as the field is told it
+  if (opt.shortcut) {
+    int levels = 0;
+    while ((1 << levels) < opt.shortcut_steps) ++levels;  // d = 1 .. 2 / shortcut_steps
+    st.shortcut_rows = std::min(B, std::max(1, static_cast<int>(std::lround(B * opt.shortcut_fraction))));
+    st.d.assign(Bs, 0.0);
+    half.resize(static_cast<size_t>(st.shortcut_rows));
+    for (int b = 0; b < st.shortcut_rows; ++b) {
+      const int k = static_cast<int>(rng.next() % static_cast<uint64_t>(levels));
+      const uint64_t cells = uint64_t{1} << k;
+      const double d = 1.0 / static_cast<double>(cells);
+      const auto i = static_cast<size_t>(b);
+      st.d[i] = d;
+      st.t[i] = static_cast<double>(rng.next() % cells) * d;
+      half[i] = k == levels - 1 ? 0.0 : d / 2;  // the finest half step is the instantaneous velocity
+    }
+  }
   const bool noisy = opt.sigma > 0;
   if (noisy) {
     w.eps.resize(Bs * n);
@@ -395,10 +427,29 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
       conditional_path(opt.matcher, xt, ut, w.x0.data() + b * n, w.x1.data() + b * n,
                        noisy ? w.eps.data() + b * n : nullptr, opt.sigma, st.t[b], n);
   }
+  // shortcut targets: two half steps of the target weights, without gradient
+  if (opt.shortcut) {
+    const int m = st.shortcut_rows;
+    const size_t mn = static_cast<size_t>(m) * n;
+    const S* tp = target_params ? target_params : params;
+    w.v1.resize(mn);
+    w.xh.resize(mn);
+    w.target_cache.resize(cfg, m, T);
+    field.forward(w.v1.data(), w.xt.data(), st.t.data(), tp, m, T, w.target_cache, half.data());
+    std::vector<double> t2(static_cast<size_t>(m));
+    for (size_t b = 0; b < static_cast<size_t>(m); ++b) {
+      const double hs = st.d[b] / 2;
+      t2[b] = st.t[b] + hs;
+      const S hf = static_cast<S>(hs);
+      for (size_t k = b * n; k < (b + 1) * n; ++k) w.xh[k] = w.xt[k] + hf * w.v1[k];
+    }
+    field.forward(w.ut.data(), w.xh.data(), t2.data(), tp, m, T, w.target_cache, half.data());
+    for (size_t k = 0; k < mn; ++k) w.ut[k] = (w.v1[k] + w.ut[k]) / S(2);
+  }
   // v(x_t, t) and the loss mean((v - u)^2)
   if (w.cache.capacity < B || w.cache.T != T || w.cache.blocks.size() != static_cast<size_t>(cfg.n_block))
     w.cache.resize(cfg, B, T);
-  field.forward(w.v.data(), w.xt.data(), st.t.data(), params, B, T, w.cache);
+  field.forward(w.v.data(), w.xt.data(), st.t.data(), params, B, T, w.cache, opt.shortcut ? st.d.data() : nullptr);
   const size_t N = Bs * n;
   double loss = 0;
   const S scale = static_cast<S>(2.0 / static_cast<double>(N));
@@ -408,6 +459,15 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
     w.gv[k] = scale * d;
   }
   st.loss = loss / static_cast<double>(N);
+  if (opt.shortcut) {
+    double sl = 0;
+    const size_t mn = static_cast<size_t>(st.shortcut_rows) * n;
+    for (size_t k = 0; k < mn; ++k) {
+      const double e = static_cast<double>(w.v[k]) - static_cast<double>(w.ut[k]);
+      sl += e * e;
+    }
+    st.shortcut_loss = sl / static_cast<double>(mn);
+  }
   if (!std::isfinite(st.loss)) throw Error("flow matching: the loss is not finite (" + std::to_string(st.loss) + ")");
   if (endpoint) {
     // x1_hat = x_t + (1 - t) v; its gradient reaches v scaled by (1 - t)
@@ -438,7 +498,7 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
   template void trajectory_path<S>(S*, S*, const S*, int, double, size_t);                                     \
   template FlowMatchStep flow_match_step<S>(const Field<S>&, const S*, const S*, int, int, int,                 \
                                             const FlowMatchOptions&, Rng&, S*, FlowMatchWork<S>&,                \
-                                            const EndpointLoss<S>*);
+                                            const EndpointLoss<S>*, const S*);
 FLOWLOOP_FLOWMATCH(float)
 FLOWLOOP_FLOWMATCH(double)
 

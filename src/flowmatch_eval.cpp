@@ -191,7 +191,16 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
   const int K = m.K, T = m.T, C = m.C, V = tc.vocab_size;
   const size_t n = static_cast<size_t>(T) * static_cast<size_t>(C);
   std::vector<DepthSpec> samplers = opt.samplers;
-  if (samplers.empty()) {
+  std::vector<int> shortcut = opt.shortcut;
+  if (!shortcut.empty() && !sc.step_cond)
+    throw Error(where + ": shortcut samplers need a step-conditioned student (flow-match train --shortcut)");
+  for (int N : shortcut)
+    if (N < 1) throw Error(where + ": a shortcut sampler needs at least 1 step, not " + std::to_string(N));
+  if (samplers.empty() && shortcut.empty() && sc.step_cond) {
+    shortcut = {1, 2, 4, 8};
+    if (K != 1 && K != 2 && K != 4 && K != 8) shortcut.push_back(K);
+  }
+  if (samplers.empty() && opt.shortcut.empty()) {
     std::vector<std::string> tokens = {"euler:1", "euler:2", "euler:4", "euler:8"};
     if (K != 1 && K != 2 && K != 4 && K != 8) tokens.push_back("euler:" + std::to_string(K));
     for (const char* t : {"midpoint:1", "midpoint:2", "rk4:1", "rk4:2", "dopri5:1e-2", "dopri5:1e-3", "dopri5:1e-4"})
@@ -199,6 +208,8 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     for (const auto& t : tokens) samplers.push_back(DepthSpec::parse(t));
   }
   std::vector<SolveOptions> solves;
+  std::vector<std::string> names;
+  std::vector<double> steps;  // the step told to a step-conditioned student (0: none)
   for (const auto& s : samplers) {
     if (!s.ode()) throw Error(where + ": sampler '" + s.token() + "' is a loop; the student is sampled with a solver");
     if (s.solver.rfind("odeint-", 0) == 0)
@@ -207,6 +218,15 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     SolveOptions so = s.solve_options(1.0);
     so.save = SaveKind::Steps;  // the accepted states (no evaluations beyond the sampler's own)
     solves.push_back(so);
+    names.push_back(s.token());
+    steps.push_back(0.0);
+  }
+  for (int N : shortcut) {
+    SolveOptions so = DepthSpec::parse("euler:" + std::to_string(N)).solve_options(1.0);
+    so.save = SaveKind::Steps;
+    solves.push_back(so);
+    names.push_back("shortcut:" + std::to_string(N));
+    steps.push_back(1.0 / N);
   }
   // The truncated teacher: loop N (Euler, dt = 1, from t = 0) for a loop teacher, and
   // N Euler steps over the teacher's whole interval.
@@ -224,9 +244,10 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     for (int N = 1; N <= K; ++N)
       if (!loop_teacher || std::abs(t_end / N - 1.0) > 1e-12) truncated.push_back({"teacher-euler", N, t_end / N});
   }
-  std::vector<RowSums> rows(samplers.size() + truncated.size());
-  for (size_t i = 0; i < samplers.size(); ++i) rows[i].row.sampler = samplers[i].token();
-  for (size_t i = 0; i < truncated.size(); ++i) rows[samplers.size() + i].row.sampler = truncated[i].name;
+  const size_t ns = solves.size();
+  std::vector<RowSums> rows(ns + truncated.size());
+  for (size_t i = 0; i < ns; ++i) rows[i].row.sampler = names[i];
+  for (size_t i = 0; i < truncated.size(); ++i) rows[ns + i].row.sampler = truncated[i].name;
 
   const int64_t total = opt.examples > 0 ? std::min<int64_t>(opt.examples, test.examples()) : test.examples();
   TrajectoryBatch tb;
@@ -291,9 +312,10 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
       r.sequences += B;
     };
     // the student under every sampler
-    for (size_t s = 0; s < samplers.size(); ++s) {
+    for (size_t s = 0; s < ns; ++s) {
       RowSums& r = rows[s];
       FieldSystem<float> sys(student.field, student.field_params(), B, T);
+      if (steps[s] > 0) sys.set_step(steps[s]);
       y = x0;
       const SolveResult<float> res = integrate(sys, y.data(), solves[s]);
       if (!res.ok() && r.row.status == "ok") r.row.status = std::string(status_name(res.status)) + ": " + res.message;
@@ -326,6 +348,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
           for (size_t q = 0; q < n; ++q) dst[q] = a * s0[q] + c * s0[q + n];
         }
         tt.assign(static_cast<size_t>(B), tj);
+        // straightness is of the instantaneous velocity (d = 0) along the sampler's path
         student.field.forward(v.data(), xs.data(), tt.data(), student.field_params(), B, T, cache);
         r.straight += straight_sum(y.data(), x0.data(), v.data(), B, n) / M;
       }
@@ -335,7 +358,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     FieldCache<float> tcache;
     tcache.resize(tc, B, T);
     for (size_t k = 0; k < truncated.size(); ++k) {
-      RowSums& r = rows[samplers.size() + k];
+      RowSums& r = rows[ns + k];
       const TeacherRun& tr = truncated[k];
       path.resize(static_cast<size_t>(tr.N + 1) * N);
       std::copy_n(h0.data(), N, path.data());
@@ -363,7 +386,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
   }
   std::vector<FlowEvalRow> out;
   for (size_t k = 0; k < rows.size(); ++k) {
-    rows[k].finish(opt.generative && k < samplers.size(), ref, ref_p, T, V);
+    rows[k].finish(opt.generative && k < ns, ref, ref_p, T, V);
     out.push_back(rows[k].row);
   }
   return out;

@@ -224,7 +224,7 @@ template class DecodeLoss<double>;
 // ---------------------------------------------------------------- configuration
 
 #define FLOWLOOP_FM_FIELDS(X)                                                                                  \
-  X(data) X(matcher) X(coupling) X(time_sampler) X(sigma) X(sinkhorn_reg) X(decode_weight) X(state_stride) X(time_freq) X(time_scale) X(ema)    \
+  X(data) X(matcher) X(coupling) X(time_sampler) X(sigma) X(sinkhorn_reg) X(decode_weight) X(state_stride) X(shortcut) X(shortcut_fraction) X(shortcut_steps) X(time_freq) X(time_scale) X(ema)    \
   X(reflow) X(reflow_sampler) X(steps) X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2)    \
   X(eps) X(clip) X(eval_every) X(eval_batches) X(checkpoint_every) X(max_seconds) X(seed) X(out)
 
@@ -257,6 +257,9 @@ FlowMatchOptions FlowMatchConfig::options() const {
   o.time_sampler = parse_time_sampler(time_sampler);
   o.sigma = sigma;
   o.sinkhorn_reg = sinkhorn_reg;
+  o.shortcut = shortcut;
+  o.shortcut_fraction = shortcut_fraction;
+  o.shortcut_steps = shortcut_steps;
   return o;
 }
 
@@ -294,6 +297,7 @@ void FlowMatchConfig::validate() const {
     s.validate();
   }
   if (!(ema >= 0 && ema < 1)) throw fail("ema must be in [0, 1)");
+  if (shortcut && decode_weight > 0) throw fail("shortcut and decode_weight do not combine (the decode loss reads v as the velocity to t = 1)");
   if (time_freq <= 0 || time_freq % 2 != 0) throw fail("time_freq must be positive and even");
   if (!(time_scale > 0) || !std::isfinite(time_scale)) throw fail("time_scale must be positive");
   if (steps <= 0 || batch <= 0) throw fail("steps and batch must be positive");
@@ -306,9 +310,11 @@ void FlowMatchConfig::validate() const {
   if (out.empty()) throw fail("no output directory (out)");
 }
 
-Model<float> make_student(const Model<float>& teacher, int time_freq, double time_scale, uint64_t seed) {
+Model<float> make_student(const Model<float>& teacher, int time_freq, double time_scale, uint64_t seed,
+                          bool step_cond) {
   ModelConfig mc = teacher.cfg;
   mc.time_cond = true;
+  mc.step_cond = step_cond;
   mc.time_freq = time_freq;
   mc.time_scale = time_scale;
   mc.depth = 1;
@@ -317,7 +323,9 @@ Model<float> make_student(const Model<float>& teacher, int time_freq, double tim
   Model<float> s(mc);
   s.init(seed);
   for (const TensorInfo& t : s.layout.tensors()) {
-    if (t.name.rfind("time_embed.", 0) == 0 || t.name.find(".ada.") != std::string::npos) continue;  // fresh
+    if (t.name.rfind("time_embed.", 0) == 0 || t.name.rfind("step_embed.", 0) == 0 ||
+        t.name.find(".ada.") != std::string::npos)
+      continue;  // fresh
     const TensorInfo* src = teacher.layout.find(t.name);
     if (src && src->shape == t.shape) std::copy_n(teacher.params.data() + src->offset, t.numel, s.params.data() + t.offset);
   }
@@ -444,7 +452,7 @@ FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg) : impl_(std::make
   if (m.K % I.c.state_stride != 0)
     throw Error("flow-match config: state_stride " + std::to_string(I.c.state_stride) + " does not divide the recording's K = " +
                 std::to_string(m.K));
-  I.model = std::make_unique<Model<float>>(make_student(*I.teacher, I.c.time_freq, I.c.time_scale, I.c.seed));
+  I.model = std::make_unique<Model<float>>(make_student(*I.teacher, I.c.time_freq, I.c.time_scale, I.c.seed, I.c.shortcut));
   I.ema_model = std::make_unique<Model<float>>(*I.model);
   I.fb = I.model->layout.field_begin();
   I.fe = I.model->layout.field_end();
@@ -492,6 +500,8 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
   if (quick.samplers[2].token() == quick.samplers[1].token() || quick.samplers[2].token() == quick.samplers[0].token())
     quick.samplers.pop_back();
   quick.teacher_rows = false;
+  if (c.shortcut) quick.shortcut = {1, 2};
+  const std::string quick_main = quick.samplers.back().token();  // test_accuracy: Euler with K steps
   quick.generative = I.fo.matcher == Matcher::Generative;
   quick.seed = c.seed;
   quick.examples = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(c.eval_batches) * c.batch, I.test->examples()));
@@ -517,7 +527,7 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
     const EndpointLoss<float>* endpoint = nullptr;
     if (decode) endpoint = &decode_fn;
     const FlowMatchStep st = flow_match_step(m.field, m.field_params(), tb.states.data(), tb.B, tb.K, tb.T, I.fo, rng,
-                                             grads.data() + I.fb, w, endpoint);
+                                             grads.data() + I.fb, w, endpoint, I.ema());
     const double lr = learning_rate(I.oc, local);
     const double gnorm = I.opt->step(m.params.data(), grads.data(), lr);
     // EMA, warmed up over the round's first steps
@@ -537,9 +547,11 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
     if (decode) line["decode_loss"] = st.endpoint_loss;
     line["lr"] = lr;
     line["grad_norm"] = gnorm;
-    line["nfe_forward"] = 1;
+    if (c.shortcut) line["shortcut_loss"] = st.shortcut_loss;
+    // per sequence: the trained evaluation, and the shortcut slots' two target evaluations
+    line["nfe_forward"] = 1.0 + 2.0 * st.shortcut_rows / tb.B;
     line["nfe_backward"] = 1;
-    line["flops"] = 3.0 * m.field.flops(tb.B, tb.T);
+    line["flops"] = 3.0 * m.field.flops(tb.B, tb.T) + 2.0 * m.field.flops(st.shortcut_rows, tb.T);
     line["tokens_per_s"] = static_cast<double>(tb.B) * tb.T / dt;
     line["wall_s"] = wall;
     const bool out_of_time = c.max_seconds > 0 && wall >= c.max_seconds && I.step < total;
@@ -553,7 +565,8 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
         line["test_accuracy_" + r.sampler] = r.accuracy;
         line["test_rel_l2_" + r.sampler] = r.rel_l2;
       }
-      line["test_accuracy"] = rows.back().accuracy;
+      for (const auto& r : rows)
+        if (r.sampler == quick_main) line["test_accuracy"] = r.accuracy;
       if (!tty) {
         progress << "step " << I.step << "/" << total << "  loss " << st.loss << "  test loss " << line["test_loss"].get<double>();
         for (const auto& r : rows) progress << "  acc " << r.sampler << " " << r.accuracy;

@@ -370,8 +370,16 @@ FieldSystem<S>::FieldSystem(const Field<S>& field, const S* params, int B, int T
 }
 
 template <class S>
+void FieldSystem<S>::set_step(double d) {
+  if (!field_.config().step_cond)
+    throw Error("a step was given but the field is not step-conditioned (config step_cond)");
+  if (!std::isfinite(d) || d < 0) throw Error("the step told to the field must be 0 or more, not " + std::to_string(d));
+  step_.assign(static_cast<size_t>(B_), d);
+}
+
+template <class S>
 void FieldSystem<S>::eval(S* dydt, const S* y, const double* t, const int*, int count) {
-  field_.forward(dydt, y, t, params_, count, T_, cache_);
+  field_.forward(dydt, y, t, params_, count, T_, cache_, step_.empty() ? nullptr : step_.data());
 }
 
 template <class S>
@@ -384,7 +392,8 @@ void FieldSystem<S>::reserve_slots(int n) {
 
 template <class S>
 void FieldSystem<S>::eval_record(S* dydt, const S* y, const double* t, const int*, int count, int slot) {
-  field_.forward(dydt, y, t, params_, count, T_, slots_.at(static_cast<size_t>(slot)));
+  field_.forward(dydt, y, t, params_, count, T_, slots_.at(static_cast<size_t>(slot)),
+                 step_.empty() ? nullptr : step_.data());
 }
 
 template <class S>

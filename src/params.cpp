@@ -52,6 +52,13 @@ ParamLayout::ParamLayout(const ModelConfig& cfg) {
     time_embed_.w2 = add("time_embed.mlp.2.weight", {C, C});
     time_embed_.b2 = add("time_embed.mlp.2.bias", {C});
   }
+  if (cfg.step_cond) {
+    const int64_t E = cfg.time_freq;
+    step_embed_.w1 = add("step_embed.mlp.0.weight", {C, E});
+    step_embed_.b1 = add("step_embed.mlp.0.bias", {C});
+    step_embed_.w2 = add("step_embed.mlp.2.weight", {C, C});
+    step_embed_.b2 = add("step_embed.mlp.2.bias", {C});
+  }
   field_end_ = size_;
   lnf_w_ = add("ln_f.weight", {C});
   lnf_b_ = add("ln_f.bias", {C});
@@ -84,6 +91,7 @@ template <class S>
 void init_gpt2(S* params, const ParamLayout& layout, const ModelConfig& cfg, uint64_t seed) {
   Rng rng(seed);
   Rng time_rng(seed ^ 0x74696d655f656d62ULL);  // time_embed's own stream ("time_emb")
+  Rng step_rng(seed ^ 0x737465705f656d62ULL);  // step_embed's own stream ("step_emb")
   const double proj_std = 0.02 / std::sqrt(2.0 * cfg.n_block * cfg.depth);
   for (const auto& t : layout.tensors()) {
     S* p = params + t.offset;
@@ -92,6 +100,8 @@ void init_gpt2(S* params, const ParamLayout& layout, const ModelConfig& cfg, uin
       for (size_t i = 0; i < t.numel; ++i) p[i] = S(0);
     } else if (starts_with(t.name, "time_embed.")) {
       for (size_t i = 0; i < t.numel; ++i) p[i] = static_cast<S>(0.02 * time_rng.normal());
+    } else if (starts_with(t.name, "step_embed.")) {
+      for (size_t i = 0; i < t.numel; ++i) p[i] = static_cast<S>(0.02 * step_rng.normal());
     } else if (is_ln) {
       for (size_t i = 0; i < t.numel; ++i) p[i] = S(1);
     } else {

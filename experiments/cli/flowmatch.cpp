@@ -5,6 +5,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <sstream>
 
 #include "cli.hpp"
 #include "flowloop/checkpoint.hpp"
@@ -46,6 +47,11 @@ CLI::App* add_train(CLI::App* fm, const std::shared_ptr<FmTrainArgs>& a) {
                                                           "the teacher's (0: plain flow matching)");
   opt("--state-stride", "state_stride", c.state_stride, "learn from every s-th recorded state (trajectory: K / s segments)");
   opt("--time-sampler", "time_sampler", c.time_sampler, "uniform, logit-normal or u-shaped");
+  a->given.push_back({"shortcut", tr->add_flag("--shortcut", c.shortcut,
+                                               "shortcut models: a step-conditioned student that also learns "
+                                               "steps d = 1 .. 2 / shortcut-steps by self-consistency")});
+  opt("--shortcut-fraction", "shortcut_fraction", c.shortcut_fraction, "the share of every batch that learns a step");
+  opt("--shortcut-steps", "shortcut_steps", c.shortcut_steps, "the finest step is 2 / this (a power of two)");
   opt("--ema", "ema", c.ema, "EMA decay of the weights (the written model holds the EMA)");
   opt("--reflow", "reflow", c.reflow, "reflow rounds after the first training (rectified flow)");
   opt("--reflow-sampler", "reflow_sampler", c.reflow_sampler, "the solver that makes the reflow pairs, on [0, 1]");
@@ -76,8 +82,9 @@ CLI::App* add_eval(CLI::App* fm, const std::shared_ptr<FmEvalArgs>& a) {
                                         "(and with the truncated teacher at equal NFE)");
   ev->add_option("-m,--model", a->model, "the student (flow-match train's model.safetensors)")->required()->check(CLI::ExistingFile);
   ev->add_option("--data", a->data, "the recording (its test split)")->required();
-  ev->add_option("--samplers", a->samplers, "regime tokens on [0, 1], comma-separated (default: euler 1 2 4 8 K, "
-                                            "midpoint 1 2, rk4 1 2, dopri5 1e-2 1e-3 1e-4)");
+  ev->add_option("--samplers", a->samplers, "regime tokens on [0, 1], and shortcut:N (N Euler steps told d = 1/N), "
+                                            "comma-separated (default: euler 1 2 4 8 K, midpoint 1 2, rk4 1 2, dopri5 "
+                                            "1e-2 1e-3 1e-4, and shortcut 1 2 4 8 K for a step-conditioned student)");
   ev->add_option("--examples", a->opt.examples, "test examples (0: all)")->capture_default_str();
   ev->add_option("--batch", a->opt.batch, "sequences per solve")->capture_default_str();
   ev->add_option("--straightness-points", a->opt.straightness_points, "grid points of the straightness integral")
@@ -96,7 +103,19 @@ int run_eval(const FmEvalArgs& a) {
   require_same_teacher(s, test);
   const Model<float> teacher = load_model<float>(test.teacher_path());
   FlowEvalOptions opt = a.opt;
-  opt.samplers = a.samplers.empty() ? std::vector<DepthSpec>{} : DepthSpec::parse_list(a.samplers);
+  std::string solvers;
+  std::stringstream list(a.samplers);
+  for (std::string tok; std::getline(list, tok, ',');) {
+    if (tok.rfind("shortcut:", 0) != 0) {
+      solvers += (solvers.empty() ? "" : ",") + tok;
+      continue;
+    }
+    const std::string n = tok.substr(9);
+    if (n.empty() || n.size() > 6 || n.find_first_not_of("0123456789") != std::string::npos)
+      throw Error("--samplers: '" + tok + "' is not shortcut:N with N a positive whole number of steps");
+    opt.shortcut.push_back(std::stoi(n));
+  }
+  opt.samplers = solvers.empty() ? std::vector<DepthSpec>{} : DepthSpec::parse_list(solvers);
   opt.teacher_rows = !a.no_teacher;
   opt.generative = s.config.matcher == "generative";  // from noise: distributions only
   const auto rows = flow_match_evaluate(s.model, teacher, test, opt, &std::cerr);

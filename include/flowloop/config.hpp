@@ -20,6 +20,10 @@ struct ModelConfig {
   bool time_cond = false;
   int time_freq = 256;      // E, even
   double time_scale = 0.0;  // 0 when building means 1000 / depth (filled by finalize)
+  // Step-size conditioning (shortcut models; docs/step-conditioning.md): the field also
+  // takes each sequence's step d, embedded as t is (step_embed.mlp.*, added to c_b).
+  // Needs time_cond. d = 0 is the instantaneous velocity, what every solver evaluates.
+  bool step_cond = false;
 
   int head_dim() const { return d_model / n_head; }  // D
 
@@ -29,14 +33,14 @@ struct ModelConfig {
   void validate() const;
 
   // JSON object with vocab_size, context, d_model, n_head, d_ff, n_block, depth
-  // (and exit_gate, time_cond, time_freq, time_scale when the model has them).
+  // (and exit_gate, time_cond, time_freq, time_scale, step_cond when the model has them).
   std::string to_json() const;
   // Parses the JSON written by to_json; `where` names the source in errors. A
   // config without time_cond is autonomous; a time_cond one without time_scale
   // gets 1000 / depth.
   static ModelConfig from_json(const std::string& text, const std::string& where);
 
-  // time_freq and time_scale count only when time_cond.
+  // time_freq, time_scale and step_cond count only when time_cond.
   bool operator==(const ModelConfig& o) const;
 };
 

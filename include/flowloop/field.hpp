@@ -10,6 +10,9 @@
 //   [s1, c1, g1, s2, c2, g2] = split6(W_ada silu(c_b) + b_ada)   per block   (B,6C)
 //   a = (1 + g1) Attn(LN1(x) (1 + c1) + s1),  m = (1 + g2) MLP(LN2(x + a) (1 + c2) + s2)
 // With zero ada and time_embed tensors it computes, bit for bit, the autonomous field.
+// With step_cond the step d_b of each sequence is embedded as t_b is and added:
+//   c_b = TE(t_b) + SE(d_b),  SE = step_embed's MLP of the same sinusoid of d_b time_scale
+// (shortcut models); zero step_embed tensors give the time-conditioned field's values.
 //
 // The interface is backend-neutral: plain pointers and sizes. `params` and
 // `dparams` point at the field's own parameters: the range [field_begin,
@@ -62,6 +65,8 @@ struct TimeCache {
   Buffer<S> e;            // (B,E)  [cos(tau freq), sin(tau freq)]
   Buffer<S> z1, a1;       // (B,C)  W_t1 e + b_t1, and its silu
   Buffer<S> c, sc;        // (B,C)  c_b, and silu(c_b) (the input of every ada)
+  // step_cond only: the step embedding's e, W_s1 e + b_s1 and its silu, and its output
+  Buffer<S> se, sz1, sa1, sc_step;
 };
 
 // Everything one field evaluation leaves behind for its vjp.
@@ -96,10 +101,12 @@ class Field {
   Field(const ModelConfig& cfg, const ParamLayout& layout);
 
   // f = S_t(h) - h, sequence b at time t[b]. The autonomous field ignores t
-  // (which may then be null); a time-conditioned one needs it.
+  // (which may then be null); a time-conditioned one needs it. A step-conditioned
+  // field takes sequence b's step d[b] (null: every d is 0, the instantaneous
+  // velocity); other fields refuse a non-null d.
   // h and f may not alias. cache must be sized for T and at least B sequences.
   void forward(S* f /*(B,T,C)*/, const S* h /*(B,T,C)*/, const double* t /*(B)*/, const S* params,
-               int B, int T, FieldCache<S>& cache) const;
+               int B, int T, FieldCache<S>& cache, const double* d /*(B)*/ = nullptr) const;
 
   // dh += (df/dh)^T gf;  dparams += (df/dtheta)^T gf;  if dt is non-null,
   // dt[b] += d(gf . f)/dt_b; for the evaluation recorded in `cache` (its forward
@@ -127,12 +134,17 @@ class Field {
   void block_vjp_tc(S* dx, S* dparams, const S* dout, const S* params, const BlockOffsets& o, int B,
                     int T, const TimeCache<S>& tc, const BlockCache<S>& c, FieldGradWork<S>& w,
                     size_t stride) const;
-  void time_forward(const double* t, const S* params, int B, TimeCache<S>& tc) const;
+  void time_forward(const double* t, const double* d, const S* params, int B, TimeCache<S>& tc) const;
+  void embed_forward(S* e, S* z1, S* a1, S* out, const double* t, const TimeEmbedOffsets& o, const S* params,
+                     int B) const;
+  void embed_vjp(S* de, S* dparams, const TimeEmbedOffsets& o, const S* params, int B, const S* e,
+                 const S* z1, const S* a1, FieldGradWork<S>& w, size_t stride) const;
   void time_vjp(S* dparams, const S* params, int B, const TimeCache<S>& tc, FieldGradWork<S>& w,
                 size_t stride, double* dt) const;
   ModelConfig cfg_;
   std::vector<BlockOffsets> blocks_;  // relative to the field's first parameter
   TimeEmbedOffsets time_;             // relative to the field's first parameter (time_cond)
+  TimeEmbedOffsets step_;             // the same for step_embed (step_cond)
   std::vector<double> freq_;          // (E/2) exp(-ln(10000) k / (E/2))
   size_t num_params_ = 0;
 };

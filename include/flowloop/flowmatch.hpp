@@ -85,9 +85,20 @@ struct FlowMatchOptions {
   TimeSampler time_sampler = TimeSampler::Uniform;
   double sigma = 0.0;          // bridge noise; sbcfm's sigma
   double sinkhorn_reg = 0.05;  // entropic coupling, relative to the largest cost
+  // Shortcut models (Frans et al. 2024), for a step-conditioned field (config step_cond):
+  // the first round(B shortcut_fraction) slots of a batch learn the step d = 2^-k (k
+  // uniform in 0 .. log2(shortcut_steps) - 1) at t uniform on the grid of d, with the
+  // self-consistency target (v(x_t, t, d/2) + v(x', t + d/2, d/2)) / 2,
+  // x' = x_t + d/2 v(x_t, t, d/2), evaluated by the target weights without gradient;
+  // the finest half step 1 / shortcut_steps is evaluated as d = 0. The other slots are
+  // plain flow matching at d = 0, the instantaneous velocity.
+  bool shortcut = false;
+  double shortcut_fraction = 0.125;
+  int shortcut_steps = 128;  // a power of two, at least 4
   // Throws Error naming what is wrong: sigma below 0 or not finite, reg not positive,
   // sbcfm without noise, a coupling the matcher cannot use (trajectory pairs every
-  // state of one recording).
+  // state of one recording), a shortcut fraction outside (0, 1), shortcut_steps not a
+  // power of two of at least 4, shortcut with sbcfm (its target is singular at t = 0).
   void validate() const;
 };
 
@@ -95,7 +106,8 @@ struct FlowMatchOptions {
 template <class S>
 struct FlowMatchWork {
   Buffer<S> noise, x0, x1, eps, xt, ut, v, gv, dx, x1hat, gx1hat;
-  FieldCache<S> cache;
+  Buffer<S> v1, xh;      // shortcut: the target's first half step and where it lands
+  FieldCache<S> cache, target_cache;
   FieldGradWork<S> grad;
 };
 
@@ -103,6 +115,9 @@ struct FlowMatchWork {
 struct FlowMatchStep {
   double loss = 0;               // mean over B T C values of (v(x_t, t) - u_t)^2
   std::vector<double> t;         // each sequence's time
+  std::vector<double> d;         // each sequence's step (shortcut; empty otherwise)
+  int shortcut_rows = 0;         // slots 0 .. shortcut_rows - 1 learned a step d > 0
+  double shortcut_loss = 0;      // the mean of (v - target)^2 over those slots
   // the coupling: slot b of the batch pairs x0 of recording x0_row[b] with x1 of
   // recording x1_row[b] (identity: b and b; exact: b and perm[b]; sinkhorn: a draw)
   std::vector<int> x0_row, x1_row;
@@ -121,12 +136,14 @@ using EndpointLoss = std::function<double(const S* x1hat, const FlowMatchStep& s
 // non-null); with `endpoint`, that of the loss plus endpoint's (linear paths only:
 // icfm, otcfm, sbcfm, generative). states: B recordings of K + 1 states, (B, K + 1, T, C); the field must be
 // time-conditioned. Every draw comes from rng in this order: generative's noise x0,
-// the coupling's pairs, t per sequence, the bridge noise (when sigma > 0); so a step
-// is a function of the weights, the batch and rng.
+// the coupling's pairs, t per sequence, with shortcut each shortcut slot's level k and
+// grid point (its t replaced), the bridge noise (when sigma > 0); so a step is a
+// function of the weights, the batch and rng. target_params: the weights that make the
+// shortcut targets (the trainer's EMA; null: params).
 template <class S>
 FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
                               const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w,
-                              const EndpointLoss<S>* endpoint = nullptr);
+                              const EndpointLoss<S>* endpoint = nullptr, const S* target_params = nullptr);
 
 // ---- recorded trajectories: `flowloop flow-match record` -------------------------
 // A teacher's latent path per sequence, h_0 .. h_K: a loop's states after 0..K loops,

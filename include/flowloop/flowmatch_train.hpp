@@ -124,6 +124,13 @@ struct FlowMatchConfig {
   // Every s-th recorded state only (h_0, h_s, .., h_K; K a multiple of s): the
   // trajectory matcher then follows K / s segments.
   int state_stride = 1;
+  // Shortcut models (FlowMatchOptions): the student is step-conditioned and learns
+  // steps d = 1 .. 2 / shortcut_steps on a shortcut_fraction of every batch, its
+  // targets made by the EMA weights; `flow-match eval` then samples it with
+  // "shortcut:N" (N Euler steps told d = 1 / N).
+  bool shortcut = false;
+  double shortcut_fraction = 0.125;
+  int shortcut_steps = 128;
   // The student's time embedding (ModelConfig): t in [0, 1], tau = t time_scale
   int time_freq = 256;
   double time_scale = 1000.0;
@@ -156,8 +163,10 @@ struct FlowMatchConfig {
 // The student of a teacher: its configuration with time_cond, depth 1 (t in [0, 1]),
 // no exit gate; the teacher's tensors copied by name (a time-conditioned teacher's
 // time embedding and modulation excepted), the time embedding initialised from seed
-// and the modulation zero.
-Model<float> make_student(const Model<float>& teacher, int time_freq, double time_scale, uint64_t seed);
+// and the modulation zero. step_cond: also a step embedding (shortcut), initialised from
+// seed; with zero modulation it does not change the field at step 0 either.
+Model<float> make_student(const Model<float>& teacher, int time_freq, double time_scale, uint64_t seed,
+                          bool step_cond = false);
 
 class FlowMatchTrainer {
  public:
@@ -194,6 +203,10 @@ struct FlowEvalOptions {
   // euler at 1, 2, 4, 8 and K steps, midpoint at 1 and 2, rk4 at 1 and 2, and dopri5
   // at 1e-2, 1e-3 and 1e-4.
   std::vector<DepthSpec> samplers;
+  // Shortcut samplers of a step-conditioned student: N Euler steps with the field told
+  // its step d = 1 / N, rows "shortcut:N" (after the samplers' rows). When samplers and
+  // shortcut are both empty, a step-conditioned student gets 1, 2, 4, 8 and K.
+  std::vector<int> shortcut;
   bool teacher_rows = true;  // the truncated teacher: loop N and N Euler steps, N < K
   int examples = 0;          // test examples from the start of the split (0: all)
   int batch = 256;
@@ -220,7 +233,7 @@ struct FlowEvalOptions {
 //   nfe           field evaluations per sequence (mean; the most for adaptive solves)
 // A generative student's kl is that of the mean decoded distributions per position.
 struct FlowEvalRow {
-  std::string sampler;  // a regime token, or "teacher-loop" / "teacher-euler"
+  std::string sampler;  // a regime token, "shortcut:N", or "teacher-loop" / "teacher-euler"
   double nfe = 0, nfe_max = 0;
   double rel_l2 = 0, kl = 0, accuracy = 0, straightness = 0, frechet = 0;
   int64_t examples = 0;

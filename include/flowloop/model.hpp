@@ -71,6 +71,10 @@ class FieldSystem : public DiffSystem<S> {
   int T() const { return T_; }
   const Field<S>& field() const { return field_; }
   void set_params(const S* params) { params_ = params; }
+  // A step-conditioned field is told this step d at every evaluation (shortcut
+  // sampling: d = the solver's step); 0, the default, is the instantaneous velocity.
+  // Throws Error for a field without step conditioning.
+  void set_step(double d);
   int groups() const override { return B_; }
   size_t dim() const override { return static_cast<size_t>(T_) * field_.config().d_model; }
   size_t num_params() const override { return field_.num_params(); }
@@ -86,6 +90,7 @@ class FieldSystem : public DiffSystem<S> {
   FieldCache<S> cache_;
   std::vector<FieldCache<S>> slots_;
   FieldGradWork<S> work_;
+  std::vector<double> step_;  // (B) the step told to the field; empty: none
 };
 
 // What the ODE-depth loss keeps between calls, so that a training loop sizes its

@@ -36,7 +36,8 @@ struct BlockOffsets {
   size_t ada_w = 0, ada_b = 0;  // (6C, C), (6C): time_cond only
 };
 
-// Offsets of the time embedding's MLP (time_cond only).
+// Offsets of the time embedding's MLP (time_cond only), and of the step embedding's
+// (step_embed.mlp.*, the same shapes; step_cond only).
 struct TimeEmbedOffsets {
   size_t w1 = 0, b1 = 0;  // time_embed.mlp.0: (C, E), (C)
   size_t w2 = 0, b2 = 0;  // time_embed.mlp.2: (C, C), (C)
@@ -59,6 +60,7 @@ class ParamLayout {
   size_t gate_w() const { return gate_w_; }  // exit gate (when the config has one)
   size_t gate_b() const { return gate_b_; }
   const TimeEmbedOffsets& time_embed() const { return time_embed_; }  // time_cond only
+  const TimeEmbedOffsets& step_embed() const { return step_embed_; }  // step_cond only
   size_t field_begin() const { return field_begin_; }
   size_t field_end() const { return field_end_; }
 
@@ -66,7 +68,7 @@ class ParamLayout {
   size_t add(const std::string& name, std::vector<int64_t> shape);
   std::vector<TensorInfo> tensors_;
   std::vector<BlockOffsets> blocks_;
-  TimeEmbedOffsets time_embed_;
+  TimeEmbedOffsets time_embed_, step_embed_;
   size_t gate_w_ = 0, gate_b_ = 0;
   size_t size_ = 0, wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0, field_begin_ = 0, field_end_ = 0;
 };
@@ -76,7 +78,8 @@ class ParamLayout {
 // biases 0, LayerNorm weight 1 and bias 0. Deterministic in `seed`.
 // Time conditioning: time_embed's weights N(0, 0.02) from a stream of their own
 // (so every other tensor is drawn as in the same model without it), ada zero: a
-// freshly initialised time_cond model computes the autonomous field.
+// freshly initialised time_cond model computes the autonomous field. step_embed's
+// weights likewise come from a stream of their own.
 template <class S>
 void init_gpt2(S* params, const ParamLayout& layout, const ModelConfig& cfg, uint64_t seed);
 
