@@ -12,6 +12,7 @@
 #include <fstream>
 #include <memory>
 #include <numeric>
+#include <set>
 #include <sstream>
 
 #include "check.hpp"
@@ -365,6 +366,132 @@ TEST_CASE("a flow-matching step: its gradient against finite differences, for ev
   CHECK_THROWS_WITH(flow_match_step<double>(model.field, model.params.data() + model.layout.field_begin(), states.data(),
                                             B, 0, T, FlowMatchOptions(), r, nullptr, w),
                     Catch::Contains("K must be at least 1"));
+}
+
+TEST_CASE("shortcut models: the draws, the self-consistency target, and the gradient", "[flowmatch][shortcut][fd]") {
+  ModelConfig cfg = make_config(11, 5, 8, 2, 12, 1, 1);
+  cfg.time_cond = true;
+  cfg.step_cond = true;
+  cfg.time_freq = 8;
+  cfg.time_scale = 3.0;
+  cfg.finalize();
+  Model<double> model(cfg);
+  Rng init(12);
+  for (auto& p : model.params) p = 0.3 * init.normal();
+  for (const auto& t : model.layout.tensors())
+    if (t.name.find("ln_") != std::string::npos && t.name.find(".weight") != std::string::npos)
+      for (size_t i = 0; i < t.numel; ++i) model.params[t.offset + i] += 1.0;
+  // the target weights: another point near the trained ones (an EMA)
+  Model<double> target = model;
+  for (auto& p : target.params) p += 0.05 * init.normal();
+  const int B = 8, K = 2, T = 3;
+  const size_t n = static_cast<size_t>(T) * cfg.d_model;
+  Rng data(16);
+  const auto states = randn(static_cast<size_t>(B) * (K + 1) * n, data);
+  double* P = model.params.data() + model.layout.field_begin();
+  const double* TP = target.params.data() + target.layout.field_begin();
+  for (const char* matcher : {"icfm", "trajectory"}) {
+    INFO(matcher);
+    FlowMatchOptions o;
+    o.matcher = parse_matcher(matcher);
+    o.shortcut = true;
+    o.shortcut_fraction = 0.5;
+    o.shortcut_steps = 8;  // steps d in {1, 1/2, 1/4}; the finest half step 1/8 is d = 0
+    FlowMatchWork<double> w;
+    std::vector<double> grad(model.field.num_params(), 0.0);
+    Rng r1(5);
+    const FlowMatchStep st = flow_match_step<double>(model.field, P, states.data(), B, K, T, o, r1, grad.data(), w, nullptr, TP);
+    REQUIRE(st.shortcut_rows == 4);
+    REQUIRE(st.d.size() == static_cast<size_t>(B));
+    std::set<double> levels;
+    for (int b = 0; b < B; ++b) {
+      const double d = st.d[static_cast<size_t>(b)], t = st.t[static_cast<size_t>(b)];
+      if (b >= st.shortcut_rows) {
+        CHECK(d == 0.0);
+        continue;
+      }
+      CHECK((d == 1.0 || d == 0.5 || d == 0.25));
+      levels.insert(d);
+      const double j = t / d;
+      CHECK(j == std::floor(j));  // on the grid of d
+      CHECK(t + d <= 1.0);
+    }
+    CHECK(levels.size() >= 2);
+    // the target by hand: two half steps of the target weights, the finest as d = 0
+    {
+      const int m = st.shortcut_rows;
+      std::vector<double> x(w.xt.begin(), w.xt.begin() + static_cast<long>(m * n)), v1(x.size()), v2(x.size()), x2(x.size());
+      std::vector<double> t(st.t.begin(), st.t.begin() + m), half(static_cast<size_t>(m)), t2(static_cast<size_t>(m));
+      for (int b = 0; b < m; ++b) {
+        const double d = st.d[static_cast<size_t>(b)];
+        half[static_cast<size_t>(b)] = d == 0.25 ? 0.0 : d / 2;
+        t2[static_cast<size_t>(b)] = t[static_cast<size_t>(b)] + d / 2;
+      }
+      FieldCache<double> c;
+      c.resize(cfg, m, T);
+      target.field.forward(v1.data(), x.data(), t.data(), TP, m, T, c, half.data());
+      for (int b = 0; b < m; ++b)
+        for (size_t k = b * n; k < (b + 1) * n; ++k) x2[k] = x[k] + st.d[static_cast<size_t>(b)] / 2 * v1[k];
+      target.field.forward(v2.data(), x2.data(), t2.data(), TP, m, T, c, half.data());
+      std::vector<double> v(x.size());
+      model.field.forward(v.data(), x.data(), t.data(), P, m, T, c, st.d.data());
+      double sl = 0;
+      for (size_t k = 0; k < v.size(); ++k) {
+        const double e = v[k] - (v1[k] + v2[k]) / 2;
+        sl += e * e;
+      }
+      CHECK(st.shortcut_loss == Approx(sl / static_cast<double>(v.size())).epsilon(1e-12));
+    }
+    // the gradient: of the trained weights only (the target is held fixed)
+    auto loss = [&] {
+      Rng r(5);
+      return flow_match_step<double>(model.field, P, states.data(), B, K, T, o, r, nullptr, w, nullptr, TP).loss;
+    };
+    std::vector<double> got, fd;
+    for (const auto& t : model.layout.tensors()) {
+      if (t.offset < model.layout.field_begin() || t.offset >= model.layout.field_end()) continue;
+      const size_t lo = t.offset - model.layout.field_begin(), cnt = std::min<size_t>(t.numel, 3);
+      const auto g = fd_grad(loss, P + lo, cnt);
+      got.insert(got.end(), grad.begin() + static_cast<long>(lo), grad.begin() + static_cast<long>(lo + cnt));
+      fd.insert(fd.end(), g.begin(), g.end());
+    }
+    CHECK(rel_error(got, fd) < 1e-6);
+    // without target weights, the trained ones make the target
+    Rng r2(5);
+    const FlowMatchStep self = flow_match_step<double>(model.field, P, states.data(), B, K, T, o, r2, nullptr, w);
+    CHECK(self.t == st.t);
+    CHECK(self.loss != st.loss);
+  }
+  // bad settings are named
+  FlowMatchWork<double> w;
+  Rng r(1);
+  auto refuse = [&](FlowMatchOptions o, const Model<double>& mm, const std::string& what) {
+    CHECK_THROWS_WITH(flow_match_step<double>(mm.field, mm.params.data() + mm.layout.field_begin(), states.data(), B, K,
+                                              T, o, r, nullptr, w),
+                      Catch::Contains(what));
+  };
+  FlowMatchOptions o;
+  o.shortcut = true;
+  o.shortcut_fraction = 1.0;
+  refuse(o, model, "shortcut fraction must be in (0, 1)");
+  o.shortcut_fraction = 0.25;
+  o.shortcut_steps = 12;
+  refuse(o, model, "power of two of at least 4");
+  o.shortcut_steps = 2;
+  refuse(o, model, "power of two of at least 4");
+  o.shortcut_steps = 16;
+  o.matcher = Matcher::SBCFM;
+  o.sigma = 0.1;
+  refuse(o, model, "not sbcfm");
+  o.matcher = Matcher::ICFM;
+  o.sigma = 0.0;
+  ModelConfig tcfg = cfg;
+  tcfg.step_cond = false;
+  const Model<double> tc(tcfg);
+  refuse(o, tc, "needs a step-conditioned field");
+  EndpointLoss<double> e = [](const double*, const FlowMatchStep&, double*) { return 0.0; };
+  CHECK_THROWS_WITH(flow_match_step<double>(model.field, P, states.data(), B, K, T, o, r, nullptr, w, &e),
+                    Catch::Contains("do not combine"));
 }
 
 // ---- recording ---------------------------------------------------------------------
@@ -851,6 +978,10 @@ TEST_CASE("flow-match train: a run stopped and resumed is the uninterrupted run"
     if (c.matcher == "icfm") {
       c.reflow = 1;  // a second round on the first round's flow
       c.decode_weight = 0.5;
+    } else {
+      c.shortcut = true;  // a step-conditioned student, its targets from the EMA weights
+      c.shortcut_fraction = 0.5;
+      c.shortcut_steps = 4;
     }
     std::ostringstream quiet;
     FlowMatchTrainer whole(c);
@@ -885,6 +1016,20 @@ TEST_CASE("flow-match train: a run stopped and resumed is the uninterrupted run"
                      a.params.begin() + static_cast<long>(wte->offset + wte->numel),
                      teacher.params.begin() + static_cast<long>(twte->offset)));
     if (c.reflow) CHECK(std::filesystem::exists(c.out + "/model-round-0.safetensors"));
+    CHECK(a.cfg.step_cond == c.shortcut);
+    if (c.shortcut) {  // the step embedding trained, and the metrics report the shortcut loss
+      std::ifstream in(c.out + "/metrics.jsonl");
+      std::string line;
+      std::getline(in, line);
+      const json j = json::parse(line);
+      CHECK(j.at("shortcut_loss").get<double>() > 0);
+      CHECK(j.at("nfe_forward").get<double>() == 2.0);  // half the batch: two target evaluations each
+      const Model<float> s0 = make_student(load_model<float>(R.teacher), c.time_freq, c.time_scale, c.seed, true);
+      const TensorInfo& se = a.layout.at("step_embed.mlp.2.weight");
+      CHECK_FALSE(std::equal(a.params.begin() + static_cast<long>(se.offset),
+                             a.params.begin() + static_cast<long>(se.offset + se.numel),
+                             s0.params.begin() + static_cast<long>(se.offset)));
+    }
     // resuming a finished run changes nothing
     {
       FlowMatchTrainer again(cb);
@@ -927,6 +1072,45 @@ TEST_CASE("flowloop flow-match train and eval on the command line", "[flowmatch]
   CHECK(students == 4);
   CHECK(teachers == 5);  // loop 1..3, Euler 1 and 2 over [0, 3]
   CHECK(std::filesystem::exists(out + "/eval.csv"));
+  // a shortcut student: shortcut:N rows by default (N Euler steps told their step)
+  run_command(cli + " flow-match train --data " + R.out + " --matcher icfm --shortcut --shortcut-steps 4 " +
+                  "--shortcut-fraction 0.5 --steps 2 --batch 4 --eval-every 2 --eval-batches 1 --time-freq 8 --out " +
+                  out + "-sc 2>/dev/null",
+              &rc);
+  REQUIRE(rc == 0);
+  {
+    const std::string so = run_command(cli + " flow-match eval -m " + out + "-sc/model.safetensors --data " + R.out +
+                                           " --no-teacher --json 2>/dev/null",
+                                       &rc);
+    REQUIRE(rc == 0);
+    std::set<std::string> names;
+    std::istringstream sl(so);
+    for (std::string line; std::getline(sl, line);)
+      if (!line.empty() && line[0] == '{') {
+        const json j = json::parse(line);
+        names.insert(j.at("sampler").get<std::string>());
+        if (j.at("sampler") == "shortcut:2") CHECK(j.at("nfe").get<double>() == 2);
+      }
+    for (const char* s : {"shortcut:1", "shortcut:2", "shortcut:4", "shortcut:8", "shortcut:3", "euler:1", "rk4:2"})
+      CHECK(names.count(s) == 1);
+    const std::string only = run_command(cli + " flow-match eval -m " + out + "-sc/model.safetensors --data " + R.out +
+                                             " --samplers shortcut:1,rk4:1 --no-teacher --json 2>/dev/null",
+                                         &rc);
+    REQUIRE(rc == 0);
+    CHECK(std::count(only.begin(), only.end(), '{') == 2);  // those two rows only
+  }
+  std::string se = run_command(cli + " flow-match eval -m " + out + "/model.safetensors --data " + R.out +
+                                   " --samplers shortcut:2 2>&1",
+                               &rc);
+  CHECK(rc != 0);
+  CHECK(se.find("need a step-conditioned student") != std::string::npos);
+  se = run_command(cli + " flow-match eval -m " + out + "-sc/model.safetensors --data " + R.out + " --samplers shortcut:x 2>&1",
+                   &rc);
+  CHECK(rc != 0);
+  CHECK(se.find("'shortcut:x' is not shortcut:N") != std::string::npos);
+  se = run_command(cli + " flow-match train --data " + R.out + " --shortcut --shortcut-steps 6 --out " + out + "x 2>&1", &rc);
+  CHECK(rc != 0);
+  CHECK(se.find("power of two") != std::string::npos);
   // a generative student: its rows compare distributions (accuracy and rel_l2 null)
   run_command(cli + " flow-match train --data " + R.out + " --matcher generative --steps 2 --batch 4 --eval-every 2" +
                   " --eval-batches 1 --time-freq 8 --out " + out + "-gen 2>/dev/null",

@@ -805,3 +805,185 @@ TEST_CASE("the training config carries the time conditioning into the model", "[
   }
   fs::remove_all(dir);
 }
+
+// ---- step-size conditioning (shortcut models): c_b = TE(t_b) + SE(d_b) -------------
+
+namespace {
+ModelConfig sc_config(int L) {
+  ModelConfig c = tc_config(L, 3.0);
+  c.step_cond = true;
+  c.finalize();
+  return c;
+}
+}  // namespace
+
+TEST_CASE("step_cond config and layout: step_embed beside time_embed, inside the field", "[timecond][step][config]") {
+  ModelConfig bad = tc_config(1, 3.0);
+  bad.time_cond = false;
+  bad.step_cond = true;
+  CHECK_THROWS_WITH(bad.validate(), Catch::Contains("step_cond (step-size conditioning) needs time_cond"));
+  const ModelConfig c = sc_config(2), t = tc_config(2, 3.0);
+  const ModelConfig back = ModelConfig::from_json(c.to_json(), "test");
+  CHECK(back.step_cond);
+  CHECK(back == c);
+  CHECK_FALSE(c == t);
+  CHECK_FALSE(ModelConfig::from_json(t.to_json(), "test").step_cond);
+  CHECK_THROWS_WITH(ModelConfig::from_json(R"({"vocab_size":11,"context":6,"d_model":8,"n_head":2,"d_ff":12,"n_block":1,"step_cond":true})", "cfg"),
+                    Catch::Contains("needs time_cond"));
+  CHECK_THROWS_WITH(ModelConfig::from_json(R"({"vocab_size":11,"context":6,"d_model":8,"n_head":2,"d_ff":12,"n_block":1,"time_cond":true,"step_cond":1})", "cfg"),
+                    Catch::Contains("\"step_cond\" is not a boolean"));
+  const ParamLayout ls(c), lt(t);
+  const int64_t C = 8, E = 8;
+  size_t extra = 0;
+  for (const auto& [name, shape] : std::vector<std::pair<std::string, std::vector<int64_t>>>{
+           {"step_embed.mlp.0.weight", {C, E}}, {"step_embed.mlp.0.bias", {C}},
+           {"step_embed.mlp.2.weight", {C, C}}, {"step_embed.mlp.2.bias", {C}}}) {
+    INFO(name);
+    const TensorInfo* ti = ls.find(name);
+    REQUIRE(ti);
+    CHECK(ti->shape == shape);
+    CHECK(ti->offset >= ls.field_begin());
+    CHECK(ti->offset + ti->numel <= ls.field_end());
+    CHECK(lt.find(name) == nullptr);
+    extra += ti->numel;
+  }
+  CHECK(ls.size() == lt.size() + extra);
+  Model<float> ms(c), mt(t);
+  CHECK(ms.field.flops(3, 5) - mt.field.flops(3, 5) == Approx(2.0 * 3 * static_cast<double>(E * C + C * C)));
+  // init: every tensor the time-conditioned model has is drawn as there; step_embed's
+  // weights N(0, 0.02) from a stream of their own, its biases 0
+  ms.init(9);
+  mt.init(9);
+  for (const auto& ti : ls.tensors()) {
+    INFO(ti.name);
+    const float* p = ms.params.data() + ti.offset;
+    if (ti.name.rfind("step_embed.", 0) == 0) {
+      double ss = 0;
+      for (size_t i = 0; i < ti.numel; ++i) ss += static_cast<double>(p[i]) * p[i];
+      if (ti.name.find(".bias") != std::string::npos)
+        CHECK(ss == 0.0);
+      else
+        CHECK(std::sqrt(ss / static_cast<double>(ti.numel)) == Approx(0.02).epsilon(0.35));
+    } else {
+      CHECK(std::memcmp(p, mt.params.data() + lt.at(ti.name).offset, ti.numel * sizeof(float)) == 0);
+    }
+  }
+}
+
+TEST_CASE("step-conditioned field vjp matches finite differences for h, t and every parameter", "[timecond][step][fd]") {
+  for (int L : {1, 2}) {
+    const ModelConfig cfg = sc_config(L);
+    Model<double> m(cfg);
+    randomize(m, 300 + L);
+    const int B = 3, T = 4;
+    Rng rng(40 + L);
+    auto h = randn(static_cast<size_t>(B) * T * cfg.d_model, rng), g = randn(h.size(), rng);
+    std::vector<double> t = {0.25, 0.5, 0.0}, d = {0.25, 0.125, 1.0};  // each sequence its own time and step
+    std::vector<double> f(h.size());
+    FieldCache<double> cache;
+    cache.resize(cfg, B, T);
+    auto loss = [&] {
+      m.field.forward(f.data(), h.data(), t.data(), m.field_params(), B, T, cache, d.data());
+      return dot(f, g);
+    };
+    loss();
+    std::vector<double> dh(h.size(), 0.0), dp(m.params.size(), 0.0), dt(B, 0.0);
+    FieldGradWork<double> work;
+    m.field.vjp(dh.data(), dp.data() + m.layout.field_begin(), g.data(), m.field_params(), cache, work, 0, dt.data());
+    INFO("L = " << L);
+    CHECK(rel_error(dh, fd_grad(loss, h.data(), h.size())) < 1e-6);
+    CHECK(rel_error(dt, fd_grad(loss, t.data(), t.size(), 1e-6)) < 1e-6);
+    for (const auto& ti : m.layout.tensors()) {
+      if (ti.offset < m.layout.field_begin() || ti.offset >= m.layout.field_end()) continue;
+      INFO(ti.name);
+      const auto an = slice(dp, ti.offset, ti.numel);
+      CHECK(norm(an) > 1e-6);
+      CHECK(rel_error(an, fd_grad(loss, m.params.data() + ti.offset, ti.numel)) < 1e-6);
+    }
+    // the step matters, and each sequence reads its own
+    const std::vector<double> f0 = (loss(), f);
+    d[1] = 0.5;
+    loss();
+    const size_t n = static_cast<size_t>(T) * cfg.d_model;
+    CHECK(rel_error(slice(f, n, n), slice(f0, n, n)) > 1e-6);
+    CHECK(slice(f, 0, n) == slice(f0, 0, n));
+    CHECK(slice(f, 2 * n, n) == slice(f0, 2 * n, n));
+    // per-sequence parameter gradients add up to the batch's
+    const size_t P = m.field.num_params();
+    std::vector<double> sum(P, 0.0), per(B * P, 0.0), dh2(h.size(), 0.0);
+    m.field.vjp(dh2.data(), sum.data(), g.data(), m.field_params(), cache, work);
+    m.field.vjp(dh2.data(), per.data(), g.data(), m.field_params(), cache, work, P);
+    std::vector<double> total(P, 0.0);
+    for (int b = 0; b < B; ++b)
+      for (size_t i = 0; i < P; ++i) total[i] += per[b * P + i];
+    CHECK(rel_error(total, sum) < 1e-12);
+  }
+}
+
+TEST_CASE("zero step_embed computes the time-conditioned field bit for bit, whatever the step", "[timecond][step][bits]") {
+  const ModelConfig sc = sc_config(2), tc = tc_config(2, 3.0);
+  Model<float> ms(sc), mt(tc);
+  mt.init(4);
+  randomize_ada(mt, 5, 0.1);
+  for (const auto& ti : mt.layout.tensors())
+    std::copy_n(mt.params.data() + ti.offset, ti.numel, ms.params.data() + ms.layout.at(ti.name).offset);
+  const int B = 2, T = 5;
+  Rng rng(3);
+  Buffer<float> h(static_cast<size_t>(B) * T * 8), fs_(h.size()), ft(h.size());
+  for (auto& x : h) x = static_cast<float>(rng.normal());
+  const std::vector<double> t = {0.3, 2.0}, d = {0.5, 0.0625};
+  FieldCache<float> cs, ct;
+  cs.resize(sc, B, T);
+  ct.resize(tc, B, T);
+  mt.field.forward(ft.data(), h.data(), t.data(), mt.field_params(), B, T, ct);
+  ms.field.forward(fs_.data(), h.data(), t.data(), ms.field_params(), B, T, cs, d.data());
+  CHECK(same_bits(fs_, ft));
+  // nonzero step embedding: the step changes the field; a null d is d = 0
+  ms.init(4);
+  for (const auto& ti : mt.layout.tensors())
+    std::copy_n(mt.params.data() + ti.offset, ti.numel, ms.params.data() + ms.layout.at(ti.name).offset);
+  for (const auto& ti : ms.layout.tensors())
+    if (ti.name.rfind("step_embed.", 0) == 0)
+      for (size_t i = 0; i < ti.numel; ++i) ms.params[ti.offset + i] = static_cast<float>(0.5 * rng.normal());
+  ms.field.forward(fs_.data(), h.data(), t.data(), ms.field_params(), B, T, cs, d.data());
+  CHECK_FALSE(same_bits(fs_, ft));
+  const std::vector<double> zeros(B, 0.0);
+  Buffer<float> f0(h.size()), fnull(h.size());
+  ms.field.forward(f0.data(), h.data(), t.data(), ms.field_params(), B, T, cs, zeros.data());
+  ms.field.forward(fnull.data(), h.data(), t.data(), ms.field_params(), B, T, cs);
+  CHECK(same_bits(f0, fnull));
+  // a FieldSystem told a step evaluates at it
+  FieldSystem<float> sys(ms.field, ms.field_params(), B, T);
+  sys.set_step(0.5);
+  const std::vector<double> half(B, 0.5);
+  Buffer<float> fsys(h.size());
+  sys.eval(fsys.data(), h.data(), t.data(), nullptr, B);
+  ms.field.forward(f0.data(), h.data(), t.data(), ms.field_params(), B, T, cs, half.data());
+  CHECK(same_bits(fsys, f0));
+  // errors: a step for a field without step conditioning, a cache of the other kind
+  CHECK_THROWS_WITH(mt.field.forward(ft.data(), h.data(), t.data(), mt.field_params(), B, T, ct, d.data()),
+                    Catch::Contains("not step-conditioned"));
+  CHECK_THROWS_WITH(ms.field.forward(fs_.data(), h.data(), t.data(), ms.field_params(), B, T, ct, d.data()),
+                    Catch::Contains("cache sized for a field without step conditioning"));
+  FieldSystem<float> plain(mt.field, mt.field_params(), B, T);
+  CHECK_THROWS_WITH(plain.set_step(0.5), Catch::Contains("not step-conditioned"));
+  CHECK_THROWS_WITH(sys.set_step(-1.0), Catch::Contains("0 or more"));
+}
+
+TEST_CASE("step-conditioned checkpoints round-trip; a missing step_embed tensor is named", "[timecond][step][checkpoint]") {
+  const fs::path dir = fs::temp_directory_path() / ("flowloop_sc_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const ModelConfig sc = sc_config(1);
+  Model<float> m(sc);
+  m.init(8);
+  const std::string good = (dir / "sc.safetensors").string();
+  save_checkpoint(good, m.cfg, m.layout, m.params.data());
+  const Model<float> back = load_model<float>(good);
+  CHECK(back.cfg.step_cond);
+  CHECK(back.params == m.params);
+  const Model<float> tc(tc_config(1, 3.0));
+  const std::string missing = (dir / "missing.safetensors").string();
+  save_checkpoint(missing, sc, tc.layout, tc.params.data());
+  CHECK_THROWS_WITH(load_model<float>(missing), Catch::Contains("missing tensor 'step_embed.mlp.0.weight'"));
+  fs::remove_all(dir);
+}
