@@ -808,6 +808,21 @@ TEST_CASE("trajectory loader: another teacher, K of 0 and missing files are name
   fs::copy(R.out, k0);
   write_file_atomic(k0 + "/manifest.json", j.dump());
   CHECK_THROWS_WITH(TrajectoryLoader(k0, "train", 0), Catch::Contains("K must be at least 1"));
+  // a teacher whose training data cannot be rebuilt (how its answers are scored is unknown)
+  {
+    const std::string unscored = (R.dir.path / "unscored").string();
+    fs::copy(R.out, unscored);
+    const Model<float> t = load_model<float>(R.teacher);
+    const SafetensorsFile f = SafetensorsFile::read(R.teacher);
+    json tc = json::parse(f.metadata().at("train_config"));
+    tc["task"] = "no-such-task";
+    save_checkpoint(unscored + "/teacher.safetensors", t.cfg, t.layout, t.params.data(), {{"train_config", tc.dump()}});
+    json mj = read_json_file(unscored + "/manifest.json", "");
+    mj["teacher_hash"] = file_hash(unscored + "/teacher.safetensors");
+    write_file_atomic(unscored + "/manifest.json", mj.dump());
+    CHECK_THROWS_WITH(TrajectoryLoader(unscored, "train", 0),
+                      Catch::Contains("cannot tell how the teacher's data is scored") && Catch::Contains("no-such-task"));
+  }
   // a shard that is gone
   fs::remove(R.out + "/train-00001.safetensors");
   CHECK_THROWS_WITH(TrajectoryLoader(R.out, "train", 0), Catch::Contains("train-00001.safetensors"));
@@ -1043,6 +1058,30 @@ TEST_CASE("flow-match train: a run stopped and resumed is the uninterrupted run"
     FlowMatchTrainer t(other);
     CHECK_THROWS_WITH(t.run(true, quiet), Catch::Contains("another configuration"));
   }
+}
+
+TEST_CASE("flow-match train: a resume on a recording of another teacher is refused", "[flowmatch][train]") {
+  Recorded R;
+  FlowMatchConfig c = small_config(R.out, (R.dir.path / "run").string());
+  c.checkpoint_every = 3;
+  std::ostringstream quiet;
+  {
+    FlowMatchTrainer first(c);
+    first.run(false, quiet, 3);
+  }
+  // the recording's path now holds another teacher's paths
+  std::unique_ptr<DataSource> d2;
+  const std::string other = write_teacher(R.dir, "other.safetensors", 9, d2);
+  std::filesystem::remove_all(R.out);
+  RecordOptions o;
+  o.depth.loops = 3;
+  o.batch = 4;
+  o.shard_size = 8;
+  o.train_examples = 24;
+  o.test_examples = 8;
+  record_trajectories(other, *d2, o, R.out, quiet);
+  FlowMatchTrainer again(c);
+  CHECK_THROWS_WITH(again.run(true, quiet), Catch::Contains("learned from teacher") && Catch::Contains("is of teacher"));
 }
 
 TEST_CASE("flowloop flow-match train and eval on the command line", "[flowmatch][train][cli]") {

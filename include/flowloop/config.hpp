@@ -20,7 +20,7 @@ struct ModelConfig {
   bool time_cond = false;
   int time_freq = 256;      // E, even
   double time_scale = 0.0;  // 0 when building means 1000 / depth (filled by finalize)
-  // Step-size conditioning (shortcut models; docs/step-conditioning.md): the field also
+  // Step-size conditioning (shortcut models; README "Checkpoint format"): the field also
   // takes each sequence's step d, embedded as t is (step_embed.mlp.*, added to c_b).
   // Needs time_cond. d = 0 is the instantaneous velocity, what every solver evaluates.
   bool step_cond = false;
