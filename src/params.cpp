@@ -45,20 +45,16 @@ ParamLayout::ParamLayout(const ModelConfig& cfg) {
     }
     blocks_.push_back(b);
   }
-  if (cfg.time_cond) {
+  // the time (and step) embedding: mlp.0 (C, E), mlp.2 (C, C), each with its bias
+  auto embed = [&](const std::string& p, TimeEmbedOffsets& o) {
     const int64_t E = cfg.time_freq;
-    time_embed_.w1 = add("time_embed.mlp.0.weight", {C, E});
-    time_embed_.b1 = add("time_embed.mlp.0.bias", {C});
-    time_embed_.w2 = add("time_embed.mlp.2.weight", {C, C});
-    time_embed_.b2 = add("time_embed.mlp.2.bias", {C});
-  }
-  if (cfg.step_cond) {
-    const int64_t E = cfg.time_freq;
-    step_embed_.w1 = add("step_embed.mlp.0.weight", {C, E});
-    step_embed_.b1 = add("step_embed.mlp.0.bias", {C});
-    step_embed_.w2 = add("step_embed.mlp.2.weight", {C, C});
-    step_embed_.b2 = add("step_embed.mlp.2.bias", {C});
-  }
+    o.w1 = add(p + ".mlp.0.weight", {C, E});
+    o.b1 = add(p + ".mlp.0.bias", {C});
+    o.w2 = add(p + ".mlp.2.weight", {C, C});
+    o.b2 = add(p + ".mlp.2.bias", {C});
+  };
+  if (cfg.time_cond) embed("time_embed", time_embed_);
+  if (cfg.step_cond) embed("step_embed", step_embed_);
   field_end_ = size_;
   lnf_w_ = add("ln_f.weight", {C});
   lnf_b_ = add("ln_f.bias", {C});

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <set>
@@ -28,6 +29,22 @@ using namespace flowloop::test;
 using nlohmann::json;
 
 namespace {
+// The relative error between an analytic gradient of the field's parameters and finite
+// differences of `loss`, on the first `per_tensor` entries of every field tensor.
+double field_grad_error(Model<double>& model, const std::vector<double>& grad, const std::function<double()>& loss,
+                        size_t per_tensor) {
+  double* P = model.params.data() + model.layout.field_begin();
+  std::vector<double> got, fd;
+  for (const auto& t : model.layout.tensors()) {
+    if (t.offset < model.layout.field_begin() || t.offset >= model.layout.field_end()) continue;
+    const size_t lo = t.offset - model.layout.field_begin(), cnt = std::min<size_t>(t.numel, per_tensor);
+    const auto g = fd_grad(loss, P + lo, cnt);
+    got.insert(got.end(), grad.begin() + static_cast<long>(lo), grad.begin() + static_cast<long>(lo + cnt));
+    fd.insert(fd.end(), g.begin(), g.end());
+  }
+  return rel_error(got, fd);
+}
+
 double assignment_cost(const std::vector<double>& cost, const std::vector<int>& perm) {
   const size_t n = perm.size();
   double s = 0;
@@ -286,15 +303,7 @@ TEST_CASE("a flow-matching step: its gradient against finite differences, for ev
       return flow_match_step<double>(model.field, P, states.data(), B, K, T, o, r, nullptr, w).loss;
     };
     // every tensor's first entries (the time embedding and the modulation included)
-    std::vector<double> got, fd;
-    for (const auto& t : model.layout.tensors()) {
-      if (t.offset < model.layout.field_begin() || t.offset >= model.layout.field_end()) continue;
-      const size_t lo = t.offset - model.layout.field_begin(), cnt = std::min<size_t>(t.numel, 3);
-      const auto g = fd_grad(loss, P + lo, cnt);
-      got.insert(got.end(), grad.begin() + static_cast<long>(lo), grad.begin() + static_cast<long>(lo + cnt));
-      fd.insert(fd.end(), g.begin(), g.end());
-    }
-    CHECK(rel_error(got, fd) < 1e-6);
+    CHECK(field_grad_error(model, grad, loss, 3) < 1e-6);
     if (o.coupling == Coupling::Exact) {
       std::vector<int> sorted = st.x1_row;
       std::sort(sorted.begin(), sorted.end());
@@ -328,15 +337,7 @@ TEST_CASE("a flow-matching step: its gradient against finite differences, for ev
         const FlowMatchStep s2 = flow_match_step<double>(model.field, P, states.data(), B, K, T, o, r, nullptr, w, &e);
         return s2.loss + s2.endpoint_loss;
       };
-      std::vector<double> got, fd;
-      for (const auto& t : model.layout.tensors()) {
-        if (t.offset < model.layout.field_begin() || t.offset >= model.layout.field_end()) continue;
-        const size_t lo = t.offset - model.layout.field_begin(), cnt = std::min<size_t>(t.numel, 2);
-        const auto g = fd_grad(loss, P + lo, cnt);
-        got.insert(got.end(), grad.begin() + static_cast<long>(lo), grad.begin() + static_cast<long>(lo + cnt));
-        fd.insert(fd.end(), g.begin(), g.end());
-      }
-      CHECK(rel_error(got, fd) < 1e-6);
+      CHECK(field_grad_error(model, grad, loss, 2) < 1e-6);
     }
     FlowMatchOptions vp;
     vp.matcher = Matcher::VP;
@@ -447,15 +448,7 @@ TEST_CASE("shortcut models: the draws, the self-consistency target, and the grad
       Rng r(5);
       return flow_match_step<double>(model.field, P, states.data(), B, K, T, o, r, nullptr, w, nullptr, TP).loss;
     };
-    std::vector<double> got, fd;
-    for (const auto& t : model.layout.tensors()) {
-      if (t.offset < model.layout.field_begin() || t.offset >= model.layout.field_end()) continue;
-      const size_t lo = t.offset - model.layout.field_begin(), cnt = std::min<size_t>(t.numel, 3);
-      const auto g = fd_grad(loss, P + lo, cnt);
-      got.insert(got.end(), grad.begin() + static_cast<long>(lo), grad.begin() + static_cast<long>(lo + cnt));
-      fd.insert(fd.end(), g.begin(), g.end());
-    }
-    CHECK(rel_error(got, fd) < 1e-6);
+    CHECK(field_grad_error(model, grad, loss, 3) < 1e-6);
     // without target weights, the trained ones make the target
     Rng r2(5);
     const FlowMatchStep self = flow_match_step<double>(model.field, P, states.data(), B, K, T, o, r2, nullptr, w);
