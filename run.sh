@@ -14,8 +14,8 @@
 #   ./run.sh studies  the README's study figures (notebooks/figures) from full-size models
 #                     (about 40 minutes on 2 cores)
 #   ./run.sh flowmatch  the README's flow-matching study: an 8-loop p-hop teacher, its recorded
-#                     latent paths, five flow students, their evaluation and figures (about
-#                     45 minutes on 2 cores)
+#                     latent paths, seven flow students, their evaluation and figures (about
+#                     an hour on 2 cores)
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
 #                     every arm at most 10 minutes, the ODE-depth table and looped vs deep at
 #                     12,000 steps over 3 seeds, the tolerance sweep (about 5 hours on 2 cores)
@@ -113,9 +113,9 @@ case "$mode" in
     ;;
   flowmatch)
     # the README's flow-matching study: a p-hop teacher looped 8 times (12,000 steps), its
-    # latent paths on 131,072 training and 2,048 test examples, five students of 20,000 steps,
+    # latent paths on 131,072 training and 2,048 test examples, seven students of 20,000 steps,
     # each sampled under every solver against the teacher and the truncated teacher; the
-    # figures into notebooks/figures (about 45 minutes on 2 cores; a rerun resumes)
+    # figures into notebooks/figures (about an hour on 2 cores; a rerun resumes)
     build
     fl="$BUILD_DIR/flowloop"
     out="$BUILD_DIR/flowmatch"
@@ -127,7 +127,9 @@ case "$mode" in
       --shard-size 4096 --out "$out/data"
     students=("icfm:--matcher icfm" "icfm_decode:--matcher icfm --decode-weight 1"
               "otcfm:--matcher otcfm --coupling exact" "trajectory:--matcher trajectory"
-              "trajectory_s2:--matcher trajectory --state-stride 2")
+              "trajectory_s2:--matcher trajectory --state-stride 2"
+              "icfm_shortcut:--matcher icfm --shortcut"
+              "trajectory_s2_shortcut:--matcher trajectory --state-stride 2 --shortcut --shortcut-steps 16 --shortcut-fraction 0.25")
     dirs=()
     for s in "${students[@]}"; do
       name=${s%%:*}

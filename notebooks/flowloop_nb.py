@@ -243,9 +243,12 @@ def read_flow_student(d):
         label += f" + decode {cfg['decode_weight']:g}"
     if cfg.get("reflow", 0) > 0:
         label += f", reflow {cfg['reflow']}"
+    if cfg.get("shortcut", False):
+        label += " + shortcut"
     return {"dir": d, "config": cfg, "metrics": metrics, "rows": rows, "label": label}
 
 
 def sampler_family(name):
-    """'euler:2' -> 'euler', 'dopri5:0.001' -> 'dopri5', 'teacher-loop' stays."""
+    """'euler:2' -> 'euler', 'dopri5:0.001' -> 'dopri5', 'shortcut:1' -> 'shortcut' (N Euler
+    steps told their step), 'teacher-loop' stays."""
     return name.split(":")[0]

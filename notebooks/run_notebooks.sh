@@ -71,12 +71,13 @@ if ((demo)); then
   echo '{"tokens": [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 1]]}' > "$data/wp_tokens.json"
   "$fl" bench wp -m "$data/wp_model.safetensors" --tokens "$data/wp_tokens.json" --t1 40 --reps 1 --seconds 0 \
     > "$data/wp.jsonl"
-  echo "== flowloop flow-match: the looped model's paths, two students (icfm with the decode loss, trajectory)"
+  echo "== flowloop flow-match: the looped model's paths, two students (icfm with the decode loss, trajectory with shortcut)"
   "$fl" flow-match record -m "$data/looped/model.safetensors" --examples 1024 --test-examples 128 \
     --shard-size 512 --out "$data/fm_data" >/dev/null 2>&1
   "$fl" flow-match train --data "$data/fm_data" --decode-weight 1 --steps "$demo" --eval-every "$demo" \
     --warmup "$((demo / 5))" --out "$data/fm_icfm" >/dev/null 2>&1
-  "$fl" flow-match train --data "$data/fm_data" --matcher trajectory --steps "$demo" --eval-every "$demo" \
+  "$fl" flow-match train --data "$data/fm_data" --matcher trajectory --shortcut --shortcut-steps 16 \
+    --shortcut-fraction 0.25 --steps "$demo" --eval-every "$demo" \
     --warmup "$((demo / 5))" --out "$data/fm_traj" >/dev/null 2>&1
   for s in fm_icfm fm_traj; do
     "$fl" flow-match eval -m "$data/$s/model.safetensors" --data "$data/fm_data" --csv "$data/$s/eval.csv" \
