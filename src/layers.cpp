@@ -164,50 +164,75 @@ void linear_forward_few(S* out, const S* in, const S* W, const S* b, int N, int 
   }
 }
 
-// The backward of the same few-row product in one pass over W: each job owns a band
-// of kFewCols input columns of din and dW and walks all OUT rows of W once, so W and
-// dW stream through memory once. Sums run in o order (din) and n order (dW) whatever
-// the thread count.
+// The backward of the same few-row product: up to kFewGroup rows at a time, W and dW
+// streamed once per group, a row of W at a time. A job owns a band of kFewCols input
+// columns of din and dW (din's partial sums stay in a local array). Sums run in o order
+// (din) and n order (dW) whatever the thread count. Beyond kFewMaxRows rows, where W
+// would stream once per group, it is linear_backward's GEMMs.
 namespace {
-constexpr int kFewCols = 32;
-constexpr int kFewRows = 64;  // rows held in the band's accumulator at once
+constexpr int kFewCols = 128;
+constexpr int kFewGroup = 4;
+constexpr int kFewMaxRows = 8;
+
+template <int R, bool WITH_DIN, class S>
+void few_backward_group(S* din, S* dW, const S* dout, const S* in, const S* W, int IN, int OUT, int j0, int w) {
+  S acc[R * kFewCols];
+  if (WITH_DIN)
+    for (int k = 0; k < R * kFewCols; ++k) acc[k] = S(0);
+  const S* __restrict x = in + j0;
+  for (int o = 0; o < OUT; ++o) {
+    S d[R];
+    for (int r = 0; r < R; ++r) d[r] = dout[static_cast<int64_t>(r) * OUT + o];
+    const S* __restrict wr = W + static_cast<int64_t>(o) * IN + j0;
+    S* __restrict dwr = dW + static_cast<int64_t>(o) * IN + j0;
+#pragma omp simd
+    for (int j = 0; j < w; ++j) {
+      S g = d[0] * x[j];
+      for (int r = 1; r < R; ++r) g += d[r] * x[static_cast<int64_t>(r) * IN + j];
+      dwr[j] += g;
+      if (WITH_DIN) {
+        const S wj = wr[j];
+        for (int r = 0; r < R; ++r) acc[r * kFewCols + j] += d[r] * wj;
+      }
+    }
+  }
+  if (WITH_DIN)
+    for (int r = 0; r < R; ++r) {
+      S* dr = din + static_cast<int64_t>(r) * IN + j0;
+      for (int j = 0; j < w; ++j) dr[j] += acc[r * kFewCols + j];
+    }
+}
+
+template <bool WITH_DIN, class S>
+void few_backward_rows(S* din, S* dW, const S* dout, const S* in, const S* W, int R, int IN, int OUT, int j0, int w) {
+  switch (R) {
+    case 4: few_backward_group<4, WITH_DIN>(din, dW, dout, in, W, IN, OUT, j0, w); break;
+    case 3: few_backward_group<3, WITH_DIN>(din, dW, dout, in, W, IN, OUT, j0, w); break;
+    case 2: few_backward_group<2, WITH_DIN>(din, dW, dout, in, W, IN, OUT, j0, w); break;
+    default: few_backward_group<1, WITH_DIN>(din, dW, dout, in, W, IN, OUT, j0, w); break;
+  }
+}
 }  // namespace
 
 template <class S>
 void linear_backward_few(S* din, S* dW, S* db, const S* dout, const S* in, const S* W, int N, int IN, int OUT) {
   if (N <= 0) return;
+  if (N > kFewMaxRows) {
+    linear_backward(din, dW, db, dout, in, W, N, IN, OUT);
+    return;
+  }
   const int nb = (IN + kFewCols - 1) / kFewCols;
-#pragma omp parallel for schedule(static) if (few_parallel(N, IN, OUT))
+#pragma omp parallel for schedule(static) if (few_parallel(N, IN, OUT) && nb > 1)
   for (int job = 0; job < nb; ++job) {
     const int j0 = job * kFewCols, w = std::min(kFewCols, IN - j0);
-    S acc[kFewRows * kFewCols];
-    for (int n0 = 0; n0 < N; n0 += kFewRows) {
-      const int nr = std::min(kFewRows, N - n0);
+    for (int n0 = 0; n0 < N; n0 += kFewGroup) {
+      const int R = std::min(kFewGroup, N - n0);
+      const S* g = dout + static_cast<int64_t>(n0) * OUT;
+      const S* x = in + static_cast<int64_t>(n0) * IN;
       if (din)
-        for (int k = 0; k < nr * kFewCols; ++k) acc[k] = S(0);
-      for (int o = 0; o < OUT; ++o) {
-        const S* wr = W + static_cast<int64_t>(o) * IN + j0;
-        S* dwr = dW + static_cast<int64_t>(o) * IN + j0;
-        S grad[kFewCols];
-        for (int j = 0; j < w; ++j) grad[j] = S(0);
-        for (int n = 0; n < nr; ++n) {
-          const S d = dout[static_cast<int64_t>(n0 + n) * OUT + o];
-          const S* xr = in + static_cast<int64_t>(n0 + n) * IN + j0;
-#pragma omp simd
-          for (int j = 0; j < w; ++j) grad[j] += d * xr[j];
-          if (!din) continue;
-          S* ar = acc + n * kFewCols;
-#pragma omp simd
-          for (int j = 0; j < w; ++j) ar[j] += d * wr[j];
-        }
-#pragma omp simd
-        for (int j = 0; j < w; ++j) dwr[j] += grad[j];
-      }
-      if (din)
-        for (int n = 0; n < nr; ++n) {
-          S* dr = din + static_cast<int64_t>(n0 + n) * IN + j0;
-          for (int j = 0; j < w; ++j) dr[j] += acc[n * kFewCols + j];
-        }
+        few_backward_rows<true>(din + static_cast<int64_t>(n0) * IN, dW, g, x, W, R, IN, OUT, j0, w);
+      else
+        few_backward_rows<false>(static_cast<S*>(nullptr), dW, g, x, W, R, IN, OUT, j0, w);
     }
   }
   if (db)
