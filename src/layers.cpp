@@ -175,12 +175,13 @@ constexpr int kFewGroup = 4;
 constexpr int kFewMaxRows = 8;
 
 template <int R, bool WITH_DIN, class S>
-void few_backward_group(S* din, S* dW, const S* dout, const S* in, const S* W, int IN, int OUT, int j0, int w) {
+void few_backward_group(S* din, S* part, S* dW, const S* dout, const S* in, const S* W, int IN, int OUT, int o0,
+                        int o1, int j0, int w) {
   S acc[R * kFewCols];
   if (WITH_DIN)
     for (int k = 0; k < R * kFewCols; ++k) acc[k] = S(0);
   const S* __restrict x = in + j0;
-  for (int o = 0; o < OUT; ++o) {
+  for (int o = o0; o < o1; ++o) {
     S d[R];
     for (int r = 0; r < R; ++r) d[r] = dout[static_cast<int64_t>(r) * OUT + o];
     const S* __restrict wr = W + static_cast<int64_t>(o) * IN + j0;
@@ -196,20 +197,39 @@ void few_backward_group(S* din, S* dW, const S* dout, const S* in, const S* W, i
       }
     }
   }
-  if (WITH_DIN)
-    for (int r = 0; r < R; ++r) {
-      S* dr = din + static_cast<int64_t>(r) * IN + j0;
-      for (int j = 0; j < w; ++j) dr[j] += acc[r * kFewCols + j];
-    }
+  if (!WITH_DIN) return;
+  if (part) {  // this part's sums, added by the caller in part order
+    std::copy_n(acc, R * kFewCols, part);
+    return;
+  }
+  for (int r = 0; r < R; ++r) {
+    S* dr = din + static_cast<int64_t>(r) * IN + j0;
+    for (int j = 0; j < w; ++j) dr[j] += acc[r * kFewCols + j];
+  }
 }
 
-template <bool WITH_DIN, class S>
-void few_backward_rows(S* din, S* dW, const S* dout, const S* in, const S* W, int R, int IN, int OUT, int j0, int w) {
-  switch (R) {
-    case 4: few_backward_group<4, WITH_DIN>(din, dW, dout, in, W, IN, OUT, j0, w); break;
-    case 3: few_backward_group<3, WITH_DIN>(din, dW, dout, in, W, IN, OUT, j0, w); break;
-    case 2: few_backward_group<2, WITH_DIN>(din, dW, dout, in, W, IN, OUT, j0, w); break;
-    default: few_backward_group<1, WITH_DIN>(din, dW, dout, in, W, IN, OUT, j0, w); break;
+// Rows n0 .. N - 1 in groups of kFewGroup, outputs [o0, o1), the band [j0, j0 + w).
+template <class S>
+void few_backward_band(S* din, S* part, S* dW, const S* dout, const S* in, const S* W, int N, int IN, int OUT,
+                       int o0, int o1, int j0, int w) {
+  for (int n0 = 0; n0 < N; n0 += kFewGroup) {
+    const int R = std::min(kFewGroup, N - n0);
+    const S* g = dout + static_cast<int64_t>(n0) * OUT;
+    const S* x = in + static_cast<int64_t>(n0) * IN;
+    S* dn = din ? din + static_cast<int64_t>(n0) * IN : nullptr;
+    S* pn = part ? part + static_cast<int64_t>(n0) * kFewCols : nullptr;
+#define FLOWLOOP_FEW_GROUP(RR)                                                                             \
+  if (din)                                                                                                 \
+    few_backward_group<RR, true>(dn, pn, dW, g, x, W, IN, OUT, o0, o1, j0, w);                             \
+  else                                                                                                     \
+    few_backward_group<RR, false>(dn, pn, dW, g, x, W, IN, OUT, o0, o1, j0, w);
+    switch (R) {
+      case 4: FLOWLOOP_FEW_GROUP(4) break;
+      case 3: FLOWLOOP_FEW_GROUP(3) break;
+      case 2: FLOWLOOP_FEW_GROUP(2) break;
+      default: FLOWLOOP_FEW_GROUP(1) break;
+    }
+#undef FLOWLOOP_FEW_GROUP
   }
 }
 }  // namespace
@@ -221,19 +241,28 @@ void linear_backward_few(S* din, S* dW, S* db, const S* dout, const S* in, const
     linear_backward(din, dW, db, dout, in, W, N, IN, OUT);
     return;
   }
-  const int nb = (IN + kFewCols - 1) / kFewCols;
-#pragma omp parallel for schedule(static) if (few_parallel(N, IN, OUT) && nb > 1)
-  for (int job = 0; job < nb; ++job) {
-    const int j0 = job * kFewCols, w = std::min(kFewCols, IN - j0);
-    for (int n0 = 0; n0 < N; n0 += kFewGroup) {
-      const int R = std::min(kFewGroup, N - n0);
-      const S* g = dout + static_cast<int64_t>(n0) * OUT;
-      const S* x = in + static_cast<int64_t>(n0) * IN;
-      if (din)
-        few_backward_rows<true>(din + static_cast<int64_t>(n0) * IN, dW, g, x, W, R, IN, OUT, j0, w);
-      else
-        few_backward_rows<false>(static_cast<S*>(nullptr), dW, g, x, W, R, IN, OUT, j0, w);
+  // Large products split the outputs in two fixed halves, each its own job with its own
+  // partial sums of din, added in half order: a split by shape, so the bits are the same
+  // on one thread or two.
+  const bool halves = few_parallel(N, IN, OUT) && OUT >= 2 * kFewCols;
+  for (int j0 = 0; j0 < IN; j0 += kFewCols) {
+    const int w = std::min(kFewCols, IN - j0);
+    if (!halves) {
+      few_backward_band<S>(din, nullptr, dW, dout, in, W, N, IN, OUT, 0, OUT, j0, w);
+      continue;
     }
+    S part[2][kFewMaxRows * kFewCols];
+    const int mid = OUT / 2;
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < 2; ++h)
+      few_backward_band<S>(din, din ? part[h] : nullptr, dW, dout, in, W, N, IN, OUT, h ? mid : 0, h ? OUT : mid, j0, w);
+    if (din)
+      for (int n = 0; n < N; ++n) {
+        S* dr = din + static_cast<int64_t>(n) * IN + j0;
+        const S* p0 = part[0] + static_cast<int64_t>(n) * kFewCols;
+        const S* p1 = part[1] + static_cast<int64_t>(n) * kFewCols;
+        for (int j = 0; j < w; ++j) dr[j] += p0[j] + p1[j];
+      }
   }
   if (db)
     for (int o = 0; o < OUT; ++o) {

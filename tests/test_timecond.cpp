@@ -987,3 +987,27 @@ TEST_CASE("step-conditioned checkpoints round-trip; a missing step_embed tensor 
   CHECK_THROWS_WITH(load_model<float>(missing), Catch::Contains("missing tensor 'step_embed.mlp.0.weight'"));
   fs::remove_all(dir);
 }
+
+TEST_CASE("the float field's sinusoids agree with the double field's to float rounding", "[timecond][embed]") {
+  ModelConfig c = tc_config(1, 0.0, 8);  // time_scale 125: phases up to 1000 radians
+  c.time_freq = 64;
+  c.finalize();
+  Model<float> mf(c);
+  Model<double> md(c);
+  mf.init(3);
+  for (size_t i = 0; i < mf.params.size(); ++i) md.params[i] = mf.params[i];
+  const int B = 4, T = 2;
+  const std::vector<double> t = {0.0, 0.3, 4.1, 7.99};
+  FieldCache<float> cf;
+  FieldCache<double> cd;
+  cf.resize(c, B, T);
+  cd.resize(c, B, T);
+  Buffer<float> hf(static_cast<size_t>(B) * T * c.d_model, 0.5f), ff(hf.size());
+  Buffer<double> hd(hf.size(), 0.5), fd(hf.size());
+  mf.field.forward(ff.data(), hf.data(), t.data(), mf.field_params(), B, T, cf);
+  md.field.forward(fd.data(), hd.data(), t.data(), md.field_params(), B, T, cd);
+  double worst = 0;
+  for (size_t i = 0; i < cd.time.e.size(); ++i) worst = std::max(worst, std::fabs(cf.time.e[i] - cd.time.e[i]));
+  CHECK(worst <= 3e-7);  // 2.5 float ulps at 1
+  CHECK(cf.time.e[0] == 1.0f);  // t = 0: cos 0
+}
