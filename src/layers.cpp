@@ -263,7 +263,7 @@ void linear_backward_few(S* din, S* dW, S* db, const S* dout, const S* in, const
   // Large products split the outputs in two fixed halves, each its own job with its own
   // partial sums of din, added in half order: a split by shape, so the bits are the same
   // on one thread or two.
-  const bool halves = few_parallel(N, IN, OUT) && OUT >= 2 * kFewCols;
+  const bool halves = few_parallel(N, IN, OUT) && OUT >= kFewCols;
   for (int j0 = 0; j0 < IN; j0 += kFewCols) {
     const int w = std::min(kFewCols, IN - j0);
     if (!halves) {
