@@ -59,3 +59,41 @@ double scaled_diff_sum_squares(const S* a, const S* b, const S* y, double rtol, 
                                size_t n);
 
 }  // namespace flowloop::algebra
+
+// The same over device memory, for the CUDA backend (library flowloop_cuda; defined with
+// Thrust in cuda/thrust_algebra.hpp). Every array is a device array, the states as
+// the per-row step sizes h (indexed by row), the row lists and the per-row results,
+// so that a step's control stays on the device; only the tableau's coefficients
+// (c, e) and the array of stage pointers k are host arrays. Element-wise results are
+// computed as above; the reductions are Thrust's (equal to the CPU's to rounding).
+namespace flowloop::algebra::device {
+template <class S>
+void rk_combine(S* out, const S* y, double h, const double* c, const S* const* k, int m, size_t n);
+template <class S>
+void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
+                     const int* rows, int nrows, size_t n);
+template <class S>
+void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n);
+template <class S>
+double error_sum_squares(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
+                         double rtol, double atol, size_t n);
+template <class S>
+double error_norm(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1, double rtol,
+                  double atol, size_t n);
+// out[i] (device, nrows) = error_sum_squares of row rows[i] with its own step h[rows[i]]:
+// a batch's per-row error sums in one pass (the driver copies them to the host once).
+template <class S>
+void error_sum_squares_rows(double* out, const double* h, const double* e, const S* const* k, int m, const S* y0,
+                            const S* y1, double rtol, double atol, const int* rows, int nrows, size_t n);
+template <class S>
+double sum_squares(const S* x, size_t n);
+// Whether all n values are finite (the solver's NaN check).
+template <class S>
+bool all_finite(const S* x, size_t n);
+// The active rows: gather packs rows rows[0..nrows) of src (rows of n values) into dst's
+// first nrows rows; scatter puts them back.
+template <class S>
+void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n);
+template <class S>
+void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n);
+}  // namespace flowloop::algebra::device

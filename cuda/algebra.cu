@@ -1,0 +1,25 @@
+// cuda/algebra.cu: the device algebra (thrust_algebra.hpp) compiled for the GPU, float
+// and double, so that every function is built by nvcc here and in CI.
+#include "thrust_algebra.hpp"
+
+namespace flowloop::algebra::device {
+
+#define FLOWLOOP_DEVICE_ALGEBRA(S)                                                                             \
+  template void rk_combine_rows<S>(S*, const S*, const double*, const double*, const S* const*, int, const int*, \
+                                   int, size_t);                                                               \
+  template void rk_combine<S>(S*, const S*, double, const double*, const S* const*, int, size_t);              \
+  template void scaled_sum<S>(S*, double, const double*, const S* const*, int, size_t);                        \
+  template double error_sum_squares<S>(double, const double*, const S* const*, int, const S*, const S*, double, \
+                                       double, size_t);                                                        \
+  template double error_norm<S>(double, const double*, const S* const*, int, const S*, const S*, double, double, \
+                                size_t);                                                                       \
+  template void error_sum_squares_rows<S>(double*, const double*, const double*, const S* const*, int, const S*, \
+                                          const S*, double, double, const int*, int, size_t);                  \
+  template double sum_squares<S>(const S*, size_t);                                                            \
+  template bool all_finite<S>(const S*, size_t);                                                               \
+  template void gather_rows<S>(S*, const S*, const int*, int, size_t);                                         \
+  template void scatter_rows<S>(S*, const S*, const int*, int, size_t);
+FLOWLOOP_DEVICE_ALGEBRA(float)
+FLOWLOOP_DEVICE_ALGEBRA(double)
+
+}  // namespace flowloop::algebra::device

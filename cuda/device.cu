@@ -1,0 +1,58 @@
+// cuda/device.cu: the device, its memory, and checked copies.
+#include "check.cuh"
+#include "flowloop/cuda.hpp"
+
+namespace flowloop::cuda {
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: clear the sticky error, report none
+    return 0;
+  }
+  return n;
+}
+
+std::string device_description(int device) {
+  if (device_count() <= device)
+    throw Error("no CUDA device " + std::to_string(device) + " (" + std::to_string(device_count()) + " visible)");
+  cudaDeviceProp p{};
+  FLOWLOOP_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
+  return std::string(p.name) + ", " + std::to_string(p.totalGlobalMem / (1024.0 * 1024.0 * 1024.0)).substr(0, 5) +
+         " GiB, compute capability " + std::to_string(p.major) + "." + std::to_string(p.minor);
+}
+
+std::pair<size_t, size_t> memory_info() {
+  size_t free_b = 0, total = 0;
+  FLOWLOOP_CUDA_CHECK(cudaMemGetInfo(&free_b, &total));
+  return {free_b, total};
+}
+
+void synchronize() { FLOWLOOP_CUDA_CHECK(cudaDeviceSynchronize()); }
+
+void* device_alloc(size_t bytes) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, bytes);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total = 0;
+    cudaMemGetInfo(&free_b, &total);
+    throw Error("CUDA: cannot allocate " + std::to_string(bytes) + " bytes on the device (" +
+                std::to_string(free_b) + " free of " + std::to_string(total) + "): " + cudaGetErrorString(e));
+  }
+  return p;
+}
+
+void device_free(void* p) noexcept {
+  if (p) cudaFree(p);
+}
+
+void copy_to_device(void* dst, const void* src, size_t bytes) {
+  FLOWLOOP_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+
+void copy_to_host(void* dst, const void* src, size_t bytes) {
+  FLOWLOOP_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+
+}  // namespace flowloop::cuda

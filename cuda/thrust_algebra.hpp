@@ -1,0 +1,253 @@
+// cuda/thrust_algebra.hpp: algebra.hpp's state arithmetic over device memory, with
+// Thrust (CCCL), for the CUDA backend. Every array is in device memory (raw pointers):
+// the states, each sequence's step size h (double, indexed by row), the row lists and
+// the per-row results, so that a step's control stays on the device; only the small
+// tableau arrays (coefficients c, e and the stage pointers k) are host arrays, passed
+// by value to the kernels. Nothing is allocated.
+//
+// nvcc compiles it for the GPU; CI, which has no GPU, compiles it with the host
+// compiler against Thrust's OpenMP device system and checks it against the CPU algebra
+// (tests [thrust]). The element-wise operations compute every value as algebra.cpp does
+// (the same operations in the same order); the reductions are Thrust's, so their sums
+// agree with the CPU's to rounding, not bit for bit.
+#pragma once
+
+#include <thrust/count.h>
+#include <thrust/iterator/discard_iterator.h>
+#include <thrust/execution_policy.h>
+#include <thrust/for_each.h>
+#include <thrust/functional.h>
+#include <thrust/iterator/counting_iterator.h>
+#include <thrust/iterator/transform_iterator.h>
+#include <thrust/reduce.h>
+#include <thrust/transform_reduce.h>
+
+#include <cmath>
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+
+#include "flowloop/algebra.hpp"  // the declarations
+#include "flowloop/kernels.hpp"  // FLOWLOOP_HD
+
+namespace flowloop::algebra::device {
+
+constexpr int kMaxStages = 32;  // as the CPU algebra
+
+// The stages of one combination, by value (a kernel's argument).
+template <class S>
+struct Stages {
+  const S* k[kMaxStages];
+  S c[kMaxStages];
+  int m = 0;
+};
+
+template <class S>
+Stages<S> make_stages(const double* c, const S* const* k, int m) {
+  if (m < 0 || m > kMaxStages)
+    throw std::invalid_argument("device algebra: " + std::to_string(m) + " stages (at most " +
+                                std::to_string(kMaxStages) + ")");
+  Stages<S> s;
+  s.m = m;
+  for (int j = 0; j < m; ++j) {
+    s.k[j] = k[j];
+    s.c[j] = static_cast<S>(c[j]);
+  }
+  return s;
+}
+
+// sum_j c_j k_j[i], from the first term on (algebra.cpp's order)
+template <class S>
+FLOWLOOP_HD S stage_sum(const Stages<S>& st, size_t i) {
+  S acc = st.c[0] * st.k[0][i];
+  for (int j = 1; j < st.m; ++j) acc += st.c[j] * st.k[j][i];
+  return acc;
+}
+
+template <class S>
+struct CombineRows {
+  S* out;
+  const S* y;
+  const double* h;   // (rows of the batch) each row's step
+  const int* rows;   // (nrows) the listed rows
+  Stages<S> st;
+  size_t n;
+  FLOWLOOP_HD void operator()(size_t g) const {
+    const size_t r = static_cast<size_t>(rows[g / n]), idx = r * n + g % n;
+    out[idx] = st.m == 0 ? y[idx] : y[idx] + static_cast<S>(h[r]) * stage_sum(st, idx);
+  }
+};
+
+// For each listed row r = rows[i], i < nrows: out[r] = y[r] + h[r] sum_j c_j k_j[r], rows
+// of n values (algebra::rk_combine_rows). out may alias y.
+template <class S>
+void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
+                     const int* rows, int nrows, size_t n) {
+  if (nrows <= 0 || n == 0) return;
+  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
+                     CombineRows<S>{out, y, h, rows, make_stages(c, k, m), n});
+}
+
+template <class S>
+struct Combine {
+  S* out;
+  const S* y;
+  S hs;
+  Stages<S> st;
+  FLOWLOOP_HD void operator()(size_t i) const { out[i] = st.m == 0 ? y[i] : y[i] + hs * stage_sum(st, i); }
+};
+
+// out = y + h sum_j c_j k_j, n values (one state, h a host value)
+template <class S>
+void rk_combine(S* out, const S* y, double h, const double* c, const S* const* k, int m, size_t n) {
+  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), n,
+                     Combine<S>{out, y, static_cast<S>(h), make_stages(c, k, m)});
+}
+
+template <class S>
+struct ScaledSum {
+  S* out;
+  S hs;
+  Stages<S> st;
+  FLOWLOOP_HD void operator()(size_t i) const { out[i] = hs * stage_sum(st, i); }
+};
+
+// out = h sum_j c_j k_j (m >= 1)
+template <class S>
+void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n) {
+  if (m < 1) throw std::invalid_argument("device algebra: scaled_sum needs a stage");
+  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), n,
+                     ScaledSum<S>{out, static_cast<S>(h), make_stages(c, k, m)});
+}
+
+// The squared scaled error of value i, in S then squared in double (algebra.cpp's
+// error_sum_squares); a non-finite y1 gives NaN.
+template <class S>
+struct ErrorSquare {
+  const S* y0;
+  const S* y1;
+  S hs, rt, at;
+  Stages<S> st;  // the error weights e_j (zero ones left out) and their stages
+  FLOWLOOP_HD double value(size_t i, S h) const {
+    S acc = y1[i] - y1[i];
+    for (int j = 0; j < st.m; ++j) acc += st.c[j] * st.k[j][i];
+    const S a0 = y0[i] < S(0) ? -y0[i] : y0[i], a1 = y1[i] < S(0) ? -y1[i] : y1[i];
+    const S r = h * acc / (at + rt * (a0 > a1 ? a0 : a1));
+    return static_cast<double>(r) * static_cast<double>(r);
+  }
+  FLOWLOOP_HD double operator()(size_t i) const { return value(i, hs); }
+};
+
+template <class S>
+ErrorSquare<S> error_square(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
+                            double rtol, double atol) {
+  if (m < 0 || m > kMaxStages) throw std::invalid_argument("device algebra: too many stages");
+  ErrorSquare<S> f{y0, y1, static_cast<S>(h), static_cast<S>(rtol), static_cast<S>(atol), Stages<S>()};
+  for (int j = 0; j < m; ++j)
+    if (e[j] != 0.0) {
+      f.st.k[f.st.m] = k[j];
+      f.st.c[f.st.m++] = static_cast<S>(e[j]);
+    }
+  return f;
+}
+
+// sum_i ((h sum_j e_j k_j)_i / (atol + rtol max(|y0_i|, |y1_i|)))^2, in double
+template <class S>
+double error_sum_squares(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
+                         double rtol, double atol, size_t n) {
+  return thrust::transform_reduce(thrust::device, thrust::counting_iterator<size_t>(0),
+                                  thrust::counting_iterator<size_t>(n), error_square(h, e, k, m, y0, y1, rtol, atol),
+                                  0.0, thrust::plus<double>());
+}
+
+template <class S>
+double error_norm(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1, double rtol,
+                  double atol, size_t n) {
+  return std::sqrt(error_sum_squares(h, e, k, m, y0, y1, rtol, atol, n) / static_cast<double>(n));
+}
+
+struct RowOf {
+  size_t n;
+  FLOWLOOP_HD size_t operator()(size_t g) const { return g / n; }
+};
+
+template <class S>
+struct RowErrorSquare {
+  ErrorSquare<S> sq;
+  const double* h;  // (rows of the batch) each row's step
+  const int* rows;  // (nrows)
+  size_t n;
+  FLOWLOOP_HD double operator()(size_t g) const {
+    const size_t r = static_cast<size_t>(rows[g / n]);
+    return sq.value(r * n + g % n, static_cast<S>(h[r]));
+  }
+};
+
+// The per-row error sums of a batch in one pass (a row-batched error norm): out[i]
+// (device, nrows) = error_sum_squares of row rows[i] with its own step h[rows[i]]. The
+// driver then copies these nrows doubles to the host once per step.
+template <class S>
+void error_sum_squares_rows(double* out, const double* h, const double* e, const S* const* k, int m, const S* y0,
+                            const S* y1, double rtol, double atol, const int* rows, int nrows, size_t n) {
+  if (nrows <= 0) return;
+  const RowErrorSquare<S> f{error_square(1.0, e, k, m, y0, y1, rtol, atol), h, rows, n};
+  auto keys = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), RowOf{n});
+  auto vals = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), f);
+  thrust::reduce_by_key(thrust::device, keys, keys + static_cast<std::ptrdiff_t>(static_cast<size_t>(nrows) * n), vals,
+                        thrust::make_discard_iterator(), out);
+}
+
+template <class S>
+struct Square {
+  FLOWLOOP_HD double operator()(S x) const { return static_cast<double>(x) * static_cast<double>(x); }
+};
+
+template <class S>
+double sum_squares(const S* x, size_t n) {
+  return thrust::transform_reduce(thrust::device, x, x + n, Square<S>(), 0.0, thrust::plus<double>());
+}
+
+template <class S>
+struct NotFinite {
+  FLOWLOOP_HD bool operator()(S x) const { return !(x - x == S(0)); }  // NaN and Inf give NaN
+};
+
+// Whether every one of the n values is finite (the solver's NaN check).
+template <class S>
+bool all_finite(const S* x, size_t n) {
+  return thrust::count_if(thrust::device, x, x + n, NotFinite<S>()) == 0;
+}
+
+template <class S>
+struct GatherRows {
+  S* dst;
+  const S* src;
+  const int* rows;
+  size_t n;
+  bool scatter;
+  FLOWLOOP_HD void operator()(size_t g) const {
+    const size_t i = g / n, r = static_cast<size_t>(rows[i]), j = g % n;
+    if (scatter)
+      dst[r * n + j] = src[i * n + j];
+    else
+      dst[i * n + j] = src[r * n + j];
+  }
+};
+
+// The active rows of a batch: gather packs rows rows[0..nrows) of src (rows of n values)
+// into dst's first nrows rows; scatter puts them back.
+template <class S>
+void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) {
+  if (nrows <= 0) return;
+  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
+                     GatherRows<S>{dst, src, rows, n, false});
+}
+
+template <class S>
+void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) {
+  if (nrows <= 0) return;
+  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
+                     GatherRows<S>{dst, src, rows, n, true});
+}
+
+}  // namespace flowloop::algebra::device

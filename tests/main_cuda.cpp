@@ -1,0 +1,19 @@
+// The [cuda] tests' main: without a GPU (or a driver) it says so and exits with 77,
+// which CTest reports as skipped; listing the tests works anywhere.
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <cstring>
+
+#include "flowloop/cuda.hpp"
+
+int main(int argc, char** argv) {
+  bool listing = false;
+  for (int i = 1; i < argc; ++i) listing = listing || std::strncmp(argv[i], "--list", 6) == 0;
+  if (!listing && flowloop::cuda::device_count() == 0) {
+    std::printf("no CUDA device visible: the [cuda] tests are skipped (run them on a GPU machine)\n");
+    return 77;
+  }
+  if (!listing) std::printf("CUDA device: %s\n", flowloop::cuda::device_description(0).c_str());
+  return Catch::Session().run(argc, argv);
+}
