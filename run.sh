@@ -19,6 +19,8 @@
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
 #                     every arm at most 10 minutes, the ODE-depth table and looped vs deep at
 #                     12,000 steps over 3 seeds, the tolerance sweep (about 5 hours on 2 cores)
+#   ./run.sh gpu-check  on a GPU machine: build the CUDA backend and run its agreement tests
+#                     against the CPU (fails where no GPU is visible)
 # Environment: BUILD_DIR (default build), JOBS (default: all cores).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -216,6 +218,18 @@ case "$mode" in
     build
     cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS"
     ;;
+  gpu-check)
+    # on a GPU machine: the CUDA backend's agreement tests against the CPU (float and
+    # double), with the device named; fails where no GPU is visible
+    build -DFLOWLOOP_CUDA=ON
+    rc=0
+    "$BUILD_DIR/tests/flowloop_cuda_tests" "${@:2}" || rc=$?
+    if ((rc == 77)); then
+      echo "gpu-check: no CUDA device visible here" >&2
+      exit 1
+    fi
+    exit "$rc"
+    ;;
   peer)
     build
     need_pkgs python3 python3-torch python3-numpy python3-scipy python3-pip
@@ -235,7 +249,7 @@ case "$mode" in
     FLOWLOOP="$BUILD_DIR/flowloop" notebooks/run_notebooks.sh --out "$BUILD_DIR/notebooks" "${@:2}"
     ;;
   *)
-    echo "usage: ./run.sh [main|study|studies|flowmatch|test|tour|peer|reproduce|figures]" >&2
+    echo "usage: ./run.sh [main|study|studies|flowmatch|test|tour|peer|reproduce|figures|gpu-check]" >&2
     exit 2
     ;;
 esac
