@@ -7,6 +7,7 @@
 #include <unistd.h>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "flowloop/config.hpp"
@@ -47,6 +48,14 @@ inline std::vector<double> randn(size_t n, flowloop::Rng& rng, double scale = 1.
   return v;
 }
 
+// n values of type S from N(0, scale^2).
+template <class S>
+std::vector<S> random_values(size_t n, flowloop::Rng& rng, double scale = 1.0) {
+  std::vector<S> v(n);
+  for (auto& x : v) x = static_cast<S>(scale * rng.normal());
+  return v;
+}
+
 // Norm-wise relative error ||a - b|| / max(||a||, ||b||, floor); NaN anywhere
 // gives +inf so that NaN never passes.
 inline double rel_error(const std::vector<double>& a, const std::vector<double>& b,
@@ -60,6 +69,17 @@ inline double rel_error(const std::vector<double>& a, const std::vector<double>&
     nb += b[i] * b[i];
   }
   return std::sqrt(d) / std::max({std::sqrt(na), std::sqrt(nb), floor});
+}
+
+// rel_error of vectors of any floating type, and the tolerance of a backend comparison:
+// float 1e-6 (a few roundings), double 1e-15, unless given.
+template <class S>
+double rel_error_of(const std::vector<S>& a, const std::vector<S>& b) {
+  return rel_error(std::vector<double>(a.begin(), a.end()), std::vector<double>(b.begin(), b.end()));
+}
+template <class S>
+constexpr double backend_tol(double float_tol = 1e-6, double double_tol = 1e-15) {
+  return std::is_same_v<S, float> ? float_tol : double_tol;
 }
 
 // Central differences of loss() with respect to x[lo, lo + n): (L(x+e) - L(x-e)) / 2e,

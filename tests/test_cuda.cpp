@@ -16,12 +16,6 @@ using namespace flowloop::test;
 
 namespace {
 template <class S>
-std::vector<S> random_values(size_t n, Rng& rng, double scale = 1.0) {
-  std::vector<S> v(n);
-  for (auto& x : v) x = static_cast<S>(scale * rng.normal());
-  return v;
-}
-template <class S>
 std::vector<S> down(const cuda::DeviceBuffer<S>& d) {
   std::vector<S> h(d.size());
   d.download(h.data(), h.size());
@@ -29,11 +23,11 @@ std::vector<S> down(const cuda::DeviceBuffer<S>& d) {
 }
 template <class S>
 double rel(const std::vector<S>& a, const std::vector<S>& b) {
-  return rel_error(std::vector<double>(a.begin(), a.end()), std::vector<double>(b.begin(), b.end()));
+  return rel_error_of(a, b);
 }
 template <class S>
 constexpr double tol() {
-  return std::is_same_v<S, float> ? 1e-5 : 1e-12;
+  return backend_tol<S>(1e-5, 1e-12);  // the device's exp and tanh are not glibc's
 }
 }  // namespace
 

@@ -45,6 +45,16 @@ double field_grad_error(Model<double>& model, const std::vector<double>& grad, c
   return rel_error(got, fd);
 }
 
+// A double model with every parameter N(0, 0.3^2), LayerNorm weights around 1.
+Model<double> randomized_model(const ModelConfig& cfg, Rng& init) {
+  Model<double> model(cfg);
+  for (auto& p : model.params) p = 0.3 * init.normal();
+  for (const auto& t : model.layout.tensors())
+    if (t.name.find("ln_") != std::string::npos && t.name.find(".weight") != std::string::npos)
+      for (size_t i = 0; i < t.numel; ++i) model.params[t.offset + i] += 1.0;
+  return model;
+}
+
 double assignment_cost(const std::vector<double>& cost, const std::vector<int>& perm) {
   const size_t n = perm.size();
   double s = 0;
@@ -259,12 +269,8 @@ TEST_CASE("a flow-matching step: its gradient against finite differences, for ev
   cfg.time_cond = true;
   cfg.time_freq = 8;
   cfg.finalize();
-  Model<double> model(cfg);
   Rng init(2);
-  for (auto& p : model.params) p = 0.3 * init.normal();
-  for (const auto& t : model.layout.tensors())
-    if (t.name.find("ln_") != std::string::npos && t.name.find(".weight") != std::string::npos)
-      for (size_t i = 0; i < t.numel; ++i) model.params[t.offset + i] += 1.0;
+  Model<double> model = randomized_model(cfg, init);
   const int B = 3, K = 3, T = 4;
   const size_t n = static_cast<size_t>(T) * cfg.d_model;
   Rng data(6);
@@ -376,12 +382,8 @@ TEST_CASE("shortcut models: the draws, the self-consistency target, and the grad
   cfg.time_freq = 8;
   cfg.time_scale = 3.0;
   cfg.finalize();
-  Model<double> model(cfg);
   Rng init(12);
-  for (auto& p : model.params) p = 0.3 * init.normal();
-  for (const auto& t : model.layout.tensors())
-    if (t.name.find("ln_") != std::string::npos && t.name.find(".weight") != std::string::npos)
-      for (size_t i = 0; i < t.numel; ++i) model.params[t.offset + i] += 1.0;
+  Model<double> model = randomized_model(cfg, init);
   // the target weights: another point near the trained ones (an EMA)
   Model<double> target = model;
   for (auto& p : target.params) p += 0.05 * init.normal();

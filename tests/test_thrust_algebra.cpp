@@ -18,12 +18,6 @@ namespace dev = flowloop::algebra::device;
 
 namespace {
 template <class S>
-std::vector<S> random_values(size_t n, Rng& rng, double scale = 1.0) {
-  std::vector<S> v(n);
-  for (auto& x : v) x = static_cast<S>(scale * rng.normal());
-  return v;
-}
-template <class S>
 std::vector<S> to_host(const thrust::device_vector<S>& d) {
   thrust::host_vector<S> h = d;
   return std::vector<S>(h.begin(), h.end());
@@ -34,13 +28,30 @@ std::vector<S> head(const thrust::device_vector<S>& d, size_t n) {
   v.resize(n);
   return v;
 }
+// m random stages of `size` values, on the host and on the device, with their pointers
+template <class S>
+struct RandomStages {
+  std::vector<std::vector<S>> host;
+  std::vector<thrust::device_vector<S>> dev;
+  std::vector<const S*> hp, dp;
+  RandomStages(int m, size_t size, Rng& rng) {
+    for (int j = 0; j < m; ++j) {
+      host.push_back(random_values<S>(size, rng));
+      dev.emplace_back(host.back().begin(), host.back().end());
+    }
+    for (int j = 0; j < m; ++j) {
+      hp.push_back(host[static_cast<size_t>(j)].data());
+      dp.push_back(thrust::raw_pointer_cast(dev[static_cast<size_t>(j)].data()));
+    }
+  }
+};
 template <class S>
 double rel(const std::vector<S>& a, const std::vector<S>& b) {
-  return rel_error(std::vector<double>(a.begin(), a.end()), std::vector<double>(b.begin(), b.end()));
+  return rel_error_of(a, b);
 }
 template <class S>
 constexpr double tol() {
-  return std::is_same_v<S, float> ? 1e-6 : 1e-15;
+  return backend_tol<S>();
 }
 }  // namespace
 
@@ -50,17 +61,8 @@ TEMPLATE_TEST_CASE("device algebra: Runge-Kutta combinations as the CPU's", "[th
   const size_t n = 1031;  // not a multiple of the CPU's blocks
   Rng rng(11);
   const auto y = random_values<S>(G * n, rng);
-  std::vector<std::vector<S>> k;
-  std::vector<thrust::device_vector<S>> dk;
-  std::vector<const S*> kp, dkp;
-  for (int j = 0; j < m; ++j) {
-    k.push_back(random_values<S>(G * n, rng));
-    dk.emplace_back(k.back().begin(), k.back().end());
-  }
-  for (int j = 0; j < m; ++j) {
-    kp.push_back(k[static_cast<size_t>(j)].data());
-    dkp.push_back(thrust::raw_pointer_cast(dk[static_cast<size_t>(j)].data()));
-  }
+  RandomStages<S> stages(m, G * n, rng);
+  const std::vector<const S*>&kp = stages.hp, &dkp = stages.dp;
   const std::vector<double> c = {0.1, -0.3, 0.25, 0.0, 1.5, -0.05, 0.2};
   thrust::device_vector<S> dy(y.begin(), y.end()), dout(G * n);
   // one state
@@ -102,17 +104,8 @@ TEMPLATE_TEST_CASE("device algebra: error norms, per row, and NaN", "[thrust][al
   const size_t n = 777;
   Rng rng(12);
   const auto y0 = random_values<S>(G * n, rng), y1 = random_values<S>(G * n, rng);
-  std::vector<std::vector<S>> k;
-  std::vector<thrust::device_vector<S>> dk;
-  std::vector<const S*> kp, dkp;
-  for (int j = 0; j < m; ++j) {
-    k.push_back(random_values<S>(G * n, rng));
-    dk.emplace_back(k.back().begin(), k.back().end());
-  }
-  for (int j = 0; j < m; ++j) {
-    kp.push_back(k[static_cast<size_t>(j)].data());
-    dkp.push_back(thrust::raw_pointer_cast(dk[static_cast<size_t>(j)].data()));
-  }
+  RandomStages<S> stages(m, G * n, rng);
+  const std::vector<const S*>&kp = stages.hp, &dkp = stages.dp;
   const std::vector<double> e = {0.01, 0.0, -0.02, 0.03, 0.0, 0.005, -0.01};  // zero weights skipped
   thrust::device_vector<S> dy0(y0.begin(), y0.end()), dy1(y1.begin(), y1.end());
   const double cpu = algebra::error_sum_squares(0.3, e.data(), kp.data(), m, y0.data(), y1.data(), 1e-3, 1e-6, G * n);
