@@ -3,7 +3,8 @@
 #   ./run.sh          install what is missing, build (Release), run the default job on p-hop
 #                     induction: train a looped and an ODE-depth model, compare them under
 #                     every depth regime, trace their latent trajectories, render the figures
-#                     (about 6 minutes on 2 cores); prints where the tables and figures are
+#                     (about 8.5 minutes on 2 cores with the build); prints where the tables
+#                     and figures are
 #   ./run.sh study    a small looped-vs-deep-vs-ODE study on p-hop (a few minutes)
 #   ./run.sh test     install what is missing, build, run the test suite (ctest)
 #   ./run.sh tour     init a model, run it looped and as an ODE, benchmark the field
