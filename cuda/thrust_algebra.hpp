@@ -24,11 +24,11 @@
 
 #include <cmath>
 #include <cstddef>
-#include <stdexcept>
 #include <string>
 
 #include "flowloop/algebra.hpp"  // the declarations
 #include "flowloop/kernels.hpp"  // FLOWLOOP_HD
+#include "flowloop/tensor.hpp"   // Error
 
 namespace flowloop::algebra::device {
 
@@ -45,8 +45,7 @@ struct Stages {
 template <class S>
 Stages<S> make_stages(const double* c, const S* const* k, int m) {
   if (m < 0 || m > kMaxStages)
-    throw std::invalid_argument("device algebra: " + std::to_string(m) + " stages (at most " +
-                                std::to_string(kMaxStages) + ")");
+    throw Error("device algebra: " + std::to_string(m) + " stages (at most " + std::to_string(kMaxStages) + ")");
   Stages<S> s;
   s.m = m;
   for (int j = 0; j < m; ++j) {
@@ -115,7 +114,7 @@ struct ScaledSum {
 // out = h sum_j c_j k_j (m >= 1)
 template <class S>
 void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n) {
-  if (m < 1) throw std::invalid_argument("device algebra: scaled_sum needs a stage");
+  if (m < 1) throw Error("device algebra: scaled_sum needs at least one stage, not " + std::to_string(m));
   thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), n,
                      ScaledSum<S>{out, static_cast<S>(h), make_stages(c, k, m)});
 }
@@ -141,7 +140,8 @@ struct ErrorSquare {
 template <class S>
 ErrorSquare<S> error_square(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
                             double rtol, double atol) {
-  if (m < 0 || m > kMaxStages) throw std::invalid_argument("device algebra: too many stages");
+  if (m < 0 || m > kMaxStages)
+    throw Error("device algebra: " + std::to_string(m) + " stages (at most " + std::to_string(kMaxStages) + ")");
   ErrorSquare<S> f{y0, y1, static_cast<S>(h), static_cast<S>(rtol), static_cast<S>(atol), Stages<S>()};
   for (int j = 0; j < m; ++j)
     if (e[j] != 0.0) {

@@ -1142,6 +1142,10 @@ TEST_CASE("flowloop flow-match train and eval on the command line", "[flowmatch]
                    &rc);
   CHECK(rc != 0);
   CHECK(se.find("'shortcut:x' is not shortcut:N") != std::string::npos);
+  se = run_command(cli + " flow-match eval -m " + out + "-sc/model.safetensors --data " + R.out + " --samplers shortcut:0 2>&1",
+                   &rc);
+  CHECK(rc != 0);
+  CHECK(se.find("a shortcut sampler needs at least 1 step, not 0") != std::string::npos);
   se = run_command(cli + " flow-match train --data " + R.out + " --shortcut --shortcut-steps 6 --out " + out + "x 2>&1", &rc);
   CHECK(rc != 0);
   CHECK(se.find("power of two") != std::string::npos);

@@ -95,7 +95,10 @@ TEMPLATE_TEST_CASE("device algebra: Runge-Kutta combinations as the CPU's", "[th
   // more stages than a kernel argument holds is an error
   std::vector<double> many(40, 0.0);
   std::vector<const S*> mk(40, dkp[0]);
-  CHECK_THROWS(dev::scaled_sum(thrust::raw_pointer_cast(dout.data()), 0.7, many.data(), mk.data(), 40, n));
+  CHECK_THROWS_WITH(dev::scaled_sum(thrust::raw_pointer_cast(dout.data()), 0.7, many.data(), mk.data(), 40, n),
+                    Catch::Contains("40 stages (at most 32)"));
+  CHECK_THROWS_WITH(dev::scaled_sum(thrust::raw_pointer_cast(dout.data()), 0.7, c.data(), dkp.data(), 0, n),
+                    Catch::Contains("at least one stage"));
 }
 
 TEMPLATE_TEST_CASE("device algebra: error norms, per row, and NaN", "[thrust][algebra]", float, double) {
