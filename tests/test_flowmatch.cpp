@@ -853,6 +853,14 @@ TEST_CASE("flow-match config: unknown keys, matchers and bad values are named", 
         b.reflow = 1;
         b.reflow_sampler = "loop:2";
       }, "reflow_sampler");
+  bad([](FlowMatchConfig& b) {
+        b.shortcut = true;
+        b.decode_weight = 1;
+      }, "shortcut and decode_weight do not combine");
+  bad([](FlowMatchConfig& b) {
+        b.shortcut = true;
+        b.shortcut_fraction = 0;
+      }, "shortcut fraction must be in (0, 1)");
 }
 
 TEST_CASE("the student starts as the teacher's field: Euler 1 on [0, 1] is the teacher's loop 1", "[flowmatch][eval]") {
