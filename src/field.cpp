@@ -125,8 +125,7 @@ Field<S>::Field(const ModelConfig& cfg, const ParamLayout& layout)
       step_ = layout.step_embed();
       for (size_t* p : {&step_.w1, &step_.b1, &step_.w2, &step_.b2}) *p -= f0;
     }
-    const int half = cfg.time_freq / 2;
-    for (int k = 0; k < half; ++k) freq_.push_back(std::exp(-std::log(10000.0) * k / half));
+    freq_ = sinusoid_frequencies(cfg.time_freq);
   }
 }
 
@@ -260,11 +259,10 @@ void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
 // One sinusoidal embedding MLP (time_embed or step_embed) of the B values t:
 //   e_b = [cos(tau freq), sin(tau freq)], tau = t_b time_scale;  out_b = W2 silu(W1 e_b + b1) + b2.
 template <class S>
-void Field<S>::embed_forward(S* e, S* z1, S* a1, S* out, const double* t, const TimeEmbedOffsets& o,
-                             const S* P, int B) const {
-  const int C = cfg_.d_model, E = cfg_.time_freq, half = E / 2;
+void sinusoid_embedding(S* e, const double* t, int B, int E, double time_scale, const double* freq) {
+  const int half = E / 2;
   for (int b = 0; b < B; ++b) {
-    const double tau = (t ? t[b] : 0.0) * cfg_.time_scale;  // phases in double: tau reaches 1000 and more
+    const double tau = (t ? t[b] : 0.0) * time_scale;  // phases in double: tau reaches 1000 and more
     S* eb = e + static_cast<size_t>(b) * E;
     if constexpr (std::is_same_v<S, float>) {
       // the phase reduced to [-pi, pi] in double, then cos and sin vectorised in float
@@ -277,7 +275,7 @@ void Field<S>::embed_forward(S* e, S* z1, S* a1, S* out, const double* t, const 
       for (int k0 = 0; k0 < half; k0 += kChunk) {
         const int len = std::min(kChunk, half - k0);
         for (int k = 0; k < kChunk; ++k) {
-          const double p = k < len ? tau * freq_[static_cast<size_t>(k0 + k)] : 0.0;
+          const double p = k < len ? tau * freq[k0 + k] : 0.0;
           ph[k] = static_cast<float>(p - two_pi * std::nearbyint(p / two_pi));
         }
         using Chunk = Eigen::Map<Eigen::Array<float, kChunk, 1>, Eigen::Aligned64>;
@@ -290,12 +288,44 @@ void Field<S>::embed_forward(S* e, S* z1, S* a1, S* out, const double* t, const 
       }
     } else {
       for (int k = 0; k < half; ++k) {
-        const double ph = tau * freq_[static_cast<size_t>(k)];
+        const double ph = tau * freq[k];
         eb[k] = static_cast<S>(std::cos(ph));
         eb[half + k] = static_cast<S>(std::sin(ph));
       }
     }
   }
+}
+
+template <class S>
+void sinusoid_time_grad(double* dt, const S* e, const S* de, int B, int E, double time_scale, const double* freq) {
+  const int half = E / 2;
+  for (int b = 0; b < B; ++b) {
+    const S* eb = e + static_cast<size_t>(b) * E;
+    const S* g = de + static_cast<size_t>(b) * E;
+    double s = 0.0;
+    for (int k = 0; k < half; ++k)
+      s += freq[k] * (static_cast<double>(g[half + k]) * eb[k] - static_cast<double>(g[k]) * eb[half + k]);
+    dt[b] += time_scale * s;
+  }
+}
+
+std::vector<double> sinusoid_frequencies(int E) {
+  std::vector<double> freq;
+  const int half = E / 2;
+  for (int k = 0; k < half; ++k) freq.push_back(std::exp(-std::log(10000.0) * k / half));
+  return freq;
+}
+
+template void sinusoid_embedding<float>(float*, const double*, int, int, double, const double*);
+template void sinusoid_embedding<double>(double*, const double*, int, int, double, const double*);
+template void sinusoid_time_grad<float>(double*, const float*, const float*, int, int, double, const double*);
+template void sinusoid_time_grad<double>(double*, const double*, const double*, int, int, double, const double*);
+
+template <class S>
+void Field<S>::embed_forward(S* e, S* z1, S* a1, S* out, const double* t, const TimeEmbedOffsets& o,
+                             const S* P, int B) const {
+  const int C = cfg_.d_model, E = cfg_.time_freq;
+  sinusoid_embedding(e, t, B, E, cfg_.time_scale, freq_.data());
   linear_forward_few(z1, e, P + o.w1, P + o.b1, B, E, C);
   silu_forward(a1, z1, static_cast<int64_t>(B) * C);
   linear_forward_few(out, a1, P + o.w2, P + o.b2, B, C, C);
@@ -331,7 +361,7 @@ void Field<S>::time_forward(const double* t, const double* d, const S* P, int B,
 template <class S>
 void Field<S>::time_vjp(S* dP, const S* P, int B, const TimeCache<S>& tc, FieldGradWork<S>& w, size_t stride,
                         double* dt) const {
-  const int E = cfg_.time_freq, half = E / 2;
+  const int E = cfg_.time_freq;
   zero(w.dc);
   silu_backward(w.dc.data(), w.dsc.data(), tc.c.data(), static_cast<int64_t>(B) * cfg_.d_model);
   if (cfg_.step_cond)  // the step is an input, never differentiated
@@ -339,15 +369,7 @@ void Field<S>::time_vjp(S* dP, const S* P, int B, const TimeCache<S>& tc, FieldG
   embed_vjp(dt ? w.de.data() : nullptr, dP, time_, P, B, tc.e.data(), tc.z1.data(), tc.a1.data(), w, stride);
   if (!dt) return;
   // e = [cos(tau freq), sin(tau freq)]:  de/dtau = [-freq sin, freq cos]
-  for (int b = 0; b < B; ++b) {
-    const S* e = tc.e.data() + static_cast<size_t>(b) * E;
-    const S* g = w.de.data() + static_cast<size_t>(b) * E;
-    double s = 0.0;
-    for (int k = 0; k < half; ++k)
-      s += freq_[static_cast<size_t>(k)] *
-           (static_cast<double>(g[half + k]) * e[k] - static_cast<double>(g[k]) * e[half + k]);
-    dt[b] += cfg_.time_scale * s;
-  }
+  sinusoid_time_grad(dt, tc.e.data(), w.de.data(), B, E, cfg_.time_scale, freq_.data());
 }
 
 // The time-conditioned block (adaLN):

@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "check.hpp"
+#include "device_field_check.hpp"
+#include "flowloop/backend.hpp"
 #include "flowloop/algebra.hpp"
 #include "flowloop/cuda.hpp"
 #include "flowloop/layers.hpp"
@@ -157,4 +159,39 @@ TEST_CASE("cuda: errors name the operation, and device memory what it lacks", "[
   const auto [free_b, total] = cuda::memory_info();
   CHECK(free_b > 0);
   CHECK(total >= free_b);
+}
+
+TEMPLATE_TEST_CASE("cuda: the backend's strided batched products against the CPU gemm", "[cuda]", float, double) {
+  using S = TestType;
+  auto be = make_backend<S>(Device::cuda);
+  Rng rng(5);
+  const int M = 37, N = 29, K = 41, batch = 3;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      const int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 2, ldc = N + 1;
+      const int64_t sA = static_cast<int64_t>(ta ? K : M) * lda, sB = static_cast<int64_t>(tb ? N : K) * ldb,
+                    sC = static_cast<int64_t>(M) * ldc;
+      const auto A = random_values<S>(sA * batch, rng), B = random_values<S>(sB * batch, rng),
+                 C0 = random_values<S>(sC * batch, rng);
+      std::vector<S> C = C0;
+      for (int i = 0; i < batch; ++i)
+        gemm<S>(ta, tb, M, N, K, S(0.7), A.data() + i * sA, lda, B.data() + i * sB, ldb, S(0.3), C.data() + i * sC, ldc);
+      auto dA = device_upload(*be, A), dB = device_upload(*be, B), dC = device_upload(*be, C0);
+      be->gemm(ta, tb, M, N, K, S(0.7), dA.data(), lda, sA, dB.data(), ldb, sB, S(0.3), dC.data(), ldc, sC, batch);
+      INFO("ta " << ta << " tb " << tb);
+      CHECK(rel(device_download(*be, dC), C) < tol<S>());
+    }
+}
+
+TEMPLATE_TEST_CASE("cuda: the field and its vjp (DeviceField) against the CPU", "[cuda]", float, double) {
+  using S = TestType;
+  auto be = make_backend<S>(Device::cuda);
+  REQUIRE(be->device() == Device::cuda);
+  for (const char* kind : {"autonomous", "time", "step"}) check_device_field<S>(*be, kind, tol<S>());
+}
+
+TEST_CASE("cuda: a model too large for the device names the bytes", "[cuda]") {
+  auto be = make_backend<float>(Device::cuda);
+  const auto mem = cuda::memory_info();
+  CHECK_THROWS_WITH(Array<float>(*be, mem.second), Catch::Contains("cannot allocate") && Catch::Contains("free of"));
 }

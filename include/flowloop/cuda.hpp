@@ -15,6 +15,9 @@
 #include <string>
 #include <utility>
 
+#include <memory>
+
+#include "flowloop/backend.hpp"
 #include "flowloop/tensor.hpp"
 
 namespace flowloop::cuda {
@@ -67,6 +70,51 @@ class DeviceBuffer {
   T* p_ = nullptr;
 };
 
+// The CUDA backend of backend.hpp (its own stream and cuBLAS handle); throws Error
+// without a GPU. make_backend(Device::cuda) returns it.
+template <class S>
+std::unique_ptr<Backend<S>> make_backend();
+
+// ---- products (cuBLAS) -----------------------------------------------------------
+
+// A cuBLAS handle bound to `stream`, and its release.
+void* blas_create(void* stream);
+void blas_destroy(void* handle) noexcept;
+// backend.hpp's strided batched gemm (row-major) on the handle's stream.
+template <class S>
+void gemm(void* handle, bool ta, bool tb, int M, int N, int K, S alpha, const S* A, int lda, int64_t sA, const S* B,
+          int ldb, int64_t sB, S beta, S* C, int ldc, int64_t sC, int batch);
+
+// ---- element-wise -----------------------------------------------------------------
+
+template <class S>
+void fill(S* x, S value, int64_t n, void* stream = nullptr);
+template <class S>
+void axpy(S* y, S a, const S* x, int64_t n, void* stream = nullptr);  // y += a x
+template <class S>
+void add_bias(S* out /*(N,OUT)*/, const S* b /*(OUT)*/, int N, int OUT, void* stream = nullptr);
+// out (OUT) += the column sums of x (N,OUT), one thread per column, rows in order.
+template <class S>
+void column_sums(S* out, const S* x, int N, int OUT, void* stream = nullptr);
+template <class S>
+void silu_forward(S* out, const S* in, int64_t n, void* stream = nullptr);
+template <class S>
+void silu_backward(S* din, const S* dout, const S* in, int64_t n, void* stream = nullptr);
+
+// adaLN (layers.hpp's modulate_* and gate_*: din written, the broadcast vectors' gradients added).
+template <class S>
+void modulate_forward(S* out, const S* in, const S* shift, const S* scale, int B, int T, int C, int ld,
+                      void* stream = nullptr);
+template <class S>
+void modulate_backward(S* din, S* dshift, S* dscale, const S* dout, const S* in, const S* scale, int B, int T, int C,
+                       int ld, void* stream = nullptr);
+template <class S>
+void gate_forward(S* out, const S* res, const S* in, const S* gate, int B, int T, int C, int ld,
+                  void* stream = nullptr);
+template <class S>
+void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C, int ld,
+                   void* stream = nullptr);
+
 // ---- layers (layers.hpp's semantics, on the device) ----------------------------
 
 // out = gelu(in), din += gelu'(in) dout (N values; one thread per value).
@@ -84,6 +132,10 @@ void layernorm_forward(S* out /*(N,C)*/, S* mean /*(N)*/, S* rstd /*(N)*/, const
 template <class S>
 void layernorm_backward_input(S* din /*(N,C)*/, const S* dout /*(N,C)*/, const S* in /*(N,C)*/, const S* w,
                               const S* mean, const S* rstd, int N, int C, void* stream = nullptr);
+// dw += sum_n dout xhat, db += sum_n dout (either may be null), one thread per column.
+template <class S>
+void layernorm_backward_params(S* dw, S* db, const S* dout /*(N,C)*/, const S* in /*(N,C)*/, const S* mean,
+                               const S* rstd, int N, int C, void* stream = nullptr);
 
 // Causal softmax of the attention scores of BH heads, T rows of T each, in place
 // (scale: 1/sqrt(D)); and its vjp in place on datt given the probabilities att.

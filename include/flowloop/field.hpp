@@ -95,6 +95,20 @@ struct FieldGradWork {
   void resize(const ModelConfig& cfg, int B, int T);
 };
 
+// The time embedding's sinusoid, shared by every backend (computed on the host):
+//   e_b = [cos(tau_b freq), sin(tau_b freq)],  tau_b = t_b time_scale  (t null: t = 0)
+// freq = sinusoid_frequencies(E) = exp(-ln(10000) k / (E/2)), k < E/2. Phases in double;
+// in float, reduced to [-pi, pi] in double and then taken in float, vectorised, with the
+// same bits on every x86 machine.
+std::vector<double> sinusoid_frequencies(int E);
+template <class S>
+void sinusoid_embedding(S* e /*(B,E)*/, const double* t /*(B)*/, int B, int E, double time_scale,
+                        const double* freq);
+// dt[b] += d(de . e_b)/dt_b given de = dL/de (B,E): de/dtau = [-freq sin, freq cos].
+template <class S>
+void sinusoid_time_grad(double* dt, const S* e /*(B,E)*/, const S* de /*(B,E)*/, int B, int E, double time_scale,
+                        const double* freq);
+
 template <class S>
 class Field {
  public:

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "flowloop/algebra.hpp"
+#include "flowloop/backend.hpp"
 #include "flowloop/bench.hpp"
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/compare.hpp"
@@ -11,6 +12,7 @@
 #include "flowloop/cuda.hpp"
 #include "flowloop/data.hpp"
 #include "flowloop/depth.hpp"
+#include "flowloop/device_field.hpp"
 #include "flowloop/field.hpp"
 #include "flowloop/flowmatch.hpp"
 #include "flowloop/flowmatch_train.hpp"

@@ -78,6 +78,40 @@ FLOWLOOP_HD void layernorm_row_backward(S* din, const S* g, const S* x, const S*
   for (int i = 0; i < C; ++i) din[i] += (g[i] * w[i] - mean_d - (x[i] - mean) * (rstd * mean_dx)) * rstd;
 }
 
+// Column i of LayerNorm's parameter gradients over N rows of g = dL/dLN (rows C apart):
+// dw[i] += sum_n g[n,i] xhat[n,i], db[i] += sum_n g[n,i], summed in row order.
+template <class S>
+FLOWLOOP_HD void layernorm_column_grads(S* dw, S* db, const S* g, const S* x, const S* mean, const S* rstd, int N,
+                                        int C, int i) {
+  S sw = S(0), sb = S(0);
+  for (int n = 0; n < N; ++n) {
+    const S gi = g[static_cast<long long>(n) * C + i];
+    sw += gi * ((x[static_cast<long long>(n) * C + i] - mean[n]) * rstd[n]);
+    sb += gi;
+  }
+  if (dw) dw[i] += sw;
+  if (db) db[i] += sb;
+}
+
+// Column i of x (N rows, ld apart) summed in row order.
+template <class S>
+FLOWLOOP_HD S column_sum(const S* x, int N, long long ld, int i) {
+  S s = S(0);
+  for (int n = 0; n < N; ++n) s += x[n * ld + i];
+  return s;
+}
+
+// adaLN, one element: the modulation in (1 + scale) + shift, and the gated residual
+// res + (1 + gate) in (layers.hpp's modulate_forward and gate_forward).
+template <class S>
+FLOWLOOP_HD S modulate(S in, S shift, S scale) {
+  return in * (S(1) + scale) + shift;
+}
+template <class S>
+FLOWLOOP_HD S gated(S res, S in, S gate) {
+  return in * (S(1) + gate) + res;
+}
+
 // Row t of causal attention probabilities: the t + 1 scores row[0..t] (q_t . k_j)
 // become softmax(scale row); the rest of the row (T values) is set to 0. Overwrites.
 template <class S>

@@ -1,0 +1,110 @@
+// cuda/backend.cu: the CUDA backend of backend.hpp: device memory, one stream per
+// backend (every kernel, product and copy is queued on it), a cuBLAS handle bound to
+// the stream, and the operations of cuda.hpp.
+#include "check.cuh"
+#include "flowloop/backend.hpp"
+#include "flowloop/cuda.hpp"
+
+namespace flowloop::cuda {
+namespace {
+
+template <class S>
+class CudaBackend final : public Backend<S> {
+ public:
+  CudaBackend() : name_("cuda: " + device_description(0)) {
+    cudaStream_t s = nullptr;
+    FLOWLOOP_CUDA_CHECK(cudaStreamCreate(&s));
+    stream_ = s;
+    try {
+      blas_ = blas_create(stream_);
+    } catch (...) {
+      cudaStreamDestroy(s);
+      throw;
+    }
+  }
+  ~CudaBackend() override {
+    blas_destroy(blas_);
+    cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+  }
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  Device device() const override { return Device::cuda; }
+  std::string name() const override { return name_; }
+
+  S* alloc(size_t n) override { return static_cast<S*>(device_alloc(n * sizeof(S))); }
+  void free(S* p) noexcept override { device_free(p); }
+  void upload(S* dst, const S* host, size_t n) override {
+    FLOWLOOP_CUDA_CHECK(cudaMemcpyAsync(dst, host, n * sizeof(S), cudaMemcpyHostToDevice, stream()));
+    FLOWLOOP_CUDA_CHECK(cudaStreamSynchronize(stream()));  // the host array may change once this returns
+  }
+  void download(S* host, const S* src, size_t n) override {
+    FLOWLOOP_CUDA_CHECK(cudaMemcpyAsync(host, src, n * sizeof(S), cudaMemcpyDeviceToHost, stream()));
+    FLOWLOOP_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  }
+  void copy(S* dst, const S* src, size_t n) override {
+    if (n) FLOWLOOP_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(S), cudaMemcpyDeviceToDevice, stream()));
+  }
+  void fill(S* x, S value, size_t n) override { cuda::fill(x, value, static_cast<int64_t>(n), stream_); }
+  void synchronize() override { FLOWLOOP_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+
+  void gemm(bool ta, bool tb, int M, int N, int K, S alpha, const S* A, int lda, int64_t sA, const S* B, int ldb,
+            int64_t sB, S beta, S* C, int ldc, int64_t sC, int batch) override {
+    cuda::gemm<S>(blas_, ta, tb, M, N, K, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch);
+  }
+  void axpy(S* y, S a, const S* x, size_t n) override { cuda::axpy(y, a, x, static_cast<int64_t>(n), stream_); }
+  void add_bias(S* out, const S* b, int N, int OUT) override { cuda::add_bias(out, b, N, OUT, stream_); }
+  void column_sums(S* out, const S* x, int N, int OUT) override { cuda::column_sums(out, x, N, OUT, stream_); }
+  void gelu_forward(S* out, const S* in, int64_t n) override { cuda::gelu_forward(out, in, n, stream_); }
+  void gelu_backward(S* din, const S* dout, const S* in, int64_t n) override {
+    cuda::gelu_backward(din, dout, in, n, stream_);
+  }
+  void silu_forward(S* out, const S* in, int64_t n) override { cuda::silu_forward(out, in, n, stream_); }
+  void silu_backward(S* din, const S* dout, const S* in, int64_t n) override {
+    cuda::silu_backward(din, dout, in, n, stream_);
+  }
+  void layernorm_forward(S* out, S* mean, S* rstd, const S* in, const S* w, const S* b, int N, int C) override {
+    cuda::layernorm_forward(out, mean, rstd, in, w, b, N, C, stream_);
+  }
+  void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const S* w, const S* mean, const S* rstd,
+                          int N, int C) override {
+    if (din) cuda::layernorm_backward_input(din, dout, in, w, mean, rstd, N, C, stream_);
+    cuda::layernorm_backward_params(dw, db, dout, in, mean, rstd, N, C, stream_);
+  }
+  void causal_softmax(S* att, int BH, int T, S scale) override { cuda::causal_softmax(att, BH, T, scale, stream_); }
+  void causal_softmax_backward(S* datt, const S* att, int BH, int T, S scale) override {
+    cuda::causal_softmax_backward(datt, att, BH, T, scale, stream_);
+  }
+  void modulate_forward(S* out, const S* in, const S* shift, const S* scale, int B, int T, int C, int ld) override {
+    cuda::modulate_forward(out, in, shift, scale, B, T, C, ld, stream_);
+  }
+  void modulate_backward(S* din, S* dshift, S* dscale, const S* dout, const S* in, const S* scale, int B, int T, int C,
+                         int ld) override {
+    cuda::modulate_backward(din, dshift, dscale, dout, in, scale, B, T, C, ld, stream_);
+  }
+  void gate_forward(S* out, const S* res, const S* in, const S* gate, int B, int T, int C, int ld) override {
+    cuda::gate_forward(out, res, in, gate, B, T, C, ld, stream_);
+  }
+  void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C,
+                     int ld) override {
+    cuda::gate_backward(din, dgate, dout, in, gate, B, T, C, ld, stream_);
+  }
+
+ private:
+  cudaStream_t stream() const { return static_cast<cudaStream_t>(stream_); }
+  std::string name_;
+  void* stream_ = nullptr;
+  void* blas_ = nullptr;
+};
+
+}  // namespace
+
+template <class S>
+std::unique_ptr<Backend<S>> make_backend() {
+  return std::make_unique<CudaBackend<S>>();
+}
+
+template std::unique_ptr<Backend<float>> make_backend<float>();
+template std::unique_ptr<Backend<double>> make_backend<double>();
+
+}  // namespace flowloop::cuda

@@ -1,0 +1,91 @@
+// cuda/modulate.cu: adaLN's modulation in (1 + scale) + shift and gated residual
+// res + (1 + gate) in, one thread per value (kernels.hpp's bodies); their vjps one
+// thread per (sequence, channel), summing over T in order.
+#include "check.cuh"
+#include "flowloop/cuda.hpp"
+#include "flowloop/kernels.hpp"
+
+namespace flowloop::cuda {
+namespace {
+template <class S>
+__global__ void modulate_forward_kernel(S* out, const S* in, const S* shift, const S* scale, int T, int C, int ld,
+                                        int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int64_t v = (i / C / T) * ld + i % C;
+  out[i] = kernels::modulate(in[i], shift[v], scale[v]);
+}
+template <class S>
+__global__ void gate_forward_kernel(S* out, const S* res, const S* in, const S* gate, int T, int C, int ld,
+                                    int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  out[i] = kernels::gated(res[i], in[i], gate[(i / C / T) * ld + i % C]);
+}
+// din = dout (1 + f) (when din is non-null); da += sum_t dout; db += sum_t dout x
+// (modulate: a = shift, b = scale, f = scale; gate: a unused, b = gate, f = gate).
+template <class S>
+__global__ void broadcast_backward_kernel(S* din, S* da, S* db, const S* dout, const S* x, const S* f, int B, int T,
+                                          int C, int ld) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= B * C) return;
+  const int b = j / C, i = j % C;
+  const int64_t v = static_cast<int64_t>(b) * ld + i;
+  const S scale = S(1) + f[v];
+  S sa = S(0), sb = S(0);
+  for (int t = 0; t < T; ++t) {
+    const int64_t r = (static_cast<int64_t>(b) * T + t) * C + i;
+    sa += dout[r];
+    sb += dout[r] * x[r];
+    if (din) din[r] = dout[r] * scale;
+  }
+  if (da) da[v] += sa;
+  if (db) db[v] += sb;
+}
+}  // namespace
+
+template <class S>
+void modulate_forward(S* out, const S* in, const S* shift, const S* scale, int B, int T, int C, int ld, void* stream) {
+  const int64_t n = static_cast<int64_t>(B) * T * C;
+  if (n <= 0) return;
+  modulate_forward_kernel<<<detail::blocks_for(n), detail::kThreads, 0, detail::stream_of(stream)>>>(
+      out, in, shift, scale, T, C, ld, n);
+  FLOWLOOP_CUDA_LAUNCHED("modulate_forward");
+}
+
+template <class S>
+void modulate_backward(S* din, S* dshift, S* dscale, const S* dout, const S* in, const S* scale, int B, int T, int C,
+                       int ld, void* stream) {
+  if (B * C <= 0) return;
+  broadcast_backward_kernel<<<detail::blocks_for(B * C), detail::kThreads, 0, detail::stream_of(stream)>>>(
+      din, dshift, dscale, dout, in, scale, B, T, C, ld);
+  FLOWLOOP_CUDA_LAUNCHED("modulate_backward");
+}
+
+template <class S>
+void gate_forward(S* out, const S* res, const S* in, const S* gate, int B, int T, int C, int ld, void* stream) {
+  const int64_t n = static_cast<int64_t>(B) * T * C;
+  if (n <= 0) return;
+  gate_forward_kernel<<<detail::blocks_for(n), detail::kThreads, 0, detail::stream_of(stream)>>>(out, res, in, gate, T,
+                                                                                                 C, ld, n);
+  FLOWLOOP_CUDA_LAUNCHED("gate_forward");
+}
+
+template <class S>
+void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C, int ld,
+                   void* stream) {
+  if (B * C <= 0) return;
+  broadcast_backward_kernel<<<detail::blocks_for(B * C), detail::kThreads, 0, detail::stream_of(stream)>>>(
+      din, static_cast<S*>(nullptr), dgate, dout, in, gate, B, T, C, ld);
+  FLOWLOOP_CUDA_LAUNCHED("gate_backward");
+}
+
+#define FLOWLOOP_CUDA_MODULATE(S)                                                                                 \
+  template void modulate_forward<S>(S*, const S*, const S*, const S*, int, int, int, int, void*);                \
+  template void modulate_backward<S>(S*, S*, S*, const S*, const S*, const S*, int, int, int, int, void*);       \
+  template void gate_forward<S>(S*, const S*, const S*, const S*, int, int, int, int, void*);                    \
+  template void gate_backward<S>(S*, S*, const S*, const S*, const S*, int, int, int, int, void*);
+FLOWLOOP_CUDA_MODULATE(float)
+FLOWLOOP_CUDA_MODULATE(double)
+
+}  // namespace flowloop::cuda

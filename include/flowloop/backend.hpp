@@ -1,0 +1,146 @@
+// flowloop/backend.hpp: where tensors live and the operations the field needs there.
+//
+// A Backend<S> owns a memory space and runs the field's primitive operations on
+// arrays in it: products (batched, strided), LayerNorm, GELU, the causal softmax,
+// biases, column sums, axpy. DeviceField (device_field.hpp) composes them into the
+// field's forward and vjp, so one composition serves every backend:
+//   - "reference" (Device::cpu): host memory, each operation a loop over the bodies of
+//     kernels.hpp (one row or one element at a time) and the library's GEMM. It is the
+//     CUDA backend's twin: CI, which has no GPU, runs DeviceField on it and checks it
+//     against Field, the CPU path, which keeps its own fused and faster code.
+//   - "cuda" (Device::cuda, FLOWLOOP_CUDA builds): device memory, the kernels of cuda/
+//     and cuBLAS, every operation on the backend's stream.
+//
+// Conventions: row-major arrays; gradients ACCUMULATE (+=) unless said otherwise;
+// pointers are the backend's memory (host pointers only where a function says so).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "flowloop/tensor.hpp"
+
+namespace flowloop {
+
+enum class Device { cpu, cuda };
+
+// "cpu" or "cuda"; anything else throws Error naming the accepted values.
+Device parse_device(const std::string& name);
+const char* device_name(Device d);
+// Whether this build has the CUDA backend (FLOWLOOP_CUDA), and the GPUs it sees (0
+// without the backend, a driver or a GPU; never throws).
+bool cuda_built();
+int cuda_device_count();
+// cuda when the build has it and a GPU is visible, else cpu.
+Device default_device();
+// Throws Error when `d` cannot run here: cuda without a CUDA build, or without a GPU.
+void require_device(Device d);
+
+template <class S>
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;  // "reference (host)", "cuda: NVIDIA H100 ..., 79.1 GiB"
+
+  // ---- memory
+  virtual S* alloc(size_t n) = 0;  // n values; throws Error naming the bytes asked (and free)
+  virtual void free(S* p) noexcept = 0;
+  virtual void upload(S* dst, const S* host, size_t n) = 0;
+  virtual void download(S* host, const S* src, size_t n) = 0;
+  virtual void copy(S* dst, const S* src, size_t n) = 0;  // within the backend
+  virtual void fill(S* x, S value, size_t n) = 0;
+  virtual void synchronize() = 0;  // waits for the work queued so far
+
+  // ---- products: for each of `batch` problems i,
+  //   C_i(M,N) = alpha op(A_i) op(B_i) + beta C_i,  A_i = A + i sA, B_i = B + i sB, C_i = C + i sC
+  // with tensor.hpp's gemm conventions (op(A) is (M,K): A is (M,K) or (K,M) if ta).
+  virtual void gemm(bool ta, bool tb, int M, int N, int K, S alpha, const S* A, int lda, int64_t sA, const S* B,
+                    int ldb, int64_t sB, S beta, S* C, int ldc, int64_t sC, int batch) = 0;
+
+  // ---- element-wise and row-wise
+  virtual void axpy(S* y, S a, const S* x, size_t n) = 0;                  // y += a x
+  virtual void add_bias(S* out /*(N,OUT)*/, const S* b /*(OUT)*/, int N, int OUT) = 0;  // out[n] += b
+  virtual void column_sums(S* out /*(OUT)*/, const S* x /*(N,OUT)*/, int N, int OUT) = 0;  // out += sum_n x[n]
+  virtual void gelu_forward(S* out, const S* in, int64_t n) = 0;
+  virtual void gelu_backward(S* din, const S* dout, const S* in, int64_t n) = 0;  // din += gelu'(in) dout
+  virtual void silu_forward(S* out, const S* in, int64_t n) = 0;
+  virtual void silu_backward(S* din, const S* dout, const S* in, int64_t n) = 0;  // din += silu'(in) dout
+  virtual void layernorm_forward(S* out, S* mean, S* rstd, const S* in, const S* w, const S* b, int N, int C) = 0;
+  // din += LN^T dout (din may be null); dw += sum_n dout xhat, db += sum_n dout (either may be null).
+  virtual void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const S* w, const S* mean,
+                                  const S* rstd, int N, int C) = 0;
+  // In place on BH (T,T) score matrices: causal softmax of scale * scores; its vjp in place on datt.
+  virtual void causal_softmax(S* att, int BH, int T, S scale) = 0;
+  virtual void causal_softmax_backward(S* datt, const S* att, int BH, int T, S scale) = 0;
+  // adaLN (layers.hpp's modulate and gate; shift, scale, gate are (B, .) rows ld apart):
+  //   out = in (1 + scale_b) + shift_b;   out = res + (1 + gate_b) in     over (B,T,C)
+  virtual void modulate_forward(S* out, const S* in, const S* shift, const S* scale, int B, int T, int C,
+                                int ld) = 0;
+  // din = dout (1 + scale) (written; null: skipped); dshift += sum_t dout; dscale += sum_t dout in
+  virtual void modulate_backward(S* din, S* dshift, S* dscale, const S* dout, const S* in, const S* scale, int B,
+                                 int T, int C, int ld) = 0;
+  virtual void gate_forward(S* out, const S* res, const S* in, const S* gate, int B, int T, int C, int ld) = 0;
+  // din = (1 + gate) dout (written; null: skipped); dgate += sum_t dout in
+  virtual void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C,
+                             int ld) = 0;
+};
+
+// The backend of a device: the reference host backend for cpu, the CUDA one for cuda
+// (require_device's errors otherwise).
+template <class S>
+std::unique_ptr<Backend<S>> make_backend(Device d);
+
+// An owned array of n values in a backend's memory.
+template <class S>
+class Array {
+ public:
+  Array() = default;
+  Array(Backend<S>& be, size_t n) : be_(&be), n_(n), p_(n ? be.alloc(n) : nullptr) {}
+  ~Array() {
+    if (p_) be_->free(p_);
+  }
+  Array(const Array&) = delete;
+  Array& operator=(const Array&) = delete;
+  Array(Array&& o) noexcept : be_(o.be_), n_(o.n_), p_(o.p_) { o.n_ = 0, o.p_ = nullptr; }
+  Array& operator=(Array&& o) noexcept {
+    std::swap(be_, o.be_);
+    std::swap(n_, o.n_);
+    std::swap(p_, o.p_);
+    return *this;
+  }
+  // Allocates n values anew on `be` (contents undefined) unless it holds n there already.
+  void resize(Backend<S>& be, size_t n) {
+    if (be_ == &be && n_ == n) return;
+    *this = Array(be, n);
+  }
+  S* data() { return p_; }
+  const S* data() const { return p_; }
+  size_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+  void upload(const S* host, size_t n) {
+    check(n, "upload");
+    be_->upload(p_, host, n);
+  }
+  void download(S* host, size_t n) const {
+    check(n, "download");
+    be_->download(host, p_, n);
+  }
+  void zero() {
+    if (n_) be_->fill(p_, S(0), n_);
+  }
+
+ private:
+  void check(size_t n, const char* what) const {
+    if (n > n_) throw Error("Array::" + std::string(what) + ": " + std::to_string(n) + " values, the array holds " +
+                            std::to_string(n_));
+  }
+  Backend<S>* be_ = nullptr;
+  size_t n_ = 0;
+  S* p_ = nullptr;
+};
+
+}  // namespace flowloop

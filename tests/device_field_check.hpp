@@ -1,0 +1,120 @@
+// DeviceField on a backend against Field (the CPU path), shared by the reference
+// backend's tests ([device]) and the CUDA backend's ([cuda]): the forward, the vjp's
+// dh, parameter gradients (summed, and per sequence with a stride) and dt, on a cache
+// sized for more sequences than the call uses, accumulating into non-zero gradients.
+#pragma once
+
+#include <catch2/catch.hpp>
+#include <string>
+#include <vector>
+
+#include "check.hpp"
+#include "flowloop/backend.hpp"
+#include "flowloop/device_field.hpp"
+#include "flowloop/field.hpp"
+#include "flowloop/model.hpp"
+
+namespace flowloop::test {
+
+// The kinds of field: autonomous (L 2), time-conditioned (L 2), step-conditioned (L 1).
+inline ModelConfig device_check_config(const std::string& kind) {
+  ModelConfig c;
+  c.vocab_size = 13;
+  c.context = 7;
+  c.d_model = 12;
+  c.n_head = 3;
+  c.d_ff = 20;
+  c.n_block = kind == "step" ? 1 : 2;
+  c.depth = 3;
+  if (kind != "autonomous") {
+    c.time_cond = true;
+    c.time_freq = 10;
+    c.time_scale = 50.0;
+    c.step_cond = kind == "step";
+  }
+  c.finalize();
+  return c;
+}
+
+template <class S>
+std::vector<S> device_download(Backend<S>& be, const Array<S>& a) {
+  std::vector<S> h(a.size());
+  be.download(h.data(), a.data(), h.size());
+  return h;
+}
+
+template <class S>
+Array<S> device_upload(Backend<S>& be, const std::vector<S>& h) {
+  Array<S> a(be, h.size());
+  a.upload(h.data(), h.size());
+  return a;
+}
+
+// Checks DeviceField<S> on `be` against Field<S> for one configuration kind; tol is the
+// norm-wise relative tolerance of every output.
+template <class S>
+void check_device_field(Backend<S>& be, const std::string& kind, double tol) {
+  const ModelConfig cfg = device_check_config(kind);
+  Model<S> m(cfg);
+  Rng rng(17);
+  for (const auto& t : m.layout.tensors()) {  // O(1) weights, LayerNorm weights around 1
+    const bool ln_w = t.name.find("ln_") != std::string::npos && t.name.find(".weight") != std::string::npos;
+    for (size_t i = 0; i < t.numel; ++i) m.params[t.offset + i] = static_cast<S>((ln_w ? 1.0 : 0.0) + 0.3 * rng.normal());
+  }
+  const int cap = 4, B = 3, T = 6;
+  const size_t NC = static_cast<size_t>(B) * T * cfg.d_model, P = m.field.num_params();
+  const std::vector<S> params(m.field_params(), m.field_params() + P);
+  const auto h = random_values<S>(NC, rng), gf = random_values<S>(NC, rng), dh0 = random_values<S>(NC, rng);
+  const auto dp0 = random_values<S>(P, rng), dps0 = random_values<S>(P * B, rng);
+  std::vector<double> t(B), d(B), dt0(B);
+  for (int b = 0; b < B; ++b) t[b] = 0.2 + 0.3 * b, d[b] = 0.125 * (b + 1), dt0[b] = 0.5 * b;
+  const double* tp = cfg.time_cond ? t.data() : nullptr;
+  const double* dp = cfg.step_cond ? d.data() : nullptr;
+
+  // the CPU path
+  FieldCache<S> cc;
+  cc.resize(cfg, cap, T);
+  FieldGradWork<S> cw;
+  std::vector<S> f(NC), dh = dh0, dpar = dp0, dpar_s = dps0;
+  std::vector<double> dt = dt0, dt_s = dt0;
+  m.field.forward(f.data(), h.data(), tp, params.data(), B, T, cc, dp);
+  m.field.vjp(dh.data(), dpar.data(), gf.data(), params.data(), cc, cw, 0, cfg.time_cond ? dt.data() : nullptr);
+  std::vector<S> dh_s = dh0;
+  m.field.vjp(dh_s.data(), dpar_s.data(), gf.data(), params.data(), cc, cw, P, cfg.time_cond ? dt_s.data() : nullptr);
+
+  // the backend
+  DeviceField<S> df(be, cfg, m.layout);
+  REQUIRE(df.num_params() == P);
+  DeviceFieldCache<S> dc;
+  dc.resize(be, cfg, cap, T);
+  DeviceFieldWork<S> dw;
+  auto dparams = device_upload(be, params), dhh = device_upload(be, h), dgf = device_upload(be, gf);
+  auto ddh = device_upload(be, dh0), ddp = device_upload(be, dp0), ddps = device_upload(be, dps0),
+       ddhs = device_upload(be, dh0);
+  Array<S> df_out(be, NC);
+  std::vector<double> ddt = dt0, ddt_s = dt0;
+  df.forward(df_out.data(), dhh.data(), tp, dparams.data(), B, T, dc, dp);
+  df.vjp(ddh.data(), ddp.data(), dgf.data(), dparams.data(), dc, dw, 0, cfg.time_cond ? ddt.data() : nullptr);
+  df.vjp(ddhs.data(), ddps.data(), dgf.data(), dparams.data(), dc, dw, P, cfg.time_cond ? ddt_s.data() : nullptr);
+  be.synchronize();
+
+  INFO(kind << " on " << be.name());
+  CHECK(rel_error_of(device_download(be, df_out), f) < tol);
+  CHECK(rel_error_of(device_download(be, ddh), dh) < tol);
+  CHECK(rel_error_of(device_download(be, ddp), dpar) < tol);
+  CHECK(rel_error_of(device_download(be, ddhs), dh_s) < tol);
+  CHECK(rel_error_of(device_download(be, ddps), dpar_s) < tol);
+  // the gradient's own part (without the accumulated start) is checked too: dh - dh0
+  auto own = [](std::vector<S> a, const std::vector<S>& a0) {
+    for (size_t i = 0; i < a.size(); ++i) a[i] -= a0[i];
+    return a;
+  };
+  CHECK(rel_error_of(own(device_download(be, ddp), dp0), own(dpar, dp0)) < 10 * tol);
+  if (cfg.time_cond) {
+    CHECK(rel_error(ddt, dt) < tol);
+    CHECK(rel_error(ddt_s, dt_s) < tol);
+    CHECK(rel_error(ddt, dt0) > 1e-3);  // dt was reached
+  }
+}
+
+}  // namespace flowloop::test
