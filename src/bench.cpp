@@ -8,7 +8,9 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "flowloop/backend.hpp"
 #include "flowloop/checkpoint.hpp"
+#include "flowloop/device_field.hpp"
 #include "flowloop/flowmatch_train.hpp"
 #include "flowloop/model.hpp"
 #include "flowloop/train.hpp"
@@ -42,7 +44,142 @@ double now_ms() {
 }
 }  // namespace
 
+std::string bench_field_on(Backend<float>& be, const BenchOptions& opt) {
+  const BenchSize bs = bench_size(opt.size);
+  set_num_threads(opt.threads);
+  ModelConfig cfg = bench_config(bs);
+  const int B = bs.B, T = bs.T, C = bs.C, F = cfg.d_ff, M = B * T;
+  const size_t NC = static_cast<size_t>(B) * T * C;
+  Rng rng(42);
+  struct Run {  // one field (autonomous or time-conditioned) on the backend
+    Model<float> model;
+    DeviceField<float> field;
+    DeviceFieldCache<float> cache;
+    DeviceFieldWork<float> work;
+    Array<float> params, dparams;
+    std::vector<double> t, dt;
+    std::vector<double> f_ms, v_ms;
+    Run(Backend<float>& be_, const ModelConfig& c) : model(c), field(be_, c, model.layout) {}
+  };
+  auto make_run = [&](bool tc) {
+    ModelConfig c = cfg;
+    c.time_cond = tc;
+    auto r = std::make_unique<Run>(be, c);
+    r->model.init(1234);
+    if (tc)
+      for (const auto& t : r->model.layout.tensors())
+        if (t.name.find(".ada.") != std::string::npos)
+          for (size_t i = 0; i < t.numel; ++i) r->model.params[t.offset + i] = static_cast<float>(0.02 * rng.normal());
+    const size_t P = r->field.num_params();
+    r->params = Array<float>(be, P);
+    r->params.upload(r->model.field_params(), P);
+    r->dparams = Array<float>(be, P);
+    r->dparams.zero();
+    r->cache.resize(be, c, B, T);
+    r->work.resize(be, c, B, T);
+    for (int b = 0; b < B; ++b) r->t.push_back((b + 0.5) * c.depth / B);
+    r->dt.assign(static_cast<size_t>(B), 0.0);
+    return r;
+  };
+  auto runs = std::vector<std::unique_ptr<Run>>();
+  runs.push_back(make_run(false));
+  if (opt.time_cond) runs.push_back(make_run(true));
+  // h: the embedding of random tokens; gf: N(0, 1)
+  TokenBatch tokens;
+  tokens.B = B;
+  tokens.T = T;
+  for (int i = 0; i < M; ++i) tokens.data.push_back(static_cast<int32_t>(rng.next() % bs.V));
+  Buffer<float> hh(NC), gh(NC);
+  runs[0]->model.embed(hh.data(), tokens);
+  for (auto& g : gh) g = static_cast<float>(rng.normal());
+  Array<float> h(be, NC), f(be, NC), dh(be, NC), gf(be, NC);
+  h.upload(hh.data(), NC);
+  gf.upload(gh.data(), NC);
+  dh.zero();
+  Buffer<float> ah(static_cast<size_t>(M) * C), wh(static_cast<size_t>(F) * C);
+  for (auto& x : ah) x = static_cast<float>(rng.normal());
+  for (auto& x : wh) x = static_cast<float>(0.02 * rng.normal());
+  Array<float> A(be, ah.size()), W(be, wh.size()), Out(be, static_cast<size_t>(M) * F);
+  A.upload(ah.data(), ah.size());
+  W.upload(wh.data(), wh.size());
+  auto field_fwd = [&](Run& r) {
+    r.field.forward(f.data(), h.data(), r.field.config().time_cond ? r.t.data() : nullptr, r.params.data(), B, T,
+                    r.cache);
+  };
+  auto field_vjp = [&](Run& r) {
+    r.field.vjp(dh.data(), r.dparams.data(), gf.data(), r.params.data(), r.cache, r.work, 0,
+                r.field.config().time_cond ? r.dt.data() : nullptr);
+  };
+  auto gemm_run = [&] {
+    be.gemm(false, true, M, F, C, 1.0f, A.data(), C, 0, W.data(), C, 0, 0.0f, Out.data(), F, 0, 1);
+  };
+  auto timed = [&](const auto& fn) {
+    be.synchronize();
+    const double t0 = now_ms();
+    fn();
+    be.synchronize();
+    return now_ms() - t0;
+  };
+  for (int i = 0; i < 3; ++i)
+    for (auto& r : runs) {
+      field_fwd(*r);
+      field_vjp(*r);
+      gemm_run();
+    }
+  std::vector<double> tg;
+  const double start = now_ms();
+  while (static_cast<int>(tg.size()) < opt.min_reps || now_ms() - start < 1000.0 * opt.min_seconds) {
+    for (size_t k = 0; k < runs.size(); ++k) {  // alternate which field goes first
+      Run& r = *runs[(k + tg.size()) % runs.size()];
+      r.f_ms.push_back(timed([&] { field_fwd(r); }));
+      r.v_ms.push_back(timed([&] { field_vjp(r); }));
+    }
+    tg.push_back(timed(gemm_run));
+    if (tg.size() > 100000) break;
+  }
+  const double gfl = 2.0 * M * F * C, gms = median(tg);
+  nlohmann::ordered_json j;
+  j["bench"] = "field";
+  j["device"] = device_name(be.device());
+  j["backend"] = be.name();
+  j["size"] = opt.size;
+  j["B"] = B;
+  j["T"] = T;
+  j["C"] = C;
+  j["NH"] = bs.NH;
+  j["F"] = F;
+  j["L"] = bs.L;
+  j["reps"] = tg.size();
+  j["gemm_shape"] = {M, F, C};
+  j["gemm_ms"] = gms;
+  j["gemm_gflops"] = gfl / (gms * 1e6);
+  for (auto& rp : runs) {
+    Run& r = *rp;
+    const double fl = r.model.field.flops(B, T), ms = median(r.f_ms), vms = median(r.v_ms);
+    nlohmann::ordered_json o;
+    o["ms_per_eval"] = ms;
+    o["gflops"] = fl / (ms * 1e6);
+    o["ratio"] = (fl / ms) / (gfl / gms);
+    o["vjp_ms"] = vms;
+    o["vjp_gflops"] = 2.0 * fl / (vms * 1e6);
+    o["vjp_ratio"] = (2.0 * fl / vms) / (gfl / gms);
+    o["cache_bytes"] = r.cache.bytes();
+    if (r.field.config().time_cond) {
+      o["ms_ratio"] = ms / median(runs[0]->f_ms);
+      o["vjp_ms_ratio"] = vms / median(runs[0]->v_ms);
+      j["time_cond"] = o;
+    } else {
+      for (auto it = o.begin(); it != o.end(); ++it) j[it.key()] = it.value();
+    }
+  }
+  return j.dump();
+}
+
 std::string bench_field(const BenchOptions& opt) {
+  if (parse_device(opt.device) == Device::cuda) {
+    auto be = make_backend<float>(Device::cuda);
+    return bench_field_on(*be, opt);
+  }
   const BenchSize bs = bench_size(opt.size);
   set_num_threads(opt.threads);
   const ModelConfig cfg = bench_config(bs);
@@ -136,6 +273,7 @@ std::string bench_field(const BenchOptions& opt) {
   const double ms = median(tf), vms = median(tv), gms = median(tg);
   nlohmann::ordered_json j;
   j["bench"] = "field";
+  j["device"] = "cpu";
   j["size"] = opt.size;
   j["B"] = B;
   j["T"] = T;

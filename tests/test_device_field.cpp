@@ -6,6 +6,10 @@
 
 #include "device_field_check.hpp"
 #include "flowloop/backend.hpp"
+#include "flowloop/bench.hpp"
+
+#include <cmath>
+#include <nlohmann/json.hpp>
 
 using namespace flowloop;
 using namespace flowloop::test;
@@ -44,4 +48,26 @@ TEST_CASE("device field: a cache of another shape or configuration is refused", 
   CHECK_THROWS_WITH(df.forward(f.data(), h.data(), nullptr, p.data(), 3, 5, dc), Catch::Contains("cache sized for (B=2"));
   const double t[2] = {0, 0};
   CHECK_THROWS_WITH(df.forward(f.data(), h.data(), t, p.data(), 2, 5, dc, t), Catch::Contains("not step-conditioned"));
+}
+
+TEST_CASE("device field: bench field on a backend reports the field against the backend's product", "[device]") {
+  auto be = make_backend<float>(Device::cpu);
+  BenchOptions o;
+  o.size = "S";
+  o.min_reps = 2;
+  o.min_seconds = 0.0;
+  o.time_cond = true;
+  const auto j = nlohmann::json::parse(bench_field_on(*be, o));
+  CHECK(j["device"] == "cpu");
+  CHECK(j["backend"] == "reference (host)");
+  CHECK(j["reps"].get<int>() >= 2);
+  for (const char* k : {"ms_per_eval", "vjp_ms", "gemm_ms", "gflops", "ratio"}) {
+    INFO(k);
+    CHECK(j[k].get<double>() > 0.0);
+    CHECK(std::isfinite(j[k].get<double>()));
+  }
+  CHECK(j["time_cond"]["ms_per_eval"].get<double>() > 0.0);
+  CHECK(j["cache_bytes"].get<size_t>() > 0);
+  o.device = "gpu";
+  CHECK_THROWS_WITH(bench_field(o), Catch::Contains("unknown device 'gpu'"));
 }

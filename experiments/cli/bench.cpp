@@ -34,6 +34,8 @@ std::vector<Command> register_bench(CLI::App& app) {
   auto* f = bench->add_subcommand("field", "time one field evaluation and its vjp against sgemm");
   add_size_flags(f, field->size, field->threads, field->min_reps, field->min_seconds);
   f->add_flag("--time-cond", field->time_cond, "also the time-conditioned field, with the ratio of the two");
+  f->add_option("--device", field->device, "cpu (the CPU field) or cuda (the field on the GPU, against cuBLAS sgemm)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
 
   auto solve = std::make_shared<BenchSolveOptions>();
   solve->depth.solver = "dopri5";

@@ -16,6 +16,7 @@ struct BenchOptions {
   int min_reps = 10;        // at least this many timed repetitions of each measurement
   double min_seconds = 1.0; // and at least this long in total
   bool time_cond = false;   // also time the time-conditioned field (random nonzero ada)
+  std::string device = "cpu";  // cpu: Field (the CPU path); cuda: DeviceField on the GPU
 };
 
 // Times one field evaluation (forward, and its vjp) against an sgemm of the
@@ -27,7 +28,17 @@ struct BenchOptions {
 // others, and "time_cond" holds its ms_per_eval, gflops, vjp_ms, vjp_gflops
 // (its own FLOP count) and ms_ratio, vjp_ms_ratio: its median time over the
 // autonomous field's.
+// With device cuda, bench_field_on on the CUDA backend.
 std::string bench_field(const BenchOptions& opt);
+
+// The same measurement for DeviceField on a backend (float): forward and vjp of the
+// autonomous field (and, with time_cond, the time-conditioned one) against the
+// backend's own product of the MLP's shape, each timed to the backend's synchronize.
+// JSON: device, backend, the shape, ms_per_eval, gflops, vjp_ms, vjp_gflops, gemm_ms,
+// gemm_gflops, ratio (the field's rate over the product's), cache_bytes.
+template <class S>
+class Backend;
+std::string bench_field_on(Backend<float>& be, const BenchOptions& opt);
 
 struct BenchSolveOptions {
   std::string size = "S";
