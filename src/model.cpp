@@ -364,9 +364,25 @@ void Model<S>::loop_exit(const TokenBatch& tokens, int K, const std::string& rul
 }
 
 template <class S>
-FieldSystem<S>::FieldSystem(const Field<S>& field, const S* params, int B, int T)
-    : field_(field), params_(params), B_(B), T_(T) {
-  cache_.resize(field.config(), B, T);
+FieldSystem<S>::FieldSystem(const Field<S>& field, const S* params, int B, int T, const DeviceField<S>* device)
+    : field_(field), params_(params), B_(B), T_(T), dev_(device) {
+  if (!dev_) {
+    cache_.resize(field.config(), B, T);
+    return;
+  }
+  Backend<S>& be = dev_->backend();
+  const size_t n = static_cast<size_t>(B) * dim();
+  dparams_ = Array<S>(be, field.num_params());
+  dy_ = Array<S>(be, n);
+  dx_ = Array<S>(be, n);
+  dcache_.resize(be, field.config(), B, T);
+  set_params(params);
+}
+
+template <class S>
+void FieldSystem<S>::set_params(const S* params) {
+  params_ = params;
+  if (dev_) dparams_.upload(params, field_.num_params());
 }
 
 template <class S>
@@ -378,12 +394,28 @@ void FieldSystem<S>::set_step(double d) {
 }
 
 template <class S>
+void FieldSystem<S>::device_forward(S* dydt, const S* y, const double* t, int count, DeviceFieldCache<S>& cache) {
+  const size_t n = static_cast<size_t>(count) * dim();
+  dy_.upload(y, n);
+  dev_->forward(dx_.data(), dy_.data(), t, dparams_.data(), count, T_, cache, step_.empty() ? nullptr : step_.data());
+  dx_.download(dydt, n);
+}
+
+template <class S>
 void FieldSystem<S>::eval(S* dydt, const S* y, const double* t, const int*, int count) {
+  if (dev_) return device_forward(dydt, y, t, count, dcache_);
   field_.forward(dydt, y, t, params_, count, T_, cache_, step_.empty() ? nullptr : step_.data());
 }
 
 template <class S>
 void FieldSystem<S>::reserve_slots(int n) {
+  if (dev_) {
+    const size_t before = dslots_.size();
+    if (static_cast<size_t>(n) <= before) return;
+    dslots_.resize(static_cast<size_t>(n));
+    for (size_t i = before; i < dslots_.size(); ++i) dslots_[i].resize(dev_->backend(), field_.config(), B_, T_);
+    return;
+  }
   const size_t before = slots_.size();
   if (static_cast<size_t>(n) <= before) return;
   slots_.resize(static_cast<size_t>(n));
@@ -392,13 +424,31 @@ void FieldSystem<S>::reserve_slots(int n) {
 
 template <class S>
 void FieldSystem<S>::eval_record(S* dydt, const S* y, const double* t, const int*, int count, int slot) {
+  if (dev_) return device_forward(dydt, y, t, count, dslots_.at(static_cast<size_t>(slot)));
   field_.forward(dydt, y, t, params_, count, T_, slots_.at(static_cast<size_t>(slot)),
                  step_.empty() ? nullptr : step_.data());
 }
 
 template <class S>
 void FieldSystem<S>::vjp(S* dy, S* dparams, size_t param_stride, const S* g, int slot) {
-  field_.vjp(dy, dparams, g, params_, slots_.at(static_cast<size_t>(slot)), work_, param_stride);
+  if (!dev_) {
+    field_.vjp(dy, dparams, g, params_, slots_.at(static_cast<size_t>(slot)), work_, param_stride);
+    return;
+  }
+  const DeviceFieldCache<S>& cache = dslots_.at(static_cast<size_t>(slot));
+  const size_t n = static_cast<size_t>(cache.B) * dim();
+  const size_t np = param_stride ? static_cast<size_t>(cache.B) * param_stride : field_.num_params();
+  Backend<S>& be = dev_->backend();
+  dgrad_.resize(be, std::max(np, dgrad_.size()));
+  dx_.upload(g, n);
+  dy_.zero();
+  be.fill(dgrad_.data(), S(0), np);
+  dev_->vjp(dy_.data(), dgrad_.data(), dx_.data(), dparams_.data(), cache, dwork_, param_stride);
+  host_.resize(std::max(n, np));
+  dy_.download(host_.data(), n);
+  for (size_t i = 0; i < n; ++i) dy[i] += host_[i];
+  be.download(host_.data(), dgrad_.data(), np);
+  for (size_t i = 0; i < np; ++i) dparams[i] += host_[i];
 }
 
 template <class S>
@@ -408,7 +458,7 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
   const int B = tokens.B, T = tokens.T;
   h.resize(static_cast<size_t>(B) * T * cfg.d_model);
   embed(h.data(), tokens);
-  FieldSystem<S> sys(field, field_params(), B, T);
+  FieldSystem<S> sys(field, field_params(), B, T, device_field());
   SolveResult<S> r = integrate(sys, h.data(), opt);
   rc.resize(cfg, B * T);
   readout(h.data(), B * T, rc);
@@ -416,9 +466,10 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
 }
 
 template <class S>
-FieldSystem<S>& OdeWork<S>::system(const Field<S>& field, const S* params, int B, int T) {
-  if (!sys || sys->groups() != B || sys->T() != T || &sys->field() != &field)
-    sys = std::make_unique<FieldSystem<S>>(field, params, B, T);
+FieldSystem<S>& OdeWork<S>::system(const Field<S>& field, const S* params, int B, int T,
+                                   const DeviceField<S>* device) {
+  if (!sys || sys->groups() != B || sys->T() != T || &sys->field() != &field || sys->device_field() != device)
+    sys = std::make_unique<FieldSystem<S>>(field, params, B, T, device);
   sys->set_params(params);
   return *sys;
 }
@@ -433,7 +484,7 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   if (w.h.data() != h0) w.h.assign(h0, h0 + NC);
   w.gy1.assign(NC, S(0));
   w.gy0.resize(NC);
-  FieldSystem<S>& sys = w.system(field, field_params(), B, T);
+  FieldSystem<S>& sys = w.system(field, field_params(), B, T, device_field());
   OdeGradient<S> og(sys, opt, gopt);
   const SolveResult<S>& fr = og.forward(w.h.data());
   if (!fr.ok()) {
@@ -474,6 +525,24 @@ S Model<S>::ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& target
 
 template struct OdeWork<float>;
 template struct OdeWork<double>;
+template <class S>
+void Model<S>::set_device(Device d) {
+  if (d == Device::cpu) {
+    device_ = d;
+    backend_.reset();
+    device_field_.reset();
+    return;
+  }
+  set_backend(std::shared_ptr<Backend<S>>(make_backend<S>(d)));
+}
+
+template <class S>
+void Model<S>::set_backend(std::shared_ptr<Backend<S>> backend) {
+  device_field_ = std::make_shared<DeviceField<S>>(*backend, cfg, layout);
+  backend_ = std::move(backend);
+  device_ = backend_->device();
+}
+
 template class FieldSystem<float>;
 template class FieldSystem<double>;
 template class Model<float>;

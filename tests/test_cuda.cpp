@@ -195,3 +195,10 @@ TEST_CASE("cuda: a model too large for the device names the bytes", "[cuda]") {
   const auto mem = cuda::memory_info();
   CHECK_THROWS_WITH(Array<float>(*be, mem.second), Catch::Contains("cannot allocate") && Catch::Contains("free of"));
 }
+
+TEMPLATE_TEST_CASE("cuda: solves and gradients of a model on the GPU against the CPU (double: the same step counts)",
+                   "[cuda]", float, double) {
+  using S = TestType;
+  std::shared_ptr<Backend<S>> be = make_backend<S>(Device::cuda);
+  for (const char* kind : {"autonomous", "time"}) check_device_solves<S>(be, kind, tol<S>());
+}

@@ -71,3 +71,19 @@ TEST_CASE("device field: bench field on a backend reports the field against the 
   o.device = "gpu";
   CHECK_THROWS_WITH(bench_field(o), Catch::Contains("unknown device 'gpu'"));
 }
+
+TEMPLATE_TEST_CASE("device field: solves and gradients of a model on the reference backend against the CPU", "[device]",
+                   float, double) {
+  using S = TestType;
+  std::shared_ptr<Backend<S>> be = make_backend<S>(Device::cpu);
+  for (const char* kind : {"autonomous", "time"}) check_device_solves<S>(be, kind, backend_tol<S>(2e-6, 1e-13));
+}
+
+TEST_CASE("device field: a model set to cpu evaluates with Field again", "[device]") {
+  Model<double> m(device_check_config("autonomous"));
+  m.set_backend(make_backend<double>(Device::cpu));
+  CHECK(m.device_field() != nullptr);
+  m.set_device(Device::cpu);
+  CHECK(m.device_field() == nullptr);
+  if (!cuda_built()) CHECK_THROWS_WITH(m.set_device(Device::cuda), Catch::Contains("no CUDA backend"));
+}

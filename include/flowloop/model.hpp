@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "flowloop/config.hpp"
+#include "flowloop/device_field.hpp"
 #include "flowloop/field.hpp"
 #include "flowloop/grad.hpp"
 #include "flowloop/params.hpp"
@@ -64,13 +65,19 @@ struct LoopWork {
 // The field of a model as an ODE system: B sequences of T*C values each; row i
 // of an evaluation is at its own time t[i] (a time-conditioned field reads it).
 // params points at the field's parameters (Model::field_params()).
+// With a DeviceField (a model on Device::cuda), every evaluation and vjp runs on its
+// backend: the solver's state stays on the host and crosses per evaluation (y up, f
+// down; for a vjp g up, dy and the parameter gradient down, added to the host's).
+// The backend keeps its own copy of the parameters, taken at construction and at every
+// set_params (call it again after changing the values behind the pointer).
 template <class S>
 class FieldSystem : public DiffSystem<S> {
  public:
-  FieldSystem(const Field<S>& field, const S* params, int B, int T);
+  FieldSystem(const Field<S>& field, const S* params, int B, int T, const DeviceField<S>* device = nullptr);
   int T() const { return T_; }
   const Field<S>& field() const { return field_; }
-  void set_params(const S* params) { params_ = params; }
+  const DeviceField<S>* device_field() const { return dev_; }
+  void set_params(const S* params);
   // A step-conditioned field is told this step d at every evaluation (shortcut
   // sampling: d = the solver's step); 0, the default, is the instantaneous velocity.
   // Throws Error for a field without step conditioning.
@@ -84,6 +91,7 @@ class FieldSystem : public DiffSystem<S> {
   void vjp(S* dy, S* dparams, size_t param_stride, const S* g, int slot) override;
 
  private:
+  void device_forward(S* dydt, const S* y, const double* t, int count, DeviceFieldCache<S>& cache);
   const Field<S>& field_;
   const S* params_;
   int B_, T_;
@@ -91,6 +99,13 @@ class FieldSystem : public DiffSystem<S> {
   std::vector<FieldCache<S>> slots_;
   FieldGradWork<S> work_;
   std::vector<double> step_;  // (B) the step told to the field; empty: none
+  // the device path (dev_ non-null)
+  const DeviceField<S>* dev_ = nullptr;
+  Array<S> dparams_, dy_, dx_, dgrad_;  // parameters; state in; field out / cotangent; parameter gradient
+  DeviceFieldCache<S> dcache_;
+  std::vector<DeviceFieldCache<S>> dslots_;
+  DeviceFieldWork<S> dwork_;
+  Buffer<S> host_;  // a download before it is added to the caller's gradient
 };
 
 // What the ODE-depth loss keeps between calls, so that a training loop sizes its
@@ -100,7 +115,8 @@ struct OdeWork {
   std::unique_ptr<FieldSystem<S>> sys;
   Buffer<S> h, gy1, gy0;    // h(0), then h(t1); dL/dh(t1); dL/dh(0)
   ReadoutCache<S> readout;  // after a call: readout.logits (B*T, V) of h(t1)
-  FieldSystem<S>& system(const Field<S>& field, const S* params, int B, int T);
+  FieldSystem<S>& system(const Field<S>& field, const S* params, int B, int T,
+                         const DeviceField<S>* device = nullptr);
 };
 
 template <class S>
@@ -180,10 +196,26 @@ class Model {
   void loop_exit(const TokenBatch& tokens, int K, const std::string& rule, double threshold, Buffer<S>& logits,
                  std::vector<int>& depth, LoopWork<S>& w) const;
 
+  // Where the ODE-depth paths (ode_forward, ode_loss_and_grad and the FieldSystems
+  // they build) evaluate the field: cpu (Field) or cuda (DeviceField on the CUDA
+  // backend). Throws Error when the device cannot run here (require_device).
+  void set_device(Device d);
+  Device device() const { return device_; }
+  // The device field (null on cpu), for FieldSystems built outside the model.
+  const DeviceField<S>* device_field() const { return device_field_.get(); }
+  // set_device with the reference backend: DeviceField on the host (the CI's stand-in
+  // for a GPU, and a check of the device path against the CPU one).
+  void set_backend(std::shared_ptr<Backend<S>> backend);
+
   ModelConfig cfg;
   ParamLayout layout;
   Field<S> field;
   Buffer<S> params;
+
+ private:
+  Device device_ = Device::cpu;
+  std::shared_ptr<Backend<S>> backend_;
+  std::shared_ptr<DeviceField<S>> device_field_;
 };
 
 }  // namespace flowloop
