@@ -1,6 +1,7 @@
 #include "flowloop/backend.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "flowloop/kernels.hpp"
@@ -42,6 +43,18 @@ void require_device(Device d) {
     throw Error("--device cuda: this build has no CUDA backend (configure with -DFLOWLOOP_CUDA=ON where nvcc is found)");
   if (cuda_device_count() == 0)
     throw Error("--device cuda: no GPU is visible to this process (the CUDA runtime reports none)");
+}
+
+Device resolve_device(const std::string& name) {
+  if (name == "auto") {
+    const char* env = std::getenv("FLOWLOOP_DEVICE");  // the default's override (tests pin cpu)
+    if (!env || std::string(env).empty() || std::string(env) == "auto") return default_device();
+    return resolve_device(env);
+  }
+  if (name != "cpu" && name != "cuda") throw Error("unknown device '" + name + "' (expected auto, cpu or cuda)");
+  const Device d = parse_device(name);
+  require_device(d);
+  return d;
 }
 
 namespace {

@@ -176,7 +176,7 @@ std::string bench_field_on(Backend<float>& be, const BenchOptions& opt) {
 }
 
 std::string bench_field(const BenchOptions& opt) {
-  if (parse_device(opt.device) == Device::cuda) {
+  if (resolve_device(opt.device) == Device::cuda) {
     auto be = make_backend<float>(Device::cuda);
     return bench_field_on(*be, opt);
   }
@@ -335,9 +335,9 @@ void describe_solve(nlohmann::ordered_json& j, const BenchSolveOptions& opt) {
 }
 
 Model<float> bench_model(const BenchSolveOptions& opt, const ModelConfig& cfg) {
-  if (!opt.model_path.empty()) return load_model<float>(opt.model_path);
-  Model<float> m(cfg);
-  m.init(1234);
+  Model<float> m = opt.model_path.empty() ? Model<float>(cfg) : load_model<float>(opt.model_path);
+  if (opt.model_path.empty()) m.init(1234);
+  m.set_device(resolve_device(opt.device));
   return m;
 }
 
@@ -379,7 +379,7 @@ std::string bench_solve(const BenchSolveOptions& opt) {
   const size_t NC = static_cast<size_t>(tokens.B) * tokens.T * model.cfg.d_model;
   Buffer<float> h0(NC), h(NC);
   model.embed(h0.data(), tokens);
-  FieldSystem<float> fs(model.field, model.field_params(), tokens.B, tokens.T);
+  FieldSystem<float> fs(model.field, model.field_params(), tokens.B, tokens.T, model.device_field());
   double field_ms = 0.0;
   TimedSystem<float> sys(fs, field_ms);
   SolveResult<float> r;
@@ -405,6 +405,7 @@ std::string bench_solve(const BenchSolveOptions& opt) {
   const double ms = median(total);
   nlohmann::ordered_json j;
   j["bench"] = "solve";
+  j["device"] = device_name(model.device());
   j["size"] = opt.size;
   j["B"] = tokens.B;
   j["T"] = tokens.T;
@@ -485,7 +486,7 @@ std::vector<std::string> bench_wp(const BenchWpOptions& opt) {
 
   Buffer<float> h0(NC), h(NC);
   model.embed(h0.data(), tokens);
-  FieldSystem<float> sys(model.field, model.field_params(), B, tokens.T);
+  FieldSystem<float> sys(model.field, model.field_params(), B, tokens.T, model.device_field());
   for (const auto& method : opt.solvers)
     for (double rtol : opt.rtols) {
       DepthSpec d = opt.depth;
@@ -517,6 +518,7 @@ std::vector<std::string> bench_wp(const BenchWpOptions& opt) {
       }
       nlohmann::ordered_json j;
       j["bench"] = "wp";
+      j["device"] = device_name(model.device());
       j["size"] = opt.size;
       j["solver"] = method;
       j["rtol"] = rtol;
@@ -591,6 +593,7 @@ std::string bench_train(const BenchTrainOptions& opt) {
   }
   nlohmann::ordered_json j;
   j["bench"] = "train";
+  j["device"] = device_name(model.device());
   j["size"] = opt.size;
   j["B"] = tokens.B;
   j["T"] = tokens.T;

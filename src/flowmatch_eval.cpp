@@ -314,7 +314,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     // the student under every sampler
     for (size_t s = 0; s < ns; ++s) {
       RowSums& r = rows[s];
-      FieldSystem<float> sys(student.field, student.field_params(), B, T);
+      FieldSystem<float> sys(student.field, student.field_params(), B, T, student.device_field());
       if (steps[s] > 0) sys.set_step(steps[s]);
       y = x0;
       const SolveResult<float> res = integrate(sys, y.data(), solves[s]);

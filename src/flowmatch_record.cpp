@@ -196,7 +196,7 @@ TrajectoryManifest record_trajectories(const std::string& teacher, const DataSou
   // solves: one system (and its field caches) for every batch, all of size opt.batch
   std::unique_ptr<FieldSystem<float>> sys;
   std::future<void> writer;  // the shard being written
-  if (ode) sys = std::make_unique<FieldSystem<float>>(model.field, model.field_params(), opt.batch, m.T);
+  if (ode) sys = std::make_unique<FieldSystem<float>>(model.field, model.field_params(), opt.batch, m.T, model.device_field());
   for (const char* name : {"train", "test"}) {
     const bool is_train = std::string(name) == "train";
     const int want = is_train ? opt.train_examples : opt.test_examples;

@@ -123,6 +123,14 @@ void Model<S>::readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCac
 }
 
 template <class S>
+void Model<S>::loop_vjp(S* dh, S* dparams, const S* g, int k, LoopWork<S>& w) const {
+  if (device_field())
+    w.device->vjp(dh, dparams, 0, g, k);
+  else
+    field.vjp(dh, dparams, g, field_params(), w.cache[static_cast<size_t>(k)], w.grad);
+}
+
+template <class S>
 int Model<S>::loop_forward(const TokenBatch& tokens, int K, LoopWork<S>& w) const {
   tokens.check(cfg, "tokens");
   w.resize(cfg, tokens.B, tokens.T, K < 0 ? 0 : K);
@@ -139,11 +147,21 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
   w.resize(cfg, B, T, K);
   const size_t NC = static_cast<size_t>(B) * T * cfg.d_model;
   if (h0 != w.h.data()) std::memcpy(w.h.data(), h0, NC * sizeof(S));
+  if (device_field()) {  // the loops' evaluations on the device, loop k recorded in slot k
+    if (!w.device || w.device->groups() != B || w.device->T() != T || w.device->device_field() != device_field())
+      w.device = std::make_unique<FieldSystem<S>>(field, field_params(), B, T, device_field());
+    else
+      w.device->set_params(field_params());
+    w.device->reserve_slots(K);
+  }
   for (int k = 0; k < K; ++k) {
     const S* hk = w.h.data() + NC * k;
     S* hn = w.h.data() + NC * (k + 1);
     std::fill(w.t.begin(), w.t.end(), static_cast<double>(k));  // Euler's t_k = k
-    field.forward(w.f.data(), hk, w.t.data(), field_params(), B, T, w.cache[k]);
+    if (device_field())
+      w.device->eval_record(w.f.data(), hk, w.t.data(), nullptr, B, k);
+    else
+      field.forward(w.f.data(), hk, w.t.data(), field_params(), B, T, w.cache[k]);
     for (size_t i = 0; i < NC; ++i) hn[i] = hk[i] + w.f[i];
   }
   readout(w.h.data() + NC * K, B * T, w.readout);
@@ -182,7 +200,7 @@ S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int 
   const int stop = truncate > 0 ? std::max(0, K - truncate) : 0;
   for (int k = K - 1; k >= stop; --k) {
     std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));  // f holds dh_{k+1}
-    field.vjp(w.dh.data(), grads + layout.field_begin(), w.f.data(), field_params(), w.cache[k], w.grad);
+    loop_vjp(w.dh.data(), grads + layout.field_begin(), w.f.data(), k, w);
   }
   if (stop > 0) std::fill(w.dh.begin(), w.dh.end(), S(0));  // the earlier loops ran without gradient
   if (dh0) std::memcpy(dh0, w.dh.data(), NC * sizeof(S));
@@ -298,7 +316,7 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
   std::memcpy(w.dh.data(), D.data() + NC * K, NC * sizeof(S));
   for (int k = K - 1; k >= 0; --k) {
     std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));
-    field.vjp(w.dh.data(), grads + layout.field_begin(), w.f.data(), field_params(), w.cache[k], w.grad);
+    loop_vjp(w.dh.data(), grads + layout.field_begin(), w.f.data(), k, w);
     if (k >= 1)
       for (size_t i = 0; i < NC; ++i) w.dh[i] += D[NC * k + i];
   }

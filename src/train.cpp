@@ -534,6 +534,7 @@ TrainCost read_train_cost(const std::string& dir, double tokens_per_step) {
 Trainer::~Trainer() = default;
 
 const Model<float>& Trainer::model() const { return *impl_->model; }
+void Trainer::set_device(Device d) { impl_->model->set_device(d); }
 
 int64_t Trainer::step() const { return impl_->step; }
 
@@ -612,6 +613,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     line["nfe_backward"] = nfe_b;
     line["flops"] = train_step_flops(m, tok.B, tok.T, static_cast<double>(nfe_f), static_cast<double>(nfe_b));
     line["tokens_per_s"] = static_cast<double>(tok.B) * tok.T / dt;
+    line["device"] = device_name(m.device());
     if (c.exit_gate) line["exit_depth"] = exit_depth;
     if (c.kinetic > 0) line["kinetic"] = kinetic;
     if (c.jacobian > 0) line["jacobian"] = jacobian;

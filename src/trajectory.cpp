@@ -83,7 +83,7 @@ TrajectoryResult trace(const Model<float>& model, const DataSource& data, const 
     if (ode) {
       h.resize(NC);
       model.embed(h.data(), tok);
-      FieldSystem<float> sys(model.field, model.field_params(), B, T);
+      FieldSystem<float> sys(model.field, model.field_params(), B, T, model.device_field());
       sr = integrate(sys, h.data(), so);
       if (!sr.ok()) throw Error("trajectory: the solve of test batch " + std::to_string(bi) + " failed: " + sr.message);
       r.nfe += static_cast<double>(sr.nfe);

@@ -120,7 +120,8 @@ void check_device_field(Backend<S>& be, const std::string& kind, double tol) {
 
 // Solves and gradients of a model whose field runs on `be` against the same model on
 // the CPU: a per-sequence adaptive dopri5 solve (double: the same step counts for every
-// sequence), and the loss and gradient by backprop and by the adjoint.
+// sequence), and the loss and gradient by backprop and by the adjoint; loop 4's loss,
+// logits and gradient.
 template <class S>
 void check_device_solves(std::shared_ptr<Backend<S>> be, const std::string& kind, double tol) {
   const ModelConfig cfg = device_check_config(kind);
@@ -179,6 +180,15 @@ void check_device_solves(std::shared_ptr<Backend<S>> be, const std::string& kind
     CHECK(rel_error_of(gd, gc) < 100 * tol);
     if (std::is_same_v<S, double>) CHECK(sd.nfe_backward == sc.nfe_backward);
   }
+  // loop K: the same weights looped on the device
+  std::vector<S> gc(cpu.params.size(), S(0)), gd(dev.params.size(), S(0));
+  LoopWork<S> lc, ld;
+  const S loss_c = cpu.loop_loss_and_grad(tok, tgt, 4, gc.data(), lc);
+  const S loss_d = dev.loop_loss_and_grad(tok, tgt, 4, gd.data(), ld);
+  CHECK(std::fabs(static_cast<double>(loss_d - loss_c)) < 100 * tol * std::fabs(static_cast<double>(loss_c)));
+  CHECK(rel_error_of(gd, gc) < 100 * tol);
+  CHECK(rel_error_of(std::vector<S>(ld.readout.logits.begin(), ld.readout.logits.end()),
+                     std::vector<S>(lc.readout.logits.begin(), lc.readout.logits.end())) < 100 * tol);
 }
 
 }  // namespace flowloop::test

@@ -7,6 +7,7 @@
 #include "device_field_check.hpp"
 #include "flowloop/backend.hpp"
 #include "flowloop/bench.hpp"
+#include "flowloop/io.hpp"
 
 #include <cmath>
 #include <nlohmann/json.hpp>
@@ -86,4 +87,31 @@ TEST_CASE("device field: a model set to cpu evaluates with Field again", "[devic
   m.set_device(Device::cpu);
   CHECK(m.device_field() == nullptr);
   if (!cuda_built()) CHECK_THROWS_WITH(m.set_device(Device::cuda), Catch::Contains("no CUDA backend"));
+}
+
+TEST_CASE("device: the CLI's --device flag, its report and its errors", "[device]") {
+  TempDir dir("flowloop_device_cli");
+  const std::string cli = FLOWLOOP_CLI, model = dir.file("m.safetensors");
+  int rc = 0;
+  run_command(cli + " init --vocab 11 --context 6 --d-model 8 --n-head 2 --n-block 1 --depth 2 --seed 5 -o " + model, &rc);
+  REQUIRE(rc == 0);
+  write_file_atomic(dir.file("tok.json"), R"({"tokens": [[1, 2, 3], [4, 5, 6]], "targets": [[2, 3, -1], [5, 6, -1]]})");
+  const std::string fwd = cli + " forward -m " + model + " --tokens " + dir.file("tok.json") + " --solver dopri5 --rtol 1e-4 --atol 1e-6";
+  std::string out = run_command(fwd + " --device cpu -o " + dir.file("f.json"), &rc);
+  REQUIRE(rc == 0);
+  CHECK(read_json_file(dir.file("f.json"), "forward")["device"] == "cpu");
+  out = run_command(cli + " grad -m " + model + " --tokens " + dir.file("tok.json") + " --device cpu -o " + dir.file("g.safetensors"), &rc);
+  REQUIRE(rc == 0);
+  CHECK(out.find("\"device\":\"cpu\"") != std::string::npos);
+  out = run_command(fwd + " --device tpu -o " + dir.file("x.json"), &rc);
+  CHECK(rc != 0);
+  CHECK(out.find("--device") != std::string::npos);
+  if (cuda_device_count() == 0) {
+    out = run_command(fwd + " --device cuda -o " + dir.file("x.json"), &rc);
+    CHECK(rc != 0);
+    CHECK(out.find("--device cuda: ") != std::string::npos);
+    out = run_command("FLOWLOOP_DEVICE=cuda " + fwd + " -o " + dir.file("x.json"), &rc);  // auto, overridden
+    CHECK(rc != 0);
+    CHECK(out.find("--device cuda: ") != std::string::npos);
+  }
 }

@@ -20,6 +20,7 @@ void add_size_flags(CLI::App* c, std::string& size, int& threads, int& reps, dou
 void add_solve_flags(CLI::App* c, BenchSolveOptions& o) {
   add_size_flags(c, o.size, o.threads, o.min_reps, o.min_seconds);
   add_depth_flags(c, o.depth);
+  add_device_flag(c, o.device);
   c->add_option("-m,--model", o.model_path, "weights (default: GPT-2 init, seed 1234)");
   c->add_option("--tokens", o.tokens_path, "token rows (default: random, seed 42); bench train reads targets too");
 }
@@ -34,8 +35,7 @@ std::vector<Command> register_bench(CLI::App& app) {
   auto* f = bench->add_subcommand("field", "time one field evaluation and its vjp against sgemm");
   add_size_flags(f, field->size, field->threads, field->min_reps, field->min_seconds);
   f->add_flag("--time-cond", field->time_cond, "also the time-conditioned field, with the ratio of the two");
-  f->add_option("--device", field->device, "cpu (the CPU field) or cuda (the field on the GPU, against cuBLAS sgemm)")
-      ->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  add_device_flag(f, field->device);
 
   auto solve = std::make_shared<BenchSolveOptions>();
   solve->depth.solver = "dopri5";

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "flowloop/backend.hpp"
 #include "flowloop/depth.hpp"
 #include "flowloop/io.hpp"
 #include "flowloop/solver.hpp"
@@ -60,6 +61,11 @@ Config merged_config(const KeyedOptions& given, const Config& flags_config, cons
     if (!merged.contains(it.key())) merged[it.key()] = it.value();
   return Config::from_json(merged.dump(), what);
 }
+
+// --device auto|cpu|cuda: where the model's field runs (Model::set_device; resolved
+// by the library's resolve_device: auto is cuda when this build has it and a GPU is
+// visible, unless FLOWLOOP_DEVICE says otherwise).
+CLI::Option* add_device_flag(CLI::App* app, std::string& device);
 
 // Whether any of these flags was given on the command line.
 bool any_given(const KeyedOptions& flags);

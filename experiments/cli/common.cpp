@@ -7,6 +7,14 @@
 
 namespace flowloop::cli {
 
+CLI::Option* add_device_flag(CLI::App* app, std::string& device) {
+  return app
+      ->add_option("--device", device,
+                   "where the field runs: cpu, cuda, or auto (cuda when built with it and a GPU is visible)")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+}
+
 KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& d) {
   const std::string g = "Depth";
   std::string methods;

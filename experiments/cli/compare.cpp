@@ -16,7 +16,7 @@
 namespace flowloop::cli {
 namespace {
 struct CompareArgs {
-  std::string model, task, text, out, regimes;
+  std::string model, task, text, out, regimes, device = "auto";
   int batches = 16, batch = 64;
   bool list = false;
 };
@@ -36,10 +36,12 @@ Command register_compare(CLI::App& app) {
   c->add_option("--batches", a->batches, "test batches")->capture_default_str();
   c->add_option("--batch", a->batch, "batch size")->capture_default_str();
   c->add_flag("--list", a->list, "print the regimes and stop");
+  add_device_flag(c, a->device);
   return {c, [a] {
             const TrainConfig tc = trained_config(a->model, a->task, a->text);
             const std::string trained_on = tc.task.empty() ? "text '" + tc.text + "'" : "task '" + tc.task + "'";
             Model<float> model = load_model<float>(a->model);
+            model.set_device(resolve_device(a->device));
             const std::vector<Regime> regimes =
                 a->regimes.empty() ? default_regimes(model.cfg) : Regime::parse_list(a->regimes);
             for (const auto& r : regimes) r.validate(model.cfg);
@@ -74,6 +76,7 @@ Command register_compare(CLI::App& app) {
                          {"batch", a->batch},
                          {"examples", rows.empty() ? 0 : rows[0].result.examples},
                          {"threads", num_threads()},
+                         {"device", device_name(model.device())},
                          {"regimes", rows.size()}};
             write_file_atomic((dir / "compare_meta.json").string(), meta.dump(2) + "\n");
 

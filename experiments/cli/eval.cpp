@@ -8,7 +8,7 @@
 namespace flowloop::cli {
 namespace {
 struct EvalArgs {
-  std::string model, task;
+  std::string model, task, device = "auto";
   DepthSpec depth;
   int batches = 16, batch = 32;
   bool json_out = false;
@@ -26,6 +26,7 @@ Command register_eval(CLI::App& app) {
   ev->add_option("--batches", a->batches, "test batches")->capture_default_str();
   ev->add_option("--batch", a->batch, "batch size")->capture_default_str();
   ev->add_flag("--json", a->json_out, "one JSON line");
+  add_device_flag(ev, a->device);
   ev->add_option("--exit-q", a->exit_q, "loops + exit gate: each token exits where the cumulative exit probability reaches Q");
   ev->add_option("--exit-delta", a->exit_delta, "loops: each token exits where ||h_t - h_{t-1}|| < D");
   return {ev, [a] {
@@ -47,13 +48,14 @@ Command register_eval(CLI::App& app) {
             const std::string rule = a->exit_q >= 0 ? "q" : a->exit_delta >= 0 ? "delta" : "";
             const auto data = make_source(c);
             Model<float> model = load_model<float>(a->model);
+            model.set_device(resolve_device(a->device));
             require_fits(model.cfg, *data, c.task.empty() ? "text '" + c.text + "'" : "task '" + c.task + "'");
             const double thr = a->exit_q >= 0 ? a->exit_q : a->exit_delta;
             const EvalResult r = evaluate(model, *data, depth, a->batches, a->batch, rule, thr);
             r.require_ok();
             json j = {{"model", a->model}, {"data", json::parse(data->describe())}, {"loss", r.loss},
                       {"accuracy", r.accuracy}, {"examples", r.examples}, {"nfe", r.nfe},
-                      {"depth", json::parse(depth.to_json(model.cfg.depth))}};
+                      {"depth", json::parse(depth.to_json(model.cfg.depth))}, {"device", device_name(model.device())}};
             if (!rule.empty()) {
               j["exit_rule"] = rule;
               j["exit_threshold"] = thr;

@@ -10,7 +10,7 @@ namespace flowloop::cli {
 namespace {
 
 struct ForwardArgs {
-  std::string model, tokens, out, precision = "f32";
+  std::string model, tokens, out, precision = "f32", device = "auto";
   DepthSpec depth;
   bool time_cond = false;
 };
@@ -33,6 +33,7 @@ template <class S>
 int run(const ForwardArgs& a) {
   a.depth.validate();
   Model<S> model = load_model<S>(a.model);
+  model.set_device(resolve_device(a.device));
   if (a.time_cond && !model.cfg.time_cond)
     throw Error("--time-cond: '" + a.model + "' has no time conditioning (init or train it with --time-cond)");
   const TokenBatch tokens = read_token_file(a.tokens, "tokens");
@@ -63,6 +64,8 @@ int run(const ForwardArgs& a) {
   out["B"] = tokens.B;
   out["T"] = tokens.T;
   out["V"] = model.cfg.vocab_size;
+  out["device"] = device_name(model.device());
+  summary["device"] = device_name(model.device());
   write_file_atomic(a.out, out.dump());
   std::cout << summary.dump() << std::endl;
   return ok ? 0 : 3;
@@ -76,6 +79,7 @@ Command register_forward(CLI::App& app) {
   c->add_option("-m,--model", a->model, "model .safetensors")->required()->check(CLI::ExistingFile);
   c->add_option("--tokens", a->tokens, "JSON file {\"tokens\": [[...], ...]}")->required()->check(CLI::ExistingFile);
   add_depth_flags(c, a->depth);
+  add_device_flag(c, a->device);
   c->add_flag("--time-cond", a->time_cond, "require a time-conditioned model (error if it has none)");
   c->add_option("--precision", a->precision, "arithmetic")->check(CLI::IsMember({"f32", "f64"}))->capture_default_str();
   c->add_option("-o,--output", a->out, "output JSON {logits, nfe, depth}")->required();

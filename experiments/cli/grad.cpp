@@ -9,7 +9,7 @@ namespace flowloop::cli {
 namespace {
 
 struct GradArgs {
-  std::string model, tokens, out, precision = "f32", method = "backprop";
+  std::string model, tokens, out, precision = "f32", method = "backprop", device = "auto";
   DepthSpec depth;
   GradOptions opt;
 };
@@ -19,12 +19,13 @@ int run(GradArgs& a) {
   a.depth.validate();
   a.opt.method = grad_method(a.method);
   Model<S> model = load_model<S>(a.model);
+  model.set_device(resolve_device(a.device));
   const TokenBatch tokens = read_token_file(a.tokens, "tokens");
   const TokenBatch targets = read_token_file(a.tokens, "targets");
   tokens.check(model.cfg, "'" + a.tokens + "' tokens");
   Buffer<S> grads(model.params.size(), S(0));
   json out = {{"model", a.model}, {"B", tokens.B}, {"T", tokens.T},
-              {"depth", json::parse(a.depth.to_json(model.cfg.depth))}};
+              {"depth", json::parse(a.depth.to_json(model.cfg.depth))}, {"device", device_name(model.device())}};
   S loss;
   if (!a.depth.ode()) {
     if (a.opt.regularized()) throw Error("--kinetic and --jacobian regularise a solve: give --solver");
@@ -80,6 +81,7 @@ Command register_grad(CLI::App& app) {
   c->add_option("--tokens", a->tokens, "JSON file {\"tokens\": [[...]], \"targets\": [[...]]} (-1: ignore)")
       ->required()->check(CLI::ExistingFile);
   add_depth_flags(c, a->depth);
+  add_device_flag(c, a->device);
   c->add_option("--grad", a->method, "backprop, checkpoint or adjoint")
       ->check(CLI::IsMember({"backprop", "checkpoint", "adjoint"}))->capture_default_str();
   c->add_option("--adjoint-solver", a->opt.adjoint_method, "adjoint: backward method (default: the forward's)");

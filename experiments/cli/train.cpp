@@ -67,6 +67,7 @@ struct TrainArgs {
   TrainConfig c;
   std::string config_file;
   bool resume = false;
+  std::string device = "auto";
   KeyedOptions given;  // flags with their configuration keys
 };
 }  // namespace
@@ -77,9 +78,11 @@ Command register_train(CLI::App& app) {
   a->given = add_train_flags(tr, a->c, true);
   tr->add_option("--config", a->config_file, "JSON configuration (flags given override it)");
   tr->add_flag("--resume", a->resume, "continue from OUT/checkpoint.safetensors");
+  add_device_flag(tr, a->device);
   return {tr, [a] {
             const TrainConfig c = merged_train_config(a->given, a->c, a->config_file);
             Trainer trainer(c);
+            trainer.set_device(resolve_device(a->device));
             trainer.run(a->resume, std::cerr);
             const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"}, {"metrics", c.out + "/metrics.jsonl"}};
             std::cout << last.dump() << std::endl;

@@ -12,7 +12,7 @@
 namespace flowloop::cli {
 namespace {
 struct TrajectoryArgs {
-  std::string model, task, text, out;
+  std::string model, task, text, out, device = "auto";
   TrajectoryOptions opt;
   KeyedOptions depth_flags;
 };
@@ -31,12 +31,14 @@ Command register_trajectory(CLI::App& app) {
   c->add_option("--batch", a->opt.batch_size, "batch size")->capture_default_str();
   c->add_option("--pca-tokens", a->opt.pca_tokens, "token paths in the PCA sample")->capture_default_str();
   a->depth_flags = add_depth_flags(c, a->opt.depth);
+  add_device_flag(c, a->device);
   return {c, [a] {
             const TrainConfig tc = trained_config(a->model, a->task, a->text);
             TrajectoryOptions opt = a->opt;
             if (!any_given(a->depth_flags)) opt.depth = tc.depth;  // the trained regime
             opt.validate();
             Model<float> model = load_model<float>(a->model);
+            model.set_device(resolve_device(a->device));
             const auto data = make_source(tc);
             require_fits(model.cfg, *data, "the model's training data");
             require_writable(a->out);
@@ -58,6 +60,7 @@ Command register_trajectory(CLI::App& app) {
                          {"batch", opt.batch_size},
                          {"examples", r.examples},
                          {"nfe", r.nfe},
+                         {"device", device_name(model.device())},
                          {"loss", r.final_eval.loss},
                          {"accuracy", r.final_eval.accuracy},
                          {"states_shape", {N, r.B, r.T, r.C}},

@@ -36,6 +36,10 @@ bool cuda_built();
 int cuda_device_count();
 // cuda when the build has it and a GPU is visible, else cpu.
 Device default_device();
+// "auto", "cpu" or "cuda", checked with require_device: the device flag of every
+// command. auto is the environment's FLOWLOOP_DEVICE when set (cpu, cuda), else
+// default_device().
+Device resolve_device(const std::string& name);
 // Throws Error when `d` cannot run here: cuda without a CUDA build, or without a GPU.
 void require_device(Device d);
 

@@ -16,7 +16,7 @@ struct BenchOptions {
   int min_reps = 10;        // at least this many timed repetitions of each measurement
   double min_seconds = 1.0; // and at least this long in total
   bool time_cond = false;   // also time the time-conditioned field (random nonzero ada)
-  std::string device = "cpu";  // cpu: Field (the CPU path); cuda: DeviceField on the GPU
+  std::string device = "auto";  // cpu: Field (the CPU path); cuda: DeviceField on the GPU; auto: resolve_device
 };
 
 // Times one field evaluation (forward, and its vjp) against an sgemm of the
@@ -49,6 +49,7 @@ struct BenchSolveOptions {
   std::string tokens_path;  // {"tokens": [[...]]} (default: random tokens, seed 42, B x T of the size)
   // the solve (bench train: or loop K); t1 defaults to kBenchDepth
   DepthSpec depth;
+  std::string device = "auto";  // where the field runs (resolve_device)
   static constexpr double kBenchDepth = 4.0;
 };
 

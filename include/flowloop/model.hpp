@@ -46,6 +46,9 @@ struct ReadoutCache {
   void resize(const ModelConfig& cfg, int N);
 };
 
+template <class S>
+class FieldSystem;
+
 // Everything a K-loop forward and backward needs, sized once per (B, T, K).
 template <class S>
 struct LoopWork {
@@ -59,6 +62,7 @@ struct LoopWork {
   ReadoutCache<S> readout;
   std::vector<ReadoutCache<S>> per_loop;  // exit gate: the readout at every loop
   Buffer<S> gate;                         // exit gate: (K+1, N) lambda, then scratch
+  std::unique_ptr<FieldSystem<S>> device; // a model on a device: its evaluations, loop k in slot k
   void resize(const ModelConfig& cfg, int B, int T, int K);
 };
 
@@ -213,6 +217,8 @@ class Model {
   Buffer<S> params;
 
  private:
+  // dh += J^T g and dparams += the field's parameter gradient for loop k's evaluation.
+  void loop_vjp(S* dh, S* dparams, const S* g, int k, LoopWork<S>& w) const;
   Device device_ = Device::cpu;
   std::shared_ptr<Backend<S>> backend_;
   std::shared_ptr<DeviceField<S>> device_field_;

@@ -190,6 +190,8 @@ class Trainer {
   void run(bool resume, std::ostream& progress, int64_t stop_at = -1);
   const Model<float>& model() const;
   int64_t step() const;  // steps done so far
+  // Where the model's field runs (Model::set_device); every metrics line names it.
+  void set_device(Device d);
 
  private:
   struct Impl;
