@@ -20,8 +20,9 @@
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
 #                     every arm at most 10 minutes, the ODE-depth table and looped vs deep at
 #                     12,000 steps over 3 seeds, the tolerance sweep (about 5 hours on 2 cores)
-#   ./run.sh gpu-check  on a GPU machine: build the CUDA backend and run its agreement tests
-#                     against the CPU (fails where no GPU is visible)
+#   ./run.sh gpu-check  on a GPU machine: build the CUDA backend, run its agreement tests against
+#                     the CPU and the whole suite, then the GPU benchmarks against cuBLAS and
+#                     PyTorch + torchdiffeq (`gpu-check tests`: the tests only; fails without a GPU)
 # Environment: BUILD_DIR (default build), JOBS (default: all cores).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -221,15 +222,32 @@ case "$mode" in
     ;;
   gpu-check)
     # on a GPU machine: the CUDA backend's agreement tests against the CPU (float and
-    # double), with the device named; fails where no GPU is visible
+    # double) with the device named, the whole suite, then the GPU benchmarks: bench
+    # field (the field on the GPU against cuBLAS sgemm of the MLP's shape) at M and G,
+    # and PyTorch + torchdiffeq on the same GPU side by side (a dopri5 solve at M and G,
+    # a training step at M and G). `gpu-check tests` stops after the tests. Fails where
+    # no GPU is visible.
     build -DFLOWLOOP_CUDA=ON
     rc=0
-    "$BUILD_DIR/tests/flowloop_cuda_tests" "${@:2}" || rc=$?
+    "$BUILD_DIR/tests/flowloop_cuda_tests" || rc=$?
     if ((rc == 77)); then
       echo "gpu-check: no CUDA device visible here" >&2
       exit 1
     fi
-    exit "$rc"
+    ((rc == 0)) || exit "$rc"
+    (cd "$BUILD_DIR" && ctest -j "$JOBS" --output-on-failure >ctest.log 2>&1 && tail -3 ctest.log) ||
+      { tail -40 "$BUILD_DIR/ctest.log"; exit 1; }
+    [ "${2:-}" = tests ] && exit 0
+    echo "== bench field --device cuda: the field and its vjp against cuBLAS sgemm of the MLP's shape"
+    for size in M G; do
+      "$BUILD_DIR/flowloop" bench field --device cuda --size "$size" --time-cond --seconds 3
+    done
+    echo "== PyTorch + torchdiffeq on the same GPU (python3 with torch and torchdiffeq)"
+    peer=(python3 experiments/peer_torch.py --flowloop "$BUILD_DIR/flowloop" --device cuda --threads "$JOBS"
+      --rounds 1 --seconds 2)
+    "${peer[@]}" bench --sizes M G
+    "${peer[@]}" solve --sizes M G
+    "${peer[@]}" train --sizes M G
     ;;
   peer)
     build

@@ -27,6 +27,8 @@
       beside `flowloop bench wp` on the same weights and tokens, both against
       flowloop's double-precision reference (dopri5, rtol 1e-10) in the same run;
       the summary gives flowloop's time at each error torchdiffeq reaches.
+  --device cuda (bench, solve, train): PyTorch on the GPU (timed to its synchronize) and
+      flowloop with --device cuda, on the same GPU.
   peer_torch.py check  --flowloop BIN [--workdir DIR]
       Checkpoint interchange: a flowloop checkpoint loaded here gives flowloop's
       logits, and a checkpoint written here loads in flowloop and gives ours.
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SIZES = {"S": (4, 64, 128, 4, 256, 1), "M": (8, 128, 256, 8, 256, 1)}
+SIZES = {"S": (4, 64, 128, 4, 256, 1), "M": (8, 128, 256, 8, 256, 1), "G": (32, 512, 1024, 16, 512, 1)}
 
 
 # ---------------------------------------------------------------- safetensors
@@ -137,6 +139,19 @@ def random_params(cfg, seed):
     return p
 
 
+DEV = "cpu"  # --device: where PyTorch runs, and flowloop's --device
+
+
+def sync():
+    """Waits for the GPU's queued work, so that a timing covers it (no-op on the CPU)."""
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def to_dev(p):
+    return {k: v.to(DEV) for k, v in p.items()}
+
+
 def flops(B, T, C, L):
     Fd = 4 * C
     return L * (2 * B * T * (3 * C * C + C * C + 2 * C * Fd) + 4 * B * T * T * C)
@@ -147,25 +162,27 @@ def time_torch(size, threads, seconds):
     B, T, C, NH, V, L = SIZES[size]
     torch.set_num_threads(threads)
     cfg = {"vocab_size": V, "context": T, "d_model": C, "n_head": NH, "d_ff": 4 * C, "n_block": L}
-    p = random_params(cfg, 0)
-    h = torch.randn(B, T, C)
+    p = to_dev(random_params(cfg, 0))
+    h = torch.randn(B, T, C).to(DEV)
     times = []
     with torch.inference_mode():
         for _ in range(3):
             field(h, p, cfg)
+        sync()
         start = time.perf_counter()
         while len(times) < 10 or time.perf_counter() - start < seconds:
             t0 = time.perf_counter()
             field(h, p, cfg)
+            sync()
             times.append(time.perf_counter() - t0)
     ms = 1e3 * float(np.median(times))
-    return {"impl": "pytorch", "size": size, "threads": threads, "ms_per_eval": ms,
+    return {"impl": "pytorch", "device": DEV, "size": size, "threads": threads, "ms_per_eval": ms,
             "gflops": flops(B, T, C, L) / (ms * 1e6), "torch": torch.__version__}
 
 
 def time_flowloop(binary, size, threads, seconds):
     out = subprocess.run([binary, "bench", "field", "--size", size, "--threads", str(threads),
-                          "--seconds", str(seconds)], check=True, capture_output=True, text=True)
+                          "--seconds", str(seconds), "--device", DEV], check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
     r["impl"] = "flowloop"
     return r
@@ -237,11 +254,13 @@ def time_odeint(p, cfg, h0, rtol, atol, seconds):
 
     times = []
     with torch.inference_mode():
+        sync()
         start = time.perf_counter()
         while len(times) < 3 or time.perf_counter() - start < seconds:
             nfe[0] = 0
             t0 = time.perf_counter()
-            hs = odeint(func, h0, torch.tensor([0.0, 4.0]), rtol=rtol, atol=atol, method="dopri5")
+            hs = odeint(func, h0, torch.tensor([0.0, 4.0], device=DEV), rtol=rtol, atol=atol, method="dopri5")
+            sync()
             times.append(time.perf_counter() - t0)
     return hs, nfe[0], times
 
@@ -253,6 +272,7 @@ def solve(args):
     for size in args.sizes:
         B, T, C, NH, V, L = SIZES[size]
         model, toks, tokens, _, p, cfg = size_setup(args, size, d, 2, False)
+        p, tokens = to_dev(p), tokens.to(DEV)
         h0 = p["wte.weight"][tokens] + p["wpe.weight"][:T]
         modes = {"flowloop": [], "flowloop_torchdiffeq_mode": ["--solver", "dopri5-shampine", "--controller", "i",
                                                                "--batch-coupled"]}
@@ -261,14 +281,15 @@ def solve(args):
             for _ in range(args.rounds):
                 torch.set_num_threads(threads)
                 hs, nfe, times = time_odeint(p, cfg, h0, 1e-3, 1e-4, args.seconds)
-                rec = {"impl": "torchdiffeq", "size": size, "threads": threads, "ms": 1e3 * float(np.median(times)),
+                rec = {"impl": "torchdiffeq", "device": DEV, "size": size, "threads": threads,
+                       "ms": 1e3 * float(np.median(times)),
                        "nfe": nfe, "h_norm": float(hs[-1].double().norm())}
                 results.setdefault("torchdiffeq", []).append(rec)
                 print(json.dumps(rec), flush=True)
                 for name, extra in modes.items():
                     cmd = [args.flowloop, "bench", "solve", "--size", size, "-m", model, "--tokens", toks,
                            "--solver", "dopri5", "--rtol", "1e-3", "--atol", "1e-4", "--t1", "4",
-                           "--threads", str(threads), "--seconds", str(args.seconds)] + extra
+                           "--threads", str(threads), "--seconds", str(args.seconds), "--device", DEV] + extra
                     if "--solver" in extra:
                         i = cmd.index("--solver")
                         del cmd[i:i + 2]
@@ -344,6 +365,7 @@ def train(args):
     for size in args.sizes:
         B, T, C, NH, V, L = SIZES[size]
         model, toks, tokens, targets, raw, cfg = size_setup(args, size, d, 3, True)
+        raw, tokens, targets = to_dev(raw), tokens.to(DEV), targets.to(DEV)
 
         class Field(torch.nn.Module):
             def __init__(self):
@@ -372,21 +394,22 @@ def train(args):
                     pr = f.params()
                     h0 = pr["wte.weight"][tokens] + pr["wpe.weight"][:T]
                     f.nfe = 0
-                    hs = solve(f, h0, torch.tensor([0.0, 4.0]), rtol=1e-3, atol=1e-4, method="dopri5")
+                    hs = solve(f, h0, torch.tensor([0.0, 4.0], device=DEV), rtol=1e-3, atol=1e-4, method="dopri5")
                     nfe_f = f.nfe
                     logits = layernorm(hs[-1], pr["ln_f.weight"], pr["ln_f.bias"]) @ pr["wte.weight"].T
                     loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
                     loss.backward()
+                    sync()
                     nfe_b = f.nfe - nfe_f
                     times.append(time.perf_counter() - t0)
-                rec = {"impl": impl, "size": size, "threads": threads, "ms": 1e3 * float(np.median(times)),
+                rec = {"impl": impl, "device": DEV, "size": size, "threads": threads, "ms": 1e3 * float(np.median(times)),
                        "nfe_forward": nfe_f, "nfe_backward": nfe_b, "loss": float(loss)}
                 results.setdefault(impl, []).append(rec)
                 print(json.dumps(rec), flush=True)
             for grad in ("backprop", "adjoint"):
                 cmd = [args.flowloop, "bench", "train", "--size", size, "-m", model, "--tokens", toks,
                        "--solver", "dopri5", "--rtol", "1e-3", "--atol", "1e-4", "--t1", "4", "--grad", grad,
-                       "--threads", str(threads), "--reps", "2", "--seconds", str(args.seconds)]
+                       "--threads", str(threads), "--reps", "2", "--seconds", str(args.seconds), "--device", DEV]
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 r["impl"] = "flowloop_" + grad
                 results.setdefault(r["impl"], []).append(r)
@@ -485,7 +508,11 @@ def main():
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--workdir")
     ap.add_argument("--rtols", default="1e-2,1e-3,1e-4,1e-5,1e-6", help="wp: tolerances (atol = rtol / 10)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="bench, solve, train: PyTorch on this device and flowloop with --device")
     args = ap.parse_args()
+    global DEV
+    DEV = args.device
     if args.mode == "check":
         sys.exit(check(args))
     if args.mode == "solve":
