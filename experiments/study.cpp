@@ -141,6 +141,7 @@ int run_study(const StudyOptions& o) {
       std::cerr << "== " << a.label << " (seed " << seed << ")" << std::endl;
       // a rerun goes on from the arm's checkpoint: a finished arm is not trained again
       Trainer tr(c);
+      tr.set_device(resolve_device(o.device));
       tr.run(std::filesystem::exists(std::filesystem::path(c.out) / "checkpoint.safetensors"), std::cerr);
       if (a.name == "looped") looped_model = c.out + "/model.safetensors";
       const auto data = make_source(c);

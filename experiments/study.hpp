@@ -34,6 +34,7 @@ struct StudyOptions {
   std::string eval_depths;
   uint64_t seed = 0;
   std::string out = "study";
+  std::string device = "auto";  // where every arm trains and is evaluated (resolve_device)
 };
 
 // Trains, at the same steps, batch and learning rate: one block looped `depth`

@@ -323,6 +323,51 @@ void FlowMatchOptions::validate() const {
   }
 }
 
+namespace {
+// One evaluation of the field for flow_match_step: on the CPU (Field), or on w.device
+// with the parameters already uploaded to `dev_params` (the state goes up, f comes down).
+template <class S>
+void fm_forward(const Field<S>& field, FlowMatchWork<S>& w, bool target, S* out, const S* x, const double* t,
+                const S* params, int B, int T, const double* d) {
+  FieldCache<S>& cache = target ? w.target_cache : w.cache;
+  if (!w.device) {
+    field.forward(out, x, t, params, B, T, cache, d);
+    return;
+  }
+  const ModelConfig& cfg = field.config();
+  const size_t n = static_cast<size_t>(B) * T * cfg.d_model;
+  Backend<S>& be = w.device->backend();
+  DeviceFieldCache<S>& dc = target ? w.dev_target_cache : w.dev_cache;
+  if (dc.capacity < B || dc.T != T) dc.resize(be, cfg, B, T);
+  w.dev_in.resize(be, std::max(n, w.dev_in.size()));
+  w.dev_out.resize(be, std::max(n, w.dev_out.size()));
+  be.upload(w.dev_in.data(), x, n);
+  w.device->forward(w.dev_out.data(), w.dev_in.data(), t, (target ? w.dev_target : w.dev_params).data(), B, T, dc, d);
+  be.download(out, w.dev_out.data(), n);
+}
+
+// dx += J^T g and dparams += the parameter gradient of the last (non-target) evaluation.
+template <class S>
+void fm_vjp(const Field<S>& field, FlowMatchWork<S>& w, S* dx, S* dparams, const S* g, const S* params) {
+  if (!w.device) {
+    field.vjp(dx, dparams, g, params, w.cache, w.grad);
+    return;
+  }
+  const size_t n = static_cast<size_t>(w.dev_cache.B) * w.dev_cache.T * field.config().d_model, P = field.num_params();
+  Backend<S>& be = w.device->backend();
+  w.dev_grad.resize(be, P);
+  be.fill(w.dev_grad.data(), S(0), P);
+  be.upload(w.dev_in.data(), g, n);
+  be.fill(w.dev_out.data(), S(0), n);
+  w.device->vjp(w.dev_out.data(), w.dev_grad.data(), w.dev_in.data(), w.dev_params.data(), w.dev_cache, w.dev_work);
+  Buffer<S> host(std::max(n, P));
+  be.download(host.data(), w.dev_out.data(), n);
+  for (size_t i = 0; i < n; ++i) dx[i] += host[i];
+  be.download(host.data(), w.dev_grad.data(), P);
+  for (size_t i = 0; i < P; ++i) dparams[i] += host[i];
+}
+}  // namespace
+
 template <class S>
 FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
                               const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w,
@@ -427,6 +472,16 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
       conditional_path(opt.matcher, xt, ut, w.x0.data() + b * n, w.x1.data() + b * n,
                        noisy ? w.eps.data() + b * n : nullptr, opt.sigma, st.t[b], n);
   }
+  if (w.device) {  // the weights as they are at this step
+    Backend<S>& be = w.device->backend();
+    const size_t P = field.num_params();
+    w.dev_params.resize(be, P);
+    w.dev_params.upload(params, P);
+    if (opt.shortcut) {
+      w.dev_target.resize(be, P);
+      w.dev_target.upload(target_params ? target_params : params, P);
+    }
+  }
   // shortcut targets: two half steps of the target weights, without gradient
   if (opt.shortcut) {
     const int m = st.shortcut_rows;
@@ -434,8 +489,8 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
     const S* tp = target_params ? target_params : params;
     w.v1.resize(mn);
     w.xh.resize(mn);
-    w.target_cache.resize(cfg, m, T);
-    field.forward(w.v1.data(), w.xt.data(), st.t.data(), tp, m, T, w.target_cache, half.data());
+    if (!w.device) w.target_cache.resize(cfg, m, T);
+    fm_forward(field, w, true, w.v1.data(), w.xt.data(), st.t.data(), tp, m, T, half.data());
     std::vector<double> t2(static_cast<size_t>(m));
     for (size_t b = 0; b < static_cast<size_t>(m); ++b) {
       const double hs = st.d[b] / 2;
@@ -443,13 +498,13 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
       const S hf = static_cast<S>(hs);
       for (size_t k = b * n; k < (b + 1) * n; ++k) w.xh[k] = w.xt[k] + hf * w.v1[k];
     }
-    field.forward(w.ut.data(), w.xh.data(), t2.data(), tp, m, T, w.target_cache, half.data());
+    fm_forward(field, w, true, w.ut.data(), w.xh.data(), t2.data(), tp, m, T, half.data());
     for (size_t k = 0; k < mn; ++k) w.ut[k] = (w.v1[k] + w.ut[k]) / S(2);
   }
   // v(x_t, t) and the loss mean((v - u)^2)
-  if (w.cache.capacity < B || w.cache.T != T || w.cache.blocks.size() != static_cast<size_t>(cfg.n_block))
+  if (!w.device && (w.cache.capacity < B || w.cache.T != T || w.cache.blocks.size() != static_cast<size_t>(cfg.n_block)))
     w.cache.resize(cfg, B, T);
-  field.forward(w.v.data(), w.xt.data(), st.t.data(), params, B, T, w.cache, opt.shortcut ? st.d.data() : nullptr);
+  fm_forward(field, w, false, w.v.data(), w.xt.data(), st.t.data(), params, B, T, opt.shortcut ? st.d.data() : nullptr);
   const size_t N = Bs * n;
   double loss = 0;
   const S scale = static_cast<S>(2.0 / static_cast<double>(N));
@@ -487,7 +542,7 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
   }
   if (dparams) {
     std::fill(w.dx.begin(), w.dx.end(), S(0));
-    field.vjp(w.dx.data(), dparams, w.gv.data(), params, w.cache, w.grad);
+    fm_vjp(field, w, w.dx.data(), dparams, w.gv.data(), params);
   }
   return st;
 }

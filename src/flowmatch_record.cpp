@@ -150,7 +150,8 @@ std::string file_hash(const std::string& path) {
 TrajectoryManifest record_trajectories(const std::string& teacher, const DataSource& data, const RecordOptions& opt,
                                        const std::string& out, std::ostream& progress) {
   opt.validate();
-  const Model<float> model = load_model<float>(teacher);
+  Model<float> model = load_model<float>(teacher);
+  model.set_device(resolve_device(opt.device));
   const ModelConfig& cfg = model.cfg;
   require_fits(cfg, data, "the data");
   TrajectoryManifest m;

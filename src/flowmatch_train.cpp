@@ -463,6 +463,9 @@ FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg) : impl_(std::make
 
 FlowMatchTrainer::~FlowMatchTrainer() = default;
 const Model<float>& FlowMatchTrainer::model() const { return *impl_->ema_model; }
+void FlowMatchTrainer::set_device(Device d) {
+  for (Model<float>* m : {impl_->teacher.get(), impl_->model.get(), impl_->ema_model.get()}) m->set_device(d);
+}
 int64_t FlowMatchTrainer::step() const { return impl_->step; }
 
 void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
@@ -482,6 +485,8 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
   Buffer<float> grads(m.params.size(), 0.0f), y;
   TrajectoryBatch tb;
   FlowMatchWork<float> w, tw;
+  w.device = m.device_field();
+  tw.device = I.ema_model->device_field();
   std::unique_ptr<FieldSystem<float>> prev_sys;
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first = I.step;
@@ -553,6 +558,7 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
     line["nfe_backward"] = 1;
     line["flops"] = 3.0 * m.field.flops(tb.B, tb.T) + 2.0 * m.field.flops(st.shortcut_rows, tb.T);
     line["tokens_per_s"] = static_cast<double>(tb.B) * tb.T / dt;
+    line["device"] = device_name(m.device());
     line["wall_s"] = wall;
     const bool out_of_time = c.max_seconds > 0 && wall >= c.max_seconds && I.step < total;
     if (out_of_time) line["stopped"] = "max_seconds";

@@ -50,6 +50,7 @@ void SweepOptions::validate() const {
 
 std::vector<SweepModel> run_sweep(const SweepOptions& o, std::ostream& progress) {
   o.validate();
+  const Device device = resolve_device(o.device);
   namespace fs = std::filesystem;
   fs::create_directories(o.out);
   std::vector<SweepModel> models;
@@ -59,6 +60,7 @@ std::vector<SweepModel> run_sweep(const SweepOptions& o, std::ostream& progress)
     progress << "== sweep " << (i + 1) << "/" << o.train_depths.size() << ": training " << d.token() << " ("
              << c.steps << " steps)" << std::endl;
     Trainer tr(c);
+    tr.set_device(device);
     tr.run(fs::exists(fs::path(c.out) / "checkpoint.safetensors"), progress);
     SweepModel m;
     m.depth = d;

@@ -7,6 +7,7 @@
 #include "device_field_check.hpp"
 #include "flowloop/backend.hpp"
 #include "flowloop/bench.hpp"
+#include "flowloop/flowmatch.hpp"
 #include "flowloop/io.hpp"
 
 #include <cmath>
@@ -113,5 +114,46 @@ TEST_CASE("device: the CLI's --device flag, its report and its errors", "[device
     out = run_command("FLOWLOOP_DEVICE=cuda " + fwd + " -o " + dir.file("x.json"), &rc);  // auto, overridden
     CHECK(rc != 0);
     CHECK(out.find("--device cuda: ") != std::string::npos);
+  }
+}
+
+TEMPLATE_TEST_CASE("device field: a flow-matching step on the reference backend against the CPU", "[device]", float,
+                   double) {
+  using S = TestType;
+  const ModelConfig cfg = device_check_config("step");
+  Model<S> model(cfg);
+  model.init(4);
+  Rng rng(9);
+  for (const auto& t : model.layout.tensors())  // the modulation and step embedding away from zero
+    if (t.name.find(".ada.") != std::string::npos || t.name.find("step_embed") != std::string::npos)
+      for (size_t i = 0; i < t.numel; ++i) model.params[t.offset + i] = static_cast<S>(0.1 * rng.normal());
+  Model<S> dev = model;
+  dev.set_backend(make_backend<S>(Device::cpu));
+  const int B = 4, K = 3, T = 5;
+  const size_t n = static_cast<size_t>(T) * cfg.d_model, np = model.field.num_params();
+  const auto states = random_values<S>(static_cast<size_t>(B) * (K + 1) * n, rng);
+  std::vector<S> target(model.field_params(), model.field_params() + np);
+  for (auto& v : target) v = static_cast<S>(v * 0.9);
+  for (const char* matcher : {"icfm", "trajectory"}) {
+    FlowMatchOptions o;
+    o.matcher = parse_matcher(matcher);
+    o.shortcut = std::string(matcher) == "trajectory";
+    o.shortcut_fraction = 0.5;
+    o.shortcut_steps = 8;
+    FlowMatchWork<S> wc, wd;
+    wd.device = dev.device_field();
+    std::vector<S> gc(np, S(0)), gd(np, S(0));
+    Rng r1(5), r2(5);
+    const FlowMatchStep a =
+        flow_match_step(model.field, model.field_params(), states.data(), B, K, T, o, r1, gc.data(), wc, static_cast<const EndpointLoss<S>*>(nullptr),
+                        target.data());
+    const FlowMatchStep b =
+        flow_match_step(dev.field, dev.field_params(), states.data(), B, K, T, o, r2, gd.data(), wd, static_cast<const EndpointLoss<S>*>(nullptr),
+                        target.data());
+    INFO(matcher);
+    CHECK(b.t == a.t);
+    CHECK(std::fabs(b.loss - a.loss) < 100 * backend_tol<S>(2e-6, 1e-13) * a.loss);
+    CHECK(rel_error_of(gd, gc) < 100 * backend_tol<S>(2e-6, 1e-13));
+    if (o.shortcut) CHECK(std::fabs(b.shortcut_loss - a.shortcut_loss) < 1e-3 * a.shortcut_loss);
   }
 }

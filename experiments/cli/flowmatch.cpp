@@ -21,12 +21,12 @@ struct RecordArgs {
 };
 struct FmTrainArgs {
   FlowMatchConfig c;
-  std::string config_file;
+  std::string config_file, device = "auto";
   bool resume = false;
   KeyedOptions given;
 };
 struct FmEvalArgs {
-  std::string model, data, samplers, csv;
+  std::string model, data, samplers, csv, device = "auto";
   FlowEvalOptions opt;
   bool json = false, no_teacher = false;
 };
@@ -94,14 +94,18 @@ CLI::App* add_eval(CLI::App* fm, const std::shared_ptr<FmEvalArgs>& a) {
   ev->add_flag("--no-teacher", a->no_teacher, "leave out the truncated teacher's rows");
   ev->add_flag("--json", a->json, "one JSON line per row");
   ev->add_option("--csv", a->csv, "also write the rows as CSV to this file");
+  add_device_flag(ev, a->device);
   return ev;
 }
 
 int run_eval(const FmEvalArgs& a) {
-  const FlowStudent s = load_flow_student(a.model);
+  FlowStudent s = load_flow_student(a.model);
   TrajectoryLoader test(a.data, "test", 0);
   require_same_teacher(s, test);
-  const Model<float> teacher = load_model<float>(test.teacher_path());
+  Model<float> teacher = load_model<float>(test.teacher_path());
+  const Device device = resolve_device(a.device);
+  s.model.set_device(device);
+  teacher.set_device(device);
   FlowEvalOptions opt = a.opt;
   std::string solvers;
   std::stringstream list(a.samplers);
@@ -153,14 +157,17 @@ Command register_flow_match(CLI::App& app) {
   r->add_option("--shard-size", a->opt.shard_size, "recordings per shard (a multiple of --batch)")->capture_default_str();
   r->add_option("--out", a->out, "output directory DATA")->required();
   a->depth_flags = add_depth_flags(r, a->opt.depth);
+  add_device_flag(r, a->opt.device);
   auto ta = std::make_shared<FmTrainArgs>();
   auto* tr = add_train(fm, ta);
+  add_device_flag(tr, ta->device);
   auto ea = std::make_shared<FmEvalArgs>();
   auto* ev = add_eval(fm, ea);
   return {fm, [a, r, ta, tr, ea, ev] {
             if (tr->parsed()) {
               const FlowMatchConfig c = merged_config(ta->given, ta->c, ta->config_file, "flow-match train options");
               FlowMatchTrainer trainer(c);
+              trainer.set_device(resolve_device(ta->device));
               trainer.run(ta->resume, std::cerr);
               const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"}, {"metrics", c.out + "/metrics.jsonl"}};
               std::cout << last.dump() << std::endl;

@@ -44,6 +44,7 @@ Command register_study(CLI::App& app) {
   st->add_option("--arms", o.arms, "arms to train, comma-separated: looped, deep, shallow, ode")->capture_default_str();
   st->add_option("--seed", o.seed, "first seed")->capture_default_str();
   st->add_option("--out", o.out, "output directory")->capture_default_str();
+  add_device_flag(st, o.device);
   return {st, [so] { return run_study(*so); }};
 }
 

@@ -10,7 +10,7 @@ namespace {
 struct SweepArgs {
   TrainConfig c;
   KeyedOptions given;
-  std::string config_file, train_depths, regimes;
+  std::string config_file, train_depths, regimes, device = "auto";
   int batches = 16, batch = 64;
 };
 }  // namespace
@@ -27,8 +27,10 @@ Command register_sweep(CLI::App& app) {
   sw->add_option("--regimes", a->regimes, "evaluation regimes (default: compare's full set)");
   sw->add_option("--compare-batches", a->batches, "test batches of each evaluation")->capture_default_str();
   sw->add_option("--compare-batch", a->batch, "their batch size")->capture_default_str();
+  add_device_flag(sw, a->device);
   return {sw, [a] {
             SweepOptions o;
+            o.device = a->device;
             o.base = merged_train_config(a->given, a->c, a->config_file);
             o.out = o.base.out;
             o.train_depths = DepthSpec::parse_list(a->train_depths);

@@ -109,6 +109,13 @@ struct FlowMatchWork {
   Buffer<S> v1, xh;      // shortcut: the target's first half step and where it lands
   FieldCache<S> cache, target_cache;
   FieldGradWork<S> grad;
+  // Where the field's evaluations and vjp run: null, Field on the CPU; else this device
+  // field (Model::device_field() of the student), with its arrays below: the parameters
+  // and the target's (uploaded at every step), a state in and a field out, the gradient.
+  const DeviceField<S>* device = nullptr;
+  Array<S> dev_params, dev_target, dev_in, dev_out, dev_grad;
+  DeviceFieldCache<S> dev_cache, dev_target_cache;
+  DeviceFieldWork<S> dev_work;
 };
 
 // What one step drew and measured.
@@ -162,6 +169,7 @@ struct RecordOptions {
   int test_examples = 512;
   int batch = 64;
   int shard_size = 512;      // recordings per shard, a multiple of batch
+  std::string device = "auto";  // where the teacher runs (resolve_device)
   void validate() const;     // throws Error naming what is wrong
 };
 

@@ -179,6 +179,9 @@ class FlowMatchTrainer {
   void run(bool resume, std::ostream& progress, int64_t stop_at = -1);
   const Model<float>& model() const;  // the EMA weights
   int64_t step() const;
+  // Where the teacher, the student and its EMA evaluate the field (Model::set_device):
+  // the flow-matching step, the test loss and the sampling evaluations.
+  void set_device(Device d);
 
  private:
   struct Impl;

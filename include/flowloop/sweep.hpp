@@ -20,6 +20,7 @@ struct SweepOptions {
   std::vector<Regime> eval_regimes;     // empty: default_regimes of each model
   int eval_batches = 16, eval_batch = 64;
   std::string out;
+  std::string device = "auto";  // where the models train and are evaluated (resolve_device)
   // The directory of a training regime's model: OUT/train-<token> (':' becomes '_').
   std::string model_dir(const DepthSpec& d) const;
   // Every configuration and regime checked, before any training.
