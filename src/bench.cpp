@@ -37,6 +37,21 @@ double median(std::vector<double> v) {
 }
 
 namespace {
+// The fields every bench field line starts with: what ran where, at which size.
+nlohmann::ordered_json field_bench_header(const char* device, const std::string& size, const BenchSize& bs, int F) {
+  nlohmann::ordered_json j;
+  j["bench"] = "field";
+  j["device"] = device;
+  j["size"] = size;
+  j["B"] = bs.B;
+  j["T"] = bs.T;
+  j["C"] = bs.C;
+  j["NH"] = bs.NH;
+  j["F"] = F;
+  j["L"] = bs.L;
+  return j;
+}
+
 double now_ms() {
   return std::chrono::duration<double, std::milli>(
              std::chrono::steady_clock::now().time_since_epoch())
@@ -138,17 +153,8 @@ std::string bench_field_on(Backend<float>& be, const BenchOptions& opt) {
     if (tg.size() > 100000) break;
   }
   const double gfl = 2.0 * M * F * C, gms = median(tg);
-  nlohmann::ordered_json j;
-  j["bench"] = "field";
-  j["device"] = device_name(be.device());
+  nlohmann::ordered_json j = field_bench_header(device_name(be.device()), opt.size, bs, F);
   j["backend"] = be.name();
-  j["size"] = opt.size;
-  j["B"] = B;
-  j["T"] = T;
-  j["C"] = C;
-  j["NH"] = bs.NH;
-  j["F"] = F;
-  j["L"] = bs.L;
   j["reps"] = tg.size();
   j["gemm_shape"] = {M, F, C};
   j["gemm_ms"] = gms;
@@ -271,16 +277,7 @@ std::string bench_field(const BenchOptions& opt) {
   const double fl = model.field.flops(B, T);
   const double gfl = 2.0 * M * F * C;
   const double ms = median(tf), vms = median(tv), gms = median(tg);
-  nlohmann::ordered_json j;
-  j["bench"] = "field";
-  j["device"] = "cpu";
-  j["size"] = opt.size;
-  j["B"] = B;
-  j["T"] = T;
-  j["C"] = C;
-  j["NH"] = bs.NH;
-  j["F"] = F;
-  j["L"] = bs.L;
+  nlohmann::ordered_json j = field_bench_header("cpu", opt.size, bs, F);
   j["threads"] = num_threads();
   j["reps"] = tf.size();
   j["ms_per_eval"] = ms;

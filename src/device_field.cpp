@@ -70,29 +70,13 @@ void DeviceFieldWork<S>::resize(Backend<S>& be, const ModelConfig& cfg, int B_, 
 }
 
 template <class S>
-DeviceField<S>::DeviceField(Backend<S>& be, const ModelConfig& cfg, const ParamLayout& layout)
-    : be_(be), cfg_(cfg), num_params_(layout.field_end() - layout.field_begin()) {
-  const size_t f0 = layout.field_begin();
-  for (int i = 0; i < cfg.n_block; ++i) {
-    BlockOffsets b = layout.block(i);
-    for (size_t* p : {&b.ln1_w, &b.ln1_b, &b.attn_w, &b.attn_b, &b.aproj_w, &b.aproj_b, &b.ln2_w, &b.ln2_b, &b.fc_w,
-                      &b.fc_b, &b.mproj_w, &b.mproj_b})
-      *p -= f0;
-    if (cfg.time_cond) {
-      b.ada_w -= f0;
-      b.ada_b -= f0;
-    }
-    blocks_.push_back(b);
-  }
-  if (cfg.time_cond) {
-    time_ = layout.time_embed();
-    for (size_t* p : {&time_.w1, &time_.b1, &time_.w2, &time_.b2}) *p -= f0;
-    if (cfg.step_cond) {
-      step_ = layout.step_embed();
-      for (size_t* p : {&step_.w1, &step_.b1, &step_.w2, &step_.b2}) *p -= f0;
-    }
-    freq_ = sinusoid_frequencies(cfg.time_freq);
-  }
+DeviceField<S>::DeviceField(Backend<S>& be, const ModelConfig& cfg, const ParamLayout& layout) : be_(be), cfg_(cfg) {
+  FieldOffsets o = field_offsets(cfg, layout);
+  blocks_ = std::move(o.blocks);
+  time_ = o.time;
+  step_ = o.step;
+  num_params_ = o.num_params;
+  if (cfg.time_cond) freq_ = sinusoid_frequencies(cfg.time_freq);
 }
 
 // ---------------------------------------------------------------- composites

@@ -103,10 +103,10 @@ void FieldGradWork<S>::resize(const ModelConfig& cfg, int B_, int T_) {
   de.resize(tc * Bs * static_cast<size_t>(cfg.time_freq));
 }
 
-template <class S>
-Field<S>::Field(const ModelConfig& cfg, const ParamLayout& layout)
-    : cfg_(cfg), num_params_(layout.field_end() - layout.field_begin()) {
+FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout) {
+  FieldOffsets o;
   const size_t f0 = layout.field_begin();
+  o.num_params = layout.field_end() - f0;
   for (int i = 0; i < cfg.n_block; ++i) {
     BlockOffsets b = layout.block(i);
     for (size_t* p : {&b.ln1_w, &b.ln1_b, &b.attn_w, &b.attn_b, &b.aproj_w, &b.aproj_b, &b.ln2_w,
@@ -116,17 +116,27 @@ Field<S>::Field(const ModelConfig& cfg, const ParamLayout& layout)
       b.ada_w -= f0;
       b.ada_b -= f0;
     }
-    blocks_.push_back(b);
+    o.blocks.push_back(b);
   }
   if (cfg.time_cond) {
-    time_ = layout.time_embed();
-    for (size_t* p : {&time_.w1, &time_.b1, &time_.w2, &time_.b2}) *p -= f0;
+    o.time = layout.time_embed();
+    for (size_t* p : {&o.time.w1, &o.time.b1, &o.time.w2, &o.time.b2}) *p -= f0;
     if (cfg.step_cond) {
-      step_ = layout.step_embed();
-      for (size_t* p : {&step_.w1, &step_.b1, &step_.w2, &step_.b2}) *p -= f0;
+      o.step = layout.step_embed();
+      for (size_t* p : {&o.step.w1, &o.step.b1, &o.step.w2, &o.step.b2}) *p -= f0;
     }
-    freq_ = sinusoid_frequencies(cfg.time_freq);
   }
+  return o;
+}
+
+template <class S>
+Field<S>::Field(const ModelConfig& cfg, const ParamLayout& layout) : cfg_(cfg) {
+  FieldOffsets o = field_offsets(cfg, layout);
+  blocks_ = std::move(o.blocks);
+  time_ = o.time;
+  step_ = o.step;
+  num_params_ = o.num_params;
+  if (cfg.time_cond) freq_ = sinusoid_frequencies(cfg.time_freq);
 }
 
 namespace {

@@ -466,7 +466,14 @@ void FieldSystem<S>::vjp(S* dy, S* dparams, size_t param_stride, const S* g, int
   dy_.download(host_.data(), n);
   for (size_t i = 0; i < n; ++i) dy[i] += host_[i];
   be.download(host_.data(), dgrad_.data(), np);
-  for (size_t i = 0; i < np; ++i) dparams[i] += host_[i];
+  if (param_stride == 0) {
+    for (size_t i = 0; i < np; ++i) dparams[i] += host_[i];
+    return;
+  }
+  // sequence b's gradient: P values at b * stride (what lies between is not the gradient's)
+  const size_t P = field_.num_params();
+  for (size_t b = 0; b < static_cast<size_t>(cache.B); ++b)
+    for (size_t i = 0; i < P; ++i) dparams[b * param_stride + i] += host_[b * param_stride + i];
 }
 
 template <class S>

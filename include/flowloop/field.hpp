@@ -95,6 +95,15 @@ struct FieldGradWork {
   void resize(const ModelConfig& cfg, int B, int T);
 };
 
+// The field's tensors as offsets from its first parameter (layout.field_begin()), and
+// how many parameters it has: what Field and DeviceField index params with.
+struct FieldOffsets {
+  std::vector<BlockOffsets> blocks;   // n_block
+  TimeEmbedOffsets time, step;        // time_cond, step_cond
+  size_t num_params = 0;
+};
+FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout);
+
 // The time embedding's sinusoid, shared by every backend (computed on the host):
 //   e_b = [cos(tau_b freq), sin(tau_b freq)],  tau_b = t_b time_scale  (t null: t = 0)
 // freq = sinusoid_frequencies(E) = exp(-ln(10000) k / (E/2)), k < E/2. Phases in double;
