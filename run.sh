@@ -3,7 +3,7 @@
 #   ./run.sh          install what is missing, build (Release), run the default job on p-hop
 #                     induction: train a looped and an ODE-depth model, compare them under
 #                     every depth regime, trace their latent trajectories, render the figures
-#                     (about 8.5 minutes on 2 cores with the build); prints where the tables
+#                     (about 9 minutes on 2 cores with the build); prints where the tables
 #                     and figures are
 #   ./run.sh study    a small looped-vs-deep-vs-ODE study on p-hop (a few minutes)
 #   ./run.sh test     install what is missing, build, run the test suite (ctest)

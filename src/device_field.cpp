@@ -294,13 +294,7 @@ void DeviceField<S>::forward(S* f, const S* h, const double* t, const S* params,
     throw Error("DeviceField::forward: cache sized for (B=" + std::to_string(cache.capacity) +
                 ", T=" + std::to_string(cache.T) + ") of another configuration, called with (B=" + std::to_string(B) +
                 ", T=" + std::to_string(T) + ")");
-  if (T > cfg_.context)
-    throw Error("DeviceField::forward: T = " + std::to_string(T) + " exceeds the context " +
-                std::to_string(cfg_.context));
-  if (cfg_.time_cond && !t)
-    throw Error("DeviceField::forward: a time-conditioned field needs the time of every sequence (t is null)");
-  if (d && !cfg_.step_cond)
-    throw Error("DeviceField::forward: a step d was given but the field is not step-conditioned (config step_cond)");
+  check_field_call("DeviceField::forward", cfg_, T, t, d);
   cache.B = B;
   const int C = cfg_.d_model;
   const size_t NC = static_cast<size_t>(B) * T * C;

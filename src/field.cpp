@@ -103,6 +103,15 @@ void FieldGradWork<S>::resize(const ModelConfig& cfg, int B_, int T_) {
   de.resize(tc * Bs * static_cast<size_t>(cfg.time_freq));
 }
 
+void check_field_call(const char* who, const ModelConfig& cfg, int T, const double* t, const double* d) {
+  if (T > cfg.context)
+    throw Error(std::string(who) + ": T = " + std::to_string(T) + " exceeds the context " + std::to_string(cfg.context));
+  if (cfg.time_cond && !t)
+    throw Error(std::string(who) + ": a time-conditioned field needs the time of every sequence (t is null)");
+  if (d && !cfg.step_cond)
+    throw Error(std::string(who) + ": a step d was given but the field is not step-conditioned (config step_cond)");
+}
+
 FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout) {
   FieldOffsets o;
   const size_t f0 = layout.field_begin();
@@ -486,13 +495,7 @@ void Field<S>::forward(S* f, const S* h, const double* t, const S* params, int B
   if (cache.time.e.empty() == cfg_.time_cond)
     throw Error(std::string("Field::forward: cache sized for ") + (cfg_.time_cond ? "an autonomous" : "a time-conditioned") +
                 " field but the field is " + (cfg_.time_cond ? "time-conditioned" : "autonomous"));
-  if (T > cfg_.context)
-    throw Error("Field::forward: T = " + std::to_string(T) + " exceeds the context " +
-                std::to_string(cfg_.context));
-  if (cfg_.time_cond && !t)
-    throw Error("Field::forward: a time-conditioned field needs the time of every sequence (t is null)");
-  if (d && !cfg_.step_cond)
-    throw Error("Field::forward: a step d was given but the field is not step-conditioned (config step_cond)");
+  check_field_call("Field::forward", cfg_, T, t, d);
   if (cache.time.se.empty() == cfg_.step_cond)
     throw Error(std::string("Field::forward: cache sized for a field ") + (cfg_.step_cond ? "without" : "with") +
                 " step conditioning but the field " + (cfg_.step_cond ? "has it" : "has none"));

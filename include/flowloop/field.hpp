@@ -103,6 +103,9 @@ struct FieldOffsets {
   size_t num_params = 0;
 };
 FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout);
+// The checks every forward makes of its call (`who` names it in the Error): T within the
+// context, t given to a time-conditioned field, d only to a step-conditioned one.
+void check_field_call(const char* who, const ModelConfig& cfg, int T, const double* t, const double* d);
 
 // The time embedding's sinusoid, shared by every backend (computed on the host):
 //   e_b = [cos(tau_b freq), sin(tau_b freq)],  tau_b = t_b time_scale  (t null: t = 0)
