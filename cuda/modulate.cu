@@ -22,25 +22,12 @@ __global__ void gate_forward_kernel(S* out, const S* res, const S* in, const S* 
   if (i >= n) return;
   out[i] = kernels::gated(res[i], in[i], gate[(i / C / T) * ld + i % C]);
 }
-// din = dout (1 + f) (when din is non-null); da += sum_t dout; db += sum_t dout x
-// (modulate: a = shift, b = scale, f = scale; gate: a unused, b = gate, f = gate).
+// kernels::broadcast_backward, one thread per (sequence, channel).
 template <class S>
 __global__ void broadcast_backward_kernel(S* din, S* da, S* db, const S* dout, const S* x, const S* f, int B, int T,
                                           int C, int ld) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= B * C) return;
-  const int b = j / C, i = j % C;
-  const int64_t v = static_cast<int64_t>(b) * ld + i;
-  const S scale = S(1) + f[v];
-  S sa = S(0), sb = S(0);
-  for (int t = 0; t < T; ++t) {
-    const int64_t r = (static_cast<int64_t>(b) * T + t) * C + i;
-    sa += dout[r];
-    sb += dout[r] * x[r];
-    if (din) din[r] = dout[r] * scale;
-  }
-  if (da) da[v] += sa;
-  if (db) db[v] += sb;
+  if (j < B * C) kernels::broadcast_backward(din, da, db, dout, x, f, T, C, ld, j / C, j % C);
 }
 }  // namespace
 

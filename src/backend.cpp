@@ -135,18 +135,8 @@ class ReferenceBackend final : public Backend<S> {
   }
   void modulate_backward(S* din, S* dshift, S* dscale, const S* dout, const S* in, const S* scale, int B, int T,
                          int C, int ld) override {
-    for (int64_t b = 0; b < B; ++b)
-      for (int i = 0; i < C; ++i) {
-        S sh = S(0), sc = S(0);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t r = (b * T + t) * C + i;
-          sh += dout[r];
-          sc += dout[r] * in[r];
-          if (din) din[r] = dout[r] * (S(1) + scale[b * ld + i]);
-        }
-        if (dshift) dshift[b * ld + i] += sh;
-        if (dscale) dscale[b * ld + i] += sc;
-      }
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < C; ++i) kernels::broadcast_backward(din, dshift, dscale, dout, in, scale, T, C, ld, b, i);
   }
   void gate_forward(S* out, const S* res, const S* in, const S* gate, int B, int T, int C, int ld) override {
     for (int64_t bt = 0; bt < static_cast<int64_t>(B) * T; ++bt) {
@@ -156,16 +146,9 @@ class ReferenceBackend final : public Backend<S> {
   }
   void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C,
                      int ld) override {
-    for (int64_t b = 0; b < B; ++b)
-      for (int i = 0; i < C; ++i) {
-        S sg = S(0);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t r = (b * T + t) * C + i;
-          sg += dout[r] * in[r];
-          if (din) din[r] = dout[r] * (S(1) + gate[b * ld + i]);
-        }
-        if (dgate) dgate[b * ld + i] += sg;
-      }
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < C; ++i)
+        kernels::broadcast_backward(din, static_cast<S*>(nullptr), dgate, dout, in, gate, T, C, ld, b, i);
   }
 };
 

@@ -112,6 +112,27 @@ FLOWLOOP_HD S gated(S res, S in, S gate) {
   return in * (S(1) + gate) + res;
 }
 
+// The vjp of a per-sequence vector broadcast over T, for sequence b and channel i (rows of
+// (B,T,C) values; the vectors' rows are ld apart): da[b,i] += sum_t dout, db[b,i] +=
+// sum_t dout x, summed in t order, and din = dout (1 + f[b,i]) (written). adaLN's
+// modulation: a = shift, b = scale, f = scale; its gate: no a, b = f = gate. Null
+// pointers are skipped.
+template <class S>
+FLOWLOOP_HD void broadcast_backward(S* din, S* da, S* db, const S* dout, const S* x, const S* f, int T, int C,
+                                    long long ld, int b, int i) {
+  const long long v = b * ld + i;
+  const S scale = S(1) + f[v];
+  S sa = S(0), sb = S(0);
+  for (int t = 0; t < T; ++t) {
+    const long long r = (static_cast<long long>(b) * T + t) * C + i;
+    sa += dout[r];
+    sb += dout[r] * x[r];
+    if (din) din[r] = dout[r] * scale;
+  }
+  if (da) da[v] += sa;
+  if (db) db[v] += sb;
+}
+
 // Row t of causal attention probabilities: the t + 1 scores row[0..t] (q_t . k_j)
 // become softmax(scale row); the rest of the row (T values) is set to 0. Overwrites.
 template <class S>
