@@ -2,6 +2,7 @@
 // backend (every kernel, product and copy is queued on it), a cuBLAS handle bound to
 // the stream, and the operations of cuda.hpp.
 #include "check.cuh"
+#include "flowloop/algebra.hpp"
 #include "flowloop/backend.hpp"
 #include "flowloop/cuda.hpp"
 
@@ -32,14 +33,16 @@ class CudaBackend final : public Backend<S> {
   Device device() const override { return Device::cuda; }
   std::string name() const override { return name_; }
 
-  S* alloc(size_t n) override { return static_cast<S*>(device_alloc(n * sizeof(S))); }
-  void free(S* p) noexcept override { device_free(p); }
-  void upload(S* dst, const S* host, size_t n) override {
-    FLOWLOOP_CUDA_CHECK(cudaMemcpyAsync(dst, host, n * sizeof(S), cudaMemcpyHostToDevice, stream()));
+  void* alloc_bytes(size_t bytes) override { return device_alloc(bytes); }
+  void free_bytes(void* p) noexcept override { device_free(p); }
+  void upload_bytes(void* dst, const void* host, size_t bytes) override {
+    if (!bytes) return;
+    FLOWLOOP_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream()));
     FLOWLOOP_CUDA_CHECK(cudaStreamSynchronize(stream()));  // the host array may change once this returns
   }
-  void download(S* host, const S* src, size_t n) override {
-    FLOWLOOP_CUDA_CHECK(cudaMemcpyAsync(host, src, n * sizeof(S), cudaMemcpyDeviceToHost, stream()));
+  void download_bytes(void* host, const void* src, size_t bytes) override {
+    if (!bytes) return;
+    FLOWLOOP_CUDA_CHECK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, stream()));
     FLOWLOOP_CUDA_CHECK(cudaStreamSynchronize(stream()));
   }
   void copy(S* dst, const S* src, size_t n) override {
@@ -88,6 +91,34 @@ class CudaBackend final : public Backend<S> {
   void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C,
                      int ld) override {
     cuda::gate_backward(din, dgate, dout, in, gate, B, T, C, ld, stream_);
+  }
+
+  // The solvers' state: cuda/thrust_algebra.hpp on the backend's stream.
+  void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
+                       const int* rows, int nrows, size_t n) override {
+    algebra::device::rk_combine_rows(out, y, h, c, k, m, rows, nrows, n, stream_);
+  }
+  void error_sum_squares_rows(double* out, const double* h, const double* e, const S* const* k, int m, const S* y0,
+                              const S* y1, double rtol, double atol, size_t period, size_t dims, const int* rows,
+                              int nrows, size_t n) override {
+    algebra::device::error_sum_squares_rows(out, h, e, k, m, y0, y1, rtol, atol, rows, nrows, n, period, dims,
+                                            stream_);
+  }
+  void sum_squares_rows(double* out, const S* x, const int* rows, int nrows, size_t n) override {
+    algebra::device::sum_squares_rows(out, x, rows, nrows, n, stream_);
+  }
+  void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol, int nrows,
+                               size_t n) override {
+    algebra::device::scaled_sum_squares_rows(out, a, b, y, rtol, atol, nrows, n, stream_);
+  }
+  void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
+    algebra::device::gather_rows(dst, src, rows, nrows, n, stream_);
+  }
+  void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
+    algebra::device::scatter_rows(dst, src, rows, nrows, n, stream_);
+  }
+  void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
+    algebra::device::copy_rows(dst, src, rows, nrows, n, stream_);
   }
 
  private:

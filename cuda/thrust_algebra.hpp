@@ -30,9 +30,22 @@
 #include "flowloop/kernels.hpp"  // FLOWLOOP_HD
 #include "flowloop/tensor.hpp"   // Error
 
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace flowloop::algebra::device {
 
 constexpr int kMaxStages = 32;  // as the CPU algebra
+
+// Where the row-batched operations run: the CUDA backend's stream (null: the default
+// stream), without a synchronisation after element-wise work; Thrust's device system
+// elsewhere (OpenMP in CI).
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+inline auto exec(void* stream) { return thrust::cuda::par_nosync.on(static_cast<cudaStream_t>(stream)); }
+#else
+inline auto exec(void*) { return thrust::device; }
+#endif
 
 // The stages of one combination, by value (a kernel's argument).
 template <class S>
@@ -81,9 +94,9 @@ struct CombineRows {
 // of n values (algebra::rk_combine_rows). out may alias y.
 template <class S>
 void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
-                     const int* rows, int nrows, size_t n) {
+                     const int* rows, int nrows, size_t n, void* stream) {
   if (nrows <= 0 || n == 0) return;
-  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
+  thrust::for_each_n(exec(stream), thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
                      CombineRows<S>{out, y, h, rows, make_stages(c, k, m), n});
 }
 
@@ -176,24 +189,76 @@ struct RowErrorSquare {
   ErrorSquare<S> sq;
   const double* h;  // (rows of the batch) each row's step
   const int* rows;  // (nrows)
-  size_t n;
+  size_t n, period, dims;  // period 0: every value counts
   FLOWLOOP_HD double operator()(size_t g) const {
-    const size_t r = static_cast<size_t>(rows[g / n]);
-    return sq.value(r * n + g % n, static_cast<S>(h[r]));
+    const size_t r = static_cast<size_t>(rows[g / n]), v = g % n;
+    if (period != 0 && v % period >= dims) return 0.0;
+    return sq.value(r * n + v, static_cast<S>(h[r]));
   }
 };
 
 // The per-row error sums of a batch in one pass (a row-batched error norm): out[i]
-// (device, nrows) = error_sum_squares of row rows[i] with its own step h[rows[i]]. The
-// driver then copies these nrows doubles to the host once per step.
+// (device, nrows) = error_sum_squares of row rows[i] with its own step h[rows[i]], over
+// the values v with v % period < dims (period 0: all). The driver then copies these
+// nrows doubles to the host once per step.
 template <class S>
 void error_sum_squares_rows(double* out, const double* h, const double* e, const S* const* k, int m, const S* y0,
-                            const S* y1, double rtol, double atol, const int* rows, int nrows, size_t n) {
+                            const S* y1, double rtol, double atol, const int* rows, int nrows, size_t n,
+                            size_t period, size_t dims, void* stream) {
   if (nrows <= 0) return;
-  const RowErrorSquare<S> f{error_square(1.0, e, k, m, y0, y1, rtol, atol), h, rows, n};
+  const RowErrorSquare<S> f{error_square(1.0, e, k, m, y0, y1, rtol, atol), h, rows, n, period, dims};
   auto keys = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), RowOf{n});
   auto vals = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), f);
-  thrust::reduce_by_key(thrust::device, keys, keys + static_cast<std::ptrdiff_t>(static_cast<size_t>(nrows) * n), vals,
+  thrust::reduce_by_key(exec(stream), keys, keys + static_cast<std::ptrdiff_t>(static_cast<size_t>(nrows) * n), vals,
+                        thrust::make_discard_iterator(), out);
+}
+
+// x's squared value g of the listed rows (a row-batched sum of squares)
+template <class S>
+struct RowSquare {
+  const S* x;
+  const int* rows;  // (nrows); null: rows 0, 1, ...
+  size_t n;
+  FLOWLOOP_HD double operator()(size_t g) const {
+    const size_t r = rows ? static_cast<size_t>(rows[g / n]) : g / n;
+    const double v = static_cast<double>(x[r * n + g % n]);
+    return v * v;
+  }
+};
+
+// out[i] = sum_v x[rows[i]]_v^2 in double (NaN or Inf for a row that is not finite)
+template <class S>
+void sum_squares_rows(double* out, const S* x, const int* rows, int nrows, size_t n, void* stream) {
+  if (nrows <= 0) return;
+  auto keys = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), RowOf{n});
+  auto vals = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), RowSquare<S>{x, rows, n});
+  thrust::reduce_by_key(exec(stream), keys, keys + static_cast<std::ptrdiff_t>(static_cast<size_t>(nrows) * n), vals,
+                        thrust::make_discard_iterator(), out);
+}
+
+template <class S>
+struct ScaledSquare {
+  const S* a;
+  const S* b;  // null: a alone
+  const S* y;
+  double rtol, atol;
+  FLOWLOOP_HD double operator()(size_t i) const {
+    const double yi = static_cast<double>(y[i]);
+    const double r = (static_cast<double>(a[i]) - (b ? static_cast<double>(b[i]) : 0.0)) /
+                     (atol + rtol * (yi < 0 ? -yi : yi));
+    return r * r;
+  }
+};
+
+// out[r] = sum_v ((a_v - b_v) / (atol + rtol |y_v|))^2 over rows r < nrows (b null: a alone),
+// algebra.hpp's scaled_(diff_)sum_squares per row (the first step's norms)
+template <class S>
+void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol, int nrows,
+                             size_t n, void* stream) {
+  if (nrows <= 0) return;
+  auto keys = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), RowOf{n});
+  auto vals = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), ScaledSquare<S>{a, b, y, rtol, atol});
+  thrust::reduce_by_key(exec(stream), keys, keys + static_cast<std::ptrdiff_t>(static_cast<size_t>(nrows) * n), vals,
                         thrust::make_discard_iterator(), out);
 }
 
@@ -218,36 +283,49 @@ bool all_finite(const S* x, size_t n) {
   return thrust::count_if(thrust::device, x, x + n, NotFinite<S>()) == 0;
 }
 
+enum class RowMove { gather, scatter, copy };
+
 template <class S>
-struct GatherRows {
+struct MoveRows {
   S* dst;
   const S* src;
   const int* rows;
   size_t n;
-  bool scatter;
+  RowMove how;
   FLOWLOOP_HD void operator()(size_t g) const {
     const size_t i = g / n, r = static_cast<size_t>(rows[i]), j = g % n;
-    if (scatter)
+    if (how == RowMove::scatter)
       dst[r * n + j] = src[i * n + j];
-    else
+    else if (how == RowMove::gather)
       dst[i * n + j] = src[r * n + j];
+    else
+      dst[r * n + j] = src[r * n + j];
   }
 };
 
-// The active rows of a batch: gather packs rows rows[0..nrows) of src (rows of n values)
-// into dst's first nrows rows; scatter puts them back.
 template <class S>
-void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) {
-  if (nrows <= 0) return;
-  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
-                     GatherRows<S>{dst, src, rows, n, false});
+void move_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, RowMove how, void* stream) {
+  if (nrows <= 0 || n == 0) return;
+  thrust::for_each_n(exec(stream), thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
+                     MoveRows<S>{dst, src, rows, n, how});
+}
+
+// The active rows of a batch: gather packs rows rows[0..nrows) of src (rows of n values)
+// into dst's first nrows rows; scatter puts them back; copy_rows copies the listed rows
+// between two batches.
+template <class S>
+void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream) {
+  move_rows(dst, src, rows, nrows, n, RowMove::gather, stream);
 }
 
 template <class S>
-void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) {
-  if (nrows <= 0) return;
-  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
-                     GatherRows<S>{dst, src, rows, n, true});
+void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream) {
+  move_rows(dst, src, rows, nrows, n, RowMove::scatter, stream);
+}
+
+template <class S>
+void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream) {
+  move_rows(dst, src, rows, nrows, n, RowMove::copy, stream);
 }
 
 }  // namespace flowloop::algebra::device

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "flowloop/algebra.hpp"
+#include "flowloop/backend.hpp"
 #include "coupled.hpp"
 #include "tape.hpp"
 
@@ -477,8 +478,12 @@ struct OdeGradient<S>::Impl {
 };
 
 template <class S>
-OdeGradient<S>::OdeGradient(DiffSystem<S>& sys, const SolveOptions& opt, const GradOptions& gopt)
-    : impl_(new Impl(sys, opt, gopt)) {}
+OdeGradient<S>::OdeGradient(DiffSystem<S>& sys, const SolveOptions& opt, const GradOptions& gopt) {
+  if (sys.backend())  // the reverse passes' adjoint states are host arrays
+    throw Error("gradients: the system's states are on " + sys.backend()->name() +
+                "; OdeGradient takes systems with host states (a field on a device evaluates there per call)");
+  impl_ = new Impl(sys, opt, gopt);
+}
 
 template <class S>
 OdeGradient<S>::~OdeGradient() {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "flowloop/algebra.hpp"
+#include "flowloop/backend.hpp"
 #include "flowloop/solver.hpp"
 #include "coupled.hpp"
 #include "tape.hpp"
@@ -129,13 +130,13 @@ class StepControl {
 
   bool adaptive() const { return o_.adaptive; }
   // The first step when the options give none (h0 = 0): Hairer's hinit, in two halves
-  // around one evaluation of f at the probe point y0 + h_probe f0.
+  // around one evaluation of f at the probe point y0 + h_probe f0. The halves take the
+  // sequence's scaled sums of squares (the driver's row-batched norms):
+  // f0s = sum (f0 / sc)^2, y0s = sum (y0 / sc)^2, d2s = sum ((f_probe - f0) / sc)^2.
   bool automatic_first_step() const { return o_.adaptive && o_.h0 == 0.0; }
   double given_first_step() const { return dir_ * std::fabs(o_.h0); }
-  template <class S>
-  double probe_step(const S* y0, const S* f0, size_t n, double& dnf) const;
-  template <class S>
-  double first_step(double h_probe, double dnf, const S* y0, const S* f0, const S* f_probe, size_t n) const;
+  double probe_step(double f0s, double y0s, size_t n, double& dnf) const;
+  double first_step(double h_probe, double dnf, double d2s, size_t n) const;
 
   // Before a step of sequence g: its step [t, t + h] (t is set on a fixed count's
   // grid) and whether it ends on t1. Returns Success, or why the sequence cannot go
@@ -160,22 +161,18 @@ class StepControl {
   std::vector<int> nonfinite_;
 };
 
-template <class S>
-double StepControl::probe_step(const S* y0, const S* f0, size_t n, double& dnf) const {
+double StepControl::probe_step(double f0s, double y0s, size_t n, double& dnf) const {
   const double norm = o_.initial_norm == InitialStepNorm::RMS ? static_cast<double>(n) : 1.0;
-  dnf = algebra::scaled_sum_squares(f0, y0, o_.rtol, o_.atol, n) / norm;
-  const double dny = algebra::scaled_sum_squares(y0, y0, o_.rtol, o_.atol, n) / norm;
+  dnf = f0s / norm;
+  const double dny = y0s / norm;
   double h = (dnf <= 1e-10 || dny <= 1e-10) ? 1e-6 : 0.01 * std::sqrt(dny / dnf);
   h = std::min(h, hmax_);
   return dir_ * h;
 }
 
-template <class S>
-double StepControl::first_step(double h_probe, double dnf, const S* y0, const S* f0, const S* f_probe,
-                               size_t n) const {
+double StepControl::first_step(double h_probe, double dnf, double d2s, size_t n) const {
   const double norm = o_.initial_norm == InitialStepNorm::RMS ? static_cast<double>(n) : 1.0;
-  const double der2 =
-      std::sqrt(algebra::scaled_diff_sum_squares(f_probe, f0, y0, o_.rtol, o_.atol, n) / norm) / std::fabs(h_probe);
+  const double der2 = std::sqrt(d2s / norm) / std::fabs(h_probe);
   const double der12 = std::max(std::fabs(der2), std::sqrt(dnf));
   const double h1 = der12 <= 1e-15 ? std::max(1e-6, std::fabs(h_probe) * 1e-3)
                                    : std::pow(0.01 / der12, 1.0 / tab_.order);
@@ -279,98 +276,127 @@ double StepControl::new_step(int g, double err, double h) {
 // them: Dormand-Prince's continuous extension where the tableau has one, cubic
 // Hermite on (y0, f0, y1, f1) else. Times a failed sequence never reached are NaN;
 // times after a sequence's terminal stop hold its final state.
+// The states are the backend's; the saves are host arrays, so the rows a save reads
+// are downloaded when (and only when) it reads them.
 template <class S>
 class Saver {
  public:
   Saver(const SolveOptions& o, const ButcherTableau& tab, int G, size_t n, SolveResult<S>& r)
       : o_(o), tab_(tab), G_(G), n_(n), r_(r), next_(G, 0) {}
 
-  void start(const S* y);  // y (G, n) at t0
+  void start(Backend<S>& be, const S* y);  // y (G, n) at t0
   // Whether a save time inside sequence g's last step needs f(t1, y1); methods
   // without FSAL evaluate it only then.
   bool needs_f1_on_last(int g) const {
     const size_t i = static_cast<size_t>(next_[g]);
     return o_.save == SaveKind::Times && i < o_.save_times.size() && o_.save_times[i] != o_.t1;
   }
-  // Sequence g accepted the step [t, t_end] of size h from y0 to y1, its stages in K;
-  // f1 = f(t_end, y1) when has_f1.
-  void accepted(int g, double t, double h, double t_end, const S* y0, const S* y1, const std::vector<Buffer<S>>& K,
+  // Sequence g accepted the step [t, t_end] of size h from y0 to y1 (its rows), its stages
+  // in K; f1 = f(t_end, y1) (its row) when has_f1.
+  void accepted(int g, double t, double h, double t_end, const S* y0, const S* y1, const std::vector<Array<S>>& K,
                 bool has_f1, const S* f1);
-  void stopped(int g, const S* state) {  // the times after the stop hold `state`
-    if (o_.save == SaveKind::Times) fill_remaining(g, state);
+  void stopped(int g, const S* state) {  // the times after the stop hold `state` (a row of the backend)
+    if (o_.save != SaveKind::Times) return;
+    be_->download(row_.data(), state, n_);
+    fill_remaining(g, row_.data());
   }
   void failed(int g) {  // what could not be reached is NaN, not a guess
     if (o_.save != SaveKind::Times) return;
-    Buffer<S> nan(n_, std::numeric_limits<S>::quiet_NaN());
-    fill_remaining(g, nan.data());
+    std::fill(row_.begin(), row_.end(), std::numeric_limits<S>::quiet_NaN());
+    fill_remaining(g, row_.data());
   }
 
  private:
   S* slot(size_t i, int g) { return r_.saved.data() + (i * G_ + g) * n_; }
-  void fill_remaining(int g, const S* state);
-  void dense_output(S* out, double th, double h, const S* y0, const S* y1, const std::vector<Buffer<S>>& K, int g,
-                    bool has_f1, const S* f1) const;
+  void fill_remaining(int g, const S* host_state);
+  void dense_output(S* out, double th, double h, bool has_f1);
 
   const SolveOptions& o_;
   const ButcherTableau& tab_;
   const int G_;
   const size_t n_;
   SolveResult<S>& r_;
+  Backend<S>* be_ = nullptr;
   std::vector<int> next_;  // per sequence, the next save time to fill
+  Buffer<S> row_;          // a downloaded row
+  Buffer<S> y0_, y1_, f1_;  // the rows of the step being saved, and its stages (s, n)
+  Buffer<S> k_;
 };
 
 template <class S>
-void Saver<S>::start(const S* y) {
+void Saver<S>::start(Backend<S>& be, const S* y) {
+  be_ = &be;
+  row_.assign(n_, S(0));
   if (o_.save == SaveKind::Steps || o_.record_steps) {
     r_.step_times.assign(G_, {o_.t0});
     r_.step_h.assign(G_, {});
   }
   if (o_.save == SaveKind::Steps) {
     r_.step_states.resize(G_);
-    for (int g = 0; g < G_; ++g) r_.step_states[g].assign(row_at(y, g, n_), row_at(y, g, n_) + n_);
+    for (int g = 0; g < G_; ++g) {
+      r_.step_states[g].resize(n_);
+      be.download(r_.step_states[g].data(), row_at(y, g, n_), n_);
+    }
   }
   if (o_.save != SaveKind::Times) return;
   const size_t nt = o_.save_times.size();
   r_.saved.assign(nt * G_ * n_, S(0));
   for (int g = 0; g < G_; ++g)  // save times equal to t0 are the initial state
     while (static_cast<size_t>(next_[g]) < nt && o_.save_times[next_[g]] == o_.t0) {
-      std::memcpy(slot(static_cast<size_t>(next_[g]), g), row_at(y, g, n_), n_ * sizeof(S));
+      be.download(slot(static_cast<size_t>(next_[g]), g), row_at(y, g, n_), n_);
       ++next_[g];
     }
 }
 
 template <class S>
 void Saver<S>::accepted(int g, double t, double h, double t_end, const S* y0, const S* y1,
-                        const std::vector<Buffer<S>>& K, bool has_f1, const S* f1) {
+                        const std::vector<Array<S>>& K, bool has_f1, const S* f1) {
   if (o_.save == SaveKind::Steps || o_.record_steps) {
     r_.step_times[g].push_back(t_end);
     r_.step_h[g].push_back(h);
   }
-  if (o_.save == SaveKind::Steps) r_.step_states[g].insert(r_.step_states[g].end(), y1, y1 + n_);
+  if (o_.save == SaveKind::Steps) {
+    Buffer<S>& states = r_.step_states[g];
+    states.resize(states.size() + n_);
+    be_->download(states.data() + states.size() - n_, y1, n_);
+  }
   if (o_.save != SaveKind::Times) return;
   const double dir = o_.t1 >= o_.t0 ? 1.0 : -1.0;
   const size_t nt = o_.save_times.size();
+  bool fetched = false;
   for (; static_cast<size_t>(next_[g]) < nt; ++next_[g]) {
     const double ts = o_.save_times[static_cast<size_t>(next_[g])];
     if ((ts - t_end) * dir > 0) break;
+    if (!fetched) {  // the step's rows, once
+      const int s = tab_.stages();
+      y0_.resize(n_), y1_.resize(n_), f1_.resize(n_), k_.resize(static_cast<size_t>(s) * n_);
+      be_->download(y0_.data(), y0, n_);
+      be_->download(y1_.data(), y1, n_);
+      if (has_f1) be_->download(f1_.data(), f1, n_);
+      for (int j = 0; j < s; ++j)  // the continuous extension reads every stage, Hermite only f0
+        if (j == 0 || !tab_.dense.empty()) be_->download(k_.data() + j * n_, row_at(K[j].data(), g, n_), n_);
+      fetched = true;
+    }
     S* out = slot(static_cast<size_t>(next_[g]), g);
     const double th = (ts - t) / h;
     if (ts == t_end || th >= 1.0)
-      std::memcpy(out, y1, n_ * sizeof(S));
+      std::memcpy(out, y1_.data(), n_ * sizeof(S));
     else
-      dense_output(out, th, h, y0, y1, K, g, has_f1, f1);
+      dense_output(out, th, h, has_f1);
   }
 }
 
-// The state at t + th h inside the step (0 <= th < 1).
+// The state at t + th h inside the step (0 <= th < 1), from the fetched rows.
 template <class S>
-void Saver<S>::dense_output(S* out, double th, double h, const S* y0, const S* y1, const std::vector<Buffer<S>>& K,
-                            int g, bool has_f1, const S* f1) const {
+void Saver<S>::dense_output(S* out, double th, double h, bool has_f1) {
   const int s = tab_.stages();
-  const S* k0 = row_at(K[0].data(), g, n_);
+  const S* y0 = y0_.data();
+  const S* y1 = y1_.data();
+  const S* f1 = f1_.data();
+  const S* k0 = k_.data();
   if (!tab_.dense.empty()) {
     // Hairer's contd5: y0 + th (dy + (1-th) (h k1 - dy + th (dy - h k7 - (h k1 - dy) + (1-th) h sum d_j k_j)))
-    const S* klast = row_at(K[s - 1].data(), g, n_);
+    const S* klast = k_.data() + static_cast<size_t>(s - 1) * n_;
     const double th1 = 1.0 - th;
     for (size_t i = 0; i < n_; ++i) {
       const double r2 = double(y1[i]) - double(y0[i]);
@@ -378,7 +404,7 @@ void Saver<S>::dense_output(S* out, double th, double h, const S* y0, const S* y
       const double r4 = r2 - h * double(klast[i]) - r3;
       double r5 = 0.0;
       for (int j = 0; j < s; ++j)
-        if (tab_.dense[j] != 0.0) r5 += tab_.dense[j] * double(row_at(K[j].data(), g, n_)[i]);
+        if (tab_.dense[j] != 0.0) r5 += tab_.dense[j] * double(k_[static_cast<size_t>(j) * n_ + i]);
       r5 *= h;
       out[i] = static_cast<S>(double(y0[i]) + th * (r2 + th1 * (r3 + th * (r4 + th1 * r5))));
     }
@@ -392,9 +418,9 @@ void Saver<S>::dense_output(S* out, double th, double h, const S* y0, const S* y
 }
 
 template <class S>
-void Saver<S>::fill_remaining(int g, const S* state) {
+void Saver<S>::fill_remaining(int g, const S* host_state) {
   const size_t nt = o_.save_times.size();
-  for (size_t i = static_cast<size_t>(next_[g]); i < nt; ++i) std::memcpy(slot(i, g), state, n_ * sizeof(S));
+  for (size_t i = static_cast<size_t>(next_[g]); i < nt; ++i) std::memcpy(slot(i, g), host_state, n_ * sizeof(S));
   next_[g] = static_cast<int>(nt);
 }
 
@@ -402,12 +428,10 @@ void Saver<S>::fill_remaining(int g, const S* state) {
 
 // A sequence stops where its latent settles: ||f(y)|| < threshold ||y|| (the
 // continuous analogue of exiting a loop once h stops changing). Off at threshold 0.
-template <class S>
-bool terminal_reached(double threshold, const S* f, const S* y, size_t n) {
+// ff and yy are the sums of squares of f and y.
+bool terminal_reached(double threshold, double ff, double yy) {
   if (!(threshold > 0)) return false;
-  const double fy = std::sqrt(algebra::sum_squares(f, n));
-  const double yy = std::sqrt(algebra::sum_squares(y, n));
-  return fy < threshold * yy;
+  return std::sqrt(ff) < threshold * std::sqrt(yy);
 }
 
 // ---------------------------------------------------------------- the tape (grad.cpp's hooks)
@@ -476,13 +500,24 @@ void TapeRecorder<S>::end_round(const std::vector<int>& accepted, const std::vec
 // stages are evaluated for all of them in one batched call per stage, the controller
 // judges each sequence's step, and the accepted ones are saved, checked for the
 // terminal condition, recorded and committed.
+//
+// The states live in the memory of the system's backend (the host's for systems
+// without one): every element-wise operation, norm and row move is the backend's
+// (backend.hpp's state algebra), so a device solve keeps its states on the device.
+// The controller is per-sequence scalar work on the host. Each round it uploads the
+// step sizes h and the active rows (G doubles, G ints), and downloads one small array:
+// each active sequence's error sum (adaptive) or sum of squares (fixed steps; the
+// finite check). The terminal condition adds one download of two sums per accepted
+// sequence; saves download the rows they keep.
 template <class S>
 class Driver {
  public:
   Driver(OdeSystem<S>& sys, const SolveOptions& opt, DiffSystem<S>* dsys = nullptr, detail::Tape* tape = nullptr)
-      : sys_(sys), o_(opt), tab_(tableau(opt.method)), G_(sys.groups()), n_(sys.dim()), s_(tab_.stages()),
-        coef_(tab_), ctl_(opt, tab_, G_), saver_(opt, tab_, G_, n_, r_), tape_(dsys, tape) {}
+      : sys_(sys), be_(sys.backend() ? *sys.backend() : host_backend<S>()), o_(opt), tab_(tableau(opt.method)),
+        G_(sys.groups()), n_(sys.dim()), s_(tab_.stages()), coef_(tab_), ctl_(opt, tab_, G_),
+        saver_(opt, tab_, G_, n_, r_), tape_(dsys, tape) {}
 
+  // y: (G, n) in the system's memory.
   SolveResult<S> run(S* y) {
     start(y);
     if (o_.t0 == o_.t1) return std::move(r_);
@@ -497,13 +532,14 @@ class Driver {
       accept_steps();
       commit_steps();
     }
-    std::memcpy(y, Ys_.data(), static_cast<size_t>(G_) * n_ * sizeof(S));
+    be_.copy(y, Ys_.data(), static_cast<size_t>(G_) * n_);
+    be_.synchronize();
     return totals();
   }
 
  private:
-  S* row(Buffer<S>& b, int g) { return row_at(b.data(), g, n_); }
-  S* yrow(int g) { return row_at(y_, g, n_); }
+  S* row(Array<S>& b, int g) { return row_at(b.data(), g, n_); }
+  S* yrow(int g) { return row(Ys_, g); }
 
   void start(const S* y);
   void first_stage();
@@ -516,12 +552,20 @@ class Driver {
   void commit_steps();
   SolveResult<S> totals();
   // f for the listed sequences, rows `ids` of `in` into the same rows of `out`, at
-  // times t[ids]. Returns the tape's call index when recording, else -1.
-  int eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out, const std::vector<double>& t,
+  // times t[ids]. ids_dev: ids in the backend's memory when already there (else null).
+  // Returns the tape's call index when recording, else -1.
+  int eval(const std::vector<int>& ids, const int* ids_dev, Array<S>& in, Array<S>& out, const std::vector<double>& t,
            bool record = true);
+  // A row list in the backend's memory (scratch `slot`: 0 the active rows, 1 the others).
+  const int* upload_rows(const std::vector<int>& rows, int slot) {
+    Array<S, int>& a = slot == 0 ? active_dev_ : rows_dev_;
+    a.upload(rows.data(), rows.size());
+    return a.data();
+  }
   void fail(int g, SolveStatus st, const std::string& what);
 
   OdeSystem<S>& sys_;
+  Backend<S>& be_;
   const SolveOptions& o_;
   const ButcherTableau& tab_;
   const int G_;
@@ -532,21 +576,22 @@ class Driver {
   StepControl ctl_;
   Saver<S> saver_;
   TapeRecorder<S> tape_;
-  S* y_ = nullptr;  // the current states (G, n): Ys_, copied to the caller's y at the end
-  Buffer<S> Ys_;
-  std::vector<Buffer<S>> K_;  // s stages, each (G, n)
-  Buffer<S> Y_, Y1_, Kn_, gin_, gout_;
-  std::vector<double> t_, h_, tstage_, err_, tgather_;
+  Array<S> Ys_;  // the current states (G, n), copied to the caller's y at the end
+  std::vector<Array<S>> K_;  // s stages, each (G, n)
+  Array<S> Y_, Y1_, Kn_, gin_, gout_;
+  Array<S, double> h_dev_, sums_dev_;         // (G) the step sizes; (2G) per-row sums
+  Array<S, int> active_dev_, rows_dev_;      // (G) row lists
+  std::vector<double> t_, h_, tstage_, err_, tgather_, sums_;
   std::vector<char> finite_, done_, last_, has_f1_;
-  std::vector<int> stage_call_, active_, accepted_, need_f1_;
+  std::vector<int> stage_call_, active_, accepted_, need_f1_, rows_;
   std::vector<const S*> kp_;
   int f1_call_ = -1;
   std::string why_;
 };
 
 template <class S>
-int Driver<S>::eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out, const std::vector<double>& t,
-                    bool record) {
+int Driver<S>::eval(const std::vector<int>& ids, const int* ids_dev, Array<S>& in, Array<S>& out,
+                    const std::vector<double>& t, bool record) {
   const int count = static_cast<int>(ids.size());
   if (count == 0) return -1;
   bool consecutive = true;
@@ -563,11 +608,10 @@ int Driver<S>::eval(const std::vector<int>& ids, Buffer<S>& in, Buffer<S>& out, 
   if (consecutive) {
     f(row(out, ids[0]), row(in, ids[0]));
   } else {  // gather the active rows, evaluate them together, scatter back
-    for (int i = 0; i < count; ++i)
-      std::memcpy(gin_.data() + static_cast<size_t>(i) * n_, row(in, ids[i]), n_ * sizeof(S));
+    if (!ids_dev) ids_dev = upload_rows(ids, 1);
+    be_.gather_rows(gin_.data(), in.data(), ids_dev, count, n_);
     f(gout_.data(), gin_.data());
-    for (int i = 0; i < count; ++i)
-      std::memcpy(row(out, ids[i]), gout_.data() + static_cast<size_t>(i) * n_, n_ * sizeof(S));
+    be_.scatter_rows(out.data(), gout_.data(), ids_dev, count, n_);
   }
   ++r_.calls;
   for (int g : ids) ++r_.seq[g].nfe;
@@ -592,13 +636,15 @@ void Driver<S>::fail(int g, SolveStatus st, const std::string& what) {
 // The per-sequence state at t0, and the saves of the initial state.
 template <class S>
 void Driver<S>::start(const S* y) {
-  Ys_.assign(y, y + static_cast<size_t>(G_) * n_);
-  y_ = Ys_.data();
+  const size_t total = static_cast<size_t>(G_) * n_;
+  Ys_ = Array<S>(be_, total);
+  be_.copy(Ys_.data(), y, total);
   r_.seq.assign(static_cast<size_t>(G_), SequenceStats{});
   for (auto& q : r_.seq) q.t = o_.t0;
   t_.assign(G_, o_.t0);
   h_.assign(G_, 0.0);
   err_.assign(G_, 0.0);
+  sums_.assign(2 * static_cast<size_t>(G_), 0.0);
   finite_.assign(G_, 1);
   tgather_.assign(G_, 0.0);
   stage_call_.assign(static_cast<size_t>(s_), -1);
@@ -606,40 +652,57 @@ void Driver<S>::start(const S* y) {
   done_.assign(G_, 0);
   last_.assign(G_, 0);
   has_f1_.assign(G_, 0);
-  saver_.start(y_);
+  saver_.start(be_, Ys_.data());
 }
 
 // Workspaces, f(t0, y0) for every sequence, and the first step sizes.
 template <class S>
 void Driver<S>::first_stage() {
   const size_t total = static_cast<size_t>(G_) * n_;
-  K_.assign(static_cast<size_t>(s_), Buffer<S>(total));
-  Y_.assign(total, S(0));
-  Y1_.assign(total, S(0));
-  if (!tab_.fsal) Kn_.assign(total, S(0));
-  gin_.assign(total, S(0));
-  gout_.assign(total, S(0));
+  auto zeros = [&](Array<S>& a) {
+    a = Array<S>(be_, total);
+    a.zero();
+  };
+  K_.clear();
+  K_.resize(static_cast<size_t>(s_));
+  for (Array<S>& k : K_) zeros(k);
+  zeros(Y_);
+  zeros(Y1_);
+  if (!tab_.fsal) zeros(Kn_);
+  zeros(gin_);
+  zeros(gout_);
+  h_dev_ = Array<S, double>(be_, static_cast<size_t>(G_));
+  sums_dev_ = Array<S, double>(be_, 2 * static_cast<size_t>(G_));
+  active_dev_ = Array<S, int>(be_, static_cast<size_t>(G_));
+  rows_dev_ = Array<S, int>(be_, static_cast<size_t>(G_));
   kp_.assign(static_cast<size_t>(s_), nullptr);
 
   std::vector<int> all(G_);
   for (int g = 0; g < G_; ++g) all[g] = g;
-  tape_.start(G_, eval(all, Ys_, K_[0], t_));
+  tape_.start(G_, eval(all, nullptr, Ys_, K_[0], t_));
   if (!ctl_.adaptive()) return;
   if (!ctl_.automatic_first_step()) {
     std::fill(h_.begin(), h_.end(), ctl_.given_first_step());
     return;
   }
   // Hairer's hinit, every sequence in one batched evaluation at its probe point
+  double* sums = sums_dev_.data();
+  be_.scaled_sum_squares_rows(sums, K_[0].data(), nullptr, Ys_.data(), o_.rtol, o_.atol, G_, n_);
+  be_.scaled_sum_squares_rows(sums + G_, Ys_.data(), nullptr, Ys_.data(), o_.rtol, o_.atol, G_, n_);
+  sums_dev_.download(sums_.data(), 2 * static_cast<size_t>(G_));
   std::vector<double> dnf(G_), probe(G_);
   for (int g : all) {
-    const S* k0 = row(K_[0], g);
-    probe[g] = ctl_.probe_step(yrow(g), k0, n_, dnf[g]);
-    const double one = 1.0;
-    algebra::rk_combine(row(Y_, g), yrow(g), probe[g], &one, &k0, 1, n_);
+    probe[g] = ctl_.probe_step(sums_[g], sums_[G_ + g], n_, dnf[g]);
     tstage_[g] = o_.t0 + probe[g];
   }
-  eval(all, Y_, K_[1], tstage_, /*record=*/false);  // step sizes are constants: not differentiated
-  for (int g : all) h_[g] = ctl_.first_step(probe[g], dnf[g], yrow(g), row(K_[0], g), row(K_[1], g), n_);
+  const double one = 1.0;
+  const S* k0 = K_[0].data();
+  h_dev_.upload(probe.data(), static_cast<size_t>(G_));
+  be_.rk_combine_rows(Y_.data(), Ys_.data(), h_dev_.data(), &one, &k0, 1, upload_rows(all, 0), G_, n_);
+  eval(all, active_dev_.data(), Y_, K_[1], tstage_, /*record=*/false);  // step sizes are constants
+  be_.scaled_sum_squares_rows(sums, K_[1].data(), K_[0].data(), Ys_.data(), o_.rtol, o_.atol, G_, n_);
+  sums_dev_.download(sums_.data(), static_cast<size_t>(G_));
+  for (int g : all) h_[g] = ctl_.first_step(probe[g], dnf[g], sums_[g], n_);
 }
 
 // The sequences still running, each with the step it attempts; the others fail here.
@@ -665,56 +728,50 @@ template <class S>
 void Driver<S>::attempt_steps() {
   tape_.begin_round();
   const int na = static_cast<int>(active_.size());
+  h_dev_.upload(h_.data(), static_cast<size_t>(G_));
+  const int* rows = upload_rows(active_, 0);
   for (int j = 1; j < s_; ++j) {
     const auto& idx = coef_.a_idx[j];
     for (size_t m = 0; m < idx.size(); ++m) kp_[m] = K_[idx[m]].data();
-    algebra::rk_combine_rows(Y_.data(), y_, h_.data(), coef_.a[j].data(), kp_.data(), static_cast<int>(idx.size()),
-                             active_.data(), na, n_);
+    be_.rk_combine_rows(Y_.data(), Ys_.data(), h_dev_.data(), coef_.a[j].data(), kp_.data(),
+                        static_cast<int>(idx.size()), rows, na, n_);
     for (int g : active_) tstage_[g] = t_[g] + tab_.c[j] * h_[g];
-    stage_call_[j] = eval(active_, Y_, K_[j], tstage_);
+    stage_call_[j] = eval(active_, rows, Y_, K_[j], tstage_);
   }
   // the propagated solution: for FSAL methods it is the last stage's state
   if (tab_.fsal) {
     std::swap(Y_, Y1_);
   } else {
     for (size_t m = 0; m < coef_.b_idx.size(); ++m) kp_[m] = K_[coef_.b_idx[m]].data();
-    algebra::rk_combine_rows(Y1_.data(), y_, h_.data(), coef_.b.data(), kp_.data(),
-                             static_cast<int>(coef_.b_idx.size()), active_.data(), na, n_);
+    be_.rk_combine_rows(Y1_.data(), Ys_.data(), h_dev_.data(), coef_.b.data(), kp_.data(),
+                        static_cast<int>(coef_.b_idx.size()), rows, na, n_);
   }
   estimate_errors();
 }
 
 // err_ (adaptive: the scaled error norm, NaN when the state is not finite) or
-// finite_ (fixed steps) of every active sequence, the sequences in parallel.
+// finite_ (fixed steps) of every active sequence: one row-batched reduction and one
+// download of its na sums.
 template <class S>
 void Driver<S>::estimate_errors() {
   const int na = static_cast<int>(active_.size());
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(n_) * na * s_ >= kParallelMin)
-  for (int i = 0; i < na; ++i) {
-    const int g = active_[i];
-    if (!o_.adaptive) {
-      finite_[g] = std::isfinite(algebra::sum_squares(row(Y1_, g), n_));
-      continue;
-    }
-    const S* kr[32];
-    for (int l = 0; l < s_; ++l) kr[l] = row(K_[l], g);
-    if (o_.norm_dims == 0) {
-      err_[g] = algebra::error_norm(h_[g], tab_.e.data(), kr, s_, yrow(g), row(Y1_, g), o_.rtol, o_.atol, n_);
-      continue;
-    }
-    // only the first norm_dims of every norm_period values
-    double sum = 0.0;
-    size_t counted = 0;
-    const S* kc[32];
-    for (size_t off = 0; off < n_; off += o_.norm_period) {
-      const size_t len = std::min(o_.norm_dims, n_ - off);
-      for (int l = 0; l < s_; ++l) kc[l] = kr[l] + off;
-      sum += algebra::error_sum_squares(h_[g], tab_.e.data(), kc, s_, yrow(g) + off, row(Y1_, g) + off, o_.rtol,
-                                        o_.atol, len);
-      counted += len;
-    }
-    err_[g] = std::sqrt(sum / static_cast<double>(counted));
+  double* sums = sums_dev_.data();
+  if (!o_.adaptive) {
+    be_.sum_squares_rows(sums, Y1_.data(), active_dev_.data(), na, n_);
+    sums_dev_.download(sums_.data(), static_cast<size_t>(na));
+    for (int i = 0; i < na; ++i) finite_[active_[i]] = std::isfinite(sums_[i]);
+    return;
   }
+  for (int l = 0; l < s_; ++l) kp_[l] = K_[l].data();
+  be_.error_sum_squares_rows(sums, h_dev_.data(), tab_.e.data(), kp_.data(), s_, Ys_.data(), Y1_.data(), o_.rtol,
+                             o_.atol, o_.norm_dims ? o_.norm_period : 0, o_.norm_dims, active_dev_.data(), na, n_);
+  sums_dev_.download(sums_.data(), static_cast<size_t>(na));
+  size_t counted = n_;  // the values the norm counts: only the first norm_dims of every norm_period
+  if (o_.norm_dims) {
+    counted = 0;
+    for (size_t off = 0; off < n_; off += o_.norm_period) counted += std::min(o_.norm_dims, n_ - off);
+  }
+  for (int i = 0; i < na; ++i) err_[active_[i]] = std::sqrt(sums_[i] / static_cast<double>(counted));
 }
 
 // The controller's verdict on every active sequence's step: accepted_ lists the accepted.
@@ -745,7 +802,7 @@ void Driver<S>::next_first_stages() {
         need_f1_.push_back(g);
         tstage_[g] = last_[g] ? o_.t1 : t_[g] + h_[g];
       }
-    f1_call_ = eval(need_f1_, Y1_, Kn_, tstage_);
+    f1_call_ = eval(need_f1_, nullptr, Y1_, Kn_, tstage_);
   }
   std::fill(has_f1_.begin(), has_f1_.end(), static_cast<char>(tab_.fsal));
   for (int g : need_f1_) has_f1_[g] = 1;
@@ -754,16 +811,32 @@ void Driver<S>::next_first_stages() {
 // The accepted sequences move to the step's end: saves, the terminal condition, statistics.
 template <class S>
 void Driver<S>::accept_steps() {
+  Array<S>& F1 = tab_.fsal ? K_[s_ - 1] : Kn_;
+  // the terminal condition's norms of f(y1) and y1, of those who may stop there
+  rows_.clear();
+  if (o_.terminal_threshold > 0)
+    for (int g : accepted_)
+      if (!last_[g] && has_f1_[g]) rows_.push_back(g);
+  const int nt = static_cast<int>(rows_.size());
+  if (nt > 0) {
+    const int* rows = upload_rows(rows_, 1);
+    be_.sum_squares_rows(sums_dev_.data(), F1.data(), rows, nt, n_);
+    be_.sum_squares_rows(sums_dev_.data() + nt, Y1_.data(), rows, nt, n_);
+    sums_dev_.download(sums_.data(), 2 * static_cast<size_t>(nt));
+  }
+  int it = 0;  // position in rows_ (accepted_ and rows_ are in the same order)
   for (int g : accepted_) {
     auto& q = r_.seq[g];
     const double t_end = last_[g] ? o_.t1 : t_[g] + h_[g];
     const S* y1 = row(Y1_, g);
-    const S* f1 = tab_.fsal ? row(K_[s_ - 1], g) : row(Kn_, g);
-    saver_.accepted(g, t_[g], h_[g], t_end, yrow(g), y1, K_, has_f1_[g], f1);
+    saver_.accepted(g, t_[g], h_[g], t_end, yrow(g), y1, K_, has_f1_[g], row(F1, g));
     bool stop = last_[g];
-    if (!stop && has_f1_[g] && terminal_reached(o_.terminal_threshold, f1, y1, n_)) {
-      stop = true;
-      q.status = SolveStatus::Terminal;
+    if (it < nt && rows_[it] == g) {
+      if (terminal_reached(o_.terminal_threshold, sums_[it], sums_[nt + it])) {
+        stop = true;
+        q.status = SolveStatus::Terminal;
+      }
+      ++it;
     }
     ++q.accepted;
     q.h = h_[g];
@@ -777,24 +850,30 @@ void Driver<S>::accept_steps() {
   }
 }
 
-// y <- y1 and f(t, y) <- f(t + h, y1) for the accepted sequences: whole buffers trade
+// y <- y1 and f(t, y) <- f(t + h, y1) for the accepted sequences: whole arrays trade
 // places when every sequence stepped and was accepted, rows are copied otherwise.
 template <class S>
 void Driver<S>::commit_steps() {
-  Buffer<S>& F1 = tab_.fsal ? K_[s_ - 1] : Kn_;
-  if (static_cast<int>(accepted_.size()) == G_) {
+  Array<S>& F1 = tab_.fsal ? K_[s_ - 1] : Kn_;
+  const int na = static_cast<int>(accepted_.size());
+  if (na == G_) {
     std::swap(Ys_, Y1_);
-    y_ = Ys_.data();
     if (tab_.fsal || static_cast<int>(need_f1_.size()) == G_) {
       std::swap(K_[0], F1);
-    } else {
-      for (int g : need_f1_) std::memcpy(row(K_[0], g), row(F1, g), n_ * sizeof(S));
+    } else if (!need_f1_.empty()) {
+      be_.copy_rows(K_[0].data(), F1.data(), upload_rows(need_f1_, 1), static_cast<int>(need_f1_.size()), n_);
     }
     return;
   }
-  for (int g : accepted_) {
-    std::memcpy(yrow(g), row(Y1_, g), n_ * sizeof(S));
-    if (has_f1_[g]) std::memcpy(row(K_[0], g), row(F1, g), n_ * sizeof(S));
+  if (na == 0) return;
+  be_.copy_rows(Ys_.data(), Y1_.data(), upload_rows(accepted_, 1), na, n_);
+  rows_.clear();
+  for (int g : accepted_)
+    if (has_f1_[g]) rows_.push_back(g);
+  if (static_cast<int>(rows_.size()) == na) {
+    be_.copy_rows(K_[0].data(), F1.data(), rows_dev_.data(), na, n_);
+  } else if (!rows_.empty()) {
+    be_.copy_rows(K_[0].data(), F1.data(), upload_rows(rows_, 1), static_cast<int>(rows_.size()), n_);
   }
 }
 
@@ -824,7 +903,12 @@ SolveResult<S> integrate_odeint(OdeSystem<S>& sys, S* y, const SolveOptions& opt
 template <class S>
 SolveResult<S> integrate(OdeSystem<S>& sys, S* y, const SolveOptions& opt) {
   opt.validate();
-  if (opt.method.rfind("odeint-", 0) == 0) return integrate_odeint(sys, y, opt);
+  if (opt.method.rfind("odeint-", 0) == 0) {
+    if (sys.backend())
+      throw Error("method '" + opt.method + "': the odeint steppers run on host states only, and this system's are on " +
+                  sys.backend()->name());
+    return integrate_odeint(sys, y, opt);
+  }
   if (!opt.batch_coupled || sys.groups() == 1) return Driver<S>(sys, opt).run(y);
   // one shared step: solve the batch as a single sequence, report it for every sequence
   CoupledSystem<S> coupled(sys);

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "flowloop/algebra.hpp"
 #include "flowloop/kernels.hpp"
 #if defined(FLOWLOOP_HAVE_CUDA)
 #include "flowloop/cuda.hpp"
@@ -67,14 +68,24 @@ class ReferenceBackend final : public Backend<S> {
   Device device() const override { return Device::cpu; }
   std::string name() const override { return "reference (host)"; }
 
-  S* alloc(size_t n) override {  // (not counted in MemoryStats, which counts Buffers)
-    return static_cast<S*>(::operator new(n * sizeof(S), std::align_val_t(64)));
+  // Host memory, 64-byte aligned, counted in MemoryStats as Buffers are (the size sits
+  // in a header before the block, for free_bytes).
+  void* alloc_bytes(size_t bytes) override {
+    char* p = static_cast<char*>(::operator new(bytes + kHeader, std::align_val_t(kHeader)));
+    std::memcpy(p, &bytes, sizeof(bytes));
+    MemoryStats::add(static_cast<std::ptrdiff_t>(bytes));
+    return p + kHeader;
   }
-  void free(S* p) noexcept override {
-    ::operator delete(p, std::align_val_t(64));
+  void free_bytes(void* q) noexcept override {
+    if (!q) return;
+    char* p = static_cast<char*>(q) - kHeader;
+    size_t bytes = 0;
+    std::memcpy(&bytes, p, sizeof(bytes));
+    MemoryStats::add(-static_cast<std::ptrdiff_t>(bytes));
+    ::operator delete(p, std::align_val_t(kHeader));
   }
-  void upload(S* dst, const S* host, size_t n) override { std::memcpy(dst, host, n * sizeof(S)); }
-  void download(S* host, const S* src, size_t n) override { std::memcpy(host, src, n * sizeof(S)); }
+  void upload_bytes(void* dst, const void* host, size_t bytes) override { std::memcpy(dst, host, bytes); }
+  void download_bytes(void* host, const void* src, size_t bytes) override { std::memcpy(host, src, bytes); }
   void copy(S* dst, const S* src, size_t n) override { std::memmove(dst, src, n * sizeof(S)); }
   void fill(S* x, S value, size_t n) override { std::fill(x, x + n, value); }
   void synchronize() override {}
@@ -150,9 +161,75 @@ class ReferenceBackend final : public Backend<S> {
       for (int i = 0; i < C; ++i)
         kernels::broadcast_backward(din, static_cast<S*>(nullptr), dgate, dout, in, gate, T, C, ld, b, i);
   }
+
+  // The solvers' state: algebra.hpp's functions, so that a host solve keeps its bits.
+  void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
+                       const int* rows, int nrows, size_t n) override {
+    algebra::rk_combine_rows(out, y, h, c, k, m, rows, nrows, n);
+  }
+  void error_sum_squares_rows(double* out, const double* h, const double* e, const S* const* k, int m, const S* y0,
+                              const S* y1, double rtol, double atol, size_t period, size_t dims, const int* rows,
+                              int nrows, size_t n) override {
+    if (m > kMaxStages) throw Error("error_sum_squares_rows: at most 32 stages");
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(n) * nrows * m >= kParallelMin)
+    for (int i = 0; i < nrows; ++i) {
+      const size_t base = static_cast<size_t>(rows[i]) * n;
+      const S* kr[kMaxStages];
+      for (int l = 0; l < m; ++l) kr[l] = k[l] + base;
+      if (period == 0) {
+        out[i] = algebra::error_sum_squares(h[rows[i]], e, kr, m, y0 + base, y1 + base, rtol, atol, n);
+        continue;
+      }
+      // only the first dims of every period values, a sum per period
+      double sum = 0.0;
+      const S* kc[kMaxStages];
+      for (size_t off = 0; off < n; off += period) {
+        const size_t len = std::min(dims, n - off);
+        for (int l = 0; l < m; ++l) kc[l] = kr[l] + off;
+        sum += algebra::error_sum_squares(h[rows[i]], e, kc, m, y0 + base + off, y1 + base + off, rtol, atol, len);
+      }
+      out[i] = sum;
+    }
+  }
+  void sum_squares_rows(double* out, const S* x, const int* rows, int nrows, size_t n) override {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(n) * nrows >= kParallelMin)
+    for (int i = 0; i < nrows; ++i) out[i] = algebra::sum_squares(x + static_cast<size_t>(rows[i]) * n, n);
+  }
+  void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol, int nrows,
+                               size_t n) override {
+    for (int r = 0; r < nrows; ++r) {
+      const size_t base = static_cast<size_t>(r) * n;
+      out[r] = b ? algebra::scaled_diff_sum_squares(a + base, b + base, y + base, rtol, atol, n)
+                 : algebra::scaled_sum_squares(a + base, y + base, rtol, atol, n);
+    }
+  }
+  void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
+    for (int i = 0; i < nrows; ++i)
+      std::memcpy(dst + static_cast<size_t>(i) * n, src + static_cast<size_t>(rows[i]) * n, n * sizeof(S));
+  }
+  void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
+    for (int i = 0; i < nrows; ++i)
+      std::memcpy(dst + static_cast<size_t>(rows[i]) * n, src + static_cast<size_t>(i) * n, n * sizeof(S));
+  }
+  void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
+    for (int i = 0; i < nrows; ++i) {
+      const size_t off = static_cast<size_t>(rows[i]) * n;
+      std::memcpy(dst + off, src + off, n * sizeof(S));
+    }
+  }
+
+ private:
+  static constexpr size_t kHeader = 64;
+  static constexpr int kMaxStages = 32;
 };
 
 }  // namespace
+
+template <class S>
+Backend<S>& host_backend() {
+  static ReferenceBackend<S> be;
+  return be;
+}
 
 template <class S>
 std::unique_ptr<Backend<S>> make_backend(Device d) {
@@ -165,5 +242,7 @@ std::unique_ptr<Backend<S>> make_backend(Device d) {
 
 template std::unique_ptr<Backend<float>> make_backend<float>(Device);
 template std::unique_ptr<Backend<double>> make_backend<double>(Device);
+template Backend<float>& host_backend<float>();
+template Backend<double>& host_backend<double>();
 
 }  // namespace flowloop

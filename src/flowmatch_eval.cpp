@@ -317,7 +317,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
       FieldSystem<float> sys(student.field, student.field_params(), B, T, student.device_field());
       if (steps[s] > 0) sys.set_step(steps[s]);
       y = x0;
-      const SolveResult<float> res = integrate(sys, y.data(), solves[s]);
+      const SolveResult<float> res = sys.solve(y.data(), solves[s]);
       if (!res.ok() && r.row.status == "ok") r.row.status = std::string(status_name(res.status)) + ": " + res.message;
       for (int b = 0; b < B; ++b) {
         const double e = res.seq.size() == static_cast<size_t>(B) ? static_cast<double>(res.seq[static_cast<size_t>(b)].nfe)

@@ -220,7 +220,7 @@ TrajectoryManifest record_trajectories(const std::string& teacher, const DataSou
         if (ode) {
           h.resize(static_cast<size_t>(opt.batch) * n);
           model.embed(h.data(), tok);
-          sr = integrate(*sys, h.data(), so);
+          sr = sys->solve(h.data(), so);
           if (!sr.ok())
             throw Error("record: the teacher's solve of " + std::string(name) + " batch " + std::to_string(index) +
                         " failed: " + sr.message);

@@ -412,10 +412,38 @@ void FieldSystem<S>::set_step(double d) {
 }
 
 template <class S>
+void FieldSystem<S>::set_resident(bool on) {
+  if (on && !dev_) throw Error("FieldSystem: only a field on a device can hold its states there (set_resident)");
+  resident_ = on;
+}
+
+template <class S>
+SolveResult<S> FieldSystem<S>::solve(S* y, const SolveOptions& opt, OdeSystem<S>* through) {
+  OdeSystem<S>& sys = through ? *through : *this;
+  if (!dev_ || opt.method.rfind("odeint-", 0) == 0) return integrate(sys, y, opt);
+  const size_t n = static_cast<size_t>(B_) * dim();
+  dstate_.resize(dev_->backend(), n);
+  dstate_.upload(y, n);
+  set_resident(true);
+  SolveResult<S> r;
+  try {
+    r = integrate(sys, dstate_.data(), opt);
+  } catch (...) {
+    resident_ = false;
+    throw;
+  }
+  resident_ = false;
+  dstate_.download(y, n);
+  return r;
+}
+
+template <class S>
 void FieldSystem<S>::device_forward(S* dydt, const S* y, const double* t, int count, DeviceFieldCache<S>& cache) {
+  const double* step = step_.empty() ? nullptr : step_.data();
+  if (resident_) return dev_->forward(dydt, y, t, dparams_.data(), count, T_, cache, step);
   const size_t n = static_cast<size_t>(count) * dim();
   dy_.upload(y, n);
-  dev_->forward(dx_.data(), dy_.data(), t, dparams_.data(), count, T_, cache, step_.empty() ? nullptr : step_.data());
+  dev_->forward(dx_.data(), dy_.data(), t, dparams_.data(), count, T_, cache, step);
   dx_.download(dydt, n);
 }
 
@@ -454,6 +482,7 @@ void FieldSystem<S>::vjp(S* dy, S* dparams, size_t param_stride, const S* g, int
     return;
   }
   const DeviceFieldCache<S>& cache = dslots_.at(static_cast<size_t>(slot));
+  if (resident_) return dev_->vjp(dy, dparams, g, dparams_.data(), cache, dwork_, param_stride);
   const size_t n = static_cast<size_t>(cache.B) * dim();
   const size_t np = param_stride ? static_cast<size_t>(cache.B) * param_stride : field_.num_params();
   Backend<S>& be = dev_->backend();
@@ -484,7 +513,7 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
   h.resize(static_cast<size_t>(B) * T * cfg.d_model);
   embed(h.data(), tokens);
   FieldSystem<S> sys(field, field_params(), B, T, device_field());
-  SolveResult<S> r = integrate(sys, h.data(), opt);
+  SolveResult<S> r = sys.solve(h.data(), opt);
   rc.resize(cfg, B * T);
   readout(h.data(), B * T, rc);
   return r;

@@ -84,7 +84,7 @@ TrajectoryResult trace(const Model<float>& model, const DataSource& data, const 
       h.resize(NC);
       model.embed(h.data(), tok);
       FieldSystem<float> sys(model.field, model.field_params(), B, T, model.device_field());
-      sr = integrate(sys, h.data(), so);
+      sr = sys.solve(h.data(), so);
       if (!sr.ok()) throw Error("trajectory: the solve of test batch " + std::to_string(bi) + " failed: " + sr.message);
       r.nfe += static_cast<double>(sr.nfe);
       for (int g = 0; g < B; ++g)

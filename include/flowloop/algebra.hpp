@@ -71,7 +71,7 @@ template <class S>
 void rk_combine(S* out, const S* y, double h, const double* c, const S* const* k, int m, size_t n);
 template <class S>
 void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
-                     const int* rows, int nrows, size_t n);
+                     const int* rows, int nrows, size_t n, void* stream = nullptr);
 template <class S>
 void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n);
 template <class S>
@@ -80,20 +80,32 @@ double error_sum_squares(double h, const double* e, const S* const* k, int m, co
 template <class S>
 double error_norm(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1, double rtol,
                   double atol, size_t n);
-// out[i] (device, nrows) = error_sum_squares of row rows[i] with its own step h[rows[i]]:
-// a batch's per-row error sums in one pass (the driver copies them to the host once).
+// out[i] (device, nrows) = error_sum_squares of row rows[i] with its own step h[rows[i]],
+// over the values v with v % period < dims (period 0: all): a batch's per-row error sums
+// in one pass (the driver copies them to the host once).
 template <class S>
 void error_sum_squares_rows(double* out, const double* h, const double* e, const S* const* k, int m, const S* y0,
-                            const S* y1, double rtol, double atol, const int* rows, int nrows, size_t n);
+                            const S* y1, double rtol, double atol, const int* rows, int nrows, size_t n,
+                            size_t period = 0, size_t dims = 0, void* stream = nullptr);
+// out[i] = sum of squares of row rows[i] (rows null: row i), in double.
+template <class S>
+void sum_squares_rows(double* out, const S* x, const int* rows, int nrows, size_t n, void* stream = nullptr);
+// out[r] = scaled_(diff_)sum_squares of row r < nrows (b null: a alone).
+template <class S>
+void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol, int nrows,
+                             size_t n, void* stream = nullptr);
 template <class S>
 double sum_squares(const S* x, size_t n);
 // Whether all n values are finite (the solver's NaN check).
 template <class S>
 bool all_finite(const S* x, size_t n);
 // The active rows: gather packs rows rows[0..nrows) of src (rows of n values) into dst's
-// first nrows rows; scatter puts them back.
+// first nrows rows; scatter puts them back; copy_rows copies the listed rows from src to dst.
+// `stream` (a cudaStream_t; null: the default stream) orders the row-batched operations.
 template <class S>
-void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n);
+void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream = nullptr);
 template <class S>
-void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n);
+void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream = nullptr);
+template <class S>
+void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream = nullptr);
 }  // namespace flowloop::algebra::device

@@ -19,7 +19,9 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "flowloop/tensor.hpp"
 
@@ -50,11 +52,16 @@ class Backend {
   virtual Device device() const = 0;
   virtual std::string name() const = 0;  // "reference (host)", "cuda: NVIDIA H100 ..., 79.1 GiB"
 
-  // ---- memory
-  virtual S* alloc(size_t n) = 0;  // n values; throws Error naming the bytes asked (and free)
-  virtual void free(S* p) noexcept = 0;
-  virtual void upload(S* dst, const S* host, size_t n) = 0;
-  virtual void download(S* host, const S* src, size_t n) = 0;
+  // ---- memory: raw bytes (any element type: the solvers keep double step sizes and int
+  // row lists beside the S states), and typed wrappers for S.
+  virtual void* alloc_bytes(size_t bytes) = 0;  // throws Error naming the bytes asked (and free)
+  virtual void free_bytes(void* p) noexcept = 0;
+  virtual void upload_bytes(void* dst, const void* host, size_t bytes) = 0;    // returns when host may change
+  virtual void download_bytes(void* host, const void* src, size_t bytes) = 0;  // waits for the queued work
+  S* alloc(size_t n) { return static_cast<S*>(alloc_bytes(n * sizeof(S))); }
+  void free(S* p) noexcept { free_bytes(p); }
+  void upload(S* dst, const S* host, size_t n) { upload_bytes(dst, host, n * sizeof(S)); }
+  void download(S* host, const S* src, size_t n) { download_bytes(host, src, n * sizeof(S)); }
   virtual void copy(S* dst, const S* src, size_t n) = 0;  // within the backend
   virtual void fill(S* x, S value, size_t n) = 0;
   virtual void synchronize() = 0;  // waits for the work queued so far
@@ -91,21 +98,52 @@ class Backend {
   // din = (1 + gate) dout (written; null: skipped); dgate += sum_t dout in
   virtual void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C,
                              int ld) = 0;
+
+  // ---- the solvers' state (integrate()'s driver on this memory; algebra.hpp's operations).
+  // States are (rows, n) arrays; h (double, one per row of the batch), rows (int, the listed
+  // rows) and out (double, one per listed row) are arrays of this backend; the tableau's
+  // coefficients c, e and the array k of stage pointers are host arrays (k's pointers are
+  // this backend's). The reference backend runs algebra.hpp's own functions (the CPU
+  // solver's bits); the CUDA one Thrust (cuda/thrust_algebra.hpp).
+  //   out[r] = y[r] + h[r] sum_j c[j] k[j][r]  for r in rows (out may alias y)
+  virtual void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
+                               const int* rows, int nrows, size_t n) = 0;
+  //   out[i] = sum over the values v of row r = rows[i] with v % period < dims (period 0: all) of
+  //   ((h[r] sum_j e[j] k[j])_v / (atol + rtol max(|y0_v|, |y1_v|)))^2; NaN when y1's row is not finite
+  virtual void error_sum_squares_rows(double* out, const double* h, const double* e, const S* const* k, int m,
+                                      const S* y0, const S* y1, double rtol, double atol, size_t period,
+                                      size_t dims, const int* rows, int nrows, size_t n) = 0;
+  //   out[i] = sum_v x[rows[i]]_v^2 (NaN or Inf when the row is not finite)
+  virtual void sum_squares_rows(double* out, const S* x, const int* rows, int nrows, size_t n) = 0;
+  //   out[r] = sum_v ((a_v - b_v) / (atol + rtol |y_v|))^2 for rows r < nrows, in double (b null: a_v alone)
+  virtual void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol,
+                                       int nrows, size_t n) = 0;
+  //   gather: dst[i] = src[rows[i]]; scatter: dst[rows[i]] = src[i]; copy: dst[r] = src[r] for r in rows
+  virtual void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) = 0;
+  virtual void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) = 0;
+  virtual void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) = 0;
 };
+
+// The process's reference backend (host memory), for host solves: integrate() runs
+// systems without a backend of their own on it.
+template <class S>
+Backend<S>& host_backend();
 
 // The backend of a device: the reference host backend for cpu, the CUDA one for cuda
 // (require_device's errors otherwise).
 template <class S>
 std::unique_ptr<Backend<S>> make_backend(Device d);
 
-// An owned array of n values in a backend's memory.
-template <class S>
+// An owned array of n values of T in a backend's memory (T is S unless said: the
+// solvers' step sizes and row lists are Array<double, S> and Array<int, S>).
+template <class S, class T = S>
 class Array {
  public:
   Array() = default;
-  Array(Backend<S>& be, size_t n) : be_(&be), n_(n), p_(n ? be.alloc(n) : nullptr) {}
+  Array(Backend<S>& be, size_t n)
+      : be_(&be), n_(n), p_(n ? static_cast<T*>(be.alloc_bytes(n * sizeof(T))) : nullptr) {}
   ~Array() {
-    if (p_) be_->free(p_);
+    if (p_) be_->free_bytes(p_);
   }
   Array(const Array&) = delete;
   Array& operator=(const Array&) = delete;
@@ -121,20 +159,26 @@ class Array {
     if (be_ == &be && n_ == n) return;
     *this = Array(be, n);
   }
-  S* data() { return p_; }
-  const S* data() const { return p_; }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
   size_t size() const { return n_; }
   bool empty() const { return n_ == 0; }
-  void upload(const S* host, size_t n) {
+  void upload(const T* host, size_t n) {
     check(n, "upload");
-    be_->upload(p_, host, n);
+    if (n) be_->upload_bytes(p_, host, n * sizeof(T));
   }
-  void download(S* host, size_t n) const {
+  void download(T* host, size_t n) const {
     check(n, "download");
-    be_->download(host, p_, n);
+    if (n) be_->download_bytes(host, p_, n * sizeof(T));
   }
   void zero() {
-    if (n_) be_->fill(p_, S(0), n_);
+    if (!n_) return;
+    if constexpr (std::is_same_v<T, S>) {
+      be_->fill(p_, S(0), n_);
+    } else {
+      const std::vector<T> z(n_, T(0));
+      upload(z.data(), n_);
+    }
   }
 
  private:
@@ -144,7 +188,7 @@ class Array {
   }
   Backend<S>* be_ = nullptr;
   size_t n_ = 0;
-  S* p_ = nullptr;
+  T* p_ = nullptr;
 };
 
 }  // namespace flowloop

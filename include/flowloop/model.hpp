@@ -74,6 +74,9 @@ struct LoopWork {
 // down; for a vjp g up, dy and the parameter gradient down, added to the host's).
 // The backend keeps its own copy of the parameters, taken at construction and at every
 // set_params (call it again after changing the values behind the pointer).
+// solve() keeps a whole solve on the device instead: the system turns resident for it
+// (backend() is the device's, and eval takes and gives device arrays), so the states
+// cross once each way, not per evaluation.
 template <class S>
 class FieldSystem : public DiffSystem<S> {
  public:
@@ -93,6 +96,15 @@ class FieldSystem : public DiffSystem<S> {
   void reserve_slots(int n) override;
   void eval_record(S* dydt, const S* y, const double* t, const int* ids, int count, int slot) override;
   void vjp(S* dy, S* dparams, size_t param_stride, const S* g, int slot) override;
+  // While resident (a model on a device only), every call above takes and gives arrays
+  // of the device field's backend, and backend() names it.
+  Backend<S>* backend() override { return resident_ ? &dev_->backend() : nullptr; }
+  void set_resident(bool on);
+  bool resident() const { return resident_; }
+  // integrate() of the host states y (B, T*C) in place: on a device, a resident solve
+  // (y uploaded once and downloaded once); on the CPU, integrate() itself. `through`: a
+  // system wrapping this one (timing it, say), integrated in its place.
+  SolveResult<S> solve(S* y, const SolveOptions& opt, OdeSystem<S>* through = nullptr);
 
  private:
   void device_forward(S* dydt, const S* y, const double* t, int count, DeviceFieldCache<S>& cache);
@@ -106,6 +118,8 @@ class FieldSystem : public DiffSystem<S> {
   // the device path (dev_ non-null)
   const DeviceField<S>* dev_ = nullptr;
   Array<S> dparams_, dy_, dx_, dgrad_;  // parameters; state in; field out / cotangent; parameter gradient
+  Array<S> dstate_;                     // solve(): the states
+  bool resident_ = false;
   DeviceFieldCache<S> dcache_;
   std::vector<DeviceFieldCache<S>> dslots_;
   DeviceFieldWork<S> dwork_;

@@ -56,6 +56,14 @@ std::vector<std::string> tableau_names();
 // G independent sequences of n values each. eval() computes f for `count` of
 // them whose states lie contiguously in y (count, n); ids[i] says which sequence
 // row i is and t[i] its time.
+//
+// Where y and dydt live: host memory (backend() is null, the default), or the memory
+// of backend(), a device (backend.hpp). integrate() then keeps the whole solve there:
+// its y is that backend's memory, every state and stage is allocated there, and the
+// driver's arithmetic is the backend's state algebra. t and ids are host arrays.
+template <class S>
+class Backend;
+
 template <class S>
 class OdeSystem {
  public:
@@ -63,6 +71,7 @@ class OdeSystem {
   virtual int groups() const = 0;
   virtual size_t dim() const = 0;
   virtual void eval(S* dydt, const S* y, const double* t, const int* ids, int count) = 0;
+  virtual Backend<S>* backend() { return nullptr; }
 };
 
 // ---------------------------------------------------------------- options and results
@@ -136,7 +145,7 @@ struct SolveResult {
   bool ok() const { return status == SolveStatus::Success || status == SolveStatus::Terminal; }
 };
 
-// Integrates every sequence of y (G, n) from t0 to t1 in place. Never throws
+// Integrates every sequence of y (G, n; in the system's memory) from t0 to t1 in place. Never throws
 // for numerical failures: they are reported in the result's status (and the
 // failed sequence keeps its last accepted state). Throws Error for bad options.
 template <class S>
