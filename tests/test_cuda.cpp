@@ -7,6 +7,7 @@
 
 #include "check.hpp"
 #include "device_field_check.hpp"
+#include "driver_check.hpp"
 #include "flowloop/backend.hpp"
 #include "flowloop/algebra.hpp"
 #include "flowloop/cuda.hpp"
@@ -201,4 +202,9 @@ TEMPLATE_TEST_CASE("cuda: solves and gradients of a model on the GPU against the
   using S = TestType;
   std::shared_ptr<Backend<S>> be = make_backend<S>(Device::cuda);
   for (const char* kind : {"autonomous", "time"}) check_device_solves<S>(be, kind, tol<S>());
+}
+
+TEST_CASE("cuda: the driver on device memory against the host driver (the same step counts)", "[cuda][solvers]") {
+  auto be = make_backend<double>(Device::cuda);
+  check_backend_driver(*be, /*exact=*/false);
 }

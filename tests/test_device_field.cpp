@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include "device_field_check.hpp"
+#include "driver_check.hpp"
 #include "flowloop/backend.hpp"
 #include "flowloop/bench.hpp"
 #include "flowloop/flowmatch.hpp"
@@ -156,4 +157,34 @@ TEMPLATE_TEST_CASE("device field: a flow-matching step on the reference backend 
     CHECK(rel_error_of(gd, gc) < 100 * backend_tol<S>(2e-6, 1e-13));
     if (o.shortcut) CHECK(std::fabs(b.shortcut_loss - a.shortcut_loss) < 1e-3 * a.shortcut_loss);
   }
+}
+
+TEST_CASE("device: the driver on a backend's memory equals the host driver, bit for bit", "[device][solvers]") {
+  auto be = make_backend<double>(Device::cpu);
+  check_backend_driver(*be, /*exact=*/true);
+}
+
+TEST_CASE("device: a resident field system refuses what needs host states", "[device]") {
+  const ModelConfig cfg = device_check_config("autonomous");
+  Model<double> cpu(cfg);
+  cpu.init(3);
+  FieldSystem<double> host(cpu.field, cpu.field_params(), 2, 4);
+  CHECK(host.backend() == nullptr);
+  CHECK_THROWS_WITH(host.set_resident(true), Catch::Contains("only a field on a device"));
+  Model<double> dev = cpu;
+  dev.set_backend(std::shared_ptr<Backend<double>>(make_backend<double>(Device::cpu)));
+  FieldSystem<double> sys(dev.field, dev.field_params(), 2, 4, dev.device_field());
+  CHECK(sys.backend() == nullptr);  // host states until made resident
+  sys.set_resident(true);
+  REQUIRE(sys.backend() == &dev.device_field()->backend());
+  SolveOptions opt;
+  opt.method = "odeint-rk4";
+  opt.steps = 2;
+  Array<double> y(*sys.backend(), 2 * sys.dim());
+  y.zero();
+  CHECK_THROWS_WITH(integrate(sys, y.data(), opt), Catch::Contains("odeint") && Catch::Contains("host states only"));
+  opt.method = "rk4";
+  CHECK_THROWS_WITH(OdeGradient<double>(sys, opt, GradOptions{}), Catch::Contains("OdeGradient takes systems with host states"));
+  sys.set_resident(false);
+  CHECK(sys.backend() == nullptr);
 }

@@ -170,3 +170,77 @@ TEST_CASE("device algebra: gathering and scattering the active rows", "[thrust][
       CHECK(b[static_cast<size_t>(r) * n + j] == (listed ? src[static_cast<size_t>(r) * n + j] : 0.0));
   }
 }
+
+TEMPLATE_TEST_CASE("device algebra: the driver's row-batched norms and row copies", "[thrust][algebra]", float,
+                   double) {
+  using S = TestType;
+  const int G = 5, m = 7;
+  const size_t n = 301, period = 100, dims = 37;  // the last period is short
+  Rng rng(14);
+  const auto y0 = random_values<S>(G * n, rng), y1 = random_values<S>(G * n, rng), a = random_values<S>(G * n, rng);
+  RandomStages<S> stages(m, G * n, rng);
+  const std::vector<double> e = {0.01, 0.0, -0.02, 0.03, 0.0, 0.005, -0.01};
+  const std::vector<double> h = {0.1, 0.2, 0.3, 0.4, 0.5};
+  const std::vector<int> rows = {4, 1, 2};
+  thrust::device_vector<S> dy0(y0.begin(), y0.end()), dy1(y1.begin(), y1.end()), da(a.begin(), a.end());
+  thrust::device_vector<double> dh(h.begin(), h.end()), dsums(G);
+  thrust::device_vector<int> drows(rows.begin(), rows.end());
+  auto raw = [](auto& v) { return thrust::raw_pointer_cast(v.data()); };
+  // error sums over the first dims of every period values, per row: the CPU's sum of its periods
+  dev::error_sum_squares_rows(raw(dsums), raw(dh), e.data(), stages.dp.data(), m, raw(dy0), raw(dy1), 1e-3, 1e-6,
+                              raw(drows), 3, n, period, dims);
+  auto sums = to_host(dsums);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const size_t base = static_cast<size_t>(rows[i]) * n;
+    double want = 0.0;
+    for (size_t off = 0; off < n; off += period) {
+      std::vector<const S*> kc;
+      for (const S* p : stages.hp) kc.push_back(p + base + off);
+      want += algebra::error_sum_squares(h[static_cast<size_t>(rows[i])], e.data(), kc.data(), m, y0.data() + base + off,
+                                         y1.data() + base + off, 1e-3, 1e-6, std::min(dims, n - off));
+    }
+    CHECK(sums[i] == Approx(want).epsilon(1e-12));
+  }
+  // sums of squares of listed rows, and of the first rows (rows null); a NaN poisons its row only
+  dev::sum_squares_rows(raw(dsums), raw(dy1), raw(drows), 3, n);
+  sums = to_host(dsums);
+  for (size_t i = 0; i < rows.size(); ++i)
+    CHECK(sums[i] == Approx(algebra::sum_squares(y1.data() + static_cast<size_t>(rows[i]) * n, n)).epsilon(1e-12));
+  thrust::device_vector<S> poisoned = dy1;
+  poisoned[2 * n + 7] = std::numeric_limits<S>::quiet_NaN();
+  dev::sum_squares_rows(raw(dsums), raw(poisoned), static_cast<const int*>(nullptr), G, n);
+  sums = to_host(dsums);
+  for (int r = 0; r < G; ++r) {
+    if (r == 2)
+      CHECK(std::isnan(sums[2]));
+    else
+      CHECK(sums[static_cast<size_t>(r)] ==
+            Approx(algebra::sum_squares(y1.data() + static_cast<size_t>(r) * n, n)).epsilon(1e-12));
+  }
+  // the first step's scaled norms, of one array and of a difference
+  dev::scaled_sum_squares_rows(raw(dsums), raw(da), static_cast<const S*>(nullptr), raw(dy0), 1e-3, 1e-6, G, n);
+  sums = to_host(dsums);
+  for (int r = 0; r < G; ++r) {
+    const size_t base = static_cast<size_t>(r) * n;
+    CHECK(sums[static_cast<size_t>(r)] ==
+          Approx(algebra::scaled_sum_squares(a.data() + base, y0.data() + base, 1e-3, 1e-6, n)).epsilon(1e-12));
+  }
+  dev::scaled_sum_squares_rows(raw(dsums), raw(da), raw(dy1), raw(dy0), 1e-3, 1e-6, G, n);
+  sums = to_host(dsums);
+  for (int r = 0; r < G; ++r) {
+    const size_t base = static_cast<size_t>(r) * n;
+    CHECK(sums[static_cast<size_t>(r)] ==
+          Approx(algebra::scaled_diff_sum_squares(a.data() + base, y1.data() + base, y0.data() + base, 1e-3, 1e-6, n))
+              .epsilon(1e-12));
+  }
+  // copying the listed rows between two batches leaves the others
+  thrust::device_vector<S> dst = dy0;
+  dev::copy_rows(raw(dst), raw(dy1), raw(drows), 3, n);
+  const auto got = to_host(dst);
+  for (int r = 0; r < G; ++r) {
+    const bool listed = r == 4 || r == 1 || r == 2;
+    const size_t base = static_cast<size_t>(r) * n;
+    CHECK(std::equal(got.begin() + static_cast<long>(base), got.begin() + static_cast<long>(base + n),
+                     (listed ? y1 : y0).begin() + static_cast<long>(base)));
+  }
+}
