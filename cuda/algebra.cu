@@ -23,7 +23,11 @@ namespace flowloop::algebra::device {
   template bool all_finite<S>(const S*, size_t);                                                               \
   template void gather_rows<S>(S*, const S*, const int*, int, size_t, void*);                                  \
   template void scatter_rows<S>(S*, const S*, const int*, int, size_t, void*);                                 \
-  template void copy_rows<S>(S*, const S*, const int*, int, size_t, void*);
+  template void copy_rows<S>(S*, const S*, const int*, int, size_t, void*);                                    \
+  template void move_rows<S>(S*, const int*, const S*, const int*, int, size_t, void*);                        \
+  template void scaled_sum_rows<S>(S*, const double*, const double*, const S* const*, int, const int*, int,    \
+                                   size_t, void*);                                                             \
+  template void accumulate_rows<S>(S*, const S* const*, int, const int*, int, size_t, void*);
 FLOWLOOP_DEVICE_ALGEBRA(float)
 FLOWLOOP_DEVICE_ALGEBRA(double)
 

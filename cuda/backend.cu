@@ -111,14 +111,15 @@ class CudaBackend final : public Backend<S> {
                                size_t n) override {
     algebra::device::scaled_sum_squares_rows(out, a, b, y, rtol, atol, nrows, n, stream_);
   }
-  void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
-    algebra::device::gather_rows(dst, src, rows, nrows, n, stream_);
+  void scaled_sum_rows(S* out, const double* h, const double* c, const S* const* k, int m, const int* rows, int nrows,
+                       size_t n) override {
+    algebra::device::scaled_sum_rows(out, h, c, k, m, rows, nrows, n, stream_);
   }
-  void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
-    algebra::device::scatter_rows(dst, src, rows, nrows, n, stream_);
+  void accumulate_rows(S* y, const S* const* k, int m, const int* rows, int nrows, size_t n) override {
+    algebra::device::accumulate_rows(y, k, m, rows, nrows, n, stream_);
   }
-  void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
-    algebra::device::copy_rows(dst, src, rows, nrows, n, stream_);
+  void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n) override {
+    algebra::device::move_rows(dst, dst_rows, src, src_rows, nrows, n, stream_);
   }
 
  private:

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "flowloop/algebra.hpp"  // the declarations
 #include "flowloop/kernels.hpp"  // FLOWLOOP_HD
@@ -283,31 +284,26 @@ bool all_finite(const S* x, size_t n) {
   return thrust::count_if(thrust::device, x, x + n, NotFinite<S>()) == 0;
 }
 
-enum class RowMove { gather, scatter, copy };
-
 template <class S>
 struct MoveRows {
   S* dst;
+  const int* dst_rows;  // null: row i
   const S* src;
-  const int* rows;
+  const int* src_rows;  // null: row i
   size_t n;
-  RowMove how;
   FLOWLOOP_HD void operator()(size_t g) const {
-    const size_t i = g / n, r = static_cast<size_t>(rows[i]), j = g % n;
-    if (how == RowMove::scatter)
-      dst[r * n + j] = src[i * n + j];
-    else if (how == RowMove::gather)
-      dst[i * n + j] = src[r * n + j];
-    else
-      dst[r * n + j] = src[r * n + j];
+    const size_t i = g / n, j = g % n;
+    const size_t d = dst_rows ? static_cast<size_t>(dst_rows[i]) : i, s = src_rows ? static_cast<size_t>(src_rows[i]) : i;
+    dst[d * n + j] = src[s * n + j];
   }
 };
 
+// dst[dst_rows[i]] = src[src_rows[i]] for i < nrows (a null list: row i), rows of n values.
 template <class S>
-void move_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, RowMove how, void* stream) {
+void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n, void* stream) {
   if (nrows <= 0 || n == 0) return;
   thrust::for_each_n(exec(stream), thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
-                     MoveRows<S>{dst, src, rows, n, how});
+                     MoveRows<S>{dst, dst_rows, src, src_rows, n});
 }
 
 // The active rows of a batch: gather packs rows rows[0..nrows) of src (rows of n values)
@@ -315,17 +311,63 @@ void move_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, RowMo
 // between two batches.
 template <class S>
 void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream) {
-  move_rows(dst, src, rows, nrows, n, RowMove::gather, stream);
+  move_rows(dst, static_cast<const int*>(nullptr), src, rows, nrows, n, stream);
 }
 
 template <class S>
 void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream) {
-  move_rows(dst, src, rows, nrows, n, RowMove::scatter, stream);
+  move_rows(dst, rows, src, static_cast<const int*>(nullptr), nrows, n, stream);
 }
 
 template <class S>
 void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream) {
-  move_rows(dst, src, rows, nrows, n, RowMove::copy, stream);
+  move_rows(dst, rows, src, rows, nrows, n, stream);
+}
+
+template <class S>
+struct ScaledSumRows {
+  S* out;
+  const double* h;  // (rows of the batch)
+  const int* rows;
+  Stages<S> st;
+  size_t n;
+  FLOWLOOP_HD void operator()(size_t g) const {
+    const size_t r = static_cast<size_t>(rows[g / n]), idx = r * n + g % n;
+    out[idx] = static_cast<S>(h[r]) * stage_sum(st, idx);
+  }
+};
+
+// out[r] = h[r] sum_j c_j k_j[r] for the listed rows (m >= 1; algebra.hpp's scaled_sum per row)
+template <class S>
+void scaled_sum_rows(S* out, const double* h, const double* c, const S* const* k, int m, const int* rows, int nrows,
+                     size_t n, void* stream) {
+  if (m < 1) throw Error("device algebra: scaled_sum_rows needs at least one stage, not " + std::to_string(m));
+  if (nrows <= 0 || n == 0) return;
+  thrust::for_each_n(exec(stream), thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
+                     ScaledSumRows<S>{out, h, rows, make_stages(c, k, m), n});
+}
+
+template <class S>
+struct AccumulateRows {
+  S* y;
+  const int* rows;
+  Stages<S> st;  // the coefficients unused: y += k_0, then k_1, ...
+  size_t n;
+  FLOWLOOP_HD void operator()(size_t g) const {
+    const size_t idx = static_cast<size_t>(rows[g / n]) * n + g % n;
+    S acc = y[idx];
+    for (int j = 0; j < st.m; ++j) acc += st.k[j][idx];
+    y[idx] = acc;
+  }
+};
+
+// y[r] += k_0[r], then += k_1[r], ..., in that order, for the listed rows
+template <class S>
+void accumulate_rows(S* y, const S* const* k, int m, const int* rows, int nrows, size_t n, void* stream) {
+  if (nrows <= 0 || n == 0 || m == 0) return;
+  const std::vector<double> ones(static_cast<size_t>(m), 1.0);
+  thrust::for_each_n(exec(stream), thrust::counting_iterator<size_t>(0), static_cast<size_t>(nrows) * n,
+                     AccumulateRows<S>{y, rows, make_stages(ones.data(), k, m), n});
 }
 
 }  // namespace flowloop::algebra::device

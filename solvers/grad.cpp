@@ -264,6 +264,7 @@ struct OdeGradient<S>::Impl {
     G = sys->groups();
     n = sys->dim();
     P = sys->num_params();
+    mem = sys->backend() ? sys->backend() : &host_backend<S>();
   }
 
   void note_peak() { st.peak_bytes = std::max(st.peak_bytes, MemoryStats::peak() - base_bytes); }
@@ -271,72 +272,101 @@ struct OdeGradient<S>::Impl {
   // The reverse of one step for the sequences `gs` (all with the same stage
   // layout): stage j of sequence gs[i] was evaluated in slot slot[j][i], row
   // row[j][i], of a call with count[j][i] rows. gy (G, n) holds dL/dy_{n+1} of
-  // each sequence on entry and dL/dy_n on exit.
+  // each sequence on entry and dL/dy_n on exit. The arrays are the memory's (mem:
+  // the host's, or a resident system's device), every operation its state algebra.
   struct StageRef {
     int slot, row, count;
   };
-  Buffer<S> ybar, kbar, gbuf, dbuf;
-  std::vector<Buffer<S>> Ybar;
+  Backend<S>* mem = nullptr;
+  Array<S> kbar, gbuf, dbuf;  // (G, n) each: the stage cotangents by sequence; a call's rows in and out
+  std::vector<Array<S>> Ybar;
+  Array<S, double> hdev, sums;  // (G) each: step sizes by sequence; per-row sums
+  Array<S, int> gsdev, srcdev, dstdev;  // (G) each: row lists
+  std::vector<double> hrow, sumh;
+  std::vector<int> src, dst;
 
   void reverse_step(const std::vector<int>& gs, const std::vector<double>& h,
                     const std::vector<std::vector<StageRef>>& ref, S* gy, S* gparams) {
+    Backend<S>& be = *mem;
     const int s = tab->stages();
-    const size_t rows = gs.size();
-    if (Ybar.size() != static_cast<size_t>(s)) Ybar.assign(static_cast<size_t>(s), Buffer<S>(static_cast<size_t>(G) * n));
-    if (kbar.size() != n) kbar.resize(n);
+    const int rows = static_cast<int>(gs.size());
+    const size_t total = static_cast<size_t>(G) * n;
+    if (Ybar.size() != static_cast<size_t>(s)) {
+      Ybar.clear();
+      for (int j = 0; j < s; ++j) Ybar.emplace_back(be, total);
+      kbar = Array<S>(be, total);
+      gbuf = Array<S>(be, total);
+      dbuf = Array<S>(be, total);
+      hdev = Array<S, double>(be, static_cast<size_t>(G));
+      gsdev = Array<S, int>(be, static_cast<size_t>(G));
+      srcdev = Array<S, int>(be, static_cast<size_t>(G));
+      dstdev = Array<S, int>(be, static_cast<size_t>(G));
+      hrow.assign(static_cast<size_t>(G), 0.0);
+    }
+    for (int i = 0; i < rows; ++i) hrow[static_cast<size_t>(gs[i])] = h[static_cast<size_t>(i)];
+    hdev.upload(hrow.data(), static_cast<size_t>(G));
+    gsdev.upload(gs.data(), gs.size());
     const int last = tab->fsal ? s - 2 : s - 1;  // FSAL: the last stage feeds only the next step
     std::vector<double> c;
     std::vector<const S*> k;
     for (int j = last; j >= 0; --j) {
       // kbar_j = h (b_j gy + sum_{l > j} a_lj Ybar_l), per sequence; then Ybar_j = J_j^T kbar_j
-      std::map<int, std::vector<size_t>> by_slot;  // slot -> indices into gs
-      for (size_t i = 0; i < rows; ++i) by_slot[ref[j][i].slot].push_back(i);
-      for (auto& [slot, idx] : by_slot) {
-        const int count = ref[j][idx[0]].count;
-        gbuf.assign(static_cast<size_t>(count) * n, S(0));
-        dbuf.assign(static_cast<size_t>(count) * n, S(0));
-        bool any = false;
-        for (size_t i : idx) {
-          const int g = gs[i];
-          c.clear();
-          k.clear();
-          if (tab->b[j] != 0.0) {
-            c.push_back(tab->b[j]);
-            k.push_back(gy + static_cast<size_t>(g) * n);
-          }
-          for (int l = j + 1; l <= last; ++l)
-            if (tab->A(l, j) != 0.0) {
-              c.push_back(tab->A(l, j));
-              k.push_back(Ybar[l].data() + static_cast<size_t>(g) * n);
-            }
-          if (c.empty()) continue;
-          any = true;
-          algebra::scaled_sum(gbuf.data() + static_cast<size_t>(ref[j][i].row) * n, h[i], c.data(), k.data(),
-                              static_cast<int>(c.size()), n);
+      c.clear();
+      k.clear();
+      if (tab->b[j] != 0.0) {
+        c.push_back(tab->b[j]);
+        k.push_back(gy);
+      }
+      for (int l = j + 1; l <= last; ++l)
+        if (tab->A(l, j) != 0.0) {
+          c.push_back(tab->A(l, j));
+          k.push_back(Ybar[l].data());
         }
+      const bool any = !c.empty();  // else the stage's cotangent is 0
+      if (any)
+        be.scaled_sum_rows(kbar.data(), hdev.data(), c.data(), k.data(), static_cast<int>(c.size()), gsdev.data(),
+                           rows, n);
+      std::map<int, std::vector<size_t>> by_slot;  // slot -> indices into gs
+      for (int i = 0; i < rows; ++i) by_slot[ref[j][i].slot].push_back(static_cast<size_t>(i));
+      for (auto& [slot, idx] : by_slot) {
+        const size_t count = static_cast<size_t>(ref[j][idx[0]].count) * n;
+        src.clear();
+        dst.clear();
+        for (size_t i : idx) {
+          src.push_back(gs[i]);
+          dst.push_back(ref[j][i].row);
+        }
+        srcdev.upload(src.data(), src.size());
+        dstdev.upload(dst.data(), dst.size());
+        const int m = static_cast<int>(idx.size());
+        be.fill(dbuf.data(), S(0), count);
         if (any) {
+          be.fill(gbuf.data(), S(0), count);
+          be.move_rows(gbuf.data(), dstdev.data(), kbar.data(), srcdev.data(), m, n);  // the call's row order
           sys->vjp(dbuf.data(), gparams, 0, gbuf.data(), slot);
           ++st.vjp_calls;
           st.nfe_backward += 1;
         }
-        for (size_t i : idx)
-          std::memcpy(Ybar[j].data() + static_cast<size_t>(gs[i]) * n,
-                      dbuf.data() + static_cast<size_t>(ref[j][i].row) * n, n * sizeof(S));
+        be.move_rows(Ybar[j].data(), srcdev.data(), dbuf.data(), dstdev.data(), m, n);
       }
     }
     // dL/dy_n = dL/dy_{n+1} + sum_j Ybar_j
-    for (size_t i = 0; i < rows; ++i) {
-      S* gyg = gy + static_cast<size_t>(gs[i]) * n;
-      for (int j = 0; j <= last; ++j) {
-        const S* yb = Ybar[j].data() + static_cast<size_t>(gs[i]) * n;
-        for (size_t q = 0; q < n; ++q) gyg[q] += yb[q];
-      }
-    }
+    k.clear();
+    for (int j = 0; j <= last; ++j) k.push_back(Ybar[j].data());
+    be.accumulate_rows(gy, k.data(), last + 1, gsdev.data(), rows, n);
   }
 
   bool check_finite(const std::vector<int>& gs, const std::vector<double>& t, const S* gy, int64_t step) {
+    if (gs.empty()) return true;
+    const int rows = static_cast<int>(gs.size());
+    if (sums.size() < gs.size()) sums = Array<S, double>(*mem, static_cast<size_t>(G));
+    gsdev.resize(*mem, static_cast<size_t>(G));
+    gsdev.upload(gs.data(), gs.size());
+    mem->sum_squares_rows(sums.data(), gy, gsdev.data(), rows, n);
+    sumh.resize(gs.size());
+    sums.download(sumh.data(), gs.size());
     for (size_t i = 0; i < gs.size(); ++i)
-      if (!std::isfinite(algebra::sum_squares(gy + static_cast<size_t>(gs[i]) * n, n))) {
+      if (!std::isfinite(sumh[i])) {
         st.status = SolveStatus::NonFinite;
         st.message = where(gs[i], G, t[i], step);
         return false;
@@ -479,9 +509,12 @@ struct OdeGradient<S>::Impl {
 
 template <class S>
 OdeGradient<S>::OdeGradient(DiffSystem<S>& sys, const SolveOptions& opt, const GradOptions& gopt) {
-  if (sys.backend())  // the reverse passes' adjoint states are host arrays
-    throw Error("gradients: the system's states are on " + sys.backend()->name() +
-                "; OdeGradient takes systems with host states (a field on a device evaluates there per call)");
+  // backprop runs on the system's memory; checkpoint's saved steps, the adjoint's augmented
+  // state and the regularisers' integrals are host arrays
+  if (sys.backend() && (gopt.method != GradMethod::Backprop || gopt.regularized()))
+    throw Error(std::string("gradients: the system's states are on ") + sys.backend()->name() + "; " +
+                (gopt.regularized() ? "the regularisers" : grad_method_name(gopt.method)) +
+                " need host states (backprop takes device states; a field on a device evaluates there from host states)");
   impl_ = new Impl(sys, opt, gopt);
 }
 
@@ -563,7 +596,7 @@ const GradStats& OdeGradient<S>::backward(const S* gy1, S* gy0, S* gparams) {
     }
     gy = I.gaug.data();
   } else {
-    std::memcpy(gy0, gy1, static_cast<size_t>(Gu) * nu * sizeof(S));
+    I.mem->copy(gy0, gy1, static_cast<size_t>(Gu) * nu);
   }
   const int64_t nfe_before = I.st.nfe_backward;
   switch (I.gopt.method) {

@@ -203,19 +203,30 @@ class ReferenceBackend final : public Backend<S> {
                  : algebra::scaled_sum_squares(a + base, y + base, rtol, atol, n);
     }
   }
-  void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
-    for (int i = 0; i < nrows; ++i)
-      std::memcpy(dst + static_cast<size_t>(i) * n, src + static_cast<size_t>(rows[i]) * n, n * sizeof(S));
-  }
-  void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
-    for (int i = 0; i < nrows; ++i)
-      std::memcpy(dst + static_cast<size_t>(rows[i]) * n, src + static_cast<size_t>(i) * n, n * sizeof(S));
-  }
-  void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) override {
+  void scaled_sum_rows(S* out, const double* h, const double* c, const S* const* k, int m, const int* rows, int nrows,
+                       size_t n) override {
+    if (m > kMaxStages) throw Error("scaled_sum_rows: at most 32 stages");
     for (int i = 0; i < nrows; ++i) {
-      const size_t off = static_cast<size_t>(rows[i]) * n;
-      std::memcpy(dst + off, src + off, n * sizeof(S));
+      const size_t base = static_cast<size_t>(rows[i]) * n;
+      const S* kr[kMaxStages];
+      for (int l = 0; l < m; ++l) kr[l] = k[l] + base;
+      algebra::scaled_sum(out + base, h[rows[i]], c, kr, m, n);
     }
+  }
+  void accumulate_rows(S* y, const S* const* k, int m, const int* rows, int nrows, size_t n) override {
+    for (int i = 0; i < nrows; ++i) {
+      const size_t base = static_cast<size_t>(rows[i]) * n;
+      S* yr = y + base;
+      for (int l = 0; l < m; ++l) {
+        const S* kr = k[l] + base;
+        for (size_t q = 0; q < n; ++q) yr[q] += kr[q];
+      }
+    }
+  }
+  void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n) override {
+    for (int i = 0; i < nrows; ++i)
+      std::memcpy(dst + static_cast<size_t>(dst_rows ? dst_rows[i] : i) * n,
+                  src + static_cast<size_t>(src_rows ? src_rows[i] : i) * n, n * sizeof(S));
   }
 
  private:

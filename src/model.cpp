@@ -539,8 +539,23 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   w.gy1.assign(NC, S(0));
   w.gy0.resize(NC);
   FieldSystem<S>& sys = w.system(field, field_params(), B, T, device_field());
+  // On a device, backprop keeps the solve, its tape and the reverse pass there (the
+  // states cross once each way); checkpoint, adjoint and the regularisers evaluate
+  // there from host states.
+  const bool resident = device_field() && gopt.method == GradMethod::Backprop && !gopt.regularized();
+  struct HostAgain {
+    FieldSystem<S>& sys;
+    ~HostAgain() { sys.set_resident(false); }
+  } host_again{sys};
+  Backend<S>* be = resident ? &device_field()->backend() : nullptr;
+  if (resident) {
+    sys.set_resident(true);
+    w.dev_h.resize(*be, NC);
+    w.dev_h.upload(w.h.data(), NC);
+  }
   OdeGradient<S> og(sys, opt, gopt);
-  const SolveResult<S>& fr = og.forward(w.h.data());
+  const SolveResult<S>& fr = og.forward(resident ? w.dev_h.data() : w.h.data());
+  if (resident) w.dev_h.download(w.h.data(), NC);
   if (!fr.ok()) {
     stats = og.stats();
     return std::numeric_limits<S>::quiet_NaN();
@@ -552,7 +567,22 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   const S loss = crossentropy_forward_backward(rc.dlogits.data(), rc.logits.data(), targets.data.data(), N,
                                                cfg.vocab_size);
   readout_backward(w.gy1.data(), grads, w.h.data(), N, rc);
-  og.backward(w.gy1.data(), w.gy0.data(), grads + layout.field_begin());
+  if (resident) {
+    const size_t P = field.num_params();
+    w.dev_gy1.resize(*be, NC);
+    w.dev_gy0.resize(*be, NC);
+    w.dev_grad.resize(*be, P);
+    w.dev_gy1.upload(w.gy1.data(), NC);
+    w.dev_grad.zero();
+    og.backward(w.dev_gy1.data(), w.dev_gy0.data(), w.dev_grad.data());
+    w.dev_gy0.download(w.gy0.data(), NC);
+    w.grad_host.resize(P);
+    w.dev_grad.download(w.grad_host.data(), P);
+    S* g = grads + layout.field_begin();
+    for (size_t i = 0; i < P; ++i) g[i] += w.grad_host[i];
+  } else {
+    og.backward(w.gy1.data(), w.gy0.data(), grads + layout.field_begin());
+  }
   stats = og.stats();
   if (dh0) std::memcpy(dh0, w.gy0.data(), NC * sizeof(S));
   return stats.ok() ? loss : std::numeric_limits<S>::quiet_NaN();

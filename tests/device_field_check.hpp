@@ -188,6 +188,44 @@ void check_device_solves(std::shared_ptr<Backend<S>> be, const std::string& kind
                        std::vector<S>(cross.saved.begin(), cross.saved.end())) <= rtol);
     if (std::is_same_v<S, double>)
       for (size_t i = 0; i < cross.seq.size(); ++i) CHECK(res.seq[i].steps == cross.seq[i].steps);
+    // backprop with the solve, its tape and the reverse pass on the device, against backprop
+    // from host states, per-sequence and batch-coupled
+    const size_t P = dev.field.num_params();
+    Rng rng(5);
+    const std::vector<S> gy1 = random_values<S>(NC, rng);
+    for (bool coupled : {false, true}) {
+      INFO((coupled ? "batch-coupled" : "per-sequence") << " backprop");
+      SolveOptions bo = opt;
+      bo.batch_coupled = coupled;
+      GradOptions bp;
+      bp.method = GradMethod::Backprop;
+      Buffer<S> yh = h0, gy0(NC);
+      std::vector<S> gph(P, S(0.5));
+      OdeGradient<S> og(sys, bo, bp);
+      REQUIRE(og.forward(yh.data()).ok());
+      og.backward(gy1.data(), gy0.data(), gph.data());
+      sys.set_resident(true);
+      Backend<S>& m = *sys.backend();
+      Array<S> dy(m, NC), dg1(m, NC), dg0(m, NC), dgp(m, P);
+      dy.upload(h0.data(), NC);
+      dg1.upload(gy1.data(), NC);
+      std::vector<S> gpd(P, S(0.5));
+      dgp.upload(gpd.data(), P);  // accumulates, as on the host
+      OdeGradient<S> od(sys, bo, bp);
+      REQUIRE(od.forward(dy.data()).ok());
+      const GradStats& sd = od.backward(dg1.data(), dg0.data(), dgp.data());
+      sys.set_resident(false);
+      REQUIRE(sd.ok());
+      std::vector<S> yd(NC), g0d(NC);
+      dy.download(yd.data(), NC);
+      dg0.download(g0d.data(), NC);
+      dgp.download(gpd.data(), P);
+      CHECK(rel_error_of(yd, std::vector<S>(yh.begin(), yh.end())) <= rtol);
+      CHECK(rel_error_of(g0d, std::vector<S>(gy0.begin(), gy0.end())) <= rtol);
+      CHECK(rel_error_of(gpd, gph) <= rtol);
+      CHECK(sd.vjp_calls == og.stats().vjp_calls);
+      if (std::is_same_v<S, double>) CHECK(sd.nfe_backward == og.stats().nfe_backward);
+    }
   }
   for (const char* method : {"backprop", "adjoint"}) {
     GradOptions g;

@@ -108,4 +108,15 @@ template <class S>
 void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream = nullptr);
 template <class S>
 void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void* stream = nullptr);
+// dst[dst_rows[i]] = src[src_rows[i]] for i < nrows (a null list: row i).
+template <class S>
+void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n,
+               void* stream = nullptr);
+// out[r] = h[r] sum_j c_j k_j[r] for the listed rows (m >= 1).
+template <class S>
+void scaled_sum_rows(S* out, const double* h, const double* c, const S* const* k, int m, const int* rows, int nrows,
+                     size_t n, void* stream = nullptr);
+// y[r] += k_0[r], then += k_1[r], ..., for the listed rows.
+template <class S>
+void accumulate_rows(S* y, const S* const* k, int m, const int* rows, int nrows, size_t n, void* stream = nullptr);
 }  // namespace flowloop::algebra::device

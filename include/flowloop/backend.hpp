@@ -118,10 +118,21 @@ class Backend {
   //   out[r] = sum_v ((a_v - b_v) / (atol + rtol |y_v|))^2 for rows r < nrows, in double (b null: a_v alone)
   virtual void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol,
                                        int nrows, size_t n) = 0;
+  //   out[r] = h[r] sum_j c[j] k[j][r]  for r in rows (m >= 1; the reverse pass's stage cotangents)
+  virtual void scaled_sum_rows(S* out, const double* h, const double* c, const S* const* k, int m, const int* rows,
+                               int nrows, size_t n) = 0;
+  //   y[r] += k[0][r], then += k[1][r], ... += k[m-1][r]  for r in rows (in that order)
+  virtual void accumulate_rows(S* y, const S* const* k, int m, const int* rows, int nrows, size_t n) = 0;
+  //   dst[dst_rows[i]] = src[src_rows[i]] for i < nrows (a null list: row i); dst and src do not overlap
+  virtual void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n) = 0;
   //   gather: dst[i] = src[rows[i]]; scatter: dst[rows[i]] = src[i]; copy: dst[r] = src[r] for r in rows
-  virtual void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) = 0;
-  virtual void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) = 0;
-  virtual void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) = 0;
+  void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) {
+    move_rows(dst, nullptr, src, rows, nrows, n);
+  }
+  void scatter_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) {
+    move_rows(dst, rows, src, nullptr, nrows, n);
+  }
+  void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) { move_rows(dst, rows, src, rows, nrows, n); }
 };
 
 // The process's reference backend (host memory), for host solves: integrate() runs

@@ -132,6 +132,8 @@ template <class S>
 struct OdeWork {
   std::unique_ptr<FieldSystem<S>> sys;
   Buffer<S> h, gy1, gy0;    // h(0), then h(t1); dL/dh(t1); dL/dh(0)
+  Array<S> dev_h, dev_gy1, dev_gy0, dev_grad;  // a resident backprop on a device: the same there
+  Buffer<S> grad_host;                         // its parameter gradient, downloaded
   ReadoutCache<S> readout;  // after a call: readout.logits (B*T, V) of h(t1)
   FieldSystem<S>& system(const Field<S>& field, const S* params, int B, int T,
                          const DeviceField<S>* device = nullptr);
