@@ -27,7 +27,8 @@ namespace flowloop::algebra::device {
   template void move_rows<S>(S*, const int*, const S*, const int*, int, size_t, void*);                        \
   template void scaled_sum_rows<S>(S*, const double*, const double*, const S* const*, int, const int*, int,    \
                                    size_t, void*);                                                             \
-  template void accumulate_rows<S>(S*, const S* const*, int, const int*, int, size_t, void*);
+  template void accumulate_rows<S>(S*, const S* const*, int, const int*, int, size_t, void*);                  \
+  template void strided_copy<S>(S*, size_t, const S*, size_t, size_t, size_t, S, void*);
 FLOWLOOP_DEVICE_ALGEBRA(float)
 FLOWLOOP_DEVICE_ALGEBRA(double)
 

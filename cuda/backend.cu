@@ -118,6 +118,9 @@ class CudaBackend final : public Backend<S> {
   void accumulate_rows(S* y, const S* const* k, int m, const int* rows, int nrows, size_t n) override {
     algebra::device::accumulate_rows(y, k, m, rows, nrows, n, stream_);
   }
+  void strided_copy(S* dst, size_t ldd, const S* src, size_t lds, size_t rows, size_t n, S alpha) override {
+    algebra::device::strided_copy(dst, ldd, src, lds, rows, n, alpha, stream_);
+  }
   void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n) override {
     algebra::device::move_rows(dst, dst_rows, src, src_rows, nrows, n, stream_);
   }

@@ -325,6 +325,27 @@ void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void*
 }
 
 template <class S>
+struct StridedCopy {
+  S* dst;
+  size_t ldd;
+  const S* src;
+  size_t lds, n;
+  S alpha;
+  FLOWLOOP_HD void operator()(size_t g) const {
+    const size_t r = g / n, v = g % n;
+    dst[r * ldd + v] = alpha == S(0) ? S(0) : alpha == S(1) ? src[r * lds + v] : alpha * src[r * lds + v];
+  }
+};
+
+// dst[r*ldd + v] = alpha src[r*lds + v] (alpha 0: zeros, src unread), rows x n values
+template <class S>
+void strided_copy(S* dst, size_t ldd, const S* src, size_t lds, size_t rows, size_t n, S alpha, void* stream) {
+  if (rows == 0 || n == 0) return;
+  thrust::for_each_n(exec(stream), thrust::counting_iterator<size_t>(0), rows * n,
+                     StridedCopy<S>{dst, ldd, src, lds, n, alpha});
+}
+
+template <class S>
 struct ScaledSumRows {
   S* out;
   const double* h;  // (rows of the batch)

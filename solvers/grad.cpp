@@ -166,43 +166,44 @@ class RegularizedSystem : public DiffSystem<S> {
 
 // The continuous adjoint's augmented system, integrated from t1 back to t0:
 //   y' = f(y),  a' = -J(y)^T a,  a_theta' = -(df/dtheta)^T a
-// Each sequence's state is [y (n), a (n), a_theta (P)].
+// Each sequence's state is [y (n), a (n), a_theta (P)], in f's memory (its backend's,
+// or the host's), packed and unpacked by the backend's strided copies.
 template <class S>
 class AdjointSystem : public OdeSystem<S> {
  public:
   explicit AdjointSystem(DiffSystem<S>& f)
-      : f_(f), n_(f.dim()), P_(f.num_params()), W_(2 * n_ + P_) {
+      : f_(f), mem_(f.backend() ? *f.backend() : host_backend<S>()), n_(f.dim()), P_(f.num_params()),
+        W_(2 * n_ + P_) {
     const size_t cap = n_ * static_cast<size_t>(f.groups());
-    yc_.resize(cap);
-    ac_.resize(cap);
-    fc_.resize(cap);
-    dc_.resize(cap);
+    yc_ = Array<S>(mem_, cap);
+    ac_ = Array<S>(mem_, cap);
+    fc_ = Array<S>(mem_, cap);
+    dc_ = Array<S>(mem_, cap);
     f_.reserve_slots(1);
   }
   int groups() const override { return f_.groups(); }
   size_t dim() const override { return W_; }
+  Backend<S>* backend() override { return f_.backend(); }
   void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override {
-    algebra::copy_rows(yc_.data(), n_, y, W_, static_cast<size_t>(count), n_);
-    algebra::copy_rows(ac_.data(), n_, y + n_, W_, static_cast<size_t>(count), n_);
-    for (int i = 0; i < count; ++i) std::fill(dydt + i * W_ + 2 * n_, dydt + (i + 1) * W_, S(0));
+    const size_t rows = static_cast<size_t>(count);
+    mem_.strided_copy(yc_.data(), n_, y, W_, rows, n_, S(1));
+    mem_.strided_copy(ac_.data(), n_, y + n_, W_, rows, n_, S(1));
+    mem_.strided_copy(dydt + 2 * n_, W_, nullptr, 0, rows, P_, S(0));
     f_.eval_record(fc_.data(), yc_.data(), t, ids, count, 0);
-    std::fill(dc_.begin(), dc_.begin() + static_cast<long>(count * n_), S(0));
+    mem_.fill(dc_.data(), S(0), rows * n_);
     f_.vjp(dc_.data(), dydt + 2 * n_, W_, ac_.data(), 0);
     ++vjps;
-    for (int i = 0; i < count; ++i) {
-      S* row = dydt + i * W_;
-      std::memcpy(row, fc_.data() + i * n_, n_ * sizeof(S));
-      const S* d = dc_.data() + i * n_;
-      for (size_t k = 0; k < n_; ++k) row[n_ + k] = -d[k];
-      for (size_t k = 2 * n_; k < W_; ++k) row[k] = -row[k];
-    }
+    mem_.strided_copy(dydt, W_, fc_.data(), n_, rows, n_, S(1));
+    mem_.strided_copy(dydt + n_, W_, dc_.data(), n_, rows, n_, S(-1));
+    mem_.strided_copy(dydt + 2 * n_, W_, dydt + 2 * n_, W_, rows, P_, S(-1));
   }
   int64_t vjps = 0;
 
  private:
   DiffSystem<S>& f_;
+  Backend<S>& mem_;
   size_t n_, P_, W_;
-  Buffer<S> yc_, ac_, fc_, dc_;
+  Array<S> yc_, ac_, fc_, dc_;
 };
 
 std::string where(int g, int groups, double t, int64_t step) {
@@ -230,7 +231,7 @@ struct OdeGradient<S>::Impl {
   const ButcherTableau* tab = nullptr;
   SolveResult<S> fwd;
   detail::Tape tape;
-  Buffer<S> y1;  // y(t1), for the adjoint's backsolve
+  Array<S> y1;  // y(t1), for the adjoint's backsolve (in the system's memory)
   GradStats st;
   size_t base_bytes = 0;
   bool forward_done = false;
@@ -396,7 +397,10 @@ struct OdeGradient<S>::Impl {
     }
   }
 
+  // Each step again from its saved start (the forward kept every accepted state on the
+  // host), its stages recomputed and recorded in the system's memory, then reversed.
   void checkpoint(S* gy, S* gparams) {
+    Backend<S>& be = *mem;
     const int s = tab->stages();
     std::vector<int64_t> nsteps(static_cast<size_t>(G));
     int64_t most = 0;
@@ -405,7 +409,14 @@ struct OdeGradient<S>::Impl {
       most = std::max(most, nsteps[g]);
     }
     sys->reserve_slots(s);
-    Buffer<S> y0, Y, K;
+    const size_t total = static_cast<size_t>(G) * n;
+    Array<S> y0(be, total), Y(be, total), K(be, static_cast<size_t>(s) * total);
+    Array<S, double> hstep(be, static_cast<size_t>(G));
+    Array<S, int> ident(be, static_cast<size_t>(G));
+    std::vector<int> order(static_cast<size_t>(G));
+    for (int i = 0; i < G; ++i) order[static_cast<size_t>(i)] = i;
+    ident.upload(order.data(), order.size());
+    Buffer<S> y0h(total);
     std::vector<int> gs;
     std::vector<double> h, t, tt;
     for (int64_t back = 0; back < most; ++back) {
@@ -420,15 +431,15 @@ struct OdeGradient<S>::Impl {
           t.push_back(fwd.step_times[g][static_cast<size_t>(k)]);
         }
       const int count = static_cast<int>(gs.size());
-      y0.resize(static_cast<size_t>(count) * n);
-      Y.resize(static_cast<size_t>(count) * n);
-      K.resize(static_cast<size_t>(s) * count * n);
+      const size_t cn = static_cast<size_t>(count) * n;
       for (int i = 0; i < count; ++i) {
         const int g = gs[i];
         const int64_t k = nsteps[g] - 1 - back;
-        std::memcpy(y0.data() + static_cast<size_t>(i) * n,
+        std::memcpy(y0h.data() + static_cast<size_t>(i) * n,
                     fwd.step_states[g].data() + static_cast<size_t>(k) * n, n * sizeof(S));
       }
+      y0.upload(y0h.data(), cn);
+      hstep.upload(h.data(), h.size());
       // recompute the step's stages, recording each in its slot
       const int last = tab->fsal ? s - 2 : s - 1;
       tt.resize(static_cast<size_t>(count));
@@ -436,17 +447,16 @@ struct OdeGradient<S>::Impl {
       std::vector<double> cf;
       for (int j = 0; j <= last; ++j) {
         cf.clear();
+        kp.clear();
         for (int l = 0; l < j; ++l)
-          if (tab->A(j, l) != 0.0) cf.push_back(tab->A(j, l));
-        for (int i = 0; i < count; ++i) {
-          kp.clear();
-          for (int l = 0; l < j; ++l)
-            if (tab->A(j, l) != 0.0) kp.push_back(K.data() + (static_cast<size_t>(l) * count + i) * n);
-          algebra::rk_combine(Y.data() + static_cast<size_t>(i) * n, y0.data() + static_cast<size_t>(i) * n, h[i],
-                              cf.data(), kp.data(), static_cast<int>(kp.size()), n);
-          tt[i] = t[i] + tab->c[j] * h[i];
-        }
-        sys->eval_record(K.data() + static_cast<size_t>(j) * count * n, Y.data(), tt.data(), gs.data(), count, j);
+          if (tab->A(j, l) != 0.0) {
+            cf.push_back(tab->A(j, l));
+            kp.push_back(K.data() + static_cast<size_t>(l) * cn);
+          }
+        be.rk_combine_rows(Y.data(), y0.data(), hstep.data(), cf.data(), kp.data(), static_cast<int>(kp.size()),
+                           ident.data(), count, n);
+        for (int i = 0; i < count; ++i) tt[i] = t[i] + tab->c[j] * h[i];
+        sys->eval_record(K.data() + static_cast<size_t>(j) * cn, Y.data(), tt.data(), gs.data(), count, j);
         ++st.recompute_calls;
         ++st.nfe_backward;
       }
@@ -465,9 +475,11 @@ struct OdeGradient<S>::Impl {
   void adjoint(S* gy, S* gparams) {
     AdjointSystem<S> aug(*sys);
     const size_t W = aug.dim();
-    Buffer<S> state(static_cast<size_t>(G) * W, S(0));
-    algebra::copy_rows(state.data(), W, y1.data(), n, static_cast<size_t>(G), n);
-    algebra::copy_rows(state.data() + n, W, gy, n, static_cast<size_t>(G), n);
+    Backend<S>& be = *mem;
+    Array<S> state(be, static_cast<size_t>(G) * W);
+    be.strided_copy(state.data(), W, y1.data(), n, static_cast<size_t>(G), n, S(1));
+    be.strided_copy(state.data() + n, W, gy, n, static_cast<size_t>(G), n, S(1));
+    be.strided_copy(state.data() + 2 * n, W, nullptr, 0, static_cast<size_t>(G), P, S(0));
     SolveOptions b = opt;
     b.t0 = opt.t1;
     b.t1 = opt.t0;
@@ -495,10 +507,18 @@ struct OdeGradient<S>::Impl {
       st.message = "adjoint backsolve: " + r.message;
       return;
     }
-    algebra::copy_rows(gy, n, state.data() + n, W, static_cast<size_t>(G), n);
+    be.strided_copy(gy, n, state.data() + n, W, static_cast<size_t>(G), n, S(1));
+    // gparams += a_theta of every sequence, in sequence order
+    const int zero = 0;
+    gsdev.resize(be, static_cast<size_t>(G));
+    gsdev.upload(&zero, 1);
+    std::vector<const S*> ath;
     for (int g = 0; g < G; ++g) {
-      const S* ath = state.data() + g * W + 2 * n;
-      for (size_t q = 0; q < P; ++q) gparams[q] += ath[q];
+      ath.push_back(state.data() + static_cast<size_t>(g) * W + 2 * n);
+      if (ath.size() == 32 || g == G - 1) {  // the algebra's most terms per call
+        be.accumulate_rows(gparams, ath.data(), static_cast<int>(ath.size()), gsdev.data(), 1, P);
+        ath.clear();
+      }
     }
     std::vector<int> all(static_cast<size_t>(G));
     std::vector<double> t0(static_cast<size_t>(G), opt.t0);
@@ -509,12 +529,10 @@ struct OdeGradient<S>::Impl {
 
 template <class S>
 OdeGradient<S>::OdeGradient(DiffSystem<S>& sys, const SolveOptions& opt, const GradOptions& gopt) {
-  // backprop runs on the system's memory; checkpoint's saved steps, the adjoint's augmented
-  // state and the regularisers' integrals are host arrays
-  if (sys.backend() && (gopt.method != GradMethod::Backprop || gopt.regularized()))
-    throw Error(std::string("gradients: the system's states are on ") + sys.backend()->name() + "; " +
-                (gopt.regularized() ? "the regularisers" : grad_method_name(gopt.method)) +
-                " need host states (backprop takes device states; a field on a device evaluates there from host states)");
+  // every method runs on the system's memory; the regularisers' integrals are host arrays
+  if (sys.backend() && gopt.regularized())
+    throw Error("gradients: the system's states are on " + sys.backend()->name() +
+                "; the regularisers need host states (a field on a device evaluates there from host states)");
   impl_ = new Impl(sys, opt, gopt);
 }
 
@@ -547,7 +565,8 @@ const SolveResult<S>& OdeGradient<S>::forward(S* y) {
       break;
     case GradMethod::Adjoint:
       I.fwd = integrate(*I.sys, y, o);
-      I.y1.assign(y, y + static_cast<size_t>(I.G) * I.n);
+      I.y1.resize(*I.mem, static_cast<size_t>(I.G) * I.n);
+      I.mem->copy(I.y1.data(), y, static_cast<size_t>(I.G) * I.n);
       break;
   }
   I.note_peak();

@@ -223,6 +223,18 @@ class ReferenceBackend final : public Backend<S> {
       }
     }
   }
+  void strided_copy(S* dst, size_t ldd, const S* src, size_t lds, size_t rows, size_t n, S alpha) override {
+    for (size_t r = 0; r < rows; ++r) {
+      S* d = dst + r * ldd;
+      const S* x = src + r * lds;
+      if (alpha == S(0))
+        std::fill(d, d + n, S(0));
+      else if (alpha == S(1))
+        std::memmove(d, x, n * sizeof(S));
+      else
+        for (size_t v = 0; v < n; ++v) d[v] = alpha * x[v];
+    }
+  }
   void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n) override {
     for (int i = 0; i < nrows; ++i)
       std::memcpy(dst + static_cast<size_t>(dst_rows ? dst_rows[i] : i) * n,

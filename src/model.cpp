@@ -539,10 +539,10 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   w.gy1.assign(NC, S(0));
   w.gy0.resize(NC);
   FieldSystem<S>& sys = w.system(field, field_params(), B, T, device_field());
-  // On a device, backprop keeps the solve, its tape and the reverse pass there (the
-  // states cross once each way); checkpoint, adjoint and the regularisers evaluate
-  // there from host states.
-  const bool resident = device_field() && gopt.method == GradMethod::Backprop && !gopt.regularized();
+  // On a device, the solve and its gradient (backprop's tape, checkpoint's recomputed
+  // steps, the adjoint's backsolve) stay there: the states cross once each way. The
+  // regularisers evaluate there from host states.
+  const bool resident = device_field() && !gopt.regularized();
   struct HostAgain {
     FieldSystem<S>& sys;
     ~HostAgain() { sys.set_resident(false); }

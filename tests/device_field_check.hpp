@@ -188,17 +188,20 @@ void check_device_solves(std::shared_ptr<Backend<S>> be, const std::string& kind
                        std::vector<S>(cross.saved.begin(), cross.saved.end())) <= rtol);
     if (std::is_same_v<S, double>)
       for (size_t i = 0; i < cross.seq.size(); ++i) CHECK(res.seq[i].steps == cross.seq[i].steps);
-    // backprop with the solve, its tape and the reverse pass on the device, against backprop
-    // from host states, per-sequence and batch-coupled
+    // every gradient method with the solve and its gradient on the device, against the same
+    // method from host states (backprop per-sequence and batch-coupled, the adjoint with
+    // and without its seminorm)
     const size_t P = dev.field.num_params();
     Rng rng(5);
     const std::vector<S> gy1 = random_values<S>(NC, rng);
-    for (bool coupled : {false, true}) {
-      INFO((coupled ? "batch-coupled" : "per-sequence") << " backprop");
+    for (const char* method : {"backprop", "backprop-coupled", "checkpoint", "adjoint", "adjoint-seminorm"}) {
+      INFO(method);
+      const std::string name = method;
       SolveOptions bo = opt;
-      bo.batch_coupled = coupled;
+      bo.batch_coupled = name == "backprop-coupled";
       GradOptions bp;
-      bp.method = GradMethod::Backprop;
+      bp.method = grad_method(name.substr(0, name.find('-')));
+      bp.seminorm = name == "adjoint-seminorm";
       Buffer<S> yh = h0, gy0(NC);
       std::vector<S> gph(P, S(0.5));
       OdeGradient<S> og(sys, bo, bp);

@@ -112,6 +112,10 @@ void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n, void*
 template <class S>
 void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n,
                void* stream = nullptr);
+// dst[r*ldd + v] = alpha src[r*lds + v] for r < rows, v < n (alpha 0: zeros, src unread).
+template <class S>
+void strided_copy(S* dst, size_t ldd, const S* src, size_t lds, size_t rows, size_t n, S alpha,
+                  void* stream = nullptr);
 // out[r] = h[r] sum_j c_j k_j[r] for the listed rows (m >= 1).
 template <class S>
 void scaled_sum_rows(S* out, const double* h, const double* c, const S* const* k, int m, const int* rows, int nrows,

@@ -125,6 +125,9 @@ class Backend {
   virtual void accumulate_rows(S* y, const S* const* k, int m, const int* rows, int nrows, size_t n) = 0;
   //   dst[dst_rows[i]] = src[src_rows[i]] for i < nrows (a null list: row i); dst and src do not overlap
   virtual void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n) = 0;
+  //   dst[r*ldd + v] = alpha src[r*lds + v] for r < rows, v < n (packs and unpacks states that carry
+  //   more per sequence); alpha 0 writes zeros without reading src; dst may be src (ldd == lds)
+  virtual void strided_copy(S* dst, size_t ldd, const S* src, size_t lds, size_t rows, size_t n, S alpha) = 0;
   //   gather: dst[i] = src[rows[i]]; scatter: dst[rows[i]] = src[i]; copy: dst[r] = src[r] for r in rows
   void gather_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) {
     move_rows(dst, nullptr, src, rows, nrows, n);

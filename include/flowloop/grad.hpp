@@ -82,9 +82,10 @@ struct GradStats {
 //   y      (G, n): y(t0) in, y(t1) out
 //   after forward(): backward(gy1, gy0, gparams) with gy1 = dL/dy(t1) (G, n);
 //   gy0 (G, n) receives dL/dy(t0) (overwritten), gparams (P) += dL/dtheta.
-// With a system whose states are a device's (backend() non-null; backprop only,
-// without regularisers), y, gy1, gy0 and gparams are arrays of that backend, and the
-// forward solve, its tape and the reverse pass stay there.
+// With a system whose states are a device's (backend() non-null; without
+// regularisers), y, gy1, gy0 and gparams are arrays of that backend, and the forward
+// solve, the tape or the recomputed steps, and the reverse pass or the adjoint's
+// backsolve stay there (checkpoint keeps its saved steps on the host).
 template <class S>
 class OdeGradient {
  public:
