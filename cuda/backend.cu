@@ -17,6 +17,7 @@ class CudaBackend final : public Backend<S> {
     FLOWLOOP_CUDA_CHECK(cudaStreamCreate(&s));
     stream_ = s;
     try {
+      keep_pool_memory();
       blas_ = blas_create(stream_);
     } catch (...) {
       cudaStreamDestroy(s);
@@ -33,8 +34,9 @@ class CudaBackend final : public Backend<S> {
   Device device() const override { return Device::cuda; }
   std::string name() const override { return name_; }
 
-  void* alloc_bytes(size_t bytes) override { return device_alloc(bytes); }
-  void free_bytes(void* p) noexcept override { device_free(p); }
+  // stream-ordered, from the device's pool (kept between solves)
+  void* alloc_bytes(size_t bytes) override { return device_alloc_async(bytes, stream_); }
+  void free_bytes(void* p) noexcept override { device_free_async(p, stream_); }
   void upload_bytes(void* dst, const void* host, size_t bytes) override {
     if (!bytes) return;
     FLOWLOOP_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream()));

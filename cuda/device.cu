@@ -47,6 +47,32 @@ void device_free(void* p) noexcept {
   if (p) cudaFree(p);
 }
 
+void keep_pool_memory() {
+  int device = 0;
+  FLOWLOOP_CUDA_CHECK(cudaGetDevice(&device));
+  cudaMemPool_t pool = nullptr;
+  FLOWLOOP_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t keep = UINT64_MAX;  // freed blocks stay in the pool for the next allocation
+  FLOWLOOP_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+}
+
+void* device_alloc_async(size_t bytes, void* stream) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMallocAsync(&p, bytes, static_cast<cudaStream_t>(stream));
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total = 0;
+    cudaMemGetInfo(&free_b, &total);
+    throw Error("CUDA: cannot allocate " + std::to_string(bytes) + " bytes on the device (" + std::to_string(free_b) +
+                " free of " + std::to_string(total) + "): " + cudaGetErrorString(e));
+  }
+  return p;
+}
+
+void device_free_async(void* p, void* stream) noexcept {
+  if (p) cudaFreeAsync(p, static_cast<cudaStream_t>(stream));
+}
+
 void copy_to_device(void* dst, const void* src, size_t bytes) {
   FLOWLOOP_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
 }

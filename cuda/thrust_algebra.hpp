@@ -43,7 +43,25 @@ constexpr int kMaxStages = 32;  // as the CPU algebra
 // stream), without a synchronisation after element-wise work; Thrust's device system
 // elsewhere (OpenMP in CI).
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
-inline auto exec(void* stream) { return thrust::cuda::par_nosync.on(static_cast<cudaStream_t>(stream)); }
+// Thrust's temporary storage (the reductions' partial sums) from the device's pool on
+// the same stream, so that a reduction allocates without synchronising the device.
+struct StreamAllocator {
+  using value_type = char;
+  cudaStream_t stream;
+  char* allocate(std::ptrdiff_t n) {
+    void* p = nullptr;
+    if (cudaMallocAsync(&p, static_cast<size_t>(n), stream) != cudaSuccess) {
+      cudaGetLastError();
+      throw Error("CUDA: cannot allocate " + std::to_string(n) + " bytes of temporary storage for a reduction");
+    }
+    return static_cast<char*>(p);
+  }
+  void deallocate(char* p, size_t) { cudaFreeAsync(p, stream); }
+};
+inline auto exec(void* stream) {
+  const StreamAllocator alloc{static_cast<cudaStream_t>(stream)};
+  return thrust::cuda::par_nosync(alloc).on(static_cast<cudaStream_t>(stream));
+}
 #else
 inline auto exec(void*) { return thrust::device; }
 #endif

@@ -34,6 +34,12 @@ void synchronize();
 // Raw device memory (checked; allocation failures name the bytes asked and free).
 void* device_alloc(size_t bytes);
 void device_free(void* p) noexcept;
+// Stream-ordered memory from the device's default pool (cudaMallocAsync), for the
+// backend's many short-lived arrays: no device-wide synchronisation per allocation.
+// keep_pool_memory() keeps freed blocks in the pool (release threshold: never).
+void keep_pool_memory();
+void* device_alloc_async(size_t bytes, void* stream);  // the same error as device_alloc
+void device_free_async(void* p, void* stream) noexcept;
 void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);
 
