@@ -123,11 +123,38 @@ void Model<S>::readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCac
 }
 
 template <class S>
-void Model<S>::loop_vjp(S* dh, S* dparams, const S* g, int k, LoopWork<S>& w) const {
-  if (device_field())
-    w.device->vjp(dh, dparams, 0, g, k);
-  else
-    field.vjp(dh, dparams, g, field_params(), w.cache[static_cast<size_t>(k)], w.grad);
+void Model<S>::loop_backward(S* dparams, int K, int stop, const S* extra, LoopWork<S>& w) const {
+  const size_t NC = static_cast<size_t>(w.B) * w.T * cfg.d_model;
+  if (!device_field()) {
+    for (int k = K - 1; k >= stop; --k) {
+      std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));  // f holds dh_{k+1}
+      field.vjp(w.dh.data(), dparams, w.f.data(), field_params(), w.cache[static_cast<size_t>(k)], w.grad);
+      if (extra && k >= 1)
+        for (size_t i = 0; i < NC; ++i) w.dh[i] += extra[NC * k + i];
+    }
+    return;
+  }
+  Backend<S>& be = device_field()->backend();
+  const size_t P = field.num_params();
+  w.dev_dh.resize(be, NC);
+  w.dev_grad.resize(be, P);
+  w.dev_dh.upload(w.dh.data(), NC);
+  w.dev_grad.zero();
+  if (extra) {
+    w.dev_extra.resize(be, (static_cast<size_t>(K) + 1) * NC);
+    w.dev_extra.upload(extra, (static_cast<size_t>(K) + 1) * NC);
+  }
+  w.device->set_resident(true);
+  for (int k = K - 1; k >= stop; --k) {
+    be.copy(w.dev_f.data(), w.dev_dh.data(), NC);
+    w.device->vjp(w.dev_dh.data(), w.dev_grad.data(), 0, w.dev_f.data(), k);
+    if (extra && k >= 1) be.axpy(w.dev_dh.data(), S(1), w.dev_extra.data() + NC * k, NC);
+  }
+  w.device->set_resident(false);
+  w.dev_dh.download(w.dh.data(), NC);
+  w.grad_host.resize(P);
+  w.dev_grad.download(w.grad_host.data(), P);
+  for (size_t i = 0; i < P; ++i) dparams[i] += w.grad_host[i];
 }
 
 template <class S>
@@ -147,21 +174,33 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
   w.resize(cfg, B, T, K);
   const size_t NC = static_cast<size_t>(B) * T * cfg.d_model;
   if (h0 != w.h.data()) std::memcpy(w.h.data(), h0, NC * sizeof(S));
-  if (device_field()) {  // the loops' evaluations on the device, loop k recorded in slot k
+  if (device_field()) {  // the loops on the device, loop k recorded in slot k; the states cross once
     if (!w.device || w.device->groups() != B || w.device->T() != T || w.device->device_field() != device_field())
       w.device = std::make_unique<FieldSystem<S>>(field, field_params(), B, T, device_field());
     else
       w.device->set_params(field_params());
     w.device->reserve_slots(K);
+    Backend<S>& be = device_field()->backend();
+    const size_t all = (static_cast<size_t>(K) + 1) * NC;
+    w.dev_h.resize(be, all);
+    w.dev_f.resize(be, NC);
+    w.dev_h.upload(w.h.data(), NC);
+    w.device->set_resident(true);
+    for (int k = 0; k < K; ++k) {
+      S* hk = w.dev_h.data() + NC * k;
+      std::fill(w.t.begin(), w.t.end(), static_cast<double>(k));  // Euler's t_k = k
+      w.device->eval_record(w.dev_f.data(), hk, w.t.data(), nullptr, B, k);
+      be.copy(hk + NC, hk, NC);
+      be.axpy(hk + NC, S(1), w.dev_f.data(), NC);  // h_{k+1} = h_k + f (1 f is f: the CPU's bits)
+    }
+    w.device->set_resident(false);
+    w.dev_h.download(w.h.data(), all);
   }
-  for (int k = 0; k < K; ++k) {
+  for (int k = 0; k < K && !device_field(); ++k) {
     const S* hk = w.h.data() + NC * k;
     S* hn = w.h.data() + NC * (k + 1);
     std::fill(w.t.begin(), w.t.end(), static_cast<double>(k));  // Euler's t_k = k
-    if (device_field())
-      w.device->eval_record(w.f.data(), hk, w.t.data(), nullptr, B, k);
-    else
-      field.forward(w.f.data(), hk, w.t.data(), field_params(), B, T, w.cache[k]);
+    field.forward(w.f.data(), hk, w.t.data(), field_params(), B, T, w.cache[k]);
     for (size_t i = 0; i < NC; ++i) hn[i] = hk[i] + w.f[i];
   }
   readout(w.h.data() + NC * K, B * T, w.readout);
@@ -198,10 +237,7 @@ S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int 
   readout_backward(w.dh.data(), grads, w.h.data() + NC * K, N, w.readout);
   // h_{k+1} = h_k + f(h_k):  dh_k = dh_{k+1} + J_f(h_k)^T dh_{k+1}
   const int stop = truncate > 0 ? std::max(0, K - truncate) : 0;
-  for (int k = K - 1; k >= stop; --k) {
-    std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));  // f holds dh_{k+1}
-    loop_vjp(w.dh.data(), grads + layout.field_begin(), w.f.data(), k, w);
-  }
+  loop_backward(grads + layout.field_begin(), K, stop, nullptr, w);
   if (stop > 0) std::fill(w.dh.begin(), w.dh.end(), S(0));  // the earlier loops ran without gradient
   if (dh0) std::memcpy(dh0, w.dh.data(), NC * sizeof(S));
   return loss;
@@ -314,12 +350,7 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
   }
   // back through the loops: dh_k = dh_{k+1} + J^T dh_{k+1} (+ the readout/gate terms at h_k)
   std::memcpy(w.dh.data(), D.data() + NC * K, NC * sizeof(S));
-  for (int k = K - 1; k >= 0; --k) {
-    std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));
-    loop_vjp(w.dh.data(), grads + layout.field_begin(), w.f.data(), k, w);
-    if (k >= 1)
-      for (size_t i = 0; i < NC; ++i) w.dh[i] += D[NC * k + i];
-  }
+  loop_backward(grads + layout.field_begin(), K, 0, D.data(), w);
   embedding_backward(grads + layout.wte(), grads + layout.wpe(), w.dh.data(), tokens.data.data(), tokens.B,
                      tokens.T, C);
   if (mean_depth) *mean_depth = count ? depth / count : 0.0;

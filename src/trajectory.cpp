@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <sstream>
 
 #include "flowloop/io.hpp"
@@ -71,6 +72,7 @@ TrajectoryResult trace(const Model<float>& model, const DataSource& data, const 
   LoopWork<float> lw;
   ReadoutCache<float> rc;
   FieldCache<float> fc;
+  std::unique_ptr<FieldSystem<float>> lens;  // a model on a device: |f| of each state there
   Buffer<float> h, f, fprev, final_logits;
   std::vector<double> lp_final, lp;
   int seq_offset = 0;
@@ -131,7 +133,13 @@ TrajectoryResult trace(const Model<float>& model, const DataSource& data, const 
         ++s.scored;
       }
       std::fill(tb.begin(), tb.end(), r.times[j]);
-      model.field.forward(f.data(), hj, tb.data(), model.field_params(), B, T, fc);
+      if (model.device_field()) {  // the lens's |f| on the model's device
+        if (!lens || lens->groups() != B || lens->T() != T)
+          lens = std::make_unique<FieldSystem<float>>(model.field, model.field_params(), B, T, model.device_field());
+        lens->eval(f.data(), hj, tb.data(), nullptr, B);
+      } else {
+        model.field.forward(f.data(), hj, tb.data(), model.field_params(), B, T, fc);
+      }
       for (int i = 0; i < BT; ++i) {
         const size_t o = static_cast<size_t>(i) * C;
         const double fn = row_norm(f.data() + o, C);

@@ -195,3 +195,36 @@ TEST_CASE("device: a resident field system refuses what needs host states", "[de
   sys.set_resident(false);
   CHECK(sys.backend() == nullptr);
 }
+
+TEST_CASE("device: the exit gate's loops on the reference backend against the CPU", "[device]") {
+  ModelConfig cfg = device_check_config("time");
+  cfg.exit_gate = true;
+  Model<double> cpu(cfg);
+  cpu.init(9);
+  Model<double> dev = cpu;
+  dev.set_backend(std::shared_ptr<Backend<double>>(make_backend<double>(Device::cpu)));
+  TokenBatch tok, tgt;
+  tok.B = tgt.B = 2;
+  tok.T = tgt.T = 5;
+  for (int i = 0; i < 10; ++i) {
+    tok.data.push_back((3 * i + 1) % cfg.vocab_size);
+    tgt.data.push_back((7 * i + 2) % cfg.vocab_size);
+  }
+  std::vector<double> gc(cpu.params.size(), 0.0), gd(dev.params.size(), 0.0);
+  LoopWork<double> wc, wd;
+  double dc = 0, dd = 0;
+  const double lc = cpu.loop_gate_loss_and_grad(tok, tgt, 3, 0.1, gc.data(), wc, &dc);
+  const double ld = dev.loop_gate_loss_and_grad(tok, tgt, 3, 0.1, gd.data(), wd, &dd);
+  CHECK(ld == Approx(lc).epsilon(1e-12));
+  CHECK(dd == Approx(dc).epsilon(1e-12));
+  CHECK(rel_error_of(gd, gc) < 1e-12);
+  CHECK(rel_error_of(std::vector<double>(wd.h.begin(), wd.h.end()), std::vector<double>(wc.h.begin(), wc.h.end())) <
+        1e-13);
+  // truncated backprop through the last loop only
+  std::fill(gc.begin(), gc.end(), 0.0);
+  std::fill(gd.begin(), gd.end(), 0.0);
+  const double tc = cpu.loop_loss_and_grad(tok, tgt, 3, gc.data(), wc, nullptr, 1);
+  const double td = dev.loop_loss_and_grad(tok, tgt, 3, gd.data(), wd, nullptr, 1);
+  CHECK(td == Approx(tc).epsilon(1e-12));
+  CHECK(rel_error_of(gd, gc) < 1e-12);
+}

@@ -63,6 +63,8 @@ struct LoopWork {
   std::vector<ReadoutCache<S>> per_loop;  // exit gate: the readout at every loop
   Buffer<S> gate;                         // exit gate: (K+1, N) lambda, then scratch
   std::unique_ptr<FieldSystem<S>> device; // a model on a device: its evaluations, loop k in slot k
+  Array<S> dev_h, dev_f, dev_dh, dev_grad, dev_extra;  // there: the states, f, dh, the gradient, extra
+  Buffer<S> grad_host;                                 // the gradient, downloaded
   void resize(const ModelConfig& cfg, int B, int T, int K);
 };
 
@@ -233,8 +235,10 @@ class Model {
   Buffer<S> params;
 
  private:
-  // dh += J^T g and dparams += the field's parameter gradient for loop k's evaluation.
-  void loop_vjp(S* dh, S* dparams, const S* g, int k, LoopWork<S>& w) const;
+  // Back through loops K-1 .. stop: dh_k = dh_{k+1} + J_k^T dh_{k+1} (+ extra_k for k >= 1,
+  // the readout's terms at h_k; extra (K+1, B,T,C) or null), in place on w.dh, the field's
+  // parameter gradient into dparams. On a device the cotangent stays there throughout.
+  void loop_backward(S* dparams, int K, int stop, const S* extra, LoopWork<S>& w) const;
   Device device_ = Device::cpu;
   std::shared_ptr<Backend<S>> backend_;
   std::shared_ptr<DeviceField<S>> device_field_;
