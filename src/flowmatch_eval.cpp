@@ -252,7 +252,6 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
   const int64_t total = opt.examples > 0 ? std::min<int64_t>(opt.examples, test.examples()) : test.examples();
   TrajectoryBatch tb;
   ReadoutCache<float> rc;
-  FieldCache<float> cache;
   Buffer<float> h0, x0, y, v, h, f, path, xs;
   std::vector<double> ref_logp, logp;
   std::vector<double> tt;
@@ -282,7 +281,8 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     log_softmax_rows(ref_logp, rc.logits.data(), static_cast<size_t>(rowsN), static_cast<size_t>(V));
     ref.add(h.data(), static_cast<size_t>(rowsN));
     for (size_t i = 0; i < ref_logp.size(); ++i) ref_p[i % ref_p.size()] += std::exp(ref_logp[i]);
-    if (cache.capacity < B || cache.T != T) cache.resize(sc, B, T);
+    // the student's instantaneous velocity (straightness), on its device
+    FieldSystem<float> velocity(student.field, student.field_params(), B, T, student.device_field());
     // scores x1_hat (B, T, C) into a row
     auto score = [&](RowSums& r, const float* x1) {
       for (size_t i = 0; i < N; ++i) {
@@ -349,14 +349,14 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
         }
         tt.assign(static_cast<size_t>(B), tj);
         // straightness is of the instantaneous velocity (d = 0) along the sampler's path
-        student.field.forward(v.data(), xs.data(), tt.data(), student.field_params(), B, T, cache);
+        velocity.eval(v.data(), xs.data(), tt.data(), nullptr, B);
         r.straight += straight_sum(y.data(), x0.data(), v.data(), B, n) / M;
       }
       score(r, y.data());
     }
     // the truncated teacher: N Euler steps of size dt from t = 0
-    FieldCache<float> tcache;
-    tcache.resize(tc, B, T);
+    // (on the teacher's device, as every evaluation here: FieldSystem evaluates where its model is)
+    FieldSystem<float> teacher_sys(teacher.field, teacher.field_params(), B, T, teacher.device_field());
     for (size_t k = 0; k < truncated.size(); ++k) {
       RowSums& r = rows[ns + k];
       const TeacherRun& tr = truncated[k];
@@ -367,7 +367,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
         tt.assign(static_cast<size_t>(B), i * tr.dt);
         const float* hi = path.data() + static_cast<size_t>(i) * N;
         float* hn = path.data() + static_cast<size_t>(i + 1) * N;
-        teacher.field.forward(f.data(), hi, tt.data(), teacher.field_params(), B, T, tcache);
+        teacher_sys.eval(f.data(), hi, tt.data(), nullptr, B);
         const float dtf = static_cast<float>(tr.dt);
         for (size_t q = 0; q < N; ++q) hn[q] = hi[q] + dtf * f[q];
       }

@@ -411,7 +411,7 @@ struct FlowMatchTrainer::Impl {
     const size_t n = static_cast<size_t>(b.T) * static_cast<size_t>(b.C);
     y.resize(static_cast<size_t>(b.B) * n);
     for (int i = 0; i < b.B; ++i) std::copy_n(b.state(i, 0), n, y.data() + static_cast<size_t>(i) * n);
-    const auto r = integrate(sys, y.data(), DepthSpec::parse(c.reflow_sampler).solve_options(1.0));
+    const auto r = sys.solve(y.data(), DepthSpec::parse(c.reflow_sampler).solve_options(1.0));
     if (!r.ok()) throw Error("reflow: the previous round's flow failed: " + r.message);
     for (int i = 0; i < b.B; ++i)
       std::copy_n(y.data() + static_cast<size_t>(i) * n, n, b.state(i, b.K));
@@ -523,7 +523,7 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
     }
     if (I.round() > 0) {
       if (!prev_sys || prev_sys->groups() != tb.B)
-        prev_sys = std::make_unique<FieldSystem<float>>(m.field, I.prev.data(), tb.B, tb.T);
+        prev_sys = std::make_unique<FieldSystem<float>>(m.field, I.prev.data(), tb.B, tb.T, m.device_field());
       prev_sys->set_params(I.prev.data());
       I.reflow_targets(tb, *prev_sys, y);
     }
