@@ -95,6 +95,10 @@ class CudaBackend final : public Backend<S> {
     cuda::gate_backward(din, dgate, dout, in, gate, B, T, C, ld, stream_);
   }
 
+  void adamw(S* p, S* m, S* v, const S* g, const S* wd, size_t n, const kernels::AdamWStep& s) override {
+    cuda::adamw(p, m, v, g, wd, static_cast<int64_t>(n), s, stream_);
+  }
+
   // The solvers' state: cuda/thrust_algebra.hpp on the backend's stream.
   void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
                        const int* rows, int nrows, size_t n) override {

@@ -162,6 +162,10 @@ class ReferenceBackend final : public Backend<S> {
         kernels::broadcast_backward(din, static_cast<S*>(nullptr), dgate, dout, in, gate, T, C, ld, b, i);
   }
 
+  void adamw(S* p, S* m, S* v, const S* g, const S* wd, size_t n, const kernels::AdamWStep& s) override {
+    for (size_t i = 0; i < n; ++i) kernels::adamw_update(p[i], m[i], v[i], g[i], wd[i], s);
+  }
+
   // The solvers' state: algebra.hpp's functions, so that a host solve keeps its bits.
   void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
                        const int* rows, int nrows, size_t n) override {
@@ -193,7 +197,7 @@ class ReferenceBackend final : public Backend<S> {
   }
   void sum_squares_rows(double* out, const S* x, const int* rows, int nrows, size_t n) override {
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(n) * nrows >= kParallelMin)
-    for (int i = 0; i < nrows; ++i) out[i] = algebra::sum_squares(x + static_cast<size_t>(rows[i]) * n, n);
+    for (int i = 0; i < nrows; ++i) out[i] = algebra::sum_squares(x + static_cast<size_t>(rows ? rows[i] : i) * n, n);
   }
   void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol, int nrows,
                                size_t n) override {

@@ -366,6 +366,7 @@ struct FlowMatchTrainer::Impl {
   }
 
   void save_checkpoint_file() {
+    opt->sync_host();
     std::vector<TensorOut<float>> ts;
     for (const auto& t : model->layout.tensors()) {
       ts.push_back({t.name, t.shape, model->params.data() + t.offset});
@@ -404,6 +405,7 @@ struct FlowMatchTrainer::Impl {
       f.copy_to("optim.v." + t.name, t.shape, opt->v.data() + (t.offset - fb));
       if (!prev.empty()) f.copy_to("prev." + t.name, t.shape, prev.data() + (t.offset - fb));
     }
+    opt->state_changed();
   }
 
   // Reflow: x1 of every recording in the batch becomes the previous round's flow from its x0.
@@ -465,6 +467,7 @@ FlowMatchTrainer::~FlowMatchTrainer() = default;
 const Model<float>& FlowMatchTrainer::model() const { return *impl_->ema_model; }
 void FlowMatchTrainer::set_device(Device d) {
   for (Model<float>* m : {impl_->teacher.get(), impl_->model.get(), impl_->ema_model.get()}) m->set_device(d);
+  impl_->opt->set_backend(impl_->model->backend());
 }
 int64_t FlowMatchTrainer::step() const { return impl_->step; }
 
@@ -589,6 +592,7 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
       std::fill(I.opt->m.begin(), I.opt->m.end(), 0.0f);
       std::fill(I.opt->v.begin(), I.opt->v.end(), 0.0f);
       I.opt->t = 0;
+      I.opt->state_changed();
     }
     if (I.step % c.checkpoint_every == 0 || last) I.save_checkpoint_file();
     if (tty) progress << progress_line(I.step, total, first, wall, st.loss) << std::flush;

@@ -13,6 +13,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "flowloop/algebra.hpp"
+#include "flowloop/backend.hpp"
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/io.hpp"
 #include "flowloop/layers.hpp"
@@ -206,34 +208,79 @@ AdamW::AdamW(const ParamLayout& layout, const TrainConfig& c, size_t begin, size
   }
 }
 
+kernels::AdamWStep AdamW::constants(double lr) const {
+  // p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p), with the bias corrections folded into constants
+  const double c1 = 1 - std::pow(b1_, static_cast<double>(t)), c2 = 1 - std::pow(b2_, static_cast<double>(t));
+  kernels::AdamWStep s{};
+  s.b1 = static_cast<float>(b1_);
+  s.b2 = static_cast<float>(b2_);
+  s.ob1 = 1 - s.b1;
+  s.ob2 = 1 - s.b2;
+  s.ic1 = static_cast<float>(1 / c1);
+  s.isc2 = static_cast<float>(1 / std::sqrt(c2));
+  s.lr = static_cast<float>(lr);
+  s.eps = static_cast<float>(eps_);
+  return s;
+}
+
 double AdamW::step(float* params, float* grads, double lr) {
   const size_t n = m.size();
   float* p = params + begin_;
   float* g = grads + begin_;
-  double ss = 0;
-  for (size_t i = 0; i < n; ++i) ss += static_cast<double>(g[i]) * g[i];
-  const double norm = std::sqrt(ss);
+  if (be_) {  // on the device: the gradients go up, the parameters come down
+    if (!dev_fresh_) {
+      pd_.upload(p, n);
+      md_.upload(m.data(), n);
+      vd_.upload(v.data(), n);
+      wdd_.upload(wd_.data(), n);
+      dev_fresh_ = true;
+    }
+    gd_.upload(g, n);
+    double ss = 0;
+    be_->sum_squares_rows(norm_.data(), gd_.data(), nullptr, 1, n);
+    norm_.download(&ss, 1);
+    const double norm = std::sqrt(ss);
+    if (clip_ > 0 && norm > clip_) {
+      const float sc = static_cast<float>(clip_ / norm);
+      be_->strided_copy(gd_.data(), n, gd_.data(), n, 1, n, sc);
+      for (size_t i = 0; i < n; ++i) g[i] *= sc;  // the caller's gradients are clipped too
+    }
+    ++t;
+    be_->adamw(pd_.data(), md_.data(), vd_.data(), gd_.data(), wdd_.data(), n, constants(lr));
+    pd_.download(p, n);
+    host_stale_ = true;
+    return norm;
+  }
+  const double norm = std::sqrt(algebra::sum_squares(g, n));
   if (clip_ > 0 && norm > clip_) {
-    const float s = static_cast<float>(clip_ / norm);
-    for (size_t i = 0; i < n; ++i) g[i] *= s;
+    const float sc = static_cast<float>(clip_ / norm);
+    for (size_t i = 0; i < n; ++i) g[i] *= sc;
   }
   ++t;
-  // p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p), with the bias corrections folded into constants
-  const double c1 = 1 - std::pow(b1_, static_cast<double>(t)), c2 = 1 - std::pow(b2_, static_cast<double>(t));
-  const float b1 = static_cast<float>(b1_), b2 = static_cast<float>(b2_), ob1 = 1 - b1, ob2 = 1 - b2;
-  const float ic1 = static_cast<float>(1 / c1), isc2 = static_cast<float>(1 / std::sqrt(c2));
-  const float lrf = static_cast<float>(lr), epsf = static_cast<float>(eps_);
+  const kernels::AdamWStep st = constants(lr);
   float* mm = m.data();
   float* vv = v.data();
   const float* wd = wd_.data();
 #pragma omp parallel for schedule(static) if (n >= static_cast<size_t>(kParallelMin) * 4)
-  for (size_t i = 0; i < n; ++i) {
-    const float gi = g[i];
-    mm[i] = b1 * mm[i] + ob1 * gi;
-    vv[i] = b2 * vv[i] + ob2 * gi * gi;
-    p[i] -= lrf * ((mm[i] * ic1) / (std::sqrt(vv[i]) * isc2 + epsf) + wd[i] * p[i]);
-  }
+  for (size_t i = 0; i < n; ++i) kernels::adamw_update(p[i], mm[i], vv[i], g[i], wd[i], st);
   return norm;
+}
+
+void AdamW::set_backend(std::shared_ptr<Backend<float>> be) {
+  sync_host();
+  be_ = std::move(be);
+  dev_fresh_ = false;
+  if (!be_) return;
+  const size_t n = m.size();
+  for (Array<float>* a : {&pd_, &md_, &vd_, &wdd_, &gd_}) a->resize(*be_, n);
+  norm_.resize(*be_, 1);
+}
+
+void AdamW::sync_host() {
+  if (!be_ || !host_stale_) return;
+  md_.download(m.data(), m.size());
+  vd_.download(v.data(), v.size());
+  host_stale_ = false;
 }
 
 // ---------------------------------------------------------------- data, evaluation
@@ -432,6 +479,7 @@ struct Trainer::Impl {
   }
 
   void save_checkpoint_file() {
+    opt->sync_host();
     std::vector<TensorOut<float>> ts;
     for (const auto& t : model->layout.tensors()) {
       ts.push_back({t.name, t.shape, model->params.data() + t.offset});
@@ -457,6 +505,7 @@ struct Trainer::Impl {
     }
     step = std::stoll(get("step"));
     opt->t = std::stoll(get("adam_t"));
+    opt->state_changed();
   }
 };
 
@@ -534,7 +583,15 @@ TrainCost read_train_cost(const std::string& dir, double tokens_per_step) {
 Trainer::~Trainer() = default;
 
 const Model<float>& Trainer::model() const { return *impl_->model; }
-void Trainer::set_device(Device d) { impl_->model->set_device(d); }
+void Trainer::set_device(Device d) {
+  impl_->model->set_device(d);
+  impl_->opt->set_backend(impl_->model->backend());
+}
+
+void Trainer::set_backend(std::shared_ptr<Backend<float>> be) {
+  impl_->model->set_backend(be);
+  impl_->opt->set_backend(std::move(be));
+}
 
 int64_t Trainer::step() const { return impl_->step; }
 

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "flowloop/kernels.hpp"
 #include "flowloop/tensor.hpp"
 
 namespace flowloop {
@@ -99,6 +100,9 @@ class Backend {
   virtual void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C,
                              int ld) = 0;
 
+  // ---- the optimiser: AdamW over n parameters (kernels.hpp's adamw_update per value)
+  virtual void adamw(S* p, S* m, S* v, const S* g, const S* wd, size_t n, const kernels::AdamWStep& s) = 0;
+
   // ---- the solvers' state (integrate()'s driver on this memory; algebra.hpp's operations).
   // States are (rows, n) arrays; h (double, one per row of the batch), rows (int, the listed
   // rows) and out (double, one per listed row) are arrays of this backend; the tableau's
@@ -113,7 +117,7 @@ class Backend {
   virtual void error_sum_squares_rows(double* out, const double* h, const double* e, const S* const* k, int m,
                                       const S* y0, const S* y1, double rtol, double atol, size_t period,
                                       size_t dims, const int* rows, int nrows, size_t n) = 0;
-  //   out[i] = sum_v x[rows[i]]_v^2 (NaN or Inf when the row is not finite)
+  //   out[i] = sum_v x[rows[i]]_v^2 (rows null: row i; NaN or Inf when the row is not finite)
   virtual void sum_squares_rows(double* out, const S* x, const int* rows, int nrows, size_t n) = 0;
   //   out[r] = sum_v ((a_v - b_v) / (atol + rtol |y_v|))^2 for rows r < nrows, in double (b null: a_v alone)
   virtual void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol,

@@ -107,6 +107,10 @@ void silu_forward(S* out, const S* in, int64_t n, void* stream = nullptr);
 template <class S>
 void silu_backward(S* din, const S* dout, const S* in, int64_t n, void* stream = nullptr);
 
+// AdamW over n parameters (kernels.hpp's adamw_update per value).
+template <class S>
+void adamw(S* p, S* m, S* v, const S* g, const S* wd, int64_t n, const kernels::AdamWStep& s, void* stream = nullptr);
+
 // adaLN (layers.hpp's modulate_* and gate_*: din written, the broadcast vectors' gradients added).
 template <class S>
 void modulate_forward(S* out, const S* in, const S* shift, const S* scale, int B, int T, int C, int ld,

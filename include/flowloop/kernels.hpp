@@ -175,4 +175,21 @@ FLOWLOOP_HD S crossentropy_row(S* dlogits, const S* logits, int target, int V, S
   return lse - logits[target];
 }
 
+// AdamW's constants for one step: the betas, their complements, the folded bias
+// corrections ic1 = 1 / (1 - b1^t) and isc2 = 1 / sqrt(1 - b2^t), the rate and eps.
+struct AdamWStep {
+  float b1, b2, ob1, ob2, ic1, isc2, lr, eps;
+};
+
+// One parameter's AdamW update from its gradient g (wd: its decay):
+//   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
+//   p -= lr (m ic1 / (sqrt(v) isc2 + eps) + wd p)
+template <class S>
+FLOWLOOP_HD void adamw_update(S& p, S& m, S& v, S g, S wd, const AdamWStep& s) {
+  m = static_cast<S>(s.b1) * m + static_cast<S>(s.ob1) * g;
+  v = static_cast<S>(s.b2) * v + static_cast<S>(s.ob2) * g * g;
+  p -= static_cast<S>(s.lr) *
+       ((m * static_cast<S>(s.ic1)) / (std::sqrt(v) * static_cast<S>(s.isc2) + static_cast<S>(s.eps)) + wd * p);
+}
+
 }  // namespace flowloop::kernels

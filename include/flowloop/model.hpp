@@ -228,6 +228,8 @@ class Model {
   // set_device with the reference backend: DeviceField on the host (the CI's stand-in
   // for a GPU, and a check of the device path against the CPU one).
   void set_backend(std::shared_ptr<Backend<S>> backend);
+  // The backend of the device field (null on cpu).
+  const std::shared_ptr<Backend<S>>& backend() const { return backend_; }
 
   ModelConfig cfg;
   ParamLayout layout;

@@ -104,13 +104,29 @@ class AdamW {
   // global norm c.clip (if > 0); returns their norm before.
   double step(float* params, float* grads, double lr);
   size_t begin() const { return begin_; }
+  // The update on a backend (a model on a device): the range's parameters, moments and
+  // decays live there from the next step on; each step uploads the range's gradients,
+  // takes their norm, clips and updates there (kernels.hpp's adamw_update, the CPU's
+  // body), and downloads the range's parameters. Null: the host again.
+  void set_backend(std::shared_ptr<Backend<float>> be);
+  // m and v as the device has them (call before reading them: a checkpoint).
+  void sync_host();
+  // m, v, t or the parameters were set from outside (a resumed checkpoint, a new round):
+  // the host's are the current ones, and the device takes them at the next step.
+  void state_changed() { dev_fresh_ = false, host_stale_ = false; }
   Buffer<float> m, v;  // the range's moments (m[i] is parameter begin + i)
   int64_t t = 0;
 
  private:
+  kernels::AdamWStep constants(double lr) const;  // after ++t
   size_t begin_;
   Buffer<float> wd_;  // decay per parameter: weight_decay on matrices, 0 elsewhere
   double b1_, b2_, eps_, clip_;
+  std::shared_ptr<Backend<float>> be_;
+  Array<float> pd_, md_, vd_, wdd_, gd_;  // on be_: parameters, moments, decays, gradients
+  Array<float, double> norm_;
+  bool dev_fresh_ = false;  // the device holds the current parameters and moments
+  bool host_stale_ = false; // m and v on the host lag the device's
 };
 
 std::unique_ptr<DataSource> make_source(const TrainConfig& c);
@@ -190,8 +206,11 @@ class Trainer {
   void run(bool resume, std::ostream& progress, int64_t stop_at = -1);
   const Model<float>& model() const;
   int64_t step() const;  // steps done so far
-  // Where the model's field runs (Model::set_device); every metrics line names it.
+  // Where the model's field runs (Model::set_device) and the optimiser updates; every
+  // metrics line names it.
   void set_device(Device d);
+  // The same with a given backend (the reference backend: the device path on the host).
+  void set_backend(std::shared_ptr<Backend<float>> be);
 
  private:
   struct Impl;
