@@ -568,6 +568,7 @@ std::string bench_train(const BenchTrainOptions& opt) {
   Buffer<float> grads(model.params.size());
   TrainConfig tc;  // AdamW's defaults
   AdamW adamw(model.layout, tc);
+  adamw.set_backend(model.backend());  // on a device, the update runs there (as the trainer's)
   GradStats st;
   float loss = 0;
   size_t peak = 0;

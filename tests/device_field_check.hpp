@@ -122,6 +122,18 @@ void check_device_field(Backend<S>& be, const std::string& kind, double tol) {
 // the CPU: a per-sequence adaptive dopri5 solve (double: the same step counts for every
 // sequence), and the loss and gradient by backprop and by the adjoint; loop 4's loss,
 // logits and gradient.
+// Fixed tokens and targets (B, T) for the model checks.
+inline void check_tokens(const ModelConfig& cfg, int B, int T, TokenBatch& tok, TokenBatch& tgt) {
+  tok.B = tgt.B = B;
+  tok.T = tgt.T = T;
+  tok.data.clear();
+  tgt.data.clear();
+  for (int i = 0; i < B * T; ++i) {
+    tok.data.push_back((5 * i + 1) % cfg.vocab_size);
+    tgt.data.push_back((3 * i + 2) % cfg.vocab_size);
+  }
+}
+
 template <class S>
 void check_device_solves(std::shared_ptr<Backend<S>> be, const std::string& kind, double tol) {
   const ModelConfig cfg = device_check_config(kind);
@@ -138,12 +150,7 @@ void check_device_solves(std::shared_ptr<Backend<S>> be, const std::string& kind
   REQUIRE(dev.device_field() != nullptr);
   REQUIRE(cpu.device_field() == nullptr);
   TokenBatch tok, tgt;
-  tok.B = tgt.B = 3;
-  tok.T = tgt.T = 6;
-  for (int i = 0; i < 18; ++i) {
-    tok.data.push_back((5 * i + 1) % cfg.vocab_size);
-    tgt.data.push_back((3 * i + 2) % cfg.vocab_size);
-  }
+  check_tokens(cfg, 3, 6, tok, tgt);
   SolveOptions opt;
   opt.method = "dopri5";
   opt.adaptive = true;

@@ -204,12 +204,7 @@ TEST_CASE("device: the exit gate's loops on the reference backend against the CP
   Model<double> dev = cpu;
   dev.set_backend(std::shared_ptr<Backend<double>>(make_backend<double>(Device::cpu)));
   TokenBatch tok, tgt;
-  tok.B = tgt.B = 2;
-  tok.T = tgt.T = 5;
-  for (int i = 0; i < 10; ++i) {
-    tok.data.push_back((3 * i + 1) % cfg.vocab_size);
-    tgt.data.push_back((7 * i + 2) % cfg.vocab_size);
-  }
+  check_tokens(cfg, 2, 5, tok, tgt);
   std::vector<double> gc(cpu.params.size(), 0.0), gd(dev.params.size(), 0.0);
   LoopWork<double> wc, wd;
   double dc = 0, dd = 0;
