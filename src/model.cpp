@@ -137,9 +137,13 @@ void Model<S>::loop_backward(S* dparams, int K, int stop, const S* extra, LoopWo
   Backend<S>& be = device_field()->backend();
   const size_t P = field.num_params();
   w.dev_dh.resize(be, NC);
-  w.dev_grad.resize(be, P);
   w.dev_dh.upload(w.dh.data(), NC);
-  w.dev_grad.zero();
+  S* dgrad = train_grads_;  // the trainer's device gradient, else ours, downloaded below
+  if (!dgrad) {
+    w.dev_grad.resize(be, P);
+    w.dev_grad.zero();
+    dgrad = w.dev_grad.data();
+  }
   if (extra) {
     w.dev_extra.resize(be, (static_cast<size_t>(K) + 1) * NC);
     w.dev_extra.upload(extra, (static_cast<size_t>(K) + 1) * NC);
@@ -147,11 +151,12 @@ void Model<S>::loop_backward(S* dparams, int K, int stop, const S* extra, LoopWo
   w.device->set_resident(true);
   for (int k = K - 1; k >= stop; --k) {
     be.copy(w.dev_f.data(), w.dev_dh.data(), NC);
-    w.device->vjp(w.dev_dh.data(), w.dev_grad.data(), 0, w.dev_f.data(), k);
+    w.device->vjp(w.dev_dh.data(), dgrad, 0, w.dev_f.data(), k);
     if (extra && k >= 1) be.axpy(w.dev_dh.data(), S(1), w.dev_extra.data() + NC * k, NC);
   }
   w.device->set_resident(false);
   w.dev_dh.download(w.dh.data(), NC);
+  if (train_grads_) return;
   w.grad_host.resize(P);
   w.dev_grad.download(w.grad_host.data(), P);
   for (size_t i = 0; i < P; ++i) dparams[i] += w.grad_host[i];
@@ -177,8 +182,9 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
   if (device_field()) {  // the loops on the device, loop k recorded in slot k; the states cross once
     if (!w.device || w.device->groups() != B || w.device->T() != T || w.device->device_field() != device_field())
       w.device = std::make_unique<FieldSystem<S>>(field, field_params(), B, T, device_field());
-    else
+    else if (!train_params_)
       w.device->set_params(field_params());
+    if (train_params_) w.device->set_device_params(train_params_);
     w.device->reserve_slots(K);
     Backend<S>& be = device_field()->backend();
     const size_t all = (static_cast<size_t>(K) + 1) * NC;
@@ -431,7 +437,14 @@ FieldSystem<S>::FieldSystem(const Field<S>& field, const S* params, int B, int T
 template <class S>
 void FieldSystem<S>::set_params(const S* params) {
   params_ = params;
+  dparams_ext_ = nullptr;
   if (dev_) dparams_.upload(params, field_.num_params());
+}
+
+template <class S>
+void FieldSystem<S>::set_device_params(const S* params) {
+  if (!dev_) throw Error("FieldSystem: device parameters for a field on the CPU");
+  dparams_ext_ = params;
 }
 
 template <class S>
@@ -471,10 +484,10 @@ SolveResult<S> FieldSystem<S>::solve(S* y, const SolveOptions& opt, OdeSystem<S>
 template <class S>
 void FieldSystem<S>::device_forward(S* dydt, const S* y, const double* t, int count, DeviceFieldCache<S>& cache) {
   const double* step = step_.empty() ? nullptr : step_.data();
-  if (resident_) return dev_->forward(dydt, y, t, dparams_.data(), count, T_, cache, step);
+  if (resident_) return dev_->forward(dydt, y, t, device_params(), count, T_, cache, step);
   const size_t n = static_cast<size_t>(count) * dim();
   dy_.upload(y, n);
-  dev_->forward(dx_.data(), dy_.data(), t, dparams_.data(), count, T_, cache, step);
+  dev_->forward(dx_.data(), dy_.data(), t, device_params(), count, T_, cache, step);
   dx_.download(dydt, n);
 }
 
@@ -513,7 +526,7 @@ void FieldSystem<S>::vjp(S* dy, S* dparams, size_t param_stride, const S* g, int
     return;
   }
   const DeviceFieldCache<S>& cache = dslots_.at(static_cast<size_t>(slot));
-  if (resident_) return dev_->vjp(dy, dparams, g, dparams_.data(), cache, dwork_, param_stride);
+  if (resident_) return dev_->vjp(dy, dparams, g, device_params(), cache, dwork_, param_stride);
   const size_t n = static_cast<size_t>(cache.B) * dim();
   const size_t np = param_stride ? static_cast<size_t>(cache.B) * param_stride : field_.num_params();
   Backend<S>& be = dev_->backend();
@@ -521,7 +534,7 @@ void FieldSystem<S>::vjp(S* dy, S* dparams, size_t param_stride, const S* g, int
   dx_.upload(g, n);
   dy_.zero();
   be.fill(dgrad_.data(), S(0), np);
-  dev_->vjp(dy_.data(), dgrad_.data(), dx_.data(), dparams_.data(), cache, dwork_, param_stride);
+  dev_->vjp(dy_.data(), dgrad_.data(), dx_.data(), device_params(), cache, dwork_, param_stride);
   host_.resize(std::max(n, np));
   dy_.download(host_.data(), n);
   for (size_t i = 0; i < n; ++i) dy[i] += host_[i];
@@ -552,10 +565,13 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
 
 template <class S>
 FieldSystem<S>& OdeWork<S>::system(const Field<S>& field, const S* params, int B, int T,
-                                   const DeviceField<S>* device) {
+                                   const DeviceField<S>* device, const S* device_params) {
   if (!sys || sys->groups() != B || sys->T() != T || &sys->field() != &field || sys->device_field() != device)
     sys = std::make_unique<FieldSystem<S>>(field, params, B, T, device);
-  sys->set_params(params);
+  if (device_params)
+    sys->set_device_params(device_params);
+  else
+    sys->set_params(params);
   return *sys;
 }
 
@@ -569,7 +585,7 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   if (w.h.data() != h0) w.h.assign(h0, h0 + NC);
   w.gy1.assign(NC, S(0));
   w.gy0.resize(NC);
-  FieldSystem<S>& sys = w.system(field, field_params(), B, T, device_field());
+  FieldSystem<S>& sys = w.system(field, field_params(), B, T, device_field(), train_params_);
   // On a device, the solve and its gradient (backprop's tape, checkpoint's recomputed
   // steps, the adjoint's backsolve) stay there: the states cross once each way. The
   // regularisers evaluate there from host states.
@@ -598,19 +614,23 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   const S loss = crossentropy_forward_backward(rc.dlogits.data(), rc.logits.data(), targets.data.data(), N,
                                                cfg.vocab_size);
   readout_backward(w.gy1.data(), grads, w.h.data(), N, rc);
-  if (resident) {
+  if (resident) {  // the field's gradient into the trainer's device array, or down to the host's
     const size_t P = field.num_params();
     w.dev_gy1.resize(*be, NC);
     w.dev_gy0.resize(*be, NC);
-    w.dev_grad.resize(*be, P);
     w.dev_gy1.upload(w.gy1.data(), NC);
-    w.dev_grad.zero();
-    og.backward(w.dev_gy1.data(), w.dev_gy0.data(), w.dev_grad.data());
+    if (!train_grads_) {
+      w.dev_grad.resize(*be, P);
+      w.dev_grad.zero();
+    }
+    og.backward(w.dev_gy1.data(), w.dev_gy0.data(), train_grads_ ? train_grads_ : w.dev_grad.data());
     w.dev_gy0.download(w.gy0.data(), NC);
-    w.grad_host.resize(P);
-    w.dev_grad.download(w.grad_host.data(), P);
-    S* g = grads + layout.field_begin();
-    for (size_t i = 0; i < P; ++i) g[i] += w.grad_host[i];
+    if (!train_grads_) {
+      w.grad_host.resize(P);
+      w.dev_grad.download(w.grad_host.data(), P);
+      S* g = grads + layout.field_begin();
+      for (size_t i = 0; i < P; ++i) g[i] += w.grad_host[i];
+    }
   } else {
     og.backward(w.gy1.data(), w.gy0.data(), grads + layout.field_begin());
   }
@@ -641,7 +661,17 @@ S Model<S>::ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& target
 template struct OdeWork<float>;
 template struct OdeWork<double>;
 template <class S>
+void Model<S>::set_device_training(const S* device_params, S* device_grads) {
+  if ((device_params || device_grads) && !device_field())
+    throw Error("Model::set_device_training: the model's field is on the CPU (set_device first)");
+  train_params_ = device_params;
+  train_grads_ = device_grads;
+}
+
+template <class S>
 void Model<S>::set_device(Device d) {
+  train_params_ = nullptr;
+  train_grads_ = nullptr;
   if (d == Device::cpu) {
     device_ = d;
     backend_.reset();
@@ -653,6 +683,8 @@ void Model<S>::set_device(Device d) {
 
 template <class S>
 void Model<S>::set_backend(std::shared_ptr<Backend<S>> backend) {
+  train_params_ = nullptr;
+  train_grads_ = nullptr;
   device_field_ = std::make_shared<DeviceField<S>>(*backend, cfg, layout);
   backend_ = std::move(backend);
   device_ = backend_->device();

@@ -228,14 +228,10 @@ double AdamW::step(float* params, float* grads, double lr) {
   float* p = params + begin_;
   float* g = grads + begin_;
   if (be_) {  // on the device: the gradients go up, the parameters come down
-    if (!dev_fresh_) {
-      pd_.upload(p, n);
-      md_.upload(m.data(), n);
-      vd_.upload(v.data(), n);
-      wdd_.upload(wd_.data(), n);
-      dev_fresh_ = true;
-    }
+    prepare(params);
     gd_.upload(g, n);
+    be_->axpy(gd_.data(), 1.0f, acc_.data(), n);  // what stayed on the device (1 x: the same bits)
+    acc_.zero();
     double ss = 0;
     be_->sum_squares_rows(norm_.data(), gd_.data(), nullptr, 1, n);
     norm_.download(&ss, 1);
@@ -272,8 +268,19 @@ void AdamW::set_backend(std::shared_ptr<Backend<float>> be) {
   dev_fresh_ = false;
   if (!be_) return;
   const size_t n = m.size();
-  for (Array<float>* a : {&pd_, &md_, &vd_, &wdd_, &gd_}) a->resize(*be_, n);
+  for (Array<float>* a : {&pd_, &md_, &vd_, &wdd_, &gd_, &acc_}) a->resize(*be_, n);
+  acc_.zero();
   norm_.resize(*be_, 1);
+}
+
+void AdamW::prepare(const float* params) {
+  if (!be_ || dev_fresh_) return;
+  const size_t n = m.size();
+  pd_.upload(params + begin_, n);
+  md_.upload(m.data(), n);
+  vd_.upload(v.data(), n);
+  wdd_.upload(wd_.data(), n);
+  dev_fresh_ = true;
 }
 
 void AdamW::sync_host() {
@@ -494,6 +501,15 @@ struct Trainer::Impl {
     save_checkpoint(final_model(), model->cfg, model->layout, model->params.data(), meta());
   }
 
+  // The optimiser on the model's backend, and the model's field reading its parameters
+  // there and adding its gradient there (nothing of the field crosses per step).
+  void use_device() {
+    opt->set_backend(model->backend());
+    if (!model->backend()) return;
+    const size_t fb = model->layout.field_begin();
+    model->set_device_training(opt->device_params() + fb, opt->device_grads() + fb);
+  }
+
   void load_checkpoint_file() {
     const SafetensorsFile f = SafetensorsFile::read(ckpt());
     auto get = [&](const std::string& k) { return f.metadata_value(k, "checkpoint"); };
@@ -585,12 +601,12 @@ Trainer::~Trainer() = default;
 const Model<float>& Trainer::model() const { return *impl_->model; }
 void Trainer::set_device(Device d) {
   impl_->model->set_device(d);
-  impl_->opt->set_backend(impl_->model->backend());
+  impl_->use_device();
 }
 
 void Trainer::set_backend(std::shared_ptr<Backend<float>> be) {
-  impl_->model->set_backend(be);
-  impl_->opt->set_backend(std::move(be));
+  impl_->model->set_backend(std::move(be));
+  impl_->use_device();
 }
 
 int64_t Trainer::step() const { return impl_->step; }
@@ -616,6 +632,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   OdeWork<float> ow;
   while (I.step < c.steps && (stop_at < 0 || I.step < stop_at)) {
     const auto t0 = std::chrono::steady_clock::now();
+    I.opt->prepare(m.params.data());  // on a device: the (loaded) state there before the loss reads it
     I.data->batch(Split::Train, static_cast<uint64_t>(I.step), c.batch, tok, tgt);
     std::fill(grads.begin(), grads.end(), 0.0f);
     float loss;

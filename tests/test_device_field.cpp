@@ -223,3 +223,59 @@ TEST_CASE("device: the exit gate's loops on the reference backend against the CP
   CHECK(td == Approx(tc).epsilon(1e-12));
   CHECK(rel_error_of(gd, gc) < 1e-12);
 }
+
+TEST_CASE("device: a model training from device arrays of its field's parameters and gradient", "[device][train]") {
+  const ModelConfig cfg = device_check_config("time");
+  Model<float> cpu(cfg);
+  cpu.init(5);
+  CHECK_THROWS_WITH(cpu.set_device_training(cpu.field_params(), nullptr), Catch::Contains("on the CPU"));
+  std::shared_ptr<Backend<float>> be(make_backend<float>(Device::cpu));
+  Model<float> a = cpu, b = cpu;
+  a.set_backend(be);
+  b.set_backend(be);
+  const size_t P = b.field.num_params(), fb = b.layout.field_begin();
+  Array<float> p(*be, P), g(*be, P);
+  p.upload(b.field_params(), P);
+  b.set_device_training(p.data(), g.data());
+  TokenBatch tok, tgt;
+  check_tokens(cfg, 2, 5, tok, tgt);
+  SolveOptions so;
+  so.method = "dopri5";
+  so.adaptive = true;
+  so.rtol = 1e-4;
+  so.atol = 1e-6;
+  so.t1 = 2.0;
+  for (const char* what : {"backprop", "adjoint", "loop"}) {
+    INFO(what);
+    std::vector<float> ga(a.params.size(), 0.0f), gb(b.params.size(), 0.0f), gd(P);
+    g.zero();
+    float la, lb;
+    if (std::string(what) == "loop") {
+      LoopWork<float> wa, wb;
+      la = a.loop_loss_and_grad(tok, tgt, 3, ga.data(), wa);
+      lb = b.loop_loss_and_grad(tok, tgt, 3, gb.data(), wb);
+    } else {
+      GradOptions go;
+      go.method = grad_method(what);
+      GradStats sa, sb;
+      OdeWork<float> wa, wb;
+      la = a.ode_loss_and_grad(tok, tgt, so, go, ga.data(), sa, wa);
+      lb = b.ode_loss_and_grad(tok, tgt, so, go, gb.data(), sb, wb);
+    }
+    CHECK(la == lb);
+    g.download(gd.data(), P);
+    bool field_zero = true, same = true;
+    for (size_t i = 0; i < P; ++i) {
+      field_zero = field_zero && gb[fb + i] == 0.0f;  // nothing of the field came down
+      same = same && gd[i] == ga[fb + i];             // it is on the device, with the same bits
+      gb[fb + i] = gd[i];
+    }
+    CHECK(field_zero);
+    CHECK(same);
+    CHECK(gb == ga);
+  }
+  b.set_device(Device::cpu);  // a device change turns it off
+  std::vector<float> gc(cpu.params.size(), 0.0f);
+  LoopWork<float> wc;
+  CHECK_NOTHROW(b.loop_loss_and_grad(tok, tgt, 2, gc.data(), wc));
+}

@@ -87,6 +87,10 @@ class FieldSystem : public DiffSystem<S> {
   const Field<S>& field() const { return field_; }
   const DeviceField<S>* device_field() const { return dev_; }
   void set_params(const S* params);
+  // The parameters from an array of the device field's backend instead (a trainer's
+  // optimiser keeps them there): read at every evaluation, never copied. set_params
+  // returns to the system's own copy.
+  void set_device_params(const S* params);
   // A step-conditioned field is told this step d at every evaluation (shortcut
   // sampling: d = the solver's step); 0, the default, is the instantaneous velocity.
   // Throws Error for a field without step conditioning.
@@ -121,6 +125,8 @@ class FieldSystem : public DiffSystem<S> {
   const DeviceField<S>* dev_ = nullptr;
   Array<S> dparams_, dy_, dx_, dgrad_;  // parameters; state in; field out / cotangent; parameter gradient
   Array<S> dstate_;                     // solve(): the states
+  const S* dparams_ext_ = nullptr;      // set_device_params: the parameters, not ours
+  const S* device_params() const { return dparams_ext_ ? dparams_ext_ : dparams_.data(); }
   bool resident_ = false;
   DeviceFieldCache<S> dcache_;
   std::vector<DeviceFieldCache<S>> dslots_;
@@ -137,8 +143,9 @@ struct OdeWork {
   Array<S> dev_h, dev_gy1, dev_gy0, dev_grad;  // a resident backprop on a device: the same there
   Buffer<S> grad_host;                         // its parameter gradient, downloaded
   ReadoutCache<S> readout;  // after a call: readout.logits (B*T, V) of h(t1)
+  // device_params: read the parameters from that device array instead (set_device_params).
   FieldSystem<S>& system(const Field<S>& field, const S* params, int B, int T,
-                         const DeviceField<S>* device = nullptr);
+                         const DeviceField<S>* device = nullptr, const S* device_params = nullptr);
 };
 
 template <class S>
@@ -230,6 +237,13 @@ class Model {
   void set_backend(std::shared_ptr<Backend<S>> backend);
   // The backend of the device field (null on cpu).
   const std::shared_ptr<Backend<S>>& backend() const { return backend_; }
+  // Training on a device: the field's parameters as the optimiser keeps them there
+  // (`device_params`: field_params()'s values, current whenever a loss runs), and where
+  // the gradients that stay on the device are added (`device_grads`: the field's range of
+  // the optimiser's gradient). The ODE and loop losses then neither upload the parameters
+  // nor download the field's gradient (the regularisers' path still adds to the host's).
+  // Null: off. Set again after set_device or set_backend, which turn it off.
+  void set_device_training(const S* device_params, S* device_grads);
 
   ModelConfig cfg;
   ParamLayout layout;
@@ -244,6 +258,8 @@ class Model {
   Device device_ = Device::cpu;
   std::shared_ptr<Backend<S>> backend_;
   std::shared_ptr<DeviceField<S>> device_field_;
+  const S* train_params_ = nullptr;  // set_device_training
+  S* train_grads_ = nullptr;
 };
 
 }  // namespace flowloop

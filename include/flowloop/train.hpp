@@ -105,15 +105,24 @@ class AdamW {
   double step(float* params, float* grads, double lr);
   size_t begin() const { return begin_; }
   // The update on a backend (a model on a device): the range's parameters, moments and
-  // decays live there from the next step on; each step uploads the range's gradients,
-  // takes their norm, clips and updates there (kernels.hpp's adamw_update, the CPU's
-  // body), and downloads the range's parameters. Null: the host again.
+  // decays live there from the next step on; each step uploads the range's gradients
+  // (adding device_grads()), takes their norm, clips and updates there (kernels.hpp's
+  // adamw_update, the CPU's body), and downloads the range's parameters. Null: the host
+  // again. The caller's host gradients are clipped by the same factor.
   void set_backend(std::shared_ptr<Backend<float>> be);
   // m and v as the device has them (call before reading them: a checkpoint).
   void sync_host();
   // m, v, t or the parameters were set from outside (a resumed checkpoint, a new round):
   // the host's are the current ones, and the device takes them at the next step.
   void state_changed() { dev_fresh_ = false, host_stale_ = false; }
+  // On a device: sends the host's state if the device lacks it (before a loss reads
+  // device_params()). No-op on the host.
+  void prepare(const float* params);
+  // On a device (null on the host): the range's parameters there (current after prepare
+  // and every step), and a gradient array there that step() adds to the uploaded
+  // gradients, then clears: a model's field gradient can stay on the device.
+  const float* device_params() const { return be_ ? pd_.data() : nullptr; }
+  float* device_grads() { return be_ ? acc_.data() : nullptr; }
   Buffer<float> m, v;  // the range's moments (m[i] is parameter begin + i)
   int64_t t = 0;
 
@@ -123,7 +132,7 @@ class AdamW {
   Buffer<float> wd_;  // decay per parameter: weight_decay on matrices, 0 elsewhere
   double b1_, b2_, eps_, clip_;
   std::shared_ptr<Backend<float>> be_;
-  Array<float> pd_, md_, vd_, wdd_, gd_;  // on be_: parameters, moments, decays, gradients
+  Array<float> pd_, md_, vd_, wdd_, gd_, acc_;  // on be_: parameters, moments, decays, gradients, device_grads
   Array<float, double> norm_;
   bool dev_fresh_ = false;  // the device holds the current parameters and moments
   bool host_stale_ = false; // m and v on the host lag the device's
