@@ -30,9 +30,28 @@ std::pair<size_t, size_t> memory_info() {
 
 void synchronize() { FLOWLOOP_CUDA_CHECK(cudaDeviceSynchronize()); }
 
+namespace {
+// Gives the pool's cached free blocks back to the device (after the queued frees), so
+// that an allocation that did not fit can try again.
+bool release_pool() {
+  int device = 0;
+  cudaMemPool_t pool = nullptr;
+  if (cudaDeviceSynchronize() != cudaSuccess || cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess || cudaMemPoolTrimTo(pool, 0) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+}  // namespace
+
 void* device_alloc(size_t bytes) {
   void* p = nullptr;
-  const cudaError_t e = cudaMalloc(&p, bytes);
+  cudaError_t e = cudaMalloc(&p, bytes);
+  if (e != cudaSuccess) {  // perhaps held by the pool's cache: release it, try once more
+    cudaGetLastError();
+    if (release_pool()) e = cudaMalloc(&p, bytes);
+  }
   if (e != cudaSuccess) {
     cudaGetLastError();
     size_t free_b = 0, total = 0;
@@ -58,7 +77,11 @@ void keep_pool_memory() {
 
 void* device_alloc_async(size_t bytes, void* stream) {
   void* p = nullptr;
-  const cudaError_t e = cudaMallocAsync(&p, bytes, static_cast<cudaStream_t>(stream));
+  cudaError_t e = cudaMallocAsync(&p, bytes, static_cast<cudaStream_t>(stream));
+  if (e != cudaSuccess) {  // the pool's cache released, once more
+    cudaGetLastError();
+    if (release_pool()) e = cudaMallocAsync(&p, bytes, static_cast<cudaStream_t>(stream));
+  }
   if (e != cudaSuccess) {
     cudaGetLastError();
     size_t free_b = 0, total = 0;

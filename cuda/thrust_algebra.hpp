@@ -15,6 +15,7 @@
 #include <thrust/count.h>
 #include <thrust/iterator/discard_iterator.h>
 #include <thrust/execution_policy.h>
+#include <thrust/fill.h>
 #include <thrust/for_each.h>
 #include <thrust/functional.h>
 #include <thrust/iterator/counting_iterator.h>
@@ -225,6 +226,10 @@ void error_sum_squares_rows(double* out, const double* h, const double* e, const
                             const S* y1, double rtol, double atol, const int* rows, int nrows, size_t n,
                             size_t period, size_t dims, void* stream) {
   if (nrows <= 0) return;
+  if (n == 0) {  // rows of nothing sum to 0
+    thrust::fill_n(exec(stream), out, nrows, 0.0);
+    return;
+  }
   const RowErrorSquare<S> f{error_square(1.0, e, k, m, y0, y1, rtol, atol), h, rows, n, period, dims};
   auto keys = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), RowOf{n});
   auto vals = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), f);
@@ -249,6 +254,10 @@ struct RowSquare {
 template <class S>
 void sum_squares_rows(double* out, const S* x, const int* rows, int nrows, size_t n, void* stream) {
   if (nrows <= 0) return;
+  if (n == 0) {  // rows of nothing sum to 0
+    thrust::fill_n(exec(stream), out, nrows, 0.0);
+    return;
+  }
   auto keys = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), RowOf{n});
   auto vals = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), RowSquare<S>{x, rows, n});
   thrust::reduce_by_key(exec(stream), keys, keys + static_cast<std::ptrdiff_t>(static_cast<size_t>(nrows) * n), vals,
@@ -275,6 +284,10 @@ template <class S>
 void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol, int nrows,
                              size_t n, void* stream) {
   if (nrows <= 0) return;
+  if (n == 0) {  // rows of nothing sum to 0
+    thrust::fill_n(exec(stream), out, nrows, 0.0);
+    return;
+  }
   auto keys = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), RowOf{n});
   auto vals = thrust::make_transform_iterator(thrust::counting_iterator<size_t>(0), ScaledSquare<S>{a, b, y, rtol, atol});
   thrust::reduce_by_key(exec(stream), keys, keys + static_cast<std::ptrdiff_t>(static_cast<size_t>(nrows) * n), vals,

@@ -268,6 +268,13 @@ struct OdeGradient<S>::Impl {
     mem = sys->backend() ? sys->backend() : &host_backend<S>();
   }
 
+  // The system's states must stay where they were when the gradient was built.
+  void require_same_memory(const char* what) const {
+    if ((sys->backend() ? sys->backend() : &host_backend<S>()) != mem)
+      throw Error(std::string("OdeGradient::") + what +
+                  ": the system's states moved (made resident or not) after the gradient was built");
+  }
+
   void note_peak() { st.peak_bytes = std::max(st.peak_bytes, MemoryStats::peak() - base_bytes); }
 
   // The reverse of one step for the sequences `gs` (all with the same stage
@@ -544,6 +551,7 @@ OdeGradient<S>::~OdeGradient() {
 template <class S>
 const SolveResult<S>& OdeGradient<S>::forward(S* y) {
   Impl& I = *impl_;
+  I.require_same_memory("forward");
   I.base_bytes = MemoryStats::current();
   MemoryStats::reset_peak();
   SolveOptions o = I.opt;
@@ -600,6 +608,7 @@ const SolveResult<S>& OdeGradient<S>::forward(S* y) {
 template <class S>
 const GradStats& OdeGradient<S>::backward(const S* gy1, S* gy0, S* gparams) {
   Impl& I = *impl_;
+  I.require_same_memory("backward");
   if (!I.forward_done) throw Error("OdeGradient::backward called before forward");
   if (!I.fwd.ok()) throw Error("OdeGradient::backward: the forward solve failed: " + I.fwd.message);
   const int Gu = I.user.groups();

@@ -123,6 +123,22 @@ void Model<S>::readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCac
 }
 
 template <class S>
+void LoopWork<S>::use_backend(const std::shared_ptr<Backend<S>>& be) {
+  if (backend == be) return;
+  device.reset();
+  for (Array<S>* a : {&dev_h, &dev_f, &dev_dh, &dev_grad, &dev_extra}) *a = Array<S>();
+  backend = be;
+}
+
+template <class S>
+void OdeWork<S>::use_backend(const std::shared_ptr<Backend<S>>& be) {
+  if (backend == be) return;
+  sys.reset();
+  for (Array<S>* a : {&dev_h, &dev_gy1, &dev_gy0, &dev_grad}) *a = Array<S>();
+  backend = be;
+}
+
+template <class S>
 void Model<S>::loop_backward(S* dparams, int K, int stop, const S* extra, LoopWork<S>& w) const {
   const size_t NC = static_cast<size_t>(w.B) * w.T * cfg.d_model;
   if (!device_field()) {
@@ -179,6 +195,7 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
   w.resize(cfg, B, T, K);
   const size_t NC = static_cast<size_t>(B) * T * cfg.d_model;
   if (h0 != w.h.data()) std::memcpy(w.h.data(), h0, NC * sizeof(S));
+  w.use_backend(backend_);
   if (device_field()) {  // the loops on the device, loop k recorded in slot k; the states cross once
     if (!w.device || w.device->groups() != B || w.device->T() != T || w.device->device_field() != device_field())
       w.device = std::make_unique<FieldSystem<S>>(field, field_params(), B, T, device_field());
@@ -585,6 +602,7 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   if (w.h.data() != h0) w.h.assign(h0, h0 + NC);
   w.gy1.assign(NC, S(0));
   w.gy0.resize(NC);
+  w.use_backend(backend_);
   FieldSystem<S>& sys = w.system(field, field_params(), B, T, device_field(), train_params_);
   // On a device, the solve and its gradient (backprop's tape, checkpoint's recomputed
   // steps, the adjoint's backsolve) stay there: the states cross once each way. The

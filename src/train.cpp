@@ -264,6 +264,8 @@ double AdamW::step(float* params, float* grads, double lr) {
 
 void AdamW::set_backend(std::shared_ptr<Backend<float>> be) {
   sync_host();
+  for (Array<float>* a : {&pd_, &md_, &vd_, &wdd_, &gd_, &acc_}) *a = Array<float>();  // freed by their backend,
+  norm_ = Array<float, double>();                                                   // still alive here
   be_ = std::move(be);
   dev_fresh_ = false;
   if (!be_) return;

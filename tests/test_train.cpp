@@ -684,6 +684,17 @@ TEST_CASE("training with the optimiser on a backend: the host's bits, the CPU's 
   dev.sync_host();
   CHECK(dev.m == host.m);
   CHECK(dev.v == host.v);
+  // moving between backends (the last owner of the old one is the optimiser) and back to
+  // the host keeps the state, and frees the old arrays through their own backend
+  dev.set_backend(std::shared_ptr<Backend<float>>(make_backend<float>(Device::cpu)));
+  steps(1);
+  dev.set_backend(std::shared_ptr<Backend<float>>(make_backend<float>(Device::cpu)));
+  steps(1);
+  dev.set_backend(nullptr);
+  CHECK(dev.device_params() == nullptr);
+  steps(1);
+  CHECK(dev.m == host.m);
+  CHECK(dev.v == host.v);
 
   // a Trainer on the reference backend: the CPU's losses (loop and ODE depth), and a run
   // killed and resumed on the device has exactly the losses of an uninterrupted one

@@ -62,9 +62,11 @@ struct LoopWork {
   ReadoutCache<S> readout;
   std::vector<ReadoutCache<S>> per_loop;  // exit gate: the readout at every loop
   Buffer<S> gate;                         // exit gate: (K+1, N) lambda, then scratch
-  std::unique_ptr<FieldSystem<S>> device; // a model on a device: its evaluations, loop k in slot k
+  std::shared_ptr<Backend<S>> backend;   // a model on a device: its backend, alive while the arrays are
+  std::unique_ptr<FieldSystem<S>> device; // its evaluations, loop k in slot k
   Array<S> dev_h, dev_f, dev_dh, dev_grad, dev_extra;  // there: the states, f, dh, the gradient, extra
   Buffer<S> grad_host;                                 // the gradient, downloaded
+  void use_backend(const std::shared_ptr<Backend<S>>& be);  // frees what lives on another one
   void resize(const ModelConfig& cfg, int B, int T, int K);
 };
 
@@ -138,10 +140,12 @@ class FieldSystem : public DiffSystem<S> {
 // field caches and buffers once (they are rebuilt only when B or T changes).
 template <class S>
 struct OdeWork {
+  std::shared_ptr<Backend<S>> backend;  // a model on a device: its backend, alive while the arrays are
   std::unique_ptr<FieldSystem<S>> sys;
   Buffer<S> h, gy1, gy0;    // h(0), then h(t1); dL/dh(t1); dL/dh(0)
   Array<S> dev_h, dev_gy1, dev_gy0, dev_grad;  // a resident backprop on a device: the same there
   Buffer<S> grad_host;                         // its parameter gradient, downloaded
+  void use_backend(const std::shared_ptr<Backend<S>>& be);  // frees what lives on another one
   ReadoutCache<S> readout;  // after a call: readout.logits (B*T, V) of h(t1)
   // device_params: read the parameters from that device array instead (set_device_params).
   FieldSystem<S>& system(const Field<S>& field, const S* params, int B, int T,
