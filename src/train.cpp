@@ -247,7 +247,9 @@ double AdamW::step(float* params, float* grads, double lr) {
     host_stale_ = true;
     return norm;
   }
-  const double norm = std::sqrt(algebra::sum_squares(g, n));
+  double ss = 0;  // in order (the CPU's bits as before the device path)
+  for (size_t i = 0; i < n; ++i) ss += static_cast<double>(g[i]) * g[i];
+  const double norm = std::sqrt(ss);
   if (clip_ > 0 && norm > clip_) {
     const float sc = static_cast<float>(clip_ / norm);
     for (size_t i = 0; i < n; ++i) g[i] *= sc;

@@ -106,7 +106,8 @@ class AdamW {
   size_t begin() const { return begin_; }
   // The update on a backend (a model on a device): the range's parameters, moments and
   // decays live there from the next step on; each step uploads the range's gradients
-  // (adding device_grads()), takes their norm, clips and updates there (kernels.hpp's
+  // (adding device_grads()), takes their norm (the backend's row sum: equal to the
+  // host's in-order sum to rounding), clips and updates there (kernels.hpp's
   // adamw_update, the CPU's body), and downloads the range's parameters. Null: the host
   // again. The caller's host gradients are clipped by the same factor.
   void set_backend(std::shared_ptr<Backend<float>> be);
