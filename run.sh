@@ -238,16 +238,20 @@ case "$mode" in
     (cd "$BUILD_DIR" && ctest -j "$JOBS" --output-on-failure >ctest.log 2>&1 && tail -3 ctest.log) ||
       { tail -40 "$BUILD_DIR/ctest.log"; exit 1; }
     [ "${2:-}" = tests ] && exit 0
+    figs="$BUILD_DIR/gpu-check"
+    mkdir -p "$figs"
     echo "== bench field --device cuda: the field and its vjp against cuBLAS sgemm of the MLP's shape"
     for size in M G; do
-      "$BUILD_DIR/flowloop" bench field --device cuda --size "$size" --time-cond --seconds 3
+      "$BUILD_DIR/flowloop" bench field --device cuda --size "$size" --time-cond --seconds 3 | tee "$figs/field_$size.json"
     done
     echo "== PyTorch + torchdiffeq on the same GPU (python3 with torch and torchdiffeq)"
     peer=(python3 experiments/peer_torch.py --flowloop "$BUILD_DIR/flowloop" --device cuda --threads "$JOBS"
       --rounds 1 --seconds 2)
-    "${peer[@]}" bench --sizes M G
-    "${peer[@]}" solve --sizes M G
-    "${peer[@]}" train --sizes M G
+    for what in bench solve train; do
+      "${peer[@]}" "$what" --sizes M G | tee "$figs/$what.jsonl"
+    done
+    echo "== the table (the README's performance section; the records are in $figs)"
+    python3 experiments/gpu_table.py "$figs"
     ;;
   peer)
     build
