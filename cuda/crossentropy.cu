@@ -1,5 +1,5 @@
 // cuda/crossentropy.cu: the mean cross-entropy of rows of logits and its gradient, one
-// thread per row (kernels.hpp's body); the rows' losses summed by Thrust.
+// thread per row (kernels.hpp's body); the rows' losses summed by Thrust on the stream.
 #include <thrust/count.h>
 #include <thrust/execution_policy.h>
 #include <thrust/reduce.h>
@@ -7,6 +7,7 @@
 #include "check.cuh"
 #include "flowloop/cuda.hpp"
 #include "flowloop/kernels.hpp"
+#include "thrust_algebra.hpp"  // exec: Thrust on the stream, temporaries from the device's pool
 
 namespace flowloop::cuda {
 namespace {
@@ -27,13 +28,13 @@ template <class S>
 S crossentropy_forward_backward(S* dlogits, const S* logits, const int32_t* targets, int N, int V, void* stream) {
   if (N <= 0) return S(0);
   const cudaStream_t st = detail::stream_of(stream);
-  const auto count = thrust::count_if(thrust::cuda::par.on(st), targets, targets + N, Scored());
+  const auto count = thrust::count_if(algebra::device::exec(st), targets, targets + N, Scored());
   if (count == 0) return S(0);
   DeviceBuffer<double> loss(static_cast<size_t>(N));
   crossentropy_kernel<<<detail::blocks_for(N), detail::kThreads, 0, st>>>(loss.data(), dlogits, logits, targets, N, V,
                                                                          S(1) / static_cast<S>(count));
   FLOWLOOP_CUDA_LAUNCHED("crossentropy_forward_backward");
-  const double total = thrust::reduce(thrust::cuda::par.on(st), loss.data(), loss.data() + N, 0.0);
+  const double total = thrust::reduce(algebra::device::exec(st), loss.data(), loss.data() + N, 0.0);
   return static_cast<S>(total / static_cast<double>(count));
 }
 

@@ -34,6 +34,8 @@
 
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
 #include <cuda_runtime.h>
+
+#include "flowloop/cuda.hpp"  // device_alloc_async
 #endif
 
 namespace flowloop::algebra::device {
@@ -46,18 +48,13 @@ constexpr int kMaxStages = 32;  // as the CPU algebra
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
 // Thrust's temporary storage (the reductions' partial sums) from the device's pool on
 // the same stream, so that a reduction allocates without synchronising the device.
+// device_alloc_async releases the pool's cache and tries once more when an allocation
+// does not fit, and names the bytes asked and free when it still does not.
 struct StreamAllocator {
   using value_type = char;
   cudaStream_t stream;
-  char* allocate(std::ptrdiff_t n) {
-    void* p = nullptr;
-    if (cudaMallocAsync(&p, static_cast<size_t>(n), stream) != cudaSuccess) {
-      cudaGetLastError();
-      throw Error("CUDA: cannot allocate " + std::to_string(n) + " bytes of temporary storage for a reduction");
-    }
-    return static_cast<char*>(p);
-  }
-  void deallocate(char* p, size_t) { cudaFreeAsync(p, stream); }
+  char* allocate(std::ptrdiff_t n) { return static_cast<char*>(cuda::device_alloc_async(static_cast<size_t>(n), stream)); }
+  void deallocate(char* p, size_t) { cuda::device_free_async(p, stream); }
 };
 inline auto exec(void* stream) {
   const StreamAllocator alloc{static_cast<cudaStream_t>(stream)};
@@ -131,8 +128,9 @@ struct Combine {
 
 // out = y + h sum_j c_j k_j, n values (one state, h a host value)
 template <class S>
-void rk_combine(S* out, const S* y, double h, const double* c, const S* const* k, int m, size_t n) {
-  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), n,
+void rk_combine(S* out, const S* y, double h, const double* c, const S* const* k, int m, size_t n,
+                void* stream) {
+  thrust::for_each_n(exec(stream), thrust::counting_iterator<size_t>(0), n,
                      Combine<S>{out, y, static_cast<S>(h), make_stages(c, k, m)});
 }
 
@@ -146,9 +144,9 @@ struct ScaledSum {
 
 // out = h sum_j c_j k_j (m >= 1)
 template <class S>
-void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n) {
+void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n, void* stream) {
   if (m < 1) throw Error("device algebra: scaled_sum needs at least one stage, not " + std::to_string(m));
-  thrust::for_each_n(thrust::device, thrust::counting_iterator<size_t>(0), n,
+  thrust::for_each_n(exec(stream), thrust::counting_iterator<size_t>(0), n,
                      ScaledSum<S>{out, static_cast<S>(h), make_stages(c, k, m)});
 }
 
@@ -187,16 +185,16 @@ ErrorSquare<S> error_square(double h, const double* e, const S* const* k, int m,
 // sum_i ((h sum_j e_j k_j)_i / (atol + rtol max(|y0_i|, |y1_i|)))^2, in double
 template <class S>
 double error_sum_squares(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
-                         double rtol, double atol, size_t n) {
-  return thrust::transform_reduce(thrust::device, thrust::counting_iterator<size_t>(0),
+                         double rtol, double atol, size_t n, void* stream) {
+  return thrust::transform_reduce(exec(stream), thrust::counting_iterator<size_t>(0),
                                   thrust::counting_iterator<size_t>(n), error_square(h, e, k, m, y0, y1, rtol, atol),
                                   0.0, thrust::plus<double>());
 }
 
 template <class S>
 double error_norm(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1, double rtol,
-                  double atol, size_t n) {
-  return std::sqrt(error_sum_squares(h, e, k, m, y0, y1, rtol, atol, n) / static_cast<double>(n));
+                  double atol, size_t n, void* stream) {
+  return std::sqrt(error_sum_squares(h, e, k, m, y0, y1, rtol, atol, n, stream) / static_cast<double>(n));
 }
 
 struct RowOf {
@@ -300,8 +298,8 @@ struct Square {
 };
 
 template <class S>
-double sum_squares(const S* x, size_t n) {
-  return thrust::transform_reduce(thrust::device, x, x + n, Square<S>(), 0.0, thrust::plus<double>());
+double sum_squares(const S* x, size_t n, void* stream) {
+  return thrust::transform_reduce(exec(stream), x, x + n, Square<S>(), 0.0, thrust::plus<double>());
 }
 
 template <class S>
@@ -311,8 +309,8 @@ struct NotFinite {
 
 // Whether every one of the n values is finite (the solver's NaN check).
 template <class S>
-bool all_finite(const S* x, size_t n) {
-  return thrust::count_if(thrust::device, x, x + n, NotFinite<S>()) == 0;
+bool all_finite(const S* x, size_t n, void* stream) {
+  return thrust::count_if(exec(stream), x, x + n, NotFinite<S>()) == 0;
 }
 
 template <class S>

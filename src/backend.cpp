@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <new>
 
 #include "flowloop/algebra.hpp"
 #include "flowloop/kernels.hpp"
@@ -71,7 +73,14 @@ class ReferenceBackend final : public Backend<S> {
   // Host memory, 64-byte aligned, counted in MemoryStats as Buffers are (the size sits
   // in a header before the block, for free_bytes).
   void* alloc_bytes(size_t bytes) override {
-    char* p = static_cast<char*>(::operator new(bytes + kHeader, std::align_val_t(kHeader)));
+    if (bytes > std::numeric_limits<size_t>::max() - kHeader)
+      throw Error("reference backend: cannot allocate " + std::to_string(bytes) + " bytes");
+    char* p;
+    try {
+      p = static_cast<char*>(::operator new(bytes + kHeader, std::align_val_t(kHeader)));
+    } catch (const std::bad_alloc&) {
+      throw Error("reference backend: cannot allocate " + std::to_string(bytes) + " bytes");
+    }
     std::memcpy(p, &bytes, sizeof(bytes));
     MemoryStats::add(static_cast<std::ptrdiff_t>(bytes));
     return p + kHeader;

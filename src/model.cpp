@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "flowloop/io.hpp"
@@ -164,13 +165,14 @@ void Model<S>::loop_backward(S* dparams, int K, int stop, const S* extra, LoopWo
     w.dev_extra.resize(be, (static_cast<size_t>(K) + 1) * NC);
     w.dev_extra.upload(extra, (static_cast<size_t>(K) + 1) * NC);
   }
-  w.device->set_resident(true);
-  for (int k = K - 1; k >= stop; --k) {
-    be.copy(w.dev_f.data(), w.dev_dh.data(), NC);
-    w.device->vjp(w.dev_dh.data(), dgrad, 0, w.dev_f.data(), k);
-    if (extra && k >= 1) be.axpy(w.dev_dh.data(), S(1), w.dev_extra.data() + NC * k, NC);
+  {
+    typename FieldSystem<S>::Resident resident(*w.device);
+    for (int k = K - 1; k >= stop; --k) {
+      be.copy(w.dev_f.data(), w.dev_dh.data(), NC);
+      w.device->vjp(w.dev_dh.data(), dgrad, 0, w.dev_f.data(), k);
+      if (extra && k >= 1) be.axpy(w.dev_dh.data(), S(1), w.dev_extra.data() + NC * k, NC);
+    }
   }
-  w.device->set_resident(false);
   w.dev_dh.download(w.dh.data(), NC);
   if (train_grads_) return;
   w.grad_host.resize(P);
@@ -208,15 +210,16 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
     w.dev_h.resize(be, all);
     w.dev_f.resize(be, NC);
     w.dev_h.upload(w.h.data(), NC);
-    w.device->set_resident(true);
-    for (int k = 0; k < K; ++k) {
-      S* hk = w.dev_h.data() + NC * k;
-      std::fill(w.t.begin(), w.t.end(), static_cast<double>(k));  // Euler's t_k = k
-      w.device->eval_record(w.dev_f.data(), hk, w.t.data(), nullptr, B, k);
-      be.copy(hk + NC, hk, NC);
-      be.axpy(hk + NC, S(1), w.dev_f.data(), NC);  // h_{k+1} = h_k + f (1 f is f: the CPU's bits)
+    {
+      typename FieldSystem<S>::Resident resident(*w.device);
+      for (int k = 0; k < K; ++k) {
+        S* hk = w.dev_h.data() + NC * k;
+        std::fill(w.t.begin(), w.t.end(), static_cast<double>(k));  // Euler's t_k = k
+        w.device->eval_record(w.dev_f.data(), hk, w.t.data(), nullptr, B, k);
+        be.copy(hk + NC, hk, NC);
+        be.axpy(hk + NC, S(1), w.dev_f.data(), NC);  // h_{k+1} = h_k + f (1 f is f: the CPU's bits)
+      }
     }
-    w.device->set_resident(false);
     w.dev_h.download(w.h.data(), all);
   }
   for (int k = 0; k < K && !device_field(); ++k) {
@@ -485,15 +488,11 @@ SolveResult<S> FieldSystem<S>::solve(S* y, const SolveOptions& opt, OdeSystem<S>
   const size_t n = static_cast<size_t>(B_) * dim();
   dstate_.resize(dev_->backend(), n);
   dstate_.upload(y, n);
-  set_resident(true);
   SolveResult<S> r;
-  try {
+  {
+    Resident resident(*this);
     r = integrate(sys, dstate_.data(), opt);
-  } catch (...) {
-    resident_ = false;
-    throw;
   }
-  resident_ = false;
   dstate_.download(y, n);
   return r;
 }
@@ -608,13 +607,10 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   // steps, the adjoint's backsolve) stay there: the states cross once each way. The
   // regularisers evaluate there from host states.
   const bool resident = device_field() && !gopt.regularized();
-  struct HostAgain {
-    FieldSystem<S>& sys;
-    ~HostAgain() { sys.set_resident(false); }
-  } host_again{sys};
+  std::optional<typename FieldSystem<S>::Resident> in_memory;
   Backend<S>* be = resident ? &device_field()->backend() : nullptr;
   if (resident) {
-    sys.set_resident(true);
+    in_memory.emplace(sys);
     w.dev_h.resize(*be, NC);
     w.dev_h.upload(w.h.data(), NC);
   }

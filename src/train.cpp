@@ -510,7 +510,9 @@ struct Trainer::Impl {
   void use_device() {
     opt->set_backend(model->backend());
     if (!model->backend()) return;
-    const size_t fb = model->layout.field_begin();
+    // the optimiser's range holds the whole model from parameter 0 (AdamW's default)
+    const size_t fb = model->layout.field_begin() - opt->begin();
+    opt->prepare(model->params.data());  // the device's parameters are current before anything reads them
     model->set_device_training(opt->device_params() + fb, opt->device_grads() + fb);
   }
 
@@ -526,6 +528,7 @@ struct Trainer::Impl {
     step = std::stoll(get("step"));
     opt->t = std::stoll(get("adam_t"));
     opt->state_changed();
+    opt->prepare(model->params.data());  // an evaluation before the next step reads the loaded state
   }
 };
 

@@ -194,6 +194,17 @@ TEST_CASE("device: a resident field system refuses what needs host states", "[de
   }
   sys.set_resident(false);
   CHECK(sys.backend() == nullptr);
+  {  // a resident scope ends with the host's states again, after a throw too
+    try {
+      FieldSystem<double>::Resident resident(sys);
+      CHECK(sys.backend() != nullptr);
+      throw Error("inside the scope");
+    } catch (const Error&) {
+    }
+    CHECK(sys.backend() == nullptr);
+  }
+  // an array whose bytes overflow is an Error naming it, not an allocation
+  CHECK_THROWS_WITH(Array<double>(dev.device_field()->backend(), SIZE_MAX / 4), Catch::Contains("overflows"));
 }
 
 TEST_CASE("device: the exit gate's loops on the reference backend against the CPU", "[device]") {

@@ -759,5 +759,15 @@ TEST_CASE("training with the optimiser on a backend: the host's bits, the CPU's 
     const Model<float> mb = load_model<float>((dir.path / ((ode ? "ode_" : "loop_") + std::string("dev")) /
                                                "model.safetensors").string());
     CHECK(mb.params == resumed.model().params);
+    // a finished run resumed on the device (no step left) evaluates the weights it loaded
+    Trainer done(config("part"));
+    done.set_backend(std::shared_ptr<Backend<float>>(make_backend<float>(Device::cpu)));
+    done.run(true, quiet);
+    CHECK(done.step() == 6);
+    const auto data = make_source(config("part"));
+    const EvalResult on_device = evaluate(done.model(), *data, config("part").depth, 2, 4);
+    const EvalResult on_cpu = evaluate(mb, *data, config("part").depth, 2, 4);
+    CHECK(on_device.loss == Approx(on_cpu.loss).epsilon(1e-5));
+    CHECK(on_device.accuracy == on_cpu.accuracy);
   }
 }

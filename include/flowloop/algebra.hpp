@@ -68,18 +68,19 @@ double scaled_diff_sum_squares(const S* a, const S* b, const S* y, double rtol, 
 // computed as above; the reductions are Thrust's (equal to the CPU's to rounding).
 namespace flowloop::algebra::device {
 template <class S>
-void rk_combine(S* out, const S* y, double h, const double* c, const S* const* k, int m, size_t n);
+void rk_combine(S* out, const S* y, double h, const double* c, const S* const* k, int m, size_t n,
+                void* stream = nullptr);
 template <class S>
 void rk_combine_rows(S* out, const S* y, const double* h, const double* c, const S* const* k, int m,
                      const int* rows, int nrows, size_t n, void* stream = nullptr);
 template <class S>
-void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n);
+void scaled_sum(S* out, double h, const double* c, const S* const* k, int m, size_t n, void* stream = nullptr);
 template <class S>
 double error_sum_squares(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1,
-                         double rtol, double atol, size_t n);
+                         double rtol, double atol, size_t n, void* stream = nullptr);
 template <class S>
 double error_norm(double h, const double* e, const S* const* k, int m, const S* y0, const S* y1, double rtol,
-                  double atol, size_t n);
+                  double atol, size_t n, void* stream = nullptr);
 // out[i] (device, nrows) = error_sum_squares of row rows[i] with its own step h[rows[i]],
 // over the values v with v % period < dims (period 0: all): a batch's per-row error sums
 // in one pass (the driver copies them to the host once).
@@ -95,10 +96,10 @@ template <class S>
 void scaled_sum_squares_rows(double* out, const S* a, const S* b, const S* y, double rtol, double atol, int nrows,
                              size_t n, void* stream = nullptr);
 template <class S>
-double sum_squares(const S* x, size_t n);
+double sum_squares(const S* x, size_t n, void* stream = nullptr);
 // Whether all n values are finite (the solver's NaN check).
 template <class S>
-bool all_finite(const S* x, size_t n);
+bool all_finite(const S* x, size_t n, void* stream = nullptr);
 // The active rows: gather packs rows rows[0..nrows) of src (rows of n values) into dst's
 // first nrows rows; scatter puts them back; copy_rows copies the listed rows from src to dst.
 // `stream` (a cudaStream_t; null: the default stream) orders the row-batched operations.

@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -46,6 +47,15 @@ Device resolve_device(const std::string& name);
 // Throws Error when `d` cannot run here: cuda without a CUDA build, or without a GPU.
 void require_device(Device d);
 
+// The bytes of n values of T; an n whose bytes overflow size_t is an Error naming it.
+template <class T>
+size_t array_bytes(size_t n) {
+  if (n > std::numeric_limits<size_t>::max() / sizeof(T))
+    throw Error("cannot allocate " + std::to_string(n) + " values of " + std::to_string(sizeof(T)) +
+                " bytes: the size overflows");
+  return n * sizeof(T);
+}
+
 template <class S>
 class Backend {
  public:
@@ -59,7 +69,7 @@ class Backend {
   virtual void free_bytes(void* p) noexcept = 0;
   virtual void upload_bytes(void* dst, const void* host, size_t bytes) = 0;    // returns when host may change
   virtual void download_bytes(void* host, const void* src, size_t bytes) = 0;  // waits for the queued work
-  S* alloc(size_t n) { return static_cast<S*>(alloc_bytes(n * sizeof(S))); }
+  S* alloc(size_t n) { return static_cast<S*>(alloc_bytes(array_bytes<S>(n))); }
   void free(S* p) noexcept { free_bytes(p); }
   void upload(S* dst, const S* host, size_t n) { upload_bytes(dst, host, n * sizeof(S)); }
   void download(S* host, const S* src, size_t n) { download_bytes(host, src, n * sizeof(S)); }
@@ -159,7 +169,7 @@ class Array {
  public:
   Array() = default;
   Array(Backend<S>& be, size_t n)
-      : be_(&be), n_(n), p_(n ? static_cast<T*>(be.alloc_bytes(n * sizeof(T))) : nullptr) {}
+      : be_(&be), n_(n), p_(n ? static_cast<T*>(be.alloc_bytes(array_bytes<T>(n))) : nullptr) {}
   ~Array() {
     if (p_) be_->free_bytes(p_);
   }

@@ -109,6 +109,17 @@ class FieldSystem : public DiffSystem<S> {
   Backend<S>* backend() override { return resident_ ? &dev_->backend() : nullptr; }
   void set_resident(bool on);
   bool resident() const { return resident_; }
+  // A resident run's scope: set_resident(true) now, false at its end, a throw included.
+  class Resident {
+   public:
+    explicit Resident(FieldSystem& sys) : sys_(sys) { sys_.set_resident(true); }
+    ~Resident() { sys_.set_resident(false); }
+    Resident(const Resident&) = delete;
+    Resident& operator=(const Resident&) = delete;
+
+   private:
+    FieldSystem& sys_;
+  };
   // integrate() of the host states y (B, T*C) in place: on a device, a resident solve
   // (y uploaded once and downloaded once); on the CPU, integrate() itself. `through`: a
   // system wrapping this one (timing it, say), integrated in its place.
