@@ -40,27 +40,29 @@ uint64_t read_u64le(const uint8_t* p) {
 }  // namespace
 
 SafetensorsFile SafetensorsFile::read(const std::string& path) {
-  auto fail = [&](const std::string& msg) { return Error("checkpoint '" + path + "': " + msg); };
   std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw fail(std::string("cannot open: ") + std::strerror(errno));
-  const auto size = static_cast<uint64_t>(in.tellg());
+  if (!in) throw Error("checkpoint '" + path + "': cannot open: " + std::strerror(errno));
+  const auto size = static_cast<size_t>(in.tellg());
   in.seekg(0);
+  std::vector<uint8_t> bytes(size);
+  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
+  if (!in) throw Error("checkpoint '" + path + "': read error");
+  return parse(bytes.data(), bytes.size(), path);
+}
+
+SafetensorsFile SafetensorsFile::parse(const uint8_t* bytes, size_t size, const std::string& path) {
+  auto fail = [&](const std::string& msg) { return Error("checkpoint '" + path + "': " + msg); };
   if (size < 8)
     throw fail("truncated: " + std::to_string(size) + " bytes, fewer than the 8-byte header length");
-  uint8_t lenbuf[8];
-  in.read(reinterpret_cast<char*>(lenbuf), 8);
-  const uint64_t hlen = read_u64le(lenbuf);
+  const uint64_t hlen = read_u64le(bytes);
   if (hlen > size - 8)
     throw fail("header length " + std::to_string(hlen) + " runs past the end of the file (" +
                std::to_string(size) + " bytes)");
   if (hlen > kMaxHeader) throw fail("header length " + std::to_string(hlen) + " exceeds 100 MiB");
-  std::string header(hlen, '\0');
-  in.read(header.data(), static_cast<std::streamsize>(hlen));
+  const std::string header(reinterpret_cast<const char*>(bytes) + 8, hlen);
   SafetensorsFile f;
   f.path_ = path;
-  f.data_.resize(size - 8 - hlen);
-  in.read(reinterpret_cast<char*>(f.data_.data()), static_cast<std::streamsize>(f.data_.size()));
-  if (!in) throw fail("read error");
+  f.data_.assign(bytes + 8 + hlen, bytes + size);
 
   const nlohmann::json j = parse_json(header, "checkpoint '" + path + "': header");
   if (!j.is_object()) throw fail("header is not a JSON object");
@@ -128,15 +130,20 @@ const std::string& SafetensorsFile::metadata_value(const std::string& key, const
   return it->second;
 }
 
-template <class S>
-void SafetensorsFile::copy_to(const std::string& name, const std::vector<int64_t>& shape,
-                              S* out) const {
+const SafeTensorEntry& SafetensorsFile::require(const std::string& name, const std::vector<int64_t>& shape) const {
   auto it = tensors_.find(name);
   if (it == tensors_.end()) throw Error("checkpoint '" + path_ + "': missing tensor '" + name + "'");
   const SafeTensorEntry& e = it->second;
   if (e.shape != shape)
     throw Error("checkpoint '" + path_ + "': tensor '" + name + "' has shape " + shape_str(e.shape) +
                 " but the config implies " + shape_str(shape));
+  return e;
+}
+
+template <class S>
+void SafetensorsFile::copy_to(const std::string& name, const std::vector<int64_t>& shape,
+                              S* out) const {
+  const SafeTensorEntry& e = require(name, shape);
   const uint8_t* src = data_.data() + e.begin;
   size_t numel = 1;
   for (auto s : shape) numel *= static_cast<size_t>(s);
@@ -201,7 +208,12 @@ void save_checkpoint(const std::string& path, const ModelConfig& cfg, const Para
 
 template <class S>
 Model<S> load_model(const std::string& path) {
-  const SafetensorsFile f = SafetensorsFile::read(path);
+  return load_model<S>(SafetensorsFile::read(path));
+}
+
+template <class S>
+Model<S> load_model(const SafetensorsFile& f) {
+  const std::string& path = f.path();
   auto fmt = f.metadata().find("format");
   if (fmt != f.metadata().end() && fmt->second != "flowloop")
     throw Error("checkpoint '" + path + "': metadata format is '" + fmt->second + "', expected 'flowloop'");
@@ -209,6 +221,10 @@ Model<S> load_model(const std::string& path) {
   if (cfg_it == f.metadata().end())
     throw Error("checkpoint '" + path + "': __metadata__ has no \"config\"");
   const ModelConfig cfg = ModelConfig::from_json(cfg_it->second, "checkpoint '" + path + "'");
+  // every tensor is there with its shape before the model's memory is taken (a config
+  // alone does not decide how much is allocated)
+  const ParamLayout layout(cfg);
+  for (const auto& t : layout.tensors()) f.require(t.name, t.shape);
   Model<S> m(cfg);
   for (const auto& t : m.layout.tensors()) f.copy_to(t.name, t.shape, m.params.data() + t.offset);
   return m;
@@ -221,7 +237,8 @@ Model<S> load_model(const std::string& path) {
                                      const std::map<std::string, std::string>&);             \
   template void save_checkpoint<S>(const std::string&, const ModelConfig&, const ParamLayout&, \
                                    const S*, std::map<std::string, std::string>);            \
-  template Model<S> load_model<S>(const std::string&);
+  template Model<S> load_model<S>(const std::string&);                                        \
+  template Model<S> load_model<S>(const SafetensorsFile&);
 
 FLOWLOOP_CKPT(float)
 FLOWLOOP_CKPT(double)

@@ -35,6 +35,17 @@ void ModelConfig::validate() const {
                 (time_scale == 0.0 ? " (finalize() fills 1000 / depth)" : ""));
   if (step_cond && !time_cond)
     throw Error("config: step_cond (step-size conditioning) needs time_cond");
+  if (n_block > kMaxBlocks)
+    throw Error("config: n_block must be at most " + std::to_string(kMaxBlocks) + ", got " + std::to_string(n_block));
+  // the parameter count (ParamLayout's tensors), in double: no product can overflow here
+  const double V = vocab_size, Tm = context, C = d_model, F = d_ff, E = time_freq;
+  const double block = 4 * C * C + 4 * C + 2 * F * C + F + 5 * C + (time_cond ? 6 * C * C + 6 * C : 0);
+  const double embed = C * E + C * C + 2 * C;
+  const double count = (V + Tm) * C + n_block * block + (time_cond ? embed : 0) + (step_cond ? embed : 0) + 2 * C +
+                       (exit_gate ? C + 1 : 0);
+  if (count > kMaxParams)
+    throw Error("config: the model would hold " + std::to_string(count) + " parameters, more than " +
+                std::to_string(kMaxParams) + " (vocab_size, context, d_model, d_ff, n_block)");
 }
 
 std::string ModelConfig::to_json() const {

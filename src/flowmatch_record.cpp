@@ -65,7 +65,17 @@ std::string TrajectoryManifest::to_json() const {
 
 TrajectoryManifest TrajectoryManifest::read(const std::string& dir) {
   const std::string path = (fs::path(dir) / "manifest.json").string();
-  const json j = read_json_file(path, "trajectory manifest");
+  const TrajectoryManifest m = parse(read_json_file(path, "trajectory manifest"), path);
+  if (!fs::exists(fs::path(dir) / m.teacher_file))
+    throw Error("trajectory manifest '" + path + "' names the teacher '" + m.teacher_file + "', which is missing");
+  for (const char* name : {"train", "test"})
+    for (const auto& s : m.split(name))
+      if (!fs::exists(fs::path(dir) / s.file))
+        throw Error("trajectory manifest '" + path + "' names the shard '" + s.file + "', which is missing");
+  return m;
+}
+
+TrajectoryManifest TrajectoryManifest::parse(const json& j, const std::string& path) {
   TrajectoryManifest m;
   try {
     if (j.at("format").get<std::string>() != "flowloop-trajectories")
@@ -93,12 +103,21 @@ TrajectoryManifest TrajectoryManifest::read(const std::string& dir) {
   if (m.times.size() != static_cast<size_t>(m.K) + 1)
     throw Error("trajectory manifest '" + path + "': " + std::to_string(m.times.size()) + " times for K = " +
                 std::to_string(m.K));
-  if (!fs::exists(fs::path(dir) / m.teacher_file))
-    throw Error("trajectory manifest '" + path + "' names the teacher '" + m.teacher_file + "', which is missing");
+  // the files it names are DATA's own: a plain file name, never a path out of it
+  auto plain = [&](const std::string& file, const char* what) {
+    if (file.empty() || file == "." || file == ".." || file.find('/') != std::string::npos ||
+        file.find('\\') != std::string::npos || file.find('\0') != std::string::npos)
+      throw Error("trajectory manifest '" + path + "' names the " + what + " '" + file +
+                  "': a file name inside the data directory is expected");
+  };
+  plain(m.teacher_file, "teacher");
   for (const char* name : {"train", "test"})
-    for (const auto& s : m.split(name))
-      if (!fs::exists(fs::path(dir) / s.file))
-        throw Error("trajectory manifest '" + path + "' names the shard '" + s.file + "', which is missing");
+    for (const auto& s : m.split(name)) {
+      plain(s.file, "shard");
+      if (s.examples < 1 || s.first < 0)
+        throw Error("trajectory manifest '" + path + "': shard '" + s.file + "' has " + std::to_string(s.examples) +
+                    " examples from " + std::to_string(s.first));
+    }
   return m;
 }
 
@@ -111,9 +130,14 @@ TrajectoryShardData read_trajectory_shard(const TrajectoryManifest& m, const std
   d.T = m.T;
   d.C = m.C;
   const int64_t n = shard.examples;
-  d.states.resize(static_cast<size_t>(n) * static_cast<size_t>(m.K + 1) * static_cast<size_t>(m.T) *
-                  static_cast<size_t>(m.C));
-  f.copy_to("states", {n, m.K + 1, m.T, m.C}, d.states.data());
+  // sized only once the file holds that shape (a manifest's sizes are not trusted alone);
+  // otherwise copy_to names the missing tensor or the shape it has
+  const std::vector<int64_t> shape{n, int64_t{m.K} + 1, m.T, m.C};
+  const auto st = f.tensors().find("states");
+  if (st != f.tensors().end() && st->second.shape == shape)
+    d.states.resize(static_cast<size_t>(n) * static_cast<size_t>(shape[1]) * static_cast<size_t>(m.T) *
+                    static_cast<size_t>(m.C));
+  f.copy_to("states", shape, d.states.data());
   std::vector<float> tmp(static_cast<size_t>(n) * static_cast<size_t>(m.T));
   for (const char* name : {"tokens", "targets"}) {
     f.copy_to(name, {n, m.T}, tmp.data());

@@ -51,7 +51,9 @@ TokenBatch parse_rows(const nlohmann::json& j, const std::string& key, const std
       if (!r[t].is_number_integer())
         throw Error(where + ": row " + std::to_string(b) + ", position " + std::to_string(t) +
                     " is not an integer");
-      const auto v = r[t].get<int64_t>();
+      // (an unsigned value above INT64_MAX would wrap to a negative one: out of range too)
+      const bool huge = r[t].is_number_unsigned() && r[t].get<uint64_t>() > static_cast<uint64_t>(INT32_MAX);
+      const auto v = huge ? int64_t{INT32_MAX} + 1 : r[t].get<int64_t>();
       if (v < INT32_MIN || v > INT32_MAX)
         throw Error(where + ": row " + std::to_string(b) + ", position " + std::to_string(t) +
                     " is out of range");
@@ -65,6 +67,10 @@ TokenBatch parse_rows(const nlohmann::json& j, const std::string& key, const std
 
 TokenBatch read_token_file(const std::string& path, const std::string& key) {
   return parse_rows(read_json_file(path, "tokens file"), key, path);
+}
+
+TokenBatch parse_token_json(const std::string& text, const std::string& key, const std::string& where) {
+  return parse_rows(parse_json(text, "tokens file '" + where + "'"), key, where);
 }
 
 template <class S>

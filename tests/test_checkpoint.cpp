@@ -193,8 +193,44 @@ TEST_CASE("malformed checkpoints are rejected with the file and the fault", "[ch
   }
   CHECK_THROWS_WITH(load_model<float>(dir.file("absent.safetensors")),
                     Catch::Contains("absent.safetensors") && Catch::Contains("cannot open"));
-  // the good file still loads after all that
+  {  // a config that asks for more than the file holds is refused before anything is allocated
+    auto j = h;
+    auto c = nlohmann::json::parse(j["__metadata__"]["config"].get<std::string>());
+    c["vocab_size"] = 1 << 20;  // 2^30 parameters (4 GiB of float): allowed, but not in this file
+    c["d_model"] = 1 << 10;
+    c["n_head"] = 2;
+    c["d_ff"] = 4;
+    j["__metadata__"]["config"] = c.dump();
+    expect(with_header(j.dump(), data), "tensor 'wte.weight' has shape [7, 4] but the config implies [1048576, 1024]");
+    c["n_block"] = 1 << 20;
+    j["__metadata__"]["config"] = c.dump();
+    expect(with_header(j.dump(), data), "n_block must be at most 4096");
+    c["n_block"] = 4096;
+    c["d_ff"] = 1 << 30;
+    j["__metadata__"]["config"] = c.dump();
+    expect(with_header(j.dump(), data), "parameters, more than");
+  }
+  // the good file still loads after all that, and parses the same from memory
   CHECK(load_model<float>(good).params == m.params);
+  const SafetensorsFile mem =
+      SafetensorsFile::parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "in memory");
+  CHECK(load_model<float>(mem).params == m.params);
+  CHECK_THROWS_WITH(SafetensorsFile::parse(reinterpret_cast<const uint8_t*>(bytes.data()), 5, "in memory"),
+                    Catch::Contains("checkpoint 'in memory': truncated: 5 bytes"));
+}
+
+TEST_CASE("token rows: values out of int32 are refused, whatever their JSON type", "[checkpoint][io]") {
+  CHECK(parse_token_json("{\"tokens\": [[1, 2], [3, 4]]}", "tokens", "t.json").data == std::vector<int32_t>{1, 2, 3, 4});
+  // an unsigned 64-bit value once wrapped to -1 (the ignore marker) on its way to int64
+  for (const char* text : {"{\"tokens\": [[18446744073709551615]]}", "{\"tokens\": [[2147483648]]}",
+                           "{\"tokens\": [[-2147483649]]}"}) {
+    INFO(text);
+    CHECK_THROWS_WITH(parse_token_json(text, "tokens", "t.json"),
+                      Catch::Contains("'t.json'") && Catch::Contains("row 0, position 0 is out of range"));
+  }
+  CHECK_THROWS_WITH(parse_token_json("{\"tokens\": [[1, 2], [3]]}", "tokens", "t.json"),
+                    Catch::Contains("row 1 has length 1"));
+  CHECK_THROWS_WITH(parse_token_json("{\"tokens\": [[1", "tokens", "t.json"), Catch::Contains("t.json"));
 }
 
 TEST_CASE("files are written whole, and JSON files read with the file and the fault", "[checkpoint][io]") {

@@ -614,6 +614,19 @@ TEST_CASE("record: the teacher's loop states in shards, resumable, checked on re
     j["K"] = "three";
     write_file_atomic((dir.path / "format" / "manifest.json").string(), j.dump());
     CHECK_THROWS_WITH(TrajectoryManifest::read((dir.path / "format").string()), Catch::Contains("manifest.json"));
+    // the files a manifest names stay inside its directory
+    j = read_json_file((dir.path / "data" / "manifest.json").string(), "manifest");
+    for (const char* file : {"../data/train-00000.safetensors", "/etc/passwd", "..", ""}) {
+      INFO(file);
+      nlohmann::json k = j;
+      k["splits"]["train"][0]["file"] = file;
+      CHECK_THROWS_WITH(TrajectoryManifest::parse(k, "m.json"), Catch::Contains("a file name inside the data directory"));
+      k = j;
+      k["teacher"] = file;
+      CHECK_THROWS_WITH(TrajectoryManifest::parse(k, "m.json"), Catch::Contains("names the teacher"));
+    }
+    j["splits"]["test"][0]["examples"] = 0;
+    CHECK_THROWS_WITH(TrajectoryManifest::parse(j, "m.json"), Catch::Contains("has 0 examples"));
   }
   const std::string shard = (dir.path / "broken" / "train-00001.safetensors").string();
   std::filesystem::resize_file(shard, std::filesystem::file_size(shard) - 7);

@@ -31,6 +31,8 @@ struct SafeTensorEntry {
 class SafetensorsFile {
  public:
   static SafetensorsFile read(const std::string& path);
+  // The same from the file's bytes in memory; `path` names it in errors.
+  static SafetensorsFile parse(const uint8_t* bytes, size_t size, const std::string& path);
 
   const std::string& path() const { return path_; }
   const std::map<std::string, SafeTensorEntry>& tensors() const { return tensors_; }
@@ -38,6 +40,8 @@ class SafetensorsFile {
   // The metadata value of `key`; throws Error("<what> '<path>': metadata lacks "<key>"<hint>").
   const std::string& metadata_value(const std::string& key, const std::string& what,
                                     const std::string& hint = "") const;
+  // Tensor `name`'s entry; throws Error if it is missing or of another shape.
+  const SafeTensorEntry& require(const std::string& name, const std::vector<int64_t>& shape) const;
   // Copies tensor `name` into out (numel values), converting F32/F64 to S.
   // Throws if missing, of a dtype other than F32/F64, or of another shape.
   template <class S>
@@ -73,5 +77,8 @@ void save_checkpoint(const std::string& path, const ModelConfig& cfg, const Para
 // SafetensorsFile).
 template <class S>
 Model<S> load_model(const std::string& path);
+// The same from a file already read (or parsed from memory).
+template <class S>
+Model<S> load_model(const SafetensorsFile& f);
 
 }  // namespace flowloop

@@ -31,6 +31,9 @@ struct ModelConfig {
   // checks every field; throws Error naming the offending value.
   void finalize();
   void validate() const;
+  // Limits of validate(): a checkpoint's config alone never asks for more than this.
+  static constexpr int kMaxBlocks = 4096;
+  static constexpr double kMaxParams = 68719476736.0;  // 2^36 (256 GiB of float)
 
   // JSON object with vocab_size, context, d_model, n_head, d_ff, n_block, depth
   // (and exit_gate, time_cond, time_freq, time_scale, step_cond when the model has them).

@@ -191,6 +191,8 @@ struct TrajectoryManifest {
   // Reads DATA/manifest.json; throws Error naming the file and the problem
   // (missing, malformed, a field of the wrong type, a shard file that is missing).
   static TrajectoryManifest read(const std::string& dir);
+  // The manifest's JSON checked (without looking for its files); `path` names it in errors.
+  static TrajectoryManifest parse(const nlohmann::json& j, const std::string& path);
 };
 
 // One shard, checked against the manifest (shapes, dtypes, its example count).

@@ -36,6 +36,8 @@ struct TokenBatch {
 // Reads {"tokens": [[...], ...]} (or another key, e.g. "targets") from a JSON
 // file: B rows of equal length. Errors name the file, row and position.
 TokenBatch read_token_file(const std::string& path, const std::string& key);
+// The same from the file's text; `where` names it in errors.
+TokenBatch parse_token_json(const std::string& text, const std::string& key, const std::string& where);
 
 // Forward activations of the readout, kept for its backward.
 template <class S>
