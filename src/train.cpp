@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -475,6 +476,7 @@ std::string progress_line(int64_t step, int64_t total, int64_t first, double wal
 
 struct Trainer::Impl {
   TrainConfig c;
+  std::shared_ptr<Communicator> comm;  // the ranks training together (one: a single process)
   std::unique_ptr<DataSource> data;
   std::unique_ptr<Model<float>> model;
   std::unique_ptr<AdamW> opt;
@@ -549,10 +551,41 @@ ModelConfig TrainConfig::model_config(const DataSource& data) const {
   return mc;
 }
 
-Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
+namespace {
+
+// What data parallelism cannot shard (each rank solves and differentiates its own rows).
+void require_data_parallel(const TrainConfig& c, int ranks) {
+  shard_rows(c.batch, 0, ranks);  // every rank gets a row
+  if (c.depth.coupled)
+    throw Error("a batch-coupled solve shares one step over the whole batch; data-parallel training over " +
+                std::to_string(ranks) + " ranks solves each rank's rows apart: drop batch_coupled");
+  if (c.jacobian != 0)
+    throw Error("the Jacobian regulariser's Hutchinson noise is drawn over the whole batch; data-parallel training over " +
+                std::to_string(ranks) + " ranks does not shard it: train it in one process");
+}
+
+// Every rank must hold the same parameters (they apply the same summed gradient); a
+// 64-bit hash of their bits compared over the ranks at every checkpoint proves it.
+void require_same_parameters(Communicator& comm, const Buffer<float>& params, int64_t step) {
+  uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a
+  const auto* bytes = reinterpret_cast<const unsigned char*>(params.data());
+  for (size_t i = 0; i < params.size() * sizeof(float); ++i) h = (h ^ bytes[i]) * 0x100000001b3ULL;
+  const double hi = static_cast<double>(h >> 32), lo = static_cast<double>(h & 0xffffffffULL);
+  std::array<double, 4> v{hi, lo, -hi, -lo};
+  comm.max(v.data(), v.size());
+  if (v[0] != -v[2] || v[1] != -v[3])
+    throw Error("step " + std::to_string(step) + ": the ranks' parameters differ (rank " + std::to_string(comm.rank()) +
+                "'s hash is not every rank's)");
+}
+
+}  // namespace
+
+Trainer::Trainer(const TrainConfig& cfg, std::shared_ptr<Communicator> comm) : impl_(std::make_unique<Impl>()) {
   Impl& I = *impl_;
   I.c = cfg;
   I.c.validate();
+  I.comm = comm ? std::move(comm) : single_process();
+  if (I.comm->size() > 1) require_data_parallel(I.c, I.comm->size());
   I.data = make_source(I.c);
   const ModelConfig mc = I.c.model_config(*I.data);
   I.model = std::make_unique<Model<float>>(mc);
@@ -577,9 +610,9 @@ Trainer::Trainer(const TrainConfig& cfg) : impl_(std::make_unique<Impl>()) {
     }
   }
   I.opt = std::make_unique<AdamW>(I.model->layout, I.c);
-  // the output directory must be writable before any work is done
+  // the output directory must be writable before any work is done (rank 0 writes it)
   I.dir = I.c.out;
-  require_writable(I.c.out);
+  if (I.comm->rank() == 0) require_writable(I.c.out);
 }
 
 TrainCost read_train_cost(const std::string& dir, double tokens_per_step) {
@@ -607,11 +640,17 @@ Trainer::~Trainer() = default;
 
 const Model<float>& Trainer::model() const { return *impl_->model; }
 void Trainer::set_device(Device d) {
+  if (impl_->comm->size() > 1 && d != Device::cpu)
+    throw Error("data-parallel training over " + std::to_string(impl_->comm->size()) +
+                " ranks runs on the CPU (--device cpu); a model on a device trains in one process");
   impl_->model->set_device(d);
   impl_->use_device();
 }
 
 void Trainer::set_backend(std::shared_ptr<Backend<float>> be) {
+  if (impl_->comm->size() > 1 && be)
+    throw Error("data-parallel training over " + std::to_string(impl_->comm->size()) +
+                " ranks runs on the CPU; a model on a backend trains in one process");
   impl_->model->set_backend(std::move(be));
   impl_->use_device();
 }
@@ -621,18 +660,24 @@ int64_t Trainer::step() const { return impl_->step; }
 void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   Impl& I = *impl_;
   const TrainConfig& c = I.c;
+  Communicator& comm = *I.comm;
+  const int ranks = comm.size();
+  const bool lead = comm.rank() == 0;  // writes the metrics and checkpoints, evaluates, reports
   I.step = 0;
   if (resume) {
     if (!std::filesystem::exists(I.ckpt())) throw Error("--resume: no checkpoint at '" + I.ckpt() + "'");
     I.load_checkpoint_file();
   }
-  start_metrics(I.metrics(), resume, I.step);
-  write_file_atomic((I.dir / "config.json").string(), c.to_json() + "\n");
-  std::ofstream log(I.metrics(), std::ios::app);
-  const bool tty = isatty(fileno(stderr));
+  std::ofstream log;
+  if (lead) {
+    start_metrics(I.metrics(), resume, I.step);
+    write_file_atomic((I.dir / "config.json").string(), c.to_json() + "\n");
+    log.open(I.metrics(), std::ios::app);
+  }
+  const bool tty = lead && isatty(fileno(stderr));
   Model<float>& m = *I.model;
   Buffer<float> grads(m.params.size());
-  TokenBatch tok, tgt;
+  TokenBatch tok, tgt, global_tok, global_tgt;
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t first = I.step;
   LoopWork<float> w;
@@ -640,10 +685,22 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   while (I.step < c.steps && (stop_at < 0 || I.step < stop_at)) {
     const auto t0 = std::chrono::steady_clock::now();
     I.opt->prepare(m.params.data());  // on a device: the (loaded) state there before the loss reads it
-    I.data->batch(Split::Train, static_cast<uint64_t>(I.step), c.batch, tok, tgt);
+    // the global batch, whatever the number of ranks; each rank takes its rows
+    I.data->batch(Split::Train, static_cast<uint64_t>(I.step), c.batch, global_tok, global_tgt);
+    // This rank's share of the global mean loss (every rank holds the global batch, so
+    // no communication is needed for it): its gradient is scaled by it after the step
+    const ShardWeights sw = shard_weights(global_tgt, comm.rank(), ranks);
+    if (ranks > 1) {
+      tok = slice_rows(global_tok, sw.begin, sw.end);
+      tgt = slice_rows(global_tgt, sw.begin, sw.end);
+    } else {
+      std::swap(tok, global_tok);
+      std::swap(tgt, global_tgt);
+    }
     std::fill(grads.begin(), grads.end(), 0.0f);
     float loss;
     int64_t nfe_f, nfe_b;
+    double evals;  // this rank's field evaluations, summed over its sequences
     const float* lg;
     double exit_depth = 0, kinetic = 0, jacobian = 0;
     nlohmann::ordered_json drawn;  // the step's random discretisation, when drawn
@@ -651,6 +708,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     if (!ode && c.exit_gate) {
       loss = m.loop_gate_loss_and_grad(tok, tgt, c.depth.loops, c.gate_beta, grads.data(), w, &exit_depth);
       nfe_f = nfe_b = c.depth.loops;
+      evals = static_cast<double>(nfe_f) * tok.B;
       lg = w.per_loop.back().logits.data();
     } else if (!ode) {
       const int K = c.random_depth_mean > 0 ? random_depth(c.random_depth_mean, c.seed, I.step) : c.depth.loops;
@@ -658,6 +716,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
       loss = m.loop_loss_and_grad(tok, tgt, K, grads.data(), w, nullptr, k);
       nfe_f = K;
       nfe_b = k > 0 ? std::min(K, k) : K;
+      evals = static_cast<double>(K) * tok.B;
       lg = w.readout.logits.data();
     } else {
       GradStats st;
@@ -667,22 +726,56 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
         if (!so.adaptive) drawn["solver_steps"] = so.steps;
         drawn["t1"] = so.t1;
       }
-      loss = m.ode_loss_and_grad(tok, tgt, so, c.grad_options(I.step), grads.data(), st, ow);
+      GradOptions go = c.grad_options(I.step);
+      if (ranks > 1) go.kinetic *= sw.kinetic_factor;  // after the scaling: kinetic * (its rows' share) * R_K
+      loss = m.ode_loss_and_grad(tok, tgt, so, go, grads.data(), st, ow);
       kinetic = st.kinetic;
       jacobian = st.jacobian;
       if (!st.ok()) throw Error("step " + std::to_string(I.step) + ": " + st.message);
       nfe_f = st.nfe_forward;
       nfe_b = st.nfe_backward;
+      evals = static_cast<double>(st.forward_stats.seq_evals);
       lg = ow.readout.logits.data();
+    }
+    int64_t acc_count = 0;
+    double acc = accuracy(lg, tgt, m.cfg.vocab_size, I.data->exact_match(), &acc_count);
+    double allreduce_s = 0;
+    std::array<double, 4> most{static_cast<double>(nfe_f), static_cast<double>(nfe_b), evals, 0.0};
+    if (ranks > 1) {
+      if (sw.scale != 1.0)
+        for (float& g : grads) g *= static_cast<float>(sw.scale);
+      // the step's numbers, summed: the global loss, R_K, accuracy (right, counted), exit
+      // depth and the field evaluations
+      std::array<double, 6> sums{sw.share * loss, sw.row_share * kinetic, acc * static_cast<double>(acc_count),
+                                 static_cast<double>(acc_count), sw.share * exit_depth, evals};
+      const auto r0 = std::chrono::steady_clock::now();
+      comm.sum(grads.data(), grads.size());
+      allreduce_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
+      comm.sum(sums.data(), sums.size());
+      loss = static_cast<float>(sums[0]);
+      kinetic = sums[1];
+      acc = sums[3] > 0 ? sums[2] / sums[3] : 0.0;
+      exit_depth = sums[4];
+      most[3] = sums[5];  // the evaluations of all ranks (their mean: imbalance below)
     }
     if (!std::isfinite(loss)) throw Error("step " + std::to_string(I.step) + ": the loss is not finite");
     const double lr = learning_rate(c, I.step);
     const double gnorm = I.opt->step(m.params.data(), grads.data(), lr);
-    const double acc = accuracy(lg, tgt, m.cfg.vocab_size, I.data->exact_match(), nullptr);
     ++I.step;
     const auto t1 = std::chrono::steady_clock::now();
     const double dt = std::chrono::duration<double>(t1 - t0).count();
-    const double wall = std::chrono::duration<double>(t1 - t_start).count();
+    double wall = std::chrono::duration<double>(t1 - t_start).count();
+    bool out_of_time = c.max_seconds > 0 && wall >= c.max_seconds && I.step < c.steps;
+    double total_evals = evals;
+    if (ranks > 1) {  // the depths of the batch (its deepest sequence), and one decision to stop
+      total_evals = most[3];
+      std::array<double, 4> mx{most[0], most[1], evals, out_of_time ? 1.0 : 0.0};
+      comm.max(mx.data(), mx.size());
+      nfe_f = static_cast<int64_t>(mx[0]);
+      nfe_b = static_cast<int64_t>(mx[1]);
+      most[2] = mx[2];
+      out_of_time = mx[3] > 0;
+    }
     nlohmann::ordered_json line;
     line["step"] = I.step;
     line["loss"] = loss;
@@ -692,17 +785,24 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     for (auto it = drawn.begin(); it != drawn.end(); ++it) line[it.key()] = it.value();
     line["nfe_forward"] = nfe_f;
     line["nfe_backward"] = nfe_b;
-    line["flops"] = train_step_flops(m, tok.B, tok.T, static_cast<double>(nfe_f), static_cast<double>(nfe_b));
-    line["tokens_per_s"] = static_cast<double>(tok.B) * tok.T / dt;
+    line["flops"] = train_step_flops(m, c.batch, tok.T, static_cast<double>(nfe_f), static_cast<double>(nfe_b));
+    line["tokens_per_s"] = static_cast<double>(c.batch) * tok.T / dt;
     line["device"] = device_name(m.device());
+    if (ranks > 1) {
+      line["ranks"] = ranks;
+      // the slowest rank's field evaluations over the ranks' mean (1: balanced)
+      line["load_imbalance"] = total_evals > 0 ? most[2] / (total_evals / ranks) : 1.0;
+      line["allreduce_s"] = allreduce_s;
+      line["step_s"] = dt;
+      line["gradient_bytes"] = static_cast<double>(grads.size() * sizeof(float));
+    }
     if (c.exit_gate) line["exit_depth"] = exit_depth;
     if (c.kinetic > 0) line["kinetic"] = kinetic;
     if (c.jacobian > 0) line["jacobian"] = jacobian;
     line["wall_s"] = wall;
-    const bool out_of_time = c.max_seconds > 0 && wall >= c.max_seconds && I.step < c.steps;
     if (out_of_time) line["stopped"] = "max_seconds";
     const bool last = I.step == c.steps || out_of_time;  // evaluated and checkpointed
-    if (I.step % c.eval_every == 0 || last) {
+    if (lead && (I.step % c.eval_every == 0 || last)) {
       const EvalResult ev = evaluate(m, *I.data, c.depth, c.eval_batches, c.batch);
       ev.require_ok();
       line["test_loss"] = ev.loss;
@@ -712,14 +812,20 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
         progress << "step " << I.step << "/" << c.steps << "  loss " << loss << "  test loss " << ev.loss
                  << "  test accuracy " << ev.accuracy << "  " << wall << " s" << std::endl;
     }
-    log << line.dump() << "\n";
-    log.flush();
-    if (I.step % c.checkpoint_every == 0 || last) I.save_checkpoint_file();
+    if (lead) {
+      log << line.dump() << "\n";
+      log.flush();
+    }
+    if (I.step % c.checkpoint_every == 0 || last) {
+      if (ranks > 1) require_same_parameters(comm, m.params, I.step);
+      if (lead) I.save_checkpoint_file();
+    }
     if (tty) progress << progress_line(I.step, c.steps, first, wall, loss, acc) << std::flush;
     if (out_of_time) {
       if (tty) progress << std::endl;
-      progress << "stopped at step " << I.step << " of " << c.steps << ": the time budget of " << c.max_seconds
-               << " s is spent (--resume goes on)" << std::endl;
+      if (lead)
+        progress << "stopped at step " << I.step << " of " << c.steps << ": the time budget of " << c.max_seconds
+                 << " s is spent (--resume goes on)" << std::endl;
       return;
     }
   }

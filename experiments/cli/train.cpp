@@ -1,5 +1,6 @@
 // flowloop train: a looped or ODE-depth model on a task or on text.
 #include <iostream>
+#include <sstream>
 
 #include "cli.hpp"
 #include "flowloop/io.hpp"
@@ -81,11 +82,26 @@ Command register_train(CLI::App& app) {
   add_device_flag(tr, a->device);
   return {tr, [a] {
             const TrainConfig c = merged_train_config(a->given, a->c, a->config_file);
-            Trainer trainer(c);
-            trainer.set_device(resolve_device(a->device));
-            trainer.run(a->resume, std::cerr);
-            const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"}, {"metrics", c.out + "/metrics.jsonl"}};
-            std::cout << last.dump() << std::endl;
+            // under mpirun: every rank trains its rows of each batch; rank 0 writes and reports
+            const std::shared_ptr<Communicator> comm = world();
+            try {
+              Trainer trainer(c, comm);
+              // data-parallel ranks train on the CPU (auto picks it; --device cuda is refused)
+              trainer.set_device(comm->size() > 1 && a->device != "cuda" ? Device::cpu : resolve_device(a->device));
+              std::ostringstream quiet;
+              trainer.run(a->resume, comm->rank() == 0 ? std::cerr : quiet);
+            } catch (const std::exception& e) {
+              if (comm->size() == 1) throw;
+              // the other ranks would wait for this one in the next sum: end them all
+              std::cerr << "flowloop: error (rank " << comm->rank() << " of " << comm->size() << "): " << e.what()
+                        << std::endl;
+              comm->abort(1);
+            }
+            if (comm->rank() == 0) {
+              const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"},
+                                 {"metrics", c.out + "/metrics.jsonl"}, {"ranks", comm->size()}};
+              std::cout << last.dump() << std::endl;
+            }
             return 0;
           }};
 }

@@ -13,6 +13,7 @@
 #include "flowloop/data.hpp"
 #include "flowloop/depth.hpp"
 #include "flowloop/device_field.hpp"
+#include "flowloop/dist.hpp"
 #include "flowloop/field.hpp"
 #include "flowloop/flowmatch.hpp"
 #include "flowloop/flowmatch_train.hpp"

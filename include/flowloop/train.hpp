@@ -15,6 +15,7 @@
 
 #include "flowloop/data.hpp"
 #include "flowloop/depth.hpp"
+#include "flowloop/dist.hpp"
 #include "flowloop/grad.hpp"
 #include "flowloop/model.hpp"
 
@@ -208,8 +209,15 @@ void require_resumable(Config saved, const Config& now, const std::string& check
 
 class Trainer {
  public:
-  // Checks everything (config, data, output directory) before any work.
-  explicit Trainer(const TrainConfig& c);
+  // Checks everything (config, data, output directory) before any work. With a
+  // communicator of N > 1 ranks (world() under mpirun), each rank trains on its rows of
+  // every global batch (shard_rows) and the gradients are summed over the ranks before
+  // the update, which every rank applies: the losses and gradients are the one-process
+  // run's to rounding. Rank 0 writes the metrics (with the ranks, the load imbalance:
+  // the slowest rank's field evaluations over the mean, and the allreduce's seconds)
+  // and the checkpoints, and evaluates; every rank resumes from them, with any N.
+  // Per-sequence solves only (no batch_coupled), no Jacobian regulariser, CPU only.
+  explicit Trainer(const TrainConfig& c, std::shared_ptr<Communicator> comm = nullptr);
   ~Trainer();
   // Trains to c.steps; with resume, continues from DIR/checkpoint.safetensors.
   // stop_at >= 0 stops after that many steps in all (as if the run were killed).

@@ -1,0 +1,75 @@
+// flowloop/dist.hpp: data parallelism over processes (MPI).
+//
+// N processes train one model: each takes a deterministic shard of every global batch
+// (shard_rows), computes its shard's loss and gradient, and the gradients are summed over
+// the processes (Communicator::sum, MPI_Allreduce), so that every rank applies the same
+// update to the same parameters. A global batch is a function of (data, seed, step)
+// alone, whatever N is: a run resumed with another N sees the same batches.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "flowloop/model.hpp"
+
+namespace flowloop {
+
+// The processes that work together: this one is rank() of size(). Every collective call
+// must be made by every rank, in the same order.
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string name() const = 0;  // "single" or "mpi"
+  // In place, element-wise over the ranks: the sum (MPI_Allreduce; for a given number of
+  // ranks, Open MPI reduces in a fixed order, so a run repeats its bits), the maximum.
+  virtual void sum(float* x, size_t n) = 0;
+  virtual void sum(double* x, size_t n) = 0;
+  virtual void max(double* x, size_t n) = 0;
+  virtual void barrier() = 0;
+  // Ends every rank (an error on one rank would leave the others waiting in a collective).
+  [[noreturn]] virtual void abort(int code) = 0;
+};
+
+// One process: the collectives are the identity.
+std::shared_ptr<Communicator> single_process();
+
+// Whether the library was built with MPI (FLOWLOOP_MPI).
+bool mpi_built();
+
+// The processes this one was started with: MPI's world when the launcher (mpirun, or a
+// PMI/PMIx launcher) started it and the library has MPI, else single_process().
+// Initialises MPI on the first call (finalised at exit). Throws Error when started by a
+// launcher with several ranks and the library has no MPI.
+std::shared_ptr<Communicator> world();
+
+// The rows [begin, end) of a global batch of B rows that rank `rank` of `size` takes:
+// contiguous, in rank order, the first B % size ranks one row more. Throws Error unless
+// 0 <= rank < size <= B.
+std::pair<int, int> shard_rows(int B, int rank, int size);
+
+// Rows [begin, end) of a batch (B, T).
+TokenBatch slice_rows(const TokenBatch& b, int begin, int end);
+
+// The number of scored targets (>= 0) of a batch: the denominator of its mean loss.
+int64_t scored_count(const TokenBatch& targets);
+
+// How a rank's shard enters the global batch's loss. A rank computes its shard's mean
+// loss and gradient, with the kinetic regulariser's weight times kinetic_factor, and
+// multiplies the gradient by `scale`; the sum over the ranks is then the global batch's
+// gradient of (mean cross-entropy over all scored targets + kinetic * mean over all
+// sequences of R_K), and sum_r share_r * loss_r its mean loss.
+struct ShardWeights {
+  int begin = 0, end = 0;   // the rank's rows (shard_rows)
+  double share = 1;         // its scored targets over the global batch's (0: none)
+  double row_share = 1;     // its rows over the global batch's
+  double scale = 1;         // share, or 1 when it has no scored target (no cross-entropy gradient)
+  double kinetic_factor = 1;  // row_share / scale
+};
+ShardWeights shard_weights(const TokenBatch& global_targets, int rank, int size);
+
+}  // namespace flowloop
