@@ -20,6 +20,10 @@
 #   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
 #                     every arm at most 10 minutes, the ODE-depth table and looped vs deep at
 #                     12,000 steps over 3 seeds, the tolerance sweep (about 5 hours on 2 cores)
+#   ./run.sh fuzz [SECONDS]  the input parsers under libFuzzer (clang, ASan + UBSan), each SECONDS
+#                     (default 60) from its seed corpus in tests/fuzz/corpus
+#   ./run.sh scaling [STEPS]  data-parallel training: 1 process against 2 MPI ranks on this
+#                     machine (tokens/s, the allreduce's share of a step, gradient bytes)
 #   ./run.sh gpu-check  on a GPU machine: build the CUDA backend, run its agreement tests against
 #                     the CPU and the whole suite, then the GPU benchmarks against cuBLAS and
 #                     PyTorch + torchdiffeq (`gpu-check tests`: the tests only; fails without a GPU)
@@ -44,12 +48,15 @@ need_pkgs() {
   fi
 }
 
-build() {
+build_in() {  # build_in DIR [CMAKE ARGS]
+  local dir=$1
+  shift
   need_pkgs g++ cmake make libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev \
-    libopenblas-dev libopenblas-openmp-dev fortunes
-  cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
-  cmake --build "$BUILD_DIR" -j "$JOBS" >/dev/null
+    libopenblas-dev libopenblas-openmp-dev fortunes openmpi-bin libopenmpi-dev
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+  cmake --build "$dir" -j "$JOBS" >/dev/null
 }
+build() { build_in "$BUILD_DIR" "$@"; }
 
 case "$mode" in
   main)
@@ -253,6 +260,57 @@ case "$mode" in
     echo "== the table (the README's performance section; the records are in $figs)"
     python3 experiments/gpu_table.py "$figs"
     ;;
+  fuzz)
+    # the input parsers under libFuzzer with ASan + UBSan (clang): each harness of
+    # tests/fuzz first replays its regression inputs, then fuzzes SECONDS (default 60) from
+    # its seed corpus, all four at once; a crash, leak or sanitizer report fails with the
+    # input kept in build-fuzz/findings/
+    secs=${2:-60}
+    need_pkgs clang libclang-rt-14-dev libomp-14-dev
+    CC=clang CXX=clang++ build_in build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" -DFLOWLOOP_FUZZ=ON -DFLOWLOOP_CUDA=OFF -DFLOWLOOP_MPI=OFF \
+      -DFLOWLOOP_NATIVE=OFF
+    mkdir -p build-fuzz/findings
+    fuzz_one() {
+      local name=$1 bin="build-fuzz/tests/fuzz/fuzz_$1" corpus="build-fuzz/corpus/$1"
+      mkdir -p "$corpus"  # what the fuzzer adds; the committed seeds stay as they are
+      local kept
+      mapfile -t kept < <(find "tests/fuzz/regressions/$name" -type f ! -name README | sort)
+      if ((${#kept[@]})); then
+        "$bin" "${kept[@]}" >"build-fuzz/$name.log" 2>&1 ||
+          { echo "fuzz $name: a regression input fails again" >&2; tail -30 "build-fuzz/$name.log" >&2; return 1; }
+      fi
+      "$bin" "$corpus" tests/fuzz/corpus/"$name" -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 \
+        -timeout=10 -print_final_stats=1 -artifact_prefix="build-fuzz/findings/$name-" >"build-fuzz/$name.log" 2>&1 ||
+        { echo "fuzz $name: a finding (build-fuzz/findings/)" >&2; tail -40 "build-fuzz/$name.log" >&2; return 1; }
+      echo "fuzz $name: $(grep -m1 -o 'stat::number_of_executed_units: *[0-9]*' "build-fuzz/$name.log" |
+        grep -o '[0-9]*$') runs in $secs s, corpus $(ls "$corpus" | wc -l) inputs, no finding"
+    }
+    rc=0
+    pids=()
+    for name in safetensors tokens train_config manifest; do fuzz_one "$name" & pids+=($!); done
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    exit $rc
+    ;;
+  scaling)
+    # data-parallel training on this machine: tokens/s of 1 process (2 threads) against
+    # 2 MPI ranks (1 thread each), the allreduce's share of a step, and the gradient bytes
+    build
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    out="$BUILD_DIR/scaling"
+    rm -rf "$out"
+    common=(--task phop --task-n 16 --hops 4 --batch 64 --steps "${2:-60}" --eval-every 100000
+      --checkpoint-every 100000 --eval-batches 1 --seed 0 --device cpu)
+    for spec in "loop:--loops 4" "ode:--solver dopri5 --rtol 1e-3 --atol 1e-4 --t1 4"; do
+      name=${spec%%:*}
+      # shellcheck disable=SC2086
+      OMP_NUM_THREADS=2 "$BUILD_DIR/flowloop" train "${common[@]}" ${spec#*:} --out "$out/${name}_np1" >/dev/null
+      # shellcheck disable=SC2086
+      mpirun -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 "$BUILD_DIR/flowloop" train "${common[@]}" \
+        ${spec#*:} --out "$out/${name}_np2" >/dev/null
+    done
+    python3 experiments/scaling_table.py "$out"
+    ;;
   peer)
     build
     need_pkgs python3 python3-torch python3-numpy python3-scipy python3-pip
@@ -272,7 +330,7 @@ case "$mode" in
     FLOWLOOP="$BUILD_DIR/flowloop" notebooks/run_notebooks.sh --out "$BUILD_DIR/notebooks" "${@:2}"
     ;;
   *)
-    echo "usage: ./run.sh [main|study|studies|flowmatch|test|tour|peer|reproduce|figures|gpu-check]" >&2
+    echo "usage: ./run.sh [main|study|studies|flowmatch|test|tour|peer|reproduce|figures|gpu-check|fuzz|scaling]" >&2
     exit 2
     ;;
 esac
