@@ -1,0 +1,430 @@
+// The `flowloop` Python module (pybind11): models loaded, saved and run under any depth
+// specification, flowloop's solver on a Python right-hand side, training and evaluation
+// with the CLI's options, and `compare` as numpy arrays. Long work releases the GIL.
+// Every argument that is wrong raises ValueError naming it (flowloop::Error's text).
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "flowloop/flowloop.hpp"
+
+namespace py = pybind11;
+using namespace flowloop;
+
+namespace {
+
+using Floats = py::array_t<float, py::array::c_style>;
+using Doubles = py::array_t<double, py::array::c_style>;
+
+// A depth specification from keyword arguments, as the CLI's depth flags spell it.
+DepthSpec depth_spec(std::optional<int> loops, std::optional<std::string> solver, std::optional<int> steps,
+                     std::optional<double> rtol, std::optional<double> atol, std::optional<double> t1,
+                     std::optional<std::string> controller, bool batch_coupled, std::optional<int64_t> max_steps) {
+  DepthSpec d;
+  if (loops) d.loops = *loops;
+  if (solver) d.solver = *solver;
+  if (steps) d.steps = *steps;
+  if (rtol) d.rtol = *rtol;
+  if (atol) d.atol = *atol;
+  if (t1) d.t1 = *t1;
+  if (controller) d.controller = *controller;
+  if (max_steps) d.max_steps = *max_steps;
+  d.coupled = batch_coupled;
+  d.validate();
+  return d;
+}
+
+// Token rows from a 2-D integer array; `name` names the argument in errors.
+TokenBatch token_batch(const py::array& a, const char* name) {
+  if (a.ndim() != 2)
+    throw Error(std::string("argument '") + name + "' must be a 2-D integer array (B, T), not " +
+                std::to_string(a.ndim()) + "-D");
+  if (!py::isinstance<py::array_t<int32_t>>(a) && !py::isinstance<py::array_t<int64_t>>(a))
+    throw Error(std::string("argument '") + name + "' must hold integers (int32 or int64), not " +
+                std::string(py::str(a.dtype())));
+  const auto rows = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+  TokenBatch b;
+  b.B = static_cast<int>(a.shape(0));
+  b.T = static_cast<int>(a.shape(1));
+  if (b.B < 1 || b.T < 1) throw Error(std::string("argument '") + name + "' is empty");
+  b.data.resize(static_cast<size_t>(b.B) * b.T);
+  const int64_t* p = rows.data();
+  for (size_t i = 0; i < b.data.size(); ++i) {
+    if (p[i] < INT32_MIN || p[i] > INT32_MAX)
+      throw Error(std::string("argument '") + name + "': value " + std::to_string(p[i]) + " is out of range");
+    b.data[i] = static_cast<int32_t>(p[i]);
+  }
+  return b;
+}
+
+// A numpy array over a buffer the library filled, which it now owns (no copy).
+Floats owned_array(Buffer<float>&& values, std::vector<py::ssize_t> shape) {
+  auto* keep = new Buffer<float>(std::move(values));
+  const py::capsule free_it(keep, [](void* p) { delete static_cast<Buffer<float>*>(p); });
+  return Floats(std::move(shape), keep->data(), free_it);
+}
+
+py::dict solve_stats(const SolveResult<float>& r) {
+  std::vector<int64_t> nfe, steps;
+  for (const auto& s : r.seq) {
+    nfe.push_back(s.nfe);
+    steps.push_back(s.steps);
+  }
+  py::dict d;
+  d["status"] = status_name(r.status);
+  d["message"] = r.message;
+  d["nfe"] = r.nfe;
+  d["steps"] = r.steps;
+  d["accepted"] = r.accepted;
+  d["rejected"] = r.rejected;
+  d["seq_nfe"] = py::array_t<int64_t>(static_cast<py::ssize_t>(nfe.size()), nfe.data());
+  d["seq_steps"] = py::array_t<int64_t>(static_cast<py::ssize_t>(steps.size()), steps.data());
+  return d;
+}
+
+// A Python right-hand side as an OdeSystem: G rows of n values; f(t, y) with a float t and
+// y of shape (n,) returns dy/dt of shape (n,) (or, vectorized, f(t (count,), y (count, n))
+// returns (count, n)). The solver runs with the GIL held (it calls Python at every step).
+class PySystem : public OdeSystem<double> {
+ public:
+  PySystem(py::function f, int groups, size_t n, bool vectorized)
+      : f_(std::move(f)), groups_(groups), n_(n), vectorized_(vectorized) {}
+  int groups() const override { return groups_; }
+  size_t dim() const override { return n_; }
+  void eval(double* dydt, const double* y, const double* t, const int*, int count) override {
+    if (vectorized_) {
+      Doubles ts(count, t);
+      Doubles ys({static_cast<py::ssize_t>(count), static_cast<py::ssize_t>(n_)}, y);
+      take(f_(ts, ys), dydt, static_cast<size_t>(count) * n_, {count, static_cast<py::ssize_t>(n_)});
+      return;
+    }
+    for (int i = 0; i < count; ++i) {
+      Doubles yi(static_cast<py::ssize_t>(n_), y + static_cast<size_t>(i) * n_);
+      take(f_(t[i], yi), dydt + static_cast<size_t>(i) * n_, n_, {static_cast<py::ssize_t>(n_)});
+    }
+  }
+
+ private:
+  static void take(const py::object& out, double* dst, size_t n, std::vector<py::ssize_t> shape) {
+    const auto a = Doubles::ensure(out);
+    if (!a) throw Error("the right-hand side must return an array of floats");
+    std::vector<py::ssize_t> got(a.shape(), a.shape() + a.ndim());
+    if (got != shape) {
+      std::ostringstream s;
+      s << "the right-hand side returned shape (";
+      for (size_t i = 0; i < got.size(); ++i) s << (i ? ", " : "") << got[i];
+      s << "), not (";
+      for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+      s << ")";
+      throw Error(s.str());
+    }
+    std::memcpy(dst, a.data(), n * sizeof(double));
+  }
+  py::function f_;
+  int groups_;
+  size_t n_;
+  bool vectorized_;
+};
+
+// A TrainConfig from keyword arguments: the keys of `train --config`'s JSON (unknown keys
+// and wrong types are errors naming the key); validated for training.
+TrainConfig config_of(const py::dict& options) {
+  const py::module_ json = py::module_::import("json");
+  return TrainConfig::from_json(py::str(json.attr("dumps")(options)), "train options");
+}
+TrainConfig train_config(const py::dict& options) {
+  TrainConfig c = config_of(options);
+  c.validate();
+  return c;
+}
+
+// The data named by the training keys alone (task, task_n, task_hops, task_prime, text,
+// context, seed): evaluation and compare need no depth or optimiser.
+std::unique_ptr<DataSource> data_source(const py::dict& options) { return make_source(config_of(options)); }
+
+py::dict eval_dict(const EvalResult& r) {
+  py::dict d;
+  d["loss"] = r.loss;
+  d["accuracy"] = r.accuracy;
+  d["examples"] = r.examples;
+  d["nfe"] = r.nfe;
+  d["nfe_mean"] = r.nfe_mean;
+  d["nfe_p50"] = r.nfe_p50;
+  d["nfe_p90"] = r.nfe_p90;
+  d["nfe_max"] = r.nfe_max;
+  d["status"] = r.status();
+  d["message"] = r.message;
+  d["wall_s"] = r.wall_s;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_flowloop, m) {
+  m.doc() = "flowloop: looped and continuous-depth transformers (C++), from Python";
+  py::register_exception<Error>(m, "Error", PyExc_ValueError);
+
+  py::class_<Model<float>>(m, "Model", "a model in float (the checkpoint's tensors, the field, the readout)")
+      .def_static(
+          "init",
+          [](int vocab, int context, int d_model, int n_head, int n_block, int depth, int d_ff, bool time_cond,
+             uint64_t seed) {
+            ModelConfig cfg;
+            cfg.vocab_size = vocab;
+            cfg.context = context;
+            cfg.d_model = d_model;
+            cfg.n_head = n_head;
+            cfg.n_block = n_block;
+            cfg.depth = depth;
+            cfg.d_ff = d_ff;
+            cfg.time_cond = time_cond;
+            cfg.finalize();
+            Model<float> model(cfg);
+            model.init(seed);
+            return model;
+          },
+          py::arg("vocab"), py::arg("context"), py::arg("d_model"), py::arg("n_head"), py::arg("n_block") = 1,
+          py::arg("depth") = 1, py::arg("d_ff") = 0, py::arg("time_cond") = false, py::arg("seed") = 0,
+          "a GPT-2-style initialisation from a seed (as `flowloop init`)")
+      .def_static(
+          "load", [](const std::string& path) { return load_model<float>(path); }, py::arg("path"),
+          "a checkpoint (.safetensors) written by flowloop or PyTorch with the spec's names")
+      .def(
+          "save",
+          [](const Model<float>& model, const std::string& path) {
+            save_checkpoint(path, model.cfg, model.layout, model.params.data());
+          },
+          py::arg("path"), "writes the checkpoint atomically")
+      .def_property_readonly(
+          "config",
+          [](const Model<float>& model) {
+            return py::module_::import("json").attr("loads")(model.cfg.to_json());
+          },
+          "the configuration as a dict")
+      .def_property_readonly(
+          "params",
+          [](const Model<float>& model) {
+            return Floats(static_cast<py::ssize_t>(model.params.size()), model.params.data());
+          },
+          "a copy of the flat parameter buffer (the checkpoint's layout)")
+      .def(
+          "forward",
+          [](const Model<float>& model, const py::array& tokens, std::optional<int> loops,
+             std::optional<std::string> solver, std::optional<int> steps, std::optional<double> rtol,
+             std::optional<double> atol, std::optional<double> t1, std::optional<std::string> controller,
+             bool batch_coupled, std::optional<int64_t> max_steps) {
+            const TokenBatch tb = token_batch(tokens, "tokens");
+            tb.check(model.cfg, "argument 'tokens'");
+            const DepthSpec d =
+                depth_spec(loops, solver, steps, rtol, atol, t1, controller, batch_coupled, max_steps);
+            const int V = model.cfg.vocab_size;
+            py::dict out;
+            Floats logits;
+            const auto t0 = std::chrono::steady_clock::now();
+            if (!d.ode()) {
+              LoopWork<float> w;
+              int evals;
+              {
+                py::gil_scoped_release free;
+                evals = model.loop_forward(tb, d.loop_count(model.cfg.depth), w);
+              }
+              logits = owned_array(std::move(w.readout.logits), {tb.B, tb.T, V});
+              out["nfe"] = evals;
+              out["status"] = "success";
+            } else {
+              Buffer<float> h;
+              ReadoutCache<float> rc;
+              SolveResult<float> r;
+              {
+                py::gil_scoped_release free;
+                r = model.ode_forward(tb, d.solve_options(model.cfg.depth), h, rc);
+              }
+              logits = owned_array(std::move(rc.logits), {tb.B, tb.T, V});
+              out = solve_stats(r);
+            }
+            // the library call's own seconds (a Python caller's time less this is the binding's)
+            out["wall_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            out["logits"] = logits;
+            out["depth"] = d.describe(model.cfg.depth);
+            return out;
+          },
+          py::arg("tokens"), py::kw_only(), py::arg("loops") = py::none(), py::arg("solver") = py::none(),
+          py::arg("steps") = py::none(), py::arg("rtol") = py::none(), py::arg("atol") = py::none(),
+          py::arg("t1") = py::none(), py::arg("controller") = py::none(), py::arg("batch_coupled") = false,
+          py::arg("max_steps") = py::none(),
+          "logits (B, T, V) of token rows (B, T) under a depth: loop K (loops=K, the default is the "
+          "trained depth) or a solve (solver=..., with steps or rtol/atol, t1, controller); with the "
+          "solve's statistics (nfe, steps, accepted, rejected, per-sequence arrays, status)");
+
+  m.def(
+      "solve",
+      [](py::function f, const py::array& y0, double t0, double t1, const std::string& method,
+         std::optional<double> rtol, std::optional<double> atol, std::optional<int> steps,
+         const std::string& controller, const std::string& initial_norm, bool batch_coupled, bool vectorized,
+         int64_t max_steps) {
+        if (y0.ndim() != 1 && y0.ndim() != 2)
+          throw Error("argument 'y0' must be 1-D (n,) or 2-D (G, n), not " + std::to_string(y0.ndim()) + "-D");
+        if (!py::isinstance<py::array_t<double>>(y0) && !py::isinstance<py::array_t<float>>(y0))
+          throw Error("argument 'y0' must hold floats, not " + std::string(py::str(y0.dtype())));
+        auto y = Doubles::ensure(y0);
+        const bool batched = y.ndim() == 2;
+        const int G = batched ? static_cast<int>(y.shape(0)) : 1;
+        const size_t n = static_cast<size_t>(batched ? y.shape(1) : y.shape(0));
+        if (G < 1 || n < 1) throw Error("argument 'y0' is empty");
+        SolveOptions opt;
+        opt.method = method;
+        opt.t0 = t0;
+        opt.t1 = t1;
+        const bool fixed = steps.has_value();
+        opt.adaptive = !fixed;
+        if (fixed) opt.steps = *steps;
+        if (!fixed) {
+          opt.rtol = rtol.value_or(1e-6);
+          opt.atol = atol.value_or(1e-9);
+        }
+        if (controller != "pi" && controller != "i") throw Error("argument 'controller' must be 'pi' or 'i'");
+        opt.controller = controller == "pi" ? Controller::PI : Controller::I;
+        if (initial_norm != "hairer" && initial_norm != "torchdiffeq")
+          throw Error("argument 'initial_norm' must be 'hairer' or 'torchdiffeq'");
+        opt.initial_norm = initial_norm == "hairer" ? InitialStepNorm::Sum : InitialStepNorm::RMS;
+        opt.batch_coupled = batch_coupled;
+        opt.max_steps = max_steps;
+        opt.validate();
+        PySystem sys(std::move(f), G, n, vectorized);
+        Buffer<double> state(static_cast<size_t>(G) * n);
+        std::memcpy(state.data(), y.data(), state.size() * sizeof(double));
+        const SolveResult<double> r = integrate(sys, state.data(), opt);
+        py::dict out;
+        Doubles yout = batched ? Doubles({static_cast<py::ssize_t>(G), static_cast<py::ssize_t>(n)})
+                               : Doubles(static_cast<py::ssize_t>(n));
+        std::memcpy(yout.mutable_data(), state.data(), state.size() * sizeof(double));
+        std::vector<int64_t> nfe, stp, acc, rej;
+        for (const auto& s : r.seq) {
+          nfe.push_back(s.nfe);
+          stp.push_back(s.steps);
+          acc.push_back(s.accepted);
+          rej.push_back(s.rejected);
+        }
+        out["y"] = yout;
+        out["status"] = status_name(r.status);
+        out["message"] = r.message;
+        out["nfe"] = r.nfe;
+        out["steps"] = r.steps;
+        out["accepted"] = r.accepted;
+        out["rejected"] = r.rejected;
+        auto arr = [](const std::vector<int64_t>& v) {
+          return py::array_t<int64_t>(static_cast<py::ssize_t>(v.size()), v.data());
+        };
+        out["seq_nfe"] = arr(nfe);
+        out["seq_steps"] = arr(stp);
+        out["seq_accepted"] = arr(acc);
+        out["seq_rejected"] = arr(rej);
+        return out;
+      },
+      py::arg("f"), py::arg("y0"), py::arg("t0"), py::arg("t1"), py::kw_only(), py::arg("method") = "dopri5",
+      py::arg("rtol") = py::none(), py::arg("atol") = py::none(), py::arg("steps") = py::none(),
+      py::arg("controller") = "pi", py::arg("initial_norm") = "hairer", py::arg("batch_coupled") = false,
+      py::arg("vectorized") = false, py::arg("max_steps") = 100000,
+      "integrates dy/dt = f(t, y) from t0 to t1 with flowloop's solvers and step control (Hairer's "
+      "DOPRI5 by default); y0 (n,) or (G, n): G independent rows, each with its own steps unless "
+      "batch_coupled; f(t, y (n,)) -> (n,), or with vectorized f(t (count,), y (count, n)) -> (count, n)");
+
+  m.def(
+      "train",
+      [](const py::kwargs& options) {
+        const TrainConfig c = train_config(options);
+        const bool resume = false;
+        std::ostringstream progress;
+        {
+          py::gil_scoped_release free;
+          Trainer trainer(c);
+          trainer.set_device(Device::cpu);
+          trainer.run(resume, progress);
+        }
+        py::dict out;
+        out["out"] = c.out;
+        out["model"] = c.out + "/model.safetensors";
+        out["metrics"] = c.out + "/metrics.jsonl";
+        return out;
+      },
+      "trains a model as `flowloop train --config` does, from the configuration's keys (task, "
+      "loops or solver, steps, batch, lr, seed, out, ...); the same options give the CLI's bits. "
+      "Returns the paths of the model, checkpoint directory and metrics");
+
+  m.def(
+      "evaluate",
+      [](const Model<float>& model, int batches, int batch, std::optional<int> loops,
+         std::optional<std::string> solver, std::optional<int> steps, std::optional<double> rtol,
+         std::optional<double> atol, std::optional<double> t1, const py::kwargs& data) {
+        const DepthSpec d = depth_spec(loops, solver, steps, rtol, atol, t1, std::nullopt, false, std::nullopt);
+        const auto source = data_source(data);
+        require_fits(model.cfg, *source, "the data");
+        EvalResult r;
+        {
+          py::gil_scoped_release free;
+          r = evaluate(model, *source, d, batches, batch);
+        }
+        return eval_dict(r);
+      },
+      py::arg("model"), py::kw_only(), py::arg("batches") = 8, py::arg("batch") = 64, py::arg("loops") = py::none(),
+      py::arg("solver") = py::none(), py::arg("steps") = py::none(), py::arg("rtol") = py::none(),
+      py::arg("atol") = py::none(), py::arg("t1") = py::none(),
+      "loss, accuracy and evaluations on test batches of the data named by the training keys "
+      "(task=..., task_n=..., or text=...), under a depth");
+
+  m.def(
+      "compare",
+      [](const Model<float>& model, std::optional<std::string> regimes, int batches, int batch,
+         const py::kwargs& data) {
+        const auto source = data_source(data);
+        require_fits(model.cfg, *source, "the data");
+        const std::vector<Regime> list = regimes ? Regime::parse_list(*regimes) : default_regimes(model.cfg);
+        std::vector<CompareRow> rows;
+        {
+          py::gil_scoped_release free;
+          rows = compare_regimes(model, *source, list, batches, batch);
+        }
+        const std::vector<size_t> front = pareto_front(rows);
+        std::vector<std::string> labels, status;
+        std::vector<double> acc, loss, nfe_mean, nfe_max, wall;
+        for (const auto& r : rows) {
+          labels.push_back(r.regime.label());
+          status.push_back(r.result.status());
+          acc.push_back(r.result.accuracy);
+          loss.push_back(r.result.loss);
+          nfe_mean.push_back(r.result.nfe_mean);
+          nfe_max.push_back(r.result.nfe_max);
+          wall.push_back(r.result.wall_s);
+        }
+        std::vector<bool> on_front(rows.size(), false);
+        for (size_t i : front) on_front[i] = true;
+        auto arr = [](const std::vector<double>& v) {
+          return Doubles(static_cast<py::ssize_t>(v.size()), v.data());
+        };
+        py::dict out;
+        out["regime"] = labels;
+        out["status"] = status;
+        out["accuracy"] = arr(acc);
+        out["loss"] = arr(loss);
+        out["nfe_mean"] = arr(nfe_mean);
+        out["nfe_max"] = arr(nfe_max);
+        out["wall_s"] = arr(wall);
+        out["pareto"] = py::array_t<bool>(py::cast(on_front));
+        return out;
+      },
+      py::arg("model"), py::kw_only(), py::arg("regimes") = py::none(), py::arg("batches") = 4,
+      py::arg("batch") = 64,
+      "`flowloop compare` as arrays: the model under every regime (a comma-separated list as the "
+      "CLI's --regimes, default the full set) on the same test examples of the data named by the "
+      "training keys; one entry per regime, and which are on the accuracy-evaluations front");
+}
