@@ -156,15 +156,13 @@ TrajectoryShardData read_trajectory_shard(const TrajectoryManifest& m, const std
 std::string file_hash(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error("cannot read '" + path + "'");
-  uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bits
+  // FNV-1a from 1469598103934665603, not FNV's own basis (which has one digit more): the
+  // basis every recording's manifest was hashed with, kept so that they still match
+  uint64_t h = 1469598103934665603ull;
   std::vector<char> buf(1 << 16);
   while (in) {
     in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    const std::streamsize got = in.gcount();
-    for (std::streamsize i = 0; i < got; ++i) {
-      h ^= static_cast<uint8_t>(buf[static_cast<size_t>(i)]);
-      h *= 1099511628211ull;
-    }
+    h = fnv1a64(buf.data(), static_cast<size_t>(in.gcount()), h);
   }
   std::ostringstream s;
   s << "fnv1a64:" << std::hex << std::setw(16) << std::setfill('0') << h;

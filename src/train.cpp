@@ -567,9 +567,7 @@ void require_data_parallel(const TrainConfig& c, int ranks) {
 // Every rank must hold the same parameters (they apply the same summed gradient); a
 // 64-bit hash of their bits compared over the ranks at every checkpoint proves it.
 void require_same_parameters(Communicator& comm, const Buffer<float>& params, int64_t step) {
-  uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a
-  const auto* bytes = reinterpret_cast<const unsigned char*>(params.data());
-  for (size_t i = 0; i < params.size() * sizeof(float); ++i) h = (h ^ bytes[i]) * 0x100000001b3ULL;
+  const uint64_t h = fnv1a64(params.data(), params.size() * sizeof(float));
   const double hi = static_cast<double>(h >> 32), lo = static_cast<double>(h & 0xffffffffULL);
   std::array<double, 4> v{hi, lo, -hi, -lo};
   comm.max(v.data(), v.size());

@@ -3,6 +3,8 @@
 // library goes through these; and the lists and numbers of option values.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -39,6 +41,14 @@ nlohmann::json read_json_file(const std::string& path, const std::string& what);
 
 // The items of a comma-separated list, spaces around each trimmed, empty ones dropped.
 std::vector<std::string> split_list(const std::string& list);
+
+// FNV-1a (64 bits) of n bytes, continuing from h (the offset basis for a fresh hash).
+constexpr uint64_t kFnv1aBasis = 0xcbf29ce484222325ULL;
+inline uint64_t fnv1a64(const void* data, size_t n, uint64_t h = kFnv1aBasis) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ULL;
+  return h;
+}
 
 // The whole of `text` as a finite number (no trailing characters): true and `out`,
 // or false.
