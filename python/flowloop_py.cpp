@@ -383,6 +383,63 @@ PYBIND11_MODULE(_flowloop, m) {
       "(task=..., task_n=..., or text=...), under a depth");
 
   m.def(
+      "trajectory",
+      [](const Model<float>& model, int times, int batches, int batch, std::optional<int> loops,
+         std::optional<std::string> solver, std::optional<int> steps, std::optional<double> rtol,
+         std::optional<double> atol, std::optional<double> t1, const py::kwargs& data) {
+        const auto source = data_source(data);
+        require_fits(model.cfg, *source, "the data");
+        TrajectoryOptions o;
+        o.depth = depth_spec(loops, solver, steps, rtol, atol, t1, std::nullopt, false, std::nullopt);
+        o.times = times;
+        o.batches = batches;
+        o.batch_size = batch;
+        TrajectoryResult r;
+        {
+          py::gil_scoped_release free;
+          r = trace(model, *source, o);
+        }
+        auto arr = [](const std::vector<double>& v) {
+          return Doubles(static_cast<py::ssize_t>(v.size()), v.data());
+        };
+        auto column = [&](double LensPoint::*field) {
+          std::vector<double> v;
+          for (const auto& p : r.lens) v.push_back(p.*field);
+          return arr(v);
+        };
+        py::dict out;
+        out["source"] = r.source;
+        out["times"] = arr(r.times);
+        out["loss"] = column(&LensPoint::loss);
+        out["accuracy"] = column(&LensPoint::accuracy);
+        out["kl_to_final"] = column(&LensPoint::kl_to_final);
+        out["f_norm"] = column(&LensPoint::f_norm);
+        out["h_norm"] = column(&LensPoint::h_norm);
+        out["dist_to_final"] = column(&LensPoint::dist_to_final);
+        out["cos_prev_f"] = column(&LensPoint::cos_prev_f);
+        std::vector<double> step_t, step_h;
+        for (const auto& st : r.steps) {
+          step_t.push_back(st.t);
+          step_h.push_back(st.h);
+        }
+        out["step_t"] = arr(step_t);
+        out["step_h"] = arr(step_h);
+        Floats states({static_cast<py::ssize_t>(r.times.size()), static_cast<py::ssize_t>(r.B),
+                       static_cast<py::ssize_t>(r.T), static_cast<py::ssize_t>(r.C)});
+        std::memcpy(states.mutable_data(), r.states.data(), r.states.size() * sizeof(float));
+        out["states"] = states;
+        out["nfe"] = r.nfe;
+        out["final"] = eval_dict(r.final_eval);
+        return out;
+      },
+      py::arg("model"), py::kw_only(), py::arg("times") = 17, py::arg("batches") = 1, py::arg("batch") = 16,
+      py::arg("loops") = py::none(), py::arg("solver") = py::none(), py::arg("steps") = py::none(),
+      py::arg("rtol") = py::none(), py::arg("atol") = py::none(), py::arg("t1") = py::none(),
+      "`flowloop trajectory` as arrays: the logit lens at each depth time (loss, accuracy, KL to "
+      "the final distribution, the norms), a solve's accepted steps, and the states h(t) "
+      "(N, B, T, C) of the first test batch of the data named by the training keys");
+
+  m.def(
       "compare",
       [](const Model<float>& model, std::optional<std::string> regimes, int batches, int batch,
          const py::kwargs& data) {

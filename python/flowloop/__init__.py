@@ -10,6 +10,6 @@ The C++ library's models, solvers, training and studies (the `_flowloop` extensi
 
 Errors in arguments raise flowloop.Error (a ValueError) naming the argument.
 """
-from ._flowloop import Error, Model, compare, evaluate, solve, train
+from ._flowloop import Error, Model, compare, evaluate, solve, train, trajectory
 
-__all__ = ["Error", "Model", "compare", "evaluate", "solve", "train"]
+__all__ = ["Error", "Model", "compare", "evaluate", "solve", "train", "trajectory"]

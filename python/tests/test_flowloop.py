@@ -130,6 +130,12 @@ def test_trained_from_python_equals_the_cli(tmp_path):
     assert rows["regime"] == ["loop:1", "loop:2", "rk4:2", "dopri5:0.01"]
     assert rows["accuracy"].shape == (4,) and rows["pareto"].dtype == bool and rows["pareto"].any()
     assert rows["nfe_mean"][0] == 1 and rows["nfe_mean"][1] == 2
+    # the lens: loop 2 gives depths 0, 1, 2, its last state the one eval reads out
+    lens = flowloop.trajectory(m, task="phop", task_n=8, task_hops=2, batch=8)
+    assert list(lens["times"]) == [0.0, 1.0, 2.0] and lens["states"].shape[:2] == (3, 8)
+    assert lens["dist_to_final"][-1] == 0 and lens["loss"][-1] == pytest.approx(lens["final"]["loss"], rel=1e-6)
+    ode = flowloop.trajectory(m, task="phop", task_n=8, task_hops=2, batch=8, solver="dopri5", times=5)
+    assert ode["source"] == "solve" and len(ode["times"]) == 5 and len(ode["step_t"]) > 0
 
 
 def test_long_work_releases_the_gil():
