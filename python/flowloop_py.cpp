@@ -74,12 +74,20 @@ Floats owned_array(Buffer<float>&& values, std::vector<py::ssize_t> shape) {
   return Floats(std::move(shape), keep->data(), free_it);
 }
 
-py::dict solve_stats(const SolveResult<float>& r) {
-  std::vector<int64_t> nfe, steps;
+// A solve's statistics: the worst status, the batch's counts (the most over its
+// sequences) and each sequence's own.
+template <class S>
+py::dict solve_stats(const SolveResult<S>& r) {
+  std::vector<int64_t> nfe, steps, accepted, rejected;
   for (const auto& s : r.seq) {
     nfe.push_back(s.nfe);
     steps.push_back(s.steps);
+    accepted.push_back(s.accepted);
+    rejected.push_back(s.rejected);
   }
+  auto arr = [](const std::vector<int64_t>& v) {
+    return py::array_t<int64_t>(static_cast<py::ssize_t>(v.size()), v.data());
+  };
   py::dict d;
   d["status"] = status_name(r.status);
   d["message"] = r.message;
@@ -87,8 +95,10 @@ py::dict solve_stats(const SolveResult<float>& r) {
   d["steps"] = r.steps;
   d["accepted"] = r.accepted;
   d["rejected"] = r.rejected;
-  d["seq_nfe"] = py::array_t<int64_t>(static_cast<py::ssize_t>(nfe.size()), nfe.data());
-  d["seq_steps"] = py::array_t<int64_t>(static_cast<py::ssize_t>(steps.size()), steps.data());
+  d["seq_nfe"] = arr(nfe);
+  d["seq_steps"] = arr(steps);
+  d["seq_accepted"] = arr(accepted);
+  d["seq_rejected"] = arr(rejected);
   return d;
 }
 
@@ -304,31 +314,11 @@ PYBIND11_MODULE(_flowloop, m) {
         Buffer<double> state(static_cast<size_t>(G) * n);
         std::memcpy(state.data(), y.data(), state.size() * sizeof(double));
         const SolveResult<double> r = integrate(sys, state.data(), opt);
-        py::dict out;
+        py::dict out = solve_stats(r);
         Doubles yout = batched ? Doubles({static_cast<py::ssize_t>(G), static_cast<py::ssize_t>(n)})
                                : Doubles(static_cast<py::ssize_t>(n));
         std::memcpy(yout.mutable_data(), state.data(), state.size() * sizeof(double));
-        std::vector<int64_t> nfe, stp, acc, rej;
-        for (const auto& s : r.seq) {
-          nfe.push_back(s.nfe);
-          stp.push_back(s.steps);
-          acc.push_back(s.accepted);
-          rej.push_back(s.rejected);
-        }
         out["y"] = yout;
-        out["status"] = status_name(r.status);
-        out["message"] = r.message;
-        out["nfe"] = r.nfe;
-        out["steps"] = r.steps;
-        out["accepted"] = r.accepted;
-        out["rejected"] = r.rejected;
-        auto arr = [](const std::vector<int64_t>& v) {
-          return py::array_t<int64_t>(static_cast<py::ssize_t>(v.size()), v.data());
-        };
-        out["seq_nfe"] = arr(nfe);
-        out["seq_steps"] = arr(stp);
-        out["seq_accepted"] = arr(acc);
-        out["seq_rejected"] = arr(rej);
         return out;
       },
       py::arg("f"), py::arg("y0"), py::arg("t0"), py::arg("t1"), py::kw_only(), py::arg("method") = "dopri5",
