@@ -22,6 +22,8 @@
 #                     12,000 steps over 3 seeds, the tolerance sweep (about 5 hours on 2 cores)
 #   ./run.sh fuzz [SECONDS]  the input parsers under libFuzzer (clang, ASan + UBSan), each SECONDS
 #                     (default 60) from its seed corpus in tests/fuzz/corpus
+#   ./run.sh sanitize [SECONDS]  the same clang build: the test suite under ASan + UBSan, then
+#                     the fuzzers (what CI runs after ./run.sh test)
 #   ./run.sh scaling [STEPS]  data-parallel training: 1 process against 2 MPI ranks on this
 #                     machine (tokens/s, the allreduce's share of a step, gradient bytes)
 #   ./run.sh gpu-check  on a GPU machine: build the CUDA backend, run its agreement tests against
@@ -48,6 +50,7 @@ need_pkgs() {
   fi
 }
 
+build_targets=()  # what build_in builds (none named: everything)
 build_in() {  # build_in DIR [CMAKE ARGS]
   local dir=$1
   shift
@@ -56,7 +59,7 @@ build_in() {  # build_in DIR [CMAKE ARGS]
     python3-dev pybind11-dev python3-numpy python3-pytest
   # the Python module and its tests against Debian's python3 (numpy, pytest, pybind11 are its)
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=/usr/bin/python3 "$@" >/dev/null
-  cmake --build "$dir" -j "$JOBS" >/dev/null
+  cmake --build "$dir" -j "$JOBS" "${build_targets[@]}" >/dev/null
 }
 build() { build_in "$BUILD_DIR" "$@"; }
 
@@ -262,31 +265,45 @@ case "$mode" in
     echo "== the table (the README's performance section; the records are in $figs)"
     python3 experiments/gpu_table.py "$figs"
     ;;
-  fuzz)
-    # the input parsers under libFuzzer with ASan + UBSan (clang): each harness of
-    # tests/fuzz first replays its regression inputs, then fuzzes SECONDS (default 60) from
-    # its seed corpus, all four at once; a crash, leak or sanitizer report fails with the
-    # input kept in build-fuzz/findings/. Built unoptimised (-O0): the build is most of this
-    # job's time in CI, and the parsers are fast enough to fuzz that way
+  fuzz | sanitize)
+    # One clang build (build-asan: -O1, ASan + UBSan everywhere, libFuzzer's coverage in the
+    # library) serves both. `sanitize` (CI) runs the whole test suite under the sanitizers,
+    # then fuzzes; `fuzz` builds the harnesses only and fuzzes. Each harness of tests/fuzz
+    # first replays its regression inputs, then fuzzes SECONDS (default 60) from its seed
+    # corpus, all four at once; a crash, leak or sanitizer report fails with the input kept
+    # in build-asan/findings/.
     secs=${2:-60}
+    dir=build-asan
     need_pkgs clang libclang-rt-14-dev libomp-14-dev
-    CC=clang CXX=clang++ build_in build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-      -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O0 -g1" -DFLOWLOOP_FUZZ=ON -DFLOWLOOP_CUDA=OFF -DFLOWLOOP_MPI=OFF \
-      -DFLOWLOOP_NATIVE=OFF
-    mkdir -p build-fuzz/findings
+    # (a tree configured by another compiler, as build-asan was with GCC once, starts afresh)
+    if [ -f "$dir/CMakeCache.txt" ] && ! grep -q "^CMAKE_CXX_COMPILER:.*clang" "$dir/CMakeCache.txt"; then
+      rm -rf "$dir"
+    fi
+    if [ "$mode" = fuzz ]; then
+      build_targets=(--target fuzz_safetensors fuzz_tokens fuzz_train_config fuzz_manifest)
+    fi
+    CC=clang CXX=clang++ build_in "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" -DFLOWLOOP_FUZZ=ON -DFLOWLOOP_CUDA=OFF
+    if [ "$mode" = sanitize ]; then
+      echo "== the tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+      (cd "$dir" && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+        ctest --output-on-failure -j "$JOBS")
+      echo "== the input parsers under libFuzzer, $secs s each"
+    fi
+    mkdir -p "$dir/findings"
     fuzz_one() {
-      local name=$1 bin="build-fuzz/tests/fuzz/fuzz_$1" corpus="build-fuzz/corpus/$1"
+      local name=$1 bin="$dir/tests/fuzz/fuzz_$1" corpus="$dir/corpus/$1"
       mkdir -p "$corpus"  # what the fuzzer adds; the committed seeds stay as they are
       local kept
       mapfile -t kept < <(find "tests/fuzz/regressions/$name" -type f ! -name README | sort)
       if ((${#kept[@]})); then
-        "$bin" "${kept[@]}" >"build-fuzz/$name.log" 2>&1 ||
-          { echo "fuzz $name: a regression input fails again" >&2; tail -30 "build-fuzz/$name.log" >&2; return 1; }
+        "$bin" "${kept[@]}" >"$dir/$name.log" 2>&1 ||
+          { echo "fuzz $name: a regression input fails again" >&2; tail -30 "$dir/$name.log" >&2; return 1; }
       fi
       "$bin" "$corpus" tests/fuzz/corpus/"$name" -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 \
-        -timeout=10 -print_final_stats=1 -artifact_prefix="build-fuzz/findings/$name-" >"build-fuzz/$name.log" 2>&1 ||
-        { echo "fuzz $name: a finding (build-fuzz/findings/)" >&2; tail -40 "build-fuzz/$name.log" >&2; return 1; }
-      echo "fuzz $name: $(grep -m1 -o 'stat::number_of_executed_units: *[0-9]*' "build-fuzz/$name.log" |
+        -timeout=10 -print_final_stats=1 -artifact_prefix="$dir/findings/$name-" >"$dir/$name.log" 2>&1 ||
+        { echo "fuzz $name: a finding ($dir/findings/)" >&2; tail -40 "$dir/$name.log" >&2; return 1; }
+      echo "fuzz $name: $(grep -m1 -o 'stat::number_of_executed_units: *[0-9]*' "$dir/$name.log" |
         grep -o '[0-9]*$') runs in $secs s, corpus $(ls "$corpus" | wc -l) inputs, no finding"
     }
     rc=0

@@ -12,7 +12,7 @@ namespace {
 template <class S>
 class CudaBackend final : public Backend<S> {
  public:
-  CudaBackend() : name_("cuda: " + device_description(0)) {
+  CudaBackend() : name_("cuda: " + device_description(current_device())) {
     cudaStream_t s = nullptr;
     FLOWLOOP_CUDA_CHECK(cudaStreamCreate(&s));
     stream_ = s;
@@ -33,6 +33,7 @@ class CudaBackend final : public Backend<S> {
 
   Device device() const override { return Device::cuda; }
   std::string name() const override { return name_; }
+  void* native_stream() override { return stream_; }
 
   // stream-ordered, from the device's pool (kept between solves)
   void* alloc_bytes(size_t bytes) override { return device_alloc_async(bytes, stream_); }

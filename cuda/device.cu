@@ -13,6 +13,19 @@ int device_count() {
   return n;
 }
 
+int current_device() {
+  int d = 0;
+  FLOWLOOP_CUDA_CHECK(cudaGetDevice(&d));
+  return d;
+}
+
+void select_device(int device) {
+  const int n = device_count();
+  if (device < 0 || device >= n)
+    throw Error("no CUDA device " + std::to_string(device) + " (" + std::to_string(n) + " visible)");
+  FLOWLOOP_CUDA_CHECK(cudaSetDevice(device));
+}
+
 std::string device_description(int device) {
   if (device_count() <= device)
     throw Error("no CUDA device " + std::to_string(device) + " (" + std::to_string(device_count()) + " visible)");

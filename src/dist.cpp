@@ -1,9 +1,15 @@
 #include "flowloop/dist.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <vector>
+
+#if defined(FLOWLOOP_HAVE_CUDA)
+#include "flowloop/cuda.hpp"
+#endif
 
 #if defined(FLOWLOOP_HAVE_MPI)
 #include <mpi.h>
@@ -17,10 +23,14 @@ class SingleProcess final : public Communicator {
  public:
   int rank() const override { return 0; }
   int size() const override { return 1; }
+  int local_rank() const override { return 0; }
+  int local_size() const override { return 1; }
   std::string name() const override { return "single"; }
   void sum(float*, size_t) override {}
   void sum(double*, size_t) override {}
   void max(double*, size_t) override {}
+  void sum_device(Backend<float>&, float*, size_t) override {}
+  void broadcast(void*, size_t, int) override {}
   void barrier() override {}
   [[noreturn]] void abort(int code) override { std::exit(code); }
 };
@@ -64,6 +74,13 @@ class MpiWorld final : public Communicator {
     }
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
+    // the ranks that share this machine's memory: their order is the local rank
+    MPI_Comm local = MPI_COMM_NULL;
+    check_mpi(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local),
+              "MPI_Comm_split_type (the ranks of this machine)");
+    MPI_Comm_rank(local, &local_rank_);
+    MPI_Comm_size(local, &local_size_);
+    MPI_Comm_free(&local);
   }
   ~MpiWorld() override {
     int finalized = 0;
@@ -72,10 +89,19 @@ class MpiWorld final : public Communicator {
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
+  int local_rank() const override { return local_rank_; }
+  int local_size() const override { return local_size_; }
   std::string name() const override { return "mpi"; }
   void sum(float* x, size_t n) override { allreduce(x, n, MPI_FLOAT, MPI_SUM, "the sum over ranks (float)"); }
   void sum(double* x, size_t n) override { allreduce(x, n, MPI_DOUBLE, MPI_SUM, "the sum over ranks (double)"); }
   void max(double* x, size_t n) override { allreduce(x, n, MPI_DOUBLE, MPI_MAX, "the maximum over ranks"); }
+  void broadcast(void* bytes, size_t n, int root) override {
+    constexpr size_t kPiece = size_t{1} << 30;
+    for (size_t at = 0; at < n; at += kPiece)
+      check_mpi(MPI_Bcast(static_cast<char*>(bytes) + at, static_cast<int>(std::min(kPiece, n - at)), MPI_BYTE, root,
+                          MPI_COMM_WORLD),
+                "MPI_Bcast");
+  }
   void barrier() override { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
   [[noreturn]] void abort(int code) override {
     MPI_Abort(MPI_COMM_WORLD, code);
@@ -83,14 +109,44 @@ class MpiWorld final : public Communicator {
   }
 
  private:
-  int rank_ = 0, size_ = 1;
+  int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
   bool owner_ = false;
 };
 #endif
 
 }  // namespace
 
+void Communicator::sum_device(Backend<float>& be, float* x, size_t n) {
+  std::vector<float> host(n);
+  be.download(host.data(), x, n);
+  sum(host.data(), n);
+  be.upload(x, host.data(), n);
+}
+
 std::shared_ptr<Communicator> single_process() { return std::make_shared<SingleProcess>(); }
+
+std::shared_ptr<Communicator> communicator_for(std::shared_ptr<Communicator> comm, Device d) {
+  if (!comm || comm->size() == 1) return comm;
+  // one device for all: a rank on the CPU would not join the GPUs' collectives
+  const double on_cuda = d == Device::cuda ? 1.0 : 0.0;
+  std::array<double, 2> same{on_cuda, -on_cuda};
+  comm->max(same.data(), same.size());
+  if (same[0] != -same[1])
+    throw Error("the ranks train on different devices (some on cuda, some on cpu): give every rank the same --device");
+  if (d != Device::cuda) return comm;
+#if defined(FLOWLOOP_HAVE_CUDA)
+  require_device(d);
+  const int gpus = cuda::device_count();
+  cuda::select_device(comm->local_rank() % gpus);
+  // NCCL needs a GPU per rank; ranks that share one sum through the host. Every rank of
+  // a machine sees the same local size, and all machines are asked alike: the choice is
+  // one over the ranks.
+  std::array<double, 1> shared{comm->local_size() > gpus ? 1.0 : 0.0};
+  comm->max(shared.data(), shared.size());
+  if (cuda::nccl_built() && shared[0] == 0) return cuda::nccl_communicator(std::move(comm));
+#endif
+  return comm;
+}
 
 bool mpi_built() {
 #if defined(FLOWLOOP_HAVE_MPI)

@@ -230,9 +230,8 @@ double AdamW::step(float* params, float* grads, double lr) {
   float* g = grads + begin_;
   if (be_) {  // on the device: the gradients go up, the parameters come down
     prepare(params);
-    gd_.upload(g, n);
-    be_->axpy(gd_.data(), 1.0f, acc_.data(), n);  // what stayed on the device (1 x: the same bits)
-    acc_.zero();
+    if (!reduced_) gather(g);
+    reduced_ = false;
     double ss = 0;
     be_->sum_squares_rows(norm_.data(), gd_.data(), nullptr, 1, n);
     norm_.download(&ss, 1);
@@ -265,12 +264,35 @@ double AdamW::step(float* params, float* grads, double lr) {
   return norm;
 }
 
+void AdamW::gather(const float* g) {
+  const size_t n = m.size();
+  gd_.upload(g, n);
+  be_->axpy(gd_.data(), 1.0f, acc_.data(), n);  // what stayed on the device (1 x: the same bits)
+  acc_.zero();
+}
+
+void AdamW::reduce(float* grads, float scale, Communicator& comm) {
+  const size_t n = m.size();
+  float* g = grads + begin_;
+  if (!be_) {
+    if (scale != 1.0f)
+      for (size_t i = 0; i < n; ++i) g[i] *= scale;
+    comm.sum(g, n);
+    return;
+  }
+  gather(g);
+  if (scale != 1.0f) be_->strided_copy(gd_.data(), n, gd_.data(), n, 1, n, scale);
+  comm.sum_device(*be_, gd_.data(), n);
+  reduced_ = true;
+}
+
 void AdamW::set_backend(std::shared_ptr<Backend<float>> be) {
   sync_host();
   for (Array<float>* a : {&pd_, &md_, &vd_, &wdd_, &gd_, &acc_}) *a = Array<float>();  // freed by their backend,
   norm_ = Array<float, double>();                                                   // still alive here
   be_ = std::move(be);
   dev_fresh_ = false;
+  reduced_ = false;
   if (!be_) return;
   const size_t n = m.size();
   for (Array<float>* a : {&pd_, &md_, &vd_, &wdd_, &gd_, &acc_}) a->resize(*be_, n);
@@ -638,17 +660,12 @@ Trainer::~Trainer() = default;
 
 const Model<float>& Trainer::model() const { return *impl_->model; }
 void Trainer::set_device(Device d) {
-  if (impl_->comm->size() > 1 && d != Device::cpu)
-    throw Error("data-parallel training over " + std::to_string(impl_->comm->size()) +
-                " ranks runs on the CPU (--device cpu); a model on a device trains in one process");
+  impl_->comm = communicator_for(impl_->comm, d);  // (several ranks on cuda: each its GPU, NCCL)
   impl_->model->set_device(d);
   impl_->use_device();
 }
 
 void Trainer::set_backend(std::shared_ptr<Backend<float>> be) {
-  if (impl_->comm->size() > 1 && be)
-    throw Error("data-parallel training over " + std::to_string(impl_->comm->size()) +
-                " ranks runs on the CPU; a model on a backend trains in one process");
   impl_->model->set_backend(std::move(be));
   impl_->use_device();
 }
@@ -740,14 +757,13 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     double allreduce_s = 0;
     std::array<double, 4> most{static_cast<double>(nfe_f), static_cast<double>(nfe_b), evals, 0.0};
     if (ranks > 1) {
-      if (sw.scale != 1.0)
-        for (float& g : grads) g *= static_cast<float>(sw.scale);
       // the step's numbers, summed: the global loss, R_K, accuracy (right, counted), exit
       // depth and the field evaluations
       std::array<double, 6> sums{sw.share * loss, sw.row_share * kinetic, acc * static_cast<double>(acc_count),
                                  static_cast<double>(acc_count), sw.share * exit_depth, evals};
       const auto r0 = std::chrono::steady_clock::now();
-      comm.sum(grads.data(), grads.size());
+      I.opt->reduce(grads.data(), static_cast<float>(sw.scale), comm);  // where the gradient lives
+      if (m.backend()) m.backend()->synchronize();  // (the device's sum is queued: its time)
       allreduce_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
       comm.sum(sums.data(), sums.size());
       loss = static_cast<float>(sums[0]);

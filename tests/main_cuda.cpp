@@ -1,10 +1,9 @@
 // The [cuda] tests' main: without a GPU (or a driver) it says so and exits with 77,
 // which CTest reports as skipped; listing the tests works anywhere.
-#define CATCH_CONFIG_RUNNER
-#include <catch2/catch.hpp>
 #include <cstdio>
 #include <cstring>
 
+#include "catch_session.hpp"
 #include "flowloop/cuda.hpp"
 
 int main(int argc, char** argv) {
@@ -15,5 +14,5 @@ int main(int argc, char** argv) {
     return 77;
   }
   if (!listing) std::printf("CUDA device: %s\n", flowloop::cuda::device_description(0).c_str());
-  return Catch::Session().run(argc, argv);
+  return flowloop::test::catch_session_run(argc, argv);
 }

@@ -19,8 +19,8 @@ namespace {
 
 ModelConfig tiny() { return test::make_config(7, 5, 4, 2, 0, 2); }
 
-struct TempDir : test::TempDir {
-  TempDir() : test::TempDir("flowloop_ckpt") {}
+struct CkptDir : test::TempDir {
+  CkptDir() : test::TempDir("flowloop_ckpt") {}
 };
 
 std::string slurp(const std::string& p) {
@@ -50,7 +50,7 @@ std::pair<nlohmann::json, std::string> split(const std::string& bytes) {
 }  // namespace
 
 TEST_CASE("checkpoint round trip is exact, in F32 and F64", "[checkpoint]") {
-  TempDir dir;
+  CkptDir dir;
   const ModelConfig cfg = tiny();
   Model<float> mf(cfg);
   mf.init(11);
@@ -93,7 +93,7 @@ TEST_CASE("checkpoint round trip is exact, in F32 and F64", "[checkpoint]") {
 }
 
 TEST_CASE("writing is atomic and failures are reported", "[checkpoint]") {
-  TempDir dir;
+  CkptDir dir;
   const ModelConfig cfg = tiny();
   Model<float> m(cfg);
   const std::string p = dir.file("m.safetensors");
@@ -113,7 +113,7 @@ TEST_CASE("writing is atomic and failures are reported", "[checkpoint]") {
 }
 
 TEST_CASE("malformed checkpoints are rejected with the file and the fault", "[checkpoint][errors]") {
-  TempDir dir;
+  CkptDir dir;
   const ModelConfig cfg = tiny();
   Model<float> m(cfg);
   m.init(3);
@@ -234,7 +234,7 @@ TEST_CASE("token rows: values out of int32 are refused, whatever their JSON type
 }
 
 TEST_CASE("files are written whole, and JSON files read with the file and the fault", "[checkpoint][io]") {
-  TempDir dir;
+  CkptDir dir;
   const std::string p = dir.file("a.json");
   write_file_atomic(p, std::string("{\"x\": [1, 2]}"));
   CHECK(slurp(p) == "{\"x\": [1, 2]}");

@@ -1,14 +1,25 @@
-// Data parallelism's arithmetic without MPI: the shards of a batch, and the ranks'
-// weighted gradients summed equal the whole batch's gradient in double (the MPI runs
-// themselves: tests/mpi_check.sh).
+// Data parallelism without MPI: the shards of a batch; the ranks' weighted gradients
+// summed equal the whole batch's gradient in double; training on ranks that are threads
+// of this process (a communicator of their own), on the CPU and on the reference
+// backend (the device path: the gradient summed in the backend's memory). The MPI runs
+// themselves: tests/mpi_check.sh.
 #include <catch2/catch.hpp>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "check.hpp"
+#include "train_check.hpp"
 #include "flowloop/dist.hpp"
 #include "flowloop/grad.hpp"
 #include "flowloop/model.hpp"
+#include "flowloop/train.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;
@@ -114,4 +125,191 @@ TEST_CASE("data parallel: the ranks' weighted shards sum to the whole batch's lo
       CHECK(rel_error(g, whole_g) < 1e-12);
     }
   }
+}
+
+namespace {
+
+// N ranks as N threads of this process. Every collective meets at a barrier: each rank
+// shows its array, the ranks combine all of them in rank order (the same bits on every
+// rank), and meet again before anyone writes its own.
+class ThreadGroup {
+ public:
+  explicit ThreadGroup(int n) : slots_(static_cast<size_t>(n)), n_(n) {}
+  int size() const { return n_; }
+  void meet() {
+    std::unique_lock<std::mutex> lk(mu_);
+    const uint64_t gen = gen_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else if (!cv_.wait_for(lk, std::chrono::seconds(120), [&] { return gen_ != gen; })) {
+      throw Error("a rank did not reach the collective within 120 s");
+    }
+  }
+  std::vector<const void*> slots_;
+
+ private:
+  int n_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int arrived_ = 0;
+  uint64_t gen_ = 0;
+};
+
+class ThreadRank final : public Communicator {
+ public:
+  ThreadRank(std::shared_ptr<ThreadGroup> g, int rank) : g_(std::move(g)), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return g_->size(); }
+  int local_rank() const override { return rank_; }
+  int local_size() const override { return g_->size(); }
+  std::string name() const override { return "threads"; }
+  void sum(float* x, size_t n) override { combine(x, n, false); }
+  void sum(double* x, size_t n) override { combine(x, n, false); }
+  void max(double* x, size_t n) override { combine(x, n, true); }
+  void broadcast(void* bytes, size_t n, int root) override {
+    g_->slots_[static_cast<size_t>(rank_)] = bytes;
+    g_->meet();
+    if (rank_ != root) std::memcpy(bytes, g_->slots_[static_cast<size_t>(root)], n);
+    g_->meet();
+  }
+  void barrier() override { g_->meet(); }
+  [[noreturn]] void abort(int code) override { throw Error("rank aborted with " + std::to_string(code)); }
+  int device_sums = 0;  // sum_device calls (the device path's gradients)
+  void sum_device(Backend<float>& be, float* x, size_t n) override {
+    ++device_sums;
+    Communicator::sum_device(be, x, n);
+  }
+
+ private:
+  template <class T>
+  void combine(T* x, size_t n, bool is_max) {
+    g_->slots_[static_cast<size_t>(rank_)] = x;
+    g_->meet();
+    std::vector<T> r(static_cast<const T*>(g_->slots_[0]), static_cast<const T*>(g_->slots_[0]) + n);
+    for (int k = 1; k < g_->size(); ++k) {
+      const T* y = static_cast<const T*>(g_->slots_[static_cast<size_t>(k)]);
+      for (size_t i = 0; i < n; ++i) r[i] = is_max ? std::max(r[i], y[i]) : r[i] + y[i];
+    }
+    g_->meet();  // every rank has read every array
+    std::copy(r.begin(), r.end(), x);
+  }
+  std::shared_ptr<ThreadGroup> g_;
+  int rank_;
+};
+
+// Trains configs[r] on rank r of a thread group (on the reference backend when on_device);
+// returns each rank's final parameters, and rethrows the first rank's error.
+std::vector<Buffer<float>> train_ranks(const std::vector<TrainConfig>& configs, bool on_device,
+                                       std::vector<std::string>* errors = nullptr, int* device_sums = nullptr) {
+  const int n = static_cast<int>(configs.size());
+  auto group = std::make_shared<ThreadGroup>(n);
+  std::vector<Buffer<float>> params(static_cast<size_t>(n));
+  std::vector<std::string> err(static_cast<size_t>(n));
+  std::vector<int> sums(static_cast<size_t>(n), 0);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        auto comm = std::make_shared<ThreadRank>(group, r);
+        Trainer t(configs[static_cast<size_t>(r)], comm);
+        if (on_device) t.set_backend(std::shared_ptr<Backend<float>>(make_backend<float>(Device::cpu)));
+        std::ostringstream quiet;
+        t.run(false, quiet);
+        params[static_cast<size_t>(r)] = t.model().params;
+        sums[static_cast<size_t>(r)] = comm->device_sums;
+      } catch (const std::exception& e) {
+        err[static_cast<size_t>(r)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  if (device_sums) *device_sums = sums[0];
+  if (errors) {
+    *errors = err;
+  } else {
+    for (const auto& e : err)
+      if (!e.empty()) FAIL(e);
+  }
+  return params;
+}
+
+}  // namespace
+
+TEST_CASE("data parallel on threads: 2 ranks train as one process, on the CPU and on a device backend",
+          "[dist][device]") {
+  TempDir dir("flowloop_dist");
+  for (const bool ode : {false, true}) {
+    auto config = [&](const std::string& name) {
+      TrainConfig c = tiny_config((dir.path / ((ode ? "ode_" : "loop_") + name)).string());
+      c.steps = 6;
+      c.batch = 9;  // ranks of 5 and 4 rows
+      c.eval_every = 3;
+      c.checkpoint_every = 3;
+      c.eval_batches = 1;
+      if (ode) {  // per-sequence adaptive solves with the kinetic regulariser
+        c.depth.loops = 0;
+        c.depth.solver = "dopri5";
+        c.depth.rtol = 1e-3;
+        c.depth.atol = 1e-4;
+        c.depth.t1 = 2;
+        c.kinetic = 0.1;
+      }
+      return c;
+    };
+    for (const bool on_device : {false, true}) {
+      INFO((ode ? "ODE depth" : "loop depth") << (on_device ? ", reference backend" : ", CPU"));
+      const std::string tag = on_device ? "dev" : "cpu";
+      train_ranks({config("one_" + tag)}, on_device);
+      int device_sums = 0;
+      const auto two = train_ranks({config("two_" + tag), config("two_" + tag)}, on_device, nullptr, &device_sums);
+      CHECK(two[0] == two[1]);  // every rank holds the same parameters, bit for bit
+      CHECK(device_sums == (on_device ? 6 : 0));  // the device's gradients were summed there
+      const auto a = read_metrics(dir.path / ((ode ? "ode_one_" : "loop_one_") + tag));
+      const auto b = read_metrics(dir.path / ((ode ? "ode_two_" : "loop_two_") + tag));
+      REQUIRE(a.size() == 6);
+      REQUIRE(b.size() == 6);
+      for (size_t i = 0; i < a.size(); ++i) {
+        INFO("step " << i + 1);
+        CHECK(b[i]["ranks"] == 2);
+        CHECK(b[i]["load_imbalance"].get<double>() >= 1.0);
+        for (const char* k : {"loss", "grad_norm"}) {
+          const double x = a[i][k].get<double>(), y = b[i][k].get<double>();
+          REQUIRE(std::isfinite(x));
+          CHECK(std::fabs(x - y) <= 1e-5 * std::max(std::fabs(x), std::fabs(y)));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("data parallel on threads: ranks whose parameters differ stop at the checkpoint, naming it", "[dist]") {
+  TempDir dir("flowloop_dist_differ");
+  TrainConfig c = tiny_config((dir.path / "run").string());
+  c.steps = 4;
+  c.checkpoint_every = 2;
+  TrainConfig other = c;
+  other.seed = c.seed + 1;  // another initialisation on rank 1
+  std::vector<std::string> errors;
+  train_ranks({c, other}, false, &errors);
+  for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("step 2: the ranks' parameters differ"));
+}
+
+TEST_CASE("data parallel on threads: ranks on different devices are refused, naming it", "[dist][device]") {
+  TempDir dir("flowloop_dist_devices");
+  const TrainConfig c = tiny_config((dir.path / "run").string());
+  auto group = std::make_shared<ThreadGroup>(2);
+  std::vector<std::string> err(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        Trainer t(c, std::make_shared<ThreadRank>(group, r));
+        t.set_device(r == 0 ? Device::cpu : Device::cuda);  // (the check comes before cuda's own)
+      } catch (const std::exception& e) {
+        err[static_cast<size_t>(r)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (const auto& e : err) CHECK_THAT(e, Catch::Contains("the ranks train on different devices"));
 }

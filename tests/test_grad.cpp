@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "check.hpp"
+#include "grad_check.hpp"
 #include "flowloop/flowloop.hpp"
 #include "flowloop/grad.hpp"
 
@@ -35,47 +36,6 @@ Model<double> grad_model(uint64_t seed, int L = 1) {
 }
 
 
-
-// The adaptive code path with step sizes that do not depend on the parameters:
-// the error is always tiny, so every step grows by fac_max up to hmax.
-SolveOptions frozen_adaptive(const std::string& method, double t1) {
-  SolveOptions o = adaptive_opts(method, t1, 1e6, 1e6);
-  o.h0 = 0.1;
-  o.hmax = 0.45;
-  return o;
-}
-
-struct Grads {
-  double loss;
-  std::vector<double> dh0, dparams;  // dparams: the field's
-  GradStats stats;
-};
-
-// L = <w, h(t1)> for a fixed random w; the gradient by `method`.
-Grads ode_grad(Model<double>& m, const std::vector<double>& h0, int B, int T, const SolveOptions& o,
-               GradMethod method, const std::vector<double>& w, GradOptions gopt = {}) {
-  gopt.method = method;
-  FieldSystem<double> sys(m.field, m.field_params(), B, T);
-  OdeGradient<double> og(sys, o, gopt);
-  Buffer<double> h(h0.begin(), h0.end());
-  const auto& fr = og.forward(h.data());
-  REQUIRE(fr.ok());
-  Grads g;
-  g.loss = dot(std::vector<double>(h.begin(), h.end()), w);
-  g.dh0.assign(h0.size(), 0.0);
-  g.dparams.assign(m.field.num_params(), 0.0);
-  g.stats = og.backward(w.data(), g.dh0.data(), g.dparams.data());
-  return g;
-}
-
-double ode_loss(Model<double>& m, const std::vector<double>& h0, int B, int T, const SolveOptions& o,
-                const std::vector<double>& w) {
-  FieldSystem<double> sys(m.field, m.field_params(), B, T);
-  Buffer<double> h(h0.begin(), h0.end());
-  const auto r = integrate(sys, h.data(), o);
-  REQUIRE(r.ok());
-  return dot(std::vector<double>(h.begin(), h.end()), w);
-}
 
 void check_against_fd(Model<double>& m, const SolveOptions& o, GradMethod method, double tol) {
   const int B = 2, T = 5;

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "check.hpp"
+#include "grad_check.hpp"
 #include "flowloop/flowloop.hpp"
 
 using namespace flowloop;
@@ -26,16 +27,6 @@ void randomize(Model<double>& m, uint64_t seed) {
     for (size_t i = 0; i < t.numel; ++i)
       m.params[t.offset + i] = (ln_w ? 1.0 : 0.0) + 0.3 * rng.normal();
   }
-}
-
-TokenBatch make_batch(int B, int T, int V, uint64_t seed, bool with_ignore = false) {
-  Rng rng(seed);
-  TokenBatch tb;
-  tb.B = B;
-  tb.T = T;
-  for (int i = 0; i < B * T; ++i) tb.data.push_back(static_cast<int32_t>(rng.next() % V));
-  if (with_ignore) tb.data[1] = -1;
-  return tb;
 }
 
 std::vector<double> slice(const std::vector<double>& v, const TensorInfo& t) {

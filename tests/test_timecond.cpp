@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "check.hpp"
+#include "grad_check.hpp"
 #include "flowloop/bench.hpp"
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/flowloop.hpp"
@@ -71,16 +72,6 @@ std::vector<double> slice(const std::vector<double>& v, size_t off, size_t n) {
 
 double norm(const std::vector<double>& v) { return std::sqrt(dot(v, v)); }
 
-TokenBatch make_batch(int B, int T, int V, uint64_t seed, bool with_ignore = false) {
-  Rng rng(seed);
-  TokenBatch tb;
-  tb.B = B;
-  tb.T = T;
-  for (int i = 0; i < B * T; ++i) tb.data.push_back(static_cast<int32_t>(rng.next() % V));
-  if (with_ignore) tb.data[1] = -1;
-  return tb;
-}
-
 template <class S>
 bool same_bits(const Buffer<S>& a, const Buffer<S>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(S)) == 0;
@@ -95,46 +86,6 @@ void copy_by_name(Model<S>& to, const Model<S>& from) {
     std::copy(from.params.begin() + static_cast<long>(t.offset),
               from.params.begin() + static_cast<long>(t.offset + t.numel), to.params.begin() + static_cast<long>(d.offset));
   }
-}
-
-struct Grads {
-  double loss;
-  std::vector<double> dh0, dparams;  // dparams: the field's
-  GradStats stats;
-};
-
-// L = <w, h(t1)>; its gradient by `method`.
-Grads ode_grad(Model<double>& m, const std::vector<double>& h0, int B, int T, const SolveOptions& o,
-               GradMethod method, const std::vector<double>& w, GradOptions gopt = {}) {
-  gopt.method = method;
-  FieldSystem<double> sys(m.field, m.field_params(), B, T);
-  OdeGradient<double> og(sys, o, gopt);
-  Buffer<double> h(h0.begin(), h0.end());
-  REQUIRE(og.forward(h.data()).ok());
-  Grads g;
-  g.loss = dot(std::vector<double>(h.begin(), h.end()), w);
-  g.dh0.assign(h0.size(), 0.0);
-  g.dparams.assign(m.field.num_params(), 0.0);
-  g.stats = og.backward(w.data(), g.dh0.data(), g.dparams.data());
-  REQUIRE(g.stats.ok());
-  return g;
-}
-
-double ode_loss(Model<double>& m, const std::vector<double>& h0, int B, int T, const SolveOptions& o,
-                const std::vector<double>& w) {
-  FieldSystem<double> sys(m.field, m.field_params(), B, T);
-  Buffer<double> h(h0.begin(), h0.end());
-  REQUIRE(integrate(sys, h.data(), o).ok());
-  return dot(std::vector<double>(h.begin(), h.end()), w);
-}
-
-// Adaptive code path with steps that do not depend on the parameters (tiny errors:
-// every step grows by fac_max up to hmax).
-SolveOptions frozen_adaptive(const std::string& method, double t1) {
-  SolveOptions o = adaptive_opts(method, t1, 1e6, 1e6);
-  o.h0 = 0.1;
-  o.hmax = 0.45;
-  return o;
 }
 
 }  // namespace

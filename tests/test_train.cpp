@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "check.hpp"
+#include "train_check.hpp"
 #include "flowloop/backend.hpp"
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/train.hpp"
@@ -85,33 +86,6 @@ std::vector<int32_t> addition_bf(const std::vector<int32_t>& q, int d) {
   return out;
 }
 
-TrainConfig tiny_config(const std::string& out) {
-  TrainConfig c;
-  c.task = "phop";
-  c.task_n = 10;
-  c.task_hops = 2;
-  c.d_model = 16;
-  c.n_head = 2;
-  c.depth.loops = 2;
-  c.steps = 24;
-  c.batch = 8;
-  c.warmup = 4;
-  c.eval_every = 8;
-  c.eval_batches = 2;
-  c.checkpoint_every = 8;
-  c.seed = 3;
-  c.out = out;
-  return c;
-}
-
-std::vector<nlohmann::json> read_metrics(const fs::path& dir) {
-  std::vector<nlohmann::json> v;
-  std::ifstream in(dir / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) v.push_back(nlohmann::json::parse(line));
-  return v;
-}
 
 
 }  // namespace

@@ -86,8 +86,8 @@ Command register_train(CLI::App& app) {
             const std::shared_ptr<Communicator> comm = world();
             try {
               Trainer trainer(c, comm);
-              // data-parallel ranks train on the CPU (auto picks it; --device cuda is refused)
-              trainer.set_device(comm->size() > 1 && a->device != "cuda" ? Device::cpu : resolve_device(a->device));
+              // several ranks on cuda: each takes its GPU, and the gradients are summed there
+              trainer.set_device(resolve_device(a->device));
               std::ostringstream quiet;
               trainer.run(a->resume, comm->rank() == 0 ? std::cerr : quiet);
             } catch (const std::exception& e) {

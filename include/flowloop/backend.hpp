@@ -76,6 +76,9 @@ class Backend {
   virtual void copy(S* dst, const S* src, size_t n) = 0;  // within the backend
   virtual void fill(S* x, S value, size_t n) = 0;
   virtual void synchronize() = 0;  // waits for the work queued so far
+  // The stream the operations queue on (a cudaStream_t for cuda; null: the host's order),
+  // for libraries that join it (NCCL's collectives).
+  virtual void* native_stream() { return nullptr; }
 
   // ---- products: for each of `batch` problems i,
   //   C_i(M,N) = alpha op(A_i) op(B_i) + beta C_i,  A_i = A + i sA, B_i = B + i sB, C_i = C + i sC

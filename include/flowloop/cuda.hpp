@@ -20,10 +20,25 @@
 #include "flowloop/backend.hpp"
 #include "flowloop/tensor.hpp"
 
+namespace flowloop {
+class Communicator;
+}
+
 namespace flowloop::cuda {
 
 // GPUs visible to this process (0 without a GPU or a driver: never throws).
 int device_count();
+// The GPU this thread's CUDA calls (and backends made from now on) use; select_device
+// checks the ordinal against device_count().
+int current_device();
+void select_device(int device);
+// Whether this build sums over ranks with NCCL (FLOWLOOP_NCCL: found with the toolkit).
+bool nccl_built();
+// A communicator over the same ranks as `host` whose sum_device is NCCL's allreduce on
+// the backend's stream; everything else (and NCCL's set-up: rank 0's unique id
+// broadcast) goes through `host`. Every rank must have selected a GPU of its own first.
+// Throws Error without NCCL in the build, or naming NCCL's error.
+std::shared_ptr<Communicator> nccl_communicator(std::shared_ptr<Communicator> host);
 // "NVIDIA H100 80GB HBM3, 79.1 GiB" (throws Error without a GPU).
 std::string device_description(int device = 0);
 // The free and total bytes of the current device.

@@ -4,7 +4,9 @@
 // (shard_rows), computes its shard's loss and gradient, and the gradients are summed over
 // the processes (Communicator::sum, MPI_Allreduce), so that every rank applies the same
 // update to the same parameters. A global batch is a function of (data, seed, step)
-// alone, whatever N is: a run resumed with another N sees the same batches.
+// alone, whatever N is: a run resumed with another N sees the same batches. On a device
+// the gradient is summed where it lives (Communicator::sum_device): with NCCL on the
+// GPUs where the build has it and every rank has a GPU of its own, else through the host.
 #pragma once
 
 #include <cstddef>
@@ -13,6 +15,7 @@
 #include <string>
 #include <utility>
 
+#include "flowloop/backend.hpp"
 #include "flowloop/model.hpp"
 
 namespace flowloop {
@@ -24,12 +27,22 @@ class Communicator {
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual std::string name() const = 0;  // "single" or "mpi"
+  // This rank among the ranks of its machine, and how many they are (a rank's GPU is
+  // its local rank modulo the GPUs it sees).
+  virtual int local_rank() const = 0;
+  virtual int local_size() const = 0;
+  virtual std::string name() const = 0;  // "single", "mpi", "mpi+nccl"
   // In place, element-wise over the ranks: the sum (MPI_Allreduce; for a given number of
   // ranks, Open MPI reduces in a fixed order, so a run repeats its bits), the maximum.
   virtual void sum(float* x, size_t n) = 0;
   virtual void sum(double* x, size_t n) = 0;
   virtual void max(double* x, size_t n) = 0;
+  // The sum of n floats in a backend's memory, in place, every rank's result the same
+  // bits. This version stages them through the host (download, sum, upload); a
+  // communicator of GPUs (NCCL) sums them on the devices, on the backend's stream.
+  virtual void sum_device(Backend<float>& be, float* x, size_t n);
+  // Rank `root`'s n bytes to every rank.
+  virtual void broadcast(void* bytes, size_t n, int root) = 0;
   virtual void barrier() = 0;
   // Ends every rank (an error on one rank would leave the others waiting in a collective).
   [[noreturn]] virtual void abort(int code) = 0;
@@ -51,6 +64,12 @@ std::shared_ptr<Communicator> world();
 // contiguous, in rank order, the first B % size ranks one row more. Throws Error unless
 // 0 <= rank < size <= B.
 std::pair<int, int> shard_rows(int B, int rank, int size);
+
+// The communicator for training on device d: on cuda with several ranks, this rank's GPU
+// is selected (its local rank modulo the GPUs it sees), and the device sums run on NCCL
+// when the build has it and the machine's ranks have a GPU each; otherwise `comm` itself
+// (device sums through the host). One process: comm.
+std::shared_ptr<Communicator> communicator_for(std::shared_ptr<Communicator> comm, Device d);
 
 // Rows [begin, end) of a batch (B, T).
 TokenBatch slice_rows(const TokenBatch& b, int begin, int end);

@@ -120,6 +120,12 @@ class AdamW {
   // On a device: sends the host's state if the device lacks it (before a loss reads
   // device_params()). No-op on the host.
   void prepare(const float* params);
+  // Data parallelism: this rank's gradient of the range times `scale`, summed over the
+  // ranks of comm where the optimiser keeps it, for the next step() to apply. On the
+  // host: grads (the whole buffer), with comm.sum. On a device: the range's gradient
+  // there (grads uploaded, device_grads() added: what step() does first), with
+  // comm.sum_device (NCCL on GPUs that have it, else through the host).
+  void reduce(float* grads, float scale, Communicator& comm);
   // On a device (null on the host): the range's parameters there (current after prepare
   // and every step), and a gradient array there that step() adds to the uploaded
   // gradients, then clears: a model's field gradient can stay on the device.
@@ -138,6 +144,8 @@ class AdamW {
   Array<float, double> norm_;
   bool dev_fresh_ = false;  // the device holds the current parameters and moments
   bool host_stale_ = false; // m and v on the host lag the device's
+  bool reduced_ = false;    // gd_ holds the summed gradient (reduce) for the next step
+  void gather(const float* g);  // on a device: gd_ = the range's g + acc_, acc_ cleared
 };
 
 std::unique_ptr<DataSource> make_source(const TrainConfig& c);
@@ -216,7 +224,10 @@ class Trainer {
   // run's to rounding. Rank 0 writes the metrics (with the ranks, the load imbalance:
   // the slowest rank's field evaluations over the mean, and the allreduce's seconds)
   // and the checkpoints, and evaluates; every rank resumes from them, with any N.
-  // Per-sequence solves only (no batch_coupled), no Jacobian regulariser, CPU only.
+  // Per-sequence solves only (no batch_coupled), no Jacobian regulariser. On a device
+  // (set_device, set_backend) the gradient is summed there: on cuda each rank takes the
+  // GPU of its local rank, and NCCL sums on the GPUs where built and every rank has its
+  // own (communicator_for); otherwise the sum goes through the host.
   explicit Trainer(const TrainConfig& c, std::shared_ptr<Communicator> comm = nullptr);
   ~Trainer();
   // Trains to c.steps; with resume, continues from DIR/checkpoint.safetensors.
