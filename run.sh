@@ -234,7 +234,8 @@ case "$mode" in
     ;;
   gpu-check)
     # on a GPU machine: the CUDA backend's agreement tests against the CPU (float and
-    # double) with the device named, the whole suite, then the GPU benchmarks: bench
+    # double) with the device named, the whole suite, 2 MPI ranks against 1 process on the
+    # GPU, then the GPU benchmarks: bench
     # field (the field on the GPU against cuBLAS sgemm of the MLP's shape) at M and G,
     # and PyTorch + torchdiffeq on the same GPU side by side (a dopri5 solve at M and G,
     # a training step at M and G). `gpu-check tests` stops after the tests. Fails where
@@ -249,6 +250,10 @@ case "$mode" in
     ((rc == 0)) || exit "$rc"
     (cd "$BUILD_DIR" && ctest -j "$JOBS" --output-on-failure >ctest.log 2>&1 && tail -3 ctest.log) ||
       { tail -40 "$BUILD_DIR/ctest.log"; exit 1; }
+    # data parallelism on the GPU: 2 ranks against 1 process (one GPU: the ranks share it
+    # and sum through the host; a GPU each: NCCL)
+    echo "== data parallel on cuda: tests/mpi_check.sh with --device cuda"
+    MPI_CHECK_DEVICE=cuda bash tests/mpi_check.sh "$BUILD_DIR/flowloop" "$(command -v mpirun)" "$BUILD_DIR/mpi_check_cuda"
     [ "${2:-}" = tests ] && exit 0
     figs="$BUILD_DIR/gpu-check"
     mkdir -p "$figs"

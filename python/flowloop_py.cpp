@@ -1,6 +1,7 @@
 // The `flowloop` Python module (pybind11): models loaded, saved and run under any depth
 // specification, flowloop's solver on a Python right-hand side, training and evaluation
-// with the CLI's options, and `compare` as numpy arrays. Long work releases the GIL.
+// with the CLI's options, `compare` and `trajectory` as numpy arrays, and flow matching
+// over a teacher's latent trajectories (record, train, eval). Long work releases the GIL.
 // Every argument that is wrong raises ValueError naming it (flowloop::Error's text).
 #include <pybind11/functional.h>
 #include <pybind11/numpy.h>
@@ -350,6 +351,132 @@ PYBIND11_MODULE(_flowloop, m) {
       "trains a model as `flowloop train --config` does, from the configuration's keys (task, "
       "loops or solver, steps, batch, lr, seed, out, ...); the same options give the CLI's bits. "
       "Returns the paths of the model, checkpoint directory and metrics");
+
+  m.def(
+      "flow_match_record",
+      [](const std::string& model, const std::string& out, int examples, int test_examples, int batch, int shard_size,
+         std::optional<int> states, std::optional<std::string> task, std::optional<std::string> text,
+         std::optional<int> loops, std::optional<std::string> solver, std::optional<int> steps,
+         std::optional<double> rtol, std::optional<double> atol, std::optional<double> t1) {
+        const TrainConfig tc = trained_config(model, task.value_or(""), text.value_or(""));
+        RecordOptions opt;
+        opt.train_examples = examples;
+        opt.test_examples = test_examples;
+        opt.batch = batch;
+        opt.shard_size = shard_size;
+        opt.states = states.value_or(0);
+        opt.device = "cpu";
+        // the teacher's trained regime unless a depth is given
+        opt.depth = loops || solver ? depth_spec(loops, solver, steps, rtol, atol, t1, std::nullopt, false, std::nullopt)
+                                    : tc.depth;
+        opt.validate();
+        const auto data = make_source(tc);
+        require_writable(out);
+        std::ostringstream progress;
+        TrajectoryManifest mf;
+        {
+          py::gil_scoped_release free;
+          mf = record_trajectories(model, *data, opt, out, progress);
+        }
+        py::dict d;
+        d["data"] = out;
+        d["manifest"] = out + "/manifest.json";
+        d["K"] = mf.K;
+        d["T"] = mf.T;
+        d["C"] = mf.C;
+        d["times"] = Doubles(static_cast<py::ssize_t>(mf.times.size()), mf.times.data());
+        d["train_examples"] = mf.examples("train");
+        d["test_examples"] = mf.examples("test");
+        d["teacher_hash"] = mf.teacher_hash;
+        return d;
+      },
+      py::arg("model"), py::arg("out"), py::kw_only(), py::arg("examples") = 2048, py::arg("test_examples") = 512,
+      py::arg("batch") = 64, py::arg("shard_size") = 512, py::arg("states") = py::none(), py::arg("task") = py::none(),
+      py::arg("text") = py::none(), py::arg("loops") = py::none(), py::arg("solver") = py::none(),
+      py::arg("steps") = py::none(), py::arg("rtol") = py::none(), py::arg("atol") = py::none(),
+      py::arg("t1") = py::none(),
+      "records a teacher's latent paths h_0 .. h_K (train and test splits) into safetensors shards with a "
+      "manifest under `out`, as `flowloop flow-match record` does (its trained regime unless a depth is given; a "
+      "rerun resumes). Returns the recording's shape, times and example counts");
+
+  m.def(
+      "flow_match_train",
+      [](const py::kwargs& options) {
+        const py::module_ json = py::module_::import("json");
+        const FlowMatchConfig c =
+            FlowMatchConfig::from_json(py::str(json.attr("dumps")(options)), "flow_match_train options");
+        c.validate();
+        std::ostringstream progress;
+        {
+          py::gil_scoped_release free;
+          FlowMatchTrainer trainer(c);
+          trainer.set_device(Device::cpu);
+          trainer.run(false, progress);
+        }
+        py::dict out;
+        out["out"] = c.out;
+        out["model"] = c.out + "/model.safetensors";
+        out["metrics"] = c.out + "/metrics.jsonl";
+        return out;
+      },
+      "trains a flow student on a recording as `flowloop flow-match train --config` does, from its configuration's "
+      "keys (data, matcher, coupling, steps, batch, lr, seed, out, ...); the same options give the CLI's bits. "
+      "Returns the paths of the model (the EMA weights) and metrics");
+
+  m.def(
+      "flow_match_eval",
+      [](const std::string& model, const std::string& data, const std::string& samplers, int examples, int batch,
+         int straightness_points, uint64_t seed, bool teacher) {
+        FlowEvalOptions opt;
+        set_samplers(opt, samplers);
+        opt.examples = examples;
+        opt.batch = batch;
+        opt.straightness_points = straightness_points;
+        opt.seed = seed;
+        opt.teacher_rows = teacher;
+        std::vector<FlowEvalRow> rows;
+        {
+          py::gil_scoped_release free;
+          rows = flow_match_evaluate(model, data, opt, Device::cpu);
+        }
+        const size_t n = rows.size();
+        py::list sampler, status;
+        Doubles nfe(static_cast<py::ssize_t>(n)), nfe_max(static_cast<py::ssize_t>(n)), rel_l2(static_cast<py::ssize_t>(n)),
+            kl(static_cast<py::ssize_t>(n)), acc(static_cast<py::ssize_t>(n)), straight(static_cast<py::ssize_t>(n)),
+            frechet(static_cast<py::ssize_t>(n));
+        py::array_t<int64_t> ex(static_cast<py::ssize_t>(n));
+        for (size_t i = 0; i < n; ++i) {
+          const FlowEvalRow& r = rows[i];
+          sampler.append(r.sampler);
+          status.append(r.status);
+          nfe.mutable_data()[i] = r.nfe;
+          nfe_max.mutable_data()[i] = r.nfe_max;
+          rel_l2.mutable_data()[i] = r.rel_l2;
+          kl.mutable_data()[i] = r.kl;
+          acc.mutable_data()[i] = r.accuracy;
+          straight.mutable_data()[i] = r.straightness;
+          frechet.mutable_data()[i] = r.frechet;
+          ex.mutable_data()[i] = r.examples;
+        }
+        py::dict d;
+        d["sampler"] = sampler;
+        d["nfe"] = nfe;
+        d["nfe_max"] = nfe_max;
+        d["rel_l2"] = rel_l2;
+        d["kl"] = kl;
+        d["accuracy"] = acc;
+        d["straightness"] = straight;
+        d["frechet"] = frechet;
+        d["examples"] = ex;
+        d["status"] = status;
+        return d;
+      },
+      py::arg("model"), py::arg("data"), py::kw_only(), py::arg("samplers") = "", py::arg("examples") = 0,
+      py::arg("batch") = 256, py::arg("straightness_points") = 8, py::arg("seed") = 0, py::arg("teacher") = true,
+      "samples a flow student (flow_match_train's model) with each sampler on the recording's test split against "
+      "the teacher's h_K, as `flowloop flow-match eval` does: columns sampler, nfe, nfe_max, rel_l2, kl, accuracy, "
+      "straightness, frechet, examples, status (samplers: regime tokens on [0, 1] and shortcut:N, comma-separated; "
+      "empty: the defaults; teacher: also the truncated teacher's rows)");
 
   m.def(
       "evaluate",

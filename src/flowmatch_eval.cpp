@@ -392,4 +392,34 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
   return out;
 }
 
+void set_samplers(FlowEvalOptions& opt, const std::string& list) {
+  opt.samplers.clear();
+  opt.shortcut.clear();
+  std::string solvers;
+  std::stringstream in(list);
+  for (std::string tok; std::getline(in, tok, ',');) {
+    if (tok.rfind("shortcut:", 0) != 0) {
+      solvers += (solvers.empty() ? "" : ",") + tok;
+      continue;
+    }
+    const std::string n = tok.substr(9);
+    if (n.empty() || n.size() > 6 || n.find_first_not_of("0123456789") != std::string::npos)
+      throw Error("samplers: '" + tok + "' is not shortcut:N with N a positive whole number of steps");
+    opt.shortcut.push_back(std::stoi(n));
+  }
+  if (!solvers.empty()) opt.samplers = DepthSpec::parse_list(solvers);
+}
+
+std::vector<FlowEvalRow> flow_match_evaluate(const std::string& student, const std::string& data, FlowEvalOptions opt,
+                                             Device d, std::ostream* progress) {
+  FlowStudent s = load_flow_student(student);
+  TrajectoryLoader test(data, "test", 0);
+  require_same_teacher(s, test);
+  Model<float> teacher = load_model<float>(test.teacher_path());
+  s.model.set_device(d);
+  teacher.set_device(d);
+  opt.generative = s.config.matcher == "generative";  // from noise: distributions only
+  return flow_match_evaluate(s.model, teacher, test, opt, progress);
+}
+
 }  // namespace flowloop

@@ -556,6 +556,17 @@ struct Trainer::Impl {
   }
 };
 
+TrainConfig trained_config(const std::string& model, const std::string& task, const std::string& text) {
+  const SafetensorsFile f = SafetensorsFile::read(model);
+  auto it = f.metadata().find("train_config");
+  if (it == f.metadata().end()) throw Error("'" + model + "' has no train_config: was it written by flowloop train?");
+  TrainConfig tc = TrainConfig::from_json(it->second, model);
+  const std::string on = tc.task.empty() ? "text '" + tc.text + "'" : "task '" + tc.task + "'";
+  if (!task.empty() && task != tc.task) throw Error("'" + model + "' was trained on " + on + ", not on task '" + task + "'");
+  if (!text.empty() && text != tc.text) throw Error("'" + model + "' was trained on " + on + ", not on text '" + text + "'");
+  return tc;
+}
+
 ModelConfig TrainConfig::model_config(const DataSource& data) const {
   ModelConfig mc;
   mc.vocab_size = data.vocab_size();
@@ -804,6 +815,7 @@ void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
     line["device"] = device_name(m.device());
     if (ranks > 1) {
       line["ranks"] = ranks;
+      line["communicator"] = comm.name();  // "mpi", or "mpi+nccl" where the GPUs sum
       // the slowest rank's field evaluations over the ranks' mean (1: balanced)
       line["load_imbalance"] = total_evals > 0 ? most[2] / (total_evals / ranks) : 1.0;
       line["allreduce_s"] = allreduce_s;

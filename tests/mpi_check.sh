@@ -5,7 +5,8 @@
 # two runs on 2 ranks give the same bits; a run stopped on 2 ranks resumes on 1 and one
 # stopped on 1 resumes on 2, each equal to the uninterrupted run; what cannot be sharded
 # is refused with an error naming it.
-# Usage: mpi_check.sh FLOWLOOP MPIEXEC WORK_DIR
+# Usage: mpi_check.sh FLOWLOOP MPIEXEC WORK_DIR (MPI_CHECK_DEVICE=cuda: on the GPU, as
+# ./run.sh gpu-check runs it; default cpu)
 set -euo pipefail
 fl=$1 mpiexec=$2 work=$3
 rm -rf "$work"
@@ -14,7 +15,7 @@ mkdir -p "$work"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 np2=("$mpiexec" -np 2 --oversubscribe --bind-to none)
 base=(--task phop --task-n 8 --hops 2 --d-model 16 --n-head 2 --steps 6 --warmup 2 --eval-every 3
-  --checkpoint-every 3 --eval-batches 1 --seed 3 --device cpu)
+  --checkpoint-every 3 --eval-batches 1 --seed 3 --device "${MPI_CHECK_DEVICE:-cpu}")
 common=("${base[@]}" --batch 9)  # ranks of 5 and 4 rows
 loop=(--loops 2)
 ode=(--solver dopri5 --rtol 1e-3 --atol 1e-4 --t1 2 --kinetic 0.1)
@@ -71,6 +72,7 @@ import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1])]
 for l in lines:
     assert l["ranks"] == 2 and l["load_imbalance"] >= 1.0 and l["allreduce_s"] >= 0 and l["gradient_bytes"] > 0, l
+    assert l["communicator"] in ("mpi", "mpi+nccl"), l
 print("imbalance per step:", [round(l["load_imbalance"], 3) for l in lines])
 PY
   # stopped after its first step on 2 ranks, resumed on 1; and the other way round

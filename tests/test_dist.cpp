@@ -272,6 +272,7 @@ TEST_CASE("data parallel on threads: 2 ranks train as one process, on the CPU an
       for (size_t i = 0; i < a.size(); ++i) {
         INFO("step " << i + 1);
         CHECK(b[i]["ranks"] == 2);
+        CHECK(b[i]["communicator"] == "threads");
         CHECK(b[i]["load_imbalance"].get<double>() >= 1.0);
         for (const char* k : {"loss", "grad_norm"}) {
           const double x = a[i][k].get<double>(), y = b[i][k].get<double>();

@@ -70,9 +70,6 @@ CLI::Option* add_device_flag(CLI::App* app, std::string& device);
 // Whether any of these flags was given on the command line.
 bool any_given(const KeyedOptions& flags);
 
-// The training configuration stored in a model written by `flowloop train`; with
-// a task or text given (non-empty), checks that the model was trained on it.
-TrainConfig trained_config(const std::string& model, const std::string& task = "", const std::string& text = "");
 
 // A solve's statistics as JSON (per sequence and in total).
 template <class S>

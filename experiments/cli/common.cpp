@@ -43,17 +43,6 @@ bool any_given(const KeyedOptions& flags) {
   return false;
 }
 
-TrainConfig trained_config(const std::string& model, const std::string& task, const std::string& text) {
-  const SafetensorsFile f = SafetensorsFile::read(model);
-  auto it = f.metadata().find("train_config");
-  if (it == f.metadata().end()) throw Error("'" + model + "' has no train_config: was it written by flowloop train?");
-  TrainConfig tc = TrainConfig::from_json(it->second, model);
-  const std::string on = tc.task.empty() ? "text '" + tc.text + "'" : "task '" + tc.task + "'";
-  if (!task.empty() && task != tc.task) throw Error("'" + model + "' was trained on " + on + ", not on task '" + task + "'");
-  if (!text.empty() && text != tc.text) throw Error("'" + model + "' was trained on " + on + ", not on text '" + text + "'");
-  return tc;
-}
-
 template <class S>
 json solve_json(const SolveResult<S>& r, const SolveOptions& o) {
   json seq = json::array();

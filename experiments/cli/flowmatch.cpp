@@ -99,30 +99,10 @@ CLI::App* add_eval(CLI::App* fm, const std::shared_ptr<FmEvalArgs>& a) {
 }
 
 int run_eval(const FmEvalArgs& a) {
-  FlowStudent s = load_flow_student(a.model);
-  TrajectoryLoader test(a.data, "test", 0);
-  require_same_teacher(s, test);
-  Model<float> teacher = load_model<float>(test.teacher_path());
-  const Device device = resolve_device(a.device);
-  s.model.set_device(device);
-  teacher.set_device(device);
   FlowEvalOptions opt = a.opt;
-  std::string solvers;
-  std::stringstream list(a.samplers);
-  for (std::string tok; std::getline(list, tok, ',');) {
-    if (tok.rfind("shortcut:", 0) != 0) {
-      solvers += (solvers.empty() ? "" : ",") + tok;
-      continue;
-    }
-    const std::string n = tok.substr(9);
-    if (n.empty() || n.size() > 6 || n.find_first_not_of("0123456789") != std::string::npos)
-      throw Error("--samplers: '" + tok + "' is not shortcut:N with N a positive whole number of steps");
-    opt.shortcut.push_back(std::stoi(n));
-  }
-  opt.samplers = solvers.empty() ? std::vector<DepthSpec>{} : DepthSpec::parse_list(solvers);
+  set_samplers(opt, a.samplers);
   opt.teacher_rows = !a.no_teacher;
-  opt.generative = s.config.matcher == "generative";  // from noise: distributions only
-  const auto rows = flow_match_evaluate(s.model, teacher, test, opt, &std::cerr);
+  const auto rows = flow_match_evaluate(a.model, a.data, opt, resolve_device(a.device), &std::cerr);
   if (!a.csv.empty()) write_file_atomic(a.csv, flow_eval_csv(rows));
   if (a.json) {
     for (const auto& r : rows) std::cout << r.to_json() << "\n";

@@ -256,4 +256,15 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
                                              TrajectoryLoader& test, const FlowEvalOptions& opt,
                                              std::ostream* progress = nullptr);
 
+// The samplers of a comma-separated list: regime tokens (DepthSpec::parse) into
+// opt.samplers, "shortcut:N" into opt.shortcut, in order; an empty list leaves both
+// empty (the defaults). Throws Error naming a bad token.
+void set_samplers(FlowEvalOptions& opt, const std::string& list);
+
+// `flow-match eval`: the student stored at `student` (load_flow_student) against the
+// teacher of the recording DATA, on its test split, both on device d; a generative
+// student (its matcher) is compared as distributions (opt.generative is set from it).
+std::vector<FlowEvalRow> flow_match_evaluate(const std::string& student, const std::string& data, FlowEvalOptions opt,
+                                             Device d, std::ostream* progress = nullptr);
+
 }  // namespace flowloop

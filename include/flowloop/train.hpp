@@ -93,6 +93,11 @@ struct TrainConfig {
 // Huginn's depth for training step `step` (a function of seed and step).
 int random_depth(double mean, uint64_t seed, int64_t step);
 
+// The configuration a model was trained with (its train_config metadata, written by
+// Trainer). Throws Error naming the file when it has none, or when task / text (non-empty)
+// is not what it was trained on.
+TrainConfig trained_config(const std::string& model, const std::string& task = "", const std::string& text = "");
+
 // Learning rate at step s: linear warm-up to lr, then cosine down to min_lr.
 double learning_rate(const TrainConfig& c, int64_t step);
 

@@ -1,6 +1,7 @@
 """The Python module against the library and the CLI: numpy in and out with errors that
 name the argument, Hairer's DOPRI5 step counts through a Python right-hand side, a model
-trained from Python equal to the CLI's bits, the GIL released during long work."""
+trained from Python equal to the CLI's bits, a flow student recorded, trained and evaluated
+from Python equal to the CLI's, the GIL released during long work."""
 import json
 import os
 import struct
@@ -160,3 +161,46 @@ def test_long_work_releases_the_gil():
     thread.join()
     # the other thread kept running while the solves held no GIL (about 1 tick a ms)
     assert during > 50, during
+
+
+@pytest.mark.skipif(not CLI, reason="FLOWLOOP_CLI (the flowloop command) not set")
+def test_flow_matching_from_python_equals_the_cli(tmp_path):
+    teacher = flowloop.train(out=str(tmp_path / "teacher"), task="phop", task_n=8, task_hops=2, d_model=16,
+                             n_head=2, loops=3, steps=6, batch=8, warmup=2, eval_every=3, eval_batches=1,
+                             checkpoint_every=3, seed=2)
+    rec = flowloop.flow_match_record(teacher["model"], str(tmp_path / "rec"), examples=32, test_examples=16,
+                                     batch=16, shard_size=16)
+    assert rec["K"] == 3 and list(rec["times"]) == [0.0, 1.0, 2.0, 3.0]
+    assert rec["train_examples"] == 32 and rec["test_examples"] == 16 and rec["C"] == 16
+    options = dict(data=rec["data"], matcher="trajectory", steps=6, batch=8, warmup=2, eval_every=3, eval_batches=1,
+                   checkpoint_every=3, time_freq=16, seed=1)
+    py_out = flowloop.flow_match_train(out=str(tmp_path / "py"), **options)
+    config = tmp_path / "fm.json"
+    config.write_text(json.dumps(dict(options, out=str(tmp_path / "cli"))))
+    subprocess.run([CLI, "flow-match", "train", "--config", str(config), "--device", "cpu"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a, b = tensors(py_out["model"]), tensors(str(tmp_path / "cli" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    la = [json.loads(l)["loss"] for l in open(py_out["metrics"])]
+    lb = [json.loads(l)["loss"] for l in open(tmp_path / "cli" / "metrics.jsonl")]
+    assert la == lb and len(la) == 6
+    samplers = "euler:1,rk4:2,dopri5:0.01"
+    rows = flowloop.flow_match_eval(py_out["model"], rec["data"], samplers=samplers, batch=8)
+    cli = subprocess.run([CLI, "flow-match", "eval", "-m", py_out["model"], "--data", rec["data"], "--samplers",
+                          samplers, "--batch", "8", "--json", "--device", "cpu"], check=True, capture_output=True,
+                         text=True).stdout.split("\n")
+    cli = [json.loads(l) for l in cli if l.strip()]
+    assert rows["sampler"] == [r["sampler"] for r in cli] and rows["sampler"][:3] == samplers.split(",")
+    assert any(s.startswith("teacher") for s in rows["sampler"])  # the truncated teacher's rows
+    for key in ("nfe", "rel_l2", "kl", "accuracy", "straightness", "frechet"):
+        assert rows[key].dtype == np.float64 and np.isfinite(rows[key]).all(), key
+        assert list(rows[key]) == pytest.approx([r[key] for r in cli], rel=1e-12, abs=0), key
+    assert rows["examples"][0] == 16 and rows["status"] == [r["status"] for r in cli]
+    only = flowloop.flow_match_eval(py_out["model"], rec["data"], samplers="rk4:2", teacher=False, batch=8)
+    assert only["sampler"] == ["rk4:2"] and only["rel_l2"][0] == rows["rel_l2"][1]
+    with pytest.raises(ValueError, match="'shortcut:x' is not shortcut:N"):
+        flowloop.flow_match_eval(py_out["model"], rec["data"], samplers="shortcut:x")
+    with pytest.raises(ValueError, match="not on task 'modarith'"):
+        flowloop.flow_match_record(teacher["model"], str(tmp_path / "rec2"), task="modarith")
+    with pytest.raises(ValueError, match="unknown_key"):
+        flowloop.flow_match_train(out=str(tmp_path / "bad"), unknown_key=1, **options)
