@@ -289,15 +289,15 @@ void sinusoid_embedding(S* e, const double* t, int B, int E, double time_scale, 
       // padded: every value takes Eigen's packet path, never the scalar tail or the
       // alignment peel, whose split would differ between AVX2 and AVX-512 machines.
       constexpr double two_pi = 6.283185307179586476925286766559;
-      constexpr int kChunk = 64;
-      alignas(64) float ph[kChunk], cs[kChunk], sn[kChunk];
-      for (int k0 = 0; k0 < half; k0 += kChunk) {
-        const int len = std::min(kChunk, half - k0);
-        for (int k = 0; k < kChunk; ++k) {
+      constexpr int kPhaseChunk = 64;
+      alignas(64) float ph[kPhaseChunk], cs[kPhaseChunk], sn[kPhaseChunk];
+      for (int k0 = 0; k0 < half; k0 += kPhaseChunk) {
+        const int len = std::min(kPhaseChunk, half - k0);
+        for (int k = 0; k < kPhaseChunk; ++k) {
           const double p = k < len ? tau * freq[k0 + k] : 0.0;
           ph[k] = static_cast<float>(p - two_pi * std::nearbyint(p / two_pi));
         }
-        using Chunk = Eigen::Map<Eigen::Array<float, kChunk, 1>, Eigen::Aligned64>;
+        using Chunk = Eigen::Map<Eigen::Array<float, kPhaseChunk, 1>, Eigen::Aligned64>;
         const Chunk phase(ph);
         Chunk cos_out(cs), sin_out(sn);
         cos_out = phase.cos();
