@@ -163,6 +163,24 @@ TrainConfig train_config(const py::dict& options) {
 // context, seed): evaluation and compare need no depth or optimiser.
 std::unique_ptr<DataSource> data_source(const py::dict& options) { return make_source(config_of(options)); }
 
+// A training run (Trainer or FlowMatchTrainer) of a validated configuration on the CPU,
+// without the GIL, from the start; the paths it wrote.
+template <class TrainerT, class ConfigT>
+py::dict train_run(const ConfigT& c) {
+  std::ostringstream progress;
+  {
+    py::gil_scoped_release free;
+    TrainerT trainer(c);
+    trainer.set_device(Device::cpu);
+    trainer.run(/*resume=*/false, progress);
+  }
+  py::dict out;
+  out["out"] = c.out;
+  out["model"] = c.out + "/model.safetensors";
+  out["metrics"] = c.out + "/metrics.jsonl";
+  return out;
+}
+
 py::dict eval_dict(const EvalResult& r) {
   py::dict d;
   d["loss"] = r.loss;
@@ -333,20 +351,7 @@ PYBIND11_MODULE(_flowloop, m) {
   m.def(
       "train",
       [](const py::kwargs& options) {
-        const TrainConfig c = train_config(options);
-        const bool resume = false;
-        std::ostringstream progress;
-        {
-          py::gil_scoped_release free;
-          Trainer trainer(c);
-          trainer.set_device(Device::cpu);
-          trainer.run(resume, progress);
-        }
-        py::dict out;
-        out["out"] = c.out;
-        out["model"] = c.out + "/model.safetensors";
-        out["metrics"] = c.out + "/metrics.jsonl";
-        return out;
+        return train_run<Trainer>(train_config(options));
       },
       "trains a model as `flowloop train --config` does, from the configuration's keys (task, "
       "loops or solver, steps, batch, lr, seed, out, ...); the same options give the CLI's bits. "
@@ -406,18 +411,7 @@ PYBIND11_MODULE(_flowloop, m) {
         const FlowMatchConfig c =
             FlowMatchConfig::from_json(py::str(json.attr("dumps")(options)), "flow_match_train options");
         c.validate();
-        std::ostringstream progress;
-        {
-          py::gil_scoped_release free;
-          FlowMatchTrainer trainer(c);
-          trainer.set_device(Device::cpu);
-          trainer.run(false, progress);
-        }
-        py::dict out;
-        out["out"] = c.out;
-        out["model"] = c.out + "/model.safetensors";
-        out["metrics"] = c.out + "/metrics.jsonl";
-        return out;
+        return train_run<FlowMatchTrainer>(c);
       },
       "trains a flow student on a recording as `flowloop flow-match train --config` does, from its configuration's "
       "keys (data, matcher, coupling, steps, batch, lr, seed, out, ...); the same options give the CLI's bits. "

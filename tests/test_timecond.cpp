@@ -13,6 +13,7 @@
 
 #include "check.hpp"
 #include "grad_check.hpp"
+#include "train_check.hpp"
 #include "flowloop/bench.hpp"
 #include "flowloop/checkpoint.hpp"
 #include "flowloop/flowloop.hpp"
@@ -711,21 +712,13 @@ TEST_CASE("bench field times the time-conditioned field beside the autonomous on
 
 TEST_CASE("the training config carries the time conditioning into the model", "[timecond][train]") {
   const fs::path dir = fs::temp_directory_path() / ("flowloop_tc_train_" + std::to_string(::getpid()));
-  TrainConfig c;
-  c.task = "phop";
-  c.task_n = 10;
-  c.task_hops = 2;
-  c.d_model = 16;
-  c.n_head = 2;
-  c.depth.loops = 2;
+  TrainConfig c = tiny_config(dir.string());
   c.steps = 4;
   c.batch = 4;
   c.warmup = 1;
   c.eval_every = 4;
   c.eval_batches = 1;
   c.checkpoint_every = 4;
-  c.seed = 3;
-  c.out = dir.string();
   c.time_cond = true;
   c.time_freq = 16;
   const TrainConfig back = TrainConfig::from_json(c.to_json(), "test");
