@@ -143,7 +143,8 @@ std::shared_ptr<Communicator> communicator_for(std::shared_ptr<Communicator> com
   // one over the ranks.
   std::array<double, 1> shared{comm->local_size() > gpus ? 1.0 : 0.0};
   comm->max(shared.data(), shared.size());
-  if (cuda::nccl_built() && shared[0] == 0) return cuda::nccl_communicator(std::move(comm));
+  const bool on_nccl = comm->name().size() > 5 && comm->name().compare(comm->name().size() - 5, 5, "+nccl") == 0;
+  if (cuda::nccl_built() && shared[0] == 0 && !on_nccl) return cuda::nccl_communicator(std::move(comm));
 #endif
   return comm;
 }
