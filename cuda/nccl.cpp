@@ -1,6 +1,7 @@
 // cuda/nccl.cpp: gradient sums over ranks on the GPUs (NCCL's allreduce on the backend's
 // stream); the host communicator (MPI) carries everything else and NCCL's set-up.
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <string>
 #include <utility>
@@ -26,15 +27,36 @@ void check_nccl(ncclResult_t r, const char* what) {
 class NcclCommunicator final : public Communicator {
  public:
   explicit NcclCommunicator(std::shared_ptr<Communicator> host) : host_(std::move(host)) {
-    ncclUniqueId id{};
-    if (host_->rank() == 0) check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
-    host_->broadcast(&id, sizeof id, 0);
-    check_nccl(ncclCommInitRank(&comm_, host_->size(), id, host_->rank()),
-               ("ncclCommInitRank (rank " + std::to_string(host_->rank()) + " of " + std::to_string(host_->size()) +
-                " on GPU " + std::to_string(current_device()) + ")")
-                   .c_str());
+    // rank 0's id, with its status: a failure there stops every rank (not a wait)
+    struct {
+      ncclUniqueId id;
+      int status;
+    } start{};
+    if (host_->rank() == 0) start.status = static_cast<int>(ncclGetUniqueId(&start.id));
+    host_->broadcast(&start, sizeof start, 0);
+    check_nccl(static_cast<ncclResult_t>(start.status), "ncclGetUniqueId (on rank 0)");
+    const std::string where = "(rank " + std::to_string(host_->rank()) + " of " + std::to_string(host_->size()) +
+                              " on GPU " + std::to_string(current_device()) + ")";
+    check_nccl(ncclCommInitRank(&comm_, host_->size(), start.id, host_->rank()), ("ncclCommInitRank " + where).c_str());
+    // NCCL connects at the first collective: one float now, before the model's arrays
+    // fill the device (the backend's pool keeps what it takes)
+    try {
+      DeviceBuffer<float> one(1);
+      check_nccl(ncclAllReduce(one.data(), one.data(), 1, ncclFloat, ncclSum, comm_, nullptr),
+                 ("the first ncclAllReduce " + where).c_str());
+      synchronize();
+    } catch (...) {
+      ncclCommAbort(comm_);
+      throw;
+    }
   }
-  ~NcclCommunicator() override { ncclCommDestroy(comm_); }
+  // Destroying is collective in NCCL: while an error unwinds (this rank alone), abort
+  ~NcclCommunicator() override {
+    if (std::uncaught_exceptions() > 0)
+      ncclCommAbort(comm_);
+    else
+      ncclCommDestroy(comm_);
+  }
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
@@ -43,6 +65,7 @@ class NcclCommunicator final : public Communicator {
   int local_rank() const override { return host_->local_rank(); }
   int local_size() const override { return host_->local_size(); }
   std::string name() const override { return host_->name() + "+nccl"; }
+  bool sums_on_devices() const override { return true; }
   void sum(float* x, size_t n) override { host_->sum(x, n); }
   void sum(double* x, size_t n) override { host_->sum(x, n); }
   void max(double* x, size_t n) override { host_->max(x, n); }

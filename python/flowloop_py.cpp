@@ -371,9 +371,9 @@ PYBIND11_MODULE(_flowloop, m) {
         opt.shard_size = shard_size;
         opt.states = states.value_or(0);
         opt.device = "cpu";
-        // the teacher's trained regime unless a depth is given
-        opt.depth = loops || solver ? depth_spec(loops, solver, steps, rtol, atol, t1, std::nullopt, false, std::nullopt)
-                                    : tc.depth;
+        // the teacher's trained regime unless a depth is given (any of its keys, as the CLI's flags)
+        const bool given = loops || solver || steps || rtol || atol || t1;
+        opt.depth = given ? depth_spec(loops, solver, steps, rtol, atol, t1, std::nullopt, false, std::nullopt) : tc.depth;
         opt.validate();
         const auto data = make_source(tc);
         require_writable(out);

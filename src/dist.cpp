@@ -125,26 +125,43 @@ void Communicator::sum_device(Backend<float>& be, float* x, size_t n) {
 
 std::shared_ptr<Communicator> single_process() { return std::make_shared<SingleProcess>(); }
 
-std::shared_ptr<Communicator> communicator_for(std::shared_ptr<Communicator> comm, Device d) {
-  if (!comm || comm->size() == 1) return comm;
+void require_same_device(Communicator& comm, Device d) {
+  if (comm.size() == 1) return;
   // one device for all: a rank on the CPU would not join the GPUs' collectives
   const double on_cuda = d == Device::cuda ? 1.0 : 0.0;
   std::array<double, 2> same{on_cuda, -on_cuda};
-  comm->max(same.data(), same.size());
+  comm.max(same.data(), same.size());
   if (same[0] != -same[1])
     throw Error("the ranks train on different devices (some on cuda, some on cpu): give every rank the same --device");
+}
+
+std::shared_ptr<Communicator> communicator_for(std::shared_ptr<Communicator> comm, Device d) {
+  if (!comm || comm->size() == 1) return comm;
+  require_same_device(*comm, d);
   if (d != Device::cuda) return comm;
+  // every rank takes its GPU; a rank that cannot says so, and every rank stops (the
+  // others would wait for it in the next collective)
+  std::string failed;
+  int gpus = 1;
+  try {
+    require_device(d);
 #if defined(FLOWLOOP_HAVE_CUDA)
-  require_device(d);
-  const int gpus = cuda::device_count();
-  cuda::select_device(comm->local_rank() % gpus);
+    gpus = cuda::device_count();
+    cuda::select_device(comm->local_rank() % gpus);
+#endif
+  } catch (const Error& e) {
+    failed = e.what();
+  }
   // NCCL needs a GPU per rank; ranks that share one sum through the host. Every rank of
   // a machine sees the same local size, and all machines are asked alike: the choice is
   // one over the ranks.
-  std::array<double, 1> shared{comm->local_size() > gpus ? 1.0 : 0.0};
-  comm->max(shared.data(), shared.size());
-  const bool on_nccl = comm->name().size() > 5 && comm->name().compare(comm->name().size() - 5, 5, "+nccl") == 0;
-  if (cuda::nccl_built() && shared[0] == 0 && !on_nccl) return cuda::nccl_communicator(std::move(comm));
+  std::array<double, 2> flags{failed.empty() ? 0.0 : 1.0, comm->local_size() > gpus ? 1.0 : 0.0};
+  comm->max(flags.data(), flags.size());
+  if (flags[0] > 0)
+    throw Error(failed.empty() ? "another rank cannot train on cuda (its error is in its own output)" : failed);
+#if defined(FLOWLOOP_HAVE_CUDA)
+  if (cuda::nccl_built() && flags[1] == 0 && !comm->sums_on_devices())
+    return cuda::nccl_communicator(std::move(comm));
 #endif
   return comm;
 }

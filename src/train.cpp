@@ -677,6 +677,8 @@ void Trainer::set_device(Device d) {
 }
 
 void Trainer::set_backend(std::shared_ptr<Backend<float>> be) {
+  // (the backend's own device: no GPU is selected here, nor NCCL set up)
+  require_same_device(*impl_->comm, be ? be->device() : Device::cpu);
   impl_->model->set_backend(std::move(be));
   impl_->use_device();
 }

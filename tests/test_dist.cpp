@@ -136,14 +136,18 @@ class ThreadGroup {
  public:
   explicit ThreadGroup(int n) : slots_(static_cast<size_t>(n)), n_(n) {}
   int size() const { return n_; }
+  // A rank that waits 120 s in vain breaks the group: every later collective throws.
   void meet() {
     std::unique_lock<std::mutex> lk(mu_);
+    if (broken_) throw Error("the group is broken (a rank did not reach a collective)");
     const uint64_t gen = gen_;
     if (++arrived_ == n_) {
       arrived_ = 0;
       ++gen_;
       cv_.notify_all();
-    } else if (!cv_.wait_for(lk, std::chrono::seconds(120), [&] { return gen_ != gen; })) {
+    } else if (!cv_.wait_for(lk, std::chrono::seconds(120), [&] { return gen_ != gen || broken_; }) || broken_) {
+      broken_ = true;
+      cv_.notify_all();
       throw Error("a rank did not reach the collective within 120 s");
     }
   }
@@ -155,6 +159,7 @@ class ThreadGroup {
   std::condition_variable cv_;
   int arrived_ = 0;
   uint64_t gen_ = 0;
+  bool broken_ = false;
 };
 
 class ThreadRank final : public Communicator {

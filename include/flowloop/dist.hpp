@@ -32,6 +32,8 @@ class Communicator {
   virtual int local_rank() const = 0;
   virtual int local_size() const = 0;
   virtual std::string name() const = 0;  // "single", "mpi", "mpi+nccl"
+  // Whether sum_device runs on the GPUs themselves (NCCL) rather than through the host.
+  virtual bool sums_on_devices() const { return false; }
   // In place, element-wise over the ranks: the sum (MPI_Allreduce; for a given number of
   // ranks, Open MPI reduces in a fixed order, so a run repeats its bits), the maximum.
   virtual void sum(float* x, size_t n) = 0;
@@ -68,8 +70,12 @@ std::pair<int, int> shard_rows(int B, int rank, int size);
 // The communicator for training on device d: on cuda with several ranks, this rank's GPU
 // is selected (its local rank modulo the GPUs it sees), and the device sums run on NCCL
 // when the build has it and the machine's ranks have a GPU each; otherwise `comm` itself
-// (device sums through the host). One process: comm.
+// (device sums through the host). One process: comm. Collective: every rank calls it,
+// and a failure on one rank (no GPU there, another device) throws on every rank.
 std::shared_ptr<Communicator> communicator_for(std::shared_ptr<Communicator> comm, Device d);
+
+// Collective: throws Error on every rank unless all ranks train on the same device.
+void require_same_device(Communicator& comm, Device d);
 
 // Rows [begin, end) of a batch (B, T).
 TokenBatch slice_rows(const TokenBatch& b, int begin, int end);

@@ -121,7 +121,7 @@ class AdamW {
   void sync_host();
   // m, v, t or the parameters were set from outside (a resumed checkpoint, a new round):
   // the host's are the current ones, and the device takes them at the next step.
-  void state_changed() { dev_fresh_ = false, host_stale_ = false; }
+  void state_changed() { dev_fresh_ = false, host_stale_ = false, reduced_ = false; }
   // On a device: sends the host's state if the device lacks it (before a loss reads
   // device_params()). No-op on the host.
   void prepare(const float* params);

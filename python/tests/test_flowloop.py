@@ -200,6 +200,8 @@ def test_flow_matching_from_python_equals_the_cli(tmp_path):
     assert only["sampler"] == ["rk4:2"] and only["rel_l2"][0] == rows["rel_l2"][1]
     with pytest.raises(ValueError, match="'shortcut:x' is not shortcut:N"):
         flowloop.flow_match_eval(py_out["model"], rec["data"], samplers="shortcut:x")
+    with pytest.raises(ValueError, match="needs --solver"):  # a depth key alone makes a depth, as the CLI's flags
+        flowloop.flow_match_record(teacher["model"], str(tmp_path / "rec3"), steps=2)
     with pytest.raises(ValueError, match="not on task 'modarith'"):
         flowloop.flow_match_record(teacher["model"], str(tmp_path / "rec2"), task="modarith")
     with pytest.raises(ValueError, match="unknown_key"):
