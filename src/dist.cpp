@@ -51,14 +51,18 @@ void check_mpi(int rc, const char* what) {
   throw Error(std::string("MPI: ") + what + " failed: " + std::string(text, static_cast<size_t>(len)));
 }
 
-// Counts above INT_MAX go in pieces (MPI's counts are int).
+// Counts above INT_MAX go in pieces (MPI's counts are int): call(offset, count) for each.
+template <class F>
+void in_pieces(size_t n, F call) {
+  constexpr size_t kPiece = size_t{1} << 30;
+  for (size_t at = 0; at < n; at += kPiece) call(at, static_cast<int>(std::min(kPiece, n - at)));
+}
+
 template <class T>
 void allreduce(T* x, size_t n, MPI_Datatype type, MPI_Op op, const char* what) {
-  constexpr size_t kPiece = size_t{1} << 30;
-  for (size_t at = 0; at < n; at += kPiece) {
-    const int count = static_cast<int>(std::min(kPiece, n - at));
+  in_pieces(n, [&](size_t at, int count) {
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, x + at, count, type, op, MPI_COMM_WORLD), what);
-  }
+  });
 }
 
 class MpiWorld final : public Communicator {
@@ -96,11 +100,9 @@ class MpiWorld final : public Communicator {
   void sum(double* x, size_t n) override { allreduce(x, n, MPI_DOUBLE, MPI_SUM, "the sum over ranks (double)"); }
   void max(double* x, size_t n) override { allreduce(x, n, MPI_DOUBLE, MPI_MAX, "the maximum over ranks"); }
   void broadcast(void* bytes, size_t n, int root) override {
-    constexpr size_t kPiece = size_t{1} << 30;
-    for (size_t at = 0; at < n; at += kPiece)
-      check_mpi(MPI_Bcast(static_cast<char*>(bytes) + at, static_cast<int>(std::min(kPiece, n - at)), MPI_BYTE, root,
-                          MPI_COMM_WORLD),
-                "MPI_Bcast");
+    in_pieces(n, [&](size_t at, int count) {
+      check_mpi(MPI_Bcast(static_cast<char*>(bytes) + at, count, MPI_BYTE, root, MPI_COMM_WORLD), "MPI_Bcast");
+    });
   }
   void barrier() override { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
   [[noreturn]] void abort(int code) override {
@@ -125,13 +127,19 @@ void Communicator::sum_device(Backend<float>& be, float* x, size_t n) {
 
 std::shared_ptr<Communicator> single_process() { return std::make_shared<SingleProcess>(); }
 
+bool same_on_every_rank(Communicator& comm, const std::vector<double>& values) {
+  std::vector<double> v(values);  // the values, then their negatives: max(-x) = -min(x)
+  for (double x : values) v.push_back(-x);
+  comm.max(v.data(), v.size());
+  for (size_t i = 0; i < values.size(); ++i)
+    if (v[i] != -v[values.size() + i]) return false;
+  return true;
+}
+
 void require_same_device(Communicator& comm, Device d) {
   if (comm.size() == 1) return;
   // one device for all: a rank on the CPU would not join the GPUs' collectives
-  const double on_cuda = d == Device::cuda ? 1.0 : 0.0;
-  std::array<double, 2> same{on_cuda, -on_cuda};
-  comm.max(same.data(), same.size());
-  if (same[0] != -same[1])
+  if (!same_on_every_rank(comm, {d == Device::cuda ? 1.0 : 0.0}))
     throw Error("the ranks train on different devices (some on cuda, some on cpu): give every rank the same --device");
 }
 

@@ -601,10 +601,8 @@ void require_data_parallel(const TrainConfig& c, int ranks) {
 // 64-bit hash of their bits compared over the ranks at every checkpoint proves it.
 void require_same_parameters(Communicator& comm, const Buffer<float>& params, int64_t step) {
   const uint64_t h = fnv1a64(params.data(), params.size() * sizeof(float));
-  const double hi = static_cast<double>(h >> 32), lo = static_cast<double>(h & 0xffffffffULL);
-  std::array<double, 4> v{hi, lo, -hi, -lo};
-  comm.max(v.data(), v.size());
-  if (v[0] != -v[2] || v[1] != -v[3])
+  // (two 32-bit halves: each exact in a double)
+  if (!same_on_every_rank(comm, {static_cast<double>(h >> 32), static_cast<double>(h & 0xffffffffULL)}))
     throw Error("step " + std::to_string(step) + ": the ranks' parameters differ (rank " + std::to_string(comm.rank()) +
                 "'s hash is not every rank's)");
 }

@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "flowloop/backend.hpp"
 #include "flowloop/model.hpp"
@@ -73,6 +74,10 @@ std::pair<int, int> shard_rows(int B, int rank, int size);
 // (device sums through the host). One process: comm. Collective: every rank calls it,
 // and a failure on one rank (no GPU there, another device) throws on every rank.
 std::shared_ptr<Communicator> communicator_for(std::shared_ptr<Communicator> comm, Device d);
+
+// Collective: whether every rank holds the same values (exactly; one maximum over the
+// ranks of the values and their negatives). Every rank gets the same answer.
+bool same_on_every_rank(Communicator& comm, const std::vector<double>& values);
 
 // Collective: throws Error on every rank unless all ranks train on the same device.
 void require_same_device(Communicator& comm, Device d);
