@@ -96,6 +96,10 @@ class CudaBackend final : public Backend<S> {
     cuda::gate_backward(din, dgate, dout, in, gate, B, T, C, ld, stream_);
   }
 
+  void gate_sum_forward(S* out, S* mo, const S* res, const S* gate, int B, int T, int C, int ld) override {
+    cuda::gate_sum_forward(out, mo, res, gate, B, T, C, ld, stream_);
+  }
+
   void adamw(S* p, S* m, S* v, const S* g, const S* wd, size_t n, const kernels::AdamWStep& s) override {
     cuda::adamw(p, m, v, g, wd, static_cast<int64_t>(n), s, stream_);
   }

@@ -22,7 +22,7 @@ class CoupledView : public Sys {
   void eval(S* dydt, const S* y, const double* t, const int*, int) override {
     in_.eval(dydt, y, times(t[0]), ids_.data(), in_.groups());
   }
-  Backend<S>* backend() override { return in_.backend(); }
+  StateOps<S>* backend() override { return in_.backend(); }
 
  protected:
   const double* times(double t) {

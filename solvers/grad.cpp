@@ -10,6 +10,7 @@
 
 #include "flowloop/algebra.hpp"
 #include "flowloop/backend.hpp"
+#include "flowloop/ode/state_ops.hpp"
 #include "coupled.hpp"
 #include "tape.hpp"
 
@@ -183,7 +184,7 @@ class AdjointSystem : public OdeSystem<S> {
   }
   int groups() const override { return f_.groups(); }
   size_t dim() const override { return W_; }
-  Backend<S>* backend() override { return f_.backend(); }
+  StateOps<S>* backend() override { return f_.backend(); }
   void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override {
     const size_t rows = static_cast<size_t>(count);
     mem_.strided_copy(yc_.data(), n_, y, W_, rows, n_, S(1));
@@ -201,7 +202,7 @@ class AdjointSystem : public OdeSystem<S> {
 
  private:
   DiffSystem<S>& f_;
-  Backend<S>& mem_;
+  StateOps<S>& mem_;
   size_t n_, P_, W_;
   Array<S> yc_, ac_, fc_, dc_;
 };
@@ -285,7 +286,7 @@ struct OdeGradient<S>::Impl {
   struct StageRef {
     int slot, row, count;
   };
-  Backend<S>* mem = nullptr;
+  StateOps<S>* mem = nullptr;
   Array<S> kbar, gbuf, dbuf;  // (G, n) each: the stage cotangents by sequence; a call's rows in and out
   std::vector<Array<S>> Ybar;
   Array<S, double> hdev, sums;  // (G) each: step sizes by sequence; per-row sums
@@ -295,7 +296,7 @@ struct OdeGradient<S>::Impl {
 
   void reverse_step(const std::vector<int>& gs, const std::vector<double>& h,
                     const std::vector<std::vector<StageRef>>& ref, S* gy, S* gparams) {
-    Backend<S>& be = *mem;
+    StateOps<S>& be = *mem;
     const int s = tab->stages();
     const int rows = static_cast<int>(gs.size());
     const size_t total = static_cast<size_t>(G) * n;
@@ -407,7 +408,7 @@ struct OdeGradient<S>::Impl {
   // Each step again from its saved start (the forward kept every accepted state on the
   // host), its stages recomputed and recorded in the system's memory, then reversed.
   void checkpoint(S* gy, S* gparams) {
-    Backend<S>& be = *mem;
+    StateOps<S>& be = *mem;
     const int s = tab->stages();
     std::vector<int64_t> nsteps(static_cast<size_t>(G));
     int64_t most = 0;
@@ -482,7 +483,7 @@ struct OdeGradient<S>::Impl {
   void adjoint(S* gy, S* gparams) {
     AdjointSystem<S> aug(*sys);
     const size_t W = aug.dim();
-    Backend<S>& be = *mem;
+    StateOps<S>& be = *mem;
     Array<S> state(be, static_cast<size_t>(G) * W);
     be.strided_copy(state.data(), W, y1.data(), n, static_cast<size_t>(G), n, S(1));
     be.strided_copy(state.data() + n, W, gy, n, static_cast<size_t>(G), n, S(1));

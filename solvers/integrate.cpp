@@ -10,6 +10,7 @@
 
 #include "flowloop/algebra.hpp"
 #include "flowloop/backend.hpp"
+#include "flowloop/ode/state_ops.hpp"
 #include "flowloop/solver.hpp"
 #include "coupled.hpp"
 #include "tape.hpp"
@@ -284,7 +285,7 @@ class Saver {
   Saver(const SolveOptions& o, const ButcherTableau& tab, int G, size_t n, SolveResult<S>& r)
       : o_(o), tab_(tab), G_(G), n_(n), r_(r), next_(G, 0) {}
 
-  void start(Backend<S>& be, const S* y);  // y (G, n) at t0
+  void start(StateOps<S>& be, const S* y);  // y (G, n) at t0
   // Whether a save time inside sequence g's last step needs f(t1, y1); methods
   // without FSAL evaluate it only then.
   bool needs_f1_on_last(int g) const {
@@ -316,7 +317,7 @@ class Saver {
   const int G_;
   const size_t n_;
   SolveResult<S>& r_;
-  Backend<S>* be_ = nullptr;
+  StateOps<S>* be_ = nullptr;
   std::vector<int> next_;  // per sequence, the next save time to fill
   Buffer<S> row_;          // a downloaded row
   Buffer<S> y0_, y1_, f1_;  // the rows of the step being saved, and its stages (s, n)
@@ -324,7 +325,7 @@ class Saver {
 };
 
 template <class S>
-void Saver<S>::start(Backend<S>& be, const S* y) {
+void Saver<S>::start(StateOps<S>& be, const S* y) {
   be_ = &be;
   row_.assign(n_, S(0));
   if (o_.save == SaveKind::Steps || o_.record_steps) {
@@ -565,7 +566,7 @@ class Driver {
   void fail(int g, SolveStatus st, const std::string& what);
 
   OdeSystem<S>& sys_;
-  Backend<S>& be_;
+  StateOps<S>& be_;
   const SolveOptions& o_;
   const ButcherTableau& tab_;
   const int G_;

@@ -10,7 +10,7 @@
 
 #include "flowloop/backend.hpp"
 #include "flowloop/checkpoint.hpp"
-#include "flowloop/device_field.hpp"
+#include "flowloop/field.hpp"
 #include "flowloop/flowmatch_train.hpp"
 #include "flowloop/model.hpp"
 #include "flowloop/train.hpp"
@@ -68,9 +68,9 @@ std::string bench_field_on(Backend<float>& be, const BenchOptions& opt) {
   Rng rng(42);
   struct Run {  // one field (autonomous or time-conditioned) on the backend
     Model<float> model;
-    DeviceField<float> field;
-    DeviceFieldCache<float> cache;
-    DeviceFieldWork<float> work;
+    Field<float> field;
+    FieldCache<float> cache;
+    FieldGradWork<float> work;
     Array<float> params, dparams;
     std::vector<double> t, dt;
     std::vector<double> f_ms, v_ms;
@@ -313,11 +313,11 @@ class TimedSystem : public OdeSystem<S> {
   TimedSystem(OdeSystem<S>& inner, double& ms) : inner_(inner), ms_(ms) {}
   int groups() const override { return inner_.groups(); }
   size_t dim() const override { return inner_.dim(); }
-  Backend<S>* backend() override { return inner_.backend(); }
+  StateOps<S>* backend() override { return inner_.backend(); }
   void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override {
     const double t0 = now_ms();
     inner_.eval(dydt, y, t, ids, count);
-    if (Backend<S>* be = inner_.backend()) be->synchronize();
+    if (StateOps<S>* be = inner_.backend()) be->synchronize();
     ms_ += now_ms() - t0;
   }
 

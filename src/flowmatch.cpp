@@ -336,8 +336,8 @@ void fm_forward(const Field<S>& field, FlowMatchWork<S>& w, bool target, S* out,
   }
   const ModelConfig& cfg = field.config();
   const size_t n = static_cast<size_t>(B) * T * cfg.d_model;
-  Backend<S>& be = w.device->backend();
-  DeviceFieldCache<S>& dc = target ? w.dev_target_cache : w.dev_cache;
+  NetOps<S>& be = w.device->backend();
+  FieldCache<S>& dc = target ? w.dev_target_cache : w.dev_cache;
   if (dc.capacity < B || dc.T != T) dc.resize(be, cfg, B, T);
   w.dev_in.resize(be, std::max(n, w.dev_in.size()));
   w.dev_out.resize(be, std::max(n, w.dev_out.size()));
@@ -354,7 +354,7 @@ void fm_vjp(const Field<S>& field, FlowMatchWork<S>& w, S* dx, S* dparams, const
     return;
   }
   const size_t n = static_cast<size_t>(w.dev_cache.B) * w.dev_cache.T * field.config().d_model, P = field.num_params();
-  Backend<S>& be = w.device->backend();
+  NetOps<S>& be = w.device->backend();
   w.dev_grad.resize(be, P);
   be.fill(w.dev_grad.data(), S(0), P);
   be.upload(w.dev_in.data(), g, n);
@@ -473,7 +473,7 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
                        noisy ? w.eps.data() + b * n : nullptr, opt.sigma, st.t[b], n);
   }
   if (w.device) {  // the weights as they are at this step
-    Backend<S>& be = w.device->backend();
+    NetOps<S>& be = w.device->backend();
     const size_t P = field.num_params();
     w.dev_params.resize(be, P);
     w.dev_params.upload(params, P);

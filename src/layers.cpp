@@ -136,11 +136,10 @@ void linear_forward(S* out, const S* in, const S* W, const S* b, int N, int IN, 
   gemm<S>(false, true, N, OUT, IN, S(1), in, IN, W, IN, beta, out, OUT);
 }
 
-namespace {
-// db[o] += sum over n of dout[n, o], each column summed in n order in a band of 64 lanes:
-// the same bits whatever the buffers' alignment (Eigen's column reductions are not).
+// Each column summed in n order in a band of 64 lanes: the same bits whatever the
+// buffers' alignment (Eigen's column reductions are not).
 template <class S>
-void add_column_sums(S* db, const S* dout, int N, int OUT) {
+void column_sums(S* db, const S* dout, int N, int OUT) {
   constexpr int kBand = 64;
   for (int o0 = 0; o0 < OUT; o0 += kBand) {
     const int w = std::min(kBand, OUT - o0);
@@ -153,14 +152,13 @@ void add_column_sums(S* db, const S* dout, int N, int OUT) {
     for (int j = 0; j < w; ++j) db[o0 + j] += acc[j];
   }
 }
-}  // namespace
 
 template <class S>
 void linear_backward(S* din, S* dW, S* db, const S* dout, const S* in, const S* W, int N, int IN,
                      int OUT) {
   if (din) gemm<S>(false, false, N, IN, OUT, S(1), dout, OUT, W, IN, S(1), din, IN);
   gemm<S>(true, false, OUT, IN, N, S(1), dout, OUT, in, IN, S(1), dW, IN);
-  if (db) add_column_sums(db, dout, N, OUT);
+  if (db) column_sums(db, dout, N, OUT);
 }
 
 // Few rows (per-sequence vectors: the time embedding, the adaLN modulation). A
@@ -283,7 +281,7 @@ void linear_backward_few(S* din, S* dW, S* db, const S* dout, const S* in, const
         for (int j = 0; j < w; ++j) dr[j] += p0[j] + p1[j];
       }
   }
-  if (db) add_column_sums(db, dout, N, OUT);
+  if (db) column_sums(db, dout, N, OUT);
 }
 
 // ---------------------------------------------------------------- attention
@@ -547,6 +545,7 @@ S crossentropy_forward_backward(S* dlogits, const S* logits, const int32_t* targ
   template void layernorm_backward_scaled<S>(S*, S*, S*, const S*, const S*, int, int, const S*, const S*, \
                                              const S*, const S*, int, int);                      \
   template void linear_forward<S>(S*, const S*, const S*, const S*, int, int, int);             \
+  template void column_sums<S>(S*, const S*, int, int);                                         \
   template void linear_backward<S>(S*, S*, S*, const S*, const S*, const S*, int, int, int);    \
   template void linear_forward_few<S>(S*, const S*, const S*, const S*, int, int, int);         \
   template void linear_backward_few<S>(S*, S*, S*, const S*, const S*, const S*, int, int, int); \

@@ -157,7 +157,7 @@ void Model<S>::loop_backward(S* dparams, int K, int stop, const S* extra, LoopWo
     }
     return;
   }
-  Backend<S>& be = device_field()->backend();
+  NetOps<S>& be = device_field()->backend();
   const size_t P = field.num_params();
   w.dev_dh.resize(be, NC);
   w.dev_dh.upload(w.dh.data(), NC);
@@ -211,7 +211,7 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
       w.device->set_params(field_params());
     if (train_params_) w.device->set_device_params(train_params_);
     w.device->reserve_slots(K);
-    Backend<S>& be = device_field()->backend();
+    NetOps<S>& be = device_field()->backend();
     const size_t all = (static_cast<size_t>(K) + 1) * NC;
     w.dev_h.resize(be, all);
     w.dev_f.resize(be, NC);
@@ -445,13 +445,13 @@ void Model<S>::loop_exit(const TokenBatch& tokens, int K, const std::string& rul
 }
 
 template <class S>
-FieldSystem<S>::FieldSystem(const Field<S>& field, const S* params, int B, int T, const DeviceField<S>* device)
+FieldSystem<S>::FieldSystem(const Field<S>& field, const S* params, int B, int T, const Field<S>* device)
     : field_(field), params_(params), B_(B), T_(T), dev_(device) {
   if (!dev_) {
     cache_.resize(field.config(), B, T);
     return;
   }
-  Backend<S>& be = dev_->backend();
+  NetOps<S>& be = dev_->backend();
   const size_t n = static_cast<size_t>(B) * dim();
   dparams_ = Array<S>(be, field.num_params());
   dy_ = Array<S>(be, n);
@@ -504,7 +504,7 @@ SolveResult<S> FieldSystem<S>::solve(S* y, const SolveOptions& opt, OdeSystem<S>
 }
 
 template <class S>
-void FieldSystem<S>::device_forward(S* dydt, const S* y, const double* t, int count, DeviceFieldCache<S>& cache) {
+void FieldSystem<S>::device_forward(S* dydt, const S* y, const double* t, int count, FieldCache<S>& cache) {
   const double* step = step_.empty() ? nullptr : step_.data();
   if (resident_) return dev_->forward(dydt, y, t, device_params(), count, T_, cache, step);
   const size_t n = static_cast<size_t>(count) * dim();
@@ -547,11 +547,11 @@ void FieldSystem<S>::vjp(S* dy, S* dparams, size_t param_stride, const S* g, int
     field_.vjp(dy, dparams, g, params_, slots_.at(static_cast<size_t>(slot)), work_, param_stride);
     return;
   }
-  const DeviceFieldCache<S>& cache = dslots_.at(static_cast<size_t>(slot));
+  const FieldCache<S>& cache = dslots_.at(static_cast<size_t>(slot));
   if (resident_) return dev_->vjp(dy, dparams, g, device_params(), cache, dwork_, param_stride);
   const size_t n = static_cast<size_t>(cache.B) * dim();
   const size_t np = param_stride ? static_cast<size_t>(cache.B) * param_stride : field_.num_params();
-  Backend<S>& be = dev_->backend();
+  NetOps<S>& be = dev_->backend();
   dgrad_.resize(be, std::max(np, dgrad_.size()));
   dx_.upload(g, n);
   dy_.zero();
@@ -587,7 +587,7 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
 
 template <class S>
 FieldSystem<S>& OdeWork<S>::system(const Field<S>& field, const S* params, int B, int T,
-                                   const DeviceField<S>* device, const S* device_params) {
+                                   const Field<S>* device, const S* device_params) {
   if (!sys || sys->groups() != B || sys->T() != T || &sys->field() != &field || sys->device_field() != device)
     sys = std::make_unique<FieldSystem<S>>(field, params, B, T, device);
   if (device_params)
@@ -614,7 +614,7 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   // regularisers evaluate there from host states.
   const bool resident = device_field() && !gopt.regularized();
   std::optional<typename FieldSystem<S>::Resident> in_memory;
-  Backend<S>* be = resident ? &device_field()->backend() : nullptr;
+  StateOps<S>* be = resident ? &device_field()->backend() : nullptr;
   if (resident) {
     in_memory.emplace(sys);
     w.dev_h.resize(*be, NC);
@@ -705,7 +705,7 @@ template <class S>
 void Model<S>::set_backend(std::shared_ptr<Backend<S>> backend) {
   train_params_ = nullptr;
   train_grads_ = nullptr;
-  device_field_ = std::make_shared<DeviceField<S>>(*backend, cfg, layout);
+  device_field_ = std::make_shared<Field<S>>(*backend, cfg, layout);
   backend_ = std::move(backend);
   device_ = backend_->device();
 }

@@ -1,4 +1,5 @@
-// DeviceField on a backend against Field (the CPU path), shared by the reference
+// The Field on a backend's ops against the Field on the cpu backend (the fused layers),
+// shared by the reference
 // backend's tests ([device]) and the CUDA backend's ([cuda]): the forward, the vjp's
 // dh, parameter gradients (summed, and per sequence with a stride) and dt, on a cache
 // sized for more sequences than the call uses, accumulating into non-zero gradients.
@@ -10,7 +11,6 @@
 
 #include "check.hpp"
 #include "flowloop/backend.hpp"
-#include "flowloop/device_field.hpp"
 #include "flowloop/field.hpp"
 #include "flowloop/grad.hpp"
 #include "flowloop/model.hpp"
@@ -51,7 +51,7 @@ Array<S> device_upload(Backend<S>& be, const std::vector<S>& h) {
   return a;
 }
 
-// Checks DeviceField<S> on `be` against Field<S> for one configuration kind; tol is the
+// Checks Field<S> on `be` against Field<S> for one configuration kind; tol is the
 // norm-wise relative tolerance of every output.
 template <class S>
 void check_device_field(Backend<S>& be, const std::string& kind, double tol) {
@@ -84,11 +84,11 @@ void check_device_field(Backend<S>& be, const std::string& kind, double tol) {
   m.field.vjp(dh_s.data(), dpar_s.data(), gf.data(), params.data(), cc, cw, P, cfg.time_cond ? dt_s.data() : nullptr);
 
   // the backend
-  DeviceField<S> df(be, cfg, m.layout);
+  Field<S> df(be, cfg, m.layout);
   REQUIRE(df.num_params() == P);
-  DeviceFieldCache<S> dc;
+  FieldCache<S> dc;
   dc.resize(be, cfg, cap, T);
-  DeviceFieldWork<S> dw;
+  FieldGradWork<S> dw;
   auto dparams = device_upload(be, params), dhh = device_upload(be, h), dgf = device_upload(be, gf);
   auto ddh = device_upload(be, dh0), ddp = device_upload(be, dp0), ddps = device_upload(be, dps0),
        ddhs = device_upload(be, dh0);
@@ -215,7 +215,7 @@ void check_device_solves(std::shared_ptr<Backend<S>> be, const std::string& kind
       REQUIRE(og.forward(yh.data()).ok());
       og.backward(gy1.data(), gy0.data(), gph.data());
       sys.set_resident(true);
-      Backend<S>& m = *sys.backend();
+      StateOps<S>& m = *sys.backend();
       Array<S> dy(m, NC), dg1(m, NC), dg0(m, NC), dgp(m, P);
       dy.upload(h0.data(), NC);
       dg1.upload(gy1.data(), NC);

@@ -184,7 +184,7 @@ TEMPLATE_TEST_CASE("cuda: the backend's strided batched products against the CPU
     }
 }
 
-TEMPLATE_TEST_CASE("cuda: the field and its vjp (DeviceField) against the CPU", "[cuda]", float, double) {
+TEMPLATE_TEST_CASE("cuda: the field and its vjp on the CUDA backend against the CPU", "[cuda]", float, double) {
   using S = TestType;
   auto be = make_backend<S>(Device::cuda);
   REQUIRE(be->device() == Device::cuda);

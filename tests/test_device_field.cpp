@@ -1,4 +1,4 @@
-// The field composed from a Backend's operations (DeviceField) on the reference backend
+// The one block composition on the reference backend's ops (kernels.hpp one row at a time)
 // (the bodies of the CUDA kernels, run on the host) against Field, the CPU path; the
 // device selection and its errors. The same checks run on the CUDA backend in
 // test_cuda.cpp where a GPU is visible.
@@ -43,8 +43,8 @@ TEST_CASE("device field: a cache of another shape or configuration is refused", 
   auto be = make_backend<double>(Device::cpu);
   const ModelConfig cfg = device_check_config("autonomous");
   Model<double> m(cfg);
-  DeviceField<double> df(*be, cfg, m.layout);
-  DeviceFieldCache<double> dc;
+  Field<double> df(*be, cfg, m.layout);
+  FieldCache<double> dc;
   dc.resize(*be, cfg, 2, 5);
   Array<double> h(*be, 3 * 5 * 12), f(*be, 3 * 5 * 12);
   Array<double> p(*be, df.num_params());

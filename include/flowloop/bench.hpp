@@ -16,7 +16,7 @@ struct BenchOptions {
   int min_reps = 10;        // at least this many timed repetitions of each measurement
   double min_seconds = 1.0; // and at least this long in total
   bool time_cond = false;   // also time the time-conditioned field (random nonzero ada)
-  std::string device = "auto";  // cpu: Field (the CPU path); cuda: DeviceField on the GPU; auto: resolve_device
+  std::string device = "auto";  // cpu: the Field on the cpu backend; cuda: on the CUDA backend; auto: resolve_device
 };
 
 // Times one field evaluation (forward, and its vjp) against an sgemm of the
@@ -31,7 +31,7 @@ struct BenchOptions {
 // With device cuda, bench_field_on on the CUDA backend.
 std::string bench_field(const BenchOptions& opt);
 
-// The same measurement for DeviceField on a backend (float): forward and vjp of the
+// The same measurement for the Field on another backend (float): forward and vjp of the
 // autonomous field (and, with time_cond, the time-conditioned one) against the
 // backend's own product of the MLP's shape, each timed to the backend's synchronize.
 // JSON: device, backend, the shape, ms_per_eval, gflops, vjp_ms, vjp_gflops, gemm_ms,

@@ -139,6 +139,9 @@ void gate_forward(S* out, const S* res, const S* in, const S* gate, int B, int T
 template <class S>
 void gate_backward(S* din, S* dgate, const S* dout, const S* in, const S* gate, int B, int T, int C, int ld,
                    void* stream = nullptr);
+// kernels::gate_sum per value: on entry out = res + m; mo = out - res, then out += gate mo.
+template <class S>
+void gate_sum_forward(S* out, S* mo, const S* res, const S* gate, int B, int T, int C, int ld, void* stream);
 
 // ---- layers (layers.hpp's semantics, on the device) ----------------------------
 

@@ -14,10 +14,14 @@
 //   c_b = TE(t_b) + SE(d_b),  SE = step_embed's MLP of the same sinusoid of d_b time_scale
 // (shortcut models); zero step_embed tensors give the time-conditioned field's values.
 //
-// The interface is backend-neutral: plain pointers and sizes. `params` and
-// `dparams` point at the field's own parameters: the range [field_begin,
-// field_end) of the model's flat buffer (ParamLayout), num_params() values
-// (time_embed and ada included).
+// The field is one composition of network ops (nn/ops.hpp), written once with its vjp
+// beside it: a Field runs on the backend it is built on, the cpu backend (the fused
+// Eigen/OpenBLAS layers) unless told. Tensors (h, f, params, caches) are arrays of that
+// backend's memory; the per-sequence times t, steps d and time gradients dt are host
+// arrays (a few values per call: the sinusoid of t is taken on the host, in double).
+// `params` and `dparams` point at the field's own parameters: the range [field_begin,
+// field_end) of the model's flat buffer (ParamLayout), num_params() values (time_embed and
+// ada included).
 //
 // Gradient rule: vjp ACCUMULATES: dh += (df/dh)^T g, dparams += (df/dtheta)^T g,
 // and, when asked, dt[b] += d(g . f)/dt_b (zero for the autonomous field).
@@ -31,6 +35,7 @@
 
 #include <vector>
 
+#include "flowloop/backend.hpp"
 #include "flowloop/config.hpp"
 #include "flowloop/params.hpp"
 #include "flowloop/tensor.hpp"
@@ -40,63 +45,64 @@ namespace flowloop {
 // Activations of one block, written by the forward and read by the vjp.
 template <class S>
 struct BlockCache {
-  Buffer<S> x;            // (B,T,C)  block input
-  Buffer<S> ln1;          // (B,T,C)
-  Buffer<S> mean1, rstd1; // (B,T)
-  Buffer<S> qkv;          // (B,T,3C)
-  Buffer<S> att;          // (B,NH,T,T) attention probabilities
-  Buffer<S> y;            // (B,T,C)  attention output before c_proj
-  Buffer<S> x2;           // (B,T,C)  x + a
-  Buffer<S> ln2;          // (B,T,C)
-  Buffer<S> mean2, rstd2; // (B,T)
-  Buffer<S> z;            // (B,T,F)  c_fc output (GELU input)
-  Buffer<S> g;            // (B,T,F)  GELU output
+  Array<S> x;             // (B,T,C)  block input
+  Array<S> ln1;           // (B,T,C)
+  Array<S> mean1, rstd1;  // (B,T)
+  Array<S> qkv;           // (B,T,3C)
+  Array<S> att;           // (B,NH,T,T) attention probabilities
+  Array<S> y;             // (B,T,C)  attention output before c_proj
+  Array<S> x2;            // (B,T,C)  x + a
+  Array<S> ln2;           // (B,T,C)
+  Array<S> mean2, rstd2;  // (B,T)
+  Array<S> z;             // (B,T,F)  c_fc output (GELU input)
+  Array<S> g;             // (B,T,F)  GELU output
   // time_cond only (empty otherwise):
-  Buffer<S> ada;          // (B,6C)   [s1, c1, g1, s2, c2, g2] per sequence
-  Buffer<S> u1;           // (B,T,C)  LN1(x) (1 + c1) + s1, the attention's input
-  Buffer<S> ao;           // (B,T,C)  attention branch before its gate
-  Buffer<S> u2;           // (B,T,C)  LN2(x2) (1 + c2) + s2, the MLP's input
-  Buffer<S> mo;           // (B,T,C)  MLP branch before its gate
+  Array<S> ada;           // (B,6C)   [s1, c1, g1, s2, c2, g2] per sequence
+  Array<S> u1;            // (B,T,C)  LN1(x) (1 + c1) + s1, the attention's input
+  Array<S> ao;            // (B,T,C)  attention branch before its gate
+  Array<S> u2;            // (B,T,C)  LN2(x2) (1 + c2) + s2, the MLP's input
+  Array<S> mo;            // (B,T,C)  MLP branch before its gate
 };
 
-// The time embedding of one evaluation (time_cond only).
-template <class S>
-struct TimeCache {
-  Buffer<S> e;            // (B,E)  [cos(tau freq), sin(tau freq)]
-  Buffer<S> z1, a1;       // (B,C)  W_t1 e + b_t1, and its silu
-  Buffer<S> c, sc;        // (B,C)  c_b, and silu(c_b) (the input of every ada)
-  // step_cond only: the step embedding's e, W_s1 e + b_s1 and its silu, and its output
-  Buffer<S> se, sz1, sa1, sc_step;
-};
-
-// Everything one field evaluation leaves behind for its vjp.
-// Sized for up to `capacity` sequences of length T; a forward on fewer
-// sequences (the active ones of a per-sequence adaptive solve) uses a prefix.
+// Everything one field evaluation leaves behind for its vjp, in one backend's memory.
+// Sized for up to `capacity` sequences of length T; a forward on fewer sequences (the
+// active ones of a per-sequence adaptive solve) uses a prefix.
 template <class S>
 struct FieldCache {
   int capacity = 0, T = 0;
-  int B = 0;                          // sequences in the last forward
+  int B = 0;  // sequences in the last forward
+  bool time_cond = false, step_cond = false;
+  Memory<S>* memory = nullptr;        // where the arrays live
   std::vector<BlockCache<S>> blocks;  // L
-  TimeCache<S> time;                  // time_cond only
-  void resize(const ModelConfig& cfg, int capacity, int T);
+  // time_cond: the time embedding's sinusoid e (B,E), W_t1 e + b_t1 and its silu (B,C),
+  // c_b and silu(c_b) (B,C, the input of every ada); e also kept on the host as uploaded
+  Array<S> e, z1, a1, c, sc;
+  // step_cond: the step embedding's sinusoid, W_s1 e + b_s1, its silu, and its output
+  Array<S> se, sz1, sa1, sc_step;
+  Buffer<S> e_host, se_host;
+  // Sizes the arrays in `mem` (the field's backend); without it, the cpu backend's.
+  void resize(Memory<S>& mem, const ModelConfig& cfg, int cap, int len);
+  void resize(const ModelConfig& cfg, int cap, int len) { resize(cpu_backend<S>(), cfg, cap, len); }
   size_t bytes() const;
 };
 
-// Scratch of the vjp (one per thread of control, reused across calls).
+// Scratch of the vjp (one per thread of control, reused across calls), sized by the vjp.
 template <class S>
 struct FieldGradWork {
   int B = 0, T = 0;
-  Buffer<S> dx, dx2, dtmp, dcarry, dqkv, datt, dz, dg;
-  // time_cond only:
-  Buffer<S> dgated;         // (B,T,C) a gated branch's gradient before its gate
-  Buffer<S> dada;           // (B,6C)  one block's modulation gradient
-  Buffer<S> dsc, dc, da1, dz1;  // (B,C) silu(c), c, silu(z1), z1
-  Buffer<S> de;             // (B,E)
-  void resize(const ModelConfig& cfg, int B, int T);
+  bool time_cond = false;
+  Memory<S>* memory = nullptr;
+  Array<S> dx, dx2, dtmp, dcarry, dqkv, datt, dz, dg;
+  // time_cond only: a gated branch's gradient before its gate (B,T,C), one block's
+  // modulation gradient (B,6C), those of silu(c), c, silu(z1), z1 (B,C) and of e (B,E)
+  Array<S> dgated, dada, dsc, dc, da1, dz1, de;
+  Buffer<S> de_host;
+  void resize(Memory<S>& mem, const ModelConfig& cfg, int rows, int len);
+  void resize(const ModelConfig& cfg, int rows, int len) { resize(cpu_backend<S>(), cfg, rows, len); }
 };
 
 // The field's tensors as offsets from its first parameter (layout.field_begin()), and
-// how many parameters it has: what Field and DeviceField index params with.
+// how many parameters it has.
 struct FieldOffsets {
   std::vector<BlockOffsets> blocks;   // n_block
   TimeEmbedOffsets time, step;        // time_cond, step_cond
@@ -124,22 +130,25 @@ void sinusoid_time_grad(double* dt, const S* e /*(B,E)*/, const S* de /*(B,E)*/,
 template <class S>
 class Field {
  public:
-  Field(const ModelConfig& cfg, const ParamLayout& layout);
+  // On the cpu backend, or on `ops` (which must outlive the field).
+  Field(const ModelConfig& cfg, const ParamLayout& layout) : Field(cpu_backend<S>(), cfg, layout) {}
+  Field(NetOps<S>& ops, const ModelConfig& cfg, const ParamLayout& layout);
 
   // f = S_t(h) - h, sequence b at time t[b]. The autonomous field ignores t
   // (which may then be null); a time-conditioned one needs it. A step-conditioned
   // field takes sequence b's step d[b] (null: every d is 0, the instantaneous
   // velocity); other fields refuse a non-null d.
-  // h and f may not alias. cache must be sized for T and at least B sequences.
-  void forward(S* f /*(B,T,C)*/, const S* h /*(B,T,C)*/, const double* t /*(B)*/, const S* params,
-               int B, int T, FieldCache<S>& cache, const double* d /*(B)*/ = nullptr) const;
+  // h and f may not alias. cache must be sized, in this field's memory, for T and at
+  // least B sequences.
+  void forward(S* f /*(B,T,C)*/, const S* h /*(B,T,C)*/, const double* t /*(B), host*/, const S* params,
+               int B, int T, FieldCache<S>& cache, const double* d /*(B), host*/ = nullptr) const;
 
-  // dh += (df/dh)^T gf;  dparams += (df/dtheta)^T gf;  if dt is non-null,
+  // dh += (df/dh)^T gf;  dparams += (df/dtheta)^T gf;  if dt (host) is non-null,
   // dt[b] += d(gf . f)/dt_b; for the evaluation recorded in `cache` (its forward
   // must have used the same params).
   void vjp(S* dh /*(B,T,C)*/, S* dparams, const S* gf /*(B,T,C)*/, const S* params,
            const FieldCache<S>& cache, FieldGradWork<S>& work, size_t param_stride = 0,
-           double* dt /*(B)*/ = nullptr) const;
+           double* dt /*(B), host*/ = nullptr) const;
 
   size_t num_params() const { return num_params_; }
 
@@ -149,24 +158,24 @@ class Field {
   double flops(int B, int T) const;
 
   const ModelConfig& config() const { return cfg_; }
+  // The ops (and memory) the field runs on.
+  NetOps<S>& backend() const { return ops_; }
 
  private:
-  void block_forward(S* out, const S* x, const S* params, const BlockOffsets& o, int B, int T,
+  void block_forward(S* out, const S* x, const S* P, const BlockOffsets& o, int B, int T, FieldCache<S>& cache,
                      BlockCache<S>& c) const;
-  void block_vjp(S* dx, S* dparams, const S* dout, const S* params, const BlockOffsets& o, int B,
-                 int T, const BlockCache<S>& c, FieldGradWork<S>& w, size_t stride) const;
-  void block_forward_tc(S* out, const S* x, const S* params, const BlockOffsets& o, int B, int T,
-                        const TimeCache<S>& tc, BlockCache<S>& c) const;
-  void block_vjp_tc(S* dx, S* dparams, const S* dout, const S* params, const BlockOffsets& o, int B,
-                    int T, const TimeCache<S>& tc, const BlockCache<S>& c, FieldGradWork<S>& w,
-                    size_t stride) const;
-  void time_forward(const double* t, const double* d, const S* params, int B, TimeCache<S>& tc) const;
-  void embed_forward(S* e, S* z1, S* a1, S* out, const double* t, const TimeEmbedOffsets& o, const S* params,
-                     int B) const;
-  void embed_vjp(S* de, S* dparams, const TimeEmbedOffsets& o, const S* params, int B, const S* e,
-                 const S* z1, const S* a1, FieldGradWork<S>& w, size_t stride) const;
-  void time_vjp(S* dparams, const S* params, int B, const TimeCache<S>& tc, FieldGradWork<S>& w,
-                size_t stride, double* dt) const;
+  void block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOffsets& o, int B, int T,
+                 const FieldCache<S>& cache, const BlockCache<S>& c, FieldGradWork<S>& w, size_t stride) const;
+  void embed_forward(S* e, Buffer<S>& e_host, S* z1, S* a1, S* out, const double* t, const TimeEmbedOffsets& o,
+                     const S* P, int B) const;
+  void embed_vjp(S* de, S* dP, const TimeEmbedOffsets& o, const S* P, int B, const S* e, const S* z1, const S* a1,
+                 FieldGradWork<S>& w, size_t stride) const;
+  // LayerNorm's vjp (its input gradient once, its parameters' summed or per sequence);
+  // with a modulation scale (B,C) of row stride ld, dout is the gradient of LN (1 + scale) + shift.
+  void layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* in, const S* w, const S* mean,
+                     const S* rstd, int B, int T, size_t stride, const S* scale, S* scratch) const;
+
+  NetOps<S>& ops_;
   ModelConfig cfg_;
   std::vector<BlockOffsets> blocks_;  // relative to the field's first parameter
   TimeEmbedOffsets time_;             // relative to the field's first parameter (time_cond)

@@ -112,10 +112,10 @@ struct FlowMatchWork {
   // Where the field's evaluations and vjp run: null, Field on the CPU; else this device
   // field (Model::device_field() of the student), with its arrays below: the parameters
   // and the target's (uploaded at every step), a state in and a field out, the gradient.
-  const DeviceField<S>* device = nullptr;
+  const Field<S>* device = nullptr;
   Array<S> dev_params, dev_target, dev_in, dev_out, dev_grad;
-  DeviceFieldCache<S> dev_cache, dev_target_cache;
-  DeviceFieldWork<S> dev_work;
+  FieldCache<S> dev_cache, dev_target_cache;
+  FieldGradWork<S> dev_work;
 };
 
 // What one step drew and measured.

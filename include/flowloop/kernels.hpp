@@ -112,6 +112,14 @@ FLOWLOOP_HD S gated(S res, S in, S gate) {
   return in * (S(1) + gate) + res;
 }
 
+// The gate of a branch already summed onto its residual (NetOps::gate_sum_forward): on
+// entry out = res + m; mo = out - res, then out += gate mo (a zero gate adds exactly 0).
+template <class S>
+FLOWLOOP_HD void gate_sum(S& out, S& mo, S res, S gate) {
+  mo = out - res;
+  out += gate * mo;
+}
+
 // The vjp of a per-sequence vector broadcast over T, for sequence b and channel i (rows of
 // (B,T,C) values; the vectors' rows are ld apart): da[b,i] += sum_t dout, db[b,i] +=
 // sum_t dout x, summed in t order, and din = dout (1 + f[b,i]) (written). adaLN's

@@ -1,12 +1,15 @@
 // flowloop/layers.hpp: the GPT-2 layers of model-spec.md, each forward followed
-// by its vector-Jacobian product (vjp).
+// by its vector-Jacobian product (vjp): the fused host implementations behind the cpu
+// backend's network ops (nn/ops.hpp), which the block composition calls.
 //
 // Argument order: outputs, then inputs, then sizes. All tensors are row-major
 // plain buffers; shapes in comments use B, T, C, NH, D, F, V and N = B*T rows.
 //
-// Gradient rule, for every *_backward here: ALL gradients ACCUMULATE (+=), both
+// Gradient rule, for every *_backward here: gradients ACCUMULATE (+=), both
 // parameter gradients (dw, db, dW, dwte, ...) and activation gradients (din,
-// dqkv, ...). Callers zero a gradient buffer before its first contribution.
+// dqkv, ...), except modulate_backward's and gate_backward's din, which are written
+// (=), and attention_backward's datt, which is scratch. Callers zero a gradient buffer
+// before its first contribution.
 // A null pointer for an activation gradient skips that part of the work (and for
 // LayerNorm, null dw and db skip the parameter gradients).
 //
@@ -51,6 +54,10 @@ template <class S>
 void linear_backward(S* din /*(N,IN)*/, S* dW /*(OUT,IN)*/, S* db /*(OUT)*/,
                      const S* dout /*(N,OUT)*/, const S* in /*(N,IN)*/, const S* W /*(OUT,IN)*/,
                      int N, int IN, int OUT);
+// db[o] += sum over n of dout[n, o], each column summed in n order (the same bits
+// whatever the buffers' alignment): a Linear's bias gradient.
+template <class S>
+void column_sums(S* db /*(OUT)*/, const S* dout /*(N,OUT)*/, int N, int OUT);
 // The same product for a few rows N (per-sequence vectors such as the time
 // embedding and the adaLN modulation): W is read once and not packed. Results
 // agree with linear_forward to rounding, not bit for bit.

@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "flowloop/config.hpp"
-#include "flowloop/device_field.hpp"
 #include "flowloop/field.hpp"
 #include "flowloop/grad.hpp"
 #include "flowloop/params.hpp"
@@ -75,7 +74,8 @@ struct LoopWork {
 // The field of a model as an ODE system: B sequences of T*C values each; row i
 // of an evaluation is at its own time t[i] (a time-conditioned field reads it).
 // params points at the field's parameters (Model::field_params()).
-// With a DeviceField (a model on Device::cuda), every evaluation and vjp runs on its
+// With a device field (the same Field on a model's device backend: Device::cuda, or the
+// reference backend of set_backend), every evaluation and vjp runs on its
 // backend: the solver's state stays on the host and crosses per evaluation (y up, f
 // down; for a vjp g up, dy and the parameter gradient down, added to the host's).
 // The backend keeps its own copy of the parameters, taken at construction and at every
@@ -86,10 +86,10 @@ struct LoopWork {
 template <class S>
 class FieldSystem : public DiffSystem<S> {
  public:
-  FieldSystem(const Field<S>& field, const S* params, int B, int T, const DeviceField<S>* device = nullptr);
+  FieldSystem(const Field<S>& field, const S* params, int B, int T, const Field<S>* device = nullptr);
   int T() const { return T_; }
   const Field<S>& field() const { return field_; }
-  const DeviceField<S>* device_field() const { return dev_; }
+  const Field<S>* device_field() const { return dev_; }
   void set_params(const S* params);
   // The parameters from an array of the device field's backend instead (a trainer's
   // optimiser keeps them there): read at every evaluation, never copied. set_params
@@ -108,7 +108,7 @@ class FieldSystem : public DiffSystem<S> {
   void vjp(S* dy, S* dparams, size_t param_stride, const S* g, int slot) override;
   // While resident (a model on a device only), every call above takes and gives arrays
   // of the device field's backend, and backend() names it.
-  Backend<S>* backend() override { return resident_ ? &dev_->backend() : nullptr; }
+  StateOps<S>* backend() override { return resident_ ? &dev_->backend() : nullptr; }
   void set_resident(bool on);
   bool resident() const { return resident_; }
   // A resident run's scope: set_resident(true) now, false at its end, a throw included.
@@ -128,7 +128,7 @@ class FieldSystem : public DiffSystem<S> {
   SolveResult<S> solve(S* y, const SolveOptions& opt, OdeSystem<S>* through = nullptr);
 
  private:
-  void device_forward(S* dydt, const S* y, const double* t, int count, DeviceFieldCache<S>& cache);
+  void device_forward(S* dydt, const S* y, const double* t, int count, FieldCache<S>& cache);
   const Field<S>& field_;
   const S* params_;
   int B_, T_;
@@ -137,15 +137,15 @@ class FieldSystem : public DiffSystem<S> {
   FieldGradWork<S> work_;
   std::vector<double> step_;  // (B) the step told to the field; empty: none
   // the device path (dev_ non-null)
-  const DeviceField<S>* dev_ = nullptr;
+  const Field<S>* dev_ = nullptr;
   Array<S> dparams_, dy_, dx_, dgrad_;  // parameters; state in; field out / cotangent; parameter gradient
   Array<S> dstate_;                     // solve(): the states
   const S* dparams_ext_ = nullptr;      // set_device_params: the parameters, not ours
   const S* device_params() const { return dparams_ext_ ? dparams_ext_ : dparams_.data(); }
   bool resident_ = false;
-  DeviceFieldCache<S> dcache_;
-  std::vector<DeviceFieldCache<S>> dslots_;
-  DeviceFieldWork<S> dwork_;
+  FieldCache<S> dcache_;
+  std::vector<FieldCache<S>> dslots_;
+  FieldGradWork<S> dwork_;
   Buffer<S> host_;  // a download before it is added to the caller's gradient
 };
 
@@ -162,7 +162,7 @@ struct OdeWork {
   ReadoutCache<S> readout;  // after a call: readout.logits (B*T, V) of h(t1)
   // device_params: read the parameters from that device array instead (set_device_params).
   FieldSystem<S>& system(const Field<S>& field, const S* params, int B, int T,
-                         const DeviceField<S>* device = nullptr, const S* device_params = nullptr);
+                         const Field<S>* device = nullptr, const S* device_params = nullptr);
 };
 
 template <class S>
@@ -243,13 +243,13 @@ class Model {
                  std::vector<int>& depth, LoopWork<S>& w) const;
 
   // Where the ODE-depth paths (ode_forward, ode_loss_and_grad and the FieldSystems
-  // they build) evaluate the field: cpu (Field) or cuda (DeviceField on the CUDA
+  // they build) evaluate the field: cpu (the Field on the cpu backend) or cuda (the Field on the CUDA
   // backend). Throws Error when the device cannot run here (require_device).
   void set_device(Device d);
   Device device() const { return device_; }
   // The device field (null on cpu), for FieldSystems built outside the model.
-  const DeviceField<S>* device_field() const { return device_field_.get(); }
-  // set_device with the reference backend: DeviceField on the host (the CI's stand-in
+  const Field<S>* device_field() const { return device_field_.get(); }
+  // set_device with the reference backend: the Field on its ops, on the host (the CI's stand-in
   // for a GPU, and a check of the device path against the CPU one).
   void set_backend(std::shared_ptr<Backend<S>> backend);
   // The backend of the device field (null on cpu).
@@ -274,7 +274,7 @@ class Model {
   void loop_backward(S* dparams, int K, int stop, const S* extra, LoopWork<S>& w) const;
   Device device_ = Device::cpu;
   std::shared_ptr<Backend<S>> backend_;
-  std::shared_ptr<DeviceField<S>> device_field_;
+  std::shared_ptr<Field<S>> device_field_;
   const S* train_params_ = nullptr;  // set_device_training
   S* train_grads_ = nullptr;
 };

@@ -58,11 +58,12 @@ std::vector<std::string> tableau_names();
 // row i is and t[i] its time.
 //
 // Where y and dydt live: host memory (backend() is null, the default), or the memory
-// of backend(), a device (backend.hpp). integrate() then keeps the whole solve there:
-// its y is that backend's memory, every state and stage is allocated there, and the
-// driver's arithmetic is the backend's state algebra. t and ids are host arrays.
+// of backend(), any backend's state algebra (ode/state_ops.hpp: the cpu, reference or
+// CUDA backend, or one of the user's own). integrate() then keeps the whole solve there:
+// its y is that memory, every state and stage is allocated there, and the driver's
+// arithmetic is the backend's state algebra. t and ids are host arrays.
 template <class S>
-class Backend;
+class StateOps;
 
 template <class S>
 class OdeSystem {
@@ -71,7 +72,7 @@ class OdeSystem {
   virtual int groups() const = 0;
   virtual size_t dim() const = 0;
   virtual void eval(S* dydt, const S* y, const double* t, const int* ids, int count) = 0;
-  virtual Backend<S>* backend() { return nullptr; }
+  virtual StateOps<S>* backend() { return nullptr; }
 };
 
 // ---------------------------------------------------------------- options and results

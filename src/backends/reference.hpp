@@ -1,4 +1,7 @@
-#include "flowloop/backend.hpp"
+// src/backends/reference.hpp (internal): the reference backend's class, for the cpu
+// backend (src/backends/cpu.cpp), which shares its memory, state algebra and optimiser
+// and overrides the network ops with the fused layers of layers.hpp.
+#pragma once
 
 #include <algorithm>
 #include <cstdlib>
@@ -7,65 +10,15 @@
 #include <new>
 
 #include "flowloop/algebra.hpp"
+#include "flowloop/backend.hpp"
 #include "flowloop/kernels.hpp"
-#if defined(FLOWLOOP_HAVE_CUDA)
-#include "flowloop/cuda.hpp"
-#endif
 
-namespace flowloop {
-
-Device parse_device(const std::string& name) {
-  if (name == "cpu") return Device::cpu;
-  if (name == "cuda") return Device::cuda;
-  throw Error("unknown device '" + name + "' (expected cpu or cuda)");
-}
-
-const char* device_name(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
-
-bool cuda_built() {
-#if defined(FLOWLOOP_HAVE_CUDA)
-  return true;
-#else
-  return false;
-#endif
-}
-
-int cuda_device_count() {
-#if defined(FLOWLOOP_HAVE_CUDA)
-  return cuda::device_count();
-#else
-  return 0;
-#endif
-}
-
-Device default_device() { return cuda_device_count() > 0 ? Device::cuda : Device::cpu; }
-
-void require_device(Device d) {
-  if (d == Device::cpu) return;
-  if (!cuda_built())
-    throw Error("--device cuda: this build has no CUDA backend (configure with -DFLOWLOOP_CUDA=ON where nvcc is found)");
-  if (cuda_device_count() == 0)
-    throw Error("--device cuda: no GPU is visible to this process (the CUDA runtime reports none)");
-}
-
-Device resolve_device(const std::string& name) {
-  if (name == "auto") {
-    const char* env = std::getenv("FLOWLOOP_DEVICE");  // the default's override (tests pin cpu)
-    if (!env || std::string(env).empty() || std::string(env) == "auto") return default_device();
-    return resolve_device(env);
-  }
-  if (name != "cpu" && name != "cuda") throw Error("unknown device '" + name + "' (expected auto, cpu or cuda)");
-  const Device d = parse_device(name);
-  require_device(d);
-  return d;
-}
-
-namespace {
+namespace flowloop::detail {
 
 // The reference backend: host memory; every operation is a loop over kernels.hpp's
 // bodies (the CUDA kernels' own) or the library's GEMM, on one thread, in a fixed order.
 template <class S>
-class ReferenceBackend final : public Backend<S> {
+class ReferenceBackend : public Backend<S> {
  public:
   Device device() const override { return Device::cpu; }
   std::string name() const override { return "reference (host)"; }
@@ -171,6 +124,13 @@ class ReferenceBackend final : public Backend<S> {
         kernels::broadcast_backward(din, static_cast<S*>(nullptr), dgate, dout, in, gate, T, C, ld, b, i);
   }
 
+  void gate_sum_forward(S* out, S* mo, const S* res, const S* gate, int B, int T, int C, int ld) override {
+    for (int64_t bt = 0; bt < static_cast<int64_t>(B) * T; ++bt) {
+      const int64_t v = (bt / T) * ld;
+      for (int i = 0; i < C; ++i) kernels::gate_sum(out[bt * C + i], mo[bt * C + i], res[bt * C + i], gate[v + i]);
+    }
+  }
+
   void adamw(S* p, S* m, S* v, const S* g, const S* wd, size_t n, const kernels::AdamWStep& s) override {
     for (size_t i = 0; i < n; ++i) kernels::adamw_update(p[i], m[i], v[i], g[i], wd[i], s);
   }
@@ -259,26 +219,4 @@ class ReferenceBackend final : public Backend<S> {
   static constexpr int kMaxStages = 32;
 };
 
-}  // namespace
-
-template <class S>
-Backend<S>& host_backend() {
-  static ReferenceBackend<S> be;
-  return be;
-}
-
-template <class S>
-std::unique_ptr<Backend<S>> make_backend(Device d) {
-  require_device(d);
-#if defined(FLOWLOOP_HAVE_CUDA)
-  if (d == Device::cuda) return cuda::make_backend<S>();
-#endif
-  return std::make_unique<ReferenceBackend<S>>();
-}
-
-template std::unique_ptr<Backend<float>> make_backend<float>(Device);
-template std::unique_ptr<Backend<double>> make_backend<double>(Device);
-template Backend<float>& host_backend<float>();
-template Backend<double>& host_backend<double>();
-
-}  // namespace flowloop
+}  // namespace flowloop::detail
