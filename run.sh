@@ -12,12 +12,12 @@
 #   ./run.sh figures [ARGS]  execute notebooks/*.ipynb headless into build/notebooks (installs
 #                     matplotlib and nbconvert); no ARGS: on two small p-hop models, looped and
 #                     ODE-depth, trained here first; ARGS go to notebooks/run_notebooks.sh
-#   ./run.sh studies  the README's study figures (notebooks/figures) from full-size models
+#   ./run.sh studies  the study figures of docs/studies.md (notebooks/figures) from full-size models
 #                     (about 40 minutes on 2 cores)
-#   ./run.sh flowmatch  the README's flow-matching study: an 8-loop p-hop teacher, its recorded
+#   ./run.sh flowmatch  the flow-matching study of docs/flow-matching.md: an 8-loop p-hop teacher, its recorded
 #                     latent paths, seven flow students, their evaluation and figures (about
 #                     an hour on 2 cores)
-#   ./run.sh reproduce  the README's looped-vs-deep tables in full: p-hop and modarith,
+#   ./run.sh reproduce  the looped-vs-deep tables of docs/studies.md in full: p-hop and modarith,
 #                     every arm at most 10 minutes, the ODE-depth table and looped vs deep at
 #                     12,000 steps over 3 seeds, the tolerance sweep (about 5 hours on 2 cores)
 #   ./run.sh fuzz [SECONDS]  the input parsers under libFuzzer (clang, ASan + UBSan), each SECONDS
@@ -102,7 +102,7 @@ case "$mode" in
     echo "figures: $out/figures/*.png (executed notebooks in $out/notebooks)"
     ;;
   studies)
-    # the figures of the README's "The three studies": the looped p-hop model of the ODE-depth
+    # the figures of docs/studies.md's "The three studies": the looped p-hop model of the ODE-depth
     # table (seed 0, 12,000 steps) and its continuation as an ODE (3,000 steps, random
     # discretisation, kinetic 10); compare, trajectories, figures into notebooks/figures
     # (about 40 minutes on 2 cores)
@@ -128,7 +128,7 @@ case "$mode" in
       notebooks/loop_vs_ode.ipynb notebooks/latent_trajectories.ipynb
     ;;
   flowmatch)
-    # the README's flow-matching study: a p-hop teacher looped 8 times (12,000 steps), its
+    # the flow-matching study of docs/flow-matching.md: a p-hop teacher looped 8 times (12,000 steps), its
     # latent paths on 131,072 training and 2,048 test examples, seven students of 20,000 steps,
     # each sampled under every solver against the teacher and the truncated teacher; the
     # figures into notebooks/figures (about an hour on 2 cores; a rerun resumes)
@@ -267,7 +267,7 @@ case "$mode" in
     for what in bench solve train; do
       "${peer[@]}" "$what" --sizes M G | tee "$figs/$what.jsonl"
     done
-    echo "== the table (the README's performance section; the records are in $figs)"
+    echo "== the table (docs/performance.md; the records are in $figs)"
     python3 experiments/gpu_table.py "$figs"
     ;;
   fuzz | sanitize)

@@ -1,8 +1,8 @@
 // cuda/adamw.cu: the optimiser's update on the device, one thread per parameter
 // (kernels.hpp's adamw_update, the CPU's own body).
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
-#include "flowloop/kernels.hpp"
+#include "flowloop/backend/cuda.hpp"
+#include "flowloop/backend/kernels.hpp"
 
 namespace flowloop::cuda {
 namespace {

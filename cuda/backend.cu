@@ -2,9 +2,9 @@
 // backend (every kernel, product and copy is queued on it), a cuBLAS handle bound to
 // the stream, and the operations of cuda.hpp.
 #include "check.cuh"
-#include "flowloop/algebra.hpp"
-#include "flowloop/backend.hpp"
-#include "flowloop/cuda.hpp"
+#include "flowloop/ode/algebra.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/backend/cuda.hpp"
 
 namespace flowloop::cuda {
 namespace {

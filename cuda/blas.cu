@@ -5,7 +5,7 @@
 #include <cublas_v2.h>
 
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
+#include "flowloop/backend/cuda.hpp"
 
 namespace flowloop::cuda {
 namespace {

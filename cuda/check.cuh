@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop::cuda::detail {
 

@@ -5,8 +5,8 @@
 #include <thrust/reduce.h>
 
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
-#include "flowloop/kernels.hpp"
+#include "flowloop/backend/cuda.hpp"
+#include "flowloop/backend/kernels.hpp"
 #include "thrust_algebra.hpp"  // exec: Thrust on the stream, temporaries from the device's pool
 
 namespace flowloop::cuda {

@@ -1,6 +1,6 @@
 // cuda/device.cu: the device, its memory, and checked copies.
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
+#include "flowloop/backend/cuda.hpp"
 
 namespace flowloop::cuda {
 

@@ -2,8 +2,8 @@
 // value (or per column: a column's sum runs down its rows in order, so it has the same
 // bits on every launch).
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
-#include "flowloop/kernels.hpp"
+#include "flowloop/backend/cuda.hpp"
+#include "flowloop/backend/kernels.hpp"
 
 namespace flowloop::cuda {
 namespace {

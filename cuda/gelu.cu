@@ -1,7 +1,7 @@
 // cuda/gelu.cu: GELU (tanh form) and its vjp, one thread per value (kernels.hpp's body).
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
-#include "flowloop/kernels.hpp"
+#include "flowloop/backend/cuda.hpp"
+#include "flowloop/backend/kernels.hpp"
 
 namespace flowloop::cuda {
 namespace {

@@ -1,8 +1,8 @@
 // cuda/layernorm.cu: LayerNorm and the input gradient of its vjp, one thread per row, and
 // its parameters' gradients, one thread per column (kernels.hpp's bodies).
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
-#include "flowloop/kernels.hpp"
+#include "flowloop/backend/cuda.hpp"
+#include "flowloop/backend/kernels.hpp"
 
 namespace flowloop::cuda {
 namespace {

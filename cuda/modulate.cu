@@ -3,8 +3,8 @@
 // thread per value (kernels.hpp's bodies); their vjps one thread per (sequence, channel),
 // summing over T in order.
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
-#include "flowloop/kernels.hpp"
+#include "flowloop/backend/cuda.hpp"
+#include "flowloop/backend/kernels.hpp"
 
 namespace flowloop::cuda {
 namespace {

@@ -7,8 +7,8 @@
 #include <utility>
 
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
-#include "flowloop/dist.hpp"
+#include "flowloop/backend/cuda.hpp"
+#include "flowloop/train/dist.hpp"
 
 #if defined(FLOWLOOP_HAVE_NCCL)
 #include <nccl.h>

@@ -1,8 +1,8 @@
 // cuda/softmax.cu: the causal softmax of attention scores and its vjp, in place, one
 // thread per row (kernels.hpp's bodies).
 #include "check.cuh"
-#include "flowloop/cuda.hpp"
-#include "flowloop/kernels.hpp"
+#include "flowloop/backend/cuda.hpp"
+#include "flowloop/backend/kernels.hpp"
 
 namespace flowloop::cuda {
 namespace {

@@ -28,14 +28,14 @@
 #include <string>
 #include <vector>
 
-#include "flowloop/algebra.hpp"  // the declarations
-#include "flowloop/kernels.hpp"  // FLOWLOOP_HD
-#include "flowloop/tensor.hpp"   // Error
+#include "flowloop/ode/algebra.hpp"  // the declarations
+#include "flowloop/backend/kernels.hpp"  // FLOWLOOP_HD
+#include "flowloop/core/tensor.hpp"   // Error
 
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
 #include <cuda_runtime.h>
 
-#include "flowloop/cuda.hpp"  // device_alloc_async
+#include "flowloop/backend/cuda.hpp"  // device_alloc_async
 #endif
 
 namespace flowloop::algebra::device {

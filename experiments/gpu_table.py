@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The GPU figures of `./run.sh gpu-check` as one markdown table (the README's).
+"""The GPU figures of `./run.sh gpu-check` as one markdown table (docs/backends.md's).
 
 Reads DIR/field_M.json, DIR/field_G.json (`flowloop bench field --device cuda`) and the
 summaries of `experiments/peer_torch.py --device cuda` in DIR/bench.jsonl, DIR/solve.jsonl

@@ -2,7 +2,7 @@
 #include <iostream>
 
 #include "cli/cli.hpp"
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 int main(int argc, char** argv) {
   using namespace flowloop::cli;

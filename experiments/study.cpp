@@ -9,8 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "flowloop/io.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace flowloop {
 

@@ -4,7 +4,7 @@
 
 #include <string>
 
-#include "flowloop/depth.hpp"
+#include "flowloop/ode/depth.hpp"
 
 namespace flowloop {
 

@@ -1,11 +1,11 @@
-#include "flowloop/algebra.hpp"
+#include "flowloop/ode/algebra.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <cstdint>
 
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop::algebra {
 

@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "flowloop/solver.hpp"
+#include "flowloop/ode/solver.hpp"
 
 namespace flowloop::detail {
 

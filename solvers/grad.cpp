@@ -1,5 +1,5 @@
 // Gradients through an ODE solve: backprop, checkpoint and the continuous adjoint.
-#include "flowloop/grad.hpp"
+#include "flowloop/ode/grad.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -8,8 +8,8 @@
 #include <memory>
 #include <sstream>
 
-#include "flowloop/algebra.hpp"
-#include "flowloop/backend.hpp"
+#include "flowloop/ode/algebra.hpp"
+#include "flowloop/backend/backend.hpp"
 #include "flowloop/ode/state_ops.hpp"
 #include "coupled.hpp"
 #include "tape.hpp"
@@ -240,7 +240,7 @@ struct OdeGradient<S>::Impl {
   Impl(DiffSystem<S>& s, const SolveOptions& o, const GradOptions& g) : user(s), opt(o), gopt(g) {
     opt.validate();
     if (opt.method.rfind("odeint-", 0) == 0) throw Error("gradients: odeint solvers are not differentiable here; use a flowloop method");
-    tab = &tableau(opt.method);
+    tab = &opt.method_tableau();
     DiffSystem<S>* base = &user;
     if (gopt.regularized()) {
       if (!std::isfinite(gopt.kinetic) || !std::isfinite(gopt.jacobian))
@@ -497,7 +497,7 @@ struct OdeGradient<S>::Impl {
     if (!gopt.adjoint_method.empty()) b.method = gopt.adjoint_method;
     if (!std::isnan(gopt.adjoint_rtol)) b.rtol = gopt.adjoint_rtol;
     if (!std::isnan(gopt.adjoint_atol)) b.atol = gopt.adjoint_atol;
-    if (b.adaptive && !tableau(b.method).adaptive()) {
+    if (b.adaptive && !b.method_tableau().adaptive()) {
       b.adaptive = false;
       b.steps = static_cast<int>(std::max<int64_t>(1, fwd.steps));
     }

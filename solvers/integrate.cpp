@@ -8,10 +8,10 @@
 #include <string>
 #include <vector>
 
-#include "flowloop/algebra.hpp"
-#include "flowloop/backend.hpp"
+#include "flowloop/ode/algebra.hpp"
+#include "flowloop/backend/backend.hpp"
 #include "flowloop/ode/state_ops.hpp"
-#include "flowloop/solver.hpp"
+#include "flowloop/ode/solver.hpp"
 #include "coupled.hpp"
 #include "tape.hpp"
 
@@ -31,8 +31,8 @@ const char* status_name(SolveStatus s) {
 void SolveOptions::validate() const {
   auto fail = [](const std::string& m) { return Error("solver options: " + m); };
   if (!std::isfinite(t0) || !std::isfinite(t1)) throw fail("t0 and t1 must be finite");
-  if (method.rfind("odeint-", 0) != 0) {
-    const ButcherTableau& tab = tableau(method);
+  if ((own_tableau_ && own_tableau_->name == method) || method.rfind("odeint-", 0) != 0) {
+    const ButcherTableau& tab = method_tableau();
     if (adaptive && !tab.adaptive())
       throw fail("method '" + method + "' has no error estimate: give a step count or dt, not tolerances");
   }
@@ -60,6 +60,22 @@ void SolveOptions::validate() const {
       prev = s;
     }
   }
+}
+
+void SolveOptions::use_tableau(ButcherTableau tab) {
+  tab.validate();
+  method = tab.name;
+  own_tableau_ = std::make_shared<const ButcherTableau>(std::move(tab));
+}
+
+void SolveOptions::use_controller(std::shared_ptr<StepSizeController> ctrl) {
+  if (!ctrl) throw Error("solver options: use_controller needs a controller (got null)");
+  own_controller_ = std::move(ctrl);
+}
+
+// (`method` set to another name after use_tableau selects that built-in instead)
+const ButcherTableau& SolveOptions::method_tableau() const {
+  return own_tableau_ && own_tableau_->name == method ? *own_tableau_ : tableau(method);
 }
 
 namespace {
@@ -119,6 +135,7 @@ class StepControl {
         hmax_(o.hmax > 0 ? o.hmax : std::fabs(o.t1 - o.t0)),
         expo1_(1.0 / (tab.error_order + 1) - 0.75 * o.beta), facc1_(1.0 / o.fac_min), facc2_(1.0 / o.fac_max),
         facold_(G, 1e-4), hnext_(G, 0.0), last_rejected_(G, 0), nonfinite_(G, 0) {
+    if (o.adaptive && o.step_controller()) o.step_controller()->start(G);
     if (o.adaptive || o.t0 == o.t1) return;
     if (o.steps > 0) {
       N_ = o.steps;
@@ -234,8 +251,21 @@ StepControl::Verdict StepControl::judge(int g, double err, bool finite, double& 
     return Verdict::Reject;
   }
   nonfinite_[g] = 0;
-  const double hnew = new_step(g, err, h);
-  if (err <= 1.0) {
+  double hnew;
+  bool accept;
+  if (StepSizeController* own = o_.step_controller()) {  // the user's: its verdict and step, within hmax
+    accept = own->decide(g, err, h, tab_.error_order, hnew);
+    if (!std::isfinite(hnew) || hnew * dir_ <= 0) {
+      why = "the step-size controller gave the step " + std::to_string(hnew) + " after a step of " +
+            std::to_string(h) + " (it must be finite and point from t0 to t1)";
+      return Verdict::Fail;
+    }
+    if (std::fabs(hnew) > hmax_) hnew = dir_ * hmax_;
+  } else {
+    hnew = new_step(g, err, h);
+    accept = err <= 1.0;
+  }
+  if (accept) {
     last_rejected_[g] = 0;
     hnext_[g] = hnew;
     return Verdict::Accept;
@@ -504,17 +534,19 @@ void TapeRecorder<S>::end_round(const std::vector<int>& accepted, const std::vec
 //
 // The states live in the memory of the system's backend (the host's for systems
 // without one): every element-wise operation, norm and row move is the backend's
-// (backend.hpp's state algebra), so a device solve keeps its states on the device.
+// (ode/state_ops.hpp's state algebra), so a device solve keeps its states on the device.
 // The controller is per-sequence scalar work on the host. Each round it uploads the
-// step sizes h and the active rows (G doubles, G ints), and downloads one small array:
-// each active sequence's error sum (adaptive) or sum of squares (fixed steps; the
-// finite check). The terminal condition adds one download of two sums per accepted
-// sequence; saves download the rows they keep.
+// step sizes h (G doubles) and the active rows (one int each), and downloads one small
+// array: each active sequence's error sum (adaptive) or sum of squares (fixed steps; the
+// finite check). When only some sequences are accepted, committing them uploads their row
+// list (and, where it differs, the list of rows whose f(t + h, y1) is kept); the terminal
+// condition uploads the rows it tests and downloads two sums each; saves download the
+// rows they keep.
 template <class S>
 class Driver {
  public:
   Driver(OdeSystem<S>& sys, const SolveOptions& opt, DiffSystem<S>* dsys = nullptr, detail::Tape* tape = nullptr)
-      : sys_(sys), be_(sys.backend() ? *sys.backend() : host_backend<S>()), o_(opt), tab_(tableau(opt.method)),
+      : sys_(sys), be_(sys.backend() ? *sys.backend() : host_backend<S>()), o_(opt), tab_(opt.method_tableau()),
         G_(sys.groups()), n_(sys.dim()), s_(tab_.stages()), coef_(tab_), ctl_(opt, tab_, G_),
         saver_(opt, tab_, G_, n_, r_), tape_(dsys, tape) {}
 

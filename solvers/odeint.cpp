@@ -6,7 +6,7 @@
 #include <cstring>
 #include <numeric>
 
-#include "flowloop/solver.hpp"
+#include "flowloop/ode/solver.hpp"
 
 namespace flowloop {
 

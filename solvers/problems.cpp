@@ -1,4 +1,4 @@
-#include "flowloop/problems.hpp"
+#include "flowloop/ode/problems.hpp"
 
 #include <cmath>
 

@@ -2,7 +2,7 @@
 #include <cmath>
 #include <map>
 
-#include "flowloop/solver.hpp"
+#include "flowloop/ode/solver.hpp"
 
 namespace flowloop {
 

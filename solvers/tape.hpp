@@ -3,7 +3,7 @@
 
 #include <vector>
 
-#include "flowloop/grad.hpp"
+#include "flowloop/ode/grad.hpp"
 
 namespace flowloop::detail {
 

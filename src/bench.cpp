@@ -1,4 +1,4 @@
-#include "flowloop/bench.hpp"
+#include "flowloop/study/bench.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -8,13 +8,13 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
-#include "flowloop/backend.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/field.hpp"
-#include "flowloop/flowmatch_train.hpp"
-#include "flowloop/model.hpp"
-#include "flowloop/train.hpp"
-#include "flowloop/tensor.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/nn/field.hpp"
+#include "flowloop/train/flowmatch_train.hpp"
+#include "flowloop/nn/model.hpp"
+#include "flowloop/train/train.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

@@ -1,4 +1,4 @@
-#include "flowloop/checkpoint.hpp"
+#include "flowloop/io/checkpoint.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -7,8 +7,8 @@
 #include <nlohmann/json.hpp>
 #include <string_view>
 
-#include "flowloop/io.hpp"
-#include "flowloop/tensor.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

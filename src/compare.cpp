@@ -1,4 +1,4 @@
-#include "flowloop/compare.hpp"
+#include "flowloop/study/compare.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -6,9 +6,9 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "flowloop/io.hpp"
-#include "flowloop/tensor.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/core/tensor.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace flowloop {
 

@@ -1,10 +1,10 @@
-#include "flowloop/config.hpp"
+#include "flowloop/nn/config.hpp"
 
 #include <cmath>
 #include <nlohmann/json.hpp>
 
-#include "flowloop/io.hpp"
-#include "flowloop/tensor.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

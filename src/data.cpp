@@ -1,4 +1,4 @@
-#include "flowloop/data.hpp"
+#include "flowloop/train/data.hpp"
 
 #include <algorithm>
 #include <filesystem>
@@ -6,7 +6,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

@@ -1,12 +1,12 @@
-#include "flowloop/depth.hpp"
-#include "flowloop/io.hpp"
+#include "flowloop/ode/depth.hpp"
+#include "flowloop/io/io.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

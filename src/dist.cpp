@@ -1,4 +1,4 @@
-#include "flowloop/dist.hpp"
+#include "flowloop/train/dist.hpp"
 
 #include <algorithm>
 #include <array>
@@ -8,7 +8,7 @@
 #include <vector>
 
 #if defined(FLOWLOOP_HAVE_CUDA)
-#include "flowloop/cuda.hpp"
+#include "flowloop/backend/cuda.hpp"
 #endif
 
 #if defined(FLOWLOOP_HAVE_MPI)

@@ -1,4 +1,4 @@
-#include "flowloop/field.hpp"
+#include "flowloop/nn/field.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -1,10 +1,10 @@
-#include "flowloop/flowmatch.hpp"
+#include "flowloop/train/flowmatch.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
-#include "flowloop/config.hpp"
+#include "flowloop/nn/config.hpp"
 
 namespace flowloop {
 

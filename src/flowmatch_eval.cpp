@@ -7,9 +7,9 @@
 #include <limits>
 #include <sstream>
 
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/flowmatch_train.hpp"
-#include "flowloop/io.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/train/flowmatch_train.hpp"
+#include "flowloop/io/io.hpp"
 
 namespace flowloop {
 

@@ -8,11 +8,11 @@
 #include <memory>
 #include <sstream>
 
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/flowmatch.hpp"
-#include "flowloop/io.hpp"
-#include "flowloop/solver.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/train/flowmatch.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/ode/solver.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace flowloop {
 

@@ -1,6 +1,6 @@
 // Training a flow student on recorded latent trajectories: the shard loader, the
 // configuration, and the trainer (AdamW over the field, EMA, reflow rounds, exact resume).
-#include "flowloop/flowmatch_train.hpp"
+#include "flowloop/train/flowmatch_train.hpp"
 
 #include <unistd.h>
 
@@ -13,8 +13,8 @@
 #include <iostream>
 #include <numeric>
 
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/io.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/io.hpp"
 
 namespace flowloop {
 

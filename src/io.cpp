@@ -1,4 +1,4 @@
-#include "flowloop/io.hpp"
+#include "flowloop/io/io.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -12,7 +12,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

@@ -1,4 +1,4 @@
-#include "flowloop/layers.hpp"
+#include "flowloop/nn/layers.hpp"
 
 #include <Eigen/Core>
 #include <algorithm>
@@ -7,7 +7,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

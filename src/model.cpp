@@ -1,4 +1,4 @@
-#include "flowloop/model.hpp"
+#include "flowloop/nn/model.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -7,9 +7,9 @@
 #include <optional>
 #include <nlohmann/json.hpp>
 
-#include "flowloop/io.hpp"
-#include "flowloop/layers.hpp"
-#include "flowloop/tensor.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/nn/layers.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

@@ -1,8 +1,8 @@
-#include "flowloop/params.hpp"
+#include "flowloop/nn/params.hpp"
 
 #include <cmath>
 
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

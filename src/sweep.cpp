@@ -1,4 +1,4 @@
-#include "flowloop/sweep.hpp"
+#include "flowloop/study/sweep.hpp"
 
 #include <algorithm>
 #include <filesystem>
@@ -6,7 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "flowloop/io.hpp"
+#include "flowloop/io/io.hpp"
 
 namespace flowloop {
 

@@ -1,4 +1,4 @@
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 #include <cblas.h>
 #include <omp.h>

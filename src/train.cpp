@@ -1,4 +1,4 @@
-#include "flowloop/train.hpp"
+#include "flowloop/train/train.hpp"
 
 #include <unistd.h>
 
@@ -14,11 +14,11 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "flowloop/algebra.hpp"
-#include "flowloop/backend.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/io.hpp"
-#include "flowloop/layers.hpp"
+#include "flowloop/ode/algebra.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/nn/layers.hpp"
 
 namespace flowloop {
 

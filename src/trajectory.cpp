@@ -1,4 +1,4 @@
-#include "flowloop/trajectory.hpp"
+#include "flowloop/study/trajectory.hpp"
 
 #include <Eigen/Dense>
 #include <algorithm>
@@ -7,11 +7,11 @@
 #include <memory>
 #include <sstream>
 
-#include "flowloop/io.hpp"
-#include "flowloop/layers.hpp"
-#include "flowloop/model.hpp"
-#include "flowloop/solver.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/nn/layers.hpp"
+#include "flowloop/nn/model.hpp"
+#include "flowloop/ode/solver.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace flowloop {
 

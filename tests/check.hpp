@@ -10,9 +10,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "flowloop/config.hpp"
-#include "flowloop/solver.hpp"
-#include "flowloop/tensor.hpp"
+#include "flowloop/nn/config.hpp"
+#include "flowloop/ode/solver.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop::test {
 

@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "check.hpp"
-#include "flowloop/backend.hpp"
-#include "flowloop/field.hpp"
-#include "flowloop/grad.hpp"
-#include "flowloop/model.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/nn/field.hpp"
+#include "flowloop/ode/grad.hpp"
+#include "flowloop/nn/model.hpp"
 
 namespace flowloop::test {
 

@@ -16,9 +16,9 @@
 #include <vector>
 
 #include "check.hpp"
-#include "flowloop/backend.hpp"
-#include "flowloop/problems.hpp"
-#include "flowloop/solver.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/ode/problems.hpp"
+#include "flowloop/ode/solver.hpp"
 
 namespace flowloop::test {
 

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "check.hpp"
-#include "flowloop/grad.hpp"
-#include "flowloop/model.hpp"
+#include "flowloop/ode/grad.hpp"
+#include "flowloop/nn/model.hpp"
 
 namespace flowloop::test {
 

@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "catch_session.hpp"
-#include "flowloop/cuda.hpp"
+#include "flowloop/backend/cuda.hpp"
 
 int main(int argc, char** argv) {
   bool listing = false;

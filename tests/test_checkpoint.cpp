@@ -10,7 +10,7 @@
 
 #include "check.hpp"
 #include "flowloop/flowloop.hpp"
-#include "flowloop/io.hpp"
+#include "flowloop/io/io.hpp"
 
 using namespace flowloop;
 namespace fs = std::filesystem;

@@ -10,11 +10,11 @@
 #include <sstream>
 
 #include "check.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/compare.hpp"
-#include "flowloop/sweep.hpp"
-#include "flowloop/trajectory.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/study/compare.hpp"
+#include "flowloop/study/sweep.hpp"
+#include "flowloop/study/trajectory.hpp"
+#include "flowloop/train/train.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;

@@ -8,11 +8,11 @@
 #include "check.hpp"
 #include "device_field_check.hpp"
 #include "driver_check.hpp"
-#include "flowloop/backend.hpp"
-#include "flowloop/algebra.hpp"
-#include "flowloop/cuda.hpp"
-#include "flowloop/layers.hpp"
-#include "flowloop/tensor.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/ode/algebra.hpp"
+#include "flowloop/backend/cuda.hpp"
+#include "flowloop/nn/layers.hpp"
+#include "flowloop/core/tensor.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;

@@ -9,9 +9,9 @@
 #include <sys/wait.h>
 
 #include "check.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/depth.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/ode/depth.hpp"
+#include "flowloop/train/train.hpp"
 
 using namespace flowloop;
 using test::TempDir;

@@ -6,10 +6,10 @@
 
 #include "device_field_check.hpp"
 #include "driver_check.hpp"
-#include "flowloop/backend.hpp"
-#include "flowloop/bench.hpp"
-#include "flowloop/flowmatch.hpp"
-#include "flowloop/io.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/study/bench.hpp"
+#include "flowloop/train/flowmatch.hpp"
+#include "flowloop/io/io.hpp"
 
 #include <cmath>
 #include <nlohmann/json.hpp>

@@ -16,10 +16,10 @@
 
 #include "check.hpp"
 #include "train_check.hpp"
-#include "flowloop/dist.hpp"
-#include "flowloop/grad.hpp"
-#include "flowloop/model.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/train/dist.hpp"
+#include "flowloop/ode/grad.hpp"
+#include "flowloop/nn/model.hpp"
+#include "flowloop/train/train.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;

@@ -17,12 +17,12 @@
 #include <sstream>
 
 #include "check.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/flowmatch.hpp"
-#include "flowloop/flowmatch_train.hpp"
-#include "flowloop/io.hpp"
-#include "flowloop/model.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/train/flowmatch.hpp"
+#include "flowloop/train/flowmatch_train.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/nn/model.hpp"
+#include "flowloop/train/train.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;

@@ -6,9 +6,9 @@
 #include <vector>
 
 #include "check.hpp"
-#include "flowloop/kernels.hpp"
-#include "flowloop/layers.hpp"
-#include "flowloop/tensor.hpp"
+#include "flowloop/backend/kernels.hpp"
+#include "flowloop/nn/layers.hpp"
+#include "flowloop/core/tensor.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;

@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "check.hpp"
-#include "flowloop/layers.hpp"
+#include "flowloop/nn/layers.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;

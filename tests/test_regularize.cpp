@@ -7,7 +7,7 @@
 
 #include "check.hpp"
 #include "flowloop/flowloop.hpp"
-#include "flowloop/grad.hpp"
+#include "flowloop/ode/grad.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;

@@ -11,8 +11,8 @@
 
 #include "check.hpp"
 #include "flowloop/flowloop.hpp"
-#include "flowloop/problems.hpp"
-#include "flowloop/solver.hpp"
+#include "flowloop/ode/problems.hpp"
+#include "flowloop/ode/solver.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;
@@ -467,4 +467,131 @@ TEST_CASE("solver options on the command line", "[solvers][cli]") {
   CHECK(j["ms"].get<double>() > 0);
   CHECK(j["solver"] == "rk4");
   std::filesystem::remove_all(dir);
+}
+
+// ---------------------------------------------------------------- the open solver API
+
+namespace {
+// The built-in I controller (torchdiffeq's), written as a user's controller would be.
+struct UserIController : StepSizeController {
+  double safety, fac_min, fac_max;
+  int starts = 0, calls = 0;
+  UserIController(double s, double lo, double hi) : safety(s), fac_min(lo), fac_max(hi) {}
+  void start(int) override { ++starts; }
+  bool decide(int, double err, double h, int q, double& h_next) override {
+    ++calls;
+    if (err == 0.0) {
+      h_next = h * fac_max;
+    } else {
+      const double dfactor = err < 1.0 ? 1.0 : fac_min;
+      h_next = h * std::min(fac_max, std::max(safety * std::pow(err, -1.0 / (q + 1)), dfactor));
+    }
+    return err <= 1.0;
+  }
+};
+}  // namespace
+
+TEST_CASE("a user's tableau and controller run through integrate() as the built-ins do", "[solvers][open]") {
+  const OdeProblem p = ode_problem("vdp");
+  SECTION("a user's copy of bosh3 takes bosh3's steps and bits") {
+    ButcherTableau mine = tableau("bosh3");
+    mine.name = "my-bosh3";
+    mine.fsal = false;  // derived again by validation
+    SolveOptions o = adaptive_opts("bosh3", p.t1, 1e-6, 1e-6);
+    FunctionSystem s1(p.f, p.y0.size()), s2(p.f, p.y0.size());
+    std::vector<double> y1 = p.y0, y2 = p.y0;
+    const auto r1 = integrate(s1, y1.data(), o);
+    o.use_tableau(mine);
+    CHECK(o.method == "my-bosh3");
+    CHECK(o.method_tableau().fsal);
+    const auto r2 = integrate(s2, y2.data(), o);
+    REQUIRE(r1.ok());
+    REQUIRE(r2.ok());
+    CHECK(r2.nfe == r1.nfe);
+    CHECK(r2.accepted == r1.accepted);
+    CHECK(r2.rejected == r1.rejected);
+    CHECK(y1 == y2);
+  }
+  SECTION("a user's controller equal to the I controller takes its steps, and is started once a solve") {
+    SolveOptions o = adaptive_opts("dopri5", p.t1, 1e-6, 1e-6);
+    o.controller = Controller::I;
+    FunctionSystem s1(p.f, p.y0.size(), 3), s2(p.f, p.y0.size(), 3);
+    std::vector<double> y1, y2;
+    for (int g = 0; g < 3; ++g)
+      for (double v : p.y0) y1.push_back(v * (1.0 + 0.1 * g));
+    y2 = y1;
+    const auto r1 = integrate(s1, y1.data(), o);
+    auto mine = std::make_shared<UserIController>(o.safety, o.fac_min, o.fac_max);
+    o.use_controller(mine);
+    const auto r2 = integrate(s2, y2.data(), o);
+    REQUIRE(r1.ok());
+    REQUIRE(r2.ok());
+    CHECK(r2.steps_total == r1.steps_total);
+    CHECK(r2.seq_evals == r1.seq_evals);
+    CHECK(y1 == y2);
+    CHECK(mine->starts == 1);
+    CHECK(mine->calls == r2.steps_total);  // every attempt of every sequence (all finite here)
+    // and it differs from the PI controller's choice: the hook is what ran
+    SolveOptions pi = adaptive_opts("dopri5", p.t1, 1e-6, 1e-6);
+    FunctionSystem s3(p.f, p.y0.size(), 3);
+    std::vector<double> y3 = y1;
+    CHECK(integrate(s3, y3.data(), pi).steps_total != r2.steps_total);
+  }
+  SECTION("a user's Heun-Euler 2(1) converges at order 2 with fixed steps and adapts with tolerances") {
+    ButcherTableau he{"heun-euler", 2, 1, {0, 1}, {0, 0, 1, 0}, {0.5, 0.5}, {-0.5, 0.5}, {}, false, "Heun 2(1)"};
+    std::vector<double> lh, le;
+    for (int N : {32, 64, 128, 256}) {
+      FunctionSystem sys = linear_system();
+      std::vector<double> y = kY0;
+      SolveOptions o = fixed_opts("euler", 2.0, N);
+      o.use_tableau(he);
+      REQUIRE(integrate(sys, y.data(), o).ok());
+      lh.push_back(std::log(2.0 / N));
+      le.push_back(std::log((Eigen::Map<Eigen::Vector4d>(y.data()) - exact(2.0)).norm()));
+    }
+    CHECK(std::fabs(slope(lh, le) - 2.0) < 0.2);
+    FunctionSystem sys = linear_system();
+    std::vector<double> y = kY0;
+    SolveOptions o = adaptive_opts("dopri5", 2.0, 1e-8, 1e-8);
+    o.use_tableau(he);
+    const auto r = integrate(sys, y.data(), o);
+    REQUIRE(r.ok());
+    CHECK((Eigen::Map<Eigen::Vector4d>(y.data()) - exact(2.0)).norm() < 1e-5);
+    CHECK(r.accepted > 100);  // a second-order method at 1e-8 takes many steps
+  }
+  SECTION("a broken tableau and a controller's bad step are errors that say what is wrong") {
+    ButcherTableau bad{"bad", 2, 1, {0, 1}, {0, 0, 0.5, 0}, {0.5, 0.5}, {-0.5, 0.5}, {}, false, ""};
+    SolveOptions o = adaptive_opts("dopri5", 1.0, 1e-6, 1e-6);
+    CHECK_THROWS_WITH(o.use_tableau(bad), Catch::Contains("bad"));
+    CHECK_THROWS_WITH(o.use_controller(nullptr), Catch::Contains("null"));
+    struct Backwards : StepSizeController {
+      bool decide(int, double, double h, int, double& next) override {
+        next = -h;
+        return true;
+      }
+    };
+    o.use_controller(std::make_shared<Backwards>());
+    FunctionSystem sys(p.f, p.y0.size());
+    std::vector<double> y = p.y0;
+    const auto r = integrate(sys, y.data(), o);
+    CHECK_FALSE(r.ok());
+    CHECK_THAT(r.message, Catch::Contains("step-size controller"));
+  }
+  SECTION("a user's tableau is differentiated by backprop as a built-in one is") {
+    ButcherTableau mine = tableau("rk4");
+    mine.name = "my-rk4";
+    Model<double> m = field_model(5);
+    const TokenBatch tok = tokens_of({{1, 2, 3, 4}, {5, 6, 7, 8}});
+    const TokenBatch tgt = tokens_of({{2, 3, 4, 5}, {6, 7, 8, 9}});
+    SolveOptions o = fixed_opts("rk4", 2.0, 3);
+    GradOptions g;
+    std::vector<double> ga(m.params.size(), 0.0), gb(m.params.size(), 0.0);
+    GradStats sa, sb;
+    OdeWork<double> wa, wb;
+    const double la = m.ode_loss_and_grad(tok, tgt, o, g, ga.data(), sa, wa);
+    o.use_tableau(mine);
+    const double lb = m.ode_loss_and_grad(tok, tgt, o, g, gb.data(), sb, wb);
+    CHECK(la == lb);
+    CHECK(ga == gb);
+  }
 }

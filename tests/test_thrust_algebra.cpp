@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "check.hpp"
-#include "flowloop/algebra.hpp"
-#include "flowloop/tensor.hpp"
+#include "flowloop/ode/algebra.hpp"
+#include "flowloop/core/tensor.hpp"
 #include "thrust_algebra.hpp"
 
 using namespace flowloop;

@@ -14,11 +14,11 @@
 #include "check.hpp"
 #include "grad_check.hpp"
 #include "train_check.hpp"
-#include "flowloop/bench.hpp"
-#include "flowloop/checkpoint.hpp"
+#include "flowloop/study/bench.hpp"
+#include "flowloop/io/checkpoint.hpp"
 #include "flowloop/flowloop.hpp"
-#include "flowloop/grad.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/ode/grad.hpp"
+#include "flowloop/train/train.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;

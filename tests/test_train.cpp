@@ -13,9 +13,9 @@
 
 #include "check.hpp"
 #include "train_check.hpp"
-#include "flowloop/backend.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/train/train.hpp"
 
 using namespace flowloop;
 using namespace flowloop::test;

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "flowloop/train.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace flowloop::test {
 

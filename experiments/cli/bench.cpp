@@ -4,8 +4,8 @@
 #include <sstream>
 
 #include "cli.hpp"
-#include "flowloop/bench.hpp"
-#include "flowloop/io.hpp"
+#include "flowloop/study/bench.hpp"
+#include "flowloop/io/io.hpp"
 
 namespace flowloop::cli {
 namespace {

@@ -10,11 +10,11 @@
 #include <string>
 #include <vector>
 
-#include "flowloop/backend.hpp"
-#include "flowloop/depth.hpp"
-#include "flowloop/io.hpp"
-#include "flowloop/solver.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/ode/depth.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/ode/solver.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace flowloop::cli {
 
@@ -31,7 +31,7 @@ struct Command {
 //   --loops K | --solver NAME [--solver-steps N | --rtol R --atol A] [--t1 T]
 //   [--controller pi|i] [--initial-norm hairer|torchdiffeq] [--h0 H]
 //   [--solver-max-steps N] [--batch-coupled] [--exit-threshold E]
-// Defaults are DepthSpec's (flowloop/depth.hpp). Validation happens in the library.
+// Defaults are DepthSpec's (flowloop/ode/depth.hpp). Validation happens in the library.
 // Returns each flag with its key in a training configuration (TrainConfig's JSON).
 using KeyedOptions = std::vector<std::pair<std::string, CLI::Option*>>;
 KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& depth);

@@ -2,8 +2,8 @@
 
 #include <filesystem>
 
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/io.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/io.hpp"
 
 namespace flowloop::cli {
 

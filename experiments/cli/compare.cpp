@@ -7,11 +7,11 @@
 #include <iostream>
 
 #include "cli.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/compare.hpp"
-#include "flowloop/io.hpp"
-#include "flowloop/tensor.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/study/compare.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/core/tensor.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace flowloop::cli {
 namespace {

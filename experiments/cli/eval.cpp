@@ -2,8 +2,8 @@
 #include <iostream>
 
 #include "cli.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace flowloop::cli {
 namespace {

@@ -8,9 +8,9 @@
 #include <sstream>
 
 #include "cli.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/flowmatch.hpp"
-#include "flowloop/flowmatch_train.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/train/flowmatch.hpp"
+#include "flowloop/train/flowmatch_train.hpp"
 
 namespace flowloop::cli {
 namespace {

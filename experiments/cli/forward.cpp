@@ -2,9 +2,9 @@
 #include <iostream>
 
 #include "cli.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/io.hpp"
-#include "flowloop/model.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/nn/model.hpp"
 
 namespace flowloop::cli {
 namespace {

@@ -2,8 +2,8 @@
 #include <iostream>
 
 #include "cli.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/model.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/nn/model.hpp"
 
 namespace flowloop::cli {
 namespace {

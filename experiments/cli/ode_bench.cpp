@@ -3,7 +3,7 @@
 #include <iostream>
 
 #include "cli.hpp"
-#include "flowloop/problems.hpp"
+#include "flowloop/ode/problems.hpp"
 
 namespace flowloop::cli {
 namespace {

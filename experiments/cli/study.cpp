@@ -1,6 +1,6 @@
 // flowloop study: looped vs deep vs shallow vs ODE depth at equal training budget.
 #include "cli.hpp"
-#include "flowloop/data.hpp"
+#include "flowloop/train/data.hpp"
 #include "../study.hpp"
 
 namespace flowloop::cli {

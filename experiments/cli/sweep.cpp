@@ -3,7 +3,7 @@
 #include <iostream>
 
 #include "cli.hpp"
-#include "flowloop/sweep.hpp"
+#include "flowloop/study/sweep.hpp"
 
 namespace flowloop::cli {
 namespace {

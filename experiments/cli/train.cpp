@@ -3,8 +3,8 @@
 #include <sstream>
 
 #include "cli.hpp"
-#include "flowloop/io.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace flowloop::cli {
 KeyedOptions add_train_flags(CLI::App* tr, TrainConfig& tc, bool depth_flags) {

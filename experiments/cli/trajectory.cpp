@@ -5,9 +5,9 @@
 #include <iostream>
 
 #include "cli.hpp"
-#include "flowloop/checkpoint.hpp"
-#include "flowloop/io.hpp"
-#include "flowloop/trajectory.hpp"
+#include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/io.hpp"
+#include "flowloop/study/trajectory.hpp"
 
 namespace flowloop::cli {
 namespace {

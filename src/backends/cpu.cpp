@@ -3,7 +3,7 @@
 // OpenMP, the same bits on any thread count). The CPU path of every command.
 #include <algorithm>
 
-#include "flowloop/layers.hpp"
+#include "flowloop/nn/layers.hpp"
 #include "reference.hpp"
 
 namespace flowloop {

@@ -9,10 +9,10 @@
 #include <limits>
 #include <new>
 
-#include "flowloop/algebra.hpp"
-#include "flowloop/kernels.hpp"
+#include "flowloop/ode/algebra.hpp"
+#include "flowloop/backend/kernels.hpp"
 #if defined(FLOWLOOP_HAVE_CUDA)
-#include "flowloop/cuda.hpp"
+#include "flowloop/backend/cuda.hpp"
 #endif
 
 namespace flowloop {

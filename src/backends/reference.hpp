@@ -9,9 +9,9 @@
 #include <limits>
 #include <new>
 
-#include "flowloop/algebra.hpp"
-#include "flowloop/backend.hpp"
-#include "flowloop/kernels.hpp"
+#include "flowloop/ode/algebra.hpp"
+#include "flowloop/backend/backend.hpp"
+#include "flowloop/backend/kernels.hpp"
 
 namespace flowloop::detail {
 

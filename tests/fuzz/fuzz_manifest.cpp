@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <string>
 
-#include "flowloop/flowmatch.hpp"
-#include "flowloop/io.hpp"
+#include "flowloop/train/flowmatch.hpp"
+#include "flowloop/io/io.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace flowloop;

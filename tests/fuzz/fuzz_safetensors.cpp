@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "flowloop/checkpoint.hpp"
+#include "flowloop/io/checkpoint.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace flowloop;

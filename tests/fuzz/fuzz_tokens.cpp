@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-#include "flowloop/model.hpp"
+#include "flowloop/nn/model.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace flowloop;

@@ -5,9 +5,9 @@
 #include <cstdint>
 #include <string>
 
-#include "flowloop/config.hpp"
-#include "flowloop/flowmatch_train.hpp"
-#include "flowloop/train.hpp"
+#include "flowloop/nn/config.hpp"
+#include "flowloop/train/flowmatch_train.hpp"
+#include "flowloop/train/train.hpp"
 
 namespace {
 template <class Config>

@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "flowloop/tensor.hpp"
+#include "flowloop/core/tensor.hpp"
 
 namespace flowloop {
 

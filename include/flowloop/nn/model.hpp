@@ -1,0 +1,282 @@
+// flowloop/nn/model.hpp: the looped GPT model of model-spec.md around the field.
+//
+//   h(0) = wte[tokens] + wpe          (embedding)
+//   h_{k+1} = h_k + f(h_k, k),  k < K (`loop K`; Euler with dt = 1 on [0, K]:
+//                                     loop k evaluates the field at t = k)
+//   logits = LN_f(h_K) wte^T          (tied readout)
+//   loss = mean cross-entropy over targets != -1
+//
+// Gradient rule: parameter gradients ACCUMULATE into the caller's buffer (same
+// layout as the parameters); callers zero it first.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "flowloop/nn/config.hpp"
+#include "flowloop/nn/field.hpp"
+#include "flowloop/ode/grad.hpp"
+#include "flowloop/nn/params.hpp"
+#include "flowloop/ode/solver.hpp"
+
+namespace flowloop {
+
+// A batch of token rows of equal length: data is (B,T) row-major.
+struct TokenBatch {
+  int B = 0, T = 0;
+  std::vector<int32_t> data;
+  // Throws Error naming the row and column of the first token outside [0, V),
+  // or T larger than the context. `what` names the source ("tokens", a file).
+  void check(const ModelConfig& cfg, const std::string& what, bool allow_ignore = false) const;
+};
+
+// Reads {"tokens": [[...], ...]} (or another key, e.g. "targets") from a JSON
+// file: B rows of equal length. Errors name the file, row and position.
+TokenBatch read_token_file(const std::string& path, const std::string& key);
+// The same from the file's text; `where` names it in errors.
+TokenBatch parse_token_json(const std::string& text, const std::string& key, const std::string& where);
+
+// Forward activations of the readout, kept for its backward.
+template <class S>
+struct ReadoutCache {
+  Buffer<S> ln, mean, rstd;  // (N,C), (N), (N)
+  Buffer<S> logits;          // (N,V)
+  Buffer<S> dlogits, dln;    // (N,V), (N,C) scratch of the backward
+  void resize(const ModelConfig& cfg, int N);
+};
+
+template <class S>
+class FieldSystem;
+
+// Everything a K-loop forward and backward needs, sized once per (B, T, K).
+template <class S>
+struct LoopWork {
+  int B = 0, T = 0, K = 0;
+  Buffer<S> h;                  // (K+1, B,T,C) states h_0..h_K
+  Buffer<S> f;                  // (B,T,C) field output
+  Buffer<S> dh;                 // (B,T,C) adjoint of the current state
+  std::vector<double> t;        // (B) the time of every sequence at the current loop
+  std::vector<FieldCache<S>> cache;  // K
+  FieldGradWork<S> grad;
+  ReadoutCache<S> readout;
+  std::vector<ReadoutCache<S>> per_loop;  // exit gate: the readout at every loop
+  Buffer<S> gate;                         // exit gate: (K+1, N) lambda, then scratch
+  std::shared_ptr<Backend<S>> backend;   // a model on a device: its backend, alive while the arrays are
+  std::unique_ptr<FieldSystem<S>> device; // its evaluations, loop k in slot k
+  Array<S> dev_h, dev_f, dev_dh, dev_grad, dev_extra;  // there: the states, f, dh, the gradient, extra
+  Buffer<S> grad_host;                                 // the gradient, downloaded
+  void use_backend(const std::shared_ptr<Backend<S>>& be);  // frees what lives on another one
+  void resize(const ModelConfig& cfg, int B, int T, int K);
+};
+
+// The field of a model as an ODE system: B sequences of T*C values each; row i
+// of an evaluation is at its own time t[i] (a time-conditioned field reads it).
+// params points at the field's parameters (Model::field_params()).
+// With a device field (the same Field on a model's device backend: Device::cuda, or the
+// reference backend of set_backend), every evaluation and vjp runs on its
+// backend: the solver's state stays on the host and crosses per evaluation (y up, f
+// down; for a vjp g up, dy and the parameter gradient down, added to the host's).
+// The backend keeps its own copy of the parameters, taken at construction and at every
+// set_params (call it again after changing the values behind the pointer).
+// solve() keeps a whole solve on the device instead: the system turns resident for it
+// (backend() is the device's, and eval takes and gives device arrays), so the states
+// cross once each way, not per evaluation.
+template <class S>
+class FieldSystem : public DiffSystem<S> {
+ public:
+  FieldSystem(const Field<S>& field, const S* params, int B, int T, const Field<S>* device = nullptr);
+  int T() const { return T_; }
+  const Field<S>& field() const { return field_; }
+  const Field<S>* device_field() const { return dev_; }
+  void set_params(const S* params);
+  // The parameters from an array of the device field's backend instead (a trainer's
+  // optimiser keeps them there): read at every evaluation, never copied. set_params
+  // returns to the system's own copy.
+  void set_device_params(const S* params);
+  // A step-conditioned field is told this step d at every evaluation (shortcut
+  // sampling: d = the solver's step); 0, the default, is the instantaneous velocity.
+  // Throws Error for a field without step conditioning.
+  void set_step(double d);
+  int groups() const override { return B_; }
+  size_t dim() const override { return static_cast<size_t>(T_) * field_.config().d_model; }
+  size_t num_params() const override { return field_.num_params(); }
+  void eval(S* dydt, const S* y, const double* t, const int* ids, int count) override;
+  void reserve_slots(int n) override;
+  void eval_record(S* dydt, const S* y, const double* t, const int* ids, int count, int slot) override;
+  void vjp(S* dy, S* dparams, size_t param_stride, const S* g, int slot) override;
+  // While resident (a model on a device only), every call above takes and gives arrays
+  // of the device field's backend, and backend() names it.
+  StateOps<S>* backend() override { return resident_ ? &dev_->backend() : nullptr; }
+  void set_resident(bool on);
+  bool resident() const { return resident_; }
+  // A resident run's scope: set_resident(true) now, false at its end, a throw included.
+  class Resident {
+   public:
+    explicit Resident(FieldSystem& sys) : sys_(sys) { sys_.set_resident(true); }
+    ~Resident() { sys_.set_resident(false); }
+    Resident(const Resident&) = delete;
+    Resident& operator=(const Resident&) = delete;
+
+   private:
+    FieldSystem& sys_;
+  };
+  // integrate() of the host states y (B, T*C) in place: on a device, a resident solve
+  // (y uploaded once and downloaded once); on the CPU, integrate() itself. `through`: a
+  // system wrapping this one (timing it, say), integrated in its place.
+  SolveResult<S> solve(S* y, const SolveOptions& opt, OdeSystem<S>* through = nullptr);
+
+ private:
+  void device_forward(S* dydt, const S* y, const double* t, int count, FieldCache<S>& cache);
+  const Field<S>& field_;
+  const S* params_;
+  int B_, T_;
+  FieldCache<S> cache_;
+  std::vector<FieldCache<S>> slots_;
+  FieldGradWork<S> work_;
+  std::vector<double> step_;  // (B) the step told to the field; empty: none
+  // the device path (dev_ non-null)
+  const Field<S>* dev_ = nullptr;
+  Array<S> dparams_, dy_, dx_, dgrad_;  // parameters; state in; field out / cotangent; parameter gradient
+  Array<S> dstate_;                     // solve(): the states
+  const S* dparams_ext_ = nullptr;      // set_device_params: the parameters, not ours
+  const S* device_params() const { return dparams_ext_ ? dparams_ext_ : dparams_.data(); }
+  bool resident_ = false;
+  FieldCache<S> dcache_;
+  std::vector<FieldCache<S>> dslots_;
+  FieldGradWork<S> dwork_;
+  Buffer<S> host_;  // a download before it is added to the caller's gradient
+};
+
+// What the ODE-depth loss keeps between calls, so that a training loop sizes its
+// field caches and buffers once (they are rebuilt only when B or T changes).
+template <class S>
+struct OdeWork {
+  std::shared_ptr<Backend<S>> backend;  // a model on a device: its backend, alive while the arrays are
+  std::unique_ptr<FieldSystem<S>> sys;
+  Buffer<S> h, gy1, gy0;    // h(0), then h(t1); dL/dh(t1); dL/dh(0)
+  Array<S> dev_h, dev_gy1, dev_gy0, dev_grad;  // a resident backprop on a device: the same there
+  Buffer<S> grad_host;                         // its parameter gradient, downloaded
+  void use_backend(const std::shared_ptr<Backend<S>>& be);  // frees what lives on another one
+  ReadoutCache<S> readout;  // after a call: readout.logits (B*T, V) of h(t1)
+  // device_params: read the parameters from that device array instead (set_device_params).
+  FieldSystem<S>& system(const Field<S>& field, const S* params, int B, int T,
+                         const Field<S>* device = nullptr, const S* device_params = nullptr);
+};
+
+template <class S>
+class Model {
+ public:
+  explicit Model(const ModelConfig& cfg);  // zero parameters; see init()
+
+  void init(uint64_t seed) { init_gpt2(params.data(), layout, cfg, seed); }
+
+  // The field's parameters: [field_begin, field_end) of the flat buffer.
+  const S* field_params() const { return params.data() + layout.field_begin(); }
+
+  // h0 = wte[tokens] + wpe. Tokens are checked against the vocabulary and context.
+  void embed(S* h0 /*(B,T,C)*/, const TokenBatch& tokens) const;
+
+  // logits = LN_f(h) wte^T, into rc.logits (N = B*T rows).
+  void readout(const S* h /*(N,C)*/, int N, ReadoutCache<S>& rc) const;
+
+  // Given dlogits in rc.dlogits: dparams += readout's parameter gradients,
+  // dh += dL/dh (N,C).
+  void readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCache<S>& rc) const;
+
+  // `loop K` forward: fills w.h with h_0..h_K and w.readout.logits (B*T, V).
+  // Returns the number of field evaluations (K).
+  int loop_forward(const TokenBatch& tokens, int K, LoopWork<S>& w) const;
+
+  // The same from a given h(0) (B,T,C) instead of tokens (used by checks and by
+  // callers that build h(0) themselves).
+  int loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w) const;
+
+  // Forward, mean cross-entropy against targets (B,T; -1 ignored) and the exact
+  // gradient through the K loops: grads (flat, model layout) += dL/dtheta.
+  // If dh0 is non-null it receives dL/dh(0) (B,T,C), overwritten.
+  // truncate > 0: backpropagate through the last `truncate` loops only (Huginn's
+  // truncated backprop); the earlier loops and the embedding's path get no gradient.
+  S loop_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, int K, S* grads,
+                       LoopWork<S>& w, S* dh0 = nullptr, int truncate = 0) const;
+
+  // The same from a given h(0); embedding gradients are not formed, dh0
+  // (if non-null) receives dL/dh(0).
+  S loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int K, S* grads,
+                            LoopWork<S>& w, S* dh0, int truncate = 0) const;
+
+  // Depth as an ODE: h(0) = embedding, dh/dt = f(h, t) on [opt.t0, opt.t1],
+  // logits = readout(h(t1)) into rc.logits. h receives h(t1) (B,T,C).
+  SolveResult<S> ode_forward(const TokenBatch& tokens, const SolveOptions& opt, Buffer<S>& h,
+                             ReadoutCache<S>& rc) const;
+
+  // The same solve, differentiated: the mean cross-entropy of readout(h(t1))
+  // against targets, grads (model layout) += dL/dtheta by the chosen method.
+  // Returns the loss (NaN if the forward solve failed: see stats.status).
+  // With regularisers in gopt (kinetic, jacobian) the gradient is that of
+  // loss + kinetic * R_K + jacobian * R_J; R_K and R_J are in stats.
+  // The logits are left in w.readout.logits (B*T, V).
+  // dh0, if non-null, receives dL/dh(0) (B,T,C).
+  S ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, const SolveOptions& opt,
+                      const GradOptions& gopt, S* grads, GradStats& stats, OdeWork<S>& w,
+                      S* dh0 = nullptr) const;
+  // From a given h(0); no embedding gradient.
+  S ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const SolveOptions& opt,
+                           const GradOptions& gopt, S* grads, GradStats& stats, OdeWork<S>& w,
+                           S* dh0 = nullptr) const;
+
+  // Ouro's learned exit gate on `loop K` (the config must have exit_gate):
+  // lambda_t = sigmoid(w . LN_f(h_t) + b) per token for t < K;
+  // p(t) = lambda_t prod_{j<t} (1 - lambda_j), p(K) = prod_{j<K} (1 - lambda_j);
+  // loss = mean over scored tokens of sum_t p(t) L_t - beta H(p), L_t the token's
+  // cross-entropy at loop t. grads += its exact gradient. Also returns, per call,
+  // the mean expected exit depth sum_t t p(t) in *mean_depth if non-null.
+  S loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targets, int K, double beta, S* grads,
+                            LoopWork<S>& w, double* mean_depth = nullptr) const;
+
+  // Per-token early exit on `loop K`: each token takes its logits at its exit loop.
+  // rule "q": the first t where the gate's cumulative exit probability reaches
+  // threshold; rule "delta": the first t where ||h_t - h_{t-1}|| < threshold
+  // (K if never). logits (B*T, V), depth (B*T) in 1..K.
+  void loop_exit(const TokenBatch& tokens, int K, const std::string& rule, double threshold, Buffer<S>& logits,
+                 std::vector<int>& depth, LoopWork<S>& w) const;
+
+  // Where the ODE-depth paths (ode_forward, ode_loss_and_grad and the FieldSystems
+  // they build) evaluate the field: cpu (the Field on the cpu backend) or cuda (the Field on the CUDA
+  // backend). Throws Error when the device cannot run here (require_device).
+  void set_device(Device d);
+  Device device() const { return device_; }
+  // The device field (null on cpu), for FieldSystems built outside the model.
+  const Field<S>* device_field() const { return device_field_.get(); }
+  // set_device with the reference backend: the Field on its ops, on the host (the CI's stand-in
+  // for a GPU, and a check of the device path against the CPU one).
+  void set_backend(std::shared_ptr<Backend<S>> backend);
+  // The backend of the device field (null on cpu).
+  const std::shared_ptr<Backend<S>>& backend() const { return backend_; }
+  // Training on a device: the field's parameters as the optimiser keeps them there
+  // (`device_params`: field_params()'s values, current whenever a loss runs), and where
+  // the gradients that stay on the device are added (`device_grads`: the field's range of
+  // the optimiser's gradient). The ODE and loop losses then neither upload the parameters
+  // nor download the field's gradient (the regularisers' path still adds to the host's).
+  // Null: off. Set again after set_device or set_backend, which turn it off.
+  void set_device_training(const S* device_params, S* device_grads);
+
+  ModelConfig cfg;
+  ParamLayout layout;
+  Field<S> field;
+  Buffer<S> params;
+
+ private:
+  // Back through loops K-1 .. stop: dh_k = dh_{k+1} + J_k^T dh_{k+1} (+ extra_k for k >= 1,
+  // the readout's terms at h_k; extra (K+1, B,T,C) or null), in place on w.dh, the field's
+  // parameter gradient into dparams. On a device the cotangent stays there throughout.
+  void loop_backward(S* dparams, int K, int stop, const S* extra, LoopWork<S>& w) const;
+  Device device_ = Device::cpu;
+  std::shared_ptr<Backend<S>> backend_;
+  std::shared_ptr<Field<S>> device_field_;
+  const S* train_params_ = nullptr;  // set_device_training
+  S* train_grads_ = nullptr;
+};
+
+}  // namespace flowloop
