@@ -241,6 +241,9 @@ struct OdeGradient<S>::Impl {
     opt.validate();
     if (opt.method.rfind("odeint-", 0) == 0) throw Error("gradients: odeint solvers are not differentiable here; use a flowloop method");
     tab = &opt.method_tableau();
+    if (gopt.truncate < 0) throw Error("gradients: truncate must be >= 0 (0: every step), got " + std::to_string(gopt.truncate));
+    if (gopt.truncate > 0 && gopt.method == GradMethod::Adjoint)
+      throw Error("gradients: truncate applies to backprop and checkpoint, not to the adjoint");
     DiffSystem<S>* base = &user;
     if (gopt.regularized()) {
       if (!std::isfinite(gopt.kinetic) || !std::isfinite(gopt.jacobian))
@@ -383,14 +386,50 @@ struct OdeGradient<S>::Impl {
     return true;
   }
 
-  void backprop(S* gy, S* gparams) {
-    int64_t step = static_cast<int64_t>(tape.rounds.size());
+  // Rows k = 1..N-1 of gy_steps (N+1, G, n) join gy once the reverse pass reaches state k.
+  void add_step_cotangent(S* gy, const S* gy_steps, int64_t k, int64_t N) {
+    if (gy_steps && k >= 1 && k < N)
+      mem->axpy(gy, S(1), gy_steps + static_cast<size_t>(k) * G * n, static_cast<size_t>(G) * n);
+  }
+
+  // Truncation: which sequences still differentiate (each has `truncate` reversed steps at
+  // most), and zero cotangents for those cut short at the end.
+  std::vector<int> reversed;
+  bool truncated(int g) const { return gopt.truncate > 0 && reversed[static_cast<size_t>(g)] >= gopt.truncate; }
+  void zero_truncated(S* gy) {
+    if (gopt.truncate <= 0) return;
+    std::vector<int> cut;
+    for (int g = 0; g < G; ++g)
+      if (truncated(g) && accepted_steps(g) > gopt.truncate) cut.push_back(g);
+    if (cut.empty()) return;
+    gsdev.resize(*mem, static_cast<size_t>(G));
+    gsdev.upload(cut.data(), cut.size());
+    mem->strided_copy(dbuf.data(), n, nullptr, 0, cut.size(), n, S(0));  // zero rows, then scattered
+    mem->scatter_rows(gy, dbuf.data(), gsdev.data(), static_cast<int>(cut.size()), n);
+  }
+  int64_t accepted_steps(int g) const { return fwd.seq[static_cast<size_t>(g)].accepted; }
+
+  void backprop(S* gy, S* gparams, const S* gy_steps) {
+    const int64_t N = static_cast<int64_t>(tape.rounds.size());
+    int64_t step = N;
+    reversed.assign(static_cast<size_t>(G), 0);
+    std::vector<int> gs;
+    std::vector<double> hs, ts;
     for (auto it = tape.rounds.rbegin(); it != tape.rounds.rend(); ++it) {
       const auto& rd = *it;
+      add_step_cotangent(gy, gy_steps, step, N);
       const int s = tab->stages();
       std::vector<std::vector<StageRef>> ref(static_cast<size_t>(s));
-      for (int j = 0; j < s; ++j)
-        for (size_t i = 0; i < rd.groups.size(); ++i) {
+      gs.clear();
+      hs.clear();
+      ts.clear();
+      for (size_t i = 0; i < rd.groups.size(); ++i) {
+        if (truncated(rd.groups[i])) continue;
+        gs.push_back(rd.groups[i]);
+        hs.push_back(rd.h[i]);
+        ts.push_back(rd.t[i]);
+        ++reversed[static_cast<size_t>(rd.groups[i])];
+        for (int j = 0; j < s; ++j) {
           const int call = j == 0 ? rd.k0_call[i] : rd.stage_call[j];
           if (call < 0) {  // the FSAL stage of a last step, never needed
             ref[j].push_back({-1, 0, 0});
@@ -399,15 +438,18 @@ struct OdeGradient<S>::Impl {
           const auto& cl = tape.calls[static_cast<size_t>(call)];
           ref[j].push_back({cl.slot, tape.row_of(call, rd.groups[i]), static_cast<int>(cl.ids.size())});
         }
-      reverse_step(rd.groups, rd.h, ref, gy, gparams);
+      }
       --step;
-      if (!check_finite(rd.groups, rd.t, gy, step)) return;
+      if (gs.empty()) continue;
+      reverse_step(gs, hs, ref, gy, gparams);
+      if (!check_finite(gs, ts, gy, step)) return;
     }
+    zero_truncated(gy);
   }
 
   // Each step again from its saved start (the forward kept every accepted state on the
   // host), its stages recomputed and recorded in the system's memory, then reversed.
-  void checkpoint(S* gy, S* gparams) {
+  void checkpoint(S* gy, S* gparams, const S* gy_steps) {
     StateOps<S>& be = *mem;
     const int s = tab->stages();
     std::vector<int64_t> nsteps(static_cast<size_t>(G));
@@ -416,6 +458,9 @@ struct OdeGradient<S>::Impl {
       nsteps[g] = static_cast<int64_t>(fwd.step_h[g].size());
       most = std::max(most, nsteps[g]);
     }
+    reversed.assign(static_cast<size_t>(G), 0);
+    const int64_t N = most;
+    if (gopt.truncate > 0) most = std::min<int64_t>(most, gopt.truncate);
     sys->reserve_slots(s);
     const size_t total = static_cast<size_t>(G) * n;
     Array<S> y0(be, total), Y(be, total), K(be, static_cast<size_t>(s) * total);
@@ -428,12 +473,14 @@ struct OdeGradient<S>::Impl {
     std::vector<int> gs;
     std::vector<double> h, t, tt;
     for (int64_t back = 0; back < most; ++back) {
+      add_step_cotangent(gy, gy_steps, N - back, N);
       gs.clear();
       h.clear();
       t.clear();
       for (int g = 0; g < G; ++g)
         if (nsteps[g] > back) {
           const int64_t k = nsteps[g] - 1 - back;
+          ++reversed[static_cast<size_t>(g)];
           gs.push_back(g);
           h.push_back(fwd.step_h[g][static_cast<size_t>(k)]);
           t.push_back(fwd.step_times[g][static_cast<size_t>(k)]);
@@ -478,6 +525,7 @@ struct OdeGradient<S>::Impl {
         return;
       }
     }
+    zero_truncated(gy);
   }
 
   void adjoint(S* gy, S* gparams) {
@@ -608,12 +656,28 @@ const SolveResult<S>& OdeGradient<S>::forward(S* y) {
 
 template <class S>
 const GradStats& OdeGradient<S>::backward(const S* gy1, S* gy0, S* gparams) {
+  return backward(gy1, gy0, gparams, nullptr);
+}
+
+template <class S>
+const GradStats& OdeGradient<S>::backward(const S* gy1, S* gy0, S* gparams, const S* gy_steps) {
   Impl& I = *impl_;
   I.require_same_memory("backward");
   if (!I.forward_done) throw Error("OdeGradient::backward called before forward");
   if (!I.fwd.ok()) throw Error("OdeGradient::backward: the forward solve failed: " + I.fwd.message);
   const int Gu = I.user.groups();
   const size_t nu = I.user.dim();
+  if (gy_steps) {
+    if (I.gopt.method == GradMethod::Adjoint)
+      throw Error("OdeGradient::backward: cotangents at the steps need backprop or checkpoint, not the adjoint");
+    if (I.reg || I.coupled)
+      throw Error("OdeGradient::backward: cotangents at the steps need a plain per-sequence solve (no regularisers, "
+                  "not batch-coupled)");
+    if (I.opt.adaptive) throw Error("OdeGradient::backward: cotangents at the steps need a fixed-step solve");
+    for (const auto& q : I.fwd.seq)
+      if (q.accepted != I.fwd.accepted)
+        throw Error("OdeGradient::backward: cotangents at the steps need every sequence to take the same steps");
+  }
   S* gy = gy0;
   if (I.reg) {  // dL/d[y, E, Q](t1) = [gy1, kinetic / G, jacobian / G]
     I.gaug.resize(static_cast<size_t>(Gu) * (nu + 2));
@@ -629,8 +693,8 @@ const GradStats& OdeGradient<S>::backward(const S* gy1, S* gy0, S* gparams) {
   }
   const int64_t nfe_before = I.st.nfe_backward;
   switch (I.gopt.method) {
-    case GradMethod::Backprop: I.backprop(gy, gparams); break;
-    case GradMethod::Checkpoint: I.checkpoint(gy, gparams); break;
+    case GradMethod::Backprop: I.backprop(gy, gparams, gy_steps); break;
+    case GradMethod::Checkpoint: I.checkpoint(gy, gparams, gy_steps); break;
     case GradMethod::Adjoint: I.adjoint(gy, gparams); break;
   }
   I.st.nfe_backward = nfe_before + (I.st.nfe_backward - nfe_before) * I.per_call;

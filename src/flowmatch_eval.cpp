@@ -252,7 +252,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
   const int64_t total = opt.examples > 0 ? std::min<int64_t>(opt.examples, test.examples()) : test.examples();
   TrajectoryBatch tb;
   ReadoutCache<float> rc;
-  Buffer<float> h0, x0, y, v, h, f, path, xs;
+  Buffer<float> h0, x0, y, v, h, f, path, xs, he;
   std::vector<double> ref_logp, logp;
   std::vector<double> tt;
   Moments ref;  // the teacher's ends
@@ -360,17 +360,22 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     for (size_t k = 0; k < truncated.size(); ++k) {
       RowSums& r = rows[ns + k];
       const TeacherRun& tr = truncated[k];
+      // Euler through the one driver, every state kept: (N+1, B, n) in path
       path.resize(static_cast<size_t>(tr.N + 1) * N);
       std::copy_n(h0.data(), N, path.data());
+      SolveOptions eo;
+      eo.method = "euler";
+      eo.t1 = tr.N * tr.dt;
+      eo.steps = tr.N;
+      eo.save = SaveKind::Steps;
+      he.assign(h0.begin(), h0.end());
+      const SolveResult<float> er = teacher_sys.solve(he.data(), eo);
+      if (!er.ok()) throw Error("flow-match eval: the truncated teacher's Euler solve failed: " + er.message);
+      for (int b = 0; b < B; ++b)
+        for (int i = 1; i <= tr.N; ++i)
+          std::copy_n(er.step_states[static_cast<size_t>(b)].data() + static_cast<size_t>(i) * n, n,
+                      path.data() + static_cast<size_t>(i) * N + static_cast<size_t>(b) * n);
       f.resize(N);
-      for (int i = 0; i < tr.N; ++i) {
-        tt.assign(static_cast<size_t>(B), i * tr.dt);
-        const float* hi = path.data() + static_cast<size_t>(i) * N;
-        float* hn = path.data() + static_cast<size_t>(i + 1) * N;
-        teacher_sys.eval(f.data(), hi, tt.data(), nullptr, B);
-        const float dtf = static_cast<float>(tr.dt);
-        for (size_t q = 0; q < N; ++q) hn[q] = hi[q] + dtf * f[q];
-      }
       // straightness of the piecewise-linear path over [0, 1]: velocity N (h_{i+1} - h_i) on segment i
       const float* end = path.data() + static_cast<size_t>(tr.N) * N;
       for (int i = 0; i < tr.N; ++i) {

@@ -88,12 +88,7 @@ template <class S>
 void LoopWork<S>::resize(const ModelConfig& cfg, int B_, int T_, int K_) {
   const size_t NC = static_cast<size_t>(B_) * T_ * cfg.d_model;
   h.resize(NC * (static_cast<size_t>(K_) + 1));
-  f.resize(NC);
   dh.resize(NC);
-  t.resize(static_cast<size_t>(B_));
-  cache.resize(static_cast<size_t>(K_));
-  for (auto& c : cache) c.resize(cfg, B_, T_);  // no-op when already sized for cfg, B and T
-  grad.resize(cfg, B_, T_);
   readout.resize(cfg, B_ * T_);
   B = B_;
   T = T_;
@@ -130,61 +125,43 @@ void Model<S>::readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCac
 }
 
 template <class S>
-void LoopWork<S>::use_backend(const std::shared_ptr<Backend<S>>& be) {
-  if (backend == be) return;
-  device.reset();
-  for (Array<S>* a : {&dev_h, &dev_f, &dev_dh, &dev_grad, &dev_extra}) *a = Array<S>();
-  backend = be;
-}
-
-template <class S>
 void OdeWork<S>::use_backend(const std::shared_ptr<Backend<S>>& be) {
   if (backend == be) return;
+  grad.reset();
   sys.reset();
-  for (Array<S>* a : {&dev_h, &dev_gy1, &dev_gy0, &dev_grad}) *a = Array<S>();
+  for (Array<S>* a : {&dev_h, &dev_gy1, &dev_gy0, &dev_grad, &dev_steps}) *a = Array<S>();
   backend = be;
 }
 
 template <class S>
-void Model<S>::loop_backward(S* dparams, int K, int stop, const S* extra, LoopWork<S>& w) const {
-  const size_t NC = static_cast<size_t>(w.B) * w.T * cfg.d_model;
-  if (!device_field()) {
-    for (int k = K - 1; k >= stop; --k) {
-      std::memcpy(w.f.data(), w.dh.data(), NC * sizeof(S));  // f holds dh_{k+1}
-      field.vjp(w.dh.data(), dparams, w.f.data(), field_params(), w.cache[static_cast<size_t>(k)], w.grad);
-      if (extra && k >= 1)
-        for (size_t i = 0; i < NC; ++i) w.dh[i] += extra[NC * k + i];
-    }
-    return;
-  }
-  NetOps<S>& be = device_field()->backend();
-  const size_t P = field.num_params();
-  w.dev_dh.resize(be, NC);
-  w.dev_dh.upload(w.dh.data(), NC);
-  S* dgrad = train_grads_;  // the trainer's device gradient, else ours, downloaded below
-  if (!dgrad) {
-    w.dev_grad.resize(be, P);
-    w.dev_grad.zero();
-    dgrad = w.dev_grad.data();
-  }
-  if (extra) {
-    w.dev_extra.resize(be, (static_cast<size_t>(K) + 1) * NC);
-    w.dev_extra.upload(extra, (static_cast<size_t>(K) + 1) * NC);
-  }
-  {
-    typename FieldSystem<S>::Resident resident(*w.device);
-    for (int k = K - 1; k >= stop; --k) {
-      be.copy(w.dev_f.data(), w.dev_dh.data(), NC);
-      w.device->vjp(w.dev_dh.data(), dgrad, 0, w.dev_f.data(), k);
-      if (extra && k >= 1) be.axpy(w.dev_dh.data(), S(1), w.dev_extra.data() + NC * k, NC);
-    }
-  }
-  w.dev_dh.download(w.dh.data(), NC);
-  if (train_grads_) return;
-  w.grad_host.resize(P);
-  w.dev_grad.download(w.grad_host.data(), P);
-  for (size_t i = 0; i < P; ++i) dparams[i] += w.grad_host[i];
+SolveOptions Model<S>::loop_options(int K, bool save_states) {
+  SolveOptions o;
+  o.method = "euler";
+  o.t0 = 0.0;
+  o.t1 = static_cast<double>(K);
+  o.steps = K;
+  o.save = save_states ? SaveKind::Steps : SaveKind::Final;
+  return o;
 }
+
+namespace {
+// The saved states of a loop's solve into h (K+1, B, n): state k of sequence b. A sequence
+// whose solve failed keeps NaN after its last accepted state (its logits and loss are NaN).
+template <class S>
+void gather_loop_states(S* h, const SolveResult<S>& r, int B, int K, size_t n) {
+  for (int b = 0; b < B; ++b) {
+    const Buffer<S>& st = r.step_states[static_cast<size_t>(b)];
+    const size_t have = st.size() / n;
+    for (int k = 1; k <= K; ++k) {
+      S* dst = h + (static_cast<size_t>(k) * B + b) * n;
+      if (static_cast<size_t>(k) < have)
+        std::memcpy(dst, st.data() + static_cast<size_t>(k) * n, n * sizeof(S));
+      else
+        std::fill(dst, dst + n, std::numeric_limits<S>::quiet_NaN());
+    }
+  }
+}
+}  // namespace
 
 template <class S>
 int Model<S>::loop_forward(const TokenBatch& tokens, int K, LoopWork<S>& w) const {
@@ -203,37 +180,12 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
   w.resize(cfg, B, T, K);
   const size_t NC = static_cast<size_t>(B) * T * cfg.d_model;
   if (h0 != w.h.data()) std::memcpy(w.h.data(), h0, NC * sizeof(S));
-  w.use_backend(backend_);
-  if (device_field()) {  // the loops on the device, loop k recorded in slot k; the states cross once
-    if (!w.device || w.device->groups() != B || w.device->T() != T || w.device->device_field() != device_field())
-      w.device = std::make_unique<FieldSystem<S>>(field, field_params(), B, T, device_field());
-    else if (!train_params_)
-      w.device->set_params(field_params());
-    if (train_params_) w.device->set_device_params(train_params_);
-    w.device->reserve_slots(K);
-    NetOps<S>& be = device_field()->backend();
-    const size_t all = (static_cast<size_t>(K) + 1) * NC;
-    w.dev_h.resize(be, all);
-    w.dev_f.resize(be, NC);
-    w.dev_h.upload(w.h.data(), NC);
-    {
-      typename FieldSystem<S>::Resident resident(*w.device);
-      for (int k = 0; k < K; ++k) {
-        S* hk = w.dev_h.data() + NC * k;
-        std::fill(w.t.begin(), w.t.end(), static_cast<double>(k));  // Euler's t_k = k
-        w.device->eval_record(w.dev_f.data(), hk, w.t.data(), nullptr, B, k);
-        be.copy(hk + NC, hk, NC);
-        be.axpy(hk + NC, S(1), w.dev_f.data(), NC);  // h_{k+1} = h_k + f (1 f is f: the CPU's bits)
-      }
-    }
-    w.dev_h.download(w.h.data(), all);
-  }
-  for (int k = 0; k < K && !device_field(); ++k) {
-    const S* hk = w.h.data() + NC * k;
-    S* hn = w.h.data() + NC * (k + 1);
-    std::fill(w.t.begin(), w.t.end(), static_cast<double>(k));  // Euler's t_k = k
-    field.forward(w.f.data(), hk, w.t.data(), field_params(), B, T, w.cache[k]);
-    for (size_t i = 0; i < NC; ++i) hn[i] = hk[i] + w.f[i];
+  if (K > 0) {  // Euler through the one driver, every state saved (on a device: a resident solve)
+    w.ode.use_backend(backend_);
+    FieldSystem<S>& sys = w.ode.system(field, field_params(), B, T, device_field(), train_params_);
+    w.ode.h.assign(w.h.data(), w.h.data() + NC);
+    const SolveResult<S> r = sys.solve(w.ode.h.data(), loop_options(K, true));
+    gather_loop_states(w.h.data(), r, B, K, static_cast<size_t>(T) * cfg.d_model);
   }
   readout(w.h.data() + NC * K, B * T, w.readout);
   return K;
@@ -259,18 +211,24 @@ template <class S>
 S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int K, S* grads,
                                     LoopWork<S>& w, S* dh0, int truncate) const {
   targets.check(cfg, "targets", /*allow_ignore=*/true);
+  if (K < 0) throw Error("loop count K must be >= 0, got " + std::to_string(K));
   const int B = targets.B, T = targets.T, N = B * T;
-  loop_forward_from(h0, B, T, K, w);
   const size_t NC = static_cast<size_t>(N) * cfg.d_model;
-  std::fill(w.readout.dlogits.begin(), w.readout.dlogits.end(), S(0));
-  const S loss = crossentropy_forward_backward(w.readout.dlogits.data(), w.readout.logits.data(),
-                                               targets.data.data(), N, cfg.vocab_size);
-  std::fill(w.dh.begin(), w.dh.end(), S(0));
-  readout_backward(w.dh.data(), grads, w.h.data() + NC * K, N, w.readout);
-  // h_{k+1} = h_k + f(h_k):  dh_k = dh_{k+1} + J_f(h_k)^T dh_{k+1}
-  const int stop = truncate > 0 ? std::max(0, K - truncate) : 0;
-  loop_backward(grads + layout.field_begin(), K, stop, nullptr, w);
-  if (stop > 0) std::fill(w.dh.begin(), w.dh.end(), S(0));  // the earlier loops ran without gradient
+  w.resize(cfg, B, T, K);
+  if (h0 != w.h.data()) std::memcpy(w.h.data(), h0, NC * sizeof(S));
+  // backprop through the K Euler steps of the one driver (the last `truncate` only when > 0)
+  GradOptions gopt;
+  gopt.truncate = truncate;
+  GradStats stats;
+  const S loss = ode_loss_and_grad_from(w.h.data(), targets, loop_options(K, false), gopt, grads, stats, w.ode, nullptr);
+  std::memcpy(w.h.data() + NC * K, w.ode.h.data(), NC * sizeof(S));
+  std::swap(w.readout, w.ode.readout);
+  if (!stats.ok()) {
+    std::fill(w.dh.begin(), w.dh.end(), S(0));
+    if (dh0) std::fill(dh0, dh0 + NC, S(0));
+    return std::numeric_limits<S>::quiet_NaN();
+  }
+  std::memcpy(w.dh.data(), w.ode.gy0.data(), NC * sizeof(S));
   if (dh0) std::memcpy(dh0, w.dh.data(), NC * sizeof(S));
   return loss;
 }
@@ -295,9 +253,18 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
   if (K < 1) throw Error("the exit gate needs K >= 1 loops");
   if (targets.B != tokens.B || targets.T != tokens.T) throw Error("targets and tokens differ in shape");
   targets.check(cfg, "targets", true);
-  loop_forward(tokens, K, w);
+  tokens.check(cfg, "tokens");
   const int N = tokens.B * tokens.T, C = cfg.d_model, V = cfg.vocab_size;
   const size_t NC = static_cast<size_t>(N) * C;
+  // the K loops through the one driver, every state saved, differentiable by backprop
+  w.resize(cfg, tokens.B, tokens.T, K);
+  w.ode.h.resize(NC);
+  embed(w.ode.h.data(), tokens);
+  std::memcpy(w.h.data(), w.ode.h.data(), NC * sizeof(S));
+  const SolveResult<S>& fr = grad_forward(tokens.B, tokens.T, loop_options(K, true), GradOptions{}, w.ode);
+  gather_loop_states(w.h.data(), fr, tokens.B, K, static_cast<size_t>(tokens.T) * C);
+  readout(w.h.data() + NC * K, N, w.readout);
+  if (!fr.ok()) return std::numeric_limits<S>::quiet_NaN();
   const S* P = params.data();
   w.per_loop.resize(static_cast<size_t>(K));
   w.gate.assign(static_cast<size_t>(K) * N, S(0));  // lambda_t, later dz_t
@@ -380,9 +347,11 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
     layernorm_backward(D.data() + NC * t, grads + layout.lnf_w(), grads + layout.lnf_b(), rc.dln.data(),
                        w.h.data() + NC * t, P + layout.lnf_w(), rc.mean.data(), rc.rstd.data(), N, C);
   }
-  // back through the loops: dh_k = dh_{k+1} + J^T dh_{k+1} (+ the readout/gate terms at h_k)
-  std::memcpy(w.dh.data(), D.data() + NC * K, NC * sizeof(S));
-  loop_backward(grads + layout.field_begin(), K, 0, D.data(), w);
+  // back through the loops by backprop: dh_k = dh_{k+1} + J^T dh_{k+1} (+ the readout and
+  // gate terms at h_k, D's row k, which the reverse pass adds as it reaches h_k)
+  w.ode.gy1.assign(D.data() + NC * K, D.data() + NC * (static_cast<size_t>(K) + 1));
+  if (!grad_backward(w.ode, D.data(), grads + layout.field_begin()).ok()) return std::numeric_limits<S>::quiet_NaN();
+  std::memcpy(w.dh.data(), w.ode.gy0.data(), NC * sizeof(S));
   embedding_backward(grads + layout.wte(), grads + layout.wpe(), w.dh.data(), tokens.data.data(), tokens.B,
                      tokens.T, C);
   if (mean_depth) *mean_depth = count ? depth / count : 0.0;
@@ -588,13 +557,75 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
 template <class S>
 FieldSystem<S>& OdeWork<S>::system(const Field<S>& field, const S* params, int B, int T,
                                    const Field<S>* device, const S* device_params) {
-  if (!sys || sys->groups() != B || sys->T() != T || &sys->field() != &field || sys->device_field() != device)
+  if (!sys || sys->groups() != B || sys->T() != T || &sys->field() != &field || sys->device_field() != device) {
+    grad.reset();  // it refers to the system
     sys = std::make_unique<FieldSystem<S>>(field, params, B, T, device);
+  }
   if (device_params)
     sys->set_device_params(device_params);
   else
     sys->set_params(params);
   return *sys;
+}
+
+template <class S>
+const SolveResult<S>& Model<S>::grad_forward(int B, int T, const SolveOptions& opt, const GradOptions& gopt,
+                                             OdeWork<S>& w) const {
+  const size_t NC = static_cast<size_t>(B) * T * cfg.d_model;
+  w.use_backend(backend_);
+  FieldSystem<S>& sys = w.system(field, field_params(), B, T, device_field(), train_params_);
+  // On a device, the solve and its gradient (backprop's tape, checkpoint's recomputed
+  // steps, the adjoint's backsolve) stay there: the states cross once each way. The
+  // regularisers evaluate there from host states.
+  const bool resident = device_field() && !gopt.regularized();
+  w.grad.reset();
+  sys.set_resident(resident);
+  w.grad = std::make_unique<OdeGradient<S>>(sys, opt, gopt);
+  if (!resident) return w.grad->forward(w.h.data());
+  StateOps<S>& be = device_field()->backend();
+  w.dev_h.resize(be, NC);
+  w.dev_h.upload(w.h.data(), NC);
+  const SolveResult<S>& r = w.grad->forward(w.dev_h.data());
+  w.dev_h.download(w.h.data(), NC);
+  return r;
+}
+
+template <class S>
+const GradStats& Model<S>::grad_backward(OdeWork<S>& w, const S* steps, S* field_grads) const {
+  if (!w.grad || !w.sys) throw Error("Model::grad_backward: no solve to differentiate (grad_forward first)");
+  const size_t NC = w.gy1.size();
+  w.gy0.resize(NC);
+  struct Leave {  // the system leaves device memory when the backward ends, a throw included
+    FieldSystem<S>& sys;
+    ~Leave() { sys.set_resident(false); }
+  } leave{*w.sys};
+  if (!w.sys->resident()) return w.grad->backward(w.gy1.data(), w.gy0.data(), field_grads, steps);
+  // the field's gradient into the trainer's device array, or down to the host's
+  StateOps<S>& be = device_field()->backend();
+  const size_t P = field.num_params();
+  w.dev_gy1.resize(be, NC);
+  w.dev_gy0.resize(be, NC);
+  w.dev_gy1.upload(w.gy1.data(), NC);
+  const S* dev_steps = nullptr;
+  if (steps) {
+    const size_t all = static_cast<size_t>(w.grad->stats().forward_stats.accepted + 1) * NC;
+    w.dev_steps.resize(be, all);
+    w.dev_steps.upload(steps, all);
+    dev_steps = w.dev_steps.data();
+  }
+  if (!train_grads_) {
+    w.dev_grad.resize(be, P);
+    w.dev_grad.zero();
+  }
+  const GradStats& st =
+      w.grad->backward(w.dev_gy1.data(), w.dev_gy0.data(), train_grads_ ? train_grads_ : w.dev_grad.data(), dev_steps);
+  w.dev_gy0.download(w.gy0.data(), NC);
+  if (!train_grads_) {
+    w.grad_host.resize(P);
+    w.dev_grad.download(w.grad_host.data(), P);
+    for (size_t i = 0; i < P; ++i) field_grads[i] += w.grad_host[i];
+  }
+  return st;
 }
 
 template <class S>
@@ -605,26 +636,10 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   const int B = targets.B, T = targets.T, N = B * T;
   const size_t NC = static_cast<size_t>(N) * cfg.d_model;
   if (w.h.data() != h0) w.h.assign(h0, h0 + NC);
-  w.gy1.assign(NC, S(0));
-  w.gy0.resize(NC);
-  w.use_backend(backend_);
-  FieldSystem<S>& sys = w.system(field, field_params(), B, T, device_field(), train_params_);
-  // On a device, the solve and its gradient (backprop's tape, checkpoint's recomputed
-  // steps, the adjoint's backsolve) stay there: the states cross once each way. The
-  // regularisers evaluate there from host states.
-  const bool resident = device_field() && !gopt.regularized();
-  std::optional<typename FieldSystem<S>::Resident> in_memory;
-  StateOps<S>* be = resident ? &device_field()->backend() : nullptr;
-  if (resident) {
-    in_memory.emplace(sys);
-    w.dev_h.resize(*be, NC);
-    w.dev_h.upload(w.h.data(), NC);
-  }
-  OdeGradient<S> og(sys, opt, gopt);
-  const SolveResult<S>& fr = og.forward(resident ? w.dev_h.data() : w.h.data());
-  if (resident) w.dev_h.download(w.h.data(), NC);
+  const SolveResult<S>& fr = grad_forward(B, T, opt, gopt, w);
   if (!fr.ok()) {
-    stats = og.stats();
+    stats = w.grad->stats();
+    w.sys->set_resident(false);
     return std::numeric_limits<S>::quiet_NaN();
   }
   ReadoutCache<S>& rc = w.readout;
@@ -633,28 +648,9 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   std::fill(rc.dlogits.begin(), rc.dlogits.end(), S(0));
   const S loss = crossentropy_forward_backward(rc.dlogits.data(), rc.logits.data(), targets.data.data(), N,
                                                cfg.vocab_size);
+  w.gy1.assign(NC, S(0));
   readout_backward(w.gy1.data(), grads, w.h.data(), N, rc);
-  if (resident) {  // the field's gradient into the trainer's device array, or down to the host's
-    const size_t P = field.num_params();
-    w.dev_gy1.resize(*be, NC);
-    w.dev_gy0.resize(*be, NC);
-    w.dev_gy1.upload(w.gy1.data(), NC);
-    if (!train_grads_) {
-      w.dev_grad.resize(*be, P);
-      w.dev_grad.zero();
-    }
-    og.backward(w.dev_gy1.data(), w.dev_gy0.data(), train_grads_ ? train_grads_ : w.dev_grad.data());
-    w.dev_gy0.download(w.gy0.data(), NC);
-    if (!train_grads_) {
-      w.grad_host.resize(P);
-      w.dev_grad.download(w.grad_host.data(), P);
-      S* g = grads + layout.field_begin();
-      for (size_t i = 0; i < P; ++i) g[i] += w.grad_host[i];
-    }
-  } else {
-    og.backward(w.gy1.data(), w.gy0.data(), grads + layout.field_begin());
-  }
-  stats = og.stats();
+  stats = grad_backward(w, nullptr, grads + layout.field_begin());
   if (dh0) std::memcpy(dh0, w.gy0.data(), NC * sizeof(S));
   return stats.ok() ? loss : std::numeric_limits<S>::quiet_NaN();
 }

@@ -524,7 +524,10 @@ TEST_CASE("random depth: Poisson-lognormal loops and truncated backprop", "[trai
   LoopWork<double> w;
   const double lt = m.loop_loss_and_grad(tok, tgt, K, gt.data(), w, nullptr, k);
   const size_t NC = 2 * 4 * 8;
-  std::vector<double> hmid(w.h.begin() + static_cast<long>(NC * (K - k)), w.h.begin() + static_cast<long>(NC * (K - k + 1)));
+  LoopWork<double> ws;  // the states of the same loops (a loss keeps h_0 and h_K only)
+  m.loop_forward(tok, K, ws);
+  CHECK(std::equal(ws.h.begin() + static_cast<long>(NC * K), ws.h.end(), w.h.begin() + static_cast<long>(NC * K)));
+  std::vector<double> hmid(ws.h.begin() + static_cast<long>(NC * (K - k)), ws.h.begin() + static_cast<long>(NC * (K - k + 1)));
   std::vector<double> gf(m.params.size(), 0.0), dh0(NC);
   LoopWork<double> w2;
   const double lf = m.loop_loss_and_grad_from(hmid.data(), tgt, k, gf.data(), w2, dh0.data());

@@ -2,7 +2,9 @@
 //
 //   h(0) = wte[tokens] + wpe          (embedding)
 //   h_{k+1} = h_k + f(h_k, k),  k < K (`loop K`; Euler with dt = 1 on [0, K]:
-//                                     loop k evaluates the field at t = k)
+//                                     loop k evaluates the field at t = k. It runs as
+//                                     that solve, through integrate(), and its gradient
+//                                     is the solve's backprop: no loop of its own)
 //   logits = LN_f(h_K) wte^T          (tied readout)
 //   loss = mean cross-entropy over targets != -1
 //
@@ -49,27 +51,6 @@ struct ReadoutCache {
 
 template <class S>
 class FieldSystem;
-
-// Everything a K-loop forward and backward needs, sized once per (B, T, K).
-template <class S>
-struct LoopWork {
-  int B = 0, T = 0, K = 0;
-  Buffer<S> h;                  // (K+1, B,T,C) states h_0..h_K
-  Buffer<S> f;                  // (B,T,C) field output
-  Buffer<S> dh;                 // (B,T,C) adjoint of the current state
-  std::vector<double> t;        // (B) the time of every sequence at the current loop
-  std::vector<FieldCache<S>> cache;  // K
-  FieldGradWork<S> grad;
-  ReadoutCache<S> readout;
-  std::vector<ReadoutCache<S>> per_loop;  // exit gate: the readout at every loop
-  Buffer<S> gate;                         // exit gate: (K+1, N) lambda, then scratch
-  std::shared_ptr<Backend<S>> backend;   // a model on a device: its backend, alive while the arrays are
-  std::unique_ptr<FieldSystem<S>> device; // its evaluations, loop k in slot k
-  Array<S> dev_h, dev_f, dev_dh, dev_grad, dev_extra;  // there: the states, f, dh, the gradient, extra
-  Buffer<S> grad_host;                                 // the gradient, downloaded
-  void use_backend(const std::shared_ptr<Backend<S>>& be);  // frees what lives on another one
-  void resize(const ModelConfig& cfg, int B, int T, int K);
-};
 
 // The field of a model as an ODE system: B sequences of T*C values each; row i
 // of an evaluation is at its own time t[i] (a time-conditioned field reads it).
@@ -155,14 +136,30 @@ template <class S>
 struct OdeWork {
   std::shared_ptr<Backend<S>> backend;  // a model on a device: its backend, alive while the arrays are
   std::unique_ptr<FieldSystem<S>> sys;
+  std::unique_ptr<OdeGradient<S>> grad;  // the last differentiated solve, between its forward and backward
   Buffer<S> h, gy1, gy0;    // h(0), then h(t1); dL/dh(t1); dL/dh(0)
-  Array<S> dev_h, dev_gy1, dev_gy0, dev_grad;  // a resident backprop on a device: the same there
+  Array<S> dev_h, dev_gy1, dev_gy0, dev_grad, dev_steps;  // a resident solve on a device: the same there
   Buffer<S> grad_host;                         // its parameter gradient, downloaded
   void use_backend(const std::shared_ptr<Backend<S>>& be);  // frees what lives on another one
   ReadoutCache<S> readout;  // after a call: readout.logits (B*T, V) of h(t1)
   // device_params: read the parameters from that device array instead (set_device_params).
   FieldSystem<S>& system(const Field<S>& field, const S* params, int B, int T,
                          const Field<S>* device = nullptr, const S* device_params = nullptr);
+};
+
+// What `loop K` keeps between calls. Loop K is Euler with K steps of dt = 1 on [0, K]
+// through integrate(), the one driver (its solve and gradient in `ode`).
+template <class S>
+struct LoopWork {
+  int B = 0, T = 0, K = 0;
+  Buffer<S> h;                  // (K+1, B,T,C) states h_0..h_K (after a loss without the gate: h_0 and h_K)
+  Buffer<S> dh;                 // (B,T,C) dL/dh_0 after a loss
+  ReadoutCache<S> readout;      // the readout of h_K
+  std::vector<ReadoutCache<S>> per_loop;  // exit gate: the readout at every loop
+  Buffer<S> gate;                         // exit gate: (K, N) lambda
+  Buffer<S> gy;                           // exit gate: (K+1, B,T,C) the loss's cotangent at every state
+  OdeWork<S> ode;                         // the solve
+  void resize(const ModelConfig& cfg, int B, int T, int K);
 };
 
 template <class S>
@@ -268,10 +265,17 @@ class Model {
   Buffer<S> params;
 
  private:
-  // Back through loops K-1 .. stop: dh_k = dh_{k+1} + J_k^T dh_{k+1} (+ extra_k for k >= 1,
-  // the readout's terms at h_k; extra (K+1, B,T,C) or null), in place on w.dh, the field's
-  // parameter gradient into dparams. On a device the cotangent stays there throughout.
-  void loop_backward(S* dparams, int K, int stop, const S* extra, LoopWork<S>& w) const;
+  // The solve of w.h (B,T,C) in place under opt, differentiated by gopt (w.grad keeps it
+  // for grad_backward); on a device, resident: the states cross once each way. Returns the
+  // forward's result (with the step states when opt saves them).
+  const SolveResult<S>& grad_forward(int B, int T, const SolveOptions& opt, const GradOptions& gopt,
+                                     OdeWork<S>& w) const;
+  // Its backward: w.gy1 = dL/dh(t1) and, for a fixed-step solve, steps (N+1, B,T,C; host;
+  // may be null) dL/dh at every state in; w.gy0 = dL/dh(t0) out; the field's gradient added
+  // to field_grads (host), or to the trainer's device gradient.
+  const GradStats& grad_backward(OdeWork<S>& w, const S* steps, S* field_grads) const;
+  // Loop K's options: Euler, K steps on [0, K] (loop k at t = k), every state saved or not.
+  static SolveOptions loop_options(int K, bool save_states);
   Device device_ = Device::cpu;
   std::shared_ptr<Backend<S>> backend_;
   std::shared_ptr<Field<S>> device_field_;

@@ -49,6 +49,10 @@ struct GradOptions {
   double adjoint_rtol = std::numeric_limits<double>::quiet_NaN();
   double adjoint_atol = std::numeric_limits<double>::quiet_NaN();
   bool seminorm = false;  // leave the parameter adjoint out of the backward error norm
+  // backprop and checkpoint: differentiate through each sequence's last `truncate` accepted
+  // steps only (0: all), as if the earlier steps ran without gradient: a truncated
+  // sequence's dL/dy(t0) is 0 (Huginn's truncated backpropagation through its recurrence).
+  int truncate = 0;
   // Regularisers of the solve (RNODE), added to the differentiated loss:
   //   kinetic  * R_K,  R_K = mean over sequences of (1/n) int_t0^t1 ||f(y, t)||^2 dt
   //   jacobian * R_J,  R_J = mean over sequences of (1/n) int_t0^t1 ||J(y, t) e||^2 dt
@@ -96,6 +100,12 @@ class OdeGradient {
 
   const SolveResult<S>& forward(S* y);
   const GradStats& backward(const S* gy1, S* gy0, S* gparams);
+  // The same for a loss that also reads the states between t0 and t1 (a looped model's
+  // readout at every loop: Ouro's exit gate). For a fixed-step solve, whose every sequence
+  // takes the same N steps, gy_steps (N+1, G, n; in the system's memory) holds dL/dy_k at
+  // the state after step k: row k (1 <= k < N) joins the cotangent as the reverse pass
+  // reaches that state (row N is gy1's, row 0 is never read). Backprop and checkpoint.
+  const GradStats& backward(const S* gy1, S* gy0, S* gparams, const S* gy_steps);
   const GradStats& stats() const;
 
  private:
