@@ -353,7 +353,7 @@ struct OdeGradient<S>::Impl {
         const int m = static_cast<int>(idx.size());
         be.fill(dbuf.data(), S(0), count);
         if (any) {
-          be.fill(gbuf.data(), S(0), count);
+          if (static_cast<size_t>(m) * n != count) be.fill(gbuf.data(), S(0), count);  // rows no one here writes
           be.move_rows(gbuf.data(), dstdev.data(), kbar.data(), srcdev.data(), m, n);  // the call's row order
           sys->vjp(dbuf.data(), gparams, 0, gbuf.data(), slot);
           ++st.vjp_calls;

@@ -49,7 +49,9 @@ class ReferenceBackend : public Backend<S> {
   void upload_bytes(void* dst, const void* host, size_t bytes) override { std::memcpy(dst, host, bytes); }
   void download_bytes(void* host, const void* src, size_t bytes) override { std::memcpy(host, src, bytes); }
   void copy(S* dst, const S* src, size_t n) override { std::memmove(dst, src, n * sizeof(S)); }
-  void fill(S* x, S value, size_t n) override { std::fill(x, x + n, value); }
+  void fill(S* x, S value, size_t n) override {
+    for_chunks(1, n, [&](size_t, size_t q0, size_t q1) { std::fill(x + q0, x + q1, value); });
+  }
   void synchronize() override {}
 
   void gemm(bool ta, bool tb, int M, int N, int K, S alpha, const S* A, int lda, int64_t sA, const S* B, int ldb,
@@ -59,7 +61,9 @@ class ReferenceBackend : public Backend<S> {
   }
 
   void axpy(S* y, S a, const S* x, size_t n) override {
-    for (size_t i = 0; i < n; ++i) y[i] += a * x[i];
+    for_chunks(1, n, [&](size_t, size_t q0, size_t q1) {
+      for (size_t i = q0; i < q1; ++i) y[i] += a * x[i];
+    });
   }
   void add_bias(S* out, const S* b, int N, int OUT) override {
     for (int64_t n = 0; n < N; ++n)
@@ -179,39 +183,55 @@ class ReferenceBackend : public Backend<S> {
   void scaled_sum_rows(S* out, const double* h, const double* c, const S* const* k, int m, const int* rows, int nrows,
                        size_t n) override {
     if (m > kMaxStages) throw Error("scaled_sum_rows: at most 32 stages");
-    for (int i = 0; i < nrows; ++i) {
-      const size_t base = static_cast<size_t>(rows[i]) * n;
+    for_chunks(static_cast<size_t>(nrows), n, [&](size_t i, size_t q0, size_t q1) {
+      const size_t base = static_cast<size_t>(rows[i]) * n + q0;
       const S* kr[kMaxStages];
       for (int l = 0; l < m; ++l) kr[l] = k[l] + base;
-      algebra::scaled_sum(out + base, h[rows[i]], c, kr, m, n);
-    }
+      algebra::scaled_sum(out + base, h[rows[i]], c, kr, m, q1 - q0);
+    });
   }
   void accumulate_rows(S* y, const S* const* k, int m, const int* rows, int nrows, size_t n) override {
-    for (int i = 0; i < nrows; ++i) {
+    for_chunks(static_cast<size_t>(nrows), n, [&](size_t i, size_t q0, size_t q1) {
       const size_t base = static_cast<size_t>(rows[i]) * n;
       S* yr = y + base;
       for (int l = 0; l < m; ++l) {
         const S* kr = k[l] + base;
-        for (size_t q = 0; q < n; ++q) yr[q] += kr[q];
+        for (size_t q = q0; q < q1; ++q) yr[q] += kr[q];
       }
-    }
+    });
   }
   void strided_copy(S* dst, size_t ldd, const S* src, size_t lds, size_t rows, size_t n, S alpha) override {
-    for (size_t r = 0; r < rows; ++r) {
-      S* d = dst + r * ldd;
-      const S* x = src + r * lds;
+    for_chunks(rows, n, [&](size_t r, size_t q0, size_t q1) {
+      S* d = dst + r * ldd + q0;
+      const S* x = src + r * lds + q0;
       if (alpha == S(0))
-        std::fill(d, d + n, S(0));
+        std::fill(d, d + (q1 - q0), S(0));
       else if (alpha == S(1))
-        std::memmove(d, x, n * sizeof(S));
+        std::memmove(d, x, (q1 - q0) * sizeof(S));
       else
-        for (size_t v = 0; v < n; ++v) d[v] = alpha * x[v];
-    }
+        for (size_t v = 0; v < q1 - q0; ++v) d[v] = alpha * x[v];
+    });
   }
   void move_rows(S* dst, const int* dst_rows, const S* src, const int* src_rows, int nrows, size_t n) override {
-    for (int i = 0; i < nrows; ++i)
-      std::memcpy(dst + static_cast<size_t>(dst_rows ? dst_rows[i] : i) * n,
-                  src + static_cast<size_t>(src_rows ? src_rows[i] : i) * n, n * sizeof(S));
+    for_chunks(static_cast<size_t>(nrows), n, [&](size_t i, size_t q0, size_t q1) {
+      std::memcpy(dst + static_cast<size_t>(dst_rows ? dst_rows[i] : i) * n + q0,
+                  src + static_cast<size_t>(src_rows ? src_rows[i] : i) * n + q0, (q1 - q0) * sizeof(S));
+    });
+  }
+
+ protected:
+  // fn(row, q0, q1) over [q0, q1) pieces of `rows` rows of n values, on the OpenMP threads
+  // when there is enough work. Element-wise work only: the bits do not depend on the split.
+  template <class Fn>
+  static void for_chunks(size_t rows, size_t n, Fn fn) {
+    constexpr size_t kChunk = 8192;
+    const size_t per_row = n ? (n + kChunk - 1) / kChunk : 0;
+    const int64_t pieces = static_cast<int64_t>(rows * per_row);
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows * n) >= kParallelMin)
+    for (int64_t p = 0; p < pieces; ++p) {
+      const size_t r = static_cast<size_t>(p) / per_row, q0 = (static_cast<size_t>(p) % per_row) * kChunk;
+      fn(r, q0, std::min(n, q0 + kChunk));
+    }
   }
 
  private:
