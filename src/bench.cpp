@@ -566,7 +566,7 @@ std::string bench_train(const BenchTrainOptions& opt) {
     go.seminorm = opt.seminorm;
   }
   Buffer<float> grads(model.params.size());
-  TrainConfig tc;  // AdamW's defaults
+  const OptimConfig tc;  // AdamW's defaults
   AdamW adamw(model.layout, tc);
   adamw.set_backend(model.backend());  // on a device, the update runs there (as the trainer's)
   GradStats st;
@@ -651,7 +651,7 @@ std::string bench_flow_match(const BenchFlowMatchOptions& opt) {
   for (int b = 0; b < B; ++b)
     for (int k = 0; k < 2; ++k)
       std::copy_n(lw.h.data() + (static_cast<size_t>(k) * B + b) * n, n, states.data() + (static_cast<size_t>(b) * 2 + k) * n);
-  TrainConfig tc;
+  const OptimConfig tc;  // AdamW's defaults
   AdamW loop_opt(model.layout, tc);
   AdamW fm_opt(smodel.layout, tc, smodel.layout.field_begin(), smodel.layout.field_end());
   Buffer<float> grads(model.params.size()), sgrads(smodel.params.size());

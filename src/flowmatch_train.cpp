@@ -1,6 +1,7 @@
 // Training a flow student on recorded latent trajectories: the shard loader, the
 // configuration, and the trainer (AdamW over the field, EMA, reflow rounds, exact resume).
 #include "flowloop/train/flowmatch_train.hpp"
+#include "flowloop/train/loop.hpp"
 
 #include <unistd.h>
 
@@ -263,19 +264,8 @@ FlowMatchOptions FlowMatchConfig::options() const {
   return o;
 }
 
-TrainConfig FlowMatchConfig::optimiser() const {
-  TrainConfig t;
-  t.steps = steps;
-  t.batch = batch;
-  t.warmup = warmup;
-  t.lr = lr;
-  t.min_lr = min_lr;
-  t.weight_decay = weight_decay;
-  t.beta1 = beta1;
-  t.beta2 = beta2;
-  t.eps = eps;
-  t.clip = clip;
-  return t;
+OptimConfig FlowMatchConfig::optimiser() const {
+  return {steps, warmup, lr, min_lr, weight_decay, beta1, beta2, eps, clip};
 }
 
 void FlowMatchConfig::validate() const {
@@ -334,103 +324,203 @@ Model<float> make_student(const Model<float>& teacher, int time_freq, double tim
 
 // ---------------------------------------------------------------- trainer
 
-struct FlowMatchTrainer::Impl {
+// The flow-matching task of the one training loop: a batch of recorded latent paths per
+// step (reflow rounds re-target them by the previous round's flow), the student's field
+// trained on them, an EMA of its weights evaluated and saved.
+struct FlowMatchTrainer::Impl final : TrainTask {
   FlowMatchConfig c;
   FlowMatchOptions fo;
-  TrainConfig oc;  // the optimiser's settings
+  OptimConfig oc;  // the optimiser's settings
   std::unique_ptr<TrajectoryLoader> train, test;
-  std::unique_ptr<Model<float>> teacher, model, ema_model;
+  std::unique_ptr<Model<float>> teacher, model_, ema_model;
   Buffer<float> prev;  // reflow: the previous round's EMA field (empty in round 0)
   std::unique_ptr<AdamW> opt;
   int64_t step = 0;  // over all rounds: round step / steps
   size_t fb = 0, fe = 0;
-  fs::path dir;
+  // the step's work and what its metrics line reports
+  Buffer<float> y, ends;
+  TrajectoryBatch tb;
+  FlowMatchWork<float> w, tw;
+  std::unique_ptr<FieldSystem<float>> prev_sys;
+  std::unique_ptr<DecodeLoss<float>> decode;
+  EndpointLoss<float> decode_fn;
+  FlowEvalOptions quick;   // the quick look at sampling quality during training
+  std::string quick_main;  // its test_accuracy: Euler with K steps
+  FlowMatchStep st;
 
   // the round of the next step (the last round once all are done)
   int round() const { return static_cast<int>(std::min<int64_t>(step / c.steps, c.reflow)); }
-  std::string ckpt() const { return (dir / "checkpoint.safetensors").string(); }
-  std::string final_model() const { return (dir / "model.safetensors").string(); }
-  std::string metrics() const { return (dir / "metrics.jsonl").string(); }
   float* ema() { return ema_model->params.data() + fb; }
+  int64_t total() const { return static_cast<int64_t>(c.steps) * (c.reflow + 1); }
 
-  std::map<std::string, std::string> meta() const {
+  Model<float>& model() override { return *model_; }
+  AdamW& optimiser() override { return *opt; }
+  double learning_rate(int64_t s) const override { return flowloop::learning_rate(oc, s % c.steps); }
+
+  std::map<std::string, std::string> metadata() const override {
     return {{"flow_match_config", c.to_json()},
             {"teacher_hash", train->manifest().teacher_hash},
             {"data", fs::absolute(c.data).string()},
-            {"matcher", c.matcher},
-            {"step", std::to_string(step)}};
+            {"matcher", c.matcher}};
   }
-
-  void save_model(const std::string& path) const {
-    save_checkpoint(path, ema_model->cfg, ema_model->layout, ema_model->params.data(), meta());
+  void write_model(const std::string& path, const std::map<std::string, std::string>& meta) const override {
+    save_checkpoint(path, ema_model->cfg, ema_model->layout, ema_model->params.data(), meta);
   }
-
-  void save_checkpoint_file() {
-    opt->sync_host();
-    std::vector<TensorOut<float>> ts;
-    for (const auto& t : model->layout.tensors()) {
-      ts.push_back({t.name, t.shape, model->params.data() + t.offset});
+  void extra_tensors(std::vector<TensorOut<float>>& ts) override {
+    for (const auto& t : model_->layout.tensors()) {
       if (t.offset < fb || t.offset >= fe) continue;  // frozen: the teacher's
       ts.push_back({"ema." + t.name, t.shape, ema_model->params.data() + t.offset});
-      ts.push_back({"optim.m." + t.name, t.shape, opt->m.data() + (t.offset - fb)});
-      ts.push_back({"optim.v." + t.name, t.shape, opt->v.data() + (t.offset - fb)});
       if (!prev.empty()) ts.push_back({"prev." + t.name, t.shape, prev.data() + (t.offset - fb)});
     }
-    auto md = meta();
-    md["format"] = "flowloop";
-    md["config"] = model->cfg.to_json();
-    md["adam_t"] = std::to_string(opt->t);
-    write_safetensors(ckpt(), ts, md);
-    save_model(final_model());
   }
-
-  void load_checkpoint_file() {
-    const SafetensorsFile f = SafetensorsFile::read(ckpt());
+  void check_resumable(const SafetensorsFile& f, const std::string& path) const override {
     auto get = [&](const std::string& k) { return f.metadata_value(k, "checkpoint"); };
     if (get("teacher_hash") != train->manifest().teacher_hash)
-      throw Error("checkpoint '" + ckpt() + "' learned from teacher " + get("teacher_hash") + ", the recording at '" +
+      throw Error("checkpoint '" + path + "' learned from teacher " + get("teacher_hash") + ", the recording at '" +
                   c.data + "' is of teacher " + train->manifest().teacher_hash);
-    require_resumable(FlowMatchConfig::from_json(get("flow_match_config"), ckpt()), c, ckpt());
-    step = std::stoll(get("step"));
-    opt->t = std::stoll(get("adam_t"));
+    require_resumable(FlowMatchConfig::from_json(get("flow_match_config"), path), c, path);
+  }
+  void load_extra(const SafetensorsFile& f, int64_t at) override {
+    step = at;
     if (round() > 0) prev.assign(fe - fb, 0.0f);
-    for (const auto& t : model->layout.tensors()) {
-      f.copy_to(t.name, t.shape, model->params.data() + t.offset);
+    for (const auto& t : model_->layout.tensors()) {
       if (t.offset < fb || t.offset >= fe) {
-        std::copy_n(model->params.data() + t.offset, t.numel, ema_model->params.data() + t.offset);
+        std::copy_n(model_->params.data() + t.offset, t.numel, ema_model->params.data() + t.offset);
         continue;
       }
       f.copy_to("ema." + t.name, t.shape, ema_model->params.data() + t.offset);
-      f.copy_to("optim.m." + t.name, t.shape, opt->m.data() + (t.offset - fb));
-      f.copy_to("optim.v." + t.name, t.shape, opt->v.data() + (t.offset - fb));
       if (!prev.empty()) f.copy_to("prev." + t.name, t.shape, prev.data() + (t.offset - fb));
     }
-    opt->state_changed();
   }
 
   // Reflow: x1 of every recording in the batch becomes the previous round's flow from its x0.
-  void reflow_targets(TrajectoryBatch& b, FieldSystem<float>& sys, Buffer<float>& y) const {
+  void reflow_targets(TrajectoryBatch& b, FieldSystem<float>& sys, Buffer<float>& out) const {
     const size_t n = static_cast<size_t>(b.T) * static_cast<size_t>(b.C);
-    y.resize(static_cast<size_t>(b.B) * n);
-    for (int i = 0; i < b.B; ++i) std::copy_n(b.state(i, 0), n, y.data() + static_cast<size_t>(i) * n);
-    const auto r = sys.solve(y.data(), DepthSpec::parse(c.reflow_sampler).solve_options(1.0));
+    out.resize(static_cast<size_t>(b.B) * n);
+    for (int i = 0; i < b.B; ++i) std::copy_n(b.state(i, 0), n, out.data() + static_cast<size_t>(i) * n);
+    const auto r = sys.solve(out.data(), DepthSpec::parse(c.reflow_sampler).solve_options(1.0));
     if (!r.ok()) throw Error("reflow: the previous round's flow failed: " + r.message);
     for (int i = 0; i < b.B; ++i)
-      std::copy_n(y.data() + static_cast<size_t>(i) * n, n, b.state(i, b.K));
+      std::copy_n(out.data() + static_cast<size_t>(i) * n, n, b.state(i, b.K));
+  }
+
+  // Sets up the step's work (once per run).
+  void prepare_run() {
+    const size_t n = static_cast<size_t>(train->manifest().T) * static_cast<size_t>(train->manifest().C);
+    (void)n;
+    w.device = model_->device_field();
+    tw.device = ema_model->device_field();
+    prev_sys.reset();
+    decode.reset();
+    if (c.decode_weight > 0) {
+      decode = std::make_unique<DecodeLoss<float>>(*model_, c.decode_weight);
+      decode_fn = decode->as_endpoint();
+    }
+    quick = FlowEvalOptions();
+    for (int k : {1, 2, train->manifest().K}) quick.samplers.push_back(DepthSpec::parse("euler:" + std::to_string(k)));
+    if (quick.samplers[2].token() == quick.samplers[1].token() || quick.samplers[2].token() == quick.samplers[0].token())
+      quick.samplers.pop_back();
+    quick.teacher_rows = false;
+    if (c.shortcut) quick.shortcut = {1, 2};
+    quick_main = quick.samplers.back().token();
+    quick.generative = fo.matcher == Matcher::Generative;
+    quick.seed = c.seed;
+    quick.examples = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(c.eval_batches) * c.batch, test->examples()));
+    quick.batch = std::min(quick.examples, 256);
+  }
+
+  TaskStep gradient(int64_t at, float* grads, Communicator&) override {
+    Model<float>& m = *model_;
+    step = at;
+    const size_t n = static_cast<size_t>(train->manifest().T) * static_cast<size_t>(train->manifest().C);
+    const int64_t local = at % c.steps;
+    train->batch(local + static_cast<int64_t>(round()) * c.steps, c.batch, tb);
+    tb.subsample(c.state_stride);
+    if (decode) {  // the teacher's ends (a reflow round then overwrites them with the flow's)
+      ends.resize(static_cast<size_t>(tb.B) * n);
+      for (int b = 0; b < tb.B; ++b) std::copy_n(tb.state(b, tb.K), n, ends.data() + static_cast<size_t>(b) * n);
+      decode->set_batch(ends.data(), tb.targets);
+    }
+    if (round() > 0) {
+      if (!prev_sys || prev_sys->groups() != tb.B)
+        prev_sys = std::make_unique<FieldSystem<float>>(m.field, prev.data(), tb.B, tb.T, m.device_field());
+      prev_sys->set_params(prev.data());
+      reflow_targets(tb, *prev_sys, y);
+    }
+    Rng rng(mix(c.seed, static_cast<uint64_t>(at)));
+    const EndpointLoss<float>* endpoint = decode ? &decode_fn : nullptr;
+    st = flow_match_step(m.field, m.field_params(), tb.states.data(), tb.B, tb.K, tb.T, fo, rng, grads + fb, w,
+                         endpoint, ema());
+    return {st.loss, 1.0};
+  }
+
+  // EMA, warmed up over the round's first steps
+  void updated(int64_t done) override {
+    step = done;
+    const int64_t local = (done - 1) % c.steps;
+    const float d = static_cast<float>(std::min(c.ema, (1.0 + static_cast<double>(local)) / (10.0 + static_cast<double>(local))));
+    float* e = ema();
+    const float* p = model_->field_params();
+    for (size_t i = 0, nf = fe - fb; i < nf; ++i) e[i] = d * e[i] + (1 - d) * p[i];
+  }
+
+  void metrics(nlohmann::ordered_json& line, const StepTiming& tm, Communicator&) override {
+    if (c.reflow > 0) line["round"] = (step - 1) / c.steps;
+    line["loss"] = st.loss;
+    line["coupling_cost"] = st.coupling_cost;
+    if (decode) line["decode_loss"] = st.endpoint_loss;
+    line["lr"] = tm.lr;
+    line["grad_norm"] = tm.grad_norm;
+    if (c.shortcut) line["shortcut_loss"] = st.shortcut_loss;
+    // per sequence: the trained evaluation, and the shortcut slots' two target evaluations
+    line["nfe_forward"] = 1.0 + 2.0 * st.shortcut_rows / tb.B;
+    line["nfe_backward"] = 1;
+    line["flops"] = 3.0 * model_->field.flops(tb.B, tb.T) + 2.0 * model_->field.flops(st.shortcut_rows, tb.T);
+    line["tokens_per_s"] = static_cast<double>(tb.B) * tb.T / tm.seconds;
+    line["device"] = device_name(model_->device());
+  }
+
+  bool boundary(int64_t done) const override { return done % c.steps == 0; }
+  // the round's model, then the next round starts from it with fresh moments
+  void at_boundary(int64_t done) override {
+    step = done;
+    std::map<std::string, std::string> meta = metadata();
+    meta["step"] = std::to_string(done);
+    write_model((fs::path(c.out) / ("model-round-" + std::to_string(round() - 1) + ".safetensors")).string(), meta);
+    const size_t nf = fe - fb;
+    prev.assign(ema(), ema() + nf);
+    std::copy_n(ema(), nf, model_->params.data() + fb);
+    std::fill(opt->m.begin(), opt->m.end(), 0.0f);
+    std::fill(opt->v.begin(), opt->v.end(), 0.0f);
+    opt->t = 0;
+    opt->state_changed();
+  }
+
+  void evaluate(nlohmann::ordered_json& line, std::ostream& summary) override {
+    line["test_loss"] = test_loss(tw);
+    const auto rows = flow_match_evaluate(*ema_model, *teacher, *test, quick);
+    for (const auto& r : rows) {
+      line["test_accuracy_" + r.sampler] = r.accuracy;
+      line["test_rel_l2_" + r.sampler] = r.rel_l2;
+    }
+    for (const auto& r : rows)
+      if (r.sampler == quick_main) line["test_accuracy"] = r.accuracy;
+    summary << "  test loss " << line["test_loss"].get<double>();
+    for (const auto& r : rows) summary << "  acc " << r.sampler << " " << r.accuracy;
   }
 
   // The test loss of the EMA weights on eval_batches test batches (fixed draws).
-  double test_loss(FlowMatchWork<float>& w) {
+  double test_loss(FlowMatchWork<float>& work) {
     const int64_t B = std::min<int64_t>(c.batch, test->examples());
     const int nb = static_cast<int>(std::min<int64_t>(c.eval_batches, test->examples() / B));
-    TrajectoryBatch tb;
+    TrajectoryBatch batch;
     double sum = 0;
     for (int i = 0; i < nb; ++i) {
-      test->range(i * B, static_cast<int>(B), tb);
-      tb.subsample(c.state_stride);
+      test->range(i * B, static_cast<int>(B), batch);
+      batch.subsample(c.state_stride);
       Rng rng(mix(c.seed ^ 0x74657374ULL, static_cast<uint64_t>(i)));
-      sum += flow_match_step(ema_model->field, ema_model->field_params(), tb.states.data(), tb.B, tb.K, tb.T, fo, rng,
-                             static_cast<float*>(nullptr), w)
+      sum += flow_match_step(ema_model->field, ema_model->field_params(), batch.states.data(), batch.B, batch.K, batch.T, fo, rng,
+                             static_cast<float*>(nullptr), work)
                  .loss;
     }
     return sum / nb;
@@ -454,156 +544,29 @@ FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg) : impl_(std::make
   if (m.K % I.c.state_stride != 0)
     throw Error("flow-match config: state_stride " + std::to_string(I.c.state_stride) + " does not divide the recording's K = " +
                 std::to_string(m.K));
-  I.model = std::make_unique<Model<float>>(make_student(*I.teacher, I.c.time_freq, I.c.time_scale, I.c.seed, I.c.shortcut));
-  I.ema_model = std::make_unique<Model<float>>(*I.model);
-  I.fb = I.model->layout.field_begin();
-  I.fe = I.model->layout.field_end();
-  I.opt = std::make_unique<AdamW>(I.model->layout, I.oc, I.fb, I.fe);
-  I.dir = I.c.out;
+  I.model_ = std::make_unique<Model<float>>(make_student(*I.teacher, I.c.time_freq, I.c.time_scale, I.c.seed, I.c.shortcut));
+  I.ema_model = std::make_unique<Model<float>>(*I.model_);
+  I.fb = I.model_->layout.field_begin();
+  I.fe = I.model_->layout.field_end();
+  I.opt = std::make_unique<AdamW>(I.model_->layout, I.oc, I.fb, I.fe);
   require_writable(I.c.out);
 }
 
 FlowMatchTrainer::~FlowMatchTrainer() = default;
 const Model<float>& FlowMatchTrainer::model() const { return *impl_->ema_model; }
 void FlowMatchTrainer::set_device(Device d) {
-  for (Model<float>* m : {impl_->teacher.get(), impl_->model.get(), impl_->ema_model.get()}) m->set_device(d);
-  impl_->opt->set_backend(impl_->model->backend());
+  for (Model<float>* m : {impl_->teacher.get(), impl_->model_.get(), impl_->ema_model.get()}) m->set_device(d);
+  impl_->opt->set_backend(impl_->model_->backend());
 }
 int64_t FlowMatchTrainer::step() const { return impl_->step; }
 
 void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   Impl& I = *impl_;
-  const FlowMatchConfig& c = I.c;
-  const int64_t total = static_cast<int64_t>(c.steps) * (c.reflow + 1);
   I.step = 0;
-  if (resume) {
-    if (!fs::exists(I.ckpt())) throw Error("--resume: no checkpoint at '" + I.ckpt() + "'");
-    I.load_checkpoint_file();
-  }
-  start_metrics(I.metrics(), resume, I.step);
-  write_file_atomic((I.dir / "config.json").string(), c.to_json() + "\n");
-  std::ofstream log(I.metrics(), std::ios::app);
-  const bool tty = isatty(fileno(stderr));
-  Model<float>& m = *I.model;
-  Buffer<float> grads(m.params.size(), 0.0f), y;
-  TrajectoryBatch tb;
-  FlowMatchWork<float> w, tw;
-  w.device = m.device_field();
-  tw.device = I.ema_model->device_field();
-  std::unique_ptr<FieldSystem<float>> prev_sys;
-  const auto t_start = std::chrono::steady_clock::now();
-  const int64_t first = I.step;
-  const size_t nf = I.fe - I.fb;
-  const size_t n = static_cast<size_t>(I.train->manifest().T) * static_cast<size_t>(I.train->manifest().C);
-  std::unique_ptr<DecodeLoss<float>> decode;
-  EndpointLoss<float> decode_fn;
-  Buffer<float> ends;
-  if (c.decode_weight > 0) {
-    decode = std::make_unique<DecodeLoss<float>>(m, c.decode_weight);
-    decode_fn = decode->as_endpoint();
-  }
-  // the quick look at sampling quality during training: Euler at 1, 2 and K steps
-  FlowEvalOptions quick;
-  for (int k : {1, 2, I.train->manifest().K}) quick.samplers.push_back(DepthSpec::parse("euler:" + std::to_string(k)));
-  if (quick.samplers[2].token() == quick.samplers[1].token() || quick.samplers[2].token() == quick.samplers[0].token())
-    quick.samplers.pop_back();
-  quick.teacher_rows = false;
-  if (c.shortcut) quick.shortcut = {1, 2};
-  const std::string quick_main = quick.samplers.back().token();  // test_accuracy: Euler with K steps
-  quick.generative = I.fo.matcher == Matcher::Generative;
-  quick.seed = c.seed;
-  quick.examples = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(c.eval_batches) * c.batch, I.test->examples()));
-  quick.batch = std::min(quick.examples, 256);
-  while (I.step < total && (stop_at < 0 || I.step < stop_at)) {
-    const auto t0 = std::chrono::steady_clock::now();
-    const int64_t local = I.step % c.steps;
-    I.train->batch(local + static_cast<int64_t>(I.round()) * c.steps, c.batch, tb);
-    tb.subsample(c.state_stride);
-    if (decode) {  // the teacher's ends (a reflow round then overwrites them with the flow's)
-      ends.resize(static_cast<size_t>(tb.B) * n);
-      for (int b = 0; b < tb.B; ++b) std::copy_n(tb.state(b, tb.K), n, ends.data() + static_cast<size_t>(b) * n);
-      decode->set_batch(ends.data(), tb.targets);
-    }
-    if (I.round() > 0) {
-      if (!prev_sys || prev_sys->groups() != tb.B)
-        prev_sys = std::make_unique<FieldSystem<float>>(m.field, I.prev.data(), tb.B, tb.T, m.device_field());
-      prev_sys->set_params(I.prev.data());
-      I.reflow_targets(tb, *prev_sys, y);
-    }
-    std::fill(grads.begin() + static_cast<long>(I.fb), grads.begin() + static_cast<long>(I.fe), 0.0f);
-    Rng rng(mix(c.seed, static_cast<uint64_t>(I.step)));
-    const EndpointLoss<float>* endpoint = nullptr;
-    if (decode) endpoint = &decode_fn;
-    const FlowMatchStep st = flow_match_step(m.field, m.field_params(), tb.states.data(), tb.B, tb.K, tb.T, I.fo, rng,
-                                             grads.data() + I.fb, w, endpoint, I.ema());
-    const double lr = learning_rate(I.oc, local);
-    const double gnorm = I.opt->step(m.params.data(), grads.data(), lr);
-    // EMA, warmed up over the round's first steps
-    const float d = static_cast<float>(std::min(c.ema, (1.0 + static_cast<double>(local)) / (10.0 + static_cast<double>(local))));
-    float* e = I.ema();
-    const float* p = m.field_params();
-    for (size_t i = 0; i < nf; ++i) e[i] = d * e[i] + (1 - d) * p[i];
-    ++I.step;
-    const auto t1 = std::chrono::steady_clock::now();
-    const double dt = std::chrono::duration<double>(t1 - t0).count();
-    const double wall = std::chrono::duration<double>(t1 - t_start).count();
-    nlohmann::ordered_json line;
-    line["step"] = I.step;
-    if (c.reflow > 0) line["round"] = (I.step - 1) / c.steps;
-    line["loss"] = st.loss;
-    line["coupling_cost"] = st.coupling_cost;
-    if (decode) line["decode_loss"] = st.endpoint_loss;
-    line["lr"] = lr;
-    line["grad_norm"] = gnorm;
-    if (c.shortcut) line["shortcut_loss"] = st.shortcut_loss;
-    // per sequence: the trained evaluation, and the shortcut slots' two target evaluations
-    line["nfe_forward"] = 1.0 + 2.0 * st.shortcut_rows / tb.B;
-    line["nfe_backward"] = 1;
-    line["flops"] = 3.0 * m.field.flops(tb.B, tb.T) + 2.0 * m.field.flops(st.shortcut_rows, tb.T);
-    line["tokens_per_s"] = static_cast<double>(tb.B) * tb.T / dt;
-    line["device"] = device_name(m.device());
-    line["wall_s"] = wall;
-    const bool out_of_time = c.max_seconds > 0 && wall >= c.max_seconds && I.step < total;
-    if (out_of_time) line["stopped"] = "max_seconds";
-    const bool round_end = I.step % c.steps == 0;
-    const bool last = I.step == total || out_of_time || round_end;
-    if (I.step % c.eval_every == 0 || last) {
-      line["test_loss"] = I.test_loss(tw);
-      const auto rows = flow_match_evaluate(*I.ema_model, *I.teacher, *I.test, quick);
-      for (const auto& r : rows) {
-        line["test_accuracy_" + r.sampler] = r.accuracy;
-        line["test_rel_l2_" + r.sampler] = r.rel_l2;
-      }
-      for (const auto& r : rows)
-        if (r.sampler == quick_main) line["test_accuracy"] = r.accuracy;
-      if (!tty) {
-        progress << "step " << I.step << "/" << total << "  loss " << st.loss << "  test loss " << line["test_loss"].get<double>();
-        for (const auto& r : rows) progress << "  acc " << r.sampler << " " << r.accuracy;
-        progress << "  " << wall << " s" << std::endl;
-      }
-    }
-    log << line.dump() << "\n";
-    log.flush();
-    if (round_end && I.step < total) {
-      // the round's model, then the next round starts from it with fresh moments
-      I.save_model((I.dir / ("model-round-" + std::to_string(I.round() - 1) + ".safetensors")).string());
-      I.prev.assign(I.ema(), I.ema() + nf);
-      std::copy_n(I.ema(), nf, m.params.data() + I.fb);
-      std::fill(I.opt->m.begin(), I.opt->m.end(), 0.0f);
-      std::fill(I.opt->v.begin(), I.opt->v.end(), 0.0f);
-      I.opt->t = 0;
-      I.opt->state_changed();
-    }
-    if (I.step % c.checkpoint_every == 0 || last) I.save_checkpoint_file();
-    if (tty) progress << progress_line(I.step, total, first, wall, st.loss) << std::flush;
-    if (out_of_time) {
-      if (tty) progress << std::endl;
-      progress << "stopped at step " << I.step << " of " << total << ": the time budget of " << c.max_seconds
-               << " s is spent (--resume goes on)" << std::endl;
-      return;
-    }
-  }
-  if (tty) progress << std::endl;
+  I.prev.clear();
+  I.prepare_run();
+  const TrainSchedule s{I.total(), I.c.eval_every, I.c.checkpoint_every, I.c.max_seconds, I.c.out, I.c.to_json()};
+  run_training(I, s, *single_process(), resume, progress, stop_at, I.step);
 }
 
 }  // namespace flowloop

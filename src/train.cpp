@@ -18,6 +18,7 @@
 #include "flowloop/backend/backend.hpp"
 #include "flowloop/io/checkpoint.hpp"
 #include "flowloop/io/io.hpp"
+#include "flowloop/train/loop.hpp"
 #include "flowloop/nn/layers.hpp"
 
 namespace flowloop {
@@ -182,139 +183,6 @@ int random_depth(double mean, uint64_t seed, int64_t step) {
     prod *= rng.uniform();
   }
   return k + 1;
-}
-
-double learning_rate(const TrainConfig& c, int64_t step) {
-  if (step < c.warmup) return c.lr * static_cast<double>(step + 1) / c.warmup;
-  const double span = static_cast<double>(std::max(1, c.steps - c.warmup));
-  const double prog = std::min(1.0, static_cast<double>(step - c.warmup) / span);
-  return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + std::cos(M_PI * prog));
-}
-
-// ---------------------------------------------------------------- AdamW
-
-AdamW::AdamW(const ParamLayout& layout, const TrainConfig& c, size_t begin, size_t end)
-    : begin_(begin), b1_(c.beta1), b2_(c.beta2), eps_(c.eps), clip_(c.clip) {
-  end = std::min(end, layout.size());
-  if (begin >= end) throw Error("AdamW: an empty parameter range");
-  m.assign(end - begin, 0.0f);
-  v.assign(end - begin, 0.0f);
-  wd_.assign(end - begin, 0.0f);
-  for (const auto& ti : layout.tensors()) {
-    if (ti.shape.size() != 2) continue;
-    const size_t lo = std::max(begin, ti.offset), hi = std::min(end, ti.offset + ti.numel);
-    if (lo < hi)
-      std::fill(wd_.begin() + static_cast<long>(lo - begin), wd_.begin() + static_cast<long>(hi - begin),
-                static_cast<float>(c.weight_decay));
-  }
-}
-
-kernels::AdamWStep AdamW::constants(double lr) const {
-  // p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p), with the bias corrections folded into constants
-  const double c1 = 1 - std::pow(b1_, static_cast<double>(t)), c2 = 1 - std::pow(b2_, static_cast<double>(t));
-  kernels::AdamWStep s{};
-  s.b1 = static_cast<float>(b1_);
-  s.b2 = static_cast<float>(b2_);
-  s.ob1 = 1 - s.b1;
-  s.ob2 = 1 - s.b2;
-  s.ic1 = static_cast<float>(1 / c1);
-  s.isc2 = static_cast<float>(1 / std::sqrt(c2));
-  s.lr = static_cast<float>(lr);
-  s.eps = static_cast<float>(eps_);
-  return s;
-}
-
-double AdamW::step(float* params, float* grads, double lr) {
-  const size_t n = m.size();
-  float* p = params + begin_;
-  float* g = grads + begin_;
-  if (be_) {  // on the device: the gradients go up, the parameters come down
-    prepare(params);
-    if (!reduced_) gather(g);
-    reduced_ = false;
-    double ss = 0;
-    be_->sum_squares_rows(norm_.data(), gd_.data(), nullptr, 1, n);
-    norm_.download(&ss, 1);
-    const double norm = std::sqrt(ss);
-    if (clip_ > 0 && norm > clip_) {
-      const float sc = static_cast<float>(clip_ / norm);
-      be_->strided_copy(gd_.data(), n, gd_.data(), n, 1, n, sc);
-      for (size_t i = 0; i < n; ++i) g[i] *= sc;  // the caller's gradients are clipped too
-    }
-    ++t;
-    be_->adamw(pd_.data(), md_.data(), vd_.data(), gd_.data(), wdd_.data(), n, constants(lr));
-    pd_.download(p, n);
-    host_stale_ = true;
-    return norm;
-  }
-  double ss = 0;  // in order (the CPU's bits as before the device path)
-  for (size_t i = 0; i < n; ++i) ss += static_cast<double>(g[i]) * g[i];
-  const double norm = std::sqrt(ss);
-  if (clip_ > 0 && norm > clip_) {
-    const float sc = static_cast<float>(clip_ / norm);
-    for (size_t i = 0; i < n; ++i) g[i] *= sc;
-  }
-  ++t;
-  const kernels::AdamWStep st = constants(lr);
-  float* mm = m.data();
-  float* vv = v.data();
-  const float* wd = wd_.data();
-#pragma omp parallel for schedule(static) if (n >= static_cast<size_t>(kParallelMin) * 4)
-  for (size_t i = 0; i < n; ++i) kernels::adamw_update(p[i], mm[i], vv[i], g[i], wd[i], st);
-  return norm;
-}
-
-void AdamW::gather(const float* g) {
-  const size_t n = m.size();
-  gd_.upload(g, n);
-  be_->axpy(gd_.data(), 1.0f, acc_.data(), n);  // what stayed on the device (1 x: the same bits)
-  acc_.zero();
-}
-
-void AdamW::reduce(float* grads, float scale, Communicator& comm) {
-  const size_t n = m.size();
-  float* g = grads + begin_;
-  if (!be_) {
-    if (scale != 1.0f)
-      for (size_t i = 0; i < n; ++i) g[i] *= scale;
-    comm.sum(g, n);
-    return;
-  }
-  gather(g);
-  if (scale != 1.0f) be_->strided_copy(gd_.data(), n, gd_.data(), n, 1, n, scale);
-  comm.sum_device(*be_, gd_.data(), n);
-  reduced_ = true;
-}
-
-void AdamW::set_backend(std::shared_ptr<Backend<float>> be) {
-  sync_host();
-  for (Array<float>* a : {&pd_, &md_, &vd_, &wdd_, &gd_, &acc_}) *a = Array<float>();  // freed by their backend,
-  norm_ = Array<float, double>();                                                   // still alive here
-  be_ = std::move(be);
-  dev_fresh_ = false;
-  reduced_ = false;
-  if (!be_) return;
-  const size_t n = m.size();
-  for (Array<float>* a : {&pd_, &md_, &vd_, &wdd_, &gd_, &acc_}) a->resize(*be_, n);
-  acc_.zero();
-  norm_.resize(*be_, 1);
-}
-
-void AdamW::prepare(const float* params) {
-  if (!be_ || dev_fresh_) return;
-  const size_t n = m.size();
-  pd_.upload(params + begin_, n);
-  md_.upload(m.data(), n);
-  vd_.upload(v.data(), n);
-  wdd_.upload(wd_.data(), n);
-  dev_fresh_ = true;
-}
-
-void AdamW::sync_host() {
-  if (!be_ || !host_stale_) return;
-  md_.download(m.data(), m.size());
-  vd_.download(v.data(), v.size());
-  host_stale_ = false;
 }
 
 // ---------------------------------------------------------------- data, evaluation
@@ -496,63 +364,163 @@ std::string progress_line(int64_t step, int64_t total, int64_t first, double wal
   return buf;
 }
 
-struct Trainer::Impl {
+// The language-model task of the one training loop: a batch of the data source per step,
+// each rank its rows; the loss of loop K (with the exit gate, or random depth and
+// truncated backprop) or of an ODE-depth solve.
+struct Trainer::Impl final : TrainTask {
   TrainConfig c;
   std::shared_ptr<Communicator> comm;  // the ranks training together (one: a single process)
   std::unique_ptr<DataSource> data;
-  std::unique_ptr<Model<float>> model;
+  std::unique_ptr<Model<float>> model_;
   std::unique_ptr<AdamW> opt;
   int64_t step = 0;
-  std::filesystem::path dir;
+  // the step's work and what its metrics line reports
+  TokenBatch tok, tgt, global_tok, global_tgt;
+  LoopWork<float> w;
+  OdeWork<float> ow;
+  ShardWeights sw;
+  float loss = 0;
+  int64_t nfe_f = 0, nfe_b = 0;
+  double evals = 0, total_evals = 0;  // field evaluations summed over the sequences: this rank's, all ranks'
+  double acc = 0, exit_depth = 0, kinetic = 0, jacobian = 0;
+  nlohmann::ordered_json drawn;  // the step's random discretisation, when drawn
 
-  std::string ckpt() const { return (dir / "checkpoint.safetensors").string(); }
-  std::string final_model() const { return (dir / "model.safetensors").string(); }
-  std::string metrics() const { return (dir / "metrics.jsonl").string(); }
+  Model<float>& model() override { return *model_; }
+  AdamW& optimiser() override { return *opt; }
+  double learning_rate(int64_t s) const override { return flowloop::learning_rate(c, s); }
+  double progress_accuracy() const override { return acc; }
 
-  std::map<std::string, std::string> meta() const {
-    return {{"train_config", c.to_json()}, {"data", data->describe()}, {"step", std::to_string(step)}};
+  std::map<std::string, std::string> metadata() const override {
+    return {{"train_config", c.to_json()}, {"data", data->describe()}};
   }
-
-  void save_checkpoint_file() {
-    opt->sync_host();
-    std::vector<TensorOut<float>> ts;
-    for (const auto& t : model->layout.tensors()) {
-      ts.push_back({t.name, t.shape, model->params.data() + t.offset});
-      ts.push_back({"optim.m." + t.name, t.shape, opt->m.data() + t.offset});
-      ts.push_back({"optim.v." + t.name, t.shape, opt->v.data() + t.offset});
-    }
-    auto md = meta();
-    md["format"] = "flowloop";
-    md["config"] = model->cfg.to_json();
-    md["adam_t"] = std::to_string(opt->t);
-    write_safetensors(ckpt(), ts, md);
-    save_checkpoint(final_model(), model->cfg, model->layout, model->params.data(), meta());
+  void check_resumable(const SafetensorsFile& f, const std::string& path) const override {
+    require_resumable(TrainConfig::from_json(f.metadata_value("train_config", "checkpoint"), path), c, path);
+  }
+  void write_model(const std::string& path, const std::map<std::string, std::string>& meta) const override {
+    save_checkpoint(path, model_->cfg, model_->layout, model_->params.data(), meta);
   }
 
   // The optimiser on the model's backend, and the model's field reading its parameters
   // there and adding its gradient there (nothing of the field crosses per step).
   void use_device() {
-    opt->set_backend(model->backend());
-    if (!model->backend()) return;
+    opt->set_backend(model_->backend());
+    if (!model_->backend()) return;
     // the optimiser's range holds the whole model from parameter 0 (AdamW's default)
-    const size_t fb = model->layout.field_begin() - opt->begin();
-    opt->prepare(model->params.data());  // the device's parameters are current before anything reads them
-    model->set_device_training(opt->device_params() + fb, opt->device_grads() + fb);
+    const size_t fb = model_->layout.field_begin() - opt->begin();
+    opt->prepare(model_->params.data());  // the device's parameters are current before anything reads them
+    model_->set_device_training(opt->device_params() + fb, opt->device_grads() + fb);
   }
 
-  void load_checkpoint_file() {
-    const SafetensorsFile f = SafetensorsFile::read(ckpt());
-    auto get = [&](const std::string& k) { return f.metadata_value(k, "checkpoint"); };
-    require_resumable(TrainConfig::from_json(get("train_config"), ckpt()), c, ckpt());
-    for (const auto& t : model->layout.tensors()) {
-      f.copy_to(t.name, t.shape, model->params.data() + t.offset);
-      f.copy_to("optim.m." + t.name, t.shape, opt->m.data() + t.offset);
-      f.copy_to("optim.v." + t.name, t.shape, opt->v.data() + t.offset);
+  TaskStep gradient(int64_t at, float* grads, Communicator& cm) override {
+    Model<float>& m = *model_;
+    const int ranks = cm.size();
+    // the global batch, whatever the number of ranks; each rank takes its rows
+    data->batch(Split::Train, static_cast<uint64_t>(at), c.batch, global_tok, global_tgt);
+    // This rank's share of the global mean loss (every rank holds the global batch, so
+    // no communication is needed for it): its gradient is scaled by it before the sum
+    sw = shard_weights(global_tgt, cm.rank(), ranks);
+    if (ranks > 1) {
+      tok = slice_rows(global_tok, sw.begin, sw.end);
+      tgt = slice_rows(global_tgt, sw.begin, sw.end);
+    } else {
+      std::swap(tok, global_tok);
+      std::swap(tgt, global_tgt);
     }
-    step = std::stoll(get("step"));
-    opt->t = std::stoll(get("adam_t"));
-    opt->state_changed();
-    opt->prepare(model->params.data());  // an evaluation before the next step reads the loaded state
+    const float* lg;
+    exit_depth = kinetic = jacobian = 0;
+    drawn = nlohmann::ordered_json();
+    const bool ode = c.depth.ode();
+    if (!ode && c.exit_gate) {
+      loss = m.loop_gate_loss_and_grad(tok, tgt, c.depth.loops, c.gate_beta, grads, w, &exit_depth);
+      nfe_f = nfe_b = c.depth.loops;
+      evals = static_cast<double>(nfe_f) * tok.B;
+      lg = w.per_loop.back().logits.data();
+    } else if (!ode) {
+      const int K = c.random_depth_mean > 0 ? random_depth(c.random_depth_mean, c.seed, at) : c.depth.loops;
+      const int k = c.random_depth_mean > 0 ? c.backprop_loops : 0;
+      loss = m.loop_loss_and_grad(tok, tgt, K, grads, w, nullptr, k);
+      nfe_f = K;
+      nfe_b = k > 0 ? std::min(K, k) : K;
+      evals = static_cast<double>(K) * tok.B;
+      lg = w.readout.logits.data();
+    } else {
+      GradStats st;
+      const SolveOptions so = c.solve_options(at);
+      if (c.randomized()) {
+        drawn["solver"] = so.method;
+        if (!so.adaptive) drawn["solver_steps"] = so.steps;
+        drawn["t1"] = so.t1;
+      }
+      GradOptions go = c.grad_options(at);
+      if (ranks > 1) go.kinetic *= sw.kinetic_factor;  // after the scaling: kinetic * (its rows' share) * R_K
+      loss = m.ode_loss_and_grad(tok, tgt, so, go, grads, st, ow);
+      kinetic = st.kinetic;
+      jacobian = st.jacobian;
+      if (!st.ok()) throw Error("step " + std::to_string(at) + ": " + st.message);
+      nfe_f = st.nfe_forward;
+      nfe_b = st.nfe_backward;
+      evals = static_cast<double>(st.forward_stats.seq_evals);
+      lg = ow.readout.logits.data();
+    }
+    int64_t acc_count = 0;
+    acc = accuracy(lg, tgt, m.cfg.vocab_size, data->exact_match(), &acc_count);
+    total_evals = evals;
+    if (ranks > 1) {
+      // the step's numbers, summed: the global loss, R_K, accuracy (right, counted), exit
+      // depth and the field evaluations
+      std::array<double, 6> sums{sw.share * loss, sw.row_share * kinetic, acc * static_cast<double>(acc_count),
+                                 static_cast<double>(acc_count), sw.share * exit_depth, evals};
+      cm.sum(sums.data(), sums.size());
+      loss = static_cast<float>(sums[0]);
+      kinetic = sums[1];
+      acc = sums[3] > 0 ? sums[2] / sums[3] : 0.0;
+      exit_depth = sums[4];
+      total_evals = sums[5];  // the evaluations of all ranks (their mean: imbalance below)
+    }
+    return {loss, sw.scale};
+  }
+
+  void metrics(nlohmann::ordered_json& line, const StepTiming& tm, Communicator& cm) override {
+    const int ranks = cm.size();
+    double most_evals = evals;
+    if (ranks > 1) {  // the depths of the batch (its deepest sequence)
+      std::array<double, 3> mx{static_cast<double>(nfe_f), static_cast<double>(nfe_b), evals};
+      cm.max(mx.data(), mx.size());
+      nfe_f = static_cast<int64_t>(mx[0]);
+      nfe_b = static_cast<int64_t>(mx[1]);
+      most_evals = mx[2];
+    }
+    line["loss"] = loss;
+    line["accuracy"] = acc;
+    line["lr"] = tm.lr;
+    line["grad_norm"] = tm.grad_norm;
+    for (auto it = drawn.begin(); it != drawn.end(); ++it) line[it.key()] = it.value();
+    line["nfe_forward"] = nfe_f;
+    line["nfe_backward"] = nfe_b;
+    line["flops"] = train_step_flops(*model_, c.batch, tok.T, static_cast<double>(nfe_f), static_cast<double>(nfe_b));
+    line["tokens_per_s"] = static_cast<double>(c.batch) * tok.T / tm.seconds;
+    line["device"] = device_name(model_->device());
+    if (ranks > 1) {
+      line["ranks"] = ranks;
+      line["communicator"] = cm.name();  // "mpi", or "mpi+nccl" where the GPUs sum
+      // the slowest rank's field evaluations over the ranks' mean (1: balanced)
+      line["load_imbalance"] = total_evals > 0 ? most_evals / (total_evals / ranks) : 1.0;
+      line["allreduce_s"] = tm.allreduce_s;
+      line["step_s"] = tm.seconds;
+      line["gradient_bytes"] = static_cast<double>(model_->params.size() * sizeof(float));
+    }
+    if (c.exit_gate) line["exit_depth"] = exit_depth;
+    if (c.kinetic > 0) line["kinetic"] = kinetic;
+    if (c.jacobian > 0) line["jacobian"] = jacobian;
+  }
+
+  void evaluate(nlohmann::ordered_json& line, std::ostream& summary) override {
+    const EvalResult ev = flowloop::evaluate(*model_, *data, c.depth, c.eval_batches, c.batch);
+    ev.require_ok();
+    line["test_loss"] = ev.loss;
+    line["test_accuracy"] = ev.accuracy;
+    line["test_nfe"] = ev.nfe;
+    summary << "  test loss " << ev.loss << "  test accuracy " << ev.accuracy;
   }
 };
 
@@ -597,16 +565,6 @@ void require_data_parallel(const TrainConfig& c, int ranks) {
                 std::to_string(ranks) + " ranks does not shard it: train it in one process");
 }
 
-// Every rank must hold the same parameters (they apply the same summed gradient); a
-// 64-bit hash of their bits compared over the ranks at every checkpoint proves it.
-void require_same_parameters(Communicator& comm, const Buffer<float>& params, int64_t step) {
-  const uint64_t h = fnv1a64(params.data(), params.size() * sizeof(float));
-  // (two 32-bit halves: each exact in a double)
-  if (!same_on_every_rank(comm, {static_cast<double>(h >> 32), static_cast<double>(h & 0xffffffffULL)}))
-    throw Error("step " + std::to_string(step) + ": the ranks' parameters differ (rank " + std::to_string(comm.rank()) +
-                "'s hash is not every rank's)");
-}
-
 }  // namespace
 
 Trainer::Trainer(const TrainConfig& cfg, std::shared_ptr<Communicator> comm) : impl_(std::make_unique<Impl>()) {
@@ -617,8 +575,8 @@ Trainer::Trainer(const TrainConfig& cfg, std::shared_ptr<Communicator> comm) : i
   if (I.comm->size() > 1) require_data_parallel(I.c, I.comm->size());
   I.data = make_source(I.c);
   const ModelConfig mc = I.c.model_config(*I.data);
-  I.model = std::make_unique<Model<float>>(mc);
-  I.model->init(I.c.seed);
+  I.model_ = std::make_unique<Model<float>>(mc);
+  I.model_->init(I.c.seed);
   if (!I.c.init_from.empty()) {
     // every tensor the source has is copied by name; tensors it lacks (a new exit
     // gate, time conditioning) keep their fresh initialisation
@@ -630,17 +588,16 @@ Trainer::Trainer(const TrainConfig& cfg, std::shared_ptr<Communicator> comm) : i
                   std::to_string(s.d_model) + ", NH " + std::to_string(s.n_head) + ", F " + std::to_string(s.d_ff) +
                   ", L " + std::to_string(s.n_block) + ", context " + std::to_string(s.context) +
                   ") does not match the configuration's");
-    for (const TensorInfo& t : I.model->layout.tensors()) {
+    for (const TensorInfo& t : I.model_->layout.tensors()) {
       const TensorInfo* st = src.layout.find(t.name);
       if (!st) continue;
       if (st->numel < t.numel) throw Error("init_from '" + I.c.init_from + "': tensor " + t.name + " is too small");
       // (wpe of a longer source context: its first rows)
-      std::copy_n(src.params.data() + st->offset, t.numel, I.model->params.data() + t.offset);
+      std::copy_n(src.params.data() + st->offset, t.numel, I.model_->params.data() + t.offset);
     }
   }
-  I.opt = std::make_unique<AdamW>(I.model->layout, I.c);
+  I.opt = std::make_unique<AdamW>(I.model_->layout, I.c.optim());
   // the output directory must be writable before any work is done (rank 0 writes it)
-  I.dir = I.c.out;
   if (I.comm->rank() == 0) require_writable(I.c.out);
 }
 
@@ -667,17 +624,17 @@ TrainCost read_train_cost(const std::string& dir, double tokens_per_step) {
 
 Trainer::~Trainer() = default;
 
-const Model<float>& Trainer::model() const { return *impl_->model; }
+const Model<float>& Trainer::model() const { return *impl_->model_; }
 void Trainer::set_device(Device d) {
   impl_->comm = communicator_for(impl_->comm, d);  // (several ranks on cuda: each its GPU, NCCL)
-  impl_->model->set_device(d);
+  impl_->model_->set_device(d);
   impl_->use_device();
 }
 
 void Trainer::set_backend(std::shared_ptr<Backend<float>> be) {
   // (the backend's own device: no GPU is selected here, nor NCCL set up)
   require_same_device(*impl_->comm, be ? be->device() : Device::cpu);
-  impl_->model->set_backend(std::move(be));
+  impl_->model_->set_backend(std::move(be));
   impl_->use_device();
 }
 
@@ -685,177 +642,8 @@ int64_t Trainer::step() const { return impl_->step; }
 
 void Trainer::run(bool resume, std::ostream& progress, int64_t stop_at) {
   Impl& I = *impl_;
-  const TrainConfig& c = I.c;
-  Communicator& comm = *I.comm;
-  const int ranks = comm.size();
-  const bool lead = comm.rank() == 0;  // writes the metrics and checkpoints, evaluates, reports
-  I.step = 0;
-  if (resume) {
-    if (!std::filesystem::exists(I.ckpt())) throw Error("--resume: no checkpoint at '" + I.ckpt() + "'");
-    I.load_checkpoint_file();
-  }
-  std::ofstream log;
-  if (lead) {
-    start_metrics(I.metrics(), resume, I.step);
-    write_file_atomic((I.dir / "config.json").string(), c.to_json() + "\n");
-    log.open(I.metrics(), std::ios::app);
-  }
-  const bool tty = lead && isatty(fileno(stderr));
-  Model<float>& m = *I.model;
-  Buffer<float> grads(m.params.size());
-  TokenBatch tok, tgt, global_tok, global_tgt;
-  const auto t_start = std::chrono::steady_clock::now();
-  const int64_t first = I.step;
-  LoopWork<float> w;
-  OdeWork<float> ow;
-  while (I.step < c.steps && (stop_at < 0 || I.step < stop_at)) {
-    const auto t0 = std::chrono::steady_clock::now();
-    I.opt->prepare(m.params.data());  // on a device: the (loaded) state there before the loss reads it
-    // the global batch, whatever the number of ranks; each rank takes its rows
-    I.data->batch(Split::Train, static_cast<uint64_t>(I.step), c.batch, global_tok, global_tgt);
-    // This rank's share of the global mean loss (every rank holds the global batch, so
-    // no communication is needed for it): its gradient is scaled by it after the step
-    const ShardWeights sw = shard_weights(global_tgt, comm.rank(), ranks);
-    if (ranks > 1) {
-      tok = slice_rows(global_tok, sw.begin, sw.end);
-      tgt = slice_rows(global_tgt, sw.begin, sw.end);
-    } else {
-      std::swap(tok, global_tok);
-      std::swap(tgt, global_tgt);
-    }
-    std::fill(grads.begin(), grads.end(), 0.0f);
-    float loss;
-    int64_t nfe_f, nfe_b;
-    double evals;  // this rank's field evaluations, summed over its sequences
-    const float* lg;
-    double exit_depth = 0, kinetic = 0, jacobian = 0;
-    nlohmann::ordered_json drawn;  // the step's random discretisation, when drawn
-    const bool ode = c.depth.ode();
-    if (!ode && c.exit_gate) {
-      loss = m.loop_gate_loss_and_grad(tok, tgt, c.depth.loops, c.gate_beta, grads.data(), w, &exit_depth);
-      nfe_f = nfe_b = c.depth.loops;
-      evals = static_cast<double>(nfe_f) * tok.B;
-      lg = w.per_loop.back().logits.data();
-    } else if (!ode) {
-      const int K = c.random_depth_mean > 0 ? random_depth(c.random_depth_mean, c.seed, I.step) : c.depth.loops;
-      const int k = c.random_depth_mean > 0 ? c.backprop_loops : 0;
-      loss = m.loop_loss_and_grad(tok, tgt, K, grads.data(), w, nullptr, k);
-      nfe_f = K;
-      nfe_b = k > 0 ? std::min(K, k) : K;
-      evals = static_cast<double>(K) * tok.B;
-      lg = w.readout.logits.data();
-    } else {
-      GradStats st;
-      const SolveOptions so = c.solve_options(I.step);
-      if (c.randomized()) {
-        drawn["solver"] = so.method;
-        if (!so.adaptive) drawn["solver_steps"] = so.steps;
-        drawn["t1"] = so.t1;
-      }
-      GradOptions go = c.grad_options(I.step);
-      if (ranks > 1) go.kinetic *= sw.kinetic_factor;  // after the scaling: kinetic * (its rows' share) * R_K
-      loss = m.ode_loss_and_grad(tok, tgt, so, go, grads.data(), st, ow);
-      kinetic = st.kinetic;
-      jacobian = st.jacobian;
-      if (!st.ok()) throw Error("step " + std::to_string(I.step) + ": " + st.message);
-      nfe_f = st.nfe_forward;
-      nfe_b = st.nfe_backward;
-      evals = static_cast<double>(st.forward_stats.seq_evals);
-      lg = ow.readout.logits.data();
-    }
-    int64_t acc_count = 0;
-    double acc = accuracy(lg, tgt, m.cfg.vocab_size, I.data->exact_match(), &acc_count);
-    double allreduce_s = 0;
-    std::array<double, 4> most{static_cast<double>(nfe_f), static_cast<double>(nfe_b), evals, 0.0};
-    if (ranks > 1) {
-      // the step's numbers, summed: the global loss, R_K, accuracy (right, counted), exit
-      // depth and the field evaluations
-      std::array<double, 6> sums{sw.share * loss, sw.row_share * kinetic, acc * static_cast<double>(acc_count),
-                                 static_cast<double>(acc_count), sw.share * exit_depth, evals};
-      const auto r0 = std::chrono::steady_clock::now();
-      I.opt->reduce(grads.data(), static_cast<float>(sw.scale), comm);  // where the gradient lives
-      if (m.backend()) m.backend()->synchronize();  // (the device's sum is queued: its time)
-      allreduce_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
-      comm.sum(sums.data(), sums.size());
-      loss = static_cast<float>(sums[0]);
-      kinetic = sums[1];
-      acc = sums[3] > 0 ? sums[2] / sums[3] : 0.0;
-      exit_depth = sums[4];
-      most[3] = sums[5];  // the evaluations of all ranks (their mean: imbalance below)
-    }
-    if (!std::isfinite(loss)) throw Error("step " + std::to_string(I.step) + ": the loss is not finite");
-    const double lr = learning_rate(c, I.step);
-    const double gnorm = I.opt->step(m.params.data(), grads.data(), lr);
-    ++I.step;
-    const auto t1 = std::chrono::steady_clock::now();
-    const double dt = std::chrono::duration<double>(t1 - t0).count();
-    double wall = std::chrono::duration<double>(t1 - t_start).count();
-    bool out_of_time = c.max_seconds > 0 && wall >= c.max_seconds && I.step < c.steps;
-    double total_evals = evals;
-    if (ranks > 1) {  // the depths of the batch (its deepest sequence), and one decision to stop
-      total_evals = most[3];
-      std::array<double, 4> mx{most[0], most[1], evals, out_of_time ? 1.0 : 0.0};
-      comm.max(mx.data(), mx.size());
-      nfe_f = static_cast<int64_t>(mx[0]);
-      nfe_b = static_cast<int64_t>(mx[1]);
-      most[2] = mx[2];
-      out_of_time = mx[3] > 0;
-    }
-    nlohmann::ordered_json line;
-    line["step"] = I.step;
-    line["loss"] = loss;
-    line["accuracy"] = acc;
-    line["lr"] = lr;
-    line["grad_norm"] = gnorm;
-    for (auto it = drawn.begin(); it != drawn.end(); ++it) line[it.key()] = it.value();
-    line["nfe_forward"] = nfe_f;
-    line["nfe_backward"] = nfe_b;
-    line["flops"] = train_step_flops(m, c.batch, tok.T, static_cast<double>(nfe_f), static_cast<double>(nfe_b));
-    line["tokens_per_s"] = static_cast<double>(c.batch) * tok.T / dt;
-    line["device"] = device_name(m.device());
-    if (ranks > 1) {
-      line["ranks"] = ranks;
-      line["communicator"] = comm.name();  // "mpi", or "mpi+nccl" where the GPUs sum
-      // the slowest rank's field evaluations over the ranks' mean (1: balanced)
-      line["load_imbalance"] = total_evals > 0 ? most[2] / (total_evals / ranks) : 1.0;
-      line["allreduce_s"] = allreduce_s;
-      line["step_s"] = dt;
-      line["gradient_bytes"] = static_cast<double>(grads.size() * sizeof(float));
-    }
-    if (c.exit_gate) line["exit_depth"] = exit_depth;
-    if (c.kinetic > 0) line["kinetic"] = kinetic;
-    if (c.jacobian > 0) line["jacobian"] = jacobian;
-    line["wall_s"] = wall;
-    if (out_of_time) line["stopped"] = "max_seconds";
-    const bool last = I.step == c.steps || out_of_time;  // evaluated and checkpointed
-    if (lead && (I.step % c.eval_every == 0 || last)) {
-      const EvalResult ev = evaluate(m, *I.data, c.depth, c.eval_batches, c.batch);
-      ev.require_ok();
-      line["test_loss"] = ev.loss;
-      line["test_accuracy"] = ev.accuracy;
-      line["test_nfe"] = ev.nfe;
-      if (!tty)
-        progress << "step " << I.step << "/" << c.steps << "  loss " << loss << "  test loss " << ev.loss
-                 << "  test accuracy " << ev.accuracy << "  " << wall << " s" << std::endl;
-    }
-    if (lead) {
-      log << line.dump() << "\n";
-      log.flush();
-    }
-    if (I.step % c.checkpoint_every == 0 || last) {
-      if (ranks > 1) require_same_parameters(comm, m.params, I.step);
-      if (lead) I.save_checkpoint_file();
-    }
-    if (tty) progress << progress_line(I.step, c.steps, first, wall, loss, acc) << std::flush;
-    if (out_of_time) {
-      if (tty) progress << std::endl;
-      if (lead)
-        progress << "stopped at step " << I.step << " of " << c.steps << ": the time budget of " << c.max_seconds
-                 << " s is spent (--resume goes on)" << std::endl;
-      return;
-    }
-  }
-  if (tty) progress << std::endl;
+  const TrainSchedule s{I.c.steps, I.c.eval_every, I.c.checkpoint_every, I.c.max_seconds, I.c.out, I.c.to_json()};
+  run_training(I, s, *I.comm, resume, progress, stop_at, I.step);
 }
 
 }  // namespace flowloop

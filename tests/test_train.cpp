@@ -190,7 +190,7 @@ TEST_CASE("AdamW, the schedule and accuracy by hand", "[train]") {
   ParamLayout layout(mc);
   c.weight_decay = 0.5;
   c.clip = 0;
-  AdamW opt(layout, c);
+  AdamW opt(layout, c.optim());
   Buffer<float> p(layout.size(), 1.0f), g(layout.size(), 0.5f);
   opt.step(p.data(), g.data(), 0.1);
   // first step: m_hat = g, v_hat = g^2 -> update = sign(g) (up to eps)
@@ -199,7 +199,7 @@ TEST_CASE("AdamW, the schedule and accuracy by hand", "[train]") {
   CHECK(p[b] == Approx(1.0 - 0.1 * 1.0).epsilon(1e-6));  // no decay on vectors
   // clipping by global norm
   c.clip = 1.0;
-  AdamW clipped(layout, c);
+  AdamW clipped(layout, c.optim());
   Buffer<float> g2(layout.size(), 1.0f), p2(layout.size(), 0.0f);
   const double norm = clipped.step(p2.data(), g2.data(), 0.1);
   CHECK(norm == Approx(std::sqrt(static_cast<double>(layout.size()))));
@@ -630,7 +630,7 @@ TEST_CASE("training with the optimiser on a backend: the host's bits, the CPU's 
   TrainConfig c;
   c.weight_decay = 0.1;
   c.clip = 0.5;
-  AdamW host(layout, c), dev(layout, c);
+  AdamW host(layout, c.optim()), dev(layout, c.optim());
   std::shared_ptr<Backend<float>> ref(make_backend<float>(Device::cpu));
   dev.set_backend(ref);
   Rng rng(4);
@@ -680,7 +680,7 @@ TEST_CASE("training with the optimiser on a backend: the host's bits, the CPU's 
   same_moments();
   // without clipping the update is the host's, bit for bit
   c.clip = 0;
-  AdamW h2(layout, c), d2(layout, c);
+  AdamW h2(layout, c.optim()), d2(layout, c.optim());
   d2.set_backend(ref);
   Buffer<float> p2 = ph, q2 = ph, g3(layout.size());
   for (auto& x : g3) x = static_cast<float>(rng.normal());

@@ -156,8 +156,8 @@ struct FlowMatchConfig {
   std::string to_json() const;
   void validate() const;  // names the first bad field (an unknown matcher, sigma < 0, ...)
   FlowMatchOptions options() const;
-  // The optimiser's settings as train's configuration (AdamW, learning_rate).
-  TrainConfig optimiser() const;
+  // The optimiser's settings (AdamW, learning_rate).
+  OptimConfig optimiser() const;
 };
 
 // The student of a teacher: its configuration with time_cond, depth 1 (t in [0, 1]),

@@ -18,6 +18,7 @@
 #include "flowloop/train/dist.hpp"
 #include "flowloop/ode/grad.hpp"
 #include "flowloop/nn/model.hpp"
+#include "flowloop/train/optim.hpp"
 
 namespace flowloop {
 
@@ -88,6 +89,8 @@ struct TrainConfig {
   // The gradient method and regularisers of training step `step` (its Hutchinson
   // draw is a function of seed and step).
   GradOptions grad_options(int64_t step) const;
+  // The optimiser's settings: AdamW's and the learning-rate schedule's.
+  OptimConfig optim() const { return {steps, warmup, lr, min_lr, weight_decay, beta1, beta2, eps, clip}; }
 };
 
 // Huginn's depth for training step `step` (a function of seed and step).
@@ -98,60 +101,8 @@ int random_depth(double mean, uint64_t seed, int64_t step);
 // is not what it was trained on.
 TrainConfig trained_config(const std::string& model, const std::string& task = "", const std::string& text = "");
 
-// Learning rate at step s: linear warm-up to lr, then cosine down to min_lr.
-double learning_rate(const TrainConfig& c, int64_t step);
-
-// AdamW over a flat parameter buffer, or over its range [begin, end) only (the rest
-// stays as it is: no update, no decay); decay applies to matrices (2-D tensors) only.
-class AdamW {
- public:
-  AdamW(const ParamLayout& layout, const TrainConfig& c, size_t begin = 0, size_t end = SIZE_MAX);
-  // params and grads: the whole buffer. The range's grads are clipped in place to
-  // global norm c.clip (if > 0); returns their norm before.
-  double step(float* params, float* grads, double lr);
-  size_t begin() const { return begin_; }
-  // The update on a backend (a model on a device): the range's parameters, moments and
-  // decays live there from the next step on; each step uploads the range's gradients
-  // (adding device_grads()), takes their norm (the backend's row sum: equal to the
-  // host's in-order sum to rounding), clips and updates there (kernels.hpp's
-  // adamw_update, the CPU's body), and downloads the range's parameters. Null: the host
-  // again. The caller's host gradients are clipped by the same factor.
-  void set_backend(std::shared_ptr<Backend<float>> be);
-  // m and v as the device has them (call before reading them: a checkpoint).
-  void sync_host();
-  // m, v, t or the parameters were set from outside (a resumed checkpoint, a new round):
-  // the host's are the current ones, and the device takes them at the next step.
-  void state_changed() { dev_fresh_ = false, host_stale_ = false, reduced_ = false; }
-  // On a device: sends the host's state if the device lacks it (before a loss reads
-  // device_params()). No-op on the host.
-  void prepare(const float* params);
-  // Data parallelism: this rank's gradient of the range times `scale`, summed over the
-  // ranks of comm where the optimiser keeps it, for the next step() to apply. On the
-  // host: grads (the whole buffer), with comm.sum. On a device: the range's gradient
-  // there (grads uploaded, device_grads() added: what step() does first), with
-  // comm.sum_device (NCCL on GPUs that have it, else through the host).
-  void reduce(float* grads, float scale, Communicator& comm);
-  // On a device (null on the host): the range's parameters there (current after prepare
-  // and every step), and a gradient array there that step() adds to the uploaded
-  // gradients, then clears: a model's field gradient can stay on the device.
-  const float* device_params() const { return be_ ? pd_.data() : nullptr; }
-  float* device_grads() { return be_ ? acc_.data() : nullptr; }
-  Buffer<float> m, v;  // the range's moments (m[i] is parameter begin + i)
-  int64_t t = 0;
-
- private:
-  kernels::AdamWStep constants(double lr) const;  // after ++t
-  size_t begin_;
-  Buffer<float> wd_;  // decay per parameter: weight_decay on matrices, 0 elsewhere
-  double b1_, b2_, eps_, clip_;
-  std::shared_ptr<Backend<float>> be_;
-  Array<float> pd_, md_, vd_, wdd_, gd_, acc_;  // on be_: parameters, moments, decays, gradients, device_grads
-  Array<float, double> norm_;
-  bool dev_fresh_ = false;  // the device holds the current parameters and moments
-  bool host_stale_ = false; // m and v on the host lag the device's
-  bool reduced_ = false;    // gd_ holds the summed gradient (reduce) for the next step
-  void gather(const float* g);  // on a device: gd_ = the range's g + acc_, acc_ cleared
-};
+// Learning rate at step s of c.optim()'s schedule.
+inline double learning_rate(const TrainConfig& c, int64_t step) { return learning_rate(c.optim(), step); }
 
 std::unique_ptr<DataSource> make_source(const TrainConfig& c);
 // Throws Error unless the model can read the data: the same vocabulary, a context
