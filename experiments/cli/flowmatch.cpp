@@ -146,6 +146,9 @@ Command register_flow_match(CLI::App& app) {
   return {fm, [a, r, ta, tr, ea, ev] {
             if (tr->parsed()) {
               const FlowMatchConfig c = merged_config(ta->given, ta->c, ta->config_file, "flow-match train options");
+              if (const int ranks = world()->size(); ranks > 1)  // (each rank would write the same run)
+                throw Error("flow-match train runs in one process; under mpirun it was started on " +
+                            std::to_string(ranks) + " ranks");
               FlowMatchTrainer trainer(c);
               trainer.set_device(resolve_device(ta->device));
               trainer.run(ta->resume, std::cerr);
