@@ -139,6 +139,105 @@ TEST_CASE("the K-loop gradient equals Euler backprop with K steps", "[grad][loop
   CHECK(st.nfe_forward == K);
 }
 
+TEST_CASE("truncated backprop: the last k steps of each sequence, backprop equal to checkpoint", "[grad][truncate]") {
+  Model<double> m = grad_model(11);
+  const int B = 3, T = 5;
+  const size_t n = static_cast<size_t>(T) * 8;
+  Rng rng(12);
+  auto h0 = randn(B * n, rng), w = randn(B * n, rng);
+  for (size_t i = n; i < 2 * n; ++i) h0[i] *= 3.0;  // sequence 1 takes more steps
+  GradOptions g;
+  g.truncate = 2;
+  SECTION("per-sequence adaptive steps: backprop equals checkpoint, and dL/dy(t0) is cut") {
+    const SolveOptions o = adaptive_opts("dopri5", 2.0, 1e-6, 1e-6);
+    const Grads a = ode_grad(m, h0, B, T, o, GradMethod::Backprop, w, g);
+    const Grads c = ode_grad(m, h0, B, T, o, GradMethod::Checkpoint, w, g);
+    const Grads full = ode_grad(m, h0, B, T, o, GradMethod::Backprop, w);
+    CHECK(rel_error(a.dparams, c.dparams) < 1e-12);
+    CHECK(rel_error(a.dparams, full.dparams) > 1e-6);  // the truncation changes the gradient
+    for (int b = 0; b < B; ++b) {
+      INFO("sequence " << b << ": " << a.stats.forward_stats.seq[b].accepted << " steps");
+      REQUIRE(a.stats.forward_stats.seq[b].accepted > 2);
+      for (size_t i = 0; i < n; ++i) {
+        CHECK(a.dh0[b * n + i] == 0.0);
+        CHECK(c.dh0[b * n + i] == 0.0);
+      }
+    }
+  }
+  SECTION("fixed steps: the gradient of the last k steps is the full gradient of a solve from the state they start at") {
+    const double H = 0.4;
+    const SolveOptions o = fixed_opts("rk4", 5 * H, 5);
+    const Grads a = ode_grad(m, h0, B, T, o, GradMethod::Backprop, w, g);
+    FieldSystem<double> sys(m.field, m.field_params(), B, T);
+    Buffer<double> y3(h0.begin(), h0.end());
+    REQUIRE(integrate(sys, y3.data(), fixed_opts("rk4", 3 * H, 3)).ok());
+    SolveOptions tail = fixed_opts("rk4", 5 * H, 2);
+    tail.t0 = 3 * H;
+    const Grads t = ode_grad(m, std::vector<double>(y3.begin(), y3.end()), B, T, tail, GradMethod::Backprop, w);
+    CHECK(a.loss == Approx(t.loss).epsilon(1e-13));
+    CHECK(rel_error(a.dparams, t.dparams) < 1e-10);
+  }
+  SECTION("the adjoint has no steps to truncate") {
+    GradOptions ga = g;
+    ga.method = GradMethod::Adjoint;
+    FieldSystem<double> sys(m.field, m.field_params(), B, T);
+    CHECK_THROWS_WITH(OdeGradient<double>(sys, adaptive_opts("dopri5", 1.0, 1e-6, 1e-6), ga),
+                      Catch::Contains("truncate"));
+  }
+}
+
+TEST_CASE("cotangents at every step of a fixed-step solve match finite differences", "[grad][steps]") {
+  // L = sum_k <w_k, y_k> over the states after steps 1..N: a loss that reads every state
+  Model<double> m = grad_model(13);
+  const int B = 2, T = 5, N = 4;
+  const size_t n = static_cast<size_t>(T) * 8, G = static_cast<size_t>(B) * n;
+  Rng rng(14);
+  auto h0 = randn(G, rng), w = randn((N + 1) * G, rng);
+  std::fill(w.begin(), w.begin() + static_cast<long>(G), 0.0);  // row 0 is never read
+  SolveOptions o = fixed_opts("rk4", 1.6, N);
+  o.save = SaveKind::Steps;
+  auto loss = [&] {
+    FieldSystem<double> sys(m.field, m.field_params(), B, T);
+    Buffer<double> h(h0.begin(), h0.end());
+    const auto r = integrate(sys, h.data(), o);
+    REQUIRE(r.ok());
+    double l = 0;
+    for (int k = 1; k <= N; ++k)
+      for (int b = 0; b < B; ++b)
+        for (size_t i = 0; i < n; ++i)
+          l += w[(static_cast<size_t>(k) * B + b) * n + i] * r.step_states[b][static_cast<size_t>(k) * n + i];
+    return l;
+  };
+  std::map<GradMethod, std::pair<std::vector<double>, std::vector<double>>> got;
+  for (GradMethod method : {GradMethod::Backprop, GradMethod::Checkpoint}) {
+    FieldSystem<double> sys(m.field, m.field_params(), B, T);
+    OdeGradient<double> og(sys, o, grad_opts(method));
+    Buffer<double> h(h0.begin(), h0.end());
+    REQUIRE(og.forward(h.data()).ok());
+    std::vector<double> dh0(G, 0.0), dp(m.field.num_params(), 0.0);
+    REQUIRE(og.backward(w.data() + N * G, dh0.data(), dp.data(), w.data()).ok());
+    got[method] = {dh0, dp};
+  }
+  CHECK(rel_error(got[GradMethod::Backprop].first, got[GradMethod::Checkpoint].first) < 1e-12);
+  CHECK(rel_error(got[GradMethod::Backprop].second, got[GradMethod::Checkpoint].second) < 1e-12);
+  CHECK(rel_error(got[GradMethod::Backprop].first, fd_grad(loss, h0.data(), h0.size())) < 1e-6);
+  const size_t f0 = m.layout.field_begin();
+  for (const auto& t : m.layout.tensors()) {
+    if (t.offset < f0 || t.offset >= m.layout.field_end()) continue;
+    INFO(t.name);
+    const std::vector<double>& dp = got[GradMethod::Backprop].second;
+    std::vector<double> an(dp.begin() + static_cast<long>(t.offset - f0), dp.begin() + static_cast<long>(t.offset - f0 + t.numel));
+    CHECK(rel_error(an, fd_grad(loss, m.params.data() + t.offset, t.numel)) < 1e-6);
+  }
+  // adaptive solves have no common steps to read
+  FieldSystem<double> sys(m.field, m.field_params(), B, T);
+  OdeGradient<double> og(sys, adaptive_opts("dopri5", 1.0, 1e-6, 1e-6), grad_opts(GradMethod::Backprop));
+  Buffer<double> h(h0.begin(), h0.end());
+  REQUIRE(og.forward(h.data()).ok());
+  std::vector<double> dh0(G), dp(m.field.num_params());
+  CHECK_THROWS_WITH(og.backward(w.data() + N * G, dh0.data(), dp.data(), w.data()), Catch::Contains("fixed-step"));
+}
+
 TEST_CASE("the adjoint converges to the discrete gradient as tolerances tighten", "[grad][adjoint]") {
   Model<double> m = grad_model(9);
   const int B = 2, T = 5;
