@@ -371,8 +371,14 @@ void fm_vjp(const Field<S>& field, FlowMatchWork<S>& w, S* dx, S* dparams, const
 template <class S>
 FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
                               const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w,
-                              const EndpointLoss<S>* endpoint, const S* target_params) {
+                              const EndpointLoss<S>* endpoint, const S* target_params, int row_begin, int row_end) {
   opt.validate();
+  if (row_end < 0) row_end = B;
+  if (row_begin < 0 || row_begin >= row_end || row_end > B)
+    throw Error("flow matching: rows [" + std::to_string(row_begin) + ", " + std::to_string(row_end) +
+                ") are not a range of the batch of " + std::to_string(B));
+  if (endpoint && (row_begin > 0 || row_end < B))
+    throw Error("flow matching: an endpoint loss reads the whole batch; it cannot be split over ranks");
   if (endpoint && opt.shortcut)
     throw Error("flow matching: an endpoint loss reads v as the velocity to t = 1; shortcut slots learn a step, "
                 "so the two do not combine");
@@ -482,33 +488,39 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
       w.dev_target.upload(target_params ? target_params : params, P);
     }
   }
-  // shortcut targets: two half steps of the target weights, without gradient
-  if (opt.shortcut) {
-    const int m = st.shortcut_rows;
-    const size_t mn = static_cast<size_t>(m) * n;
+  // this call's rows [r0, r1) of the batch: the field evaluates and differentiates them alone
+  const size_t r0 = static_cast<size_t>(row_begin), r1 = static_cast<size_t>(row_end);
+  const int Bl = row_end - row_begin;
+  // shortcut targets: two half steps of the target weights, without gradient (the
+  // shortcut slots are rows [0, m); this call's are [r0, min(r1, m)))
+  const size_t m = opt.shortcut ? static_cast<size_t>(st.shortcut_rows) : 0, s1 = std::min(r1, m);
+  if (r0 < s1) {
+    const int ms = static_cast<int>(s1 - r0);
+    const size_t mn = (s1 - r0) * n, o = r0 * n;
     const S* tp = target_params ? target_params : params;
     w.v1.resize(mn);
     w.xh.resize(mn);
-    if (!w.device) w.target_cache.resize(cfg, m, T);
-    fm_forward(field, w, true, w.v1.data(), w.xt.data(), st.t.data(), tp, m, T, half.data());
-    std::vector<double> t2(static_cast<size_t>(m));
-    for (size_t b = 0; b < static_cast<size_t>(m); ++b) {
+    if (!w.device) w.target_cache.resize(cfg, ms, T);
+    fm_forward(field, w, true, w.v1.data(), w.xt.data() + o, st.t.data() + r0, tp, ms, T, half.data() + r0);
+    std::vector<double> t2(s1 - r0);
+    for (size_t b = r0; b < s1; ++b) {
       const double hs = st.d[b] / 2;
-      t2[b] = st.t[b] + hs;
+      t2[b - r0] = st.t[b] + hs;
       const S hf = static_cast<S>(hs);
-      for (size_t k = b * n; k < (b + 1) * n; ++k) w.xh[k] = w.xt[k] + hf * w.v1[k];
+      for (size_t k = b * n; k < (b + 1) * n; ++k) w.xh[k - o] = w.xt[k] + hf * w.v1[k - o];
     }
-    fm_forward(field, w, true, w.ut.data(), w.xh.data(), t2.data(), tp, m, T, half.data());
-    for (size_t k = 0; k < mn; ++k) w.ut[k] = (w.v1[k] + w.ut[k]) / S(2);
+    fm_forward(field, w, true, w.ut.data() + o, w.xh.data(), t2.data(), tp, ms, T, half.data() + r0);
+    for (size_t k = 0; k < mn; ++k) w.ut[o + k] = (w.v1[k] + w.ut[o + k]) / S(2);
   }
-  // v(x_t, t) and the loss mean((v - u)^2)
-  if (!w.device && (w.cache.capacity < B || w.cache.T != T || w.cache.blocks.size() != static_cast<size_t>(cfg.n_block)))
-    w.cache.resize(cfg, B, T);
-  fm_forward(field, w, false, w.v.data(), w.xt.data(), st.t.data(), params, B, T, opt.shortcut ? st.d.data() : nullptr);
+  // v(x_t, t) and the loss mean((v - u)^2) (over the whole batch: these rows' part)
+  if (!w.device && (w.cache.capacity < Bl || w.cache.T != T || w.cache.blocks.size() != static_cast<size_t>(cfg.n_block)))
+    w.cache.resize(cfg, Bl, T);
+  fm_forward(field, w, false, w.v.data() + r0 * n, w.xt.data() + r0 * n, st.t.data() + r0, params, Bl, T,
+             opt.shortcut ? st.d.data() + r0 : nullptr);
   const size_t N = Bs * n;
   double loss = 0;
   const S scale = static_cast<S>(2.0 / static_cast<double>(N));
-  for (size_t k = 0; k < N; ++k) {
+  for (size_t k = r0 * n; k < r1 * n; ++k) {
     const S d = w.v[k] - w.ut[k];
     loss += static_cast<double>(d) * static_cast<double>(d);
     w.gv[k] = scale * d;
@@ -516,12 +528,11 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
   st.loss = loss / static_cast<double>(N);
   if (opt.shortcut) {
     double sl = 0;
-    const size_t mn = static_cast<size_t>(st.shortcut_rows) * n;
-    for (size_t k = 0; k < mn; ++k) {
+    for (size_t k = r0 * n; k < s1 * n; ++k) {
       const double e = static_cast<double>(w.v[k]) - static_cast<double>(w.ut[k]);
       sl += e * e;
     }
-    st.shortcut_loss = sl / static_cast<double>(mn);
+    st.shortcut_loss = sl / static_cast<double>(m * n);
   }
   if (!std::isfinite(st.loss)) throw Error("flow matching: the loss is not finite (" + std::to_string(st.loss) + ")");
   if (endpoint) {
@@ -542,7 +553,7 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
   }
   if (dparams) {
     std::fill(w.dx.begin(), w.dx.end(), S(0));
-    fm_vjp(field, w, w.dx.data(), dparams, w.gv.data(), params);
+    fm_vjp(field, w, w.dx.data(), dparams, w.gv.data() + r0 * n, params);
   }
   return st;
 }
@@ -553,7 +564,7 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
   template void trajectory_path<S>(S*, S*, const S*, int, double, size_t);                                     \
   template FlowMatchStep flow_match_step<S>(const Field<S>&, const S*, const S*, int, int, int,                 \
                                             const FlowMatchOptions&, Rng&, S*, FlowMatchWork<S>&,                \
-                                            const EndpointLoss<S>*, const S*);
+                                            const EndpointLoss<S>*, const S*, int, int);
 FLOWLOOP_FLOWMATCH(float)
 FLOWLOOP_FLOWMATCH(double)
 

@@ -329,6 +329,7 @@ Model<float> make_student(const Model<float>& teacher, int time_freq, double tim
 // trained on them, an EMA of its weights evaluated and saved.
 struct FlowMatchTrainer::Impl final : TrainTask {
   FlowMatchConfig c;
+  std::shared_ptr<Communicator> comm;  // the ranks training together (one: a single process)
   FlowMatchOptions fo;
   OptimConfig oc;  // the optimiser's settings
   std::unique_ptr<TrajectoryLoader> train, test;
@@ -429,7 +430,7 @@ struct FlowMatchTrainer::Impl final : TrainTask {
     quick.batch = std::min(quick.examples, 256);
   }
 
-  TaskStep gradient(int64_t at, float* grads, Communicator&) override {
+  TaskStep gradient(int64_t at, float* grads, Communicator& cm) override {
     Model<float>& m = *model_;
     step = at;
     const size_t n = static_cast<size_t>(train->manifest().T) * static_cast<size_t>(train->manifest().C);
@@ -449,8 +450,17 @@ struct FlowMatchTrainer::Impl final : TrainTask {
     }
     Rng rng(mix(c.seed, static_cast<uint64_t>(at)));
     const EndpointLoss<float>* endpoint = decode ? &decode_fn : nullptr;
+    // this rank's rows (all of them in one process); its loss and gradient are its parts
+    // of the whole batch's means, so the sums over the ranks are the whole batch's
+    const auto [r0, r1] = shard_rows(tb.B, cm.rank(), cm.size());
     st = flow_match_step(m.field, m.field_params(), tb.states.data(), tb.B, tb.K, tb.T, fo, rng, grads + fb, w,
-                         endpoint, ema());
+                         endpoint, ema(), r0, r1);
+    if (cm.size() > 1) {
+      double sums[2] = {st.loss, st.shortcut_loss};
+      cm.sum(sums, 2);
+      st.loss = sums[0];
+      st.shortcut_loss = sums[1];
+    }
     return {st.loss, 1.0};
   }
 
@@ -527,10 +537,18 @@ struct FlowMatchTrainer::Impl final : TrainTask {
   }
 };
 
-FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg) : impl_(std::make_unique<Impl>()) {
+FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg, std::shared_ptr<Communicator> comm)
+    : impl_(std::make_unique<Impl>()) {
   Impl& I = *impl_;
   I.c = cfg;
   I.c.validate();
+  I.comm = comm ? std::move(comm) : single_process();
+  if (I.comm->size() > 1) {
+    shard_rows(I.c.batch, 0, I.comm->size());  // every rank gets a row
+    if (I.c.decode_weight > 0)
+      throw Error("flow-match train: the decode loss reads the whole batch; data-parallel training over " +
+                  std::to_string(I.comm->size()) + " ranks does not shard it: train it in one process");
+  }
   I.fo = I.c.options();
   I.oc = I.c.optimiser();
   I.train = std::make_unique<TrajectoryLoader>(I.c.data, "train", I.c.seed);
@@ -549,12 +567,13 @@ FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg) : impl_(std::make
   I.fb = I.model_->layout.field_begin();
   I.fe = I.model_->layout.field_end();
   I.opt = std::make_unique<AdamW>(I.model_->layout, I.oc, I.fb, I.fe);
-  require_writable(I.c.out);
+  if (I.comm->rank() == 0) require_writable(I.c.out);
 }
 
 FlowMatchTrainer::~FlowMatchTrainer() = default;
 const Model<float>& FlowMatchTrainer::model() const { return *impl_->ema_model; }
 void FlowMatchTrainer::set_device(Device d) {
+  impl_->comm = communicator_for(impl_->comm, d);  // (several ranks on cuda: each its GPU, NCCL)
   for (Model<float>* m : {impl_->teacher.get(), impl_->model_.get(), impl_->ema_model.get()}) m->set_device(d);
   impl_->opt->set_backend(impl_->model_->backend());
 }
@@ -566,7 +585,7 @@ void FlowMatchTrainer::run(bool resume, std::ostream& progress, int64_t stop_at)
   I.prev.clear();
   I.prepare_run();
   const TrainSchedule s{I.total(), I.c.eval_every, I.c.checkpoint_every, I.c.max_seconds, I.c.out, I.c.to_json()};
-  run_training(I, s, *single_process(), resume, progress, stop_at, I.step);
+  run_training(I, s, *I.comm, resume, progress, stop_at, I.step);
 }
 
 }  // namespace flowloop

@@ -500,15 +500,8 @@ struct Trainer::Impl final : TrainTask {
     line["flops"] = train_step_flops(*model_, c.batch, tok.T, static_cast<double>(nfe_f), static_cast<double>(nfe_b));
     line["tokens_per_s"] = static_cast<double>(c.batch) * tok.T / tm.seconds;
     line["device"] = device_name(model_->device());
-    if (ranks > 1) {
-      line["ranks"] = ranks;
-      line["communicator"] = cm.name();  // "mpi", or "mpi+nccl" where the GPUs sum
-      // the slowest rank's field evaluations over the ranks' mean (1: balanced)
-      line["load_imbalance"] = total_evals > 0 ? most_evals / (total_evals / ranks) : 1.0;
-      line["allreduce_s"] = tm.allreduce_s;
-      line["step_s"] = tm.seconds;
-      line["gradient_bytes"] = static_cast<double>(model_->params.size() * sizeof(float));
-    }
+    // the slowest rank's field evaluations over the ranks' mean (1: balanced)
+    if (ranks > 1) line["load_imbalance"] = total_evals > 0 ? most_evals / (total_evals / ranks) : 1.0;
     if (c.exit_gate) line["exit_depth"] = exit_depth;
     if (c.kinetic > 0) line["kinetic"] = kinetic;
     if (c.jacobian > 0) line["jacobian"] = jacobian;

@@ -124,6 +124,13 @@ void run_training(TrainTask& task, const TrainSchedule& s, Communicator& comm, b
     nlohmann::ordered_json line;
     line["step"] = step;
     task.metrics(line, timing, comm);
+    if (ranks > 1) {
+      line["ranks"] = ranks;
+      line["communicator"] = comm.name();  // "mpi", or "mpi+nccl" where the GPUs sum
+      line["allreduce_s"] = timing.allreduce_s;
+      line["step_s"] = timing.seconds;
+      line["gradient_bytes"] = static_cast<double>(m.params.size() * sizeof(float));
+    }
     if (ranks > 1) {  // one decision to stop
       double stop = out_of_time ? 1.0 : 0.0;
       comm.max(&stop, 1);

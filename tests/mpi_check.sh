@@ -4,7 +4,7 @@
 # (rel < 1e-5), looped and as a per-sequence adaptive ODE with the kinetic regulariser;
 # two runs on 2 ranks give the same bits; a run stopped on 2 ranks resumes on 1 and one
 # stopped on 1 resumes on 2, each equal to the uninterrupted run; what cannot be sharded
-# is refused with an error naming it.
+# is refused with an error naming it; flow-match train on 2 ranks against 1 process too.
 # Usage: mpi_check.sh FLOWLOOP MPIEXEC WORK_DIR (MPI_CHECK_DEVICE=cuda: on the GPU, as
 # ./run.sh gpu-check runs it; default cpu)
 set -euo pipefail
@@ -83,6 +83,18 @@ PY
   train2 "${common[@]}" "${spec[@]}" --resume --out "$work/${mode}_1to2"
   compare "$work/${mode}_np1" "$work/${mode}_1to2" 1e-5
 done
+
+# flow matching on the loop teacher's recorded paths: 2 ranks against 1 process, bits repeated
+"$fl" flow-match record -m "$work/loop_np1/model.safetensors" --examples 24 --test-examples 8 --batch 4 \
+  --shard-size 8 --out "$work/paths" --device cpu >/dev/null 2>"$work/err.txt" || { cat "$work/err.txt" >&2; exit 1; }
+fm=(flow-match train --data "$work/paths" --matcher otcfm --steps 6 --batch 5 --warmup 2 --eval-every 3
+  --checkpoint-every 3 --eval-batches 1 --time-freq 8 --seed 3 --device "${MPI_CHECK_DEVICE:-cpu}")
+"$fl" "${fm[@]}" --out "$work/fm_np1" >/dev/null 2>"$work/err.txt" || { cat "$work/err.txt" >&2; exit 1; }
+"${np2[@]}" "$fl" "${fm[@]}" --out "$work/fm_np2" >/dev/null 2>"$work/err.txt" || { cat "$work/err.txt" >&2; exit 1; }
+"${np2[@]}" "$fl" "${fm[@]}" --out "$work/fm_np2_again" >/dev/null 2>"$work/err.txt" || { cat "$work/err.txt" >&2; exit 1; }
+compare "$work/fm_np1" "$work/fm_np2" 1e-5
+compare "$work/fm_np2" "$work/fm_np2_again" 0 exact
+same_weights "$work/fm_np2/model.safetensors" "$work/fm_np2_again/model.safetensors"
 
 expect_error() {  # expect_error TEXT ARGS...: the run fails and says TEXT
   local text=$1

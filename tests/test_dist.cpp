@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "thread_ranks.hpp"
 #include "train_check.hpp"
 #include "flowloop/train/dist.hpp"
 #include "flowloop/ode/grad.hpp"
@@ -128,81 +129,6 @@ TEST_CASE("data parallel: the ranks' weighted shards sum to the whole batch's lo
 }
 
 namespace {
-
-// N ranks as N threads of this process. Every collective meets at a barrier: each rank
-// shows its array, the ranks combine all of them in rank order (the same bits on every
-// rank), and meet again before anyone writes its own.
-class ThreadGroup {
- public:
-  explicit ThreadGroup(int n) : slots_(static_cast<size_t>(n)), n_(n) {}
-  int size() const { return n_; }
-  // A rank that waits 120 s in vain breaks the group: every later collective throws.
-  void meet() {
-    std::unique_lock<std::mutex> lk(mu_);
-    if (broken_) throw Error("the group is broken (a rank did not reach a collective)");
-    const uint64_t gen = gen_;
-    if (++arrived_ == n_) {
-      arrived_ = 0;
-      ++gen_;
-      cv_.notify_all();
-    } else if (!cv_.wait_for(lk, std::chrono::seconds(120), [&] { return gen_ != gen || broken_; }) || broken_) {
-      broken_ = true;
-      cv_.notify_all();
-      throw Error("a rank did not reach the collective within 120 s");
-    }
-  }
-  std::vector<const void*> slots_;
-
- private:
-  int n_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int arrived_ = 0;
-  uint64_t gen_ = 0;
-  bool broken_ = false;
-};
-
-class ThreadRank final : public Communicator {
- public:
-  ThreadRank(std::shared_ptr<ThreadGroup> g, int rank) : g_(std::move(g)), rank_(rank) {}
-  int rank() const override { return rank_; }
-  int size() const override { return g_->size(); }
-  int local_rank() const override { return rank_; }
-  int local_size() const override { return g_->size(); }
-  std::string name() const override { return "threads"; }
-  void sum(float* x, size_t n) override { combine(x, n, false); }
-  void sum(double* x, size_t n) override { combine(x, n, false); }
-  void max(double* x, size_t n) override { combine(x, n, true); }
-  void broadcast(void* bytes, size_t n, int root) override {
-    g_->slots_[static_cast<size_t>(rank_)] = bytes;
-    g_->meet();
-    if (rank_ != root) std::memcpy(bytes, g_->slots_[static_cast<size_t>(root)], n);
-    g_->meet();
-  }
-  void barrier() override { g_->meet(); }
-  [[noreturn]] void abort(int code) override { throw Error("rank aborted with " + std::to_string(code)); }
-  int device_sums = 0;  // sum_device calls (the device path's gradients)
-  void sum_device(Backend<float>& be, float* x, size_t n) override {
-    ++device_sums;
-    Communicator::sum_device(be, x, n);
-  }
-
- private:
-  template <class T>
-  void combine(T* x, size_t n, bool is_max) {
-    g_->slots_[static_cast<size_t>(rank_)] = x;
-    g_->meet();
-    std::vector<T> r(static_cast<const T*>(g_->slots_[0]), static_cast<const T*>(g_->slots_[0]) + n);
-    for (int k = 1; k < g_->size(); ++k) {
-      const T* y = static_cast<const T*>(g_->slots_[static_cast<size_t>(k)]);
-      for (size_t i = 0; i < n; ++i) r[i] = is_max ? std::max(r[i], y[i]) : r[i] + y[i];
-    }
-    g_->meet();  // every rank has read every array
-    std::copy(r.begin(), r.end(), x);
-  }
-  std::shared_ptr<ThreadGroup> g_;
-  int rank_;
-};
 
 // Trains configs[r] on rank r of a thread group (on the reference backend when on_device);
 // returns each rank's final parameters, and rethrows the first rank's error.

@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "check.hpp"
+#include "thread_ranks.hpp"
 #include "flowloop/io/checkpoint.hpp"
 #include "flowloop/train/flowmatch.hpp"
 #include "flowloop/train/flowmatch_train.hpp"
@@ -1074,6 +1075,63 @@ TEST_CASE("flow-match train: a run stopped and resumed is the uninterrupted run"
     FlowMatchTrainer t(other);
     CHECK_THROWS_WITH(t.run(true, quiet), Catch::Contains("another configuration"));
   }
+}
+
+TEST_CASE("flow-match train on thread ranks: 2 ranks train as one process", "[flowmatch][train][dist]") {
+  Recorded R;
+  for (const char* matcher : {"otcfm", "trajectory"}) {
+    INFO(matcher);
+    FlowMatchConfig c = small_config(R.out, (R.dir.path / (std::string("one-") + matcher)).string());
+    c.matcher = matcher;
+    c.batch = 5;  // ranks of 3 and 2 rows
+    c.checkpoint_every = 3;
+    if (c.matcher == "otcfm") {
+      c.reflow = 1;  // a second round: every rank re-targets the whole batch by the first round's flow
+    } else {
+      c.shortcut = true;  // shortcut slots 0..2: rank 0 holds all of them, rank 1 none
+      c.shortcut_fraction = 0.5;
+      c.shortcut_steps = 4;
+    }
+    std::ostringstream quiet;
+    FlowMatchTrainer whole(c);
+    whole.run(false, quiet);
+    FlowMatchConfig c2 = c;
+    c2.out = (R.dir.path / (std::string("two-") + matcher)).string();
+    std::vector<Buffer<float>> params(2);
+    const auto errors = on_thread_ranks(2, [&](int r, std::shared_ptr<ThreadRank> comm) {
+      FlowMatchTrainer t(c2, comm);
+      std::ostringstream q;
+      t.run(false, q);
+      params[static_cast<size_t>(r)] = t.model().params;
+    });
+    for (const auto& e : errors) REQUIRE(e.empty());
+    CHECK(params[0] == params[1]);  // every rank holds the same weights, bit for bit
+    CHECK(rel_error(std::vector<double>(params[0].begin(), params[0].end()),
+                    std::vector<double>(whole.model().params.begin(), whole.model().params.end())) < 1e-4);
+    auto metrics = [](const std::string& dir) {
+      std::vector<json> l;
+      std::ifstream in(dir + "/metrics.jsonl");
+      for (std::string line; std::getline(in, line);) l.push_back(json::parse(line));
+      return l;
+    };
+    const auto a = metrics(c.out), b = metrics(c2.out);
+    REQUIRE(a.size() == static_cast<size_t>((c.reflow + 1) * c.steps));
+    REQUIRE(b.size() == a.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      INFO("step " << i + 1);
+      CHECK(b[i].at("ranks") == 2);
+      for (const char* k : {"loss", "grad_norm", "coupling_cost"}) {
+        const double x = a[i].at(k).get<double>(), y = b[i].at(k).get<double>();
+        CHECK(std::fabs(x - y) <= 1e-5 * std::max(std::fabs(x), std::fabs(y)));
+      }
+      if (c.shortcut) CHECK(b[i].at("shortcut_loss").get<double>() == Approx(a[i].at("shortcut_loss").get<double>()).epsilon(1e-5));
+    }
+  }
+  // the decode loss reads the whole batch: not split over ranks
+  FlowMatchConfig d = small_config(R.out, (R.dir.path / "decode").string());
+  d.decode_weight = 0.5;
+  const auto errors = on_thread_ranks(2, [&](int, std::shared_ptr<ThreadRank> comm) { FlowMatchTrainer t(d, comm); });
+  for (const auto& e : errors) CHECK_THAT(e, Catch::Contains("decode loss") && Catch::Contains("2 ranks"));
 }
 
 TEST_CASE("flow-match train: a resume on a recording of another teacher is refused", "[flowmatch][train]") {

@@ -70,6 +70,27 @@ CLI::Option* add_device_flag(CLI::App* app, std::string& device);
 // Whether any of these flags was given on the command line.
 bool any_given(const KeyedOptions& flags);
 
+// A training job on every rank of comm: make() builds the trainer, work(trainer) runs it.
+// Alone, an error propagates as usual; on several ranks, the others would wait for a rank
+// that fails in the next sum, so a failing rank names itself and ends them all (from
+// inside, while the trainer and its NCCL communicator are alive).
+[[noreturn]] void end_ranks(Communicator& comm, const std::exception& e);
+template <class Make, class Work>
+void run_on_ranks(Communicator& comm, Make make, Work work) {
+  try {
+    auto trainer = make();
+    try {
+      work(*trainer);
+    } catch (const std::exception& e) {
+      if (comm.size() == 1) throw;
+      end_ranks(comm, e);
+    }
+  } catch (const std::exception& e) {
+    if (comm.size() == 1) throw;
+    end_ranks(comm, e);
+  }
+}
+
 
 // A solve's statistics as JSON (per sequence and in total).
 template <class S>

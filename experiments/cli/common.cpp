@@ -1,6 +1,8 @@
 #include "cli.hpp"
 
+#include <cstdlib>
 #include <filesystem>
+#include <iostream>
 
 #include "flowloop/io/checkpoint.hpp"
 #include "flowloop/io/io.hpp"
@@ -69,5 +71,11 @@ json solve_json(const SolveResult<S>& r, const SolveOptions& o) {
 
 template json solve_json<float>(const SolveResult<float>&, const SolveOptions&);
 template json solve_json<double>(const SolveResult<double>&, const SolveOptions&);
+
+void end_ranks(Communicator& comm, const std::exception& e) {
+  std::cerr << "flowloop: error (rank " << comm.rank() << " of " << comm.size() << "): " << e.what() << std::endl;
+  comm.abort(1);
+  std::abort();  // (not reached: abort ends every rank)
+}
 
 }  // namespace flowloop::cli

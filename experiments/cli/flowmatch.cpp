@@ -146,14 +146,20 @@ Command register_flow_match(CLI::App& app) {
   return {fm, [a, r, ta, tr, ea, ev] {
             if (tr->parsed()) {
               const FlowMatchConfig c = merged_config(ta->given, ta->c, ta->config_file, "flow-match train options");
-              if (const int ranks = world()->size(); ranks > 1)  // (each rank would write the same run)
-                throw Error("flow-match train runs in one process; under mpirun it was started on " +
-                            std::to_string(ranks) + " ranks");
-              FlowMatchTrainer trainer(c);
-              trainer.set_device(resolve_device(ta->device));
-              trainer.run(ta->resume, std::cerr);
-              const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"}, {"metrics", c.out + "/metrics.jsonl"}};
-              std::cout << last.dump() << std::endl;
+              // under mpirun: every rank trains its rows of each batch; rank 0 writes and reports
+              const std::shared_ptr<Communicator> comm = world();
+              run_on_ranks(
+                  *comm, [&] { return std::make_unique<FlowMatchTrainer>(c, comm); },
+                  [&](FlowMatchTrainer& trainer) {
+                    trainer.set_device(resolve_device(ta->device));
+                    std::ostringstream quiet;
+                    trainer.run(ta->resume, comm->rank() == 0 ? std::cerr : quiet);
+                  });
+              if (comm->rank() == 0) {
+                const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"},
+                                   {"metrics", c.out + "/metrics.jsonl"}, {"ranks", comm->size()}};
+                std::cout << last.dump() << std::endl;
+              }
               return 0;
             }
             if (ev->parsed()) return run_eval(*ea);

@@ -84,28 +84,14 @@ Command register_train(CLI::App& app) {
             const TrainConfig c = merged_train_config(a->given, a->c, a->config_file);
             // under mpirun: every rank trains its rows of each batch; rank 0 writes and reports
             const std::shared_ptr<Communicator> comm = world();
-            // the other ranks would wait for a rank that fails in the next sum: end them all
-            // (from inside, while the trainer and its NCCL communicator are alive)
-            auto end_all = [&](const std::exception& e) {
-              std::cerr << "flowloop: error (rank " << comm->rank() << " of " << comm->size() << "): " << e.what()
-                        << std::endl;
-              comm->abort(1);
-            };
-            try {
-              Trainer trainer(c, comm);
-              try {
-                // several ranks on cuda: each takes its GPU, and the gradients are summed there
-                trainer.set_device(resolve_device(a->device));
-                std::ostringstream quiet;
-                trainer.run(a->resume, comm->rank() == 0 ? std::cerr : quiet);
-              } catch (const std::exception& e) {
-                if (comm->size() == 1) throw;
-                end_all(e);
-              }
-            } catch (const std::exception& e) {
-              if (comm->size() == 1) throw;
-              end_all(e);
-            }
+            run_on_ranks(
+                *comm, [&] { return std::make_unique<Trainer>(c, comm); },
+                [&](Trainer& trainer) {
+                  // several ranks on cuda: each takes its GPU, and the gradients are summed there
+                  trainer.set_device(resolve_device(a->device));
+                  std::ostringstream quiet;
+                  trainer.run(a->resume, comm->rank() == 0 ? std::cerr : quiet);
+                });
             if (comm->rank() == 0) {
               const json last = {{"out", c.out}, {"model", c.out + "/model.safetensors"},
                                  {"metrics", c.out + "/metrics.jsonl"}, {"ranks", comm->size()}};

@@ -147,10 +147,16 @@ using EndpointLoss = std::function<double(const S* x1hat, const FlowMatchStep& s
 // grid point (its t replaced), the bridge noise (when sigma > 0); so a step is a
 // function of the weights, the batch and rng. target_params: the weights that make the
 // shortcut targets (the trainer's EMA; null: params).
+// Data parallelism: rows [row_begin, row_end) only (row_end -1: all) are evaluated and
+// differentiated. The draws and couplings are the whole batch's, as every rank makes
+// them, and loss, shortcut_loss and the gradient are these rows' parts of the whole
+// batch's means: summed over the ranks' row ranges, they are the one-process step's.
+// An endpoint loss reads the whole batch (not sharded).
 template <class S>
 FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* states, int B, int K, int T,
                               const FlowMatchOptions& opt, Rng& rng, S* dparams, FlowMatchWork<S>& w,
-                              const EndpointLoss<S>* endpoint = nullptr, const S* target_params = nullptr);
+                              const EndpointLoss<S>* endpoint = nullptr, const S* target_params = nullptr,
+                              int row_begin = 0, int row_end = -1);
 
 // ---- recorded trajectories: `flowloop flow-match record` -------------------------
 // A teacher's latent path per sequence, h_0 .. h_K: a loop's states after 0..K loops,

@@ -171,7 +171,13 @@ Model<float> make_student(const Model<float>& teacher, int time_freq, double tim
 class FlowMatchTrainer {
  public:
   // Checks everything (configuration, recording, teacher, output directory) before any work.
-  explicit FlowMatchTrainer(const FlowMatchConfig& c);
+  // With a communicator of N > 1 ranks (world() under mpirun), each rank evaluates and
+  // differentiates its rows of every batch (shard_rows; the draws and couplings are the
+  // whole batch's, made alike on every rank) and the gradients are summed before the
+  // update, which every rank applies: the losses are the one-process run's to rounding.
+  // Rank 0 writes the metrics and checkpoints and evaluates (the training loop's rules,
+  // train/loop.hpp). The decode loss reads the whole batch: one process only.
+  explicit FlowMatchTrainer(const FlowMatchConfig& c, std::shared_ptr<Communicator> comm = nullptr);
   ~FlowMatchTrainer();
   // Trains to c.steps (and the reflow rounds); with resume, continues from OUT's
   // checkpoint. stop_at >= 0 stops after that many steps in all (rounds included), as
