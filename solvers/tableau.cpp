@@ -10,6 +10,7 @@ void ButcherTableau::validate() {
   const size_t s = c.size();
   auto fail = [&](const std::string& what) { return Error("tableau '" + name + "': " + what); };
   if (s == 0) throw fail("no stages");
+  if (s > 32) throw fail(std::to_string(s) + " stages: the state algebra takes at most 32");
   if (a.size() != s * s) throw fail("a has " + std::to_string(a.size()) + " entries, expected s*s = " + std::to_string(s * s));
   if (b.size() != s) throw fail("b has " + std::to_string(b.size()) + " entries, expected " + std::to_string(s));
   if (!e.empty() && e.size() != s) throw fail("error weights have " + std::to_string(e.size()) + " entries, expected " + std::to_string(s));

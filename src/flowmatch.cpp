@@ -500,7 +500,7 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
     const S* tp = target_params ? target_params : params;
     w.v1.resize(mn);
     w.xh.resize(mn);
-    if (!w.device) w.target_cache.resize(cfg, ms, T);
+    if (!w.device) w.target_cache.resize(field.backend(), cfg, ms, T);
     fm_forward(field, w, true, w.v1.data(), w.xt.data() + o, st.t.data() + r0, tp, ms, T, half.data() + r0);
     std::vector<double> t2(s1 - r0);
     for (size_t b = r0; b < s1; ++b) {
@@ -514,7 +514,7 @@ FlowMatchStep flow_match_step(const Field<S>& field, const S* params, const S* s
   }
   // v(x_t, t) and the loss mean((v - u)^2) (over the whole batch: these rows' part)
   if (!w.device && (w.cache.capacity < Bl || w.cache.T != T || w.cache.blocks.size() != static_cast<size_t>(cfg.n_block)))
-    w.cache.resize(cfg, Bl, T);
+    w.cache.resize(field.backend(), cfg, Bl, T);
   fm_forward(field, w, false, w.v.data() + r0 * n, w.xt.data() + r0 * n, st.t.data() + r0, params, Bl, T,
              opt.shortcut ? st.d.data() + r0 : nullptr);
   const size_t N = Bs * n;

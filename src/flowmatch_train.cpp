@@ -491,12 +491,14 @@ struct FlowMatchTrainer::Impl final : TrainTask {
   }
 
   bool boundary(int64_t done) const override { return done % c.steps == 0; }
-  // the round's model, then the next round starts from it with fresh moments
-  void at_boundary(int64_t done) override {
+  // the round's model (rank 0 writes it), then the next round starts from it with fresh moments
+  void at_boundary(int64_t done, bool lead) override {
     step = done;
-    std::map<std::string, std::string> meta = metadata();
-    meta["step"] = std::to_string(done);
-    write_model((fs::path(c.out) / ("model-round-" + std::to_string(round() - 1) + ".safetensors")).string(), meta);
+    if (lead) {
+      std::map<std::string, std::string> meta = metadata();
+      meta["step"] = std::to_string(done);
+      write_model((fs::path(c.out) / ("model-round-" + std::to_string(round() - 1) + ".safetensors")).string(), meta);
+    }
     const size_t nf = fe - fb;
     prev.assign(ema(), ema() + nf);
     std::copy_n(ema(), nf, model_->params.data() + fb);
@@ -573,6 +575,10 @@ FlowMatchTrainer::FlowMatchTrainer(const FlowMatchConfig& cfg, std::shared_ptr<C
 FlowMatchTrainer::~FlowMatchTrainer() = default;
 const Model<float>& FlowMatchTrainer::model() const { return *impl_->ema_model; }
 void FlowMatchTrainer::set_device(Device d) {
+  // the step's arrays live on the models' present backend: freed while it is alive
+  impl_->w = FlowMatchWork<float>();
+  impl_->tw = FlowMatchWork<float>();
+  impl_->prev_sys.reset();
   impl_->comm = communicator_for(impl_->comm, d);  // (several ranks on cuda: each its GPU, NCCL)
   for (Model<float>* m : {impl_->teacher.get(), impl_->model_.get(), impl_->ema_model.get()}) m->set_device(d);
   impl_->opt->set_backend(impl_->model_->backend());

@@ -218,12 +218,14 @@ S Model<S>::loop_loss_and_grad_from(const S* h0, const TokenBatch& targets, int 
   if (h0 != w.h.data()) std::memcpy(w.h.data(), h0, NC * sizeof(S));
   // backprop through the K Euler steps of the one driver (the last `truncate` only when > 0)
   GradOptions gopt;
-  gopt.truncate = truncate;
+  gopt.truncate = std::max(0, truncate);
   GradStats stats;
   const S loss = ode_loss_and_grad_from(w.h.data(), targets, loop_options(K, false), gopt, grads, stats, w.ode, nullptr);
   std::memcpy(w.h.data() + NC * K, w.ode.h.data(), NC * sizeof(S));
   std::swap(w.readout, w.ode.readout);
-  if (!stats.ok()) {
+  if (!stats.ok()) {  // a non-finite state: NaN logits and loss, no gradient
+    w.readout.resize(cfg, N);
+    std::fill(w.readout.logits.begin(), w.readout.logits.end(), std::numeric_limits<S>::quiet_NaN());
     std::fill(w.dh.begin(), w.dh.end(), S(0));
     if (dh0) std::fill(dh0, dh0 + NC, S(0));
     return std::numeric_limits<S>::quiet_NaN();
@@ -264,9 +266,16 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
   const SolveResult<S>& fr = grad_forward(tokens.B, tokens.T, loop_options(K, true), GradOptions{}, w.ode);
   gather_loop_states(w.h.data(), fr, tokens.B, K, static_cast<size_t>(tokens.T) * C);
   readout(w.h.data() + NC * K, N, w.readout);
-  if (!fr.ok()) return std::numeric_limits<S>::quiet_NaN();
-  const S* P = params.data();
   w.per_loop.resize(static_cast<size_t>(K));
+  if (!fr.ok()) {  // a non-finite state: NaN logits at every loop and loss, no gradient
+    w.ode.sys->set_resident(false);
+    for (auto& rc : w.per_loop) {
+      rc.resize(cfg, N);
+      std::fill(rc.logits.begin(), rc.logits.end(), std::numeric_limits<S>::quiet_NaN());
+    }
+    return std::numeric_limits<S>::quiet_NaN();
+  }
+  const S* P = params.data();
   w.gate.assign(static_cast<size_t>(K) * N, S(0));  // lambda_t, later dz_t
   // readout and gate at every loop t = 1..K
   for (int t = 1; t <= K; ++t) {
@@ -417,7 +426,7 @@ template <class S>
 FieldSystem<S>::FieldSystem(const Field<S>& field, const S* params, int B, int T, const Field<S>* device)
     : field_(field), params_(params), B_(B), T_(T), dev_(device) {
   if (!dev_) {
-    cache_.resize(field.config(), B, T);
+    cache_.resize(field.backend(), field.config(), B, T);
     return;
   }
   NetOps<S>& be = dev_->backend();
@@ -500,7 +509,7 @@ void FieldSystem<S>::reserve_slots(int n) {
   const size_t before = slots_.size();
   if (static_cast<size_t>(n) <= before) return;
   slots_.resize(static_cast<size_t>(n));
-  for (size_t i = before; i < slots_.size(); ++i) slots_[i].resize(field_.config(), B_, T_);
+  for (size_t i = before; i < slots_.size(); ++i) slots_[i].resize(field_.backend(), field_.config(), B_, T_);
 }
 
 template <class S>
@@ -579,15 +588,20 @@ const SolveResult<S>& Model<S>::grad_forward(int B, int T, const SolveOptions& o
   // regularisers evaluate there from host states.
   const bool resident = device_field() && !gopt.regularized();
   w.grad.reset();
-  sys.set_resident(resident);
-  w.grad = std::make_unique<OdeGradient<S>>(sys, opt, gopt);
-  if (!resident) return w.grad->forward(w.h.data());
-  StateOps<S>& be = device_field()->backend();
-  w.dev_h.resize(be, NC);
-  w.dev_h.upload(w.h.data(), NC);
-  const SolveResult<S>& r = w.grad->forward(w.dev_h.data());
-  w.dev_h.download(w.h.data(), NC);
-  return r;
+  sys.set_resident(resident);  // until grad_backward, or a failure here
+  try {
+    w.grad = std::make_unique<OdeGradient<S>>(sys, opt, gopt);
+    if (!resident) return w.grad->forward(w.h.data());
+    StateOps<S>& be = device_field()->backend();
+    w.dev_h.resize(be, NC);
+    w.dev_h.upload(w.h.data(), NC);
+    const SolveResult<S>& r = w.grad->forward(w.dev_h.data());
+    w.dev_h.download(w.h.data(), NC);
+    return r;
+  } catch (...) {
+    sys.set_resident(false);
+    throw;
+  }
 }
 
 template <class S>

@@ -129,7 +129,7 @@ void run_training(TrainTask& task, const TrainSchedule& s, Communicator& comm, b
       line["communicator"] = comm.name();  // "mpi", or "mpi+nccl" where the GPUs sum
       line["allreduce_s"] = timing.allreduce_s;
       line["step_s"] = timing.seconds;
-      line["gradient_bytes"] = static_cast<double>(m.params.size() * sizeof(float));
+      line["gradient_bytes"] = static_cast<double>((opt.end() - opt.begin()) * sizeof(float));  // what is summed
     }
     if (ranks > 1) {  // one decision to stop
       double stop = out_of_time ? 1.0 : 0.0;
@@ -151,7 +151,7 @@ void run_training(TrainTask& task, const TrainSchedule& s, Communicator& comm, b
       log << line.dump() << "\n";
       log.flush();
     }
-    if (boundary && step < s.steps) task.at_boundary(step);
+    if (boundary && step < s.steps) task.at_boundary(step, lead);
     if (step % s.checkpoint_every == 0 || last) {
       if (ranks > 1) require_same_parameters(comm, m.params, step);
       if (lead) save_checkpoint_file(task, dir, step);

@@ -539,6 +539,27 @@ TEST_CASE("random depth: Poisson-lognormal loops and truncated backprop", "[trai
   CHECK(rel_error(full, gt) > 1e-6);  // the truncation changes the gradient
 }
 
+TEST_CASE("a loop whose states turn non-finite gives NaN logits and loss, and no gradient", "[train][depth][errors]") {
+  Model<double> m = gate_model(9);
+  const TensorInfo& w = m.layout.at("field.h.0.mlp.c_proj.weight");
+  m.params[w.offset] = std::numeric_limits<double>::infinity();  // the field's output is not finite
+  const TokenBatch tok = rows(2, 4, 7, 6, false), tgt = rows(2, 4, 7, 8, true);
+  const int K = 3, N = 2 * 4, V = 7;
+  auto all_nan = [](const Buffer<double>& x) {
+    return !x.empty() && std::all_of(x.begin(), x.end(), [](double v) { return std::isnan(v); });
+  };
+  std::vector<double> g(m.params.size(), 0.0);
+  LoopWork<double> lw;
+  CHECK(std::isnan(m.loop_loss_and_grad(tok, tgt, K, g.data(), lw)));
+  CHECK(lw.readout.logits.size() == static_cast<size_t>(N) * V);
+  CHECK(all_nan(lw.readout.logits));
+  LoopWork<double> gw;
+  CHECK(std::isnan(m.loop_gate_loss_and_grad(tok, tgt, K, 0.1, g.data(), gw)));
+  REQUIRE(gw.per_loop.size() == static_cast<size_t>(K));
+  CHECK(all_nan(gw.per_loop.back().logits));
+  CHECK(std::all_of(g.begin(), g.end(), [](double v) { return v == 0.0; }));  // no gradient was added
+}
+
 TEST_CASE("flowloop study trains every arm at the same budget and writes the table", "[train][cli][study]") {
   TempDir dir("flowloop_train");
   const std::string out = (dir.path / "study").string();

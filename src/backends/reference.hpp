@@ -15,8 +15,11 @@
 
 namespace flowloop::detail {
 
-// The reference backend: host memory; every operation is a loop over kernels.hpp's
+// The reference backend: host memory; every network op is a loop over kernels.hpp's
 // bodies (the CUDA kernels' own) or the library's GEMM, on one thread, in a fixed order.
+// The state algebra (shared with the cpu backend) runs algebra.hpp's functions, its
+// element-wise passes split over the OpenMP threads (for_chunks: the same bits on any
+// thread count).
 template <class S>
 class ReferenceBackend : public Backend<S> {
  public:

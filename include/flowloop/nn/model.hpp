@@ -157,7 +157,6 @@ struct LoopWork {
   ReadoutCache<S> readout;      // the readout of h_K
   std::vector<ReadoutCache<S>> per_loop;  // exit gate: the readout at every loop
   Buffer<S> gate;                         // exit gate: (K, N) lambda
-  Buffer<S> gy;                           // exit gate: (K+1, B,T,C) the loss's cotangent at every state
   OdeWork<S> ode;                         // the solve
   void resize(const ModelConfig& cfg, int B, int T, int K);
 };

@@ -69,9 +69,10 @@ class TrainTask {
   // (every rank builds the line; it may take maxima over comm).
   virtual void metrics(nlohmann::ordered_json& line, const StepTiming& timing, Communicator& comm) = 0;
   // Whether `done` steps end a part of the run (a reflow round): evaluated and
-  // checkpointed as the last step is, at_boundary running between the two.
+  // checkpointed as the last step is, at_boundary running between the two on every rank
+  // (`lead`: rank 0, which alone writes files).
   virtual bool boundary(int64_t done) const { (void)done; return false; }
-  virtual void at_boundary(int64_t done) { (void)done; }
+  virtual void at_boundary(int64_t done, bool lead) { (void)done, (void)lead; }
   // The evaluation (rank 0): its fields into the line, a few words for a log.
   virtual void evaluate(nlohmann::ordered_json& line, std::ostream& summary) = 0;
   virtual double progress_accuracy() const { return -1; }  // the progress bar's (< 0: none)
