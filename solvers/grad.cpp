@@ -9,7 +9,6 @@
 #include <sstream>
 
 #include "flowloop/ode/algebra.hpp"
-#include "flowloop/backend/backend.hpp"
 #include "flowloop/ode/state_ops.hpp"
 #include "coupled.hpp"
 #include "tape.hpp"
@@ -173,7 +172,7 @@ template <class S>
 class AdjointSystem : public OdeSystem<S> {
  public:
   explicit AdjointSystem(DiffSystem<S>& f)
-      : f_(f), mem_(f.backend() ? *f.backend() : host_backend<S>()), n_(f.dim()), P_(f.num_params()),
+      : f_(f), mem_(f.backend() ? *f.backend() : host_state_ops<S>()), n_(f.dim()), P_(f.num_params()),
         W_(2 * n_ + P_) {
     const size_t cap = n_ * static_cast<size_t>(f.groups());
     yc_ = Array<S>(mem_, cap);
@@ -269,12 +268,12 @@ struct OdeGradient<S>::Impl {
     G = sys->groups();
     n = sys->dim();
     P = sys->num_params();
-    mem = sys->backend() ? sys->backend() : &host_backend<S>();
+    mem = sys->backend() ? sys->backend() : &host_state_ops<S>();
   }
 
   // The system's states must stay where they were when the gradient was built.
   void require_same_memory(const char* what) const {
-    if ((sys->backend() ? sys->backend() : &host_backend<S>()) != mem)
+    if ((sys->backend() ? sys->backend() : &host_state_ops<S>()) != mem)
       throw Error(std::string("OdeGradient::") + what +
                   ": the system's states moved (made resident or not) after the gradient was built");
   }

@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "flowloop/ode/algebra.hpp"
-#include "flowloop/backend/backend.hpp"
 #include "flowloop/ode/state_ops.hpp"
 #include "flowloop/ode/solver.hpp"
 #include "coupled.hpp"
@@ -546,7 +545,7 @@ template <class S>
 class Driver {
  public:
   Driver(OdeSystem<S>& sys, const SolveOptions& opt, DiffSystem<S>* dsys = nullptr, detail::Tape* tape = nullptr)
-      : sys_(sys), be_(sys.backend() ? *sys.backend() : host_backend<S>()), o_(opt), tab_(opt.method_tableau()),
+      : sys_(sys), be_(sys.backend() ? *sys.backend() : host_state_ops<S>()), o_(opt), tab_(opt.method_tableau()),
         G_(sys.groups()), n_(sys.dim()), s_(tab_.stages()), coef_(tab_), ctl_(opt, tab_, G_),
         saver_(opt, tab_, G_, n_, r_), tape_(dsys, tape) {}
 

@@ -78,6 +78,13 @@ std::unique_ptr<Backend<S>> make_backend(Device d) {
   return std::make_unique<detail::ReferenceBackend<S>>();
 }
 
+template <class S>
+StateOps<S>& host_state_ops() {
+  return host_backend<S>();
+}
+
+template StateOps<float>& host_state_ops<float>();
+template StateOps<double>& host_state_ops<double>();
 template std::unique_ptr<Backend<float>> make_backend<float>(Device);
 template std::unique_ptr<Backend<double>> make_backend<double>(Device);
 template Backend<float>& host_backend<float>();

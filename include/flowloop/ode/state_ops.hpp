@@ -53,4 +53,9 @@ class StateOps : public virtual Memory<S> {
   void copy_rows(S* dst, const S* src, const int* rows, int nrows, size_t n) { move_rows(dst, rows, src, rows, nrows, n); }
 };
 
+// Host memory's state algebra (the reference backend's, algebra.hpp's bits): where
+// integrate() keeps the states of a system without a backend of its own.
+template <class S>
+StateOps<S>& host_state_ops();
+
 }  // namespace flowloop
