@@ -77,6 +77,20 @@ class CudaBackend final : public Backend<S> {
     if (din) cuda::layernorm_backward_input(din, dout, in, w, mean, rstd, N, C, stream_);
     cuda::layernorm_backward_params(dw, db, dout, in, mean, rstd, N, C, stream_);
   }
+  void rmsnorm_forward(S* out, S* rstd, const S* in, const S* w, int N, int C, double eps) override {
+    cuda::rmsnorm_forward(out, rstd, in, w, N, C, eps, stream_);
+  }
+  void rmsnorm_backward(S* din, S* dw, const S* dout, const S* in, const S* w, const S* rstd, int N,
+                        int C) override {
+    cuda::rmsnorm_backward(din, dw, dout, in, w, rstd, N, C, stream_);
+  }
+  void rotary(S* x, int B, int T, int H, int D, int64_t ld, int rot, double theta, bool interleaved,
+              bool transpose) override {
+    if (rot < 2 || rot > D || rot % 2 != 0 || !(theta > 1.0))
+      throw Error("rotary: the rotated dims (" + std::to_string(rot) + ") must be even, at least 2 and at most the head's " +
+                  std::to_string(D) + ", and theta above 1");
+    cuda::rotary(x, B, T, H, D, ld, rot, theta, interleaved, transpose, stream_);
+  }
   void causal_softmax(S* att, int BH, int T, S scale) override { cuda::causal_softmax(att, BH, T, scale, stream_); }
   void causal_softmax_backward(S* datt, const S* att, int BH, int T, S scale) override {
     cuda::causal_softmax_backward(datt, att, BH, T, scale, stream_);

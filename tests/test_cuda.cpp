@@ -61,6 +61,42 @@ TEMPLATE_TEST_CASE("cuda: GELU and LayerNorm against the CPU layers", "[cuda]", 
   CHECK(rel(down(ddln), dln) < tol<S>());
 }
 
+TEMPLATE_TEST_CASE("cuda: RMSNorm and rotary embeddings against the reference backend", "[cuda]", float, double) {
+  using S = TestType;
+  Rng rng(3);
+  const int N = 300, C = 96, B = 3, T = 40, H = 4, D = 24;
+  const size_t NC = static_cast<size_t>(N) * C;
+  const auto x = random_values<S>(NC, rng, 2.0), g = random_values<S>(NC, rng), w = random_values<S>(C, rng),
+             din0 = random_values<S>(NC, rng), dw0 = random_values<S>(C, rng);
+  auto ref = make_backend<S>(Device::cpu);
+  std::vector<S> y(NC), rstd(N), din = din0, dw = dw0;
+  ref->rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), N, C, 1e-6);
+  ref->rmsnorm_backward(din.data(), dw.data(), g.data(), x.data(), w.data(), rstd.data(), N, C);
+  cuda::DeviceBuffer<S> dx(x.data(), NC), dg(g.data(), NC), dwt(w.data(), C), dy(NC), drstd(N), ddin(din0.data(), NC),
+      ddw(dw0.data(), C);
+  cuda::rmsnorm_forward(dy.data(), drstd.data(), dx.data(), dwt.data(), N, C, 1e-6);
+  cuda::rmsnorm_backward(ddin.data(), ddw.data(), dg.data(), dx.data(), dwt.data(), drstd.data(), N, C);
+  // rotary on q's heads inside qkv rows (ld 3 H D), both conventions, forward then transpose
+  const size_t nq = static_cast<size_t>(B) * T * 3 * H * D;
+  const auto q = random_values<S>(nq, rng);
+  for (const bool interleaved : {false, true}) {
+    std::vector<S> r = q;
+    ref->rotary(r.data(), B, T, H, D, 3 * H * D, 16, 10000.0, interleaved, false);
+    cuda::DeviceBuffer<S> dq(q.data(), nq);
+    cuda::rotary(dq.data(), B, T, H, D, 3 * H * D, 16, 10000.0, interleaved, false);
+    cuda::synchronize();
+    CHECK(rel(down(dq), r) < tol<S>());
+    cuda::rotary(dq.data(), B, T, H, D, 3 * H * D, 16, 10000.0, interleaved, true);
+    cuda::synchronize();
+    CHECK(rel(down(dq), q) < tol<S>());
+  }
+  cuda::synchronize();
+  CHECK(rel(down(dy), y) < tol<S>());
+  CHECK(rel(down(drstd), rstd) < tol<S>());
+  CHECK(rel(down(ddin), din) < tol<S>());
+  CHECK(rel(down(ddw), dw) < tol<S>());
+}
+
 TEMPLATE_TEST_CASE("cuda: causal softmax and cross-entropy against the CPU", "[cuda]", float, double) {
   using S = TestType;
   Rng rng(2);

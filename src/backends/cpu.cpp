@@ -41,6 +41,37 @@ class CpuBackend final : public detail::ReferenceBackend<S> {
     if (!dw != !db) return Ref::layernorm_backward(din, dw, db, dout, in, w, mean, rstd, N, C);
     flowloop::layernorm_backward(din, dw, db, dout, in, w, mean, rstd, N, C);
   }
+  // RMSNorm and rotary: kernels.hpp's bodies as the reference runs them, rows on the
+  // OpenMP threads (the same bits; the weight's column sums in row order, in bands)
+  void rmsnorm_forward(S* out, S* rstd, const S* in, const S* w, int N, int C, double eps) override {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * C >= kParallelMin)
+    for (int n = 0; n < N; ++n)
+      kernels::rmsnorm_row(out + static_cast<size_t>(n) * C, rstd + n, in + static_cast<size_t>(n) * C, w, C, eps);
+  }
+  void rmsnorm_backward(S* din, S* dw, const S* dout, const S* in, const S* w, const S* rstd, int N,
+                        int C) override {
+    if (din) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * C >= kParallelMin)
+      for (int n = 0; n < N; ++n) {
+        const size_t r = static_cast<size_t>(n) * C;
+        kernels::rmsnorm_row_backward(din + r, dout + r, in + r, w, rstd[n], C);
+      }
+    }
+    if (dw) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * C >= kParallelMin)
+      for (int i = 0; i < C; ++i) kernels::rmsnorm_column_grads(dw, dout, in, rstd, N, C, i);
+    }
+  }
+  void rotary(S* x, int B, int T, int H, int D, int64_t ld, int rot, double theta, bool interleaved,
+              bool transpose) override {
+    Ref::check_rotary(H, D, rot, theta);
+    const int64_t heads = static_cast<int64_t>(B) * T * H;
+#pragma omp parallel for schedule(static) if (heads * rot >= kParallelMin)
+    for (int64_t k = 0; k < heads; ++k) {
+      const int64_t r = k / H;
+      kernels::rotary_head(x + r * ld + (k % H) * D, static_cast<int>(r % T), rot, theta, interleaved, transpose);
+    }
+  }
   void modulate_forward(S* out, const S* in, const S* shift, const S* scale, int B, int T, int C,
                         int ld) override {
     flowloop::modulate_forward(out, in, shift, scale, B, T, C, ld);

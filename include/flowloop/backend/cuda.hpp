@@ -165,6 +165,19 @@ template <class S>
 void layernorm_backward_params(S* dw, S* db, const S* dout /*(N,C)*/, const S* in /*(N,C)*/, const S* mean,
                                const S* rstd, int N, int C, void* stream = nullptr);
 
+// RMSNorm (kernels.hpp's rmsnorm_row) one thread per row; its input gradient one thread per
+// row (din += ...), its weight gradient one thread per column (dw += ..., null: skipped).
+template <class S>
+void rmsnorm_forward(S* out /*(N,C)*/, S* rstd /*(N)*/, const S* in /*(N,C)*/, const S* w, int N, int C, double eps,
+                     void* stream = nullptr);
+template <class S>
+void rmsnorm_backward(S* din /*(N,C)*/, S* dw /*(C)*/, const S* dout /*(N,C)*/, const S* in /*(N,C)*/, const S* w,
+                      const S* rstd /*(N)*/, int N, int C, void* stream = nullptr);
+// Rotary position embeddings in place (kernels.hpp's rotary_head), one thread per (row, head).
+template <class S>
+void rotary(S* x, int B, int T, int H, int D, int64_t ld, int rot, double theta, bool interleaved, bool transpose,
+            void* stream = nullptr);
+
 // Causal softmax of the attention scores of BH heads, T rows of T each, in place
 // (scale: 1/sqrt(D)); and its vjp in place on datt given the probabilities att.
 template <class S>

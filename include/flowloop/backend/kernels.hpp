@@ -4,7 +4,8 @@
 // and checks them against the layers of layers.hpp (tests tagged [kernels]).
 //
 // The formulas are model-spec.md's, as layers.hpp implements them:
-//   GELU (tanh form), SiLU, LayerNorm (biased variance, eps 1e-5), the causal softmax of
+//   GELU (tanh form), SiLU, LayerNorm (biased variance, eps 1e-5), RMSNorm and rotary
+//   position embeddings (the Llama family's, model-families.md), the causal softmax of
 //   one attention row with its 1/sqrt(D) scale, and the cross-entropy of one row of
 //   logits. Gradient rule as in layers.hpp: gradients ACCUMULATE (+=), except where a
 //   function says it overwrites (the softmax rows, in place).
@@ -76,6 +77,55 @@ FLOWLOOP_HD void layernorm_row_backward(S* din, const S* g, const S* x, const S*
   mean_d /= static_cast<S>(C);
   mean_dx = mean_dx / static_cast<S>(C) * rstd;
   for (int i = 0; i < C; ++i) din[i] += (g[i] * w[i] - mean_d - (x[i] - mean) * (rstd * mean_dx)) * rstd;
+}
+
+// One row x (C) of RMSNorm (Llama's): out = x rstd w, rstd = 1 / sqrt(mean(x^2) + eps), the
+// mean of squares summed in double, the weight applied after normalising (out overwritten;
+// rstd returned, the vjp's cache).
+template <class S>
+FLOWLOOP_HD void rmsnorm_row(S* out, S* rstd, const S* x, const S* w, int C, double eps) {
+  double ss = 0.0;
+  for (int i = 0; i < C; ++i) ss += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  const S rs = static_cast<S>(1.0 / std::sqrt(ss / C + eps));
+  for (int i = 0; i < C; ++i) out[i] = (x[i] * rs) * w[i];
+  *rstd = rs;
+}
+
+// Its vjp for one row, given g = dL/dout (C): with y_i = w_i x_i r and
+// dr/dx_j = -r^3 x_j / C, din_j += r (g_j w_j - x_j r^2 mean_i(g_i w_i x_i)) (the dot in double).
+template <class S>
+FLOWLOOP_HD void rmsnorm_row_backward(S* din, const S* g, const S* x, const S* w, S rstd, int C) {
+  double dot = 0.0;
+  for (int i = 0; i < C; ++i) dot += static_cast<double>(g[i]) * static_cast<double>(w[i]) * static_cast<double>(x[i]);
+  const S c = static_cast<S>(dot / C * static_cast<double>(rstd) * static_cast<double>(rstd));
+  for (int i = 0; i < C; ++i) din[i] += rstd * (g[i] * w[i] - x[i] * c);
+}
+
+// Column i of RMSNorm's weight gradient over N rows: dw[i] += sum_n g[n,i] x[n,i] rstd[n],
+// summed in row order.
+template <class S>
+FLOWLOOP_HD void rmsnorm_column_grads(S* dw, const S* g, const S* x, const S* rstd, int N, int C, int i) {
+  S sw = S(0);
+  for (int n = 0; n < N; ++n) sw += g[static_cast<long long>(n) * C + i] * (x[static_cast<long long>(n) * C + i] * rstd[n]);
+  dw[i] += sw;
+}
+
+// Rotary position embedding of one head (D values) at position pos, in place on its first
+// rot dims (rot even, the rest untouched): pair i < rot/2 is (i, i + rot/2) (rotate-half:
+// Llama, Qwen, Ouro) or (2i, 2i + 1) (interleaved: Huginn), turned by the angle
+// pos theta^(-2i/rot) (taken in double): (a, b) -> (a cos - b sin, b cos + a sin).
+// transpose: the inverse turn, the rotation's vjp.
+template <class S>
+FLOWLOOP_HD void rotary_head(S* x, int pos, int rot, double theta, bool interleaved, bool transpose) {
+  const int half = rot / 2;
+  for (int i = 0; i < half; ++i) {
+    const double angle = static_cast<double>(pos) * std::pow(theta, -2.0 * i / rot);
+    const S c = static_cast<S>(std::cos(angle)), s = static_cast<S>(transpose ? -std::sin(angle) : std::sin(angle));
+    const int p = interleaved ? 2 * i : i, q = interleaved ? 2 * i + 1 : i + half;
+    const S a = x[p], b = x[q];
+    x[p] = a * c - b * s;
+    x[q] = b * c + a * s;
+  }
 }
 
 // Column i of LayerNorm's parameter gradients over N rows of g = dL/dLN (rows C apart):

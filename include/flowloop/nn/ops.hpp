@@ -9,7 +9,7 @@
 //     op on the backend's stream.
 // Two kinds of op:
 //   - primitives (pure virtual): products, bias and column sums, activations, LayerNorm,
-//     the causal softmax, adaLN's modulation and gates;
+//     RMSNorm, rotary position embeddings, the causal softmax, adaLN's modulation and gates;
 //   - composites (virtual, with a default written over the primitives): Linear layers,
 //     per-sequence vector Linears, causal attention, the modulated LayerNorm's vjp. A
 //     backend that has a fused version overrides one (the cpu backend overrides them all).
@@ -19,7 +19,8 @@
 // Gradient rule: every *_backward ACCUMULATES (+=) into its gradients, parameter and
 // activation alike, except those marked (=): modulate_backward's and gate_backward's
 // din are written, and attention_backward's datt is scratch. A null gradient pointer
-// skips that gradient. Shapes use B, T, C, NH, D, F and N = B*T rows; row-major.
+// skips that gradient (rotary's transpose is the vjp, in place). Shapes use B, T, C, NH, D, F
+// and N = B*T rows; row-major.
 #pragma once
 
 #include <cstdint>
@@ -48,6 +49,18 @@ class NetOps : public virtual StateOps<S> {
   // din += LN^T dout; dw += sum_n dout xhat, db += sum_n dout.
   virtual void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const S* w, const S* mean,
                                   const S* rstd, int N, int C) = 0;
+  // RMSNorm over C (the Llama family's): out = x / sqrt(mean(x^2) + eps) w, the mean of squares
+  // in double, the weight applied after normalising; rstd (N) cached.
+  virtual void rmsnorm_forward(S* out, S* rstd, const S* in, const S* w, int N, int C, double eps) = 0;
+  // din += RMSNorm^T dout; dw += sum_n dout x rstd (either may be null).
+  virtual void rmsnorm_backward(S* din, S* dw, const S* dout, const S* in, const S* w, const S* rstd, int N,
+                                int C) = 0;
+  // Rotary position embeddings, in place on x: B sequences of T positions, each position's row
+  // (ld values apart) H heads of D values; position t's heads turned on their first rot dims
+  // (kernels.hpp's rotary_head: rotate-half or interleaved pairs, angle t theta^(-2i/rot)).
+  // transpose: the inverse turn, which is the vjp (a gradient in place, =).
+  virtual void rotary(S* x, int B, int T, int H, int D, int64_t ld, int rot, double theta, bool interleaved,
+                      bool transpose) = 0;
   // In place on BH (T,T) score matrices: the causal softmax of scale * scores; its vjp in place on datt.
   virtual void causal_softmax(S* att, int BH, int T, S scale) = 0;
   virtual void causal_softmax_backward(S* datt, const S* att, int BH, int T, S scale) = 0;

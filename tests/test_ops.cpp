@@ -1,0 +1,175 @@
+// The Llama family's network ops (nn/ops.hpp): RMSNorm and rotary position
+// embeddings, on the cpu and reference backends. Their vjps against finite
+// differences in double, the formulas by hand, and the two backends' bits
+// against each other. The same ops on the CUDA backend are checked in
+// test_cuda.cpp where a GPU is visible.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "check.hpp"
+#include "flowloop/backend/backend.hpp"
+
+using namespace flowloop;
+using namespace flowloop::test;
+
+namespace {
+// The host backends by name: the cpu backend (fused layers) and the reference
+// one.
+std::vector<std::pair<const char *, Backend<double> *>> host_backends() {
+  static std::unique_ptr<Backend<double>> ref = make_backend<double>(Device::cpu);
+  return {{"cpu", &cpu_backend<double>()}, {"reference", ref.get()}};
+}
+}  // namespace
+
+TEST_CASE(
+    "RMSNorm: the formula, its vjp against finite differences, and the "
+    "same bits on both backends",
+    "[ops][rmsnorm]") {
+  const int N = 5, C = 12;
+  const double eps = 1e-6;
+  Rng rng(21);
+  auto x = randn(static_cast<size_t>(N) * C, rng), w = randn(C, rng), g = randn(x.size(), rng);
+  std::vector<std::vector<double>> outs, dins, dws;
+  for (auto [name, be] : host_backends()) {
+    INFO(name);
+    std::vector<double> y(x.size()), rstd(N), din(x.size(), 0.5), dw(C, 0.25);
+    be->rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), N, C, eps);
+    for (int n = 0; n < N; ++n) {  // y = x / sqrt(mean(x^2) + eps) w, row by row
+      double ss = 0;
+      for (int i = 0; i < C; ++i) ss += x[n * C + i] * x[n * C + i];
+      const double r = 1.0 / std::sqrt(ss / C + eps);
+      CHECK(rstd[n] == Approx(r).epsilon(1e-15));
+      for (int i = 0; i < C; ++i) CHECK(y[n * C + i] == Approx(x[n * C + i] * r * w[i]).epsilon(1e-14));
+    }
+    be->rmsnorm_backward(din.data(), dw.data(), g.data(), x.data(), w.data(), rstd.data(), N, C);
+    // L = <g, y(x, w)>: its gradients against central differences (accumulated
+    // onto 0.5 and 0.25)
+    auto loss = [&] {
+      std::vector<double> yy(x.size()), rr(N);
+      be->rmsnorm_forward(yy.data(), rr.data(), x.data(), w.data(), N, C, eps);
+      return dot(yy, g);
+    };
+    std::vector<double> din0(din), dw0(dw);
+    for (double &v : din0) v -= 0.5;
+    for (double &v : dw0) v -= 0.25;
+    CHECK(rel_error(din0, fd_grad(loss, x.data(), x.size())) < 1e-8);
+    CHECK(rel_error(dw0, fd_grad(loss, w.data(), w.size())) < 1e-8);
+    // null gradients are skipped
+    be->rmsnorm_backward(nullptr, nullptr, g.data(), x.data(), w.data(), rstd.data(), N, C);
+    outs.push_back(y);
+    dins.push_back(din);
+    dws.push_back(dw);
+  }
+  CHECK(outs[0] == outs[1]);
+  CHECK(dins[0] == dins[1]);
+  CHECK(dws[0] == dws[1]);
+}
+
+TEST_CASE(
+    "rotary: both conventions by hand, partial rotation, the transpose "
+    "is the inverse and the vjp",
+    "[ops][rotary]") {
+  SECTION(
+      "one head of 4 at position 2, theta 100: rotate-half pairs (0, 2), "
+      "(1, 3); interleaved (0, 1), (2, 3)") {
+    for (auto [name, be] : host_backends()) {
+      INFO(name);
+      const double a0 = 2.0, a1 = 2.0 * std::pow(100.0, -0.5);  // angles of pairs 0 and 1
+      // x laid out as B = 1, T = 3 positions, H = 1 head of D = 4; position 2
+      // is the last row
+      std::vector<double> x(12, 0.0);
+      const double v[4] = {1.0, 2.0, 3.0, 4.0};
+      for (int i = 0; i < 4; ++i) x[8 + i] = v[i];
+      std::vector<double> half = x, inter = x;
+      be->rotary(half.data(), 1, 3, 1, 4, 4, 4, 100.0, false, false);
+      CHECK(half[8] == Approx(v[0] * std::cos(a0) - v[2] * std::sin(a0)));
+      CHECK(half[10] == Approx(v[2] * std::cos(a0) + v[0] * std::sin(a0)));
+      CHECK(half[9] == Approx(v[1] * std::cos(a1) - v[3] * std::sin(a1)));
+      CHECK(half[11] == Approx(v[3] * std::cos(a1) + v[1] * std::sin(a1)));
+      be->rotary(inter.data(), 1, 3, 1, 4, 4, 4, 100.0, true, false);
+      CHECK(inter[8] == Approx(v[0] * std::cos(a0) - v[1] * std::sin(a0)));
+      CHECK(inter[9] == Approx(v[1] * std::cos(a0) + v[0] * std::sin(a0)));
+      CHECK(inter[10] == Approx(v[2] * std::cos(a1) - v[3] * std::sin(a1)));
+      CHECK(inter[11] == Approx(v[3] * std::cos(a1) + v[2] * std::sin(a1)));
+      for (int i = 0; i < 4; ++i) CHECK(half[i] == 0.0);  // position 0 is not turned (zeros stay)
+    }
+  }
+  SECTION(
+      "interleaved equals rotate-half on the permuted dims; a partial "
+      "rotation leaves the rest") {
+    for (auto [name, be] : host_backends()) {
+      INFO(name);
+      const int B = 2, T = 5, H = 3, D = 8;
+      Rng rng(22);
+      auto x = randn(static_cast<size_t>(B) * T * H * D, rng);
+      std::vector<double> perm(x.size());  // dims (0..7) -> (0, 2, 4, 6, 1, 3, 5, 7)
+      for (size_t h = 0; h < x.size() / D; ++h)
+        for (int i = 0; i < D / 2; ++i) {
+          perm[h * D + i] = x[h * D + 2 * i];
+          perm[h * D + D / 2 + i] = x[h * D + 2 * i + 1];
+        }
+      auto a = x, b = perm;
+      be->rotary(a.data(), B, T, H, D, H * D, D, 10000.0, true, false);
+      be->rotary(b.data(), B, T, H, D, H * D, D, 10000.0, false, false);
+      for (size_t h = 0; h < x.size() / D; ++h)
+        for (int i = 0; i < D / 2; ++i) {
+          CHECK(a[h * D + 2 * i] == b[h * D + i]);
+          CHECK(a[h * D + 2 * i + 1] == b[h * D + D / 2 + i]);
+        }
+      auto p = x;
+      be->rotary(p.data(), B, T, H, D, H * D, 4, 10000.0, false,
+                 false);  // partial: the first 4 of 8
+      for (size_t h = 0; h < x.size() / D; ++h)
+        for (int i = 4; i < D; ++i) CHECK(p[h * D + i] == x[h * D + i]);
+      CHECK(rel_error(p, x) > 1e-3);
+    }
+  }
+  SECTION(
+      "the transpose undoes the turn and is its vjp (rows ld apart, inside "
+      "a wider row)") {
+    for (auto [name, be] : host_backends()) {
+      INFO(name);
+      const int B = 2, T = 4, H = 2, D = 6;
+      const int64_t ld = 3 * H * D;  // heads of q inside a qkv row
+      Rng rng(23);
+      auto x = randn(static_cast<size_t>(B) * T * ld, rng), g = randn(x.size(), rng);
+      auto y = x;
+      be->rotary(y.data(), B, T, H, D, ld, D, 500.0, false, false);
+      auto back = y;
+      be->rotary(back.data(), B, T, H, D, ld, D, 500.0, false, true);
+      CHECK(rel_error(back, x) < 1e-15);
+      for (size_t i = 0; i < x.size(); ++i)
+        if (static_cast<int64_t>(i) % ld >= H * D) CHECK(y[i] == x[i]);  // the rest of the row is not touched
+      // L = <g, R x>: dL/dx = R^T g
+      auto dx = g;
+      be->rotary(dx.data(), B, T, H, D, ld, D, 500.0, false, true);
+      auto loss = [&] {
+        auto r = x;
+        be->rotary(r.data(), B, T, H, D, ld, D, 500.0, false, false);
+        return dot(r, g);
+      };
+      CHECK(rel_error(dx, fd_grad(loss, x.data(), x.size())) < 1e-8);
+    }
+  }
+  SECTION("bad shapes are refused by name") {
+    for (auto [name, be] : host_backends()) {
+      INFO(name);
+      std::vector<double> x(8, 1.0);
+      CHECK_THROWS_WITH(be->rotary(x.data(), 1, 1, 1, 8, 8, 3, 100.0, false, false), Catch::Contains("even"));
+      CHECK_THROWS_WITH(be->rotary(x.data(), 1, 1, 1, 8, 8, 10, 100.0, false, false), Catch::Contains("at most"));
+      CHECK_THROWS_WITH(be->rotary(x.data(), 1, 1, 1, 8, 8, 8, 0.5, false, false), Catch::Contains("theta"));
+    }
+  }
+  SECTION("the cpu and reference backends give the same bits") {
+    const int B = 3, T = 7, H = 4, D = 16;
+    Rng rng(24);
+    auto x = randn(static_cast<size_t>(B) * T * H * D, rng);
+    auto a = x, b = x;
+    auto bes = host_backends();
+    bes[0].second->rotary(a.data(), B, T, H, D, H * D, 12, 10000.0, false, false);
+    bes[1].second->rotary(b.data(), B, T, H, D, H * D, 12, 10000.0, false, false);
+    CHECK(a == b);
+  }
+}
