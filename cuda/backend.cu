@@ -77,6 +77,13 @@ class CudaBackend final : public Backend<S> {
     if (din) cuda::layernorm_backward_input(din, dout, in, w, mean, rstd, N, C, stream_);
     cuda::layernorm_backward_params(dw, db, dout, in, mean, rstd, N, C, stream_);
   }
+  void swiglu_forward(S* out, const S* gate, const S* up, int N, int F, int64_t ld) override {
+    cuda::swiglu_forward(out, gate, up, N, F, ld, stream_);
+  }
+  void swiglu_backward(S* dgate, S* dup, const S* dout, const S* gate, const S* up, int N, int F,
+                       int64_t ld) override {
+    cuda::swiglu_backward(dgate, dup, dout, gate, up, N, F, ld, stream_);
+  }
   void rmsnorm_forward(S* out, S* rstd, const S* in, const S* w, int N, int C, double eps) override {
     cuda::rmsnorm_forward(out, rstd, in, w, N, C, eps, stream_);
   }

@@ -1,4 +1,4 @@
-// cuda/elementwise.cu: fill, axpy, bias rows, column sums and SiLU, one thread per
+// cuda/elementwise.cu: fill, axpy, bias rows, column sums, SiLU and SwiGLU, one thread per
 // value (or per column: a column's sum runs down its rows in order, so it has the same
 // bits on every launch).
 #include "check.cuh"
@@ -37,7 +37,41 @@ __global__ void silu_backward_kernel(S* din, const S* dout, const S* in, int64_t
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) din[i] += kernels::silu_grad(in[i]) * dout[i];
 }
+template <class S>
+__global__ void swiglu_forward_kernel(S* out, const S* gate, const S* up, int F, int64_t ld, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int64_t k = (i / F) * ld + i % F;
+  out[i] = kernels::swiglu(gate[k], up[k]);
+}
+template <class S>
+__global__ void swiglu_backward_kernel(S* dgate, S* dup, const S* dout, const S* gate, const S* up, int F, int64_t ld,
+                                       int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int64_t k = (i / F) * ld + i % F;
+  kernels::swiglu_grad(dgate ? dgate + k : nullptr, dup ? dup + k : nullptr, dout[i], gate[k], up[k]);
+}
 }  // namespace
+
+template <class S>
+void swiglu_forward(S* out, const S* gate, const S* up, int N, int F, int64_t ld, void* stream) {
+  const int64_t n = static_cast<int64_t>(N) * F;
+  if (n <= 0) return;
+  swiglu_forward_kernel<<<detail::blocks_for(n), detail::kThreads, 0, detail::stream_of(stream)>>>(out, gate, up, F, ld,
+                                                                                                    n);
+  FLOWLOOP_CUDA_LAUNCHED("swiglu_forward");
+}
+
+template <class S>
+void swiglu_backward(S* dgate, S* dup, const S* dout, const S* gate, const S* up, int N, int F, int64_t ld,
+                     void* stream) {
+  const int64_t n = static_cast<int64_t>(N) * F;
+  if (n <= 0 || (!dgate && !dup)) return;
+  swiglu_backward_kernel<<<detail::blocks_for(n), detail::kThreads, 0, detail::stream_of(stream)>>>(dgate, dup, dout,
+                                                                                                     gate, up, F, ld, n);
+  FLOWLOOP_CUDA_LAUNCHED("swiglu_backward");
+}
 
 template <class S>
 void fill(S* x, S value, int64_t n, void* stream) {
@@ -88,7 +122,9 @@ void silu_backward(S* din, const S* dout, const S* in, int64_t n, void* stream) 
   template void add_bias<S>(S*, const S*, int, int, void*);               \
   template void column_sums<S>(S*, const S*, int, int, void*);            \
   template void silu_forward<S>(S*, const S*, int64_t, void*);            \
-  template void silu_backward<S>(S*, const S*, const S*, int64_t, void*);
+  template void silu_backward<S>(S*, const S*, const S*, int64_t, void*);        \
+  template void swiglu_forward<S>(S*, const S*, const S*, int, int, int64_t, void*); \
+  template void swiglu_backward<S>(S*, S*, const S*, const S*, const S*, int, int, int64_t, void*);
 FLOWLOOP_CUDA_ELEMENTWISE(float)
 FLOWLOOP_CUDA_ELEMENTWISE(double)
 

@@ -61,7 +61,7 @@ TEMPLATE_TEST_CASE("cuda: GELU and LayerNorm against the CPU layers", "[cuda]", 
   CHECK(rel(down(ddln), dln) < tol<S>());
 }
 
-TEMPLATE_TEST_CASE("cuda: RMSNorm and rotary embeddings against the reference backend", "[cuda]", float, double) {
+TEMPLATE_TEST_CASE("cuda: RMSNorm, rotary embeddings and SwiGLU against the reference backend", "[cuda]", float, double) {
   using S = TestType;
   Rng rng(3);
   const int N = 300, C = 96, B = 3, T = 40, H = 4, D = 24;
@@ -90,7 +90,19 @@ TEMPLATE_TEST_CASE("cuda: RMSNorm and rotary embeddings against the reference ba
     cuda::synchronize();
     CHECK(rel(down(dq), q) < tol<S>());
   }
+  // SwiGLU on a fused [gate | up] row (ld 2F)
+  const int F = 48;
+  const auto gu = random_values<S>(static_cast<size_t>(N) * 2 * F, rng, 2.0), gs = random_values<S>(static_cast<size_t>(N) * F, rng);
+  std::vector<S> sy(static_cast<size_t>(N) * F), dgu(gu.size(), S(0));
+  ref->swiglu_forward(sy.data(), gu.data(), gu.data() + F, N, F, 2 * F);
+  ref->swiglu_backward(dgu.data(), dgu.data() + F, gs.data(), gu.data(), gu.data() + F, N, F, 2 * F);
+  cuda::DeviceBuffer<S> dgu_in(gu.data(), gu.size()), dgs(gs.data(), gs.size()), dsy(sy.size()), ddgu(gu.size());
+  cuda::fill(ddgu.data(), S(0), static_cast<int64_t>(gu.size()));
+  cuda::swiglu_forward(dsy.data(), dgu_in.data(), dgu_in.data() + F, N, F, 2 * F);
+  cuda::swiglu_backward(ddgu.data(), ddgu.data() + F, dgs.data(), dgu_in.data(), dgu_in.data() + F, N, F, 2 * F);
   cuda::synchronize();
+  CHECK(rel(down(dsy), sy) < tol<S>());
+  CHECK(rel(down(ddgu), dgu) < tol<S>());
   CHECK(rel(down(dy), y) < tol<S>());
   CHECK(rel(down(drstd), rstd) < tol<S>());
   CHECK(rel(down(ddin), din) < tol<S>());

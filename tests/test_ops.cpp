@@ -23,6 +23,58 @@ std::vector<std::pair<const char *, Backend<double> *>> host_backends() {
 }
 }  // namespace
 
+TEST_CASE("SwiGLU: silu(gate) up on separate and fused rows, its vjp against finite differences", "[ops][swiglu]") {
+  const int N = 6, F = 10;
+  Rng rng(20);
+  int runs = 0;
+  for (auto [name, be] : host_backends())
+    for (const int64_t ld : {int64_t{F}, int64_t{2 * F}}) {  // separate arrays, or one fused [gate | up] row
+      INFO(name << ", rows " << ld << " apart");
+      auto gu = randn(static_cast<size_t>(N) * 2 * F, rng, 2.0), dout = randn(static_cast<size_t>(N) * F, rng);
+      std::vector<double> gate_sep(gu.begin(), gu.begin() + N * F), up_sep(gu.begin() + N * F, gu.end());
+      double* gate = ld == F ? gate_sep.data() : gu.data();
+      double* up = ld == F ? up_sep.data() : gu.data() + F;
+      std::vector<double> y(static_cast<size_t>(N) * F);
+      be->swiglu_forward(y.data(), gate, up, N, F, ld);
+      for (int n = 0; n < N; ++n)
+        for (int i = 0; i < F; ++i) {
+          const double g = gate[n * ld + i], u = up[n * ld + i];
+          CHECK(y[n * F + i] == Approx(g / (1 + std::exp(-g)) * u).epsilon(1e-14));
+        }
+      const size_t span = static_cast<size_t>(ld == F ? N * F : N * 2 * F);
+      std::vector<double> dgate(span, 0.0), dup(span, 0.0);
+      be->swiglu_backward(dgate.data(), ld == F ? dup.data() : dgate.data() + F, dout.data(), gate, up, N, F, ld);
+      auto loss = [&] {
+        std::vector<double> yy(y.size());
+        be->swiglu_forward(yy.data(), gate, up, N, F, ld);
+        return dot(yy, dout);
+      };
+      if (ld == F) {
+        CHECK(rel_error(dgate, fd_grad(loss, gate, span)) < 1e-8);
+        CHECK(rel_error(dup, fd_grad(loss, up, span)) < 1e-8);
+      } else {  // one gradient row [dgate | dup] for one fused row
+        CHECK(rel_error(dgate, fd_grad(loss, gu.data(), gu.size())) < 1e-8);
+      }
+      ++runs;
+    }
+  CHECK(runs == 4);
+  // the two backends' bits, on one input
+  Rng r2(19);
+  auto g = randn(static_cast<size_t>(N) * F, r2), u = randn(g.size(), r2), d = randn(g.size(), r2);
+  std::vector<std::vector<double>> ys, ds;
+  for (auto [name, be] : host_backends()) {
+    std::vector<double> y(g.size()), dg(g.size(), 0.0), du(g.size(), 0.0);
+    be->swiglu_forward(y.data(), g.data(), u.data(), N, F, F);
+    be->swiglu_backward(dg.data(), du.data(), d.data(), g.data(), u.data(), N, F, F);
+    ys.push_back(y);
+    ds.push_back(dg);
+    ds.push_back(du);
+  }
+  CHECK(ys[0] == ys[1]);
+  CHECK(ds[0] == ds[2]);
+  CHECK(ds[1] == ds[3]);
+}
+
 TEST_CASE(
     "RMSNorm: the formula, its vjp against finite differences, and the "
     "same bits on both backends",

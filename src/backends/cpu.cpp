@@ -41,8 +41,25 @@ class CpuBackend final : public detail::ReferenceBackend<S> {
     if (!dw != !db) return Ref::layernorm_backward(din, dw, db, dout, in, w, mean, rstd, N, C);
     flowloop::layernorm_backward(din, dw, db, dout, in, w, mean, rstd, N, C);
   }
-  // RMSNorm and rotary: kernels.hpp's bodies as the reference runs them, rows on the
+  // SwiGLU, RMSNorm and rotary: kernels.hpp's bodies as the reference runs them, rows on the
   // OpenMP threads (the same bits; the weight's column sums in row order, in bands)
+  void swiglu_forward(S* out, const S* gate, const S* up, int N, int F, int64_t ld) override {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * F >= kParallelMin)
+    for (int n = 0; n < N; ++n) {
+      const size_t r = static_cast<size_t>(n) * ld, o = static_cast<size_t>(n) * F;
+      for (int i = 0; i < F; ++i) out[o + i] = kernels::swiglu(gate[r + i], up[r + i]);
+    }
+  }
+  void swiglu_backward(S* dgate, S* dup, const S* dout, const S* gate, const S* up, int N, int F,
+                       int64_t ld) override {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * F >= kParallelMin)
+    for (int n = 0; n < N; ++n) {
+      const size_t r = static_cast<size_t>(n) * ld, o = static_cast<size_t>(n) * F;
+      for (int i = 0; i < F; ++i)
+        kernels::swiglu_grad(dgate ? dgate + r + i : nullptr, dup ? dup + r + i : nullptr, dout[o + i], gate[r + i],
+                             up[r + i]);
+    }
+  }
   void rmsnorm_forward(S* out, S* rstd, const S* in, const S* w, int N, int C, double eps) override {
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * C >= kParallelMin)
     for (int n = 0; n < N; ++n)

@@ -98,6 +98,18 @@ class ReferenceBackend : public Backend<S> {
     if (dw || db)
       for (int i = 0; i < C; ++i) kernels::layernorm_column_grads(dw, db, dout, in, mean, rstd, N, C, i);
   }
+  void swiglu_forward(S* out, const S* gate, const S* up, int N, int F, int64_t ld) override {
+    for (int64_t n = 0; n < N; ++n)
+      for (int i = 0; i < F; ++i) out[n * F + i] = kernels::swiglu(gate[n * ld + i], up[n * ld + i]);
+  }
+  void swiglu_backward(S* dgate, S* dup, const S* dout, const S* gate, const S* up, int N, int F,
+                       int64_t ld) override {
+    for (int64_t n = 0; n < N; ++n)
+      for (int i = 0; i < F; ++i) {
+        const int64_t k = n * ld + i;
+        kernels::swiglu_grad(dgate ? dgate + k : nullptr, dup ? dup + k : nullptr, dout[n * F + i], gate[k], up[k]);
+      }
+  }
   void rmsnorm_forward(S* out, S* rstd, const S* in, const S* w, int N, int C, double eps) override {
     for (int64_t n = 0; n < N; ++n) kernels::rmsnorm_row(out + n * C, rstd + n, in + n * C, w, C, eps);
   }

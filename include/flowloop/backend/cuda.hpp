@@ -121,6 +121,13 @@ template <class S>
 void silu_forward(S* out, const S* in, int64_t n, void* stream = nullptr);
 template <class S>
 void silu_backward(S* din, const S* dout, const S* in, int64_t n, void* stream = nullptr);
+// SwiGLU's product and its vjp (kernels.hpp's swiglu), one thread per value; gate and up rows
+// ld apart, out and dout (N,F).
+template <class S>
+void swiglu_forward(S* out, const S* gate, const S* up, int N, int F, int64_t ld, void* stream = nullptr);
+template <class S>
+void swiglu_backward(S* dgate, S* dup, const S* dout, const S* gate, const S* up, int N, int F, int64_t ld,
+                     void* stream = nullptr);
 
 // AdamW over n parameters (kernels.hpp's adamw_update per value).
 template <class S>

@@ -47,6 +47,18 @@ FLOWLOOP_HD S silu_grad(S z) {
   return s * (S(1) + z * (S(1) - s));
 }
 
+// SwiGLU's product of one value (the Llama MLP's gate): silu(g) u; its vjp adds
+// d u silu'(g) to dg and d silu(g) to du.
+template <class S>
+FLOWLOOP_HD S swiglu(S g, S u) {
+  return silu(g) * u;
+}
+template <class S>
+FLOWLOOP_HD void swiglu_grad(S* dg, S* du, S d, S g, S u) {
+  if (dg) *dg += d * u * silu_grad(g);
+  if (du) *du += d * silu(g);
+}
+
 // One row x (C) of LayerNorm: out = (x - mean) rstd w + b, rstd = 1 / sqrt(var + 1e-5)
 // (out overwritten; mean and rstd returned through the pointers, the vjp's cache).
 template <class S>

@@ -49,6 +49,12 @@ class NetOps : public virtual StateOps<S> {
   // din += LN^T dout; dw += sum_n dout xhat, db += sum_n dout.
   virtual void layernorm_backward(S* din, S* dw, S* db, const S* dout, const S* in, const S* w, const S* mean,
                                   const S* rstd, int N, int C) = 0;
+  // SwiGLU's product (the Llama MLP's): out[n] = silu(gate[n]) up[n], F values a row; gate and
+  // up rows ld apart (a fused [gate | up] product: ld 2F, up = gate + F), out (N,F).
+  virtual void swiglu_forward(S* out, const S* gate, const S* up, int N, int F, int64_t ld) = 0;
+  // dgate += dout up silu'(gate), dup += dout silu(gate) (rows ld apart; either may be null).
+  virtual void swiglu_backward(S* dgate, S* dup, const S* dout, const S* gate, const S* up, int N, int F,
+                               int64_t ld) = 0;
   // RMSNorm over C (the Llama family's): out = x / sqrt(mean(x^2) + eps) w, the mean of squares
   // in double, the weight applied after normalising; rstd (N) cached.
   virtual void rmsnorm_forward(S* out, S* rstd, const S* in, const S* w, int N, int C, double eps) = 0;
