@@ -17,7 +17,7 @@ using namespace flowloop::test;
 namespace {
 // The host backends by name: the cpu backend (fused layers) and the reference
 // one.
-std::vector<std::pair<const char *, Backend<double> *>> host_backends() {
+std::vector<std::pair<const char*, Backend<double>*>> host_backends() {
   static std::unique_ptr<Backend<double>> ref = make_backend<double>(Device::cpu);
   return {{"cpu", &cpu_backend<double>()}, {"reference", ref.get()}};
 }
@@ -27,7 +27,9 @@ TEST_CASE("SwiGLU: silu(gate) up on separate and fused rows, its vjp against fin
   const int N = 6, F = 10;
   Rng rng(20);
   int runs = 0;
-  for (auto [name, be] : host_backends())
+  for (const auto& nb : host_backends()) {
+    const char* name = nb.first;
+    Backend<double>* be = nb.second;
     for (const int64_t ld : {int64_t{F}, int64_t{2 * F}}) {  // separate arrays, or one fused [gate | up] row
       INFO(name << ", rows " << ld << " apart");
       auto gu = randn(static_cast<size_t>(N) * 2 * F, rng, 2.0), dout = randn(static_cast<size_t>(N) * F, rng);
@@ -57,12 +59,14 @@ TEST_CASE("SwiGLU: silu(gate) up on separate and fused rows, its vjp against fin
       }
       ++runs;
     }
+  }
   CHECK(runs == 4);
   // the two backends' bits, on one input
   Rng r2(19);
   auto g = randn(static_cast<size_t>(N) * F, r2), u = randn(g.size(), r2), d = randn(g.size(), r2);
   std::vector<std::vector<double>> ys, ds;
-  for (auto [name, be] : host_backends()) {
+  for (const auto& nb : host_backends()) {
+    Backend<double>* be = nb.second;
     std::vector<double> y(g.size()), dg(g.size(), 0.0), du(g.size(), 0.0);
     be->swiglu_forward(y.data(), g.data(), u.data(), N, F, F);
     be->swiglu_backward(dg.data(), du.data(), d.data(), g.data(), u.data(), N, F, F);
@@ -84,7 +88,9 @@ TEST_CASE(
   Rng rng(21);
   auto x = randn(static_cast<size_t>(N) * C, rng), w = randn(C, rng), g = randn(x.size(), rng);
   std::vector<std::vector<double>> outs, dins, dws;
-  for (auto [name, be] : host_backends()) {
+  for (const auto& nb : host_backends()) {
+    const char* name = nb.first;
+    Backend<double>* be = nb.second;
     INFO(name);
     std::vector<double> y(x.size()), rstd(N), din(x.size(), 0.5), dw(C, 0.25);
     be->rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), N, C, eps);
@@ -104,8 +110,8 @@ TEST_CASE(
       return dot(yy, g);
     };
     std::vector<double> din0(din), dw0(dw);
-    for (double &v : din0) v -= 0.5;
-    for (double &v : dw0) v -= 0.25;
+    for (double& v : din0) v -= 0.5;
+    for (double& v : dw0) v -= 0.25;
     CHECK(rel_error(din0, fd_grad(loss, x.data(), x.size())) < 1e-8);
     CHECK(rel_error(dw0, fd_grad(loss, w.data(), w.size())) < 1e-8);
     // null gradients are skipped
@@ -126,7 +132,9 @@ TEST_CASE(
   SECTION(
       "one head of 4 at position 2, theta 100: rotate-half pairs (0, 2), "
       "(1, 3); interleaved (0, 1), (2, 3)") {
-    for (auto [name, be] : host_backends()) {
+    for (const auto& nb : host_backends()) {
+      const char* name = nb.first;
+      Backend<double>* be = nb.second;
       INFO(name);
       const double a0 = 2.0, a1 = 2.0 * std::pow(100.0, -0.5);  // angles of pairs 0 and 1
       // x laid out as B = 1, T = 3 positions, H = 1 head of D = 4; position 2
@@ -151,7 +159,9 @@ TEST_CASE(
   SECTION(
       "interleaved equals rotate-half on the permuted dims; a partial "
       "rotation leaves the rest") {
-    for (auto [name, be] : host_backends()) {
+    for (const auto& nb : host_backends()) {
+      const char* name = nb.first;
+      Backend<double>* be = nb.second;
       INFO(name);
       const int B = 2, T = 5, H = 3, D = 8;
       Rng rng(22);
@@ -181,7 +191,9 @@ TEST_CASE(
   SECTION(
       "the transpose undoes the turn and is its vjp (rows ld apart, inside "
       "a wider row)") {
-    for (auto [name, be] : host_backends()) {
+    for (const auto& nb : host_backends()) {
+      const char* name = nb.first;
+      Backend<double>* be = nb.second;
       INFO(name);
       const int B = 2, T = 4, H = 2, D = 6;
       const int64_t ld = 3 * H * D;  // heads of q inside a qkv row
@@ -206,7 +218,9 @@ TEST_CASE(
     }
   }
   SECTION("bad shapes are refused by name") {
-    for (auto [name, be] : host_backends()) {
+    for (const auto& nb : host_backends()) {
+      const char* name = nb.first;
+      Backend<double>* be = nb.second;
       INFO(name);
       std::vector<double> x(8, 1.0);
       CHECK_THROWS_WITH(be->rotary(x.data(), 1, 1, 1, 8, 8, 3, 100.0, false, false), Catch::Contains("even"));
