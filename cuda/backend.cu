@@ -93,9 +93,7 @@ class CudaBackend final : public Backend<S> {
   }
   void rotary(S* x, int B, int T, int H, int D, int64_t ld, int rot, double theta, bool interleaved,
               bool transpose) override {
-    if (rot < 2 || rot > D || rot % 2 != 0 || !(theta > 1.0))
-      throw Error("rotary: the rotated dims (" + std::to_string(rot) + ") must be even, at least 2 and at most the head's " +
-                  std::to_string(D) + ", and theta above 1");
+    check_rotary_shape(H, D, rot, theta);
     cuda::rotary(x, B, T, H, D, ld, rot, theta, interleaved, transpose, stream_);
   }
   void causal_softmax(S* att, int BH, int T, S scale) override { cuda::causal_softmax(att, BH, T, scale, stream_); }

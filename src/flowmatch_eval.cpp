@@ -363,11 +363,8 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
       // Euler through the one driver, every state kept: (N+1, B, n) in path
       path.resize(static_cast<size_t>(tr.N + 1) * N);
       std::copy_n(h0.data(), N, path.data());
-      SolveOptions eo;
-      eo.method = "euler";
+      SolveOptions eo = Model<float>::loop_options(tr.N, true);  // loop N's solve, on [0, N dt]
       eo.t1 = tr.N * tr.dt;
-      eo.steps = tr.N;
-      eo.save = SaveKind::Steps;
       he.assign(h0.begin(), h0.end());
       const SolveResult<float> er = teacher_sys.solve(he.data(), eo);
       if (!er.ok()) throw Error("flow-match eval: the truncated teacher's Euler solve failed: " + er.message);

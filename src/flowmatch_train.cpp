@@ -407,8 +407,6 @@ struct FlowMatchTrainer::Impl final : TrainTask {
 
   // Sets up the step's work (once per run).
   void prepare_run() {
-    const size_t n = static_cast<size_t>(train->manifest().T) * static_cast<size_t>(train->manifest().C);
-    (void)n;
     w.device = model_->device_field();
     tw.device = ema_model->device_field();
     prev_sys.reset();

@@ -609,11 +609,9 @@ const GradStats& Model<S>::grad_backward(OdeWork<S>& w, const S* steps, S* field
   if (!w.grad || !w.sys) throw Error("Model::grad_backward: no solve to differentiate (grad_forward first)");
   const size_t NC = w.gy1.size();
   w.gy0.resize(NC);
-  struct Leave {  // the system leaves device memory when the backward ends, a throw included
-    FieldSystem<S>& sys;
-    ~Leave() { sys.set_resident(false); }
-  } leave{*w.sys};
   if (!w.sys->resident()) return w.grad->backward(w.gy1.data(), w.gy0.data(), field_grads, steps);
+  // resident since grad_forward: the system leaves device memory when the backward ends, a throw included
+  typename FieldSystem<S>::Resident scope(*w.sys);
   // the field's gradient into the trainer's device array, or down to the host's
   StateOps<S>& be = device_field()->backend();
   const size_t P = field.num_params();

@@ -81,13 +81,17 @@ class CpuBackend final : public detail::ReferenceBackend<S> {
   }
   void rotary(S* x, int B, int T, int H, int D, int64_t ld, int rot, double theta, bool interleaved,
               bool transpose) override {
-    Ref::check_rotary(H, D, rot, theta);
-    const int64_t heads = static_cast<int64_t>(B) * T * H;
-#pragma omp parallel for schedule(static) if (heads * rot >= kParallelMin)
-    for (int64_t k = 0; k < heads; ++k) {
-      const int64_t r = k / H;
-      kernels::rotary_head(x + r * ld + (k % H) * D, static_cast<int>(r % T), rot, theta, interleaved, transpose);
-    }
+    check_rotary_shape(H, D, rot, theta);
+    // position-major: each pair's angle taken once for the position's H heads (the same
+    // cosines and sines rotary_head takes per head, so the same bits)
+    const int64_t rows = static_cast<int64_t>(B) * T;
+#pragma omp parallel for schedule(static) if (rows * H * rot >= kParallelMin)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int i = 0; i < rot / 2; ++i) {
+        S c, s;
+        kernels::rotary_angle(&c, &s, static_cast<int>(r % T), i, rot, theta, transpose);
+        for (int h = 0; h < H; ++h) kernels::rotary_pair(x + r * ld + static_cast<int64_t>(h) * D, i, rot, interleaved, c, s);
+      }
   }
   void modulate_forward(S* out, const S* in, const S* shift, const S* scale, int B, int T, int C,
                         int ld) override {

@@ -122,7 +122,7 @@ class ReferenceBackend : public Backend<S> {
   }
   void rotary(S* x, int B, int T, int H, int D, int64_t ld, int rot, double theta, bool interleaved,
               bool transpose) override {
-    check_rotary(H, D, rot, theta);
+    check_rotary_shape(H, D, rot, theta);
     for (int64_t r = 0; r < static_cast<int64_t>(B) * T; ++r)
       for (int h = 0; h < H; ++h)
         kernels::rotary_head(x + r * ld + static_cast<int64_t>(h) * D, static_cast<int>(r % T), rot, theta, interleaved,
@@ -253,13 +253,6 @@ class ReferenceBackend : public Backend<S> {
   }
 
  protected:
-  // What rotary needs of its shape (an Error naming the value otherwise).
-  static void check_rotary(int H, int D, int rot, double theta) {
-    if (H < 1 || D < 1 || rot < 2 || rot > D || rot % 2 != 0)
-      throw Error("rotary: the rotated dims (" + std::to_string(rot) + ") must be even, at least 2 and at most the head's " +
-                  std::to_string(D));
-    if (!(theta > 1.0) || !std::isfinite(theta)) throw Error("rotary: theta must be finite and above 1, not " + std::to_string(theta));
-  }
   // fn(row, q0, q1) over [q0, q1) pieces of `rows` rows of n values, on the OpenMP threads
   // when there is enough work. Element-wise work only: the bits do not depend on the split.
   template <class Fn>

@@ -127,16 +127,26 @@ FLOWLOOP_HD void rmsnorm_column_grads(S* dw, const S* g, const S* x, const S* rs
 // Llama, Qwen, Ouro) or (2i, 2i + 1) (interleaved: Huginn), turned by the angle
 // pos theta^(-2i/rot) (taken in double): (a, b) -> (a cos - b sin, b cos + a sin).
 // transpose: the inverse turn, the rotation's vjp.
+// Its pieces: pair i's cosine and (signed) sine at pos, and the turn of pair i of one head.
+template <class S>
+FLOWLOOP_HD void rotary_angle(S* c, S* s, int pos, int i, int rot, double theta, bool transpose) {
+  const double angle = static_cast<double>(pos) * std::pow(theta, -2.0 * i / rot);
+  *c = static_cast<S>(std::cos(angle));
+  *s = static_cast<S>(transpose ? -std::sin(angle) : std::sin(angle));
+}
+template <class S>
+FLOWLOOP_HD void rotary_pair(S* x, int i, int rot, bool interleaved, S c, S s) {
+  const int p = interleaved ? 2 * i : i, q = interleaved ? 2 * i + 1 : i + rot / 2;
+  const S a = x[p], b = x[q];
+  x[p] = a * c - b * s;
+  x[q] = b * c + a * s;
+}
 template <class S>
 FLOWLOOP_HD void rotary_head(S* x, int pos, int rot, double theta, bool interleaved, bool transpose) {
-  const int half = rot / 2;
-  for (int i = 0; i < half; ++i) {
-    const double angle = static_cast<double>(pos) * std::pow(theta, -2.0 * i / rot);
-    const S c = static_cast<S>(std::cos(angle)), s = static_cast<S>(transpose ? -std::sin(angle) : std::sin(angle));
-    const int p = interleaved ? 2 * i : i, q = interleaved ? 2 * i + 1 : i + half;
-    const S a = x[p], b = x[q];
-    x[p] = a * c - b * s;
-    x[q] = b * c + a * s;
+  for (int i = 0; i < rot / 2; ++i) {
+    S c, s;
+    rotary_angle(&c, &s, pos, i, rot, theta, transpose);
+    rotary_pair(x, i, rot, interleaved, c, s);
   }
 }
 

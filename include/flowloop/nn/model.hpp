@@ -181,6 +181,9 @@ class Model {
   // dh += dL/dh (N,C).
   void readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCache<S>& rc) const;
 
+  // Loop K's options: Euler, K steps on [0, K] (loop k at t = k), every state saved or not.
+  static SolveOptions loop_options(int K, bool save_states);
+
   // `loop K` forward: fills w.h with h_0..h_K and w.readout.logits (B*T, V).
   // Returns the number of field evaluations (K).
   int loop_forward(const TokenBatch& tokens, int K, LoopWork<S>& w) const;
@@ -273,8 +276,7 @@ class Model {
   // may be null) dL/dh at every state in; w.gy0 = dL/dh(t0) out; the field's gradient added
   // to field_grads (host), or to the trainer's device gradient.
   const GradStats& grad_backward(OdeWork<S>& w, const S* steps, S* field_grads) const;
-  // Loop K's options: Euler, K steps on [0, K] (loop k at t = k), every state saved or not.
-  static SolveOptions loop_options(int K, bool save_states);
+
   Device device_ = Device::cpu;
   std::shared_ptr<Backend<S>> backend_;
   std::shared_ptr<Field<S>> device_field_;

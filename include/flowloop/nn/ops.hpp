@@ -23,11 +23,21 @@
 // and N = B*T rows; row-major.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "flowloop/ode/state_ops.hpp"
 
 namespace flowloop {
+
+// What rotary asks of its shape, every backend alike: an Error naming the value otherwise.
+inline void check_rotary_shape(int H, int D, int rot, double theta) {
+  if (H < 1 || D < 1 || rot < 2 || rot > D || rot % 2 != 0)
+    throw Error("rotary: the rotated dims (" + std::to_string(rot) + ") must be even, at least 2 and at most the head's " +
+                std::to_string(D));
+  if (!(theta > 1.0) || !std::isfinite(theta)) throw Error("rotary: theta must be finite and above 1, not " + std::to_string(theta));
+}
 
 template <class S>
 class NetOps : public virtual StateOps<S> {
