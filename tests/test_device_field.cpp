@@ -53,6 +53,19 @@ TEST_CASE("device field: a cache of another shape or configuration is refused", 
   CHECK_THROWS_WITH(df.forward(f.data(), h.data(), t, p.data(), 2, 5, dc, t), Catch::Contains("not step-conditioned"));
 }
 
+TEST_CASE("device field: a cache in another backend's memory is refused, naming both", "[device]") {
+  auto be = make_backend<double>(Device::cpu);
+  const ModelConfig cfg = device_check_config("autonomous");
+  Model<double> m(cfg);
+  Field<double> df(*be, cfg, m.layout);
+  FieldCache<double> on_cpu;
+  on_cpu.resize(cfg, 2, 5);  // the cpu backend's memory
+  Array<double> h(*be, 2 * 5 * 12), f(*be, 2 * 5 * 12), p(*be, df.num_params());
+  CHECK_THROWS_WITH(df.forward(f.data(), h.data(), nullptr, p.data(), 2, 5, on_cpu),
+                    Catch::Contains("another backend's memory") && Catch::Contains("cpu (Eigen/OpenBLAS)") &&
+                        Catch::Contains("reference (host)"));
+}
+
 TEST_CASE("device field: bench field on a backend reports the field against the backend's product", "[device]") {
   auto be = make_backend<float>(Device::cpu);
   BenchOptions o;

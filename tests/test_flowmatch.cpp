@@ -376,6 +376,63 @@ TEST_CASE("a flow-matching step: its gradient against finite differences, for ev
                     Catch::Contains("K must be at least 1"));
 }
 
+TEST_CASE("a flow-matching step split by rows: the parts sum to the whole batch's (double)", "[flowmatch][dist]") {
+  ModelConfig cfg = make_config(11, 5, 8, 2, 12, 1, 1);
+  cfg.time_cond = true;
+  cfg.step_cond = true;
+  cfg.time_freq = 8;
+  cfg.finalize();
+  Rng init(3);
+  Model<double> model = randomized_model(cfg, init);
+  const int B = 5, K = 3, T = 4;
+  const EndpointLoss<double>* const kNoEndpoint = nullptr;
+  const double* const kNoTarget = nullptr;
+  const size_t n = static_cast<size_t>(T) * cfg.d_model;
+  Rng data(7);
+  const auto states = randn(static_cast<size_t>(B) * (K + 1) * n, data);
+  FlowMatchOptions o;
+  o.matcher = parse_matcher("otcfm");
+  o.coupling = parse_coupling("exact");
+  o.shortcut = true;  // slots 0..2 (of 5): split across the ranges below
+  o.shortcut_fraction = 0.5;
+  o.shortcut_steps = 4;
+  const double* P = model.params.data() + model.layout.field_begin();
+  const size_t np = model.field.num_params();
+  std::vector<double> whole_g(np, 0.0), parts_g(np, 0.0);
+  FlowMatchWork<double> w;
+  Rng r0(5);
+  const FlowMatchStep whole = flow_match_step(model.field, P, states.data(), B, K, T, o, r0, whole_g.data(), w);
+  double loss = 0, sloss = 0;
+  for (const auto& [a, b] : {std::pair<int, int>{0, 2}, {2, 4}, {4, 5}}) {
+    Rng r(5);  // every part draws the whole batch's draws
+    FlowMatchWork<double> wp;
+    const FlowMatchStep st = flow_match_step(model.field, P, states.data(), B, K, T, o, r, parts_g.data(), wp, kNoEndpoint, kNoTarget, a, b);
+    CHECK(st.t == whole.t);
+    CHECK(st.x1_row == whole.x1_row);
+    loss += st.loss;
+    sloss += st.shortcut_loss;
+  }
+  CHECK(loss == Approx(whole.loss).epsilon(1e-12));
+  CHECK(sloss == Approx(whole.shortcut_loss).epsilon(1e-12));
+  CHECK(rel_error(parts_g, whole_g) < 1e-12);
+  // ranges outside the batch, and an endpoint loss on part of it, are refused by name
+  for (const auto& [a, b] : {std::pair<int, int>{-1, 2}, {3, 3}, {2, 6}}) {
+    Rng r(5);
+    CHECK_THROWS_WITH(flow_match_step(model.field, P, states.data(), B, K, T, o, r, parts_g.data(), w, kNoEndpoint, kNoTarget, a, b),
+                      Catch::Contains("not a range of the batch of 5"));
+  }
+  FlowMatchOptions lin;
+  const EndpointLoss<double> endpoint = [](const double*, const FlowMatchStep&, double*) { return 0.0; };
+  ModelConfig c2 = cfg;
+  c2.step_cond = false;
+  c2.finalize();
+  Model<double> plain = randomized_model(c2, init);
+  Rng r(5);
+  CHECK_THROWS_WITH(flow_match_step(plain.field, plain.params.data() + plain.layout.field_begin(), states.data(), B, K, T,
+                                    lin, r, static_cast<double*>(nullptr), w, &endpoint, kNoTarget, 0, 2),
+                    Catch::Contains("endpoint loss reads the whole batch"));
+}
+
 TEST_CASE("shortcut models: the draws, the self-consistency target, and the gradient", "[flowmatch][shortcut][fd]") {
   ModelConfig cfg = make_config(11, 5, 8, 2, 12, 1, 1);
   cfg.time_cond = true;

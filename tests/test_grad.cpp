@@ -238,6 +238,33 @@ TEST_CASE("cotangents at every step of a fixed-step solve match finite differenc
   CHECK_THROWS_WITH(og.backward(w.data() + N * G, dh0.data(), dp.data(), w.data()), Catch::Contains("fixed-step"));
 }
 
+TEST_CASE("truncation and per-step cotangents: what they cannot apply to is refused by name", "[grad][truncate][steps]") {
+  Model<double> m = grad_model(15);
+  const int B = 2, T = 5;
+  const size_t G = static_cast<size_t>(B) * T * 8;
+  FieldSystem<double> sys(m.field, m.field_params(), B, T);
+  GradOptions neg;
+  neg.truncate = -1;
+  CHECK_THROWS_WITH(OdeGradient<double>(sys, fixed_opts("rk4", 1.0, 2), neg), Catch::Contains("truncate must be >= 0"));
+  Rng rng(16);
+  auto h0 = randn(G, rng), w = randn(3 * G, rng);
+  auto backward_with_steps = [&](const SolveOptions& o, const GradOptions& g) {
+    OdeGradient<double> og(sys, o, g);
+    Buffer<double> h(h0.begin(), h0.end());
+    REQUIRE(og.forward(h.data()).ok());
+    std::vector<double> dh0(G), dp(m.field.num_params());
+    og.backward(w.data() + 2 * G, dh0.data(), dp.data(), w.data());
+  };
+  CHECK_THROWS_WITH(backward_with_steps(fixed_opts("rk4", 1.0, 2), grad_opts(GradMethod::Adjoint)),
+                    Catch::Contains("not the adjoint"));
+  GradOptions reg;
+  reg.kinetic = 0.1;
+  CHECK_THROWS_WITH(backward_with_steps(fixed_opts("rk4", 1.0, 2), reg), Catch::Contains("plain per-sequence solve"));
+  SolveOptions coupled = adaptive_opts("dopri5", 1.0, 1e-6, 1e-6);
+  coupled.batch_coupled = true;
+  CHECK_THROWS_WITH(backward_with_steps(coupled, grad_opts(GradMethod::Backprop)), Catch::Contains("plain per-sequence solve"));
+}
+
 TEST_CASE("the adjoint converges to the discrete gradient as tolerances tighten", "[grad][adjoint]") {
   Model<double> m = grad_model(9);
   const int B = 2, T = 5;

@@ -108,6 +108,19 @@ TEST_CASE("built-in tableaus are valid, broken ones are rejected", "[solvers][ta
   CHECK_THROWS_WITH(tableau("rk45"), Catch::Contains("unknown solver 'rk45'") && Catch::Contains("dopri5"));
 }
 
+TEST_CASE("a tableau of more stages than the state algebra takes is refused when built", "[solvers][tableau]") {
+  const int s = 33;
+  ButcherTableau big;
+  big.name = "big";
+  big.order = 1;
+  big.c.assign(s, 0.0);
+  big.a.assign(static_cast<size_t>(s) * s, 0.0);
+  big.b.assign(s, 1.0 / s);
+  CHECK_THROWS_WITH(big.validate(), Catch::Contains("33 stages") && Catch::Contains("at most 32"));
+  SolveOptions o = fixed_opts("euler", 1.0, 4);
+  CHECK_THROWS_WITH(o.use_tableau(big), Catch::Contains("at most 32"));
+}
+
 TEST_CASE("every method converges at its order", "[solvers][order]") {
   for (const auto& name : tableau_names()) {
     const ButcherTableau& tab = tableau(name);
