@@ -9,11 +9,39 @@
 
 namespace flowloop {
 
+namespace {
+// Row widths of a block's activations: qkv (3C, or (NH + 2 NKV) D), the attention's output
+// (C, or NH D), the MLP's first product (F, or [gate | up] 2F).
+struct Widths {
+  size_t qkv, y, z;
+};
+Widths widths(const ModelConfig& cfg) {
+  if (!cfg.llama()) return {3 * static_cast<size_t>(cfg.d_model), static_cast<size_t>(cfg.d_model),
+                            static_cast<size_t>(cfg.d_ff)};
+  const AttnShape a = attn_shape(cfg);
+  return {static_cast<size_t>(a.width()), static_cast<size_t>(a.q_width()), 2 * static_cast<size_t>(cfg.d_ff)};
+}
+}  // namespace
+
+AttnShape attn_shape(const ModelConfig& cfg) {
+  if (!cfg.llama()) return AttnShape::mha(cfg.d_model, cfg.n_head);
+  return {cfg.n_head, cfg.kv_heads(), cfg.head_dim()};
+}
+
+ModelConfig part_config(const ModelConfig& cfg, FieldPart part) {
+  if (part == FieldPart::core) return cfg;
+  ModelConfig c = cfg;
+  c.n_block = part == FieldPart::prelude ? cfg.n_prelude : cfg.n_coda;
+  c.time_cond = c.step_cond = c.exit_gate = false;
+  return c;
+}
+
 template <class S>
 void FieldCache<S>::resize(Memory<S>& mem, const ModelConfig& cfg, int capacity_, int T_) {
   if (memory == &mem && capacity_ == capacity && T_ == T && blocks.size() == static_cast<size_t>(cfg.n_block) &&
-      time_cond == cfg.time_cond && step_cond == cfg.step_cond)
+      time_cond == cfg.time_cond && step_cond == cfg.step_cond && arch == cfg.arch)
     return;
+  arch = cfg.arch;
   memory = &mem;
   capacity = capacity_;
   B = capacity_;
@@ -22,13 +50,16 @@ void FieldCache<S>::resize(Memory<S>& mem, const ModelConfig& cfg, int capacity_
   step_cond = cfg.step_cond;
   const size_t N = static_cast<size_t>(capacity) * T, C = cfg.d_model, F = cfg.d_ff, Bs = capacity;
   const size_t tc = cfg.time_cond ? 1 : 0, sc_ = cfg.step_cond ? 1 : 0, E = static_cast<size_t>(cfg.time_freq);
+  const Widths wd = widths(cfg);
   blocks.resize(static_cast<size_t>(cfg.n_block));
   for (auto& bc : blocks) {
-    for (Array<S>* a : {&bc.x, &bc.ln1, &bc.y, &bc.x2, &bc.ln2}) a->resize(mem, N * C);
-    for (Array<S>* a : {&bc.mean1, &bc.rstd1, &bc.mean2, &bc.rstd2}) a->resize(mem, N);
-    bc.qkv.resize(mem, N * 3 * C);
+    for (Array<S>* a : {&bc.x, &bc.ln1, &bc.x2, &bc.ln2}) a->resize(mem, N * C);
+    bc.y.resize(mem, N * wd.y);
+    for (Array<S>* a : {&bc.rstd1, &bc.rstd2}) a->resize(mem, N);
+    for (Array<S>* a : {&bc.mean1, &bc.mean2}) a->resize(mem, cfg.llama() ? 0 : N);
+    bc.qkv.resize(mem, N * wd.qkv);
     bc.att.resize(mem, Bs * cfg.n_head * T * T);
-    bc.z.resize(mem, N * F);
+    bc.z.resize(mem, N * wd.z);
     bc.g.resize(mem, N * F);
     bc.ada.resize(mem, tc * Bs * 6 * C);
     for (Array<S>* a : {&bc.u1, &bc.ao, &bc.u2, &bc.mo}) a->resize(mem, tc * N * C);
@@ -54,17 +85,20 @@ size_t FieldCache<S>::bytes() const {
 
 template <class S>
 void FieldGradWork<S>::resize(Memory<S>& mem, const ModelConfig& cfg, int B_, int T_) {
-  if (memory == &mem && B_ <= B && T_ == T && time_cond == cfg.time_cond) return;
+  if (memory == &mem && B_ <= B && T_ == T && time_cond == cfg.time_cond && arch == cfg.arch) return;
+  arch = cfg.arch;
   memory = &mem;
   B = B_;
   T = T_;
   time_cond = cfg.time_cond;
   const size_t N = static_cast<size_t>(B) * T, C = cfg.d_model, F = cfg.d_ff, Bs = B;
   const size_t tc = cfg.time_cond ? 1 : 0;
-  for (Array<S>* a : {&dx, &dx2, &dtmp, &dcarry}) a->resize(mem, N * C);
-  dqkv.resize(mem, N * 3 * C);
+  const Widths wd = widths(cfg);
+  for (Array<S>* a : {&dx, &dx2, &dcarry}) a->resize(mem, N * C);
+  dtmp.resize(mem, N * std::max(C, wd.y));
+  dqkv.resize(mem, N * wd.qkv);
   datt.resize(mem, Bs * cfg.n_head * T * T);
-  dz.resize(mem, N * F);
+  dz.resize(mem, N * wd.z);
   dg.resize(mem, N * F);
   dgated.resize(mem, tc * N * C);
   dada.resize(mem, tc * Bs * 6 * C);
@@ -82,22 +116,18 @@ void check_field_call(const char* who, const ModelConfig& cfg, int T, const doub
     throw Error(std::string(who) + ": a step d was given but the field is not step-conditioned (config step_cond)");
 }
 
-FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout) {
+FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout, FieldPart part) {
   FieldOffsets o;
-  const size_t f0 = layout.field_begin();
-  o.num_params = layout.field_end() - f0;
-  for (int i = 0; i < cfg.n_block; ++i) {
-    BlockOffsets b = layout.block(i);
-    for (size_t* p : {&b.ln1_w, &b.ln1_b, &b.attn_w, &b.attn_b, &b.aproj_w, &b.aproj_b, &b.ln2_w,
-                      &b.ln2_b, &b.fc_w, &b.fc_b, &b.mproj_w, &b.mproj_b})
-      *p -= f0;
-    if (cfg.time_cond) {
-      b.ada_w -= f0;
-      b.ada_b -= f0;
-    }
+  const size_t f0 = layout.part_begin(part);
+  o.num_params = layout.part_end(part) - f0;
+  for (BlockOffsets b : layout.blocks(part)) {
+    // (an absent tensor's offset stays 0: nothing reads it)
+    for (size_t* p : {&b.ln1_w, &b.ln1_b, &b.attn_w, &b.attn_b, &b.aproj_w, &b.aproj_b, &b.ln2_w, &b.ln2_b, &b.fc_w,
+                      &b.fc_b, &b.mproj_w, &b.mproj_b, &b.ada_w, &b.ada_b})
+      if (*p) *p -= f0;
     o.blocks.push_back(b);
   }
-  if (cfg.time_cond) {
+  if (part == FieldPart::core && cfg.time_cond) {
     o.time = layout.time_embed();
     for (size_t* p : {&o.time.w1, &o.time.b1, &o.time.w2, &o.time.b2}) *p -= f0;
     if (cfg.step_cond) {
@@ -109,19 +139,23 @@ FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout) {
 }
 
 template <class S>
-Field<S>::Field(NetOps<S>& ops, const ModelConfig& cfg, const ParamLayout& layout) : ops_(ops), cfg_(cfg) {
-  FieldOffsets o = field_offsets(cfg, layout);
+Field<S>::Field(NetOps<S>& ops, const ModelConfig& cfg, const ParamLayout& layout, FieldPart part)
+    : ops_(ops), cfg_(part_config(cfg, part)), part_(part) {
+  FieldOffsets o = field_offsets(cfg, layout, part);
   blocks_ = std::move(o.blocks);
   time_ = o.time;
   step_ = o.step;
   num_params_ = o.num_params;
-  if (cfg.time_cond) freq_ = sinusoid_frequencies(cfg.time_freq);
+  if (cfg_.time_cond) freq_ = sinusoid_frequencies(cfg_.time_freq);
 }
 
 template <class S>
 double Field<S>::flops(int B, int T) const {
   const double C = cfg_.d_model, F = cfg_.d_ff, BT = static_cast<double>(B) * T;
-  double fl = cfg_.n_block * (2.0 * BT * (3 * C * C + C * C + 2 * C * F) + 4.0 * B * T * T * C);
+  const AttnShape a = attn_shape(cfg_);
+  const double Wq = static_cast<double>(a.width()), Y = static_cast<double>(a.q_width());
+  const double mlp = cfg_.llama() ? 3 * C * F : 2 * C * F;
+  double fl = cfg_.n_block * (2.0 * BT * (Wq * C + Y * C + mlp) + 4.0 * B * T * T * Y);
   if (cfg_.time_cond) fl += 2.0 * B * (cfg_.time_freq * C + C * C + cfg_.n_block * 6 * C * C);
   if (cfg_.step_cond) fl += 2.0 * B * (cfg_.time_freq * C + C * C);
   return fl;
@@ -133,20 +167,23 @@ void Field<S>::layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout,
                              S* scratch) const {
   const int C = cfg_.d_model, ld = 6 * C;
   auto rows = [&](S* di, S* dw, S* db, size_t r, int bs, const S* sc) {
-    if (sc)
+    if (cfg_.llama())  // RMSNorm: no bias, no mean, no modulation
+      ops_.rmsnorm_backward(di, dw, dout + r * C, in + r * C, w, rstd + r, bs * T, C);
+    else if (sc)
       ops_.layernorm_backward_scaled(di, dw, db, dout + r * C, sc, T, ld, in + r * C, w, mean + r, rstd + r, bs * T,
                                      C, scratch);
     else
       ops_.layernorm_backward(di, dw, db, dout + r * C, in + r * C, w, mean + r, rstd + r, bs * T, C);
   };
   if (stride == 0) {
-    rows(din, dP + ow, dP + ob, 0, B, scale);
+    rows(din, dP + ow, cfg_.llama() ? nullptr : dP + ob, 0, B, scale);
     return;
   }
   rows(din, nullptr, nullptr, 0, B, scale);
   for (int b = 0; b < B; ++b) {
     S* d = dP + static_cast<size_t>(b) * stride;
-    rows(nullptr, d + ow, d + ob, static_cast<size_t>(b) * T, 1, scale ? scale + static_cast<size_t>(b) * ld : nullptr);
+    rows(nullptr, d + ow, cfg_.llama() ? nullptr : d + ob, static_cast<size_t>(b) * T, 1,
+         scale ? scale + static_cast<size_t>(b) * ld : nullptr);
   }
 }
 
@@ -162,6 +199,7 @@ void Field<S>::layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout,
 template <class S>
 void Field<S>::block_forward(S* out, const S* x, const S* P, const BlockOffsets& o, int B, int T,
                              FieldCache<S>& cache, BlockCache<S>& c) const {
+  if (cfg_.llama()) return llama_forward(out, x, P, o, B, T, c);
   const int N = B * T, C = cfg_.d_model, F = cfg_.d_ff, NH = cfg_.n_head, ld = 6 * C;
   const size_t NC = static_cast<size_t>(N) * C;
   const bool tc = cfg_.time_cond;
@@ -172,7 +210,7 @@ void Field<S>::block_forward(S* out, const S* x, const S* P, const BlockOffsets&
   ops_.layernorm_forward(c.ln1.data(), c.mean1.data(), c.rstd1.data(), x, P + o.ln1_w, P + o.ln1_b, N, C);
   if (tc) ops_.modulate_forward(c.u1.data(), c.ln1.data(), ada, ada + C, B, T, C, ld);
   ops_.linear_forward(c.qkv.data(), tc ? c.u1.data() : c.ln1.data(), P + o.attn_w, P + o.attn_b, N, C, 3 * C);
-  ops_.attention_forward(c.y.data(), c.att.data(), c.qkv.data(), B, T, C, NH);
+  ops_.attention_forward(c.y.data(), c.att.data(), c.qkv.data(), B, T, AttnShape::mha(C, NH));
   if (tc) {  // x2 = x + (1 + g1) (y Wp^T + bp)
     ops_.linear_forward(c.ao.data(), c.y.data(), P + o.aproj_w, P + o.aproj_b, N, C, C);
     ops_.gate_forward(c.x2.data(), x, c.ao.data(), ada + 2 * C, B, T, C, ld);
@@ -194,6 +232,7 @@ template <class S>
 void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOffsets& o, int B, int T,
                          const FieldCache<S>& cache, const BlockCache<S>& c, FieldGradWork<S>& w,
                          size_t stride) const {
+  if (cfg_.llama()) return llama_vjp(dx, dP, dout, P, o, B, T, c, w, stride);
   const int N = B * T, C = cfg_.d_model, F = cfg_.d_ff, NH = cfg_.n_head, ld = 6 * C;
   const size_t NC = static_cast<size_t>(N) * C;
   const bool tc = cfg_.time_cond;
@@ -229,7 +268,8 @@ void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
   ops_.linear_backward(w.dtmp.data(), dP + o.aproj_w, dP + o.aproj_b, da, c.y.data(), P + o.aproj_w, B, T, C, C,
                        stride);
   w.dqkv.zero();
-  ops_.attention_backward(w.dqkv.data(), w.datt.data(), w.dtmp.data(), c.qkv.data(), c.att.data(), B, T, C, NH);
+  ops_.attention_backward(w.dqkv.data(), w.datt.data(), w.dtmp.data(), c.qkv.data(), c.att.data(), B, T,
+                           AttnShape::mha(C, NH));
   w.dtmp.zero();
   ops_.linear_backward(w.dtmp.data(), dP + o.attn_w, dP + o.attn_b, w.dqkv.data(), tc ? c.u1.data() : c.ln1.data(),
                        P + o.attn_w, B, T, C, 3 * C, stride);
@@ -240,6 +280,71 @@ void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
   if (tc)
     ops_.vector_linear_backward(w.dsc.data(), dP + o.ada_w, dP + o.ada_b, dada, cache.sc.data(), P + o.ada_w, B, C,
                                 6 * C, stride);
+}
+
+// ---------------------------------------------------------------- the llama block
+
+// x2 = x + o(Attn(rope(q), rope(k), v)),  [q | k | v] = RMS1(x) Wqkv^T (+ b);
+// out = x2 + down(silu(gate) up),  [gate | up] = RMS2(x2) Wgu^T (+ b).
+// The residual sums are taken as the gpt2 block's: the branch's product first, then + x.
+template <class S>
+void Field<S>::llama_forward(S* out, const S* x, const S* P, const BlockOffsets& o, int B, int T,
+                             BlockCache<S>& c) const {
+  const int N = B * T, C = cfg_.d_model, F = cfg_.d_ff;
+  const size_t NC = static_cast<size_t>(N) * C;
+  const AttnShape a = attn_shape(cfg_);
+  const int W = static_cast<int>(a.width()), Y = static_cast<int>(a.q_width()), rot = cfg_.rotary_dims();
+  ops_.copy(c.x.data(), x, NC);
+  x = c.x.data();  // from here on `out` may alias the caller's input
+  ops_.rmsnorm_forward(c.ln1.data(), c.rstd1.data(), x, P + o.ln1_w, N, C, cfg_.norm_eps);
+  ops_.linear_forward(c.qkv.data(), c.ln1.data(), P + o.attn_w, cfg_.qkv_bias ? P + o.attn_b : nullptr, N, C, W);
+  ops_.rotary(c.qkv.data(), B, T, a.NH, a.D, W, rot, cfg_.rope_theta, cfg_.rope_interleaved, false);
+  ops_.rotary(c.qkv.data() + a.k_offset(), B, T, a.NKV, a.D, W, rot, cfg_.rope_theta, cfg_.rope_interleaved, false);
+  ops_.attention_forward(c.y.data(), c.att.data(), c.qkv.data(), B, T, a);
+  ops_.linear_forward(c.x2.data(), c.y.data(), P + o.aproj_w, cfg_.o_bias ? P + o.aproj_b : nullptr, N, Y, C);
+  ops_.axpy(c.x2.data(), S(1), x, NC);
+  ops_.rmsnorm_forward(c.ln2.data(), c.rstd2.data(), c.x2.data(), P + o.ln2_w, N, C, cfg_.norm_eps);
+  ops_.linear_forward(c.z.data(), c.ln2.data(), P + o.fc_w, cfg_.mlp_bias ? P + o.fc_b : nullptr, N, C, 2 * F);
+  ops_.swiglu_forward(c.g.data(), c.z.data(), c.z.data() + F, N, F, 2 * F);
+  ops_.copy(out, c.x2.data(), NC);
+  ops_.linear_forward(out, c.g.data(), P + o.mproj_w, cfg_.mlp_bias ? P + o.mproj_b : nullptr, N, F, C,
+                      /*accumulate=*/true);
+}
+
+template <class S>
+void Field<S>::llama_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOffsets& o, int B, int T,
+                         const BlockCache<S>& c, FieldGradWork<S>& w, size_t stride) const {
+  const int N = B * T, C = cfg_.d_model, F = cfg_.d_ff;
+  const size_t NC = static_cast<size_t>(N) * C;
+  const AttnShape a = attn_shape(cfg_);
+  const int W = static_cast<int>(a.width()), Y = static_cast<int>(a.q_width()), rot = cfg_.rotary_dims();
+  auto bias = [&](size_t off, bool has) { return has ? dP + off : nullptr; };
+  // the MLP branch: dx2 = dout + RMS2^T(Wgu^T(swiglu^T(down^T dout)))
+  ops_.copy(w.dx2.data(), dout, NC);
+  w.dg.zero();
+  ops_.linear_backward(w.dg.data(), dP + o.mproj_w, bias(o.mproj_b, cfg_.mlp_bias), dout, c.g.data(), P + o.mproj_w,
+                       B, T, F, C, stride);
+  w.dz.zero();
+  ops_.swiglu_backward(w.dz.data(), w.dz.data() + F, w.dg.data(), c.z.data(), c.z.data() + F, N, F, 2 * F);
+  w.dtmp.zero();
+  ops_.linear_backward(w.dtmp.data(), dP + o.fc_w, bias(o.fc_b, cfg_.mlp_bias), w.dz.data(), c.ln2.data(),
+                       P + o.fc_w, B, T, C, 2 * F, stride);
+  layernorm_bwd(w.dx2.data(), dP, o.ln2_w, 0, w.dtmp.data(), c.x2.data(), P + o.ln2_w, nullptr, c.rstd2.data(), B, T,
+                stride, nullptr, nullptr);
+  // the attention branch: dx += dx2 + RMS1^T(Wqkv^T(rope^T(Attn^T(o^T dx2))))
+  ops_.axpy(dx, S(1), w.dx2.data(), NC);
+  w.dtmp.zero();
+  ops_.linear_backward(w.dtmp.data(), dP + o.aproj_w, bias(o.aproj_b, cfg_.o_bias), w.dx2.data(), c.y.data(),
+                       P + o.aproj_w, B, T, Y, C, stride);
+  w.dqkv.zero();
+  ops_.attention_backward(w.dqkv.data(), w.datt.data(), w.dtmp.data(), c.qkv.data(), c.att.data(), B, T, a);
+  ops_.rotary(w.dqkv.data(), B, T, a.NH, a.D, W, rot, cfg_.rope_theta, cfg_.rope_interleaved, true);
+  ops_.rotary(w.dqkv.data() + a.k_offset(), B, T, a.NKV, a.D, W, rot, cfg_.rope_theta, cfg_.rope_interleaved, true);
+  w.dtmp.zero();
+  ops_.linear_backward(w.dtmp.data(), dP + o.attn_w, bias(o.attn_b, cfg_.qkv_bias), w.dqkv.data(), c.ln1.data(),
+                       P + o.attn_w, B, T, C, W, stride);
+  layernorm_bwd(dx, dP, o.ln1_w, 0, w.dtmp.data(), c.x.data(), P + o.ln1_w, nullptr, c.rstd1.data(), B, T, stride,
+                nullptr, nullptr);
 }
 
 // ---------------------------------------------------------------- the embeddings

@@ -277,7 +277,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
     }
     const int rowsN = B * T;
     rc.resize(tc, rowsN);
-    teacher.readout(h.data(), rowsN, rc);
+    teacher.readout(h.data(), B, T, rc);
     log_softmax_rows(ref_logp, rc.logits.data(), static_cast<size_t>(rowsN), static_cast<size_t>(V));
     ref.add(h.data(), static_cast<size_t>(rowsN));
     for (size_t i = 0; i < ref_logp.size(); ++i) ref_p[i % ref_p.size()] += std::exp(ref_logp[i]);
@@ -290,7 +290,7 @@ std::vector<FlowEvalRow> flow_match_evaluate(const Model<float>& student, const 
         r.err2 += d * d;
         r.ref2 += static_cast<double>(h[i]) * h[i];
       }
-      teacher.readout(x1, rowsN, rc);
+      teacher.readout(x1, B, T, rc);
       int64_t cnt = 0;
       const double acc = accuracy(rc.logits.data(), tb.targets, V, test.exact_match(), &cnt);
       r.right += acc * static_cast<double>(cnt);

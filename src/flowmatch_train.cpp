@@ -179,7 +179,7 @@ void DecodeLoss<S>::set_batch(const S* ends, const TokenBatch& targets) {
   const int N = B_ * T_, V = model_.cfg.vocab_size;
   targets_ = targets.data;
   rc_.resize(model_.cfg, N);
-  model_.readout(ends, N, rc_);
+  model_.readout(ends, B_, T_, rc_);
   log_softmax_rows(ref_, rc_.logits.data(), static_cast<size_t>(N), static_cast<size_t>(V));
 }
 
@@ -188,7 +188,7 @@ double DecodeLoss<S>::operator()(const S* x1hat, const FlowMatchStep& st, S* gra
   const int N = B_ * T_, V = model_.cfg.vocab_size;
   const size_t n = static_cast<size_t>(T_) * static_cast<size_t>(model_.cfg.d_model);
   if (st.x1_row.size() != static_cast<size_t>(B_)) throw Error("decode loss: set_batch was given another batch size");
-  model_.readout(x1hat, N, rc_);
+  model_.readout(x1hat, B_, T_, rc_);
   log_softmax_rows(lp_, rc_.logits.data(), static_cast<size_t>(N), static_cast<size_t>(V));
   // the scored positions of each slot's end
   int64_t count = 0;
@@ -215,7 +215,7 @@ double DecodeLoss<S>::operator()(const S* x1hat, const FlowMatchStep& st, S* gra
     }
   std::fill_n(grad, static_cast<size_t>(B_) * n, S(0));
   junk_.assign(model_.params.size(), S(0));
-  model_.readout_backward(grad, junk_.data(), x1hat, N, rc_);
+  model_.readout_backward(grad, junk_.data(), x1hat, B_, T_, rc_);
   return scale * loss;
 }
 

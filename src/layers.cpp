@@ -37,9 +37,11 @@ void embedding_forward(S* out, const int32_t* tokens, const S* wte, const S* wpe
 #pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * C >= kParallelMin)
   for (int bt = 0; bt < B * T; ++bt) {
     const int t = bt % T;
-    MapV<S>(out + static_cast<int64_t>(bt) * C, C) =
-        CMapV<S>(wte + static_cast<int64_t>(tokens[bt]) * C, C) +
-        CMapV<S>(wpe + static_cast<int64_t>(t) * C, C);
+    if (wpe)
+      MapV<S>(out + static_cast<int64_t>(bt) * C, C) =
+          CMapV<S>(wte + static_cast<int64_t>(tokens[bt]) * C, C) + CMapV<S>(wpe + static_cast<int64_t>(t) * C, C);
+    else
+      MapV<S>(out + static_cast<int64_t>(bt) * C, C) = CMapV<S>(wte + static_cast<int64_t>(tokens[bt]) * C, C);
   }
 }
 
@@ -51,7 +53,7 @@ void embedding_backward(S* dwte, S* dwpe, const S* dout, const int32_t* tokens, 
     const int t = bt % T;
     CMapV<S> g(dout + static_cast<int64_t>(bt) * C, C);
     MapV<S>(dwte + static_cast<int64_t>(tokens[bt]) * C, C) += g;
-    MapV<S>(dwpe + static_cast<int64_t>(t) * C, C) += g;
+    if (dwpe) MapV<S>(dwpe + static_cast<int64_t>(t) * C, C) += g;
   }
 }
 
@@ -287,15 +289,20 @@ void linear_backward_few(S* din, S* dW, S* db, const S* dout, const S* in, const
 // ---------------------------------------------------------------- attention
 
 namespace {
-// Where head h of batch row b lives: q, k and v are (T,D) blocks of qkv with row
-// stride 3C (k at +C, v at +2C); its output is a (T,D) block of y with row stride C;
-// its probabilities are the (T,T) block bh = b*NH + h of att.
+// Where head h of batch row b lives (bh = b NH + h): q, k and v are (T,D) blocks of qkv with
+// row stride W (AttnShape: k at k_offset, v at v_offset, query head h reading key/value head
+// h / G); its output is a (T,D) block of y with row stride NH D; its probabilities are the
+// (T,T) block bh of att.
 struct Heads {
-  int T, C, NH, D;
-  int64_t C3;
-  Heads(int T_, int C_, int NH_) : T(T_), C(C_), NH(NH_), D(C_ / NH_), C3(3 * int64_t{C_}) {}
-  int64_t qkv(int bh) const { return static_cast<int64_t>(bh / NH) * T * C3 + static_cast<int64_t>(bh % NH) * D; }
-  int64_t y(int bh) const { return static_cast<int64_t>(bh / NH) * T * C + static_cast<int64_t>(bh % NH) * D; }
+  int T, NH, G, D;
+  int64_t W, Y, ko, vo;
+  Heads(int T_, const AttnShape& a)
+      : T(T_), NH(a.NH), G(a.group()), D(a.D), W(a.width()), Y(a.q_width()), ko(a.k_offset()), vo(a.v_offset()) {}
+  int64_t row(int bh) const { return static_cast<int64_t>(bh / NH) * T * W; }
+  int64_t q(int bh) const { return row(bh) + static_cast<int64_t>(bh % NH) * D; }
+  int64_t k(int bh) const { return row(bh) + ko + static_cast<int64_t>((bh % NH) / G) * D; }
+  int64_t v(int bh) const { return row(bh) + vo + static_cast<int64_t>((bh % NH) / G) * D; }
+  int64_t y(int bh) const { return static_cast<int64_t>(bh / NH) * T * Y + static_cast<int64_t>(bh % NH) * D; }
   int64_t att(int bh) const { return static_cast<int64_t>(bh) * T * T; }
   template <class S>
   S scale() const { return S(1) / std::sqrt(static_cast<S>(D)); }
@@ -309,13 +316,14 @@ struct Heads {
 }  // namespace
 
 template <class S>
-void attention_forward(S* out, S* att, const S* qkv, int B, int T, int C, int NH) {
-  const Heads hd(T, C, NH);
+void attention_forward(S* out, S* att, const S* qkv, int B, int T, const AttnShape& a) {
+  check_attn_shape(a);
+  const Heads hd(T, a);
   const S scale = hd.scale<S>();
-#pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * T * C >= kParallelMin)
-  for (int bh = 0; bh < B * NH; ++bh) {
-    const S* base = qkv + hd.qkv(bh);
-    const auto q = hd.block(base, hd.C3), k = hd.block(base + C, hd.C3), v = hd.block(base + 2 * C, hd.C3);
+#pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * T * a.q_width() >= kParallelMin)
+  for (int bh = 0; bh < B * a.NH; ++bh) {
+    const auto q = hd.block(qkv + hd.q(bh), hd.W), k = hd.block(qkv + hd.k(bh), hd.W),
+               v = hd.block(qkv + hd.v(bh), hd.W);
     MapM<S> A(att + hd.att(bh), T, T);
     // Only the causal (lower) triangle of q k^T is computed.
     // (a pure product here: scaling it would make Eigen allocate a temporary)
@@ -327,39 +335,53 @@ void attention_forward(S* out, S* att, const S* qkv, int B, int T, int C, int NH
       row /= row.sum();
       A.row(t).tail(T - t - 1).setZero();
     }
-    auto y = hd.block(out + hd.y(bh), C);
+    auto y = hd.block(out + hd.y(bh), hd.Y);
     y.noalias() = A.template triangularView<Eigen::Lower>() * v;
   }
 }
 
+// One task per (sequence, key/value head): the group's query heads in order, so that a key or
+// value gradient is summed by one thread in a fixed order (multi-head: one head a task).
 template <class S>
-void attention_backward(S* dqkv, S* datt, const S* dout, const S* qkv, const S* att, int B,
-                        int T, int C, int NH) {
-  const Heads hd(T, C, NH);
+void attention_backward(S* dqkv, S* datt, const S* dout, const S* qkv, const S* att, int B, int T,
+                        const AttnShape& a) {
+  check_attn_shape(a);
+  const Heads hd(T, a);
   const S scale = hd.scale<S>();
-#pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * T * C >= kParallelMin)
-  for (int bh = 0; bh < B * NH; ++bh) {
-    const S* base = qkv + hd.qkv(bh);
-    S* dbase = dqkv + hd.qkv(bh);
-    const auto q = hd.block(base, hd.C3), k = hd.block(base + C, hd.C3), v = hd.block(base + 2 * C, hd.C3);
-    auto dq = hd.block(dbase, hd.C3), dk = hd.block(dbase + C, hd.C3), dv = hd.block(dbase + 2 * C, hd.C3);
-    const auto dy = hd.block(dout + hd.y(bh), C);
-    CMapM<S> A(att + hd.att(bh), T, T);
-    MapM<S> dA(datt + hd.att(bh), T, T);
-    // y = A v
-    dv.noalias() += A.transpose().template triangularView<Eigen::Upper>() * dy;
-    dA.template triangularView<Eigen::Lower>() = dy * v.transpose();
-    // softmax: dS = A .* (dA - rowsum(dA .* A)), then the 1/sqrt(D) scale
-    for (int t = 0; t < T; ++t) {
-      auto a = A.row(t).head(t + 1).array();
-      auto d = dA.row(t).head(t + 1).array();
-      const S dot = (a * d).sum();
-      d = a * (d - dot) * scale;
-      dA.row(t).tail(T - t - 1).setZero();
+  const int G = a.group();
+#pragma omp parallel for schedule(static) if(static_cast<int64_t>(B) * T * T * a.q_width() >= kParallelMin)
+  for (int bg = 0; bg < B * a.NKV; ++bg)
+    for (int bh = bg * G; bh < (bg + 1) * G; ++bh) {
+      const auto q = hd.block(qkv + hd.q(bh), hd.W), k = hd.block(qkv + hd.k(bh), hd.W),
+                 v = hd.block(qkv + hd.v(bh), hd.W);
+      auto dq = hd.block(dqkv + hd.q(bh), hd.W), dk = hd.block(dqkv + hd.k(bh), hd.W),
+           dv = hd.block(dqkv + hd.v(bh), hd.W);
+      const auto dy = hd.block(dout + hd.y(bh), hd.Y);
+      CMapM<S> A(att + hd.att(bh), T, T);
+      MapM<S> dA(datt + hd.att(bh), T, T);
+      // y = A v
+      dv.noalias() += A.transpose().template triangularView<Eigen::Upper>() * dy;
+      dA.template triangularView<Eigen::Lower>() = dy * v.transpose();
+      // softmax: dS = A .* (dA - rowsum(dA .* A)), then the 1/sqrt(D) scale
+      for (int t = 0; t < T; ++t) {
+        auto ar = A.row(t).head(t + 1).array();
+        auto d = dA.row(t).head(t + 1).array();
+        const S dot = (ar * d).sum();
+        d = ar * (d - dot) * scale;
+        dA.row(t).tail(T - t - 1).setZero();
+      }
+      dq.noalias() += dA.template triangularView<Eigen::Lower>() * k;
+      dk.noalias() += dA.transpose().template triangularView<Eigen::Upper>() * q;
     }
-    dq.noalias() += dA.template triangularView<Eigen::Lower>() * k;
-    dk.noalias() += dA.transpose().template triangularView<Eigen::Upper>() * q;
-  }
+}
+
+template <class S>
+void attention_forward(S* out, S* att, const S* qkv, int B, int T, int C, int NH) {
+  attention_forward(out, att, qkv, B, T, AttnShape::mha(C, NH));
+}
+template <class S>
+void attention_backward(S* dqkv, S* datt, const S* dout, const S* qkv, const S* att, int B, int T, int C, int NH) {
+  attention_backward(dqkv, datt, dout, qkv, att, B, T, AttnShape::mha(C, NH));
 }
 
 // ---------------------------------------------------------------- gelu
@@ -551,6 +573,8 @@ S crossentropy_forward_backward(S* dlogits, const S* logits, const int32_t* targ
   template void linear_backward_few<S>(S*, S*, S*, const S*, const S*, const S*, int, int, int); \
   template void attention_forward<S>(S*, S*, const S*, int, int, int, int);                     \
   template void attention_backward<S>(S*, S*, const S*, const S*, const S*, int, int, int, int); \
+  template void attention_forward<S>(S*, S*, const S*, int, int, const AttnShape&);            \
+  template void attention_backward<S>(S*, S*, const S*, const S*, const S*, int, int, const AttnShape&); \
   template void gelu_forward<S>(S*, const S*, int64_t);                                         \
   template void gelu_backward<S>(S*, const S*, const S*, int64_t);                              \
   template void silu_forward<S>(S*, const S*, int64_t);                                         \

@@ -96,32 +96,130 @@ void LoopWork<S>::resize(const ModelConfig& cfg, int B_, int T_, int K_) {
 }
 
 template <class S>
-Model<S>::Model(const ModelConfig& c) : cfg(c), layout(c), field(c, layout), params(layout.size(), S(0)) {}
+Model<S>::Model(const ModelConfig& c)
+    : cfg(c),
+      layout(c),
+      field(c, layout),
+      prelude(c, layout, FieldPart::prelude),
+      coda(c, layout, FieldPart::coda),
+      params(layout.size(), S(0)) {}
 
 template <class S>
 void Model<S>::embed(S* h0, const TokenBatch& tokens) const {
+  if (cfg.n_prelude == 0) {
+    tokens.check(cfg, "tokens");
+    embedding_forward(h0, tokens.data.data(), params.data() + layout.wte(),
+                      layout.has_wpe() ? params.data() + layout.wpe() : nullptr, tokens.B, tokens.T, cfg.d_model);
+    return;
+  }
+  EmbedCache<S> cache;
+  embed(h0, tokens, cache);
+}
+
+template <class S>
+void Model<S>::embed(S* h0, const TokenBatch& tokens, EmbedCache<S>& cache) const {
   tokens.check(cfg, "tokens");
-  embedding_forward(h0, tokens.data.data(), params.data() + layout.wte(),
-                    params.data() + layout.wpe(), tokens.B, tokens.T, cfg.d_model);
+  const int B = tokens.B, T = tokens.T;
+  const size_t NC = static_cast<size_t>(B) * T * cfg.d_model;
+  S* e = h0;
+  if (cfg.n_prelude > 0) {
+    cache.e.resize(NC);
+    e = cache.e.data();
+  }
+  embedding_forward(e, tokens.data.data(), params.data() + layout.wte(),
+                    layout.has_wpe() ? params.data() + layout.wpe() : nullptr, B, T, cfg.d_model);
+  if (cfg.n_prelude == 0) return;
+  // h0 = e + f_prelude(e): the prelude's layers once
+  cache.prelude.resize(prelude.config(), B, T);
+  prelude.forward(h0, e, nullptr, params.data() + layout.part_begin(FieldPart::prelude), B, T, cache.prelude);
+  for (size_t i = 0; i < NC; ++i) h0[i] += e[i];
+}
+
+template <class S>
+void Model<S>::embed_backward(S* dparams, const S* dh0, const TokenBatch& tokens, EmbedCache<S>& cache) const {
+  const int B = tokens.B, T = tokens.T;
+  const size_t NC = static_cast<size_t>(B) * T * cfg.d_model;
+  const S* de = dh0;
+  if (cfg.n_prelude > 0) {  // de = J_prelude^T dh0: the vjp of f = prelude(e) - e adds J^T dh0 - dh0
+    if (cache.prelude.B != B || cache.prelude.T != T)
+      throw Error("Model::embed_backward: the prelude's cache holds another batch (embed with the cache first)");
+    cache.de.assign(dh0, dh0 + NC);
+    prelude.vjp(cache.de.data(), dparams + layout.part_begin(FieldPart::prelude), dh0,
+                params.data() + layout.part_begin(FieldPart::prelude), cache.prelude, cache.work);
+    de = cache.de.data();
+  }
+  embedding_backward(dparams + layout.wte(), layout.has_wpe() ? dparams + layout.wpe() : nullptr, de,
+                     tokens.data.data(), B, T, cfg.d_model);
 }
 
 template <class S>
 void Model<S>::readout(const S* h, int N, ReadoutCache<S>& rc) const {
+  if (cfg.n_coda > 0)
+    throw Error("Model::readout: a model with a coda reads out whole sequences (give B and T)");
+  readout(h, 1, N, rc);
+}
+
+template <class S>
+void Model<S>::readout(const S* h, int B, int T, ReadoutCache<S>& rc) const {
   const S* P = params.data();
-  layernorm_forward(rc.ln.data(), rc.mean.data(), rc.rstd.data(), h, P + layout.lnf_w(),
-                    P + layout.lnf_b(), N, cfg.d_model);
-  linear_forward<S>(rc.logits.data(), rc.ln.data(), P + layout.wte(), nullptr, N, cfg.d_model,
-                    cfg.vocab_size);
+  const int N = B * T, C = cfg.d_model;
+  if (cfg.n_coda > 0) {  // hc = h + f_coda(h): the coda's layers once
+    const size_t NC = static_cast<size_t>(N) * C;
+    rc.hc.resize(NC);
+    rc.coda.resize(coda.config(), B, T);
+    coda.forward(rc.hc.data(), h, nullptr, P + layout.part_begin(FieldPart::coda), B, T, rc.coda);
+    for (size_t i = 0; i < NC; ++i) rc.hc[i] += h[i];
+    h = rc.hc.data();
+  }
+  if (cfg.llama())
+    cpu_backend<S>().rmsnorm_forward(rc.ln.data(), rc.rstd.data(), h, P + layout.lnf_w(), N, C, cfg.norm_eps);
+  else
+    layernorm_forward(rc.ln.data(), rc.mean.data(), rc.rstd.data(), h, P + layout.lnf_w(), P + layout.lnf_b(), N, C);
+  linear_forward<S>(rc.logits.data(), rc.ln.data(), P + layout.head(), nullptr, N, C, cfg.vocab_size);
+}
+
+template <class S>
+void Model<S>::head_backward(S* dparams, int N, ReadoutCache<S>& rc) const {
+  std::fill(rc.dln.begin(), rc.dln.begin() + static_cast<size_t>(N) * cfg.d_model, S(0));
+  linear_backward<S>(rc.dln.data(), dparams + layout.head(), nullptr, rc.dlogits.data(), rc.ln.data(),
+                     params.data() + layout.head(), N, cfg.d_model, cfg.vocab_size);
+}
+
+template <class S>
+void Model<S>::norm_backward(S* dh, S* dparams, const S* h, int B, int T, ReadoutCache<S>& rc) const {
+  const S* P = params.data();
+  const int N = B * T, C = cfg.d_model;
+  const size_t NC = static_cast<size_t>(N) * C;
+  S* dnorm = dh;  // dL/d(the final norm's input): dh itself, or the coda's output gradient
+  if (cfg.n_coda > 0) {
+    rc.dhc.assign(NC, S(0));
+    dnorm = rc.dhc.data();
+  }
+  const S* hn = cfg.n_coda > 0 ? rc.hc.data() : h;
+  if (cfg.llama())
+    cpu_backend<S>().rmsnorm_backward(dnorm, dparams + layout.lnf_w(), rc.dln.data(), hn, P + layout.lnf_w(),
+                                      rc.rstd.data(), N, C);
+  else
+    layernorm_backward(dnorm, dparams + layout.lnf_w(), dparams + layout.lnf_b(), rc.dln.data(), hn,
+                       P + layout.lnf_w(), rc.mean.data(), rc.rstd.data(), N, C);
+  if (cfg.n_coda == 0) return;
+  // dh += J_coda^T dhc: the vjp of f = coda(h) - h adds J^T dhc - dhc
+  for (size_t i = 0; i < NC; ++i) dh[i] += rc.dhc[i];
+  coda.vjp(dh, dparams + layout.part_begin(FieldPart::coda), rc.dhc.data(), P + layout.part_begin(FieldPart::coda),
+           rc.coda, rc.coda_work);
+}
+
+template <class S>
+void Model<S>::readout_backward(S* dh, S* dparams, const S* h, int B, int T, ReadoutCache<S>& rc) const {
+  head_backward(dparams, B * T, rc);
+  norm_backward(dh, dparams, h, B, T, rc);
 }
 
 template <class S>
 void Model<S>::readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCache<S>& rc) const {
-  const S* P = params.data();
-  std::fill(rc.dln.begin(), rc.dln.end(), S(0));
-  linear_backward<S>(rc.dln.data(), dparams + layout.wte(), nullptr, rc.dlogits.data(),
-                     rc.ln.data(), P + layout.wte(), N, cfg.d_model, cfg.vocab_size);
-  layernorm_backward(dh, dparams + layout.lnf_w(), dparams + layout.lnf_b(), rc.dln.data(), h,
-                     P + layout.lnf_w(), rc.mean.data(), rc.rstd.data(), N, cfg.d_model);
+  if (cfg.n_coda > 0)
+    throw Error("Model::readout_backward: a model with a coda reads out whole sequences (give B and T)");
+  readout_backward(dh, dparams, h, 1, N, rc);
 }
 
 template <class S>
@@ -187,7 +285,7 @@ int Model<S>::loop_forward_from(const S* h0, int B, int T, int K, LoopWork<S>& w
     const SolveResult<S> r = sys.solve(w.ode.h.data(), loop_options(K, true));
     gather_loop_states(w.h.data(), r, B, K, static_cast<size_t>(T) * cfg.d_model);
   }
-  readout(w.h.data() + NC * K, B * T, w.readout);
+  readout(w.h.data() + NC * K, B, T, w.readout);
   return K;
 }
 
@@ -200,10 +298,9 @@ S Model<S>::loop_loss_and_grad(const TokenBatch& tokens, const TokenBatch& targe
                 std::to_string(targets.T) + ") but tokens have (" + std::to_string(tokens.B) +
                 ", " + std::to_string(tokens.T) + ")");
   w.resize(cfg, tokens.B, tokens.T, K < 0 ? 0 : K);
-  embed(w.h.data(), tokens);
+  embed(w.h.data(), tokens, w.ode.embed);
   const S loss = loop_loss_and_grad_from(w.h.data(), targets, K, grads, w, dh0, truncate);
-  embedding_backward(grads + layout.wte(), grads + layout.wpe(), w.dh.data(), tokens.data.data(),
-                     tokens.B, tokens.T, cfg.d_model);
+  if (loss == loss) embed_backward(grads, w.dh.data(), tokens, w.ode.embed);
   return loss;
 }
 
@@ -261,11 +358,11 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
   // the K loops through the one driver, every state saved, differentiable by backprop
   w.resize(cfg, tokens.B, tokens.T, K);
   w.ode.h.resize(NC);
-  embed(w.ode.h.data(), tokens);
+  embed(w.ode.h.data(), tokens, w.ode.embed);
   std::memcpy(w.h.data(), w.ode.h.data(), NC * sizeof(S));
   const SolveResult<S>& fr = grad_forward(tokens.B, tokens.T, loop_options(K, true), GradOptions{}, w.ode);
   gather_loop_states(w.h.data(), fr, tokens.B, K, static_cast<size_t>(tokens.T) * C);
-  readout(w.h.data() + NC * K, N, w.readout);
+  readout(w.h.data() + NC * K, tokens.B, tokens.T, w.readout);
   w.per_loop.resize(static_cast<size_t>(K));
   if (!fr.ok()) {  // a non-finite state: NaN logits at every loop and loss, no gradient
     w.ode.sys->set_resident(false);
@@ -281,7 +378,7 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
   for (int t = 1; t <= K; ++t) {
     ReadoutCache<S>& rc = w.per_loop[static_cast<size_t>(t - 1)];
     rc.resize(cfg, N);
-    readout(w.h.data() + NC * t, N, rc);
+    readout(w.h.data() + NC * t, tokens.B, tokens.T, rc);
     for (int n = 0; n < N; ++n) {
       double z = P[layout.gate_b()];
       const S* u = rc.ln.data() + static_cast<size_t>(n) * C;
@@ -339,9 +436,7 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
   Buffer<S> D((static_cast<size_t>(K) + 1) * NC, S(0));
   for (int t = 1; t <= K; ++t) {
     ReadoutCache<S>& rc = w.per_loop[static_cast<size_t>(t - 1)];
-    std::fill(rc.dln.begin(), rc.dln.end(), S(0));
-    linear_backward<S>(rc.dln.data(), grads + layout.wte(), nullptr, rc.dlogits.data(), rc.ln.data(), P + layout.wte(),
-                       N, C, V);
+    head_backward(grads, N, rc);
     for (int n = 0; n < N; ++n) {
       const S dzn = dz[static_cast<size_t>(t - 1) * N + n];
       if (dzn == S(0)) continue;
@@ -353,16 +448,14 @@ S Model<S>::loop_gate_loss_and_grad(const TokenBatch& tokens, const TokenBatch& 
       }
       grads[layout.gate_b()] += dzn;
     }
-    layernorm_backward(D.data() + NC * t, grads + layout.lnf_w(), grads + layout.lnf_b(), rc.dln.data(),
-                       w.h.data() + NC * t, P + layout.lnf_w(), rc.mean.data(), rc.rstd.data(), N, C);
+    norm_backward(D.data() + NC * t, grads, w.h.data() + NC * t, tokens.B, tokens.T, rc);
   }
   // back through the loops by backprop: dh_k = dh_{k+1} + J^T dh_{k+1} (+ the readout and
   // gate terms at h_k, D's row k, which the reverse pass adds as it reaches h_k)
   w.ode.gy1.assign(D.data() + NC * K, D.data() + NC * (static_cast<size_t>(K) + 1));
   if (!grad_backward(w.ode, D.data(), grads + layout.field_begin()).ok()) return std::numeric_limits<S>::quiet_NaN();
   std::memcpy(w.dh.data(), w.ode.gy0.data(), NC * sizeof(S));
-  embedding_backward(grads + layout.wte(), grads + layout.wpe(), w.dh.data(), tokens.data.data(), tokens.B,
-                     tokens.T, C);
+  embed_backward(grads, w.dh.data(), tokens, w.ode.embed);
   if (mean_depth) *mean_depth = count ? depth / count : 0.0;
   return static_cast<S>(count ? total / count : 0.0);
 }
@@ -380,7 +473,7 @@ void Model<S>::loop_exit(const TokenBatch& tokens, int K, const std::string& rul
   w.per_loop.resize(static_cast<size_t>(K));
   for (int t = 1; t <= K; ++t) {
     w.per_loop[static_cast<size_t>(t - 1)].resize(cfg, N);
-    readout(w.h.data() + NC * t, N, w.per_loop[static_cast<size_t>(t - 1)]);
+    readout(w.h.data() + NC * t, tokens.B, tokens.T, w.per_loop[static_cast<size_t>(t - 1)]);
   }
   logits.resize(static_cast<size_t>(N) * V);
   depth.assign(static_cast<size_t>(N), K);
@@ -559,7 +652,7 @@ SolveResult<S> Model<S>::ode_forward(const TokenBatch& tokens, const SolveOption
   FieldSystem<S> sys(field, field_params(), B, T, device_field());
   SolveResult<S> r = sys.solve(h.data(), opt);
   rc.resize(cfg, B * T);
-  readout(h.data(), B * T, rc);
+  readout(h.data(), B, T, rc);
   return r;
 }
 
@@ -656,12 +749,12 @@ S Model<S>::ode_loss_and_grad_from(const S* h0, const TokenBatch& targets, const
   }
   ReadoutCache<S>& rc = w.readout;
   rc.resize(cfg, N);
-  readout(w.h.data(), N, rc);
+  readout(w.h.data(), B, T, rc);
   std::fill(rc.dlogits.begin(), rc.dlogits.end(), S(0));
   const S loss = crossentropy_forward_backward(rc.dlogits.data(), rc.logits.data(), targets.data.data(), N,
                                                cfg.vocab_size);
   w.gy1.assign(NC, S(0));
-  readout_backward(w.gy1.data(), grads, w.h.data(), N, rc);
+  readout_backward(w.gy1.data(), grads, w.h.data(), B, T, rc);
   stats = grad_backward(w, nullptr, grads + layout.field_begin());
   if (dh0) std::memcpy(dh0, w.gy0.data(), NC * sizeof(S));
   return stats.ok() ? loss : std::numeric_limits<S>::quiet_NaN();
@@ -677,11 +770,10 @@ S Model<S>::ode_loss_and_grad(const TokenBatch& tokens, const TokenBatch& target
                 ") but tokens have (" + std::to_string(tokens.B) + ", " + std::to_string(tokens.T) + ")");
   const size_t NC = static_cast<size_t>(tokens.B) * tokens.T * cfg.d_model;
   w.h.resize(NC);
-  embed(w.h.data(), tokens);
+  embed(w.h.data(), tokens, w.embed);
   const S loss = ode_loss_and_grad_from(w.h.data(), targets, opt, gopt, grads, stats, w, nullptr);
   if (!stats.ok()) return loss;
-  embedding_backward(grads + layout.wte(), grads + layout.wpe(), w.gy0.data(), tokens.data.data(), tokens.B,
-                     tokens.T, cfg.d_model);
+  embed_backward(grads, w.gy0.data(), tokens, w.embed);
   if (dh0) std::memcpy(dh0, w.gy0.data(), NC * sizeof(S));
   return loss;
 }
@@ -723,6 +815,8 @@ template class FieldSystem<double>;
 template class Model<float>;
 template class Model<double>;
 template struct ReadoutCache<float>;
+template struct EmbedCache<float>;
+template struct EmbedCache<double>;
 template struct ReadoutCache<double>;
 template struct LoopWork<float>;
 template struct LoopWork<double>;

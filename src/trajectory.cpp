@@ -106,7 +106,7 @@ TrajectoryResult trace(const Model<float>& model, const DataSource& data, const 
     }
     const float* hfinal = states + (N - 1) * NC;
     rc.resize(cfg, BT);
-    model.readout(hfinal, BT, rc);
+    model.readout(hfinal, B, T, rc);
     final_logits.assign(rc.logits.begin(), rc.logits.end());
     fc.resize(cfg, B, T);
     f.resize(NC);
@@ -115,7 +115,7 @@ TrajectoryResult trace(const Model<float>& model, const DataSource& data, const 
     for (size_t j = 0; j < N; ++j) {
       const float* hj = states + j * NC;
       Sums& s = sums[j];
-      model.readout(hj, BT, rc);
+      model.readout(hj, B, T, rc);
       s.loss += crossentropy_forward_backward<float>(nullptr, rc.logits.data(), tgt.data.data(), BT, V);
       int64_t n = 0;
       s.right += accuracy(rc.logits.data(), tgt, V, data.exact_match(), &n) * static_cast<double>(n);

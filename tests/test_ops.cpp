@@ -239,3 +239,54 @@ TEST_CASE(
     CHECK(a == b);
   }
 }
+
+TEST_CASE("Grouped-query attention: equal to multi-head attention on repeated key/value heads, its vjp against "
+          "finite differences",
+          "[ops][attention][gqa]") {
+  const int B = 2, T = 5, D = 3;
+  for (const auto& nb : host_backends()) {
+    for (const AttnShape a : {AttnShape{4, 2, D}, AttnShape{6, 1, D}, AttnShape{3, 3, D}}) {
+      INFO(nb.first << ", NH " << a.NH << ", NKV " << a.NKV);
+      Backend<double>* be = nb.second;
+      Rng rng(31 + a.NKV);
+      const size_t W = static_cast<size_t>(a.width()), Y = static_cast<size_t>(a.q_width());
+      const size_t TT = static_cast<size_t>(T) * T;
+      auto qkv = randn(static_cast<size_t>(B) * T * W, rng), dy = randn(static_cast<size_t>(B) * T * Y, rng);
+      std::vector<double> y(static_cast<size_t>(B) * T * Y), att(static_cast<size_t>(B) * a.NH * TT);
+      be->attention_forward(y.data(), att.data(), qkv.data(), B, T, a);
+      // the same heads as multi-head attention, every key/value head repeated for its group
+      const AttnShape m = AttnShape{a.NH, a.NH, D};
+      const size_t Wm = static_cast<size_t>(m.width());
+      std::vector<double> full(static_cast<size_t>(B) * T * Wm);
+      for (size_t r = 0; r < static_cast<size_t>(B) * T; ++r)
+        for (int h = 0; h < a.NH; ++h)
+          for (int i = 0; i < D; ++i) {
+            const size_t g = static_cast<size_t>(h / a.group());
+            full[r * Wm + h * D + i] = qkv[r * W + h * D + i];
+            full[r * Wm + m.k_offset() + h * D + i] = qkv[r * W + a.k_offset() + g * D + i];
+            full[r * Wm + m.v_offset() + h * D + i] = qkv[r * W + a.v_offset() + g * D + i];
+          }
+      std::vector<double> ym(y.size()), attm(att.size());
+      be->attention_forward(ym.data(), attm.data(), full.data(), B, T, m);
+      CHECK(rel_error(y, ym) < 1e-14);
+      CHECK(rel_error(att, attm) < 1e-14);
+      // the vjp: finite differences of dy . y through q, k and v
+      std::vector<double> dqkv(qkv.size(), 0.0), datt(att.size());
+      be->attention_backward(dqkv.data(), datt.data(), dy.data(), qkv.data(), att.data(), B, T, a);
+      auto loss = [&] {
+        std::vector<double> yy(y.size()), aa(att.size());
+        be->attention_forward(yy.data(), aa.data(), qkv.data(), B, T, a);
+        return dot(yy, dy);
+      };
+      CHECK(rel_error(dqkv, fd_grad(loss, qkv.data(), qkv.size())) < 1e-8);
+      // the vjp accumulates
+      std::vector<double> twice(dqkv);
+      be->attention_backward(twice.data(), datt.data(), dy.data(), qkv.data(), att.data(), B, T, a);
+      for (size_t i = 0; i < twice.size(); ++i) CHECK(twice[i] == Approx(2 * dqkv[i]).epsilon(1e-12).margin(1e-14));
+    }
+  }
+  // heads that do not divide
+  std::vector<double> z(1000);
+  CHECK_THROWS_WITH(cpu_backend<double>().attention_forward(z.data(), z.data(), z.data(), 1, 2, AttnShape{4, 3, 2}),
+                    Catch::Contains("3 key/value heads must divide 4 query heads"));
+}

@@ -152,12 +152,12 @@ class CpuBackend final : public detail::ReferenceBackend<S> {
                              dout + static_cast<size_t>(s) * OUT, in + static_cast<size_t>(s) * IN, W, 1, IN, OUT);
     }
   }
-  void attention_forward(S* y, S* att, const S* qkv, int B, int T, int C, int NH) override {
-    flowloop::attention_forward(y, att, qkv, B, T, C, NH);
+  void attention_forward(S* y, S* att, const S* qkv, int B, int T, const AttnShape& a) override {
+    flowloop::attention_forward(y, att, qkv, B, T, a);
   }
-  void attention_backward(S* dqkv, S* datt, const S* dy, const S* qkv, const S* att, int B, int T, int C,
-                          int NH) override {
-    flowloop::attention_backward(dqkv, datt, dy, qkv, att, B, T, C, NH);
+  void attention_backward(S* dqkv, S* datt, const S* dy, const S* qkv, const S* att, int B, int T,
+                          const AttnShape& a) override {
+    flowloop::attention_backward(dqkv, datt, dy, qkv, att, B, T, a);
   }
   void layernorm_backward_scaled(S* din, S* dw, S* db, const S* dout, const S* scale, int T, int ld, const S* in,
                                  const S* w, const S* mean, const S* rstd, int N, int C, S* scratch) override {

@@ -33,6 +33,7 @@
 // allocated inside forward() or vjp().
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "flowloop/backend/backend.hpp"
@@ -42,7 +43,9 @@
 
 namespace flowloop {
 
-// Activations of one block, written by the forward and read by the vjp.
+// Activations of one block, written by the forward and read by the vjp. A llama block keeps
+// RMSNorm's outputs in ln1, ln2 (no mean), q and k after their rotation in qkv (B,T,W), the
+// attention's output in y (B,T,NH D), [gate | up] in z (B,T,2F) and silu(gate) up in g.
 template <class S>
 struct BlockCache {
   Array<S> x;             // (B,T,C)  block input
@@ -70,6 +73,7 @@ struct BlockCache {
 template <class S>
 struct FieldCache {
   int capacity = 0, T = 0;
+  std::string arch;  // the block the arrays are sized for
   int B = 0;  // sequences in the last forward
   bool time_cond = false, step_cond = false;
   Memory<S>* memory = nullptr;        // where the arrays live
@@ -90,6 +94,7 @@ struct FieldCache {
 template <class S>
 struct FieldGradWork {
   int B = 0, T = 0;
+  std::string arch;
   bool time_cond = false;
   Memory<S>* memory = nullptr;
   Array<S> dx, dx2, dtmp, dcarry, dqkv, datt, dz, dg;
@@ -108,7 +113,12 @@ struct FieldOffsets {
   TimeEmbedOffsets time, step;        // time_cond, step_cond
   size_t num_params = 0;
 };
-FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout);
+FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout, FieldPart part = FieldPart::core);
+// The config of one stack of blocks: the model's for the core; for the prelude and the coda,
+// n_block their count and no time or step conditioning (they run once, at no time).
+ModelConfig part_config(const ModelConfig& cfg, FieldPart part);
+// The attention heads of a config's blocks.
+AttnShape attn_shape(const ModelConfig& cfg);
 // The checks every forward makes of its call (`who` names it in the Error): T within the
 // context, t given to a time-conditioned field, d only to a step-conditioned one.
 void check_field_call(const char* who, const ModelConfig& cfg, int T, const double* t, const double* d);
@@ -131,8 +141,11 @@ template <class S>
 class Field {
  public:
   // On the cpu backend, or on `ops` (which must outlive the field).
-  Field(const ModelConfig& cfg, const ParamLayout& layout) : Field(cpu_backend<S>(), cfg, layout) {}
-  Field(NetOps<S>& ops, const ModelConfig& cfg, const ParamLayout& layout);
+  // `part` picks the stack of blocks (the core, the field proper, unless told): a prelude or
+  // coda Field computes f(h) = stack(h) - h likewise, its params the part's range.
+  Field(const ModelConfig& cfg, const ParamLayout& layout, FieldPart part = FieldPart::core)
+      : Field(cpu_backend<S>(), cfg, layout, part) {}
+  Field(NetOps<S>& ops, const ModelConfig& cfg, const ParamLayout& layout, FieldPart part = FieldPart::core);
 
   // f = S_t(h) - h, sequence b at time t[b]. The autonomous field ignores t
   // (which may then be null); a time-conditioned one needs it. A step-conditioned
@@ -157,7 +170,9 @@ class Field {
   // element-wise work is free.
   double flops(int B, int T) const;
 
+  // The stack's config (part_config of the model's): size caches with it.
   const ModelConfig& config() const { return cfg_; }
+  FieldPart part() const { return part_; }
   // The ops (and memory) the field runs on.
   NetOps<S>& backend() const { return ops_; }
 
@@ -166,6 +181,9 @@ class Field {
                      BlockCache<S>& c) const;
   void block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOffsets& o, int B, int T,
                  const FieldCache<S>& cache, const BlockCache<S>& c, FieldGradWork<S>& w, size_t stride) const;
+  void llama_forward(S* out, const S* x, const S* P, const BlockOffsets& o, int B, int T, BlockCache<S>& c) const;
+  void llama_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOffsets& o, int B, int T,
+                 const BlockCache<S>& c, FieldGradWork<S>& w, size_t stride) const;
   void embed_forward(S* e, Buffer<S>& e_host, S* z1, S* a1, S* out, const double* t, const TimeEmbedOffsets& o,
                      const S* P, int B) const;
   void embed_vjp(S* de, S* dP, const TimeEmbedOffsets& o, const S* P, int B, const S* e, const S* z1, const S* a1,
@@ -177,6 +195,7 @@ class Field {
 
   NetOps<S>& ops_;
   ModelConfig cfg_;
+  FieldPart part_ = FieldPart::core;
   std::vector<BlockOffsets> blocks_;  // relative to the field's first parameter
   TimeEmbedOffsets time_;             // relative to the field's first parameter (time_cond)
   TimeEmbedOffsets step_;             // the same for step_embed (step_cond)

@@ -20,9 +20,12 @@
 
 #include <cstdint>
 
+#include "flowloop/nn/ops.hpp"
+
 namespace flowloop {
 
-// out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]. Tokens must be in [0, V).
+// out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :] (wpe null: no learned positions; dwpe likewise).
+// Tokens must be in [0, V).
 template <class S>
 void embedding_forward(S* out /*(B,T,C)*/, const int32_t* tokens /*(B,T)*/,
                        const S* wte /*(V,C)*/, const S* wpe /*(Tmax,C)*/, int B, int T, int C);
@@ -70,7 +73,13 @@ template <class S>
 void linear_backward_few(S* din /*(N,IN)*/, S* dW /*(OUT,IN)*/, S* db /*(OUT)*/, const S* dout /*(N,OUT)*/,
                          const S* in /*(N,IN)*/, const S* W /*(OUT,IN)*/, int N, int IN, int OUT);
 
-// Causal multi-head self-attention core (no projections):
+// Causal self-attention core (no projections) with the heads of an AttnShape (grouped-query
+// when NKV < NH): qkv rows [q | k | v] of a.width(), out rows of a.q_width().
+template <class S>
+void attention_forward(S* out, S* att /*(B,NH,T,T)*/, const S* qkv, int B, int T, const AttnShape& a);
+template <class S>
+void attention_backward(S* dqkv, S* datt, const S* dout, const S* qkv, const S* att, int B, int T, const AttnShape& a);
+// Causal multi-head self-attention core (no projections), AttnShape::mha(C, NH):
 //   q, k, v = split(qkv) viewed (B,NH,T,D); att = softmax(q k^T / sqrt(D) + mask);
 //   out = att v viewed back to (B,T,C).
 // att receives the probabilities (upper triangle zero) and is the backward's cache.

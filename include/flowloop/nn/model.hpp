@@ -1,11 +1,13 @@
-// flowloop/nn/model.hpp: the looped GPT model of model-spec.md around the field.
+// flowloop/nn/model.hpp: the looped model around the field: model-spec.md's GPT-2 model, or
+// the general structure of model-families.md (a llama block, a prelude and a coda):
 //
-//   h(0) = wte[tokens] + wpe          (embedding)
+//   h(0) = prelude(wte[tokens] (+ wpe))   (embedding; the prelude's layers run once)
 //   h_{k+1} = h_k + f(h_k, k),  k < K (`loop K`; Euler with dt = 1 on [0, K]:
 //                                     loop k evaluates the field at t = k. It runs as
 //                                     that solve, through integrate(), and its gradient
 //                                     is the solve's backprop: no loop of its own)
-//   logits = LN_f(h_K) wte^T          (tied readout)
+//   logits = norm_f(coda(h_K)) head^T (the coda's layers run once; norm_f LayerNorm (gpt2) or
+//                                     RMSNorm (llama); head wte (tied) or lm_head)
 //   loss = mean cross-entropy over targets != -1
 //
 // Gradient rule: parameter gradients ACCUMULATE into the caller's buffer (same
@@ -43,10 +45,22 @@ TokenBatch parse_token_json(const std::string& text, const std::string& key, con
 // Forward activations of the readout, kept for its backward.
 template <class S>
 struct ReadoutCache {
-  Buffer<S> ln, mean, rstd;  // (N,C), (N), (N)
+  Buffer<S> ln, mean, rstd;  // (N,C), (N), (N): the final norm's output and statistics
   Buffer<S> logits;          // (N,V)
   Buffer<S> dlogits, dln;    // (N,V), (N,C) scratch of the backward
+  // a coda: its output (N,C), its activations and its vjp's scratch
+  Buffer<S> hc, dhc;
+  FieldCache<S> coda;
+  FieldGradWork<S> coda_work;
   void resize(const ModelConfig& cfg, int N);
+};
+
+// The prelude's activations (a model with n_prelude > 0), kept for the embedding's backward.
+template <class S>
+struct EmbedCache {
+  Buffer<S> e, de;  // (B,T,C): wte[tokens] (+ wpe), and dL/de
+  FieldCache<S> prelude;
+  FieldGradWork<S> work;
 };
 
 template <class S>
@@ -138,6 +152,7 @@ struct OdeWork {
   std::unique_ptr<FieldSystem<S>> sys;
   std::unique_ptr<OdeGradient<S>> grad;  // the last differentiated solve, between its forward and backward
   Buffer<S> h, gy1, gy0;    // h(0), then h(t1); dL/dh(t1); dL/dh(0)
+  EmbedCache<S> embed;      // the prelude's activations, between the forward and the backward
   Array<S> dev_h, dev_gy1, dev_gy0, dev_grad, dev_steps;  // a resident solve on a device: the same there
   Buffer<S> grad_host;                         // its parameter gradient, downloaded
   void use_backend(const std::shared_ptr<Backend<S>>& be);  // frees what lives on another one
@@ -171,15 +186,26 @@ class Model {
   // The field's parameters: [field_begin, field_end) of the flat buffer.
   const S* field_params() const { return params.data() + layout.field_begin(); }
 
-  // h0 = wte[tokens] + wpe. Tokens are checked against the vocabulary and context.
+  // h0 = prelude(wte[tokens] (+ wpe)). Tokens are checked against the vocabulary and context.
+  // With a cache, the prelude's activations stay there for embed_backward.
   void embed(S* h0 /*(B,T,C)*/, const TokenBatch& tokens) const;
+  void embed(S* h0 /*(B,T,C)*/, const TokenBatch& tokens, EmbedCache<S>& cache) const;
+  // dparams += the embedding's (and the prelude's) gradients given dh0 = dL/dh0, for the
+  // forward recorded in cache (the same tokens).
+  void embed_backward(S* dparams, const S* dh0 /*(B,T,C)*/, const TokenBatch& tokens, EmbedCache<S>& cache) const;
 
-  // logits = LN_f(h) wte^T, into rc.logits (N = B*T rows).
+  // logits = norm_f(coda(h)) head^T, into rc.logits (N = B*T rows).
+  void readout(const S* h /*(B,T,C)*/, int B, int T, ReadoutCache<S>& rc) const;
+  // The same for N rows of any grouping: a model without a coda only (its readout is per row).
   void readout(const S* h /*(N,C)*/, int N, ReadoutCache<S>& rc) const;
 
   // Given dlogits in rc.dlogits: dparams += readout's parameter gradients,
-  // dh += dL/dh (N,C).
-  void readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCache<S>& rc) const;
+  // dh += dL/dh (B,T,C). head_backward is its first half (rc.dln = dL/d norm_f's output,
+  // overwritten; the head's gradient added), norm_backward the rest (from rc.dln).
+  void readout_backward(S* dh, S* dparams, const S* h, int B, int T, ReadoutCache<S>& rc) const;
+  void readout_backward(S* dh, S* dparams, const S* h, int N, ReadoutCache<S>& rc) const;  // no coda
+  void head_backward(S* dparams, int N, ReadoutCache<S>& rc) const;
+  void norm_backward(S* dh, S* dparams, const S* h, int B, int T, ReadoutCache<S>& rc) const;
 
   // Loop K's options: Euler, K steps on [0, K] (loop k at t = k), every state saved or not.
   static SolveOptions loop_options(int K, bool save_states);
@@ -263,7 +289,8 @@ class Model {
 
   ModelConfig cfg;
   ParamLayout layout;
-  Field<S> field;
+  Field<S> field;            // the recurrent core
+  Field<S> prelude, coda;    // the layers run once before and after it (on the cpu backend)
   Buffer<S> params;
 
  private:

@@ -39,6 +39,27 @@ inline void check_rotary_shape(int H, int D, int rot, double theta) {
   if (!(theta > 1.0) || !std::isfinite(theta)) throw Error("rotary: theta must be finite and above 1, not " + std::to_string(theta));
 }
 
+// The heads of a causal self-attention: NH query heads and NKV key/value heads (NKV divides
+// NH; query head h reads key/value head h / (NH / NKV): grouped-query attention, multi-head
+// when NKV = NH), each of D values. A row of qkv is [q (NH D) | k (NKV D) | v (NKV D)]; a row
+// of the output y is NH D values. The GPT-2 block's is {NH, NH, C / NH}: rows [q | k | v] of 3C.
+struct AttnShape {
+  int NH = 1, NKV = 1, D = 1;
+  int group() const { return NH / NKV; }
+  int64_t q_width() const { return int64_t{NH} * D; }                // also y's row
+  int64_t kv_width() const { return int64_t{NKV} * D; }
+  int64_t width() const { return q_width() + 2 * kv_width(); }      // a row of qkv
+  int64_t k_offset() const { return q_width(); }
+  int64_t v_offset() const { return q_width() + kv_width(); }
+  static AttnShape mha(int C, int NH) { return {NH, NH, C / NH}; }
+};
+// What attention asks of its heads: an Error naming the values otherwise.
+inline void check_attn_shape(const AttnShape& a) {
+  if (a.NH < 1 || a.NKV < 1 || a.D < 1 || a.NH % a.NKV != 0)
+    throw Error("attention: " + std::to_string(a.NKV) + " key/value heads must divide " + std::to_string(a.NH) +
+                " query heads (of " + std::to_string(a.D) + " values each, all positive)");
+}
+
 template <class S>
 class NetOps : public virtual StateOps<S> {
  public:
@@ -113,14 +134,15 @@ class NetOps : public virtual StateOps<S> {
   virtual void vector_linear_backward(S* din /*(B,IN)*/, S* dW, S* db, const S* dout /*(B,OUT)*/,
                                       const S* in /*(B,IN)*/, const S* W, int B, int IN, int OUT,
                                       size_t stride = 0);
-  // Causal multi-head self-attention (no projections): q, k, v = split(qkv) viewed (B,NH,T,D),
-  // att = softmax(q k^T / sqrt(D) + mask) (the vjp's cache, upper triangle zero), y = att v
-  // viewed (B,T,C).
-  virtual void attention_forward(S* y /*(B,T,C)*/, S* att /*(B,NH,T,T)*/, const S* qkv /*(B,T,3C)*/, int B, int T,
-                                 int C, int NH);
-  // dqkv += the vjp of y; datt is scratch of att's shape (=).
-  virtual void attention_backward(S* dqkv /*(B,T,3C)*/, S* datt, const S* dy /*(B,T,C)*/, const S* qkv,
-                                  const S* att, int B, int T, int C, int NH);
+  // Causal self-attention (no projections), heads as AttnShape says: q, k, v = split(qkv)
+  // viewed (B,NH,T,D) and (B,NKV,T,D), att = softmax(q k^T / sqrt(D) + mask) (the vjp's cache,
+  // upper triangle zero), y = att v viewed (B,T,NH D).
+  virtual void attention_forward(S* y /*(B,T,NH D)*/, S* att /*(B,NH,T,T)*/, const S* qkv /*(B,T,width)*/, int B,
+                                 int T, const AttnShape& a);
+  // dqkv += the vjp of y (a key/value head's gradient sums over its group); datt is scratch
+  // of att's shape (=).
+  virtual void attention_backward(S* dqkv /*(B,T,width)*/, S* datt, const S* dy /*(B,T,NH D)*/, const S* qkv,
+                                  const S* att, int B, int T, const AttnShape& a);
   // layernorm_backward where LN's output was modulated, u = LN (1 + scale) + shift: dout is
   // dL/du, and row n's dL/dLN is dout (1 + scale of sequence n / T) (scale (B,C) rows ld
   // apart). scratch (N,C) may be used for that product (=). A zero scale gives
