@@ -62,6 +62,17 @@ build_in() {  # build_in DIR [CMAKE ARGS]
   cmake --build "$dir" -j "$JOBS" "${build_targets[@]}" >/dev/null
 }
 build() { build_in "$BUILD_DIR" "$@"; }
+# The Hugging Face reference tests' environment: Debian's torch, transformers 4.46 from PyPI
+# (never a dependency of the library), in $BUILD_DIR/hf-venv.
+hf_env() {
+  need_pkgs python3-torch python3-venv python3-pip python3-pytest python3-numpy
+  local venv="$BUILD_DIR/hf-venv"
+  if ! "$venv/bin/python" -c "import transformers, torch" 2>/dev/null; then
+    echo "flowloop: making $venv (transformers 4.46.3 on Debian's torch)" >&2
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "transformers==4.46.3"
+  fi
+}
 
 case "$mode" in
   main)
@@ -230,6 +241,7 @@ case "$mode" in
     ;;
   test)
     build
+    hf_env
     cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS"
     ;;
   gpu-check)

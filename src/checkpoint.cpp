@@ -7,6 +7,11 @@
 #include <nlohmann/json.hpp>
 #include <string_view>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "flowloop/io/io.hpp"
 #include "flowloop/core/tensor.hpp"
 
@@ -39,18 +44,56 @@ uint64_t read_u64le(const uint8_t* p) {
 
 }  // namespace
 
+namespace {
+// A read-only private mapping of a whole file, unmapped when the last holder goes.
+struct Mapping {
+  void* addr = nullptr;
+  size_t size = 0;
+  ~Mapping() {
+    if (addr) munmap(addr, size);
+  }
+};
+}  // namespace
+
 SafetensorsFile SafetensorsFile::read(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw Error("checkpoint '" + path + "': cannot open: " + std::strerror(errno));
-  const auto size = static_cast<size_t>(in.tellg());
-  in.seekg(0);
-  std::vector<uint8_t> bytes(size);
-  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
-  if (!in) throw Error("checkpoint '" + path + "': read error");
-  return parse(bytes.data(), bytes.size(), path);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error("checkpoint '" + path + "': cannot open: " + std::strerror(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw Error("checkpoint '" + path + "': cannot stat: " + std::strerror(err));
+  }
+  const size_t size = static_cast<size_t>(st.st_size);
+  if (size < 8) {  // (an empty file cannot be mapped) parse names the truncation
+    ::close(fd);
+    const uint8_t none[8] = {};
+    return parse(none, size, path);
+  }
+  auto map = std::make_shared<Mapping>();
+  map->addr = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map->addr == MAP_FAILED) {
+    map->addr = nullptr;
+    throw Error("checkpoint '" + path + "': cannot map " + std::to_string(size) + " bytes: " + std::strerror(errno));
+  }
+  map->size = size;
+  SafetensorsFile f = parse_view(static_cast<const uint8_t*>(map->addr), size, path);
+  f.hold_ = map;
+  f.mapped_ = true;
+  return f;
 }
 
 SafetensorsFile SafetensorsFile::parse(const uint8_t* bytes, size_t size, const std::string& path) {
+  SafetensorsFile f = parse_view(bytes, size, path);
+  // a copy of the data section, held by the file object
+  auto copy = std::make_shared<std::vector<uint8_t>>(f.data_, f.data_ + f.data_size_);
+  f.data_ = copy->data();
+  f.hold_ = copy;
+  return f;
+}
+
+SafetensorsFile SafetensorsFile::parse_view(const uint8_t* bytes, size_t size, const std::string& path) {
   auto fail = [&](const std::string& msg) { return Error("checkpoint '" + path + "': " + msg); };
   if (size < 8)
     throw fail("truncated: " + std::to_string(size) + " bytes, fewer than the 8-byte header length");
@@ -62,11 +105,12 @@ SafetensorsFile SafetensorsFile::parse(const uint8_t* bytes, size_t size, const 
   const std::string header(reinterpret_cast<const char*>(bytes) + 8, hlen);
   SafetensorsFile f;
   f.path_ = path;
-  f.data_.assign(bytes + 8 + hlen, bytes + size);
+  f.data_ = bytes + 8 + hlen;
+  f.data_size_ = size - 8 - hlen;
 
   const nlohmann::json j = parse_json(header, "checkpoint '" + path + "': header");
   if (!j.is_object()) throw fail("header is not a JSON object");
-  const uint64_t dsize = f.data_.size();
+  const uint64_t dsize = f.data_size_;
   std::vector<std::pair<std::string, SafeTensorEntry>> order;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& name = it.key();
@@ -132,36 +176,73 @@ const std::string& SafetensorsFile::metadata_value(const std::string& key, const
 
 const SafeTensorEntry& SafetensorsFile::require(const std::string& name, const std::vector<int64_t>& shape) const {
   auto it = tensors_.find(name);
-  if (it == tensors_.end()) throw Error("checkpoint '" + path_ + "': missing tensor '" + name + "'");
+  if (it == tensors_.end()) throw Error(kind_ + " '" + path_ + "': missing tensor '" + name + "'");
   const SafeTensorEntry& e = it->second;
   if (e.shape != shape)
-    throw Error("checkpoint '" + path_ + "': tensor '" + name + "' has shape " + shape_str(e.shape) +
+    throw Error(kind_ + " '" + path_ + "': tensor '" + name + "' has shape " + shape_str(e.shape) +
                 " but the config implies " + shape_str(shape));
   return e;
 }
+
+namespace {
+// bfloat16: the upper half of a float32.
+float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+// IEEE binary16, exactly (subnormals, infinities and NaN included).
+float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const int exp = (h >> 10) & 0x1f;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: man 2^-24
+    const float v = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -v : v;
+  }
+  uint32_t u;
+  if (exp == 31)
+    u = sign | 0x7f800000u | (man << 13);
+  else
+    u = sign | (static_cast<uint32_t>(exp - 15 + 127) << 23) | (man << 13);
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+template <class S, class Src, class Conv>
+void convert(S* out, const uint8_t* src, size_t numel, Conv conv) {
+  for (size_t i = 0; i < numel; ++i) {
+    Src v;
+    std::memcpy(&v, src + sizeof(Src) * i, sizeof(Src));
+    out[i] = static_cast<S>(conv(v));
+  }
+}
+}  // namespace
 
 template <class S>
 void SafetensorsFile::copy_to(const std::string& name, const std::vector<int64_t>& shape,
                               S* out) const {
   const SafeTensorEntry& e = require(name, shape);
-  const uint8_t* src = data_.data() + e.begin;
+  const uint8_t* src = data_ + e.begin;
   size_t numel = 1;
   for (auto s : shape) numel *= static_cast<size_t>(s);
-  if (e.dtype == "F32") {
-    for (size_t i = 0; i < numel; ++i) {
-      float v;
-      std::memcpy(&v, src + 4 * i, 4);
-      out[i] = static_cast<S>(v);
-    }
-  } else if (e.dtype == "F64") {
-    for (size_t i = 0; i < numel; ++i) {
-      double v;
-      std::memcpy(&v, src + 8 * i, 8);
-      out[i] = static_cast<S>(v);
-    }
-  } else {
-    throw Error("checkpoint '" + path_ + "': tensor '" + name + "' has dtype " + e.dtype +
-                "; only F32 and F64 are supported");
+  if (e.dtype == "F32")
+    convert<S, float>(out, src, numel, [](float v) { return v; });
+  else if (e.dtype == "F64")
+    convert<S, double>(out, src, numel, [](double v) { return v; });
+  else if (e.dtype == "BF16")
+    convert<S, uint16_t>(out, src, numel, bf16_to_float);
+  else if (e.dtype == "F16")
+    convert<S, uint16_t>(out, src, numel, f16_to_float);
+  else
+    throw Error(kind_ + " '" + path_ + "': tensor '" + name + "' has dtype " + e.dtype +
+                "; only F32, F64, BF16 and F16 are supported");
+  if (mapped_ && e.end > e.begin) {  // the tensor's whole pages go back to the system
+    const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t lo = (reinterpret_cast<uintptr_t>(src) + page - 1) / page * page;
+    const uintptr_t hi = reinterpret_cast<uintptr_t>(src + (e.end - e.begin)) / page * page;
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
   }
 }
 

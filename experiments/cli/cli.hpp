@@ -67,6 +67,15 @@ Config merged_config(const KeyedOptions& given, const Config& flags_config, cons
 // visible, unless FLOWLOOP_DEVICE says otherwise).
 CLI::Option* add_device_flag(CLI::App* app, std::string& device);
 
+// -m,--model (a flowloop checkpoint, or a Hugging Face directory with config.json) and
+// --core-layers a:b (a Hugging Face model's layers [a, b) as the recurrent core: io/hf.hpp).
+CLI::Option* add_model_flags(CLI::App* app, std::string& model, std::string& core_layers, const std::string& help);
+
+// The block's family and its options (ModelConfig's arch keys): --arch gpt2|llama,
+// --n-kv-head, --d-head, --norm-eps, --rope-theta, --rope-fraction, --rope-interleaved,
+// --qkv-bias, --o-bias, --mlp-bias, --untied-head, --n-prelude, --n-coda.
+void add_arch_flags(CLI::App* app, ModelConfig& cfg);
+
 // Whether any of these flags was given on the command line.
 bool any_given(const KeyedOptions& flags);
 
@@ -106,6 +115,7 @@ Command register_compare(CLI::App& app);
 Command register_trajectory(CLI::App& app);
 Command register_flow_match(CLI::App& app);
 Command register_sweep(CLI::App& app);
+Command register_export_hf(CLI::App& app);
 Command register_ode_bench(CLI::App& app);
 std::vector<Command> register_bench(CLI::App& app);  // bench field | solve | train
 

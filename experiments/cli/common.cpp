@@ -17,6 +17,34 @@ CLI::Option* add_device_flag(CLI::App* app, std::string& device) {
       ->capture_default_str();
 }
 
+CLI::Option* add_model_flags(CLI::App* app, std::string& model, std::string& core_layers, const std::string& help) {
+  app->add_option("--core-layers", core_layers,
+                  "a Hugging Face model's layers a:b as the recurrent core (the layers before run once as the "
+                  "prelude, those after as the coda; default: every layer is the core, looped once)");
+  return app->add_option("-m,--model", model, help + " (or a Hugging Face directory: config.json, *.safetensors)")
+      ->required()
+      ->check(CLI::ExistingPath);
+}
+
+void add_arch_flags(CLI::App* app, ModelConfig& cfg) {
+  app->add_option("--arch", cfg.arch, "the block: gpt2 (model-spec.md) or llama (RMSNorm, rotary, SwiGLU, GQA)")
+      ->check(CLI::IsMember({"gpt2", "llama"}))
+      ->capture_default_str();
+  app->add_option("--n-kv-head", cfg.n_kv_head, "llama: key/value heads, dividing --n-head (default: --n-head)");
+  app->add_option("--d-head", cfg.d_head, "llama: a head's width (default d_model / n_head)");
+  app->add_option("--norm-eps", cfg.norm_eps, "llama: RMSNorm's eps")->capture_default_str();
+  app->add_option("--rope-theta", cfg.rope_theta, "llama: rotary base theta")->capture_default_str();
+  app->add_option("--rope-fraction", cfg.rope_fraction, "llama: the rotated share of each head")->capture_default_str();
+  app->add_flag("--rope-interleaved", cfg.rope_interleaved, "llama: rotate pairs (2i, 2i+1) instead of halves");
+  app->add_flag("--qkv-bias", cfg.qkv_bias, "llama: biases on q, k and v");
+  app->add_flag("--o-bias", cfg.o_bias, "llama: a bias on the attention's output projection");
+  app->add_flag("--mlp-bias", cfg.mlp_bias, "llama: biases on the MLP's projections");
+  app->add_flag("!--untied-head,--tied-head", cfg.tie_head, "llama: the head's own weight lm_head (default: tied to wte)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app->add_option("--n-prelude", cfg.n_prelude, "layers run once before the recurrent core");
+  app->add_option("--n-coda", cfg.n_coda, "layers run once after the recurrent core");
+}
+
 KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& d) {
   const std::string g = "Depth";
   std::string methods;

@@ -3,6 +3,7 @@
 
 #include "cli.hpp"
 #include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/hf.hpp"
 #include "flowloop/io/io.hpp"
 #include "flowloop/nn/model.hpp"
 
@@ -10,7 +11,7 @@ namespace flowloop::cli {
 namespace {
 
 struct ForwardArgs {
-  std::string model, tokens, out, precision = "f32", device = "auto";
+  std::string model, core_layers, tokens, out, precision = "f32", device = "auto";
   DepthSpec depth;
   bool time_cond = false;
 };
@@ -32,7 +33,7 @@ json logits_json(const Buffer<S>& logits, int B, int T, int V) {
 template <class S>
 int run(const ForwardArgs& a) {
   a.depth.validate();
-  Model<S> model = load_model<S>(a.model);
+  Model<S> model = load_any<S>(a.model, {a.core_layers});
   model.set_device(resolve_device(a.device));
   if (a.time_cond && !model.cfg.time_cond)
     throw Error("--time-cond: '" + a.model + "' has no time conditioning (init or train it with --time-cond)");
@@ -76,7 +77,7 @@ int run(const ForwardArgs& a) {
 Command register_forward(CLI::App& app) {
   auto a = std::make_shared<ForwardArgs>();
   auto* c = app.add_subcommand("forward", "logits of a model on token rows, looped or as an ODE");
-  c->add_option("-m,--model", a->model, "model .safetensors")->required()->check(CLI::ExistingFile);
+  add_model_flags(c, a->model, a->core_layers, "model .safetensors");
   c->add_option("--tokens", a->tokens, "JSON file {\"tokens\": [[...], ...]}")->required()->check(CLI::ExistingFile);
   add_depth_flags(c, a->depth);
   add_device_flag(c, a->device);

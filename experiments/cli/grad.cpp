@@ -3,13 +3,14 @@
 
 #include "cli.hpp"
 #include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/hf.hpp"
 #include "flowloop/nn/model.hpp"
 
 namespace flowloop::cli {
 namespace {
 
 struct GradArgs {
-  std::string model, tokens, out, precision = "f32", method = "backprop", device = "auto";
+  std::string model, core_layers, tokens, out, precision = "f32", method = "backprop", device = "auto";
   DepthSpec depth;
   GradOptions opt;
 };
@@ -18,7 +19,7 @@ template <class S>
 int run(GradArgs& a) {
   a.depth.validate();
   a.opt.method = grad_method(a.method);
-  Model<S> model = load_model<S>(a.model);
+  Model<S> model = load_any<S>(a.model, {a.core_layers});
   model.set_device(resolve_device(a.device));
   const TokenBatch tokens = read_token_file(a.tokens, "tokens");
   const TokenBatch targets = read_token_file(a.tokens, "targets");
@@ -77,7 +78,7 @@ int run(GradArgs& a) {
 Command register_grad(CLI::App& app) {
   auto a = std::make_shared<GradArgs>();
   auto* c = app.add_subcommand("grad", "the loss's gradient through the loops or the solve");
-  c->add_option("-m,--model", a->model, "model .safetensors")->required()->check(CLI::ExistingFile);
+  add_model_flags(c, a->model, a->core_layers, "model .safetensors");
   c->add_option("--tokens", a->tokens, "JSON file {\"tokens\": [[...]], \"targets\": [[...]]} (-1: ignore)")
       ->required()->check(CLI::ExistingFile);
   add_depth_flags(c, a->depth);

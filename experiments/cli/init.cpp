@@ -1,4 +1,4 @@
-// flowloop init: a GPT-2-style randomly initialised model.
+// flowloop init: a randomly initialised model (a GPT-2 block, or a llama one with --arch llama).
 #include <iostream>
 
 #include "cli.hpp"
@@ -26,7 +26,7 @@ void write(const InitArgs& a) {
 Command register_init(CLI::App& app) {
   auto a = std::make_shared<InitArgs>();
   ModelConfig& cfg = a->cfg;
-  auto* c = app.add_subcommand("init", "write a GPT-2-style randomly initialised model");
+  auto* c = app.add_subcommand("init", "write a randomly initialised model (GPT-2 block, or --arch llama)");
   c->add_option("--vocab", cfg.vocab_size, "vocabulary size V")->required();
   c->add_option("--context", cfg.context, "context length Tmax")->required();
   c->add_option("--d-model", cfg.d_model, "model width C")->required();
@@ -34,6 +34,7 @@ Command register_init(CLI::App& app) {
   c->add_option("--d-ff", cfg.d_ff, "MLP width F (default 4C)");
   c->add_option("--n-block", cfg.n_block, "blocks L inside one field evaluation")->required();
   c->add_option("--depth", cfg.depth, "loop count the model is meant for (T1 of the ODE)")->capture_default_str();
+  add_arch_flags(c, cfg);
   c->add_flag("--time-cond", cfg.time_cond, "time-conditioned field f(h, t): adaLN from a sinusoidal embedding of t");
   auto* freq = c->add_option("--time-freq", cfg.time_freq, "time embedding width E (even)")->capture_default_str();
   auto* scale = c->add_option("--time-scale", cfg.time_scale, "tau = t * scale (default 1000 / depth)");

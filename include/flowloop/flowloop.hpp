@@ -38,6 +38,7 @@
 #include "flowloop/train/train.hpp"
 
 #include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/hf.hpp"
 #include "flowloop/io/io.hpp"
 
 #include "flowloop/study/bench.hpp"

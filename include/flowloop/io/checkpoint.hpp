@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,7 +28,8 @@ struct SafeTensorEntry {
   uint64_t begin = 0, end = 0;  // byte offsets into the data section
 };
 
-// A parsed, validated safetensors file held in memory.
+// A parsed, validated safetensors file: read() maps the file into memory (nothing is copied
+// until a tensor is asked for); parse() copies the bytes it is given.
 class SafetensorsFile {
  public:
   static SafetensorsFile read(const std::string& path);
@@ -42,14 +44,22 @@ class SafetensorsFile {
                                     const std::string& hint = "") const;
   // Tensor `name`'s entry; throws Error if it is missing or of another shape.
   const SafeTensorEntry& require(const std::string& name, const std::vector<int64_t>& shape) const;
-  // Copies tensor `name` into out (numel values), converting F32/F64 to S.
-  // Throws if missing, of a dtype other than F32/F64, or of another shape.
+  // Copies tensor `name` into out (numel values), converting F32, F64, BF16 or F16 to S.
+  // Throws if missing, of another dtype, or of another shape. A mapped file's pages of the
+  // tensor are handed back to the system after the copy (they are not kept resident), so a
+  // model loads tensor by tensor without a second full copy in memory.
   template <class S>
   void copy_to(const std::string& name, const std::vector<int64_t>& shape, S* out) const;
+  // "checkpoint" (the default) or another word that names the file in errors.
+  void set_kind(const std::string& kind) { kind_ = kind; }
 
  private:
-  std::string path_;
-  std::vector<uint8_t> data_;  // the data section
+  static SafetensorsFile parse_view(const uint8_t* bytes, size_t size, const std::string& path);
+  std::string path_, kind_ = "checkpoint";
+  std::shared_ptr<const void> hold_;  // the mapping or the copied bytes
+  const uint8_t* data_ = nullptr;     // the data section
+  size_t data_size_ = 0;
+  bool mapped_ = false;
   std::map<std::string, SafeTensorEntry> tensors_;
   std::map<std::string, std::string> metadata_;
 };
