@@ -169,7 +169,7 @@ TEST_CASE("malformed checkpoints are rejected with the file and the fault", "[ch
   {
     auto j = h;  // a known dtype with the right byte count, but not one a model holds
     j["ln_f.weight"]["dtype"] = "I32";
-    expect(with_header(j.dump(), data), "only F32 and F64 are supported");
+    expect(with_header(j.dump(), data), "only F32, F64, BF16 and F16 are supported");
   }
   {
     auto j = h;
