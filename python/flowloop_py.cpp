@@ -226,8 +226,18 @@ PYBIND11_MODULE(_flowloop, m) {
           py::arg("depth") = 1, py::arg("d_ff") = 0, py::arg("time_cond") = false, py::arg("seed") = 0,
           "a GPT-2-style initialisation from a seed (as `flowloop init`)")
       .def_static(
-          "load", [](const std::string& path) { return load_model<float>(path); }, py::arg("path"),
-          "a checkpoint (.safetensors) written by flowloop or PyTorch with the spec's names")
+          "load", [](const std::string& path) { return load_any<float>(path); }, py::arg("path"),
+          "a checkpoint (.safetensors) written by flowloop or PyTorch with the spec's names, or a Hugging Face "
+          "directory")
+      .def_static(
+          "from_pretrained",
+          [](const std::string& dir, const std::string& core_layers) {
+            if (!is_hf_dir(dir)) throw Error("from_pretrained: '" + dir + "' is not a directory with a config.json");
+            return load_hf<float>(dir, LoadOptions{core_layers});
+          },
+          py::arg("dir"), py::arg("core_layers") = "",
+          "a Hugging Face llama or qwen2 directory (config.json, safetensors, BF16 included); core_layers 'a:b' "
+          "makes layers [a, b) the looped core, the others run once before and after it")
       .def(
           "save",
           [](const Model<float>& model, const std::string& path) {

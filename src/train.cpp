@@ -17,6 +17,7 @@
 #include "flowloop/ode/algebra.hpp"
 #include "flowloop/backend/backend.hpp"
 #include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/hf.hpp"
 #include "flowloop/io/io.hpp"
 #include "flowloop/train/loop.hpp"
 #include "flowloop/nn/layers.hpp"
@@ -48,7 +49,7 @@ DepthSpec with_method(const DepthSpec& base, const std::string& method) {
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
   X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) X(time_cond) X(time_freq) \
-  X(time_scale)                                                                                        \
+  X(time_scale) X(arch) X(n_kv_head) X(n_prelude) X(n_coda) X(rope_theta) X(qkv_bias) X(tie_head)      \
   X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(random_steps_min) X(random_steps_max)   \
   X(random_solvers) X(t1_jitter) X(init_from) X(grad) X(kinetic) X(jacobian) X(steps)                        \
   X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
@@ -131,6 +132,12 @@ void TrainConfig::validate() const {
     throw fail("kinetic and jacobian must be finite and >= 0");
   if ((kinetic > 0 || jacobian > 0) && !ode) throw fail("kinetic and jacobian regularise ODE depth: give a solver");
   if (d_model <= 0 || n_head <= 0 || n_block <= 0 || d_model % n_head) throw fail("d_model must be a positive multiple of n_head");
+  if (arch != "gpt2" && arch != "llama") throw fail("unknown arch '" + arch + "' (gpt2 or llama)");
+  if (arch != "llama" && (n_kv_head != 0 || qkv_bias || !tie_head || rope_theta != 10000.0))
+    throw fail("n_kv_head, rope_theta, qkv_bias and an untied head need arch llama");
+  if (n_kv_head < 0 || (n_kv_head > 0 && n_head % n_kv_head != 0))
+    throw fail("n_kv_head (" + std::to_string(n_kv_head) + ") must divide n_head (" + std::to_string(n_head) + ")");
+  if (n_prelude < 0 || n_coda < 0) throw fail("n_prelude and n_coda must be >= 0");
   if (steps <= 0 || batch <= 0) throw fail("steps and batch must be positive");
   if (warmup < 0 || !(lr > 0) || !(min_lr >= 0) || min_lr > lr) throw fail("need lr > 0, 0 <= min_lr <= lr, warmup >= 0");
   if (!(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && eps > 0 && weight_decay >= 0 && clip >= 0))
@@ -518,6 +525,9 @@ struct Trainer::Impl final : TrainTask {
 };
 
 TrainConfig trained_config(const std::string& model, const std::string& task, const std::string& text) {
+  if (is_hf_dir(model))
+    throw Error("'" + model + "' is a Hugging Face directory, which holds no flowloop training run (its task or text): "
+                "run forward or grad on it, or train from it (--init-from)");
   const SafetensorsFile f = SafetensorsFile::read(model);
   auto it = f.metadata().find("train_config");
   if (it == f.metadata().end()) throw Error("'" + model + "' has no train_config: was it written by flowloop train?");
@@ -536,6 +546,15 @@ ModelConfig TrainConfig::model_config(const DataSource& data) const {
   mc.n_head = n_head;
   mc.d_ff = d_ff;
   mc.n_block = n_block;
+  mc.arch = arch;
+  if (arch == "llama") {
+    mc.n_kv_head = n_kv_head;
+    mc.rope_theta = rope_theta;
+    mc.qkv_bias = qkv_bias;
+    mc.tie_head = tie_head;
+  }
+  mc.n_prelude = n_prelude;
+  mc.n_coda = n_coda;
   mc.depth = trained_depth();
   mc.exit_gate = exit_gate;
   mc.time_cond = time_cond;
@@ -573,13 +592,14 @@ Trainer::Trainer(const TrainConfig& cfg, std::shared_ptr<Communicator> comm) : i
   if (!I.c.init_from.empty()) {
     // every tensor the source has is copied by name; tensors it lacks (a new exit
     // gate, time conditioning) keep their fresh initialisation
-    const Model<float> src = load_model<float>(I.c.init_from);
+    const Model<float> src = load_any<float>(I.c.init_from);
     const ModelConfig& s = src.cfg;
     if (s.vocab_size != mc.vocab_size || s.context < mc.context || s.d_model != mc.d_model ||
-        s.n_head != mc.n_head || s.d_ff != mc.d_ff || s.n_block != mc.n_block)
+        s.n_head != mc.n_head || s.d_ff != mc.d_ff || s.n_block != mc.n_block || s.arch != mc.arch ||
+        s.kv_heads() != mc.kv_heads() || s.n_prelude != mc.n_prelude || s.n_coda != mc.n_coda)
       throw Error("init_from '" + I.c.init_from + "': its architecture (V " + std::to_string(s.vocab_size) + ", C " +
                   std::to_string(s.d_model) + ", NH " + std::to_string(s.n_head) + ", F " + std::to_string(s.d_ff) +
-                  ", L " + std::to_string(s.n_block) + ", context " + std::to_string(s.context) +
+                  ", L " + std::to_string(s.n_block) + ", context " + std::to_string(s.context) + ", arch " + s.arch +
                   ") does not match the configuration's");
     for (const TensorInfo& t : I.model_->layout.tensors()) {
       const TensorInfo* st = src.layout.find(t.name);

@@ -309,6 +309,40 @@ TEST_CASE("a resumed run has exactly the losses of an uninterrupted one", "[trai
   CHECK(ra[1]["loss"] != mo[1]["loss"]);          // and change the update
 }
 
+TEST_CASE("a llama model (GQA, a prelude and a coda, an untied head) trains and resumes exactly", "[train][resume][llama]") {
+  TempDir dir("flowloop_train_llama");
+  std::ostringstream quiet;
+  auto config = [&](const char* name) {
+    TrainConfig c = tiny_config((dir.path / name).string());
+    c.arch = "llama";
+    c.n_kv_head = 1;
+    c.n_prelude = c.n_coda = 1;
+    c.tie_head = false;
+    c.qkv_bias = true;
+    c.rope_theta = 500.0;
+    return c;
+  };
+  Trainer(config("full")).run(false, quiet);
+  Trainer(config("part")).run(false, quiet, 11);
+  Trainer t2(config("part"));
+  t2.run(true, quiet);
+  const auto a = read_metrics(dir.path / "full"), b = read_metrics(dir.path / "part");
+  REQUIRE(a.size() == 24);
+  REQUIRE(b.size() == 24);
+  for (size_t i = 0; i < a.size(); ++i) CHECK(a[i]["loss"] == b[i]["loss"]);
+  CHECK(a.front()["loss"].get<double>() > a.back()["loss"].get<double>());
+  const Model<float> ma = load_model<float>((dir.path / "full" / "model.safetensors").string());
+  CHECK(ma.params == t2.model().params);
+  CHECK(ma.cfg.llama());
+  CHECK(ma.cfg.kv_heads() == 1);
+  CHECK(ma.layout.find("lm_head.weight") != nullptr);
+  CHECK(ma.layout.find("prelude.h.0.attn.q_proj.bias") != nullptr);
+  // a gpt2 configuration with llama options is refused by name
+  TrainConfig bad = tiny_config((dir.path / "bad").string());
+  bad.n_kv_head = 2;
+  CHECK_THROWS_WITH(Trainer(bad), Catch::Contains("need arch llama"));
+}
+
 TEST_CASE("bad configurations are rejected before any work", "[train][errors]") {
   TempDir dir("flowloop_train");
   CHECK_THROWS_WITH(TrainConfig::from_json(R"({"task": "phop", "learning_rate": 0.1})", "cfg.json"),

@@ -25,6 +25,13 @@ KeyedOptions add_train_flags(CLI::App* tr, TrainConfig& tc, bool depth_flags) {
   opt("--n-head", "n_head", tc.n_head, "heads");
   opt("--n-block", "n_block", tc.n_block, "blocks L in the field");
   opt("--d-ff", "d_ff", tc.d_ff, "MLP width (default 4C)");
+  opt("--arch", "arch", tc.arch, "the block: gpt2 or llama (RMSNorm, rotary, SwiGLU, grouped-query attention)");
+  opt("--n-kv-head", "n_kv_head", tc.n_kv_head, "llama: key/value heads dividing --n-head (default: --n-head)");
+  opt("--rope-theta", "rope_theta", tc.rope_theta, "llama: rotary base theta");
+  flag("--qkv-bias", "qkv_bias", tc.qkv_bias, "llama: biases on q, k and v");
+  given.push_back({"tie_head", tr->add_flag("!--untied-head", tc.tie_head, "llama: the head's own weight (default tied)")});
+  opt("--n-prelude", "n_prelude", tc.n_prelude, "layers run once before the looped core");
+  opt("--n-coda", "n_coda", tc.n_coda, "layers run once after the looped core");
   flag("--time-cond", "time_cond", tc.time_cond, "time-conditioned field f(h, t) (adaLN, zero-initialised)");
   opt("--time-freq", "time_freq", tc.time_freq, "time embedding width E");
   opt("--time-scale", "time_scale", tc.time_scale, "tau = t * scale (default 1000 / depth)");

@@ -261,3 +261,24 @@ def test_malformed_directories_are_refused(tmp_path):
     refused("weight_map has no tensor 'model.layers.2.mlp.up_proj.weight'")
     (d / "config.json").write_text(json.dumps(dict(json.loads((d / "config.json").read_text()), num_hidden_layers=5)))
     refused("model.layers.4.")
+
+
+def test_python_from_pretrained(tmp_path):
+    """flowloop.Model.from_pretrained: numpy tokens in, transformers' logits out; with
+    core_layers, the same model as the CLI's --core-layers."""
+    flowloop = pytest.importorskip("flowloop", reason="the Python module (BUILD/python on PYTHONPATH)")
+    model = build(tiny("qwen2", num_key_value_heads=1), seed=19)
+    d = tmp_path / "model"
+    model.save_pretrained(d, safe_serialization=True)
+    tokens = tokens_for(model.config.vocab_size, seed=21)
+    m = flowloop.Model.from_pretrained(str(d))
+    out = m.forward(tokens)
+    assert out["logits"].shape == (2, 12, 97)
+    assert rel(out["logits"], reference_logits(model, tokens)) < 1e-5
+    split = flowloop.Model.from_pretrained(str(d), core_layers="1:3")
+    assert split.config["n_prelude"] == 1 and split.config["n_block"] == 2 and split.config["n_coda"] == 1
+    looped = split.forward(tokens, loops=2)["logits"]
+    cli = flowloop_logits(d, tokens, tmp_path, "f32", ("--core-layers", "1:3", "--loops", "2"))
+    assert rel(looped, cli) < 1e-6
+    with pytest.raises(Exception, match="not a directory with a config.json"):
+        flowloop.Model.from_pretrained(str(tmp_path / "nowhere"))

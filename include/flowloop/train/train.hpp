@@ -30,6 +30,12 @@ struct TrainConfig {
   int context = 64;  // text only: sequence length
   // model
   int d_model = 64, n_head = 4, n_block = 1, d_ff = 0;
+  // the block's family (ModelConfig::arch) and the llama block's options; n_prelude and
+  // n_coda layers run once around the n_block of the looped core
+  std::string arch = "gpt2";
+  int n_kv_head = 0, n_prelude = 0, n_coda = 0;
+  double rope_theta = 10000.0;
+  bool qkv_bias = false, tie_head = true;
   // the time-conditioned field (ModelConfig): time_scale 0 means 1000 / depth
   bool time_cond = false;
   int time_freq = 256;
