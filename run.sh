@@ -55,7 +55,7 @@ build_in() {  # build_in DIR [CMAKE ARGS]
   local dir=$1
   shift
   need_pkgs g++ cmake make libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev \
-    libopenblas-dev libopenblas-openmp-dev fortunes openmpi-bin libopenmpi-dev \
+    libopenblas-dev libopenblas-openmp-dev libpcre2-dev libutf8proc-dev fortunes openmpi-bin libopenmpi-dev \
     python3-dev pybind11-dev python3-numpy python3-pytest
   # the Python module and its tests against Debian's python3 (numpy, pytest, pybind11 are its)
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=/usr/bin/python3 "$@" >/dev/null

@@ -12,7 +12,8 @@ int main(int argc, char** argv) {
                                    register_train(app), register_eval(app),    register_study(app),
                                    register_ode_bench(app), register_compare(app),
                                    register_trajectory(app), register_sweep(app),
-                                   register_flow_match(app), register_export_hf(app)};
+                                   register_flow_match(app), register_export_hf(app),
+                                   register_tokenize(app)};
   for (auto& c : register_bench(app)) commands.push_back(std::move(c));
   CLI11_PARSE(app, argc, argv);
   try {

@@ -21,13 +21,6 @@ namespace {
 
 using nlohmann::json;
 
-std::string read_text(const std::string& path, const std::string& what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(what + " '" + path + "': cannot open");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // "a:b" into [a, b) within L layers.
 std::pair<int, int> parse_core_layers(const std::string& spec, int L) {
@@ -75,7 +68,7 @@ const std::vector<std::pair<std::string, std::string>>& block_names() {
 // The weight map of an index file: tensor name -> shard file name, refusing a tensor named
 // twice (a JSON object's repeated key, which a plain parse would silently collapse).
 std::map<std::string, std::string> read_index(const std::string& path) {
-  const std::string text = read_text(path, "index");
+  const std::string text = read_text_file(path, "index");
   std::string top;  // the current key of the top-level object
   std::set<std::string> seen;
   auto cb = [&](int depth, json::parse_event_t event, json& parsed) {
@@ -224,7 +217,7 @@ template <class S>
 Model<S> load_hf(const std::string& dir, const LoadOptions& opt) {
   const fs::path root(dir);
   const std::string cfg_path = (root / "config.json").string();
-  const ModelConfig cfg = hf_config(read_text(cfg_path, "config"), "config '" + cfg_path + "'", opt);
+  const ModelConfig cfg = hf_config(read_text_file(cfg_path, "config"), "config '" + cfg_path + "'", opt);
   // the files: one model.safetensors, or the shards of the index
   std::map<std::string, std::string> where;  // tensor -> file
   std::map<std::string, SafetensorsFile> files;

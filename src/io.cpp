@@ -68,6 +68,11 @@ nlohmann::json parse_json(const std::string& text, const std::string& what) {
 
 nlohmann::json read_json_file(const std::string& path, const std::string& what) {
   const std::string where = (what.empty() ? std::string() : what + " ") + "'" + path + "'";
+  return parse_json(read_text_file(path, what), where);
+}
+
+std::string read_text_file(const std::string& path, const std::string& what) {
+  const std::string where = (what.empty() ? std::string() : what + " ") + "'" + path + "'";
   errno = 0;
   std::FILE* fp = std::fopen(path.c_str(), "rb");
   if (!fp) throw Error(where + ": cannot open: " + std::strerror(last_error()));
@@ -80,7 +85,7 @@ nlohmann::json read_json_file(const std::string& path, const std::string& what) 
   const int e = last_error();
   std::fclose(fp);
   if (failed) throw Error(where + ": cannot read: " + std::strerror(e));  // e.g. a directory
-  return parse_json(text, where);
+  return text;
 }
 
 std::vector<std::string> split_list(const std::string& list) {

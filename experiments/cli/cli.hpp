@@ -71,6 +71,10 @@ CLI::Option* add_device_flag(CLI::App* app, std::string& device);
 // --core-layers a:b (a Hugging Face model's layers [a, b) as the recurrent core: io/hf.hpp).
 CLI::Option* add_model_flags(CLI::App* app, std::string& model, std::string& core_layers, const std::string& help);
 
+// One row of tokens: the text in the tokens of the tokenizer.json at `tokenizer` (a file, or
+// a model directory that holds one).
+TokenBatch text_tokens(const std::string& text, const std::string& tokenizer);
+
 // The block's family and its options (ModelConfig's arch keys): --arch gpt2|llama,
 // --n-kv-head, --d-head, --norm-eps, --rope-theta, --rope-fraction, --rope-interleaved,
 // --qkv-bias, --o-bias, --mlp-bias, --untied-head, --n-prelude, --n-coda.
@@ -116,6 +120,7 @@ Command register_trajectory(CLI::App& app);
 Command register_flow_match(CLI::App& app);
 Command register_sweep(CLI::App& app);
 Command register_export_hf(CLI::App& app);
+Command register_tokenize(CLI::App& app);
 Command register_ode_bench(CLI::App& app);
 std::vector<Command> register_bench(CLI::App& app);  // bench field | solve | train
 

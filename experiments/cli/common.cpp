@@ -1,4 +1,5 @@
 #include "cli.hpp"
+#include "flowloop/io/tokenizer.hpp"
 
 #include <cstdlib>
 #include <filesystem>
@@ -24,6 +25,16 @@ CLI::Option* add_model_flags(CLI::App* app, std::string& model, std::string& cor
   return app->add_option("-m,--model", model, help + " (or a Hugging Face directory: config.json, *.safetensors)")
       ->required()
       ->check(CLI::ExistingPath);
+}
+
+TokenBatch text_tokens(const std::string& text, const std::string& tokenizer) {
+  const Tokenizer tok = Tokenizer::from_file(tokenizer);
+  TokenBatch b;
+  b.data = tok.encode(text);
+  b.B = 1;
+  b.T = static_cast<int>(b.data.size());
+  if (b.T == 0) throw Error("--text: the text has no tokens");
+  return b;
 }
 
 void add_arch_flags(CLI::App* app, ModelConfig& cfg) {

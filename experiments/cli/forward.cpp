@@ -11,7 +11,7 @@ namespace flowloop::cli {
 namespace {
 
 struct ForwardArgs {
-  std::string model, core_layers, tokens, out, precision = "f32", device = "auto";
+  std::string model, core_layers, tokens, text, tokenizer, out, precision = "f32", device = "auto";
   DepthSpec depth;
   bool time_cond = false;
 };
@@ -37,8 +37,9 @@ int run(const ForwardArgs& a) {
   model.set_device(resolve_device(a.device));
   if (a.time_cond && !model.cfg.time_cond)
     throw Error("--time-cond: '" + a.model + "' has no time conditioning (init or train it with --time-cond)");
-  const TokenBatch tokens = read_token_file(a.tokens, "tokens");
-  tokens.check(model.cfg, "'" + a.tokens + "' tokens");
+  const TokenBatch tokens = a.text.empty() ? read_token_file(a.tokens, "tokens")
+                                           : text_tokens(a.text, a.tokenizer.empty() ? a.model : a.tokenizer);
+  tokens.check(model.cfg, a.text.empty() ? "'" + a.tokens + "' tokens" : "the text's tokens");
   json out, summary = {{"written", a.out}, {"B", tokens.B}, {"T", tokens.T}};
   bool ok = true;
   if (!a.depth.ode()) {
@@ -78,13 +79,20 @@ Command register_forward(CLI::App& app) {
   auto a = std::make_shared<ForwardArgs>();
   auto* c = app.add_subcommand("forward", "logits of a model on token rows, looped or as an ODE");
   add_model_flags(c, a->model, a->core_layers, "model .safetensors");
-  c->add_option("--tokens", a->tokens, "JSON file {\"tokens\": [[...], ...]}")->required()->check(CLI::ExistingFile);
+  auto* tok = c->add_option("--tokens", a->tokens, "JSON file {\"tokens\": [[...], ...]}")->check(CLI::ExistingFile);
+  auto* text = c->add_option("--text", a->text, "a text, one row, in the model's own tokens (its tokenizer.json)");
+  c->add_option("--tokenizer", a->tokenizer, "the tokenizer.json (or its directory) for --text (default: the model's)")
+      ->check(CLI::ExistingPath);
+  tok->excludes(text);
   add_depth_flags(c, a->depth);
   add_device_flag(c, a->device);
   c->add_flag("--time-cond", a->time_cond, "require a time-conditioned model (error if it has none)");
   c->add_option("--precision", a->precision, "arithmetic")->check(CLI::IsMember({"f32", "f64"}))->capture_default_str();
   c->add_option("-o,--output", a->out, "output JSON {logits, nfe, depth}")->required();
-  return {c, [a] { return a->precision == "f32" ? run<float>(*a) : run<double>(*a); }};
+  return {c, [a] {
+            if (a->tokens.empty() == a->text.empty()) throw Error("forward: give --tokens FILE or --text TEXT");
+            return a->precision == "f32" ? run<float>(*a) : run<double>(*a);
+          }};
 }
 
 }  // namespace flowloop::cli

@@ -38,6 +38,8 @@ nlohmann::json parse_json_object(const std::string& text, const std::string& whe
 // "config"; may be empty) and the path: "<what> '<path>': cannot open: <reason>",
 // "<what> '<path>' is not valid JSON at byte N: ...".
 nlohmann::json read_json_file(const std::string& path, const std::string& what);
+// The bytes of the file at `path`; errors as read_json_file's.
+std::string read_text_file(const std::string& path, const std::string& what);
 
 // The items of a comma-separated list, spaces around each trimmed, empty ones dropped.
 std::vector<std::string> split_list(const std::string& list);
