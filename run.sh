@@ -26,6 +26,9 @@
 #                     the fuzzers (what CI runs after ./run.sh test)
 #   ./run.sh scaling [STEPS]  data-parallel training: 1 process against 2 MPI ranks on this
 #                     machine (tokens/s, the allreduce's share of a step, gradient bytes)
+#   ./run.sh hf-bench  Llama-family forward against transformers at SmolLM2-135M's shape (tokens/s,
+#                     side by side), and the peak memory and seconds of loading a 1.4B BF16 checkpoint
+#                     (makes build/hf-venv; writes 2.9 GB under build/hf-bench)
 #   ./run.sh gpu-check  on a GPU machine: build the CUDA backend, run its agreement tests against
 #                     the CPU and the whole suite, then the GPU benchmarks against cuBLAS and
 #                     PyTorch + torchdiffeq (`gpu-check tests`: the tests only; fails without a GPU)
@@ -238,6 +241,16 @@ case "$mode" in
     echo "== bench: one field evaluation at sizes S and M against sgemm in the same run"
     "$fl" bench field --size S
     "$fl" bench field --size M
+    ;;
+  hf-bench)
+    build
+    hf_env
+    # OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on some machines for old OpenBLAS builds) would
+    # pin both sides to another kernel: unset for this command alone
+    export PYTHONPATH="$PWD/$BUILD_DIR/python" FLOWLOOP_CLI="$PWD/$BUILD_DIR/flowloop"
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$BUILD_DIR/hf-venv/bin/python" experiments/hf_bench.py forward
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$BUILD_DIR/hf-venv/bin/python" experiments/hf_bench.py load \
+      --dir "$BUILD_DIR/hf-bench"
     ;;
   test)
     build

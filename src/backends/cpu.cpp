@@ -82,14 +82,36 @@ class CpuBackend final : public detail::ReferenceBackend<S> {
   void rotary(S* x, int B, int T, int H, int D, int64_t ld, int rot, double theta, bool interleaved,
               bool transpose) override {
     check_rotary_shape(H, D, rot, theta);
-    // position-major: each pair's angle taken once for the position's H heads (the same
-    // cosines and sines rotary_head takes per head, so the same bits)
+    // The cosines and sines of positions 0..T-1 (kernels.hpp's rotary_angle, the same bits),
+    // kept per thread for the next call of the same shape: every layer's q and k, and the
+    // vjp (the sine's sign flipped, exactly), read one table.
+    struct Table {
+      int T = -1, rot = 0;
+      double theta = 0;
+      std::vector<S> c, s;
+    };
+    thread_local Table own;
+    Table& tab = own;  // this thread's, shared with the parallel loop below
+    if (tab.T < T || tab.rot != rot || tab.theta != theta) {
+      const int half = rot / 2;
+      tab.c.resize(static_cast<size_t>(T) * half);
+      tab.s.resize(tab.c.size());
+      for (int t = 0; t < T; ++t)
+        for (int i = 0; i < half; ++i)
+          kernels::rotary_angle(&tab.c[static_cast<size_t>(t) * half + i], &tab.s[static_cast<size_t>(t) * half + i], t,
+                                i, rot, theta, false);
+      tab.T = T;
+      tab.rot = rot;
+      tab.theta = theta;
+    }
     const int64_t rows = static_cast<int64_t>(B) * T;
+    const S* ct = tab.c.data();
+    const S* st = tab.s.data();
 #pragma omp parallel for schedule(static) if (rows * H * rot >= kParallelMin)
     for (int64_t r = 0; r < rows; ++r)
       for (int i = 0; i < rot / 2; ++i) {
-        S c, s;
-        kernels::rotary_angle(&c, &s, static_cast<int>(r % T), i, rot, theta, transpose);
+        const size_t k = static_cast<size_t>(r % T) * (rot / 2) + i;
+        const S c = ct[k], s = transpose ? -st[k] : st[k];
         for (int h = 0; h < H; ++h) kernels::rotary_pair(x + r * ld + static_cast<int64_t>(h) * D, i, rot, interleaved, c, s);
       }
   }
