@@ -310,7 +310,7 @@ case "$mode" in
       rm -rf "$dir"
     fi
     if [ "$mode" = fuzz ]; then
-      build_targets=(--target fuzz_safetensors fuzz_tokens fuzz_train_config fuzz_manifest)
+      build_targets=(--target fuzz_safetensors fuzz_tokens fuzz_train_config fuzz_manifest fuzz_hf)
     fi
     CC=clang CXX=clang++ build_in "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" -DFLOWLOOP_FUZZ=ON -DFLOWLOOP_CUDA=OFF
@@ -338,7 +338,7 @@ case "$mode" in
     }
     rc=0
     pids=()
-    for name in safetensors tokens train_config manifest; do fuzz_one "$name" & pids+=($!); done
+    for name in safetensors tokens train_config manifest hf; do fuzz_one "$name" & pids+=($!); done
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
     exit $rc
     ;;

@@ -17,9 +17,19 @@
 
 namespace flowloop::test {
 
-// The kinds of field: autonomous (L 2), time-conditioned (L 2), step-conditioned (L 1).
+// The kinds of field: autonomous (L 2), time-conditioned (L 2), step-conditioned (L 1), and
+// a llama block (L 2: grouped-query 3:1, heads of 4, every bias, half rotary).
 inline ModelConfig device_check_config(const std::string& kind) {
   ModelConfig c;
+  if (kind == "llama") {
+    c.arch = "llama";
+    c.n_kv_head = 1;
+    c.d_head = 4;
+    c.qkv_bias = c.o_bias = c.mlp_bias = true;
+    c.rope_theta = 50.0;
+    c.rope_fraction = 0.5;
+    c.tie_head = false;
+  }
   c.vocab_size = 13;
   c.context = 7;
   c.d_model = 12;
@@ -27,7 +37,7 @@ inline ModelConfig device_check_config(const std::string& kind) {
   c.d_ff = 20;
   c.n_block = kind == "step" ? 1 : 2;
   c.depth = 3;
-  if (kind != "autonomous") {
+  if (kind != "autonomous" && kind != "llama") {
     c.time_cond = true;
     c.time_freq = 10;
     c.time_scale = 50.0;

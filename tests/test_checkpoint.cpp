@@ -276,3 +276,41 @@ TEST_CASE("flowloop.hpp includes every public header", "[checkpoint][io]") {
     CHECK(all.find("#include \"flowloop/" + name + "\"") != std::string::npos);
   }
 }
+
+TEST_CASE("BF16 and F16 tensors convert exactly: zeros, signs, the largest, subnormals, infinities, NaN",
+          "[checkpoint][dtype]") {
+  // (bits, value) pairs of each 16-bit format
+  const std::vector<std::pair<uint16_t, double>> f16 = {
+      {0x0000, 0.0},     {0x8000, -0.0},          {0x3C00, 1.0},          {0xC000, -2.0},
+      {0x7BFF, 65504.0}, {0x0001, std::ldexp(1.0, -24)}, {0x03FF, std::ldexp(1023.0, -24)},
+      {0x3555, 0.333251953125}, {0x7C00, INFINITY}, {0xFC00, -INFINITY}};
+  const std::vector<std::pair<uint16_t, double>> bf16 = {
+      {0x0000, 0.0}, {0x3F80, 1.0}, {0xC040, -3.0}, {0x7F7F, 3.3895313892515355e38},
+      {0x0001, std::ldexp(1.0, -133)}, {0x3EAB, 0.333984375}, {0xFF80, -INFINITY}};
+  for (const auto& [dtype, table] : {std::pair{"F16", f16}, std::pair{"BF16", bf16}}) {
+    INFO(dtype);
+    std::string data;
+    for (const auto& [bits, v] : table) {
+      data.push_back(static_cast<char>(bits & 0xff));
+      data.push_back(static_cast<char>(bits >> 8));
+    }
+    data.push_back(0);  // then a NaN
+    data.push_back(static_cast<char>(0x7E));
+    if (std::string(dtype) == "BF16") data[data.size() - 1] = static_cast<char>(0x7F), data[data.size() - 2] = static_cast<char>(0xC0);
+    const int64_t n = static_cast<int64_t>(table.size()) + 1;
+    nlohmann::json h = {{"x", {{"dtype", dtype}, {"shape", {n}}, {"data_offsets", {0, 2 * n}}}}};
+    const std::string bytes = with_header(h.dump(), data);
+    const SafetensorsFile f = SafetensorsFile::parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "t");
+    std::vector<double> d(static_cast<size_t>(n));
+    std::vector<float> s(static_cast<size_t>(n));
+    f.copy_to("x", {n}, d.data());
+    f.copy_to("x", {n}, s.data());
+    for (size_t i = 0; i < table.size(); ++i) {
+      CHECK(d[i] == table[i].second);
+      CHECK(std::signbit(d[i]) == std::signbit(table[i].second));
+      CHECK(static_cast<double>(s[i]) == table[i].second);
+    }
+    CHECK(std::isnan(d.back()));
+    CHECK(std::isnan(s.back()));
+  }
+}

@@ -236,7 +236,7 @@ TEMPLATE_TEST_CASE("cuda: the field and its vjp on the CUDA backend against the 
   using S = TestType;
   auto be = make_backend<S>(Device::cuda);
   REQUIRE(be->device() == Device::cuda);
-  for (const char* kind : {"autonomous", "time", "step"}) check_device_field<S>(*be, kind, tol<S>());
+  for (const char* kind : {"autonomous", "time", "step", "llama"}) check_device_field<S>(*be, kind, tol<S>());
 }
 
 TEST_CASE("cuda: a model too large for the device names the bytes", "[cuda]") {
@@ -249,7 +249,7 @@ TEMPLATE_TEST_CASE("cuda: solves and gradients of a model on the GPU against the
                    "[cuda]", float, double) {
   using S = TestType;
   std::shared_ptr<Backend<S>> be = make_backend<S>(Device::cuda);
-  for (const char* kind : {"autonomous", "time"}) check_device_solves<S>(be, kind, tol<S>());
+  for (const char* kind : {"autonomous", "time", "llama"}) check_device_solves<S>(be, kind, tol<S>());
 }
 
 TEST_CASE("cuda: the driver on device memory against the host driver (the same step counts)", "[cuda][solvers]") {

@@ -21,7 +21,7 @@ TEMPLATE_TEST_CASE("device field: the reference backend against Field", "[device
   using S = TestType;
   auto be = make_backend<S>(Device::cpu);
   REQUIRE(be->device() == Device::cpu);
-  for (const char* kind : {"autonomous", "time", "step"}) check_device_field<S>(*be, kind, backend_tol<S>(2e-6, 1e-13));
+  for (const char* kind : {"autonomous", "time", "step", "llama"}) check_device_field<S>(*be, kind, backend_tol<S>(2e-6, 1e-13));
 }
 
 TEST_CASE("device: names, defaults and the errors of an unavailable device", "[device]") {
@@ -92,7 +92,7 @@ TEMPLATE_TEST_CASE("device field: solves and gradients of a model on the referen
                    float, double) {
   using S = TestType;
   std::shared_ptr<Backend<S>> be = make_backend<S>(Device::cpu);
-  for (const char* kind : {"autonomous", "time"}) check_device_solves<S>(be, kind, backend_tol<S>(2e-6, 1e-13));
+  for (const char* kind : {"autonomous", "time", "llama"}) check_device_solves<S>(be, kind, backend_tol<S>(2e-6, 1e-13));
 }
 
 TEST_CASE("device field: a model set to cpu evaluates with Field again", "[device]") {
