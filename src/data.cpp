@@ -1,5 +1,7 @@
 #include "flowloop/train/data.hpp"
 
+#include "flowloop/io/tokenizer.hpp"
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -196,22 +198,34 @@ class Addition : public GeneratedTask {
   int d_;
 };
 
+// Language modelling on a text's tokens (its bytes, or a tokenizer's ids), split
+// deterministically: the first 90% of the tokens train, the last 10% validate.
 class TextSource : public DataSource {
  public:
-  TextSource(std::string path, std::vector<uint8_t> bytes, int T, uint64_t seed)
-      : path_(std::move(path)), bytes_(std::move(bytes)), T_(T), seed_(seed) {
-    split_ = bytes_.size() * 9 / 10;
-    if (split_ < static_cast<size_t>(T) + 2 || bytes_.size() - split_ < static_cast<size_t>(T) + 2)
-      throw Error("text '" + path_ + "': " + std::to_string(bytes_.size()) +
-                  " bytes are too few for sequences of " + std::to_string(T) + " in both splits");
+  TextSource(std::string path, std::string tokenizer, std::vector<int32_t> tokens, int V, int T, uint64_t seed)
+      : path_(std::move(path)), tokenizer_(std::move(tokenizer)), tokens_(std::move(tokens)), V_(V), T_(T),
+        seed_(seed) {
+    split_ = tokens_.size() * 9 / 10;
+    if (split_ < static_cast<size_t>(T) + 2 || tokens_.size() - split_ < static_cast<size_t>(T) + 2)
+      throw Error("text '" + path_ + "': " + std::to_string(tokens_.size()) + (tokenizer_.empty() ? " bytes" : " tokens") +
+                  " are too few for sequences of " + std::to_string(T) + " in both splits");
   }
-  std::string describe() const override { return nlohmann::json({{"text", path_}, {"seed", seed_}, {"bytes", bytes_.size()}}).dump(); }
-  int vocab_size() const override { return 256; }
+  std::string describe() const override {
+    nlohmann::json j = {{"text", path_}, {"seed", seed_}};
+    if (tokenizer_.empty()) {
+      j["bytes"] = tokens_.size();
+    } else {
+      j["tokenizer"] = tokenizer_;
+      j["tokens"] = tokens_.size();
+    }
+    return j.dump();
+  }
+  int vocab_size() const override { return V_; }
   int seq_len() const override { return T_; }
   bool exact_match() const override { return false; }
   void batch(Split split, uint64_t index, int B, TokenBatch& tokens, TokenBatch& targets) const override {
     const size_t lo = split == Split::Train ? 0 : split_;
-    const size_t hi = split == Split::Train ? split_ : bytes_.size();
+    const size_t hi = split == Split::Train ? split_ : tokens_.size();
     const size_t span = hi - lo - static_cast<size_t>(T_);
     tokens.B = targets.B = B;
     tokens.T = targets.T = T_;
@@ -221,16 +235,16 @@ class TextSource : public DataSource {
       Rng rng(stream_seed(seed_, split, index * 1000003ULL + static_cast<uint64_t>(b), 0));
       const size_t off = lo + static_cast<size_t>(rng.next() % span);
       for (int t = 0; t < T_; ++t) {
-        tokens.data[static_cast<size_t>(b) * T_ + t] = bytes_[off + static_cast<size_t>(t)];
-        targets.data[static_cast<size_t>(b) * T_ + t] = bytes_[off + static_cast<size_t>(t) + 1];
+        tokens.data[static_cast<size_t>(b) * T_ + t] = tokens_[off + static_cast<size_t>(t)];
+        targets.data[static_cast<size_t>(b) * T_ + t] = tokens_[off + static_cast<size_t>(t) + 1];
       }
     }
   }
 
  private:
-  std::string path_;
-  std::vector<uint8_t> bytes_;
-  int T_;
+  std::string path_, tokenizer_;
+  std::vector<int32_t> tokens_;
+  int V_, T_;
   uint64_t seed_;
   size_t split_ = 0;
 };
@@ -275,7 +289,8 @@ std::unique_ptr<Task> make_task(const TaskOptions& o) {
 
 std::vector<std::string> task_names() { return {"parity", "phop", "modarith", "addition"}; }
 
-std::unique_ptr<DataSource> make_text_source(const std::string& path, int seq_len, uint64_t seed) {
+std::unique_ptr<DataSource> make_text_source(const std::string& path, int seq_len, uint64_t seed,
+                                             const std::string& tokenizer) {
   namespace fs = std::filesystem;
   std::vector<uint8_t> bytes;
   auto append = [&](const fs::path& p) {
@@ -297,7 +312,11 @@ std::unique_ptr<DataSource> make_text_source(const std::string& path, int seq_le
   } else {
     append(path);
   }
-  return std::make_unique<TextSource>(path, std::move(bytes), seq_len, seed);
+  if (tokenizer.empty())
+    return std::make_unique<TextSource>(path, "", std::vector<int32_t>(bytes.begin(), bytes.end()), 256, seq_len, seed);
+  const Tokenizer tok = Tokenizer::from_file(tokenizer);
+  return std::make_unique<TextSource>(path, tokenizer, tok.encode(std::string(bytes.begin(), bytes.end())),
+                                      tok.vocab_size(), seq_len, seed);
 }
 
 }  // namespace flowloop

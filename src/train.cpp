@@ -48,7 +48,7 @@ DepthSpec with_method(const DepthSpec& base, const std::string& method) {
 }  // namespace
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
-  X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(d_model) X(n_head) X(n_block) X(d_ff) X(time_cond) X(time_freq) \
+  X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(tokenizer) X(d_model) X(n_head) X(n_block) X(d_ff) X(time_cond) X(time_freq) \
   X(time_scale) X(arch) X(n_kv_head) X(n_prelude) X(n_coda) X(rope_theta) X(qkv_bias) X(tie_head)      \
   X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(random_steps_min) X(random_steps_max)   \
   X(random_solvers) X(t1_jitter) X(init_from) X(grad) X(kinetic) X(jacobian) X(steps)                        \
@@ -104,6 +104,7 @@ std::string TrainConfig::to_json() const {
 void TrainConfig::validate() const {
   auto fail = [](const std::string& m) { return Error("train config: " + m); };
   if (task.empty() == text.empty()) throw fail("give exactly one of task and text");
+  if (!tokenizer.empty() && text.empty()) throw fail("a tokenizer reads a text: give text too");
   if (!task.empty()) make_task({task, seed, task_n, task_hops, task_prime});
   depth.validate();
   const bool ode = depth.ode();
@@ -196,11 +197,12 @@ int random_depth(double mean, uint64_t seed, int64_t step) {
 
 std::unique_ptr<DataSource> make_source(const TrainConfig& c) {
   if (!c.task.empty()) return make_task({c.task, c.seed, c.task_n, c.task_hops, c.task_prime});
-  return make_text_source(c.text, c.context, c.seed);
+  return make_text_source(c.text, c.context, c.seed, c.tokenizer);
 }
 
 void require_fits(const ModelConfig& model, const DataSource& data, const std::string& what) {
-  if (model.vocab_size != data.vocab_size() || model.context < data.seq_len())
+  // (a model's vocabulary may be padded past its tokenizer's: the data's ids must fit in it)
+  if (model.vocab_size < data.vocab_size() || model.context < data.seq_len())
     throw Error(what + " does not fit the model (data: vocabulary " + std::to_string(data.vocab_size()) + ", length " +
                 std::to_string(data.seq_len()) + "; model: vocabulary " + std::to_string(model.vocab_size) +
                 ", context " + std::to_string(model.context) + ")");
@@ -524,10 +526,26 @@ struct Trainer::Impl final : TrainTask {
   }
 };
 
+TrainConfig study_config(const std::string& model, const std::string& task, const std::string& text, int context) {
+  if (!is_hf_dir(model)) return trained_config(model, task, text);
+  if (!task.empty())
+    throw Error("'" + model + "' is a Hugging Face model: give it a text (--text FILE, read in its own tokens), not a "
+                "task");
+  if (text.empty())
+    throw Error("'" + model + "' is a Hugging Face model, which holds no training data: give --text FILE (read in its "
+                "own tokens, tokenizer.json)");
+  TrainConfig c;
+  c.text = text;
+  c.tokenizer = model;
+  c.context = context > 0 ? context : 128;
+  c.depth.loops = 1;  // the checkpoint's own forward
+  return c;
+}
+
 TrainConfig trained_config(const std::string& model, const std::string& task, const std::string& text) {
   if (is_hf_dir(model))
     throw Error("'" + model + "' is a Hugging Face directory, which holds no flowloop training run (its task or text): "
-                "run forward or grad on it, or train from it (--init-from)");
+                "compare, eval and trajectory take it with --text FILE; train takes it with --init-from");
   const SafetensorsFile f = SafetensorsFile::read(model);
   auto it = f.metadata().find("train_config");
   if (it == f.metadata().end()) throw Error("'" + model + "' has no train_config: was it written by flowloop train?");

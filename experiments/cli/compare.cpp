@@ -8,6 +8,7 @@
 
 #include "cli.hpp"
 #include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/hf.hpp"
 #include "flowloop/study/compare.hpp"
 #include "flowloop/io/io.hpp"
 #include "flowloop/core/tensor.hpp"
@@ -16,8 +17,8 @@
 namespace flowloop::cli {
 namespace {
 struct CompareArgs {
-  std::string model, task, text, out, regimes, device = "auto";
-  int batches = 16, batch = 64;
+  std::string model, core_layers, task, text, out, regimes, device = "auto";
+  int batches = 16, batch = 64, context = 0;
   bool list = false;
 };
 
@@ -26,9 +27,11 @@ struct CompareArgs {
 Command register_compare(CLI::App& app) {
   auto a = std::make_shared<CompareArgs>();
   auto* c = app.add_subcommand("compare", "one trained model under every depth regime: accuracy, NFE, Pareto front");
-  c->add_option("-m,--model", a->model, "model .safetensors written by train")->required()->check(CLI::ExistingFile);
+  add_model_flags(c, a->model, a->core_layers, "model .safetensors written by train");
   c->add_option("--task", a->task, "the task it was trained on (checked; default: its own)");
-  c->add_option("--text", a->text, "the text it was trained on (checked; default: its own)");
+  c->add_option("--text", a->text,
+                "the text it was trained on (checked; default: its own); a Hugging Face model's text, in its tokens");
+  c->add_option("--context", a->context, "a Hugging Face model's sequences: tokens each (default 128)");
   c->add_option("--out", a->out, "output directory (required unless --list)");
   c->add_option("--regimes", a->regimes,
                 "comma-separated regimes (default: the full set, see --list): loop:K, METHOD:N, METHOD:RTOL, "
@@ -38,9 +41,9 @@ Command register_compare(CLI::App& app) {
   c->add_flag("--list", a->list, "print the regimes and stop");
   add_device_flag(c, a->device);
   return {c, [a] {
-            const TrainConfig tc = trained_config(a->model, a->task, a->text);
+            const TrainConfig tc = study_config(a->model, a->task, a->text, a->context);
             const std::string trained_on = tc.task.empty() ? "text '" + tc.text + "'" : "task '" + tc.task + "'";
-            Model<float> model = load_model<float>(a->model);
+            Model<float> model = load_any<float>(a->model, {a->core_layers});
             model.set_device(resolve_device(a->device));
             const std::vector<Regime> regimes =
                 a->regimes.empty() ? default_regimes(model.cfg) : Regime::parse_list(a->regimes);

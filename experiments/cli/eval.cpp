@@ -2,13 +2,15 @@
 #include <iostream>
 
 #include "cli.hpp"
+#include "flowloop/io/hf.hpp"
 #include "flowloop/io/checkpoint.hpp"
 #include "flowloop/train/train.hpp"
 
 namespace flowloop::cli {
 namespace {
 struct EvalArgs {
-  std::string model, task, device = "auto";
+  std::string model, core_layers, task, text, device = "auto";
+  int context = 0;
   DepthSpec depth;
   int batches = 16, batch = 32;
   bool json_out = false;
@@ -20,7 +22,9 @@ struct EvalArgs {
 Command register_eval(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   auto* ev = app.add_subcommand("eval", "test loss and accuracy of a trained model, under any depth");
-  ev->add_option("-m,--model", a->model, "model .safetensors written by train")->required()->check(CLI::ExistingFile);
+  add_model_flags(ev, a->model, a->core_layers, "model .safetensors written by train");
+  ev->add_option("--text", a->text, "a Hugging Face model's text (in its own tokens)");
+  ev->add_option("--context", a->context, "a Hugging Face model's sequences: tokens each (default 128)");
   ev->add_option("--task", a->task, "task (default: the one it was trained on)");
   a->depth_flags = add_depth_flags(ev, a->depth);
   ev->add_option("--batches", a->batches, "test batches")->capture_default_str();
@@ -30,12 +34,10 @@ Command register_eval(CLI::App& app) {
   ev->add_option("--exit-q", a->exit_q, "loops + exit gate: each token exits where the cumulative exit probability reaches Q");
   ev->add_option("--exit-delta", a->exit_delta, "loops: each token exits where ||h_t - h_{t-1}|| < D");
   return {ev, [a] {
-            const SafetensorsFile f = SafetensorsFile::read(a->model);
-            auto it = f.metadata().find("train_config");
-            if (it == f.metadata().end())
-              throw Error("'" + a->model + "' has no train_config: was it written by flowloop train?");
-            TrainConfig c = TrainConfig::from_json(it->second, a->model);
-            if (!a->task.empty()) {
+            const bool hf = is_hf_dir(a->model);
+            TrainConfig c = hf ? study_config(a->model, a->task, a->text, a->context) : trained_config(a->model);
+            if (!hf && !a->text.empty()) throw Error("--text is for a Hugging Face model; '" + a->model + "' has its own");
+            if (!hf && !a->task.empty()) {
               if (c.task.empty()) throw Error("'" + a->model + "' was trained on text, not on a task");
               c.task = a->task;
             }
@@ -47,7 +49,7 @@ Command register_eval(CLI::App& app) {
             if (a->exit_q >= 0 && a->exit_delta >= 0) throw Error("give --exit-q or --exit-delta, not both");
             const std::string rule = a->exit_q >= 0 ? "q" : a->exit_delta >= 0 ? "delta" : "";
             const auto data = make_source(c);
-            Model<float> model = load_model<float>(a->model);
+            Model<float> model = load_any<float>(a->model, {a->core_layers});
             model.set_device(resolve_device(a->device));
             require_fits(model.cfg, *data, c.task.empty() ? "text '" + c.text + "'" : "task '" + c.task + "'");
             const double thr = a->exit_q >= 0 ? a->exit_q : a->exit_delta;

@@ -21,6 +21,7 @@ KeyedOptions add_train_flags(CLI::App* tr, TrainConfig& tc, bool depth_flags) {
   opt("--prime", "task_prime", tc.task_prime, "modarith: the prime");
   opt("--text", "text", tc.text, "text file for byte-level modelling ('fortunes': the installed collection)");
   opt("--context", "context", tc.context, "text: sequence length");
+  opt("--tokenizer", "tokenizer", tc.tokenizer, "text: its tokens by this tokenizer.json (or model directory); default bytes");
   opt("--d-model", "d_model", tc.d_model, "model width C");
   opt("--n-head", "n_head", tc.n_head, "heads");
   opt("--n-block", "n_block", tc.n_block, "blocks L in the field");

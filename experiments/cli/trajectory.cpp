@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "cli.hpp"
+#include "flowloop/io/hf.hpp"
 #include "flowloop/io/checkpoint.hpp"
 #include "flowloop/io/io.hpp"
 #include "flowloop/study/trajectory.hpp"
@@ -12,7 +13,8 @@
 namespace flowloop::cli {
 namespace {
 struct TrajectoryArgs {
-  std::string model, task, text, out, device = "auto";
+  std::string model, core_layers, task, text, out, device = "auto";
+  int context = 0;
   TrajectoryOptions opt;
   KeyedOptions depth_flags;
 };
@@ -22,9 +24,11 @@ Command register_trajectory(CLI::App& app) {
   auto a = std::make_shared<TrajectoryArgs>();
   auto* c = app.add_subcommand("trajectory", "the logit lens over continuous depth: h(t) decoded at N times, "
                                              "step sizes, PCA paths, the states");
-  c->add_option("-m,--model", a->model, "model .safetensors written by train")->required()->check(CLI::ExistingFile);
+  add_model_flags(c, a->model, a->core_layers, "model .safetensors written by train");
   c->add_option("--task", a->task, "the task it was trained on (checked; default: its own)");
-  c->add_option("--text", a->text, "the text it was trained on (checked; default: its own)");
+  c->add_option("--text", a->text,
+                "the text it was trained on (checked; default: its own); a Hugging Face model's text, in its tokens");
+  c->add_option("--context", a->context, "a Hugging Face model's sequences: tokens each (default 128)");
   c->add_option("--out", a->out, "output directory")->required();
   c->add_option("--times", a->opt.times, "solves: N times evenly over [0, t1] (a loop gives 0..K)")->capture_default_str();
   c->add_option("--batches", a->opt.batches, "test batches (the states kept are the first one's)")->capture_default_str();
@@ -33,11 +37,11 @@ Command register_trajectory(CLI::App& app) {
   a->depth_flags = add_depth_flags(c, a->opt.depth);
   add_device_flag(c, a->device);
   return {c, [a] {
-            const TrainConfig tc = trained_config(a->model, a->task, a->text);
+            const TrainConfig tc = study_config(a->model, a->task, a->text, a->context);
             TrajectoryOptions opt = a->opt;
             if (!any_given(a->depth_flags)) opt.depth = tc.depth;  // the trained regime
             opt.validate();
-            Model<float> model = load_model<float>(a->model);
+            Model<float> model = load_any<float>(a->model, {a->core_layers});
             model.set_device(resolve_device(a->device));
             const auto data = make_source(tc);
             require_fits(model.cfg, *data, "the model's training data");

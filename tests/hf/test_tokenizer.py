@@ -160,3 +160,45 @@ def test_refusals(tmp_path):
     refused(lambda s: s["model"].update(byte_fallback=True), '"byte_fallback" true')
     refused(lambda s: s.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "(unclosed"},
                                               "behavior": "Isolated", "invert": False}), "does not compile")
+
+
+def test_studies_on_a_hugging_face_model(tmp_path):
+    """compare, eval and trajectory on a Hugging Face directory with --core-layers, reading a
+    text in the model's own tokens: the loop-1 loss of compare equals eval's, and the regimes
+    run."""
+    import transformers
+    import torch
+    tok = make("qwen2")
+    cfg = transformers.Qwen2Config(vocab_size=tok.get_vocab_size() + 16, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64)  # (a vocabulary padded past the tokenizer's)
+    torch.manual_seed(1)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    d = tmp_path / "model"
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save(str(d / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    text.write_text(corpus(3, 20000))
+    common = ["-m", str(d), "--core-layers", "1:3", "--text", str(text), "--context", "24"]
+    out = tmp_path / "cmp"
+    r = subprocess.run([CLI, "compare", *common, "--regimes", "loop:1,loop:2,rk4:2,dopri5:0.01", "--batches", "1",
+                        "--batch", "4", "--out", str(out), "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = {}
+    import csv
+    with open(out / "compare.csv") as f:
+        for row in csv.DictReader(f):
+            rows[row["regime"]] = row
+    assert set(rows) == {"loop:1", "loop:2", "rk4:2", "dopri5:0.01"}
+    r = subprocess.run([CLI, "eval", *common, "--loops", "1", "--batches", "1", "--batch", "4", "--json", "--device",
+                        "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert abs(float(rows["loop:1"]["loss"]) - ev["loss"]) <= 1e-6 * abs(ev["loss"])
+    r = subprocess.run([CLI, "trajectory", *common, "--solver", "rk4", "--solver-steps", "2", "--times", "3",
+                        "--batches", "1", "--batch", "2", "--out", str(tmp_path / "traj"), "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # without a text, a Hugging Face model is refused by name
+    r = subprocess.run([CLI, "compare", "-m", str(d), "--out", str(tmp_path / "no")], capture_output=True, text=True)
+    assert r.returncode == 1 and "give --text FILE" in r.stderr

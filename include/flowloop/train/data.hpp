@@ -58,10 +58,13 @@ struct TaskOptions {
 std::unique_ptr<Task> make_task(const TaskOptions& opt);
 std::vector<std::string> task_names();
 
-// Byte-level language modelling on a text file, split deterministically: the
-// first 90% of the bytes train, the last 10% validate. "fortunes" names the
-// collection installed by the fortunes package (all files, sorted, joined).
-std::unique_ptr<DataSource> make_text_source(const std::string& path, int seq_len, uint64_t seed);
+// Language modelling on a text file, split deterministically: the first 90% of its tokens
+// train, the last 10% validate. Its bytes are the tokens (vocabulary 256), or, with a
+// tokenizer (a tokenizer.json, or a model directory holding one: io/tokenizer.hpp), its ids
+// (the tokenizer's vocabulary). "fortunes" names the collection installed by the fortunes
+// package (all files, sorted, joined).
+std::unique_ptr<DataSource> make_text_source(const std::string& path, int seq_len, uint64_t seed,
+                                             const std::string& tokenizer = "");
 
 // Loss, accuracy and depth statistics of a model on `batches` test batches.
 struct EvalResult {

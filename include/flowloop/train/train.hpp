@@ -28,6 +28,7 @@ struct TrainConfig {
   int task_n = 0, task_hops = 0, task_prime = 0;
   std::string text;
   int context = 64;  // text only: sequence length
+  std::string tokenizer;  // text only: its tokens by this tokenizer.json (or model directory); empty: bytes
   // model
   int d_model = 64, n_head = 4, n_block = 1, d_ff = 0;
   // the block's family (ModelConfig::arch) and the llama block's options; n_prelude and
@@ -106,6 +107,11 @@ int random_depth(double mean, uint64_t seed, int64_t step);
 // Trainer). Throws Error naming the file when it has none, or when task / text (non-empty)
 // is not what it was trained on.
 TrainConfig trained_config(const std::string& model, const std::string& task = "", const std::string& text = "");
+// The data of a study command (compare, eval, trajectory, flow-match record) on `model`: a
+// flowloop training run's own (trained_config), or, for a Hugging Face directory, the text
+// file `text` in the model's own tokens (its tokenizer.json), sequences of `context` tokens
+// (0: 128, at most the model's context). A Hugging Face directory without text is refused.
+TrainConfig study_config(const std::string& model, const std::string& task, const std::string& text, int context = 0);
 
 // Learning rate at step s of c.optim()'s schedule.
 inline double learning_rate(const TrainConfig& c, int64_t step) { return learning_rate(c.optim(), step); }
