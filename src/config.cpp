@@ -35,8 +35,8 @@ void ModelConfig::validate() const {
   if (arch != "gpt2" && arch != "llama")
     throw Error("config: unknown arch '" + arch + "' (expected gpt2 or llama)");
   if (!llama() && (n_kv_head != 0 || d_head != 0 || qkv_bias || o_bias ||
-                   mlp_bias || !tie_head))
-    throw Error("config: n_kv_head, d_head, the llama biases and an untied head need arch llama");
+                   mlp_bias || !tie_head || core_norm))
+    throw Error("config: n_kv_head, d_head, the llama biases, an untied head and a core norm need arch llama");
   if (n_prelude < 0 || n_coda < 0)
     throw Error("config: n_prelude and n_coda must be >= 0, got " + std::to_string(n_prelude) + " and " +
                 std::to_string(n_coda));
@@ -76,7 +76,8 @@ void ModelConfig::validate() const {
                                      (o_bias ? C : 0) + (mlp_bias ? 2 * F + C : 0)
                                : 4 * C * C + 4 * C + 2 * F * C + F + 5 * C + (time_cond ? 6 * C * C + 6 * C : 0);
   const double embed = C * E + C * C + 2 * C;
-  const double count = (llama() ? (tie_head ? V : 2 * V) * C + C : (V + Tm) * C + 2 * C) + n_layers() * block +
+  const double count = (llama() ? (tie_head ? V : 2 * V) * C + C + (core_norm ? C : 0) : (V + Tm) * C + 2 * C) +
+                       n_layers() * block +
                        (time_cond ? embed : 0) + (step_cond ? embed : 0) + (exit_gate ? C + 1 : 0);
   if (count > kMaxParams)
     throw Error("config: the model would hold " + std::to_string(count) + " parameters, more than " +
@@ -113,6 +114,7 @@ std::string ModelConfig::to_json() const {
     j["tie_head"] = tie_head;
     if (n_prelude) j["n_prelude"] = n_prelude;
     if (n_coda) j["n_coda"] = n_coda;
+    if (core_norm) j["core_norm"] = true;
   }
   return j.dump();
 }
@@ -189,6 +191,7 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
   flag("o_bias", c.o_bias);
   flag("mlp_bias", c.mlp_bias);
   flag("tie_head", c.tie_head);
+  flag("core_norm", c.core_norm);
   if (auto it = j.find("time_scale"); it != j.end()) {
     if (!it->is_number()) throw Error(where + ": config \"time_scale\" is not a number");
     c.time_scale = it->get<double>();
@@ -215,7 +218,7 @@ bool ModelConfig::operator==(const ModelConfig& o) const {
                        rope_theta == o.rope_theta && rope_fraction == o.rope_fraction &&
                        rope_interleaved == o.rope_interleaved && qkv_bias == o.qkv_bias && o_bias == o.o_bias &&
                        mlp_bias == o.mlp_bias && tie_head == o.tie_head && n_prelude == o.n_prelude &&
-                       n_coda == o.n_coda));
+                       n_coda == o.n_coda && core_norm == o.core_norm));
 }
 
 BenchSize bench_size(const std::string& name) {

@@ -32,16 +32,17 @@ ModelConfig part_config(const ModelConfig& cfg, FieldPart part) {
   if (part == FieldPart::core) return cfg;
   ModelConfig c = cfg;
   c.n_block = part == FieldPart::prelude ? cfg.n_prelude : cfg.n_coda;
-  c.time_cond = c.step_cond = c.exit_gate = false;
+  c.time_cond = c.step_cond = c.exit_gate = c.core_norm = false;
   return c;
 }
 
 template <class S>
 void FieldCache<S>::resize(Memory<S>& mem, const ModelConfig& cfg, int capacity_, int T_) {
   if (memory == &mem && capacity_ == capacity && T_ == T && blocks.size() == static_cast<size_t>(cfg.n_block) &&
-      time_cond == cfg.time_cond && step_cond == cfg.step_cond && arch == cfg.arch)
+      time_cond == cfg.time_cond && step_cond == cfg.step_cond && arch == cfg.arch && core_norm == cfg.core_norm)
     return;
   arch = cfg.arch;
+  core_norm = cfg.core_norm;
   memory = &mem;
   capacity = capacity_;
   B = capacity_;
@@ -70,12 +71,14 @@ void FieldCache<S>::resize(Memory<S>& mem, const ModelConfig& cfg, int capacity_
   for (Array<S>* a : {&sz1, &sa1, &sc_step}) a->resize(mem, sc_ * Bs * C);
   e_host.assign(tc * Bs * E, S(0));
   se_host.assign(sc_ * Bs * E, S(0));
+  pre_norm.resize(mem, cfg.core_norm ? N * C : 0);
+  norm_rstd.resize(mem, cfg.core_norm ? N : 0);
 }
 
 template <class S>
 size_t FieldCache<S>::bytes() const {
   size_t n = e.size() + z1.size() + a1.size() + c.size() + sc.size() + se.size() + sz1.size() + sa1.size() +
-             sc_step.size();
+             sc_step.size() + pre_norm.size() + norm_rstd.size();
   for (const auto& b : blocks)
     for (const Array<S>* a : {&b.x, &b.ln1, &b.mean1, &b.rstd1, &b.qkv, &b.att, &b.y, &b.x2, &b.ln2, &b.mean2,
                               &b.rstd2, &b.z, &b.g, &b.ada, &b.u1, &b.ao, &b.u2, &b.mo})
@@ -85,7 +88,9 @@ size_t FieldCache<S>::bytes() const {
 
 template <class S>
 void FieldGradWork<S>::resize(Memory<S>& mem, const ModelConfig& cfg, int B_, int T_) {
-  if (memory == &mem && B_ <= B && T_ == T && time_cond == cfg.time_cond && arch == cfg.arch) return;
+  if (memory == &mem && B_ <= B && T_ == T && time_cond == cfg.time_cond && arch == cfg.arch &&
+      (dnorm.size() > 0) == cfg.core_norm)
+    return;
   arch = cfg.arch;
   memory = &mem;
   B = B_;
@@ -95,6 +100,7 @@ void FieldGradWork<S>::resize(Memory<S>& mem, const ModelConfig& cfg, int B_, in
   const size_t tc = cfg.time_cond ? 1 : 0;
   const Widths wd = widths(cfg);
   for (Array<S>* a : {&dx, &dx2, &dcarry}) a->resize(mem, N * C);
+  dnorm.resize(mem, cfg.core_norm ? N * C : 0);
   dtmp.resize(mem, N * std::max(C, wd.y));
   dqkv.resize(mem, N * wd.qkv);
   datt.resize(mem, Bs * cfg.n_head * T * T);
@@ -127,6 +133,7 @@ FieldOffsets field_offsets(const ModelConfig& cfg, const ParamLayout& layout, Fi
       if (*p) *p -= f0;
     o.blocks.push_back(b);
   }
+  if (part == FieldPart::core && cfg.core_norm) o.norm = layout.core_norm() - f0;
   if (part == FieldPart::core && cfg.time_cond) {
     o.time = layout.time_embed();
     for (size_t* p : {&o.time.w1, &o.time.b1, &o.time.w2, &o.time.b2}) *p -= f0;
@@ -146,6 +153,7 @@ Field<S>::Field(NetOps<S>& ops, const ModelConfig& cfg, const ParamLayout& layou
   time_ = o.time;
   step_ = o.step;
   num_params_ = o.num_params;
+  norm_ = o.norm;
   if (cfg_.time_cond) freq_ = sinusoid_frequencies(cfg_.time_freq);
 }
 
@@ -478,6 +486,10 @@ void Field<S>::forward(S* f, const S* h, const double* t, const S* params, int B
     block_forward(f, x, params, blocks_[i], B, T, cache, cache.blocks[i]);
     x = f;
   }
+  if (cfg_.core_norm) {  // F(h) = norm(core(h))
+    ops_.copy(cache.pre_norm.data(), f, NC);
+    ops_.rmsnorm_forward(f, cache.norm_rstd.data(), cache.pre_norm.data(), params + norm_, B * T, C, cfg_.norm_eps);
+  }
   ops_.axpy(f, S(-1), h, NC);
 }
 
@@ -492,6 +504,12 @@ void Field<S>::vjp(S* dh, S* dparams, const S* gf, const S* params, const FieldC
   // Blocks in reverse; block 0 accumulates straight into dh, the others hand their
   // input gradient to the block below through work.dcarry.
   const S* g = gf;
+  if (cfg_.core_norm) {  // through F = norm(core(h)) first: g = RMS^T gf
+    work.dnorm.zero();
+    layernorm_bwd(work.dnorm.data(), dparams, norm_, 0, gf, cache.pre_norm.data(), params + norm_, nullptr,
+                  cache.norm_rstd.data(), B, T, param_stride, nullptr, nullptr);
+    g = work.dnorm.data();
+  }
   for (size_t i = blocks_.size(); i-- > 0;) {
     if (i == 0) {
       block_vjp(dh, dparams, g, params, blocks_[i], B, T, cache, cache.blocks[i], work, param_stride);

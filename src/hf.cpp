@@ -286,6 +286,7 @@ void export_hf(const Model<S>& m, const std::string& dir, int unroll) {
   };
   if (!c.llama()) refuse("its block is gpt2's (LayerNorm, learned positions); export-hf writes llama and qwen2");
   if (c.exit_gate) refuse("it has an exit gate");
+  if (c.core_norm) refuse("its core ends every step with a norm (core_norm)");
   if (c.rope_interleaved) refuse("its rotary embeddings are interleaved (llama and qwen2 rotate halves)");
   if (c.rotary_dims() != c.head_dim()) refuse("its rotary embeddings turn part of each head (rope_fraction)");
   if (c.o_bias && !c.qkv_bias) refuse("an o_proj bias without q/k/v biases");

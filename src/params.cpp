@@ -95,6 +95,7 @@ ParamLayout::ParamLayout(const ModelConfig& cfg) {
   field_begin_ = size_;
   stack(FieldPart::core, "field.h.", cfg.n_block);
   blocks_ = parts_[static_cast<int>(FieldPart::core)];
+  if (cfg.core_norm) core_norm_ = add("field.norm.weight", {C});
   // the time (and step) embedding: mlp.0 (C, E), mlp.2 (C, C), each with its bias
   auto embed = [&](const std::string& p, TimeEmbedOffsets& o) {
     const int64_t E = cfg.time_freq;
@@ -148,7 +149,7 @@ void init_gpt2(S* params, const ParamLayout& layout, const ModelConfig& cfg, uin
   const double proj_std = 0.02 / std::sqrt(2.0 * (double(cfg.n_block) * cfg.depth + cfg.n_prelude + cfg.n_coda));
   for (const auto& t : layout.tensors()) {
     S* p = params + t.offset;
-    const bool is_ln = t.name.find("ln_") != std::string::npos || ends_with(t.name, "_norm.weight");
+    const bool is_ln = t.name.find("ln_") != std::string::npos || ends_with(t.name, "norm.weight");
     if (ends_with(t.name, ".bias") || ends_with(t.name, ".ada.weight")) {  // ada: zero modulation
       for (size_t i = 0; i < t.numel; ++i) p[i] = S(0);
     } else if (starts_with(t.name, "time_embed.")) {

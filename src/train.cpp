@@ -49,7 +49,7 @@ DepthSpec with_method(const DepthSpec& base, const std::string& method) {
 
 #define FLOWLOOP_TRAIN_FIELDS(X)                                                                      \
   X(task) X(task_n) X(task_hops) X(task_prime) X(text) X(context) X(tokenizer) X(d_model) X(n_head) X(n_block) X(d_ff) X(time_cond) X(time_freq) \
-  X(time_scale) X(arch) X(n_kv_head) X(n_prelude) X(n_coda) X(rope_theta) X(qkv_bias) X(tie_head)      \
+  X(time_scale) X(arch) X(n_kv_head) X(n_prelude) X(n_coda) X(rope_theta) X(qkv_bias) X(tie_head) X(core_norm)      \
   X(exit_gate) X(gate_beta) X(random_depth_mean) X(backprop_loops) X(random_steps_min) X(random_steps_max)   \
   X(random_solvers) X(t1_jitter) X(init_from) X(grad) X(kinetic) X(jacobian) X(steps)                        \
   X(batch) X(warmup) X(lr) X(min_lr) X(weight_decay) X(beta1) X(beta2) X(eps) X(clip) X(eval_every)       \
@@ -134,8 +134,8 @@ void TrainConfig::validate() const {
   if ((kinetic > 0 || jacobian > 0) && !ode) throw fail("kinetic and jacobian regularise ODE depth: give a solver");
   if (d_model <= 0 || n_head <= 0 || n_block <= 0 || d_model % n_head) throw fail("d_model must be a positive multiple of n_head");
   if (arch != "gpt2" && arch != "llama") throw fail("unknown arch '" + arch + "' (gpt2 or llama)");
-  if (arch != "llama" && (n_kv_head != 0 || qkv_bias || !tie_head || rope_theta != 10000.0))
-    throw fail("n_kv_head, rope_theta, qkv_bias and an untied head need arch llama");
+  if (arch != "llama" && (n_kv_head != 0 || qkv_bias || !tie_head || core_norm || rope_theta != 10000.0))
+    throw fail("n_kv_head, rope_theta, qkv_bias, an untied head and core_norm need arch llama");
   if (n_kv_head < 0 || (n_kv_head > 0 && n_head % n_kv_head != 0))
     throw fail("n_kv_head (" + std::to_string(n_kv_head) + ") must divide n_head (" + std::to_string(n_head) + ")");
   if (n_prelude < 0 || n_coda < 0) throw fail("n_prelude and n_coda must be >= 0");
@@ -570,6 +570,7 @@ ModelConfig TrainConfig::model_config(const DataSource& data) const {
     mc.rope_theta = rope_theta;
     mc.qkv_bias = qkv_bias;
     mc.tie_head = tie_head;
+    mc.core_norm = core_norm;
   }
   mc.n_prelude = n_prelude;
   mc.n_coda = n_coda;

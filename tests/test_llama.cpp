@@ -18,7 +18,7 @@ constexpr double kTol = 1e-6;
 
 // A small llama config: C 8, 4 query heads of 3 dims (d_head != C / NH), the variant's options.
 ModelConfig llama_config(int n_kv, bool biases, double fraction, bool interleaved, int prelude = 0, int core = 1,
-                         int coda = 0, bool tie = true) {
+                         int coda = 0, bool tie = true, bool core_norm = false) {
   ModelConfig c;
   c.arch = "llama";
   c.vocab_size = 13;
@@ -38,6 +38,7 @@ ModelConfig llama_config(int n_kv, bool biases, double fraction, bool interleave
   c.rope_interleaved = interleaved;
   c.qkv_bias = c.o_bias = c.mlp_bias = biases;
   c.tie_head = tie;
+  c.core_norm = core_norm;
   c.finalize();
   return c;
 }
@@ -62,7 +63,8 @@ struct Variant {
 std::vector<Variant> variants() {
   return {{"multi-head, no bias, full rotary", llama_config(4, false, 1.0, false, 0, 2)},
           {"grouped 4:2, biases, half rotary", llama_config(2, true, 0.5, false)},
-          {"grouped 4:1, interleaved rotary", llama_config(1, false, 1.0, true)}};
+          {"grouped 4:1, interleaved rotary", llama_config(1, false, 1.0, true)},
+          {"a norm ending every step (core_norm)", llama_config(2, false, 1.0, false, 0, 2, 0, true, true)}};
 }
 }  // namespace llama_test
 using namespace llama_test;
@@ -142,9 +144,11 @@ TEST_CASE("llama field: the cpu backend against the reference backend in float",
 
 TEST_CASE("llama model: prelude, core, coda and an untied head, the loss gradient against finite differences",
           "[llama][model][fd]") {
-  const ModelConfig cfg = llama_config(2, true, 0.5, false, /*prelude=*/1, /*core=*/1, /*coda=*/1, /*tie=*/false);
+  const ModelConfig cfg =
+      llama_config(2, true, 0.5, false, /*prelude=*/1, /*core=*/1, /*coda=*/1, /*tie=*/false, /*core_norm=*/true);
   Model<double> m(cfg);
   randomize(m, 31);
+  REQUIRE(m.layout.find("field.norm.weight") != nullptr);
   const int B = 2, T = 4;
   Rng rng(32);
   TokenBatch tokens{B, T, {}}, targets{B, T, {}};
@@ -207,8 +211,31 @@ TEST_CASE("llama model: a prelude, core and coda of one layer each, looped once,
                   std::vector<double>(wb.readout.logits.begin(), wb.readout.logits.end())) < 1e-13);
 }
 
+TEST_CASE("llama model: a core norm is applied after every loop", "[llama][model]") {
+  const ModelConfig cfg = llama_config(2, false, 1.0, false, 0, 1, 0, true, true);
+  Model<double> m(cfg);
+  randomize(m, 43);
+  TokenBatch tokens{1, 5, {1, 2, 3, 4, 5}};
+  LoopWork<double> w;
+  m.loop_forward(tokens, 3, w);
+  // by hand: h_{k+1} = h_k + f(h_k), and each state is RMS-normalised with field.norm.weight
+  const size_t NC = static_cast<size_t>(5) * cfg.d_model;
+  const double* g = m.params.data() + m.layout.at("field.norm.weight").offset;
+  for (int k = 1; k <= 3; ++k)
+    for (int t = 0; t < 5; ++t) {
+      const double* x = w.h.data() + NC * k + static_cast<size_t>(t) * cfg.d_model;
+      // x = g * y / rms(y): x / g has a mean square of 1 (up to eps)
+      double ms = 0;
+      for (int c = 0; c < cfg.d_model; ++c) ms += (x[c] / g[c]) * (x[c] / g[c]);
+      CHECK(ms / cfg.d_model == Approx(1.0).epsilon(1e-5));
+    }
+  ModelConfig gpt = make_config(11, 6, 8, 2, 12, 1);
+  gpt.core_norm = true;
+  CHECK_THROWS_WITH(gpt.validate(), Catch::Contains("core norm need arch llama"));
+}
+
 TEST_CASE("llama model: config and checkpoint round trips, and the config's refusals", "[llama][checkpoint]") {
-  const ModelConfig cfg = llama_config(2, true, 0.5, true, 1, 2, 1, false);
+  const ModelConfig cfg = llama_config(2, true, 0.5, true, 1, 2, 1, false, true);
   CHECK(ModelConfig::from_json(cfg.to_json(), "here") == cfg);
   Model<float> m(cfg);
   m.init(5);

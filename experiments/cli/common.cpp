@@ -54,6 +54,7 @@ void add_arch_flags(CLI::App* app, ModelConfig& cfg) {
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app->add_option("--n-prelude", cfg.n_prelude, "layers run once before the recurrent core");
   app->add_option("--n-coda", cfg.n_coda, "layers run once after the recurrent core");
+  app->add_flag("--core-norm", cfg.core_norm, "llama: an RMSNorm at the end of every step of the core (Ouro's loop)");
 }
 
 KeyedOptions add_depth_flags(CLI::App* app, DepthSpec& d) {

@@ -33,6 +33,7 @@ KeyedOptions add_train_flags(CLI::App* tr, TrainConfig& tc, bool depth_flags) {
   given.push_back({"tie_head", tr->add_flag("!--untied-head", tc.tie_head, "llama: the head's own weight (default tied)")});
   opt("--n-prelude", "n_prelude", tc.n_prelude, "layers run once before the looped core");
   opt("--n-coda", "n_coda", tc.n_coda, "layers run once after the looped core");
+  flag("--core-norm", "core_norm", tc.core_norm, "llama: an RMSNorm at the end of every loop of the core (Ouro's)");
   flag("--time-cond", "time_cond", tc.time_cond, "time-conditioned field f(h, t) (adaLN, zero-initialised)");
   opt("--time-freq", "time_freq", tc.time_freq, "time embedding width E");
   opt("--time-scale", "time_scale", tc.time_scale, "tau = t * scale (default 1000 / depth)");

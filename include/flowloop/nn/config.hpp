@@ -44,6 +44,9 @@ struct ModelConfig {
   // Layers run once before the recurrent core (the prelude) and after it (the coda), of the
   // same block as the core's n_block (model-families.md's structure). gpt2 has none.
   int n_prelude = 0, n_coda = 0;
+  // llama only: an RMSNorm (weight field.norm.weight, eps norm_eps) at the end of every step of
+  // the core: F(h) = norm(core(h)), f = F(h) - h (Ouro's loop; the final norm stays in the readout)
+  bool core_norm = false;
 
   bool llama() const { return arch == "llama"; }
   int head_dim() const { return d_head > 0 ? d_head : d_model / n_head; }  // D

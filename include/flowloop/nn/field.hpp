@@ -74,6 +74,8 @@ template <class S>
 struct FieldCache {
   int capacity = 0, T = 0;
   std::string arch;  // the block the arrays are sized for
+  bool core_norm = false;
+  Array<S> pre_norm, norm_rstd;  // core_norm: the core's output before its norm (B,T,C), 1/rms (B,T)
   int B = 0;  // sequences in the last forward
   bool time_cond = false, step_cond = false;
   Memory<S>* memory = nullptr;        // where the arrays live
@@ -95,6 +97,7 @@ template <class S>
 struct FieldGradWork {
   int B = 0, T = 0;
   std::string arch;
+  Array<S> dnorm;  // core_norm: dL/d(the core's output before its norm)
   bool time_cond = false;
   Memory<S>* memory = nullptr;
   Array<S> dx, dx2, dtmp, dcarry, dqkv, datt, dz, dg;
@@ -110,6 +113,7 @@ struct FieldGradWork {
 // how many parameters it has.
 struct FieldOffsets {
   std::vector<BlockOffsets> blocks;   // n_block
+  size_t norm = 0;                    // core_norm's weight
   TimeEmbedOffsets time, step;        // time_cond, step_cond
   size_t num_params = 0;
 };
@@ -196,6 +200,7 @@ class Field {
   NetOps<S>& ops_;
   ModelConfig cfg_;
   FieldPart part_ = FieldPart::core;
+  size_t norm_ = 0;  // core_norm's weight, relative to the field's first parameter
   std::vector<BlockOffsets> blocks_;  // relative to the field's first parameter
   TimeEmbedOffsets time_;             // relative to the field's first parameter (time_cond)
   TimeEmbedOffsets step_;             // the same for step_embed (step_cond)

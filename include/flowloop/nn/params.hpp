@@ -77,7 +77,8 @@ class ParamLayout {
   size_t lnf_w() const { return lnf_w_; }
   bool has_lnf_b() const { return has_lnf_b_; }
   size_t lnf_b() const { return lnf_b_; }  // has_lnf_b() only
-  size_t head() const { return head_; }    // the readout's (V, C) weight: lm_head's, or wte's when tied
+  size_t head() const { return head_; }
+  size_t core_norm() const { return core_norm_; }  // field.norm.weight (config core_norm)    // the readout's (V, C) weight: lm_head's, or wte's when tied
   size_t gate_w() const { return gate_w_; }  // exit gate (when the config has one)
   size_t gate_b() const { return gate_b_; }
   const TimeEmbedOffsets& time_embed() const { return time_embed_; }  // time_cond only
@@ -93,7 +94,7 @@ class ParamLayout {
   std::vector<BlockOffsets> parts_[3];
   size_t part_range_[3][2] = {{0, 0}, {0, 0}, {0, 0}};
   bool has_wpe_ = false, has_lnf_b_ = false;
-  size_t head_ = 0;
+  size_t head_ = 0, core_norm_ = 0;
   TimeEmbedOffsets time_embed_, step_embed_;
   size_t gate_w_ = 0, gate_b_ = 0;
   size_t size_ = 0, wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0, field_begin_ = 0, field_end_ = 0;

@@ -36,7 +36,7 @@ struct TrainConfig {
   std::string arch = "gpt2";
   int n_kv_head = 0, n_prelude = 0, n_coda = 0;
   double rope_theta = 10000.0;
-  bool qkv_bias = false, tie_head = true;
+  bool qkv_bias = false, tie_head = true, core_norm = false;
   // the time-conditioned field (ModelConfig): time_scale 0 means 1000 / depth
   bool time_cond = false;
   int time_freq = 256;
