@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/hf.hpp"
 #include "flowloop/train/flowmatch.hpp"
 #include "flowloop/io/io.hpp"
 #include "flowloop/ode/solver.hpp"
@@ -172,12 +173,24 @@ std::string file_hash(const std::string& path) {
 TrajectoryManifest record_trajectories(const std::string& teacher, const DataSource& data, const RecordOptions& opt,
                                        const std::string& out, std::ostream& progress) {
   opt.validate();
-  Model<float> model = load_model<float>(teacher);
+  const bool hf = is_hf_dir(teacher);
+  if (!hf && !opt.core_layers.empty())
+    throw Error("record: --core-layers applies to a Hugging Face teacher; '" + teacher + "' is a flowloop checkpoint");
+  Model<float> model = load_any<float>(teacher, LoadOptions{opt.core_layers});
   model.set_device(resolve_device(opt.device));
   const ModelConfig& cfg = model.cfg;
   require_fits(cfg, data, "the data");
   TrajectoryManifest m;
-  m.teacher_hash = file_hash(teacher);
+  fs::create_directories(out);
+  // a Hugging Face teacher is kept as the flowloop checkpoint of the model that records
+  // (its structure, its data's configuration): the same bits on every run, so the same hash
+  const fs::path staged = fs::path(out) / (m.teacher_file + ".new");
+  if (hf) {
+    if (opt.teacher_config.empty()) throw Error("record: a Hugging Face teacher needs its data's configuration");
+    save_checkpoint(staged.string(), model.cfg, model.layout, model.params.data(),
+                    {{"train_config", opt.teacher_config}, {"source", teacher}});
+  }
+  m.teacher_hash = file_hash(hf ? staged.string() : teacher);
   m.data = data.describe();
   m.depth = json::parse(opt.depth.to_json(cfg.depth));
   m.T = data.seq_len();
@@ -208,9 +221,10 @@ TrajectoryManifest record_trajectories(const std::string& teacher, const DataSou
                   ", K " + std::to_string(had.K) + ")");
     m.train = had.train;
     m.test = had.test;
-  } else {
+  } else if (!hf) {
     fs::copy_file(teacher, dir / m.teacher_file, fs::copy_options::overwrite_existing);
   }
+  if (hf) fs::rename(staged, dir / m.teacher_file);
   write_file_atomic(mpath.string(), m.to_json());
   const size_t n = static_cast<size_t>(m.T) * static_cast<size_t>(m.C), S = static_cast<size_t>(m.K) + 1;
   TokenBatch tok, tgt;

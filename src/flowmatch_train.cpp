@@ -303,6 +303,19 @@ void FlowMatchConfig::validate() const {
 Model<float> make_student(const Model<float>& teacher, int time_freq, double time_scale, uint64_t seed,
                           bool step_cond) {
   ModelConfig mc = teacher.cfg;
+  if (teacher.cfg.llama()) {
+    // adaLN's time conditioning is the gpt2 block's: a llama teacher's student is that block at
+    // the same width, MLP width and core depth (heads: the teacher's where they divide the
+    // width), freshly initialised; its positions table covers the recorded sequences
+    ModelConfig g;
+    g.vocab_size = teacher.cfg.vocab_size;
+    g.context = std::min(teacher.cfg.context, 4096);
+    g.d_model = teacher.cfg.d_model;
+    g.n_head = teacher.cfg.d_model % teacher.cfg.n_head == 0 ? teacher.cfg.n_head : 1;
+    g.d_ff = teacher.cfg.d_ff;
+    g.n_block = teacher.cfg.n_block;
+    mc = g;
+  }
   mc.time_cond = true;
   mc.step_cond = step_cond;
   mc.time_freq = time_freq;

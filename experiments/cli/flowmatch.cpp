@@ -2,6 +2,7 @@
 //   record  the teacher's states h_0 .. h_K per sequence into safetensors shards
 //   train   a time-conditioned student v(x, t) on them, simulation-free
 //   eval    the student under every sampler against the teacher (and the truncated teacher)
+#include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
@@ -9,6 +10,7 @@
 
 #include "cli.hpp"
 #include "flowloop/io/checkpoint.hpp"
+#include "flowloop/io/hf.hpp"
 #include "flowloop/train/flowmatch.hpp"
 #include "flowloop/train/flowmatch_train.hpp"
 
@@ -16,6 +18,7 @@ namespace flowloop::cli {
 namespace {
 struct RecordArgs {
   std::string model, task, text, out;
+  int context = 0;
   RecordOptions opt;
   KeyedOptions depth_flags;
 };
@@ -127,9 +130,11 @@ Command register_flow_match(CLI::App& app) {
   auto a = std::make_shared<RecordArgs>();
   auto* r = fm->add_subcommand("record", "record a teacher's latent paths h_0 .. h_K (train and test splits) "
                                          "into safetensors shards with a manifest; a rerun resumes");
-  r->add_option("-m,--model", a->model, "the teacher, a model written by train")->required()->check(CLI::ExistingFile);
+  add_model_flags(r, a->model, a->opt.core_layers, "the teacher, a model written by train");
   r->add_option("--task", a->task, "the task it was trained on (checked; default: its own)");
-  r->add_option("--text", a->text, "the text it was trained on (checked; default: its own)");
+  r->add_option("--text", a->text,
+                "the text it was trained on (checked; default: its own); a Hugging Face teacher's text, in its tokens");
+  r->add_option("--context", a->context, "a Hugging Face teacher's sequences: tokens each (default 128)");
   r->add_option("--states", a->opt.states, "solves: K + 1 states evenly over [0, t1] (default: depth + 1)");
   r->add_option("--examples", a->opt.train_examples, "training examples (whole batches)")->capture_default_str();
   r->add_option("--test-examples", a->opt.test_examples, "test examples (whole batches)")->capture_default_str();
@@ -164,8 +169,13 @@ Command register_flow_match(CLI::App& app) {
             }
             if (ev->parsed()) return run_eval(*ea);
             if (!r->parsed()) return 1;
-            const TrainConfig tc = trained_config(a->model, a->task, a->text);
+            TrainConfig tc = study_config(a->model, a->task, a->text, a->context);
             RecordOptions opt = a->opt;
+            if (is_hf_dir(a->model)) {  // the data as the recorded teacher will name it
+              tc.tokenizer = std::filesystem::absolute(tc.tokenizer).string();
+              tc.text = std::filesystem::absolute(tc.text).string();
+              opt.teacher_config = tc.to_json();
+            }
             if (!any_given(a->depth_flags)) opt.depth = tc.depth;  // the trained regime
             opt.validate();
             const auto data = make_source(tc);

@@ -199,6 +199,27 @@ def test_studies_on_a_hugging_face_model(tmp_path):
                         "--batches", "1", "--batch", "2", "--out", str(tmp_path / "traj"), "--device", "cpu"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # flow matching over the Hugging Face teacher's latent paths: record, train, evaluate
+    data = tmp_path / "fm"
+    r = subprocess.run([CLI, "flow-match", "record", *common, "--loops", "2", "--examples", "8", "--test-examples", "4",
+                        "--batch", "4", "--shard-size", "4", "--out", str(data), "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    man = json.loads((data / "manifest.json").read_text())
+    assert man["K"] == 2 and man["data"]["tokenizer"].endswith("model")
+    r = subprocess.run([CLI, "flow-match", "train", "--data", str(data), "--steps", "3", "--batch", "4", "--eval-every",
+                        "3", "--checkpoint-every", "3", "--out", str(tmp_path / "student"), "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([CLI, "flow-match", "eval", "-m", str(tmp_path / "student" / "model.safetensors"), "--data",
+                        str(data), "--samplers", "euler:2", "--examples", "4", "--batch", "4", "--json", "--device",
+                        "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # a rerun of the record resumes (the same teacher checkpoint, the same hash)
+    r = subprocess.run([CLI, "flow-match", "record", *common, "--loops", "2", "--examples", "8", "--test-examples", "4",
+                        "--batch", "4", "--shard-size", "4", "--out", str(data), "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     # without a text, a Hugging Face model is refused by name
     r = subprocess.run([CLI, "compare", "-m", str(d), "--out", str(tmp_path / "no")], capture_output=True, text=True)
     assert r.returncode == 1 and "give --text FILE" in r.stderr

@@ -176,6 +176,11 @@ struct RecordOptions {
   int batch = 64;
   int shard_size = 512;      // recordings per shard, a multiple of batch
   std::string device = "auto";  // where the teacher runs (resolve_device)
+  // A Hugging Face teacher (a directory, io/hf.hpp): its --core-layers, and the configuration
+  // of its data (study_config's JSON). It is recorded as a flowloop checkpoint of that
+  // structure, with this configuration as its train_config, so that flow-match train and eval
+  // read it as any teacher.
+  std::string core_layers, teacher_config;
   void validate() const;     // throws Error naming what is wrong
 };
 

@@ -164,7 +164,9 @@ struct FlowMatchConfig {
 // no exit gate; the teacher's tensors copied by name (a time-conditioned teacher's
 // time embedding and modulation excepted), the time embedding initialised from seed
 // and the modulation zero. step_cond: also a step embedding (shortcut), initialised from
-// seed; with zero modulation it does not change the field at step 0 either.
+// seed; with zero modulation it does not change the field at step 0 either. A llama
+// teacher's student is the time-conditioned gpt2 block of the same width, MLP width and core
+// depth, initialised from seed (adaLN is that block's).
 Model<float> make_student(const Model<float>& teacher, int time_freq, double time_scale, uint64_t seed,
                           bool step_cond = false);
 
