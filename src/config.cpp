@@ -143,25 +143,16 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& w
   get("d_ff", c.d_ff, true);
   get("n_block", c.n_block, true);
   get("depth", c.depth, false);
-  if (auto it = j.find("exit_gate"); it != j.end()) {
-    if (!it->is_boolean()) throw Error(where + ": config \"exit_gate\" is not a boolean");
-    c.exit_gate = it->get<bool>();
-  }
-  if (auto it = j.find("time_cond"); it != j.end()) {
-    if (!it->is_boolean()) throw Error(where + ": config \"time_cond\" is not a boolean");
-    c.time_cond = it->get<bool>();
-  }
-  if (auto it = j.find("step_cond"); it != j.end()) {
-    if (!it->is_boolean()) throw Error(where + ": config \"step_cond\" is not a boolean");
-    c.step_cond = it->get<bool>();
-  }
-  get("time_freq", c.time_freq, false);
   auto flag = [&](const char* key, bool& dst) {
     if (auto it = j.find(key); it != j.end()) {
       if (!it->is_boolean()) throw Error(where + ": config \"" + key + "\" is not a boolean");
       dst = it->get<bool>();
     }
   };
+  flag("exit_gate", c.exit_gate);
+  flag("time_cond", c.time_cond);
+  flag("step_cond", c.step_cond);
+  get("time_freq", c.time_freq, false);
   auto real = [&](const char* key, double& dst) {
     if (auto it = j.find(key); it != j.end()) {
       if (!it->is_number()) throw Error(where + ": config \"" + key + "\" is not a number");

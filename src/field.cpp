@@ -170,7 +170,7 @@ double Field<S>::flops(int B, int T) const {
 }
 
 template <class S>
-void Field<S>::layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* in, const S* w,
+void Field<S>::norm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* in, const S* w,
                              const S* mean, const S* rstd, int B, int T, size_t stride, const S* scale,
                              S* scratch) const {
   const int C = cfg_.d_model, ld = 6 * C;
@@ -263,7 +263,7 @@ void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
   ops_.linear_backward(w.dtmp.data(), dP + o.fc_w, dP + o.fc_b, w.dz.data(), tc ? c.u2.data() : c.ln2.data(),
                        P + o.fc_w, B, T, C, F, stride);
   if (tc) ops_.modulate_backward(nullptr, dada + 3 * C, dada + 4 * C, w.dtmp.data(), c.ln2.data(), ada + 4 * C, B, T, C, ld);
-  layernorm_bwd(w.dx2.data(), dP, o.ln2_w, o.ln2_b, w.dtmp.data(), c.x2.data(), P + o.ln2_w, c.mean2.data(),
+  norm_bwd(w.dx2.data(), dP, o.ln2_w, o.ln2_b, w.dtmp.data(), c.x2.data(), P + o.ln2_w, c.mean2.data(),
                 c.rstd2.data(), B, T, stride, tc ? ada + 4 * C : nullptr, w.dgated.data());
   // the attention branch: dx += dx2 + LN1^T(mod1^T(Attn^T((1 + g1) dx2)))
   ops_.axpy(dx, S(1), w.dx2.data(), NC);
@@ -282,7 +282,7 @@ void Field<S>::block_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
   ops_.linear_backward(w.dtmp.data(), dP + o.attn_w, dP + o.attn_b, w.dqkv.data(), tc ? c.u1.data() : c.ln1.data(),
                        P + o.attn_w, B, T, C, 3 * C, stride);
   if (tc) ops_.modulate_backward(nullptr, dada, dada + C, w.dtmp.data(), c.ln1.data(), ada + C, B, T, C, ld);
-  layernorm_bwd(dx, dP, o.ln1_w, o.ln1_b, w.dtmp.data(), c.x.data(), P + o.ln1_w, c.mean1.data(), c.rstd1.data(), B, T,
+  norm_bwd(dx, dP, o.ln1_w, o.ln1_b, w.dtmp.data(), c.x.data(), P + o.ln1_w, c.mean1.data(), c.rstd1.data(), B, T,
                 stride, tc ? ada + C : nullptr, w.dgated.data());
   // ada = W_ada silu(c) + b_ada: its parameters, and dsilu(c) += dada W_ada (all blocks add up)
   if (tc)
@@ -337,7 +337,7 @@ void Field<S>::llama_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
   w.dtmp.zero();
   ops_.linear_backward(w.dtmp.data(), dP + o.fc_w, bias(o.fc_b, cfg_.mlp_bias), w.dz.data(), c.ln2.data(),
                        P + o.fc_w, B, T, C, 2 * F, stride);
-  layernorm_bwd(w.dx2.data(), dP, o.ln2_w, 0, w.dtmp.data(), c.x2.data(), P + o.ln2_w, nullptr, c.rstd2.data(), B, T,
+  norm_bwd(w.dx2.data(), dP, o.ln2_w, 0, w.dtmp.data(), c.x2.data(), P + o.ln2_w, nullptr, c.rstd2.data(), B, T,
                 stride, nullptr, nullptr);
   // the attention branch: dx += dx2 + RMS1^T(Wqkv^T(rope^T(Attn^T(o^T dx2))))
   ops_.axpy(dx, S(1), w.dx2.data(), NC);
@@ -351,7 +351,7 @@ void Field<S>::llama_vjp(S* dx, S* dP, const S* dout, const S* P, const BlockOff
   w.dtmp.zero();
   ops_.linear_backward(w.dtmp.data(), dP + o.attn_w, bias(o.attn_b, cfg_.qkv_bias), w.dqkv.data(), c.ln1.data(),
                        P + o.attn_w, B, T, C, W, stride);
-  layernorm_bwd(dx, dP, o.ln1_w, 0, w.dtmp.data(), c.x.data(), P + o.ln1_w, nullptr, c.rstd1.data(), B, T, stride,
+  norm_bwd(dx, dP, o.ln1_w, 0, w.dtmp.data(), c.x.data(), P + o.ln1_w, nullptr, c.rstd1.data(), B, T, stride,
                 nullptr, nullptr);
 }
 
@@ -506,7 +506,7 @@ void Field<S>::vjp(S* dh, S* dparams, const S* gf, const S* params, const FieldC
   const S* g = gf;
   if (cfg_.core_norm) {  // through F = norm(core(h)) first: g = RMS^T gf
     work.dnorm.zero();
-    layernorm_bwd(work.dnorm.data(), dparams, norm_, 0, gf, cache.pre_norm.data(), params + norm_, nullptr,
+    norm_bwd(work.dnorm.data(), dparams, norm_, 0, gf, cache.pre_norm.data(), params + norm_, nullptr,
                   cache.norm_rstd.data(), B, T, param_stride, nullptr, nullptr);
     g = work.dnorm.data();
   }

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -63,6 +64,26 @@ const std::vector<std::pair<std::string, std::string>>& block_names() {
       {"mlp.down_proj.weight", "mlp.down_proj.weight"},
       {"mlp.down_proj.bias", "mlp.down_proj.bias"}};
   return names;
+}
+
+// A block tensor of a stack: which stack, its layer there, and its Hugging Face name within
+// a layer (model.layers.N.<hf>); absent for the embedding, the final norm and the head.
+struct BlockTensor {
+  FieldPart part;
+  int layer;
+  std::string hf;
+};
+std::optional<BlockTensor> block_tensor(const std::string& name) {
+  for (const auto& [part, prefix] : {std::pair{FieldPart::prelude, std::string("prelude.h.")},
+                                     {FieldPart::core, std::string("field.h.")},
+                                     {FieldPart::coda, std::string("coda.h.")}}) {
+    if (name.rfind(prefix, 0) != 0) continue;
+    const size_t dot = name.find('.', prefix.size());
+    const std::string rest = name.substr(dot + 1);
+    for (const auto& [ours, theirs] : block_names())
+      if (rest == ours) return BlockTensor{part, std::stoi(name.substr(prefix.size(), dot - prefix.size())), theirs};
+  }
+  return std::nullopt;
 }
 
 // The weight map of an index file: tensor name -> shard file name, refusing a tensor named
@@ -199,16 +220,11 @@ std::string hf_tensor_name(const ModelConfig& cfg, const std::string& name) {
   if (name == "wte.weight") return "model.embed_tokens.weight";
   if (name == "ln_f.weight") return "model.norm.weight";
   if (name == "lm_head.weight") return "lm_head.weight";
-  for (const auto& [part, count, base] :
-       {std::tuple<std::string, int, int>{"prelude.h.", cfg.n_prelude, 0},
-        {"field.h.", cfg.n_block, cfg.n_prelude},
-        {"coda.h.", cfg.n_coda, cfg.n_prelude + cfg.n_block}}) {
-    if (name.rfind(part, 0) != 0) continue;
-    const size_t dot = name.find('.', part.size());
-    const int i = std::stoi(name.substr(part.size(), dot - part.size()));
-    const std::string rest = name.substr(dot + 1);
-    for (const auto& [ours, theirs] : block_names())
-      if (rest == ours) return "model.layers." + std::to_string(base + i) + "." + theirs;
+  if (const auto b = block_tensor(name)) {
+    const int base = b->part == FieldPart::prelude ? 0
+                     : b->part == FieldPart::core  ? cfg.n_prelude
+                                                   : cfg.n_prelude + cfg.n_block;
+    return "model.layers." + std::to_string(base + b->layer) + "." + b->hf;
   }
   throw Error("no Hugging Face name for tensor '" + name + "' (a " + cfg.arch + " model's)");
 }
@@ -256,7 +272,10 @@ Model<S> load_hf(const std::string& dir, const LoadOptions& opt) {
   };
   // every tensor present with its shape before the model's memory is taken
   const ParamLayout layout(cfg);
-  for (const auto& t : layout.tensors()) file(hf_tensor_name(cfg, t.name)).require(hf_tensor_name(cfg, t.name), t.shape);
+  for (const auto& t : layout.tensors()) {
+    const std::string n = hf_tensor_name(cfg, t.name);
+    file(n).require(n, t.shape);
+  }
   Model<S> m(cfg);
   for (const auto& t : m.layout.tensors()) {
     const std::string n = hf_tensor_name(cfg, t.name);
@@ -327,35 +346,19 @@ void export_hf(const Model<S>& m, const std::string& dir, int unroll) {
   }
   // tensors by Hugging Face name: a layer of the stack from its flowloop tensor
   std::vector<TensorOut<S>> ts;
-  std::vector<std::string> keep;  // names outlive TensorOut's
   const S* P = m.params.data();
   auto add = [&](const std::string& name, const TensorInfo& t) { ts.push_back({name, t.shape, P + t.offset}); };
   for (const auto& t : m.layout.tensors()) {
-    if (t.name == "wte.weight" || t.name == "ln_f.weight" || t.name == "lm_head.weight") {
+    const auto b = block_tensor(t.name);
+    if (!b) {  // the embedding, the final norm, the head
       add(hf_tensor_name(c, t.name), t);
       continue;
     }
-    std::string part;
-    int base = 0, copies = 1, stride = 0;
-    if (t.name.rfind("prelude.h.", 0) == 0) {
-      part = "prelude.h.";
-    } else if (t.name.rfind("field.h.", 0) == 0) {
-      part = "field.h.";
-      base = c.n_prelude;
-      copies = K;
-      stride = c.n_block;
-    } else {
-      part = "coda.h.";
-      base = c.n_prelude + K * c.n_block;
-    }
-    const size_t dot = t.name.find('.', part.size());
-    const int i = std::stoi(t.name.substr(part.size(), dot - part.size()));
-    const std::string rest = t.name.substr(dot + 1);
-    std::string theirs;
-    for (const auto& [o, h] : block_names())
-      if (o == rest) theirs = h;
-    if (theirs.empty()) throw Error("export-hf: no Hugging Face name for tensor '" + t.name + "'");
-    for (int k = 0; k < copies; ++k) add("model.layers." + std::to_string(base + k * stride + i) + "." + theirs, t);
+    // the stack prelude, K copies of the core, coda
+    const bool core = b->part == FieldPart::core;
+    const int base = b->part == FieldPart::prelude ? 0 : core ? c.n_prelude : c.n_prelude + K * c.n_block;
+    for (int k = 0; k < (core ? K : 1); ++k)
+      add("model.layers." + std::to_string(base + k * c.n_block + b->layer) + "." + b->hf, t);
   }
   std::error_code ec;
   fs::create_directories(dir, ec);

@@ -106,13 +106,7 @@ Model<S>::Model(const ModelConfig& c)
 
 template <class S>
 void Model<S>::embed(S* h0, const TokenBatch& tokens) const {
-  if (cfg.n_prelude == 0) {
-    tokens.check(cfg, "tokens");
-    embedding_forward(h0, tokens.data.data(), params.data() + layout.wte(),
-                      layout.has_wpe() ? params.data() + layout.wpe() : nullptr, tokens.B, tokens.T, cfg.d_model);
-    return;
-  }
-  EmbedCache<S> cache;
+  EmbedCache<S> cache;  // (untouched without a prelude)
   embed(h0, tokens, cache);
 }
 

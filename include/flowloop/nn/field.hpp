@@ -192,9 +192,10 @@ class Field {
                      const S* P, int B) const;
   void embed_vjp(S* de, S* dP, const TimeEmbedOffsets& o, const S* P, int B, const S* e, const S* z1, const S* a1,
                  FieldGradWork<S>& w, size_t stride) const;
-  // LayerNorm's vjp (its input gradient once, its parameters' summed or per sequence);
-  // with a modulation scale (B,C) of row stride ld, dout is the gradient of LN (1 + scale) + shift.
-  void layernorm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* in, const S* w, const S* mean,
+  // The block's norm's vjp, LayerNorm (gpt2) or RMSNorm (llama: no bias, no mean): its input
+  // gradient once, its parameters' summed or per sequence; with a modulation scale (B,C) of
+  // row stride ld (gpt2), dout is the gradient of LN (1 + scale) + shift.
+  void norm_bwd(S* din, S* dP, size_t ow, size_t ob, const S* dout, const S* in, const S* w, const S* mean,
                      const S* rstd, int B, int T, size_t stride, const S* scale, S* scratch) const;
 
   NetOps<S>& ops_;
