@@ -4,6 +4,7 @@
 // core and coda against the same layers in one stack, and checkpoints that keep it all.
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <vector>
 
@@ -265,4 +266,38 @@ TEST_CASE("llama model: config and checkpoint round trips, and the config's refu
   ModelConfig gpt = make_config(11, 6, 8, 2, 12, 1);
   gpt.n_kv_head = 1;
   CHECK_THROWS_WITH(gpt.validate(), Catch::Contains("need arch llama"));
+}
+
+TEST_CASE("Hugging Face loading and export: bad --core-layers and what transformers cannot express are refused by name",
+          "[llama][hf][errors]") {
+  const std::string cfg = R"({"model_type": "llama", "vocab_size": 50, "hidden_size": 8, "intermediate_size": 12,
+                              "num_hidden_layers": 4, "num_attention_heads": 2})";
+  const ModelConfig all = hf_config(cfg, "c");
+  CHECK(all.n_block == 4);
+  CHECK(all.depth == 1);
+  const ModelConfig split = hf_config(cfg, "c", LoadOptions{"1:3"});
+  CHECK((split.n_prelude == 1 && split.n_block == 2 && split.n_coda == 1));
+  CHECK(hf_tensor_name(split, "prelude.h.0.attn.q_proj.weight") == "model.layers.0.self_attn.q_proj.weight");
+  CHECK(hf_tensor_name(split, "field.h.1.mlp_norm.weight") == "model.layers.2.post_attention_layernorm.weight");
+  CHECK(hf_tensor_name(split, "coda.h.0.mlp.down_proj.weight") == "model.layers.3.mlp.down_proj.weight");
+  for (const char* bad : {"3:2", "0:5", "2", "a:b", "1:2x", "-1:2"}) {
+    INFO(bad);
+    CHECK_THROWS_WITH(hf_config(cfg, "c", LoadOptions{bad}),
+                      Catch::Contains("--core-layers '" + std::string(bad) + "'") &&
+                          Catch::Contains("num_hidden_layers"));
+  }
+  TempDir dir("flowloop_hf_errors");
+  Model<float> gpt(make_config(11, 6, 8, 2, 12, 1));
+  const std::string ckpt = dir.file("g.safetensors");
+  save_checkpoint(ckpt, gpt.cfg, gpt.layout, gpt.params.data());
+  CHECK_THROWS_WITH(load_any<float>(ckpt, LoadOptions{"0:1"}), Catch::Contains("applies to a Hugging Face directory"));
+  CHECK_THROWS_WITH(export_hf(gpt, dir.file("out")), Catch::Contains("its block is gpt2's"));
+  ModelConfig c = llama_config(2, false, 1.0, true);
+  CHECK_THROWS_WITH(export_hf(Model<float>(c), dir.file("out")), Catch::Contains("interleaved"));
+  c = llama_config(2, false, 1.0, false);
+  c.o_bias = true;
+  CHECK_THROWS_WITH(export_hf(Model<float>(c), dir.file("out")), Catch::Contains("o_proj bias without q/k/v biases"));
+  c = llama_config(2, false, 1.0, false, 0, 1, 0, true, true);
+  CHECK_THROWS_WITH(export_hf(Model<float>(c), dir.file("out")), Catch::Contains("core_norm"));
+  CHECK_FALSE(std::filesystem::exists(dir.file("out") + "/model.safetensors"));
 }

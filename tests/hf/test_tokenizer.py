@@ -155,6 +155,13 @@ def test_refusals(tmp_path):
         assert r.returncode == 1 and expect in r.stderr, r.stderr
 
     refused(lambda s: s["model"].update(type="WordPiece"), 'model type "WordPiece"')
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(spec))
+    raw = tmp_path / "raw.txt"
+    raw.write_bytes(b"abc \xff\xfe def")
+    r = subprocess.run([CLI, "tokenize", "--tokenizer", str(good), "--text-file", str(raw)], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "not valid UTF-8 at byte 4" in r.stderr, r.stderr
     refused(lambda s: s.update(normalizer={"type": "Lowercase"}), 'normalizer "Lowercase"')
     refused(lambda s: s.update(pre_tokenizer={"type": "Metaspace", "replacement": "_"}), 'pre-tokenizer "Metaspace"')
     refused(lambda s: s["model"].update(byte_fallback=True), '"byte_fallback" true')
